@@ -1,0 +1,1 @@
+"""HF config -> Megatron-Core TransformerConfig + layer spec, and GPTModel construction for any TP/PP."""
