@@ -1,0 +1,525 @@
+"""Every option of a training run, as nested typed dataclasses; YAML recipes and ``a.b.c=value`` overrides.
+
+A run is one :class:`Config` object. Recipes (``examples/*/sdpg.yaml``) set a subset of fields; the
+command line overrides single fields with ``section.field=value``, parsed to the field's type. The
+entry point calls :func:`load_config` once; it validates everything and raises :class:`ConfigError`
+(a ``ValueError``) whose message names the key and lists the valid keys or choices. Code below the
+entry point receives explicit values taken from the validated config, never the config itself.
+
+    cfg = load_config("examples/tiny/sdpg.yaml", ["trainer.total_steps=20", "algorithm.name=grpo"])
+    cfg.trainer.total_steps  # 20
+
+Defaults are the paper recipe of SDPG.md (Qwen3-4B, 128 prompts x 8 samples, mini-batch 16 prompts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+AlgorithmName = Literal["sdpg", "grpo", "dapo", "opsd", "rlsd"]
+AlphaMode = Literal["fkl", "rkl", "ufkl", "urkl"]
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "token-mean-legacy"]
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model directory (config.json, safetensors, tokenizer) the policy starts from."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Parameter and activation dtype of the trainer's model (fp32 master weights live in the optimizer)."""
+    recompute_activations: bool = False
+    """Recompute each transformer layer in backward (Megatron full recompute) to save activation memory."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: each rank holds 1/tp of every weight matrix and of the vocabulary."""
+    pp: int = 1
+    """Pipeline-parallel size: layers are split into pp stages, run with the 1F1B schedule."""
+    cp: int = 1
+    """Context-parallel size: each sequence is split across cp ranks."""
+    dp: int = -1
+    """Data-parallel size; -1 infers world_size / (tp*pp*cp). A set value must match the world size."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism for the norm/dropout regions (only meaningful with tp > 1)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Training prompt files (parquet, jsonl or HF dataset dirs) with student/teacher prompts (SDPG.md §4)."""
+    prompt_key: str = "prompt"
+    """Column holding the chat message list; the teacher context follows the sentinel inside it."""
+    max_prompt_length: int = 2048
+    """Longest prompt in tokens; student prompts are cut from the left, teacher prompts from the right."""
+    max_response_length: int = 4096
+    """Longest generated response in tokens (``max_new_tokens`` of the rollout)."""
+    batch_prompts: int = 128
+    """Prompts per training step; each gets ``rollout.n`` responses."""
+    mini_batch_prompts: int = 16
+    """Prompts per optimizer step; a step makes batch_prompts / mini_batch_prompts optimizer steps."""
+    micro_batch_tokens: int = 6144
+    """Token budget (prompt + response) of one micro-batch per data-parallel rank."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch (with ``seed``)."""
+    seed: int = 1
+    """Seed of the prompt sampler; the sampler position is saved in checkpoints."""
+    filter_overlong_prompts: bool = False
+    """Drop prompts longer than max_prompt_length instead of truncating them."""
+    apply_chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (add_generation_prompt, enable_thinking for Qwen3)."""
+
+
+@dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)
+    """Held-out prompt files; each is reported as its own set (avg@k and pass@k per file)."""
+    interval: int = 10
+    """Evaluate every this many steps (and before the first); 0 disables evaluation."""
+    n_samples: int = 32
+    """k: samples per problem for avg@k and pass@k."""
+    temperature: float = 1.0
+    """Sampling temperature during evaluation."""
+    max_prompts: int = 0
+    """Evaluate at most this many prompts per file (0 = all)."""
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["builtin", "sglang", "external"] = "builtin"
+    """builtin: the trainer starts the CPU dev servers; sglang: the trainer launches SGLang servers;
+    external: servers are already running at ``urls``."""
+    urls: list[str] = field(default_factory=list)
+    """Server (or router) base URLs for backend=external, e.g. ``http://node1:30000``."""
+    num_servers: int = 1
+    """Servers to start for builtin/sglang backends."""
+    router: bool = False
+    """Put the launched servers behind the SGLang router (sglang_router) and talk to the router."""
+    n: int = 8
+    """Responses generated per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature; also the temperature of the trainer's log-probs (SDPG.md §3)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = -1
+    """Top-k sampling (-1 = off)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups with all-equal rewards and generate more until the batch is full."""
+    max_num_gen_batches: int = 10
+    """Most generation rounds per step under dynamic sampling before training on what was kept."""
+    weight_sync: Literal["disk", "distributed"] = "disk"
+    """How new weights reach the servers: HF safetensors on disk, or NCCL/gloo broadcast in buckets."""
+    bucket_mb: int = 512
+    """Bucket size of the distributed weight sync, in MiB."""
+    request_timeout_s: float = 600.0
+    """Timeout of one generate request."""
+    startup_timeout_s: float = 300.0
+    """How long to wait for launched servers to answer /health."""
+    max_concurrency: int = 256
+    """Most in-flight generate requests per server."""
+    server_threads: int = 1
+    """Torch threads of each built-in CPU dev server."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: AlgorithmName = "sdpg"
+    """Policy loss: sdpg | grpo | dapo | opsd | rlsd (SDPG.md §3, §5)."""
+    beta: float = 1e-3
+    """Weight of the self-distillation reverse KL (sdpg)."""
+    beta_warmup_steps: int = 0
+    """Linear warm-up of beta over the first W steps (0 = none)."""
+    beta_decay_steps: int = 0
+    """Linear decay of beta to 0 over the last D steps (0 = none)."""
+    alpha: float = 1e-3
+    """Weight of the reference regulariser R(lp - lp_ref) (sdpg)."""
+    alpha_mode: AlphaMode = "urkl"
+    """Regulariser R: fkl 1/w, rkl ½(logw+1)², ufkl 1/w+logw, urkl ½logw²."""
+    clip_eps_low: float | None = None
+    """PPO lower clip; None = the algorithm's default (0.2)."""
+    clip_eps_high: float | None = None
+    """PPO upper clip; None = the algorithm's default (sdpg/dapo 0.28, grpo/opsd/rlsd 0.2)."""
+    clip_c: float | None = None
+    """Dual-clip constant for A < 0; None = the algorithm's default (sdpg/dapo 10, grpo 1000, rlsd 3)."""
+    kl_clamp: float = 20.0
+    """One-sided per-token clamp of the distillation KL."""
+    positive_advantage_only: bool = False
+    """Apply the distillation KL only on responses with A > 0 (reference: beta_distill_positive_advantage_only)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (opsd uses 0.02 when this is 0)."""
+    loss_agg_mode: LossAggMode = "token-mean"
+    """Token aggregation; token-mean counts tokens globally across micro-batches and DP ranks."""
+    kl_penalty_coef: float = 1e-3
+    """grpo: coefficient of the k1 KL-to-reference reward penalty."""
+    teacher_temperature: float = 1.0
+    """opsd: temperature of the frozen teacher's log-probs."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    min_lr: float = 0.0
+    """Final learning rate for decaying schedules."""
+    lr_warmup_steps: int = 10
+    """Linear LR warm-up, in optimizer steps."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Megatron OptimizerParamScheduler decay style after warm-up."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (Megatron distributed optimizer)."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 400
+    """Training steps (each: rollout of batch_prompts x n, then batch_prompts/mini_batch_prompts updates)."""
+    run_dir: str = "runs/sdpg"
+    """Where metrics, TensorBoard events, checkpoints and synced weights go."""
+    seed: int = 42
+    """Seed of model init, dropout and rollout sampling seeds."""
+    save_interval: int = 50
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk (0 = all)."""
+    resume: str = "auto"
+    """auto: resume from RUN_DIR/checkpoints/latest if present; none: start fresh; or a checkpoint path."""
+    reference_weights: Literal["cpu_swap", "separate_model"] = "cpu_swap"
+    """Reference policy for lp_ref: weights kept on CPU and swapped in, or a second resident model."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk of the fused LM head (peak extra memory is chunk x vocab/tp)."""
+
+
+@dataclass
+class RewardConfig:
+    scorer: str = "auto"
+    """Reward function: auto (by the record's data_source), or a registered scorer name."""
+    strict: bool = False
+    """Reference math_dapo scoring (string match only) instead of math-verify equivalence."""
+    overlong_penalty: bool = False
+    """DAPO linear overlong penalty in the last ``overlong_buffer`` tokens before max_response_length."""
+    overlong_buffer: int = 512
+    """Length of the overlong-penalty ramp in tokens."""
+    overlong_factor: float = 1.0
+    """Penalty at max_response_length."""
+    timeout_s: float = 10.0
+    """Per-response scoring timeout."""
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    """Write RUN_DIR/metrics.jsonl, one JSON object per step."""
+    tensorboard: bool = True
+    """Write TensorBoard events to RUN_DIR/tensorboard."""
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    """Weights & Biases mode; online falls back to offline when no API key is configured."""
+    project: str = "sdpg_mcore"
+    """wandb project name."""
+    run_name: str = ""
+    """Run name for wandb and the progress display (default: RUN_DIR's name)."""
+    progress: bool = True
+    """Rich progress bar with phase timings and ETA on rank 0."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Python logging level."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the policy is split over ranks."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training prompts and batch shapes."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation servers and sampling."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Loss and its coefficients."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and the LR schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Step count, run directory, checkpoints."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Verifier."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks."""
+
+
+#: Clip defaults per algorithm (eps_low, eps_high, clip_c), SDPG.md §3 and §5.
+ALGORITHM_CLIP_DEFAULTS: dict[str, tuple[float, float, float]] = {
+    "sdpg": (0.2, 0.28, 10.0),
+    "dapo": (0.2, 0.28, 10.0),
+    "grpo": (0.2, 0.2, 1000.0),
+    "opsd": (0.2, 0.2, 1000.0),
+    "rlsd": (0.2, 0.2, 3.0),
+}
+
+_FALSE = {"false", "no", "off", "0"}
+_TRUE = {"true", "yes", "on", "1"}
+_NONE = {"none", "null", "~"}
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str, cls: type, prefix: str) -> ConfigError:
+    name = key.rsplit(".", 1)[-1]
+    valid = _fields(cls)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ";"
+    where = f"under {prefix.rstrip('.')}" if prefix else "at top level"
+    return ConfigError(f"unknown config key '{key}'{hint} valid keys {where}: {', '.join(valid)}")
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """Coerce ``value`` (a YAML value or a command-line string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(key, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': cannot parse {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        text = value if not isinstance(value, str) else value.strip()
+        if text not in choices:
+            raise ConfigError(
+                f"config key '{key}' got {value!r}; choose one of: {', '.join(map(str, choices))}"
+            )
+        return text
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_convert(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or isinstance(value, dict | list):
+            raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}") from None
+        if tp is float:
+            return number
+        if not number.is_integer():
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(value) if isinstance(value, int) else int(number)
+    if tp is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {tp!r} for {key}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}"
+        )
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key, cls, prefix)
+        tp = hints[name]
+        kwargs[name] = _from_dict(tp, value or {}, f"{key}.") if _is_config(tp) else _convert(key, value, tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from nested dicts (a parsed YAML recipe); unknown keys raise ConfigError."""
+    return _from_dict(Config, data or {})
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """Set one ``section.field=value`` on ``cfg`` in place, parsed to the field's type."""
+    if "=" not in override:
+        raise ConfigError(
+            f"override {override!r} must look like section.field=value (e.g. trainer.total_steps=20)"
+        )
+    key, raw = override.split("=", 1)
+    key = key.strip().lstrip("-")
+    parts = key.split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        cls = type(node)
+        prefix = ".".join(parts[:depth]) + "." if depth else ""
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown_key(".".join(parts[: depth + 1]), cls, prefix)
+        tp = hints[part]
+        if depth == len(parts) - 1:
+            if _is_config(tp):
+                raise ConfigError(
+                    f"config key '{key}' is a section; set one of its keys: {', '.join(_fields(tp))}"
+                )
+            setattr(node, part, _convert(key, raw, tp))
+        else:
+            if not _is_config(tp):
+                raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+            node = getattr(node, part)
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and cross-field consistency; fill algorithm-dependent defaults. Returns ``cfg``."""
+    par, data, ro, alg, opt, tr = (
+        cfg.parallel,
+        cfg.data,
+        cfg.rollout,
+        cfg.algorithm,
+        cfg.optimizer,
+        cfg.trainer,
+    )
+    for name in ("tp", "pp", "cp"):
+        _check(getattr(par, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(par, name)}")
+    _check(par.dp == -1 or par.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (infer), got {par.dp}")
+    _check(bool(cfg.model.path), "model.path", "is required (a Hugging Face model directory)")
+    _check(bool(data.train_files), "data.train_files", "is required (one or more prompt files)")
+    for name in ("max_prompt_length", "max_response_length", "batch_prompts", "mini_batch_prompts"):
+        _check(getattr(data, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(data, name)}")
+    _check(
+        data.batch_prompts % data.mini_batch_prompts == 0,
+        "data.mini_batch_prompts",
+        f"must divide data.batch_prompts={data.batch_prompts}, got {data.mini_batch_prompts}",
+    )
+    longest = data.max_prompt_length + data.max_response_length
+    _check(
+        data.micro_batch_tokens >= longest,
+        "data.micro_batch_tokens",
+        f"must fit one full sequence (max_prompt_length + max_response_length = {longest}), "
+        f"got {data.micro_batch_tokens}",
+    )
+    _check(ro.n >= 1, "rollout.n", f"must be >= 1, got {ro.n}")
+    _check(ro.temperature > 0, "rollout.temperature", f"must be > 0, got {ro.temperature}")
+    _check(0 < ro.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
+    _check(ro.max_num_gen_batches >= 1, "rollout.max_num_gen_batches", "must be >= 1")
+    _check(ro.num_servers >= 1, "rollout.num_servers", f"must be >= 1, got {ro.num_servers}")
+    if ro.backend == "external":
+        _check(bool(ro.urls), "rollout.urls", "is required when rollout.backend=external")
+        for url in ro.urls:
+            _check(
+                url.startswith(("http://", "https://")), "rollout.urls", f"{url!r} must start with http://"
+            )
+    _check(alg.beta >= 0 and alg.alpha >= 0, "algorithm.beta", "beta and alpha must be >= 0")
+    _check(alg.beta_warmup_steps >= 0, "algorithm.beta_warmup_steps", "must be >= 0")
+    _check(alg.beta_decay_steps >= 0, "algorithm.beta_decay_steps", "must be >= 0")
+    low, high, clip_c = ALGORITHM_CLIP_DEFAULTS[alg.name]
+    alg.clip_eps_low = low if alg.clip_eps_low is None else alg.clip_eps_low
+    alg.clip_eps_high = high if alg.clip_eps_high is None else alg.clip_eps_high
+    alg.clip_c = clip_c if alg.clip_c is None else alg.clip_c
+    _check(0 <= alg.clip_eps_low < 1, "algorithm.clip_eps_low", f"must be in [0, 1), got {alg.clip_eps_low}")
+    _check(alg.clip_eps_high >= 0, "algorithm.clip_eps_high", f"must be >= 0, got {alg.clip_eps_high}")
+    _check(alg.clip_c > 1, "algorithm.clip_c", f"must be > 1, got {alg.clip_c}")
+    _check(opt.lr > 0, "optimizer.lr", f"must be > 0, got {opt.lr}")
+    _check(opt.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {opt.clip_grad}")
+    _check(tr.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {tr.total_steps}")
+    _check(tr.save_interval >= 0, "trainer.save_interval", "must be >= 0")
+    _check(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
+    _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(tr.logprob_chunk_size >= 1, "trainer.logprob_chunk_size", "must be >= 1")
+    return cfg
+
+
+def resolve_world(cfg: Config, world_size: int) -> int:
+    """The data-parallel size for ``world_size`` ranks; ConfigError when TP x PP x CP x DP does not match."""
+    par = cfg.parallel
+    model_parallel = par.tp * par.pp * par.cp
+    if world_size % model_parallel != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
+            f"{par.tp} x {par.pp} x {par.cp} = {model_parallel}; launch a multiple of {model_parallel} ranks"
+        )
+    dp = world_size // model_parallel
+    if par.dp != -1 and par.dp != dp:
+        raise ConfigError(
+            f"world size {world_size} != parallel.tp x pp x cp x dp = {par.tp} x {par.pp} x {par.cp} x {par.dp}"
+            f" = {model_parallel * par.dp}; set parallel.dp={dp} or -1, or launch {model_parallel * par.dp} ranks"
+        )
+    return dp
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (optional), apply ``section.field=value`` overrides in order, validate once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}"
+            )
+    cfg = config_from_dict(data)
+    for override in overrides or []:
+        apply_override(cfg, override)
+    return validate(cfg)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dicts (for saving next to the run and for wandb); contains no secrets."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (the exact recipe to reproduce the run)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
