@@ -72,10 +72,14 @@ def _open_wandb(mode: str, project: str, name: str, run_dir: Path, config: Mappi
     try:
         import wandb
     except ImportError:
-        logger.warning("logging.wandb=%s but wandb is not installed (pip install wandb); skipping wandb", mode)
+        logger.warning(
+            "logging.wandb=%s but wandb is not installed (pip install wandb); skipping wandb", mode
+        )
         return None
     if mode == "online" and not has_wandb_key():
-        logger.warning("no wandb API key configured: logging to wandb offline (upload later with `wandb sync`)")
+        logger.warning(
+            "no wandb API key configured: logging to wandb offline (upload later with `wandb sync`)"
+        )
         mode = "offline"
     return wandb.init(
         project=project, name=name, dir=str(run_dir), mode=mode, config=dict(config), reinit="finish_previous"

@@ -40,15 +40,23 @@ def format_step_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
 class StepProgress:
     """A rich progress bar over training steps, with ETA, plus a line per finished step."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, *, enabled: bool = True, title: str = "sdpg") -> None:
+    def __init__(
+        self, total_steps: int, start_step: int = 0, *, enabled: bool = True, title: str = "sdpg"
+    ) -> None:
         self.total = total_steps
         self.enabled = enabled
         self._progress = None
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._console = Console(stderr=True)
         self._progress = Progress(
