@@ -1,0 +1,222 @@
+"""Fused vocab-parallel LM head: reverse KL to a teacher, sampled-token log-prob and entropy.
+
+SDPG (SDPG.md §3, §6) needs, at every response token, the full-vocabulary reverse KL between the
+student ``softmax(h_s W^T / T)`` and the teacher ``softmax(h_t W^T / T_t)`` (same weight, no grad),
+plus the sampled-token log-prob and the student entropy. Materialising ``[N, V]`` logits for both
+costs ~2.5 GB per bf16 copy at 8,192 tokens x 151,936 words, and several fp32 temporaries more.
+This module never builds ``[N, V]``:
+
+* forward: tokens in chunks of ``C``; per chunk the local logits ``[C, V_local]`` are formed with
+  fp32 (fp64 for fp64 inputs) accumulation, then ONE ``MAX`` all-reduce of the stacked
+  ``(m_s, m_t)`` and ONE ``SUM`` all-reduce of the stacked ``(S_s, S_t, D, E, z_target)``
+  (max-shifted softmax sums, KL numerator, entropy numerator, target logit) give the three outputs.
+  Only the inputs and five per-token scalars are saved.
+* backward: the vocabulary shard in blocks of ``B`` rows (``B * N ~ C * V_local`` elements, the same
+  peak as the forward); per block the logits of ALL tokens are recomputed, ``dz`` is formed from the
+  saved per-token scalars, so each block's weight gradient ``dW_b = dz^T h`` is complete in one
+  matmul (no fp32 ``[V, H]`` accumulator), while ``dh += dz W_b`` accumulates into ``[N, H]``,
+  summed over the tensor-parallel group once at the end.
+
+Megatron pads the vocabulary to a multiple of ``128 * TP``; padding is always the tail of the global
+vocabulary, so each rank simply uses the prefix ``W[:V_real_local]`` of its shard and padded rows
+get exactly zero gradient.
+
+    kl_N, logprob_N, entropy_N = fused_kl_head(h_s_NH, h_t_NH, weight_VH, targets_N, vocab_size=V)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from sdpg_mcore.ops.kl_head_math import (
+    ChunkPlan,
+    block_grad_logits,
+    chunk_statistics,
+    plan_chunks,
+)
+
+__all__ = ["fused_kl_head", "vocab_parallel_logprob_entropy"]
+
+
+def _group_size_rank(tp_group) -> tuple[int, int]:
+    if tp_group is None or not dist.is_available() or not dist.is_initialized():
+        if tp_group is not None:
+            raise ValueError(
+                "tp_group was given but torch.distributed is not initialised; pass tp_group=None"
+            )
+        return 1, 0
+    return dist.get_world_size(tp_group), dist.get_rank(tp_group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tensor:
+    if tp_size > 1:
+        dist.all_reduce(tensor, op=op, group=tp_group)
+    return tensor
+
+
+class _FusedKLHead(torch.autograd.Function):
+    """Autograd node for the fused head; see the module docstring for the algorithm."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_NH: torch.Tensor,
+        teacher_NH: torch.Tensor | None,
+        weight_VH: torch.Tensor,
+        targets_N: torch.Tensor,
+        plan: ChunkPlan,
+        tp_group,
+    ):
+        ctx.set_materialize_grads(False)
+        num_tokens = student_NH.shape[0]
+        acc = plan.acc_dtype
+        kl_N = torch.zeros(num_tokens, dtype=acc, device=student_NH.device)
+        logprob_N = torch.empty_like(kl_N)
+        entropy_N = torch.empty_like(kl_N)
+        log_z_s_N = torch.empty_like(kl_N)
+        log_z_t_N = torch.zeros_like(kl_N)
+        weight_real = plan.prepare_weight(weight_VH)
+        for start in range(0, num_tokens, plan.chunk_tokens):
+            stop = min(start + plan.chunk_tokens, num_tokens)
+            teacher_chunk = None if teacher_NH is None else teacher_NH[start:stop]
+            stats = chunk_statistics(
+                student_NH[start:stop],
+                teacher_chunk,
+                weight_real,
+                targets_N[start:stop],
+                plan,
+                all_reduce=lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size),
+            )
+            logprob_N[start:stop] = stats.logprob
+            entropy_N[start:stop] = stats.entropy
+            log_z_s_N[start:stop] = stats.log_z_s
+            if teacher_chunk is not None:
+                kl_N[start:stop] = stats.kl
+                log_z_t_N[start:stop] = stats.log_z_t
+        del weight_real
+        ctx.plan = plan
+        ctx.tp_group = tp_group
+        ctx.has_teacher = teacher_NH is not None
+        ctx.save_for_backward(
+            student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
+        )
+        out_dtype = plan.out_dtype
+        return kl_N.to(out_dtype), logprob_N.to(out_dtype), entropy_N.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_kl_N, grad_logprob_N, grad_entropy_N):
+        student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N = (
+            ctx.saved_tensors
+        )
+        plan: ChunkPlan = ctx.plan
+        if not ctx.has_teacher:
+            grad_kl_N = None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if (grad_kl_N is None and grad_logprob_N is None and grad_entropy_N is None) or not (
+            need_h or need_w
+        ):
+            return None, None, None, None, None, None
+        acc = plan.acc_dtype
+        num_tokens = student_NH.shape[0]
+        grad_h_NH = torch.zeros(student_NH.shape, dtype=acc, device=student_NH.device)
+        grad_w_VH = torch.zeros_like(weight_VH) if need_w else None
+        coeffs = plan.grad_coefficients(
+            grad_kl_N, grad_logprob_N, grad_entropy_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
+        )
+        if num_tokens > 0:
+            student_c = plan.as_matmul_operand(student_NH)
+            teacher_c = None if grad_kl_N is None else plan.as_matmul_operand(teacher_NH)
+            for v0 in range(0, plan.real_rows, plan.block_rows):
+                v1 = min(v0 + plan.block_rows, plan.real_rows)
+                weight_b = plan.as_matmul_operand(weight_VH[v0:v1])
+                dz_NB = block_grad_logits(student_c, teacher_c, weight_b, targets_N, v0, coeffs, plan)
+                dz_op = plan.as_matmul_operand(dz_NB)
+                if need_h:
+                    grad_h_NH += plan.matmul(dz_op, weight_b)
+                if need_w:
+                    grad_w_VH[v0:v1] = plan.matmul(dz_op.t(), student_c)
+                del dz_NB, dz_op
+        if need_h:
+            _all_reduce(grad_h_NH, dist.ReduceOp.SUM, ctx.tp_group, plan.tp_size)
+        grad_h = grad_h_NH.to(student_NH.dtype) if need_h else None
+        return grad_h, None, grad_w_VH, None, None, None
+
+
+def fused_kl_head(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    chunk_size: int | None = None,
+    tp_group=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reverse KL(student || teacher), sampled-token log-prob and student entropy per token.
+
+    Args:
+        student_hidden: ``[N, H]`` final-norm hidden states of the student (with grad).
+        teacher_hidden: ``[N, H]`` teacher hidden states from a no-grad forward, or ``None``
+            (then ``kl`` is zeros and no teacher matmul runs). Never receives a gradient.
+        weight: ``[V_local, H]`` this rank's shard of the output layer; rank ``r`` of ``tp_group``
+            holds global rows ``[r * V_local, (r + 1) * V_local)``.
+        targets: ``[N]`` global token ids in ``[0, vocab_size)``.
+        vocab_size: the true vocabulary; rows at or beyond it (Megatron padding) are masked out.
+        temperature: divides the student logits.
+        teacher_temperature: divides the teacher logits.
+        chunk_size: tokens per forward chunk; ``None`` picks it so the fp32 temporaries of one
+            chunk stay within 256 MiB (``kl_head_math.DEFAULT_CHUNK_BUDGET_BYTES``).
+        tp_group: process group splitting the vocabulary, or ``None`` for a single process.
+
+    Returns:
+        ``kl_N, logprob_N, entropy_N``: float32 (float64 for float64 inputs). Gradients flow to
+        ``student_hidden`` and ``weight``. The KL is NOT clamped here (the loss does that).
+    """
+    tp_size, tp_rank = _group_size_rank(tp_group)
+    plan = plan_chunks(
+        student_hidden,
+        teacher_hidden,
+        weight,
+        targets,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        chunk_size=chunk_size,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+    )
+    teacher = None
+    if teacher_hidden is not None:
+        teacher = teacher_hidden.detach().to(student_hidden.dtype)
+    return _FusedKLHead.apply(student_hidden, teacher, weight, targets, plan, tp_group)
+
+
+def vocab_parallel_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    tp_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log softmax(h W^T / T)[target]`` and the entropy per token, fused and vocab-parallel.
+
+    The student-only path of :func:`fused_kl_head` (old-policy and reference log-prob passes,
+    and training without a teacher); same arguments, same memory bound.
+    """
+    _, logprob_N, entropy_N = fused_kl_head(
+        hidden,
+        None,
+        weight,
+        targets,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        tp_group=tp_group,
+    )
+    return logprob_N, entropy_N
