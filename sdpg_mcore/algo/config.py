@@ -1,0 +1,242 @@
+"""Typed settings of each algorithm (SDPG.md §3, §5) and what each one asks of the trainer.
+
+Every algorithm has a frozen config dataclass whose defaults are the paper / reference settings,
+and ``needs()`` that returns :class:`AlgorithmNeeds`: which extra forward passes the trainer must
+run (teacher from which weights, at which temperature; reference log-probs; KL in the reward).
+The trainer reads that data instead of branching on the algorithm's name.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from sdpg_mcore.algo.aggregation import check_loss_agg_mode
+from sdpg_mcore.algo.policy import ALPHA_MODES
+
+
+class TeacherWeights(str, enum.Enum):
+    """Which weights the teacher forward uses."""
+
+    NONE = "none"
+    """No teacher pass."""
+    CURRENT_POLICY = "current_policy"
+    """The policy's weights right now, i.e. after the earlier mini-batches of this step (sdpg)."""
+    STEP_START_POLICY = "step_start_policy"
+    """The policy at the start of the step — the weights of the old-log-prob pass (rlsd)."""
+    FROZEN_REFERENCE = "frozen_reference"
+    """The frozen initial policy — the weights of the reference-log-prob pass (opsd)."""
+
+
+class TeacherSignal(str, enum.Enum):
+    """What the loss consumes from the teacher pass."""
+
+    NONE = "none"
+    FULL_KL = "full_kl"
+    """Teacher final hidden states per micro-batch, for ``ops.fused_kl_head``'s reverse KL ``kl_N``."""
+    SAMPLED_LOGPROB = "sampled_logprob"
+    """``teacher_logprob_N``: log-prob of the sampled response token; no grad, computed once per step."""
+
+
+@dataclass(frozen=True)
+class AlgorithmNeeds:
+    """What the trainer must compute for an algorithm, besides student log-probs and old log-probs."""
+
+    teacher_weights: TeacherWeights
+    """Weights of the teacher forward (``NONE``: no teacher pass)."""
+    teacher_signal: TeacherSignal
+    """Full-vocabulary KL per micro-batch, or the sampled token's log-prob."""
+    teacher_temperature: float | None
+    """Temperature of the teacher logits; ``None`` means the rollout temperature."""
+    teacher_prompt: bool
+    """The teacher sees the privileged-context prompt (data must carry it, SDPG.md §4)."""
+    ref_logprobs: bool
+    """``ref_logprob_N`` from the frozen initial policy, at rollout temperature."""
+    kl_in_reward_coef: float
+    """> 0: penalise rewards with ``coef * sum k1`` (``advantages.kl_in_reward``) before advantages."""
+    entropy_grad: bool
+    """``entropy_N`` must carry gradient (the entropy coefficient is non-zero)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyLossConfig:
+    """Settings shared by every algorithm; subclasses change the defaults."""
+
+    clip_eps_low: float = 0.2
+    """PPO lower clip: ratio below ``1 - clip_eps_low`` gets no gradient where A < 0."""
+    clip_eps_high: float = 0.28
+    """PPO upper clip (DAPO clip-higher): ratio above ``1 + clip_eps_high`` gets no gradient where A > 0."""
+    clip_c: float = 10.0
+    """Dual clip: where A < 0 the loss is at most ``-A * clip_c``; 1000 switches it off in practice."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: ``loss -= entropy_coef * entropy`` (averaged over all response tokens)."""
+    lr: float = 1e-6
+    """Suggested learning rate (the reference script's); the optimizer config decides."""
+    loss_agg_mode: str = "token-mean"
+    """How per-token losses are averaged; see ``aggregation.LOSS_AGG_MODES``."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not 0.0 <= self.clip_eps_low < 1.0:
+            raise ValueError(f"{name}.clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
+        if self.clip_eps_high < 0.0:
+            raise ValueError(f"{name}.clip_eps_high must be >= 0, got {self.clip_eps_high}")
+        if self.clip_c <= 1.0:
+            raise ValueError(f"{name}.clip_c must be > 1 (dual-clip bound), got {self.clip_c}")
+        if self.lr <= 0.0:
+            raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
+        check_loss_agg_mode(self.loss_agg_mode)
+
+    def needs(self) -> AlgorithmNeeds:
+        """No teacher, no reference: plain policy gradient."""
+        return AlgorithmNeeds(
+            TeacherWeights.NONE, TeacherSignal.NONE, None, False, False, 0.0, self.entropy_coef != 0.0
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SDPGConfig(PolicyLossConfig):
+    """SDPG (SDPG.md §3): dual-clip PPO + beta * reverse KL to the self-teacher + alpha * R(logw)."""
+
+    beta: float = 1e-3
+    """Weight of the per-token reverse KL to the teacher (paper script; the reference yaml says 1e-4)."""
+    alpha: float = 1e-3
+    """Weight of the regulariser ``R(lp - lp_ref)`` anchoring to the reference policy."""
+    alpha_mode: str = "urkl"
+    """Regulariser ``R``: fkl ``1/w``, rkl ``½(logw+1)²``, ufkl ``1/w + logw``, urkl ``½ logw²``."""
+    beta_warmup_steps: int = 0
+    """W: beta rises linearly over the first W steps (0 = off)."""
+    beta_decay_steps: int = 0
+    """D: beta falls linearly to 0 over the last D of the run's steps (0 = off)."""
+    positive_advantage_gating: bool = False
+    """Apply the KL term only on tokens with A > 0 (reference ``beta_distill_positive_advantage_only``)."""
+    kl_clamp: float = 20.0
+    """One-sided per-token clamp of the KL; no gradient where it is active."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"SDPGConfig.alpha_mode={self.alpha_mode!r} is not one of {sorted(ALPHA_MODES)}")
+        if self.beta < 0 or self.alpha < 0:
+            raise ValueError(f"SDPGConfig.beta and .alpha must be >= 0, got {self.beta}, {self.alpha}")
+        if self.beta_warmup_steps < 0 or self.beta_decay_steps < 0:
+            raise ValueError("SDPGConfig.beta_warmup_steps and .beta_decay_steps must be >= 0")
+        if self.kl_clamp <= 0:
+            raise ValueError(f"SDPGConfig.kl_clamp must be > 0, got {self.kl_clamp}")
+
+    def needs(self) -> AlgorithmNeeds:
+        """Teacher = current weights on the teacher prompt, untempered (T_teacher = 1), full KL."""
+        teacher = self.beta != 0.0
+        return AlgorithmNeeds(
+            teacher_weights=TeacherWeights.CURRENT_POLICY if teacher else TeacherWeights.NONE,
+            teacher_signal=TeacherSignal.FULL_KL if teacher else TeacherSignal.NONE,
+            teacher_temperature=1.0 if teacher else None,
+            teacher_prompt=teacher,
+            ref_logprobs=self.alpha != 0.0,
+            kl_in_reward_coef=0.0,
+            entropy_grad=self.entropy_coef != 0.0,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DAPOConfig(PolicyLossConfig):
+    """DAPO (SDPG.md §5): the §3 dual-clip PPO loss without the beta and alpha terms."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GRPOConfig(PolicyLossConfig):
+    """GRPO (the reference's script): PPO clip 0.2/0.2, no dual clip, KL to the reference in the reward."""
+
+    clip_eps_high: float = 0.2
+    """Symmetric clip (no clip-higher)."""
+    clip_c: float = 1000.0
+    """Dual clip effectively off."""
+    kl_in_reward_coef: float = 1e-3
+    """Coefficient of the ``k1 = lp_old - lp_ref`` reward penalty (DeepSeekMath used 0.04)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_in_reward_coef < 0:
+            raise ValueError(f"GRPOConfig.kl_in_reward_coef must be >= 0, got {self.kl_in_reward_coef}")
+
+    def needs(self) -> AlgorithmNeeds:
+        """Reference log-probs (and old log-probs) before the advantages, for the reward penalty."""
+        on = self.kl_in_reward_coef != 0.0
+        return AlgorithmNeeds(
+            TeacherWeights.NONE,
+            TeacherSignal.NONE,
+            None,
+            False,
+            on,
+            self.kl_in_reward_coef,
+            self.entropy_coef != 0.0,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OPSDConfig(PolicyLossConfig):
+    """OPSD (SDPG.md §5): teacher-weighted clipped ratio on responses with A > 0, frozen-reference teacher."""
+
+    clip_eps_high: float = 0.2
+    """Upper clip of ``min(r, clamp(r, 1 - eps_low, 1 + eps_high))``."""
+    entropy_coef: float = 0.02
+    """The reference script's entropy bonus (keeps rollout groups diverse)."""
+    lr: float = 5e-7
+    """The reference script's learning rate."""
+    teacher_temperature: float = 1.0
+    """Temperature of the frozen reference teacher's log-probs (its own, not the rollout's)."""
+    weight_clamp_max: float = 20.0
+    """``w = clamp(nan_to_num(lp_teacher - lp_old), 0, weight_clamp_max)``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.teacher_temperature <= 0:
+            raise ValueError(f"OPSDConfig.teacher_temperature must be > 0, got {self.teacher_temperature}")
+
+    def needs(self) -> AlgorithmNeeds:
+        return AlgorithmNeeds(
+            teacher_weights=TeacherWeights.FROZEN_REFERENCE,
+            teacher_signal=TeacherSignal.SAMPLED_LOGPROB,
+            teacher_temperature=self.teacher_temperature,
+            teacher_prompt=True,
+            ref_logprobs=False,
+            kl_in_reward_coef=0.0,
+            entropy_grad=self.entropy_coef != 0.0,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLSDConfig(PolicyLossConfig):
+    """RLSD (SDPG.md §5): GRPO advantages re-weighted per token by the step-start self-teacher."""
+
+    clip_eps_high: float = 0.2
+    """Symmetric clip."""
+    clip_c: float = 3.0
+    """Dual clip bound of the reference."""
+    lambda_base: float = 0.5
+    """Mixing weight at step 0: ``A_t = (1 - λ) A + λ A clamp(w, 1 - eps_w, 1 + eps_w)``."""
+    lambda_decay_steps: int = 50
+    """λ = lambda_base · max(0, 1 - step / lambda_decay_steps) (0 = constant λ)."""
+    eps_w: float = 0.2
+    """Clip of the evidence weight ``w``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.lambda_base <= 1.0:
+            raise ValueError(f"RLSDConfig.lambda_base must be in [0, 1], got {self.lambda_base}")
+        if self.lambda_decay_steps < 0:
+            raise ValueError(f"RLSDConfig.lambda_decay_steps must be >= 0, got {self.lambda_decay_steps}")
+        if not 0.0 <= self.eps_w < 1.0:
+            raise ValueError(f"RLSDConfig.eps_w must be in [0, 1), got {self.eps_w}")
+
+    def needs(self) -> AlgorithmNeeds:
+        """Teacher = the step-start policy at rollout temperature: run it with the old-log-prob pass."""
+        return AlgorithmNeeds(
+            teacher_weights=TeacherWeights.STEP_START_POLICY,
+            teacher_signal=TeacherSignal.SAMPLED_LOGPROB,
+            teacher_temperature=None,
+            teacher_prompt=True,
+            ref_logprobs=False,
+            kl_in_reward_coef=0.0,
+            entropy_grad=self.entropy_coef != 0.0,
+        )
