@@ -1,0 +1,192 @@
+"""The reference record format, the teacher-context split, and the typed samples built from it.
+
+A record (one row of a parquet / JSON-lines file, as in the reference SDPG data)::
+
+    {"data_source": "math_dapo",
+     "prompt": [{"role": "user", "content": "<question>[TEACHER_CONTEXT_TOKEN]<teacher context>"}],
+     "reward_model": {"ground_truth": "42", "style": "rule"},
+     "extra_info": {...}}
+
+The first message whose content contains the sentinel is split there: the student sees the text
+before it, the teacher sees before + after joined with no separator (SDPG.md §4). Validation errors
+are :class:`DataError` and name the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TEACHER_CONTEXT_TOKEN = "[TEACHER_CONTEXT_TOKEN]"
+
+#: The reference teacher-context template (``{answer}`` is the ground truth).
+REFERENCE_CONTEXT_TEMPLATE = (
+    "The correct answer to this problem is: {answer}\n"
+    "Use this to verify your reasoning, but show your full solution process."
+)
+
+SentinelFallback = Literal["error", "no_teacher_context"]
+Messages = list[dict[str, Any]]
+
+
+class DataError(ValueError):
+    """A user's data is malformed; the message names the file, the record and the field."""
+
+    def __init__(self, source: str, index: int | None, field_name: str | None, problem: str):
+        where = f"{source}"
+        if index is not None:
+            where += f", record {index}"
+        if field_name is not None:
+            where += f", field {field_name!r}"
+        super().__init__(f"{where}: {problem}")
+        self.source = source
+        self.index = index
+        self.field_name = field_name
+
+
+@dataclass
+class PromptSample:
+    """One prompt, tokenised for the student (no context) and for the teacher (with context)."""
+
+    student_ids: list[int]
+    """Chat-templated student prompt token ids (ends with the generation prompt)."""
+    teacher_ids: list[int]
+    """Chat-templated teacher prompt token ids; equal to ``student_ids`` when the record has no context."""
+    ground_truth: str
+    """``reward_model.ground_truth``, as a string."""
+    data_source: str
+    """Names the reward function (``sdpg_mcore.rewards`` registry)."""
+    extra_info: dict[str, Any] = field(default_factory=dict)
+    """The record's ``extra_info``, passed through to the reward function."""
+    index: int = 0
+    """Row number of the record in the loaded files (before filtering): a stable id for logs and groups."""
+    has_teacher_context: bool = True
+    """False when the record had no sentinel and the ``no_teacher_context`` fallback was used."""
+
+
+@dataclass
+class RolloutSample:
+    """One generated response to a :class:`PromptSample`, with what the rollout engine reported."""
+
+    prompt: PromptSample
+    response_ids: list[int]
+    """Generated token ids (without the prompt)."""
+    response_text: str = ""
+    rollout_logprobs: list[float] | None = None
+    """Per-token log-probs reported by the rollout engine (one per response token), if requested."""
+    finish_reason: str = "stop"
+    """``stop`` | ``length`` | ``abort`` (SGLang's ``meta_info.finish_reason.type``)."""
+    sample_index: int = 0
+    """Position of this response within its prompt's group of ``n``."""
+    reward: float | None = None
+    reward_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def student_input_ids(self) -> list[int]:
+        return self.prompt.student_ids + self.response_ids
+
+    @property
+    def teacher_input_ids(self) -> list[int]:
+        return self.prompt.teacher_ids + self.response_ids
+
+    @property
+    def response_length(self) -> int:
+        return len(self.response_ids)
+
+
+def split_teacher_context(
+    messages: Sequence[Mapping[str, Any]], sentinel: str = TEACHER_CONTEXT_TOKEN
+) -> tuple[Messages, Messages | None]:
+    """Split ``messages`` at the first message containing ``sentinel``.
+
+    Returns ``(student_messages, teacher_messages)``; ``teacher_messages`` is None when no message
+    contains the sentinel. Only the first occurrence in that message is split (the reference's
+    ``str.split(token, 1)``), so a later sentinel stays in the teacher's text.
+    """
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str) and sentinel in content:
+            before, after = content.split(sentinel, 1)
+            student = [dict(copy.deepcopy(m)) for m in messages]
+            teacher = [dict(copy.deepcopy(m)) for m in messages]
+            student[i]["content"] = before
+            teacher[i]["content"] = before + after
+            return student, teacher
+    return [dict(copy.deepcopy(m)) for m in messages], None
+
+
+def validate_messages(prompt: Any, source: str, index: int) -> Messages:
+    """Check that ``prompt`` is a chat message list (a bare string becomes one user message)."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, str)) or len(prompt) == 0:
+        raise DataError(
+            source, index, "prompt", f"expected a non-empty list of chat messages, got {prompt!r:.80}"
+        )
+    out: Messages = []
+    for j, message in enumerate(prompt):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise DataError(
+                source,
+                index,
+                f"prompt[{j}]",
+                f"expected a {{'role': ..., 'content': ...}} dict, got {message!r:.80}",
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(
+                source,
+                index,
+                f"prompt[{j}].content",
+                f"expected a string, got {type(message['content']).__name__}",
+            )
+        out.append(dict(message))
+    return out
+
+
+def ground_truth_of(record: Mapping[str, Any], source: str, index: int) -> str:
+    """``reward_model.ground_truth`` as a non-empty string (numbers are converted)."""
+    reward_model = record.get("reward_model")
+    if not isinstance(reward_model, Mapping) or "ground_truth" not in reward_model:
+        raise DataError(
+            source, index, "reward_model.ground_truth", "missing; expected {'ground_truth': '<answer>'}"
+        )
+    truth = reward_model["ground_truth"]
+    if isinstance(truth, (int, float)) and not isinstance(truth, bool):
+        truth = str(truth)
+    if not isinstance(truth, str) or not truth.strip():
+        raise DataError(
+            source,
+            index,
+            "reward_model.ground_truth",
+            f"empty or not a string ({truth!r}); every record needs an answer",
+        )
+    return truth
+
+
+def split_record(
+    record: Mapping[str, Any],
+    source: str,
+    index: int,
+    *,
+    sentinel: str = TEACHER_CONTEXT_TOKEN,
+    missing_sentinel: SentinelFallback = "error",
+) -> tuple[Messages, Messages, bool]:
+    """Validate a record's prompt and split it; returns ``(student, teacher, has_teacher_context)``."""
+    messages = validate_messages(record.get("prompt"), source, index)
+    student, teacher = split_teacher_context(messages, sentinel)
+    if teacher is None:
+        if missing_sentinel == "error":
+            raise DataError(
+                source,
+                index,
+                "prompt",
+                f"no message contains the sentinel {sentinel!r}; add the teacher context after it "
+                "(tools/prepare_data.py does), or set missing_sentinel='no_teacher_context' for data "
+                "without context (grpo/dapo)",
+            )
+        if missing_sentinel != "no_teacher_context":
+            raise ValueError(f"missing_sentinel={missing_sentinel!r}: choose 'error' or 'no_teacher_context'")
+        return student, copy.deepcopy(student), False
+    return student, teacher, True

@@ -1,0 +1,221 @@
+"""Student and teacher prompts from records: the split, chat templates, length policy and counts."""
+
+import pytest
+
+from sdpg_mcore.data import (
+    REFERENCE_CONTEXT_TEMPLATE,
+    TEACHER_CONTEXT_TOKEN,
+    DataError,
+    PromptConfig,
+    RolloutSample,
+    build_prompt_samples,
+    pack_sequences,
+)
+
+QUESTION = "What is 12 + 7? Put the final answer in \\boxed{}."
+CONTEXT = "\n\n" + REFERENCE_CONTEXT_TEMPLATE.format(answer="19")
+
+
+def record(question=QUESTION, context=CONTEXT, truth="19", sentinel=True, **extra):
+    content = question + (TEACHER_CONTEXT_TOKEN + context if sentinel else "")
+    rec = {
+        "data_source": "math_dapo",
+        "prompt": [{"role": "user", "content": content}],
+        "reward_model": {"ground_truth": truth, "style": "rule"},
+        "extra_info": {"index": 7},
+    }
+    rec.update(extra)
+    return rec
+
+
+def template(tok, messages, **kwargs):
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_student_never_sees_context_and_teacher_sees_question_then_context(tokenizer):
+    (sample,), stats = build_prompt_samples([record()], tokenizer, PromptConfig())
+    student_text = tokenizer.decode(sample.student_ids)
+    teacher_text = tokenizer.decode(sample.teacher_ids)
+    assert "correct answer" not in student_text and TEACHER_CONTEXT_TOKEN not in student_text
+    assert TEACHER_CONTEXT_TOKEN not in teacher_text
+    assert teacher_text.index(QUESTION) < teacher_text.index("The correct answer to this problem is: 19")
+    # Exactly the chat template of the split messages, joined with no separator for the teacher.
+    assert sample.student_ids == template(tokenizer, [{"role": "user", "content": QUESTION}])
+    assert sample.teacher_ids == template(tokenizer, [{"role": "user", "content": QUESTION + CONTEXT}])
+    assert (
+        sample.ground_truth == "19"
+        and sample.data_source == "math_dapo"
+        and sample.extra_info == {"index": 7}
+    )
+    assert sample.has_teacher_context and stats.num_kept == 1 and stats.num_without_teacher_context == 0
+    # Exactly one BOS for the llama style (the rendered template carries it already).
+    if tokenizer.bos_token_id is not None:
+        assert sample.student_ids.count(tokenizer.bos_token_id) == 1
+        assert sample.teacher_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_response_tokens_are_identical_in_student_and_teacher_sequences(tokenizer):
+    (prompt,), _ = build_prompt_samples([record()], tokenizer, PromptConfig())
+    response = tokenizer("12 + 7 = 19, so \\boxed{19}.", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    rollout = RolloutSample(prompt=prompt, response_ids=response)
+    packed = pack_sequences(
+        [rollout.student_input_ids, rollout.teacher_input_ids],
+        [len(prompt.student_ids), len(prompt.teacher_ids)],
+    )
+    targets = packed.target_ids_T[packed.loss_mask_T]
+    assert targets.tolist() == response + response
+    # Both prompts end with the same generation prompt, so the response follows the same tokens.
+    tail = template(tokenizer, [{"role": "user", "content": "x"}])[-3:]
+    assert prompt.student_ids[-3:] == prompt.teacher_ids[-3:] == tail
+
+
+def test_split_uses_first_message_with_sentinel_and_keeps_the_others(qwen_tokenizer):
+    rec = record()
+    rec["prompt"] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "A" + TEACHER_CONTEXT_TOKEN + "B" + TEACHER_CONTEXT_TOKEN + "C"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "D" + TEACHER_CONTEXT_TOKEN + "E"},
+    ]
+    (sample,), _ = build_prompt_samples([rec], qwen_tokenizer, PromptConfig(system_prompt="ignored: has one"))
+    expected_student = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "D" + TEACHER_CONTEXT_TOKEN + "E"},
+    ]
+    expected_teacher = [dict(m) for m in expected_student]
+    expected_teacher[1]["content"] = "AB" + TEACHER_CONTEXT_TOKEN + "C"
+    assert sample.student_ids == template(qwen_tokenizer, expected_student)
+    assert sample.teacher_ids == template(qwen_tokenizer, expected_teacher)
+
+
+def test_system_prompt_and_template_kwargs_reach_both_prompts(qwen_tokenizer):
+    config = PromptConfig(system_prompt="Think.", chat_template_kwargs={"enable_thinking": False})
+    (sample,), _ = build_prompt_samples([record()], qwen_tokenizer, config)
+    system = {"role": "system", "content": "Think."}
+    kwargs = {"enable_thinking": False}
+    assert sample.student_ids == template(
+        qwen_tokenizer, [system, {"role": "user", "content": QUESTION}], **kwargs
+    )
+    assert sample.teacher_ids == template(
+        qwen_tokenizer, [system, {"role": "user", "content": QUESTION + CONTEXT}], **kwargs
+    )
+    assert qwen_tokenizer.decode(sample.student_ids).endswith("<think>\n\n</think>\n\n")
+
+
+def lengths_of(tokenizer, records):
+    student = [len(template(tokenizer, [{"role": "user", "content": r["question"]}])) for r in records]
+    teacher = [
+        len(template(tokenizer, [{"role": "user", "content": r["question"] + CONTEXT}])) for r in records
+    ]
+    return student, teacher
+
+
+@pytest.fixture
+def mixed_records():
+    questions = ["What is 1 + 1?", "What is 12 + 7 * 3?" + " and 5" * 10, "What is 3 * 4?" + " then 2" * 25]
+    return [dict(record(question=q), question=q) for q in questions]
+
+
+def test_filter_drops_prompts_over_either_limit_and_counts_them(qwen_tokenizer, mixed_records):
+    student, teacher = lengths_of(qwen_tokenizer, mixed_records)
+    limit = sorted(teacher)[1]  # the longest teacher prompt is over the limit, the middle one is not
+    samples, stats = build_prompt_samples(
+        mixed_records, qwen_tokenizer, PromptConfig(max_prompt_length=limit)
+    )
+    expected_kept = [i for i in range(3) if student[i] <= limit and teacher[i] <= limit]
+    assert [s.index for s in samples] == expected_kept
+    assert stats.num_records == 3 and stats.num_filtered == 3 - len(expected_kept) == 1
+    assert stats.num_student_truncated == stats.num_teacher_truncated == 0
+    assert stats.max_teacher_length == max(teacher[i] for i in expected_kept)
+
+
+def test_truncate_cuts_student_from_left_teacher_from_right(llama_tokenizer, mixed_records):
+    tok = llama_tokenizer
+    student, teacher = lengths_of(tok, mixed_records)
+    limit = sorted(student)[1]
+    samples, stats = build_prompt_samples(
+        mixed_records, tok, PromptConfig(max_prompt_length=limit, overlong="truncate")
+    )
+    assert len(samples) == 3 and stats.num_filtered == 0
+    assert stats.num_student_truncated == sum(n > limit for n in student) == 1
+    assert stats.num_teacher_truncated == sum(n > limit for n in teacher)
+    for rec, sample in zip(mixed_records, samples):
+        full_s = template(tok, [{"role": "user", "content": rec["question"]}])
+        full_t = template(tok, [{"role": "user", "content": rec["question"] + CONTEXT}])
+        assert sample.student_ids == full_s[-limit:]  # keeps the generation prompt at the end
+        assert sample.teacher_ids == full_t[:limit]  # keeps BOS and the question at the start
+        assert len(sample.student_ids) <= limit and len(sample.teacher_ids) <= limit
+
+
+def test_separate_teacher_limit(qwen_tokenizer, mixed_records):
+    student, teacher = lengths_of(qwen_tokenizer, mixed_records)
+    config = PromptConfig(max_prompt_length=max(student), max_teacher_prompt_length=max(teacher))
+    samples, stats = build_prompt_samples(mixed_records, qwen_tokenizer, config)
+    assert len(samples) == 3 and stats.num_filtered == 0
+
+
+def test_overlong_error_names_record(qwen_tokenizer, mixed_records):
+    student, teacher = lengths_of(qwen_tokenizer, mixed_records)
+    limit = max(teacher[:2])
+    assert student[2] > limit
+    with pytest.raises(
+        DataError, match=r"train.parquet, record 2, field 'prompt': student prompt has \d+ tokens"
+    ):
+        build_prompt_samples(
+            mixed_records,
+            qwen_tokenizer,
+            PromptConfig(max_prompt_length=limit, overlong="error"),
+            "train.parquet",
+        )
+
+
+def test_missing_sentinel_errors_or_falls_back(qwen_tokenizer):
+    records = [record(), record(sentinel=False)]
+    with pytest.raises(
+        DataError, match=r"d.jsonl, record 1, field 'prompt': no message contains the sentinel"
+    ):
+        build_prompt_samples(records, qwen_tokenizer, PromptConfig(), "d.jsonl")
+    samples, stats = build_prompt_samples(
+        records, qwen_tokenizer, PromptConfig(missing_sentinel="no_teacher_context")
+    )
+    assert samples[1].teacher_ids == samples[1].student_ids and not samples[1].has_teacher_context
+    assert samples[0].teacher_ids != samples[0].student_ids
+    assert stats.num_without_teacher_context == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "problem"),
+    [
+        ({"reward_model": {"ground_truth": "  "}}, "reward_model.ground_truth", "empty"),
+        ({"reward_model": {"style": "rule"}}, "reward_model.ground_truth", "missing"),
+        ({"reward_model": None}, "reward_model.ground_truth", "missing"),
+        ({"prompt": []}, "prompt", "non-empty list"),
+        ({"prompt": [{"content": "x"}]}, r"prompt\[0\]", "role"),
+        ({"prompt": [{"role": "user", "content": 3}]}, r"prompt\[0\].content", "string"),
+        ({"data_source": None}, "data_source", "missing"),
+        ({"extra_info": [1]}, "extra_info", "dict"),
+    ],
+)
+def test_bad_records_name_file_record_and_field(qwen_tokenizer, bad, field, problem):
+    records = [record(), record(), dict(record(), **bad)]
+    with pytest.raises(DataError, match=rf"f.parquet, record 2, field '{field}': .*{problem}"):
+        build_prompt_samples(records, qwen_tokenizer, PromptConfig(), "f.parquet")
+
+
+def test_numeric_ground_truth_and_plain_string_prompt(qwen_tokenizer):
+    rec = dict(record(), prompt="Q?" + TEACHER_CONTEXT_TOKEN + " ctx", reward_model={"ground_truth": 42})
+    (sample,), _ = build_prompt_samples([rec], qwen_tokenizer, PromptConfig())
+    assert sample.ground_truth == "42"
+    assert sample.student_ids == template(qwen_tokenizer, [{"role": "user", "content": "Q?"}])
+
+
+def test_invalid_config_is_rejected(qwen_tokenizer):
+    with pytest.raises(ValueError, match="overlong='drop'"):
+        build_prompt_samples([record()], qwen_tokenizer, PromptConfig(overlong="drop"))
+    with pytest.raises(ValueError, match="missing_sentinel='skip'"):
+        build_prompt_samples([record()], qwen_tokenizer, PromptConfig(missing_sentinel="skip"))
