@@ -1,0 +1,237 @@
+"""The five algorithms' losses vs per-token fp64 references written from SDPG.md §3/§5, incl. gradients."""
+
+import math
+
+import pytest
+import torch
+
+from sdpg_mcore.algo import (
+    ALGORITHMS,
+    DAPOConfig,
+    GRPOConfig,
+    OPSDConfig,
+    RLSDConfig,
+    SDPGConfig,
+    TeacherSignal,
+    TeacherWeights,
+    TokenInputs,
+    get_algorithm,
+    loss_counts,
+    micro_batch_loss,
+    normalisers_from_counts,
+)
+
+LENGTHS = [4, 3, 5]
+ADV_B = [1.3, -0.8, 0.6]
+
+
+def _inputs(seed=0, adv_B=ADV_B, teacher_nan=False):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(LENGTHS)
+    seq_index = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))
+    old = -torch.rand(n, generator=gen, dtype=torch.float64) * 4 - 0.1
+    lr = torch.randn(n, generator=gen, dtype=torch.float64) * 0.6
+    lr[0], lr[5], lr[7] = 2.5, 3.0, -1.0  # a large ratio with A > 0, a dual-clipped A < 0, a low one
+    lp = (old + lr).requires_grad_(True)
+    kl = (torch.rand(n, generator=gen, dtype=torch.float64) * 3).requires_grad_(False)
+    kl[2], kl[9] = 25.0, 40.0  # clamped tokens
+    kl.requires_grad_(True)
+    ent = (torch.rand(n, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
+    ref = old + torch.randn(n, generator=gen, dtype=torch.float64) * 0.5
+    teacher = old + torch.randn(n, generator=gen, dtype=torch.float64)
+    if teacher_nan:
+        teacher[1] = float("nan")
+    adv = torch.tensor(adv_B, dtype=torch.float64)[seq_index]
+    return TokenInputs(
+        logprob_N=lp,
+        old_logprob_N=old,
+        advantages_N=adv,
+        seq_index_N=seq_index,
+        num_seqs=len(LENGTHS),
+        kl_N=kl,
+        entropy_N=ent,
+        ref_logprob_N=ref,
+        teacher_logprob_N=teacher,
+    )
+
+
+def _run(name, cfg, inputs, step=3, total_steps=100):
+    algo = get_algorithm(name)
+    counts = loss_counts(algo, cfg, inputs.advantages_N, inputs.seq_index_N, inputs.num_seqs)
+    norms = normalisers_from_counts(counts, cfg.loss_agg_mode)
+    return micro_batch_loss(algo, cfg, inputs, norms, step=step, total_steps=total_steps)
+
+
+def _pg_case(a, lp, old, el, eh, c):
+    """Case form of dual-clip PPO on scalar tensors (branches on values; constants where clipped)."""
+    x = (lp - old).item()
+    r = (
+        torch.exp(lp - old)
+        if abs(x) <= 20
+        else torch.tensor(math.exp(max(-20, min(20, x))), dtype=torch.float64)
+    )
+    rv = r.item()
+    if a > 0:
+        return -a * r if rv < 1 + eh else torch.tensor(-a * (1 + eh), dtype=torch.float64)
+    if a < 0:
+        if rv <= 1 - el:
+            return torch.tensor(-a * (1 - el), dtype=torch.float64)
+        return -a * r if rv < c else torch.tensor(-a * c, dtype=torch.float64)
+    return torch.zeros((), dtype=torch.float64)
+
+
+def _grads(inputs, loss):
+    leaves = [inputs.logprob_N, inputs.kl_N, inputs.entropy_N]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def _assert_same(inputs, got, want):
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-14)
+    for g, w in zip(_grads(inputs, got), _grads(inputs, want)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("alpha_mode", ["fkl", "rkl", "ufkl", "urkl"])
+@pytest.mark.parametrize("gating", [False, True])
+def test_sdpg_matches_spec(alpha_mode, gating):
+    cfg = SDPGConfig(beta=0.3, alpha=0.05, alpha_mode=alpha_mode, positive_advantage_gating=gating,
+                     entropy_coef=0.01, beta_warmup_steps=10)  # fmt: skip
+    inp = _inputs()
+    out = _run("sdpg", cfg, inp, step=4)
+    beta = 0.3 * 4 / 10
+    terms = []
+    for t in range(len(inp.logprob_N)):
+        a, lp, old = inp.advantages_N[t].item(), inp.logprob_N[t], inp.old_logprob_N[t]
+        pg = _pg_case(a, lp, old, 0.2, 0.28, 10.0)
+        kl = inp.kl_N[t] if inp.kl_N[t].item() <= 20 else torch.tensor(20.0, dtype=torch.float64)
+        g = 1.0 if (not gating or a > 0) else 0.0
+        logw = lp - inp.ref_logprob_N[t]
+        reg = {
+            "fkl": torch.exp(-logw),
+            "rkl": 0.5 * (logw + 1) ** 2,
+            "ufkl": torch.exp(-logw) + logw,
+            "urkl": 0.5 * logw**2,
+        }[alpha_mode]
+        terms.append(pg + beta * g * kl + 0.05 * reg - 0.01 * inp.entropy_N[t])
+    want = torch.stack(terms).mean()
+    assert out.scalars["beta"] == pytest.approx(beta)
+    _assert_same(inp, out.loss, want)
+    m = out.metrics.reduce()
+    assert m["kl_max"] == 40.0 and m["kl_clamp_frac"] == pytest.approx(2 / 12)
+    kl_c = inp.kl_N.detach().clamp(max=20)
+    assert m["kl_mean"] == pytest.approx(kl_c.mean().item(), rel=1e-12)
+    assert m["entropy"] == pytest.approx(inp.entropy_N.detach().mean().item(), rel=1e-12)
+    assert m["loss"] == pytest.approx(out.loss.item(), rel=1e-12)
+
+
+def test_kl_gradient_is_zero_where_clamped():
+    inp = _inputs()
+    out = _run("sdpg", SDPGConfig(beta=1.0, alpha=0.0), inp)
+    (g_kl,) = torch.autograd.grad(out.loss, [inp.kl_N])
+    assert g_kl[2].item() == 0.0 and g_kl[9].item() == 0.0
+    assert g_kl[0].item() == pytest.approx(1.0 / 12)
+
+
+@pytest.mark.parametrize("name,cfg,el,eh,c", [
+    ("dapo", DAPOConfig(), 0.2, 0.28, 10.0),
+    ("grpo", GRPOConfig(), 0.2, 0.2, 1000.0),
+])  # fmt: skip
+def test_dapo_and_grpo_are_plain_dual_clip(name, cfg, el, eh, c):
+    inp = _inputs()
+    out = _run(name, cfg, inp)
+    want = torch.stack(
+        [
+            _pg_case(inp.advantages_N[t].item(), inp.logprob_N[t], inp.old_logprob_N[t], el, eh, c)
+            for t in range(12)
+        ]
+    ).mean()
+    _assert_same(inp, out.loss, want)
+    m = out.metrics.reduce()
+    assert "kl_mean" not in m and "regulariser" not in m
+    assert m["clipfrac_dual"] == pytest.approx((1 / 12) if name == "dapo" else 0.0)  # exp(3) > 10 with A < 0
+
+
+def _naive_opsd(inp, coef=0.02, el=0.2, eh=0.2):
+    terms = []
+    for t in range(len(inp.logprob_N)):
+        if inp.advantages_N[t].item() <= 0:
+            continue
+        d = (inp.teacher_logprob_N[t] - inp.old_logprob_N[t]).item()
+        w = 0.0 if math.isnan(d) else min(max(d, 0.0), 20.0)
+        r = torch.exp(inp.logprob_N[t] - inp.old_logprob_N[t])
+        terms.append(-w * r if r.item() < 1 + eh else torch.tensor(-w * (1 + eh), dtype=torch.float64))
+    pg = torch.stack(terms).mean() if terms else torch.zeros((), dtype=torch.float64)
+    return pg - coef * inp.entropy_N.mean()
+
+
+def test_opsd_matches_spec_with_nan_teacher():
+    inp = _inputs(teacher_nan=True)
+    out = _run("opsd", OPSDConfig(), inp)
+    assert torch.isfinite(out.loss)
+    _assert_same(inp, out.loss, _naive_opsd(inp))
+    m = out.metrics.reduce()
+    assert m["opsd_gate_frac"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.02])
+def test_opsd_without_positive_advantage_gives_zero_loss_and_gradient(entropy_coef):
+    inp = _inputs(adv_B=[-1.0, 0.0, -0.5], teacher_nan=True)
+    out = _run("opsd", OPSDConfig(entropy_coef=entropy_coef), inp)
+    g_lp, _, g_ent = _grads(inp, out.loss)
+    assert torch.equal(g_lp, torch.zeros_like(g_lp))  # exactly 0, not NaN
+    if entropy_coef == 0.0:
+        assert out.loss.item() == 0.0 and torch.equal(g_ent, torch.zeros_like(g_ent))
+    else:  # the entropy bonus still covers every response token
+        assert out.loss.item() == pytest.approx(-0.02 * inp.entropy_N.mean().item(), rel=1e-12)
+    m = out.metrics.reduce()
+    assert math.isnan(m["pg_loss"]) and m["opsd_gate_frac"] == 0.0
+
+
+@pytest.mark.parametrize("step", [1, 20, 50, 77])
+def test_rlsd_matches_spec(step):
+    inp = _inputs(teacher_nan=True)
+    out = _run("rlsd", RLSDConfig(), inp, step=step)
+    lam = 0.5 * max(0.0, 1 - step / 50)
+    terms = []
+    for t in range(12):
+        a = inp.advantages_N[t].item()
+        d = (inp.teacher_logprob_N[t] - inp.old_logprob_N[t]).item()
+        d = 0.0 if math.isnan(d) else min(max(d, -20.0), 20.0)
+        s = (a > 0) - (a < 0)
+        w = math.exp(min(max(s * d, -20.0), 20.0))
+        a_t = (1 - lam) * a + lam * a * min(max(w, 0.8), 1.2)
+        terms.append(_pg_case(a_t, inp.logprob_N[t], inp.old_logprob_N[t], 0.2, 0.2, 3.0))
+    assert out.scalars["rlsd_lambda"] == pytest.approx(lam)
+    _assert_same(inp, out.loss, torch.stack(terms).mean())
+
+
+def test_registry_needs_and_errors():
+    assert sorted(ALGORITHMS) == ["dapo", "grpo", "opsd", "rlsd", "sdpg"]
+    sdpg = SDPGConfig().needs()
+    assert (sdpg.teacher_weights, sdpg.teacher_signal, sdpg.teacher_temperature) == (
+        TeacherWeights.CURRENT_POLICY, TeacherSignal.FULL_KL, 1.0)  # fmt: skip
+    assert sdpg.ref_logprobs and SDPGConfig().beta == 1e-3 and SDPGConfig().alpha_mode == "urkl"
+    assert SDPGConfig(beta=0.0).needs().teacher_weights == TeacherWeights.NONE
+    grpo = GRPOConfig()
+    assert grpo.needs().kl_in_reward_coef == 1e-3 and grpo.needs().ref_logprobs and grpo.clip_c == 1000.0
+    opsd = OPSDConfig()
+    assert opsd.needs().teacher_weights == TeacherWeights.FROZEN_REFERENCE and opsd.lr == 5e-7
+    assert opsd.entropy_coef == 0.02 and opsd.needs().entropy_grad
+    rlsd = RLSDConfig().needs()
+    assert rlsd.teacher_weights == TeacherWeights.STEP_START_POLICY and rlsd.teacher_temperature is None
+    assert DAPOConfig().needs().teacher_weights == TeacherWeights.NONE
+    with pytest.raises(ValueError, match="algorithm='ppo'"):
+        get_algorithm("ppo")
+    with pytest.raises(ValueError, match="alpha_mode"):
+        SDPGConfig(alpha_mode="kl")
+    with pytest.raises(ValueError, match="clip_c"):
+        DAPOConfig(clip_c=0.5)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        GRPOConfig(loss_agg_mode="token-sum")
+    inp = _inputs()
+    with pytest.raises(ValueError, match="needs a SDPGConfig"):
+        _run("sdpg", DAPOConfig(), inp)
+    with pytest.raises(ValueError, match="kl_N"):
+        _run("sdpg", SDPGConfig(), TokenInputs(inp.logprob_N, inp.old_logprob_N, inp.advantages_N,
+                                               inp.seq_index_N, 3, ref_logprob_N=inp.ref_logprob_N))  # fmt: skip
