@@ -1,0 +1,389 @@
+"""Async rollout client for the SGLang HTTP contract (SDPG.md §7), pointed at a router or one server.
+
+Token ids in, token ids and rollout log-probs out. Each sample is one ``/generate`` request, so the
+router spreads a group over workers and a failed request is re-sent alone (with backoff; the
+router then picks a live worker). Requests carry a ``rid`` so that cancelling a rollout aborts them
+on the workers, and a per-sample ``sampling_seed`` derived from ``seed`` so reruns are reproducible.
+
+    client = RolloutClient(ClientConfig(url=router_url, worker_urls=worker_urls))
+    groups = client.run(client.generate(prompts_ids, SamplingParams(max_new_tokens=64), n=8, seed=step))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+
+from sdpg_mcore.rollout.protocol import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: HTTP statuses worth re-sending: the router or a worker is overloaded, restarting or gone.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class RolloutError(RuntimeError):
+    """A rollout request failed for good (retries spent, deadline passed, or a 4xx from the server)."""
+
+
+@dataclass
+class ClientConfig:
+    """Where to send requests and how hard to try."""
+
+    url: str
+    """Base URL of the router (or of a single server)."""
+    worker_urls: list[str] = field(default_factory=list)
+    """Workers behind the router; ``/abort_request`` goes to them, as the router does not forward it."""
+    max_concurrency: int = 64
+    """Most ``/generate`` requests in flight at once."""
+    request_timeout_s: float = 600.0
+    """Budget of one HTTP attempt."""
+    max_retries: int = 5
+    """Re-sends after a connection error, timeout or retryable status (see ``RETRY_STATUSES``)."""
+    backoff_s: float = 0.25
+    """First back-off; doubles per retry up to ``max_backoff_s``."""
+    max_backoff_s: float = 8.0
+    deadline_s: float | None = None
+    """Budget of one whole :meth:`RolloutClient.generate` call; ``None`` for none."""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass
+class Sample:
+    """One generated response."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    rollout_logprobs: list[float]
+    """Log-prob of each output token under the engine's sampling distribution (see ``engine.py``)."""
+    text: str | None
+    finish_reason: str
+    """``stop`` | ``length`` | ``abort``."""
+    weight_version: str
+    batch_index: int = 0
+    reward: float | None = None
+
+
+@dataclass
+class RolloutMetrics:
+    """Counters since the client was made (or since :meth:`RolloutClient.reset_metrics`)."""
+
+    num_requests: int = 0
+    num_retries: int = 0
+    num_failed: int = 0
+    num_aborted: int = 0
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    generate_wall_s: float = 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.generate_wall_s if self.generate_wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "output_tokens_per_s": self.output_tokens_per_s}
+
+
+@dataclass
+class FilteredRollout:
+    """Result of DAPO over-sampling: groups whose rewards are not all equal."""
+
+    groups: list[list[Sample]]
+    num_gen_batches: int
+    num_groups_generated: int
+    complete: bool
+    """False when ``max_num_gen_batches`` ran out before ``num_groups`` groups were found."""
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int, batch_index: int = 0) -> int:
+    """A per-sample ``sampling_seed`` that depends only on its coordinates, never on scheduling."""
+    return (seed * 1_000_003 + batch_index * 7_919_993 + prompt_index * 1_009 + sample_index) % (1 << 62)
+
+
+class RolloutClient:
+    """Batched ``/generate`` with retries, aborts, over-sampling and metrics; plus the admin calls."""
+
+    def __init__(self, config: ClientConfig):
+        self.config = config
+        self.metrics = RolloutMetrics()
+        self._session: aiohttp.ClientSession | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._to_abort: list[str] = []
+
+    # ---------------------------------------------------------------- plumbing
+    def run(self, coro: Awaitable[T]) -> T:
+        """Run ``coro`` to completion from synchronous code, closing the HTTP session afterwards."""
+
+        async def _main() -> T:
+            try:
+                return await coro
+            finally:
+                await self.close()
+
+        return asyncio.run(_main())
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._loop = loop
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.config.max_concurrency + 8, force_close=False)
+            )
+            self._semaphore = asyncio.Semaphore(self.config.max_concurrency)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    def reset_metrics(self) -> None:
+        self.metrics = RolloutMetrics()
+
+    async def post(
+        self,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        url: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> tuple[int, Any]:
+        """One POST; returns ``(status, parsed JSON or text)``. Connection errors propagate."""
+        session = self._get_session()
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with session.post(
+            f"{url or self.config.url}{path}", json=payload or {}, timeout=timeout
+        ) as resp:
+            return resp.status, await _read_body(resp)
+
+    async def get(self, path: str, *, url: str | None = None, timeout_s: float = 30.0) -> tuple[int, Any]:
+        session = self._get_session()
+        async with session.get(
+            f"{url or self.config.url}{path}", timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            return resp.status, await _read_body(resp)
+
+    # ---------------------------------------------------------------- generate
+    async def generate_raw(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST one ``/generate`` body with retries; abort it on the workers if cancelled."""
+        self._get_session()
+        assert self._semaphore is not None
+        rid = payload.setdefault("rid", uuid.uuid4().hex)
+        last_error = ""
+        async with self._semaphore:
+            for attempt in range(self.config.max_retries + 1):
+                if attempt:
+                    self.metrics.num_retries += 1
+                    delay = min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s)
+                    await asyncio.sleep(delay)
+                try:
+                    status, body = await self.post(
+                        "/generate", payload, timeout_s=self.config.request_timeout_s
+                    )
+                except asyncio.CancelledError:
+                    self._to_abort.append(rid)
+                    raise
+                except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                    last_error = f"{type(err).__name__}: {err}"
+                    logger.warning("generate %s attempt %d failed: %s", rid, attempt + 1, last_error)
+                    continue
+                if status == 200 and isinstance(body, dict):
+                    self.metrics.num_requests += 1
+                    return body
+                last_error = f"HTTP {status}: {str(body)[:500]}"
+                if status not in RETRY_STATUSES:
+                    break
+                logger.warning("generate %s attempt %d got %s", rid, attempt + 1, last_error)
+        self.metrics.num_failed += 1
+        raise RolloutError(
+            f"/generate at {self.config.url} failed after {attempt + 1} attempt(s): {last_error}"
+        )
+
+    async def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        n: int = 1,
+        seed: int | None = None,
+        batch_index: int = 0,
+        return_logprob: bool = True,
+    ) -> list[list[Sample]]:
+        """``n`` samples for each prompt (token ids); returns groups in prompt order.
+
+        With ``seed`` set, sample ``(i, j)`` uses ``sample_seed(seed, i, j, batch_index)``, so the
+        same call gives the same tokens however the servers batch it.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        start = time.perf_counter()
+
+        async def one(i: int, j: int) -> Sample:
+            params = SamplingParams(**{**asdict(sampling), "n": 1})
+            if seed is not None:
+                params.sampling_seed = sample_seed(seed, i, j, batch_index)
+            payload = {
+                "input_ids": list(prompts[i]),
+                "sampling_params": params.to_json(),
+                "return_logprob": return_logprob,
+            }
+            out = await self.generate_raw(payload)
+            return _to_sample(out, i, j, list(prompts[i]), batch_index)
+
+        tasks = [asyncio.ensure_future(one(i, j)) for i in range(len(prompts)) for j in range(n)]
+        try:
+            if self.config.deadline_s is not None:
+                done = await asyncio.wait_for(asyncio.gather(*tasks), timeout=self.config.deadline_s)
+            else:
+                done = await asyncio.gather(*tasks)
+        except asyncio.TimeoutError:
+            raise RolloutError(
+                f"rollout of {len(tasks)} requests missed its deadline of {self.config.deadline_s}s "
+                f"({sum(t.done() for t in tasks)} finished); pending requests were aborted"
+            ) from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._to_abort:  # requests a server may still be running: stop them there
+                rids, self._to_abort = self._to_abort, []
+                await asyncio.gather(*(self.abort(rid) for rid in rids))
+            self.metrics.generate_wall_s += time.perf_counter() - start
+        for sample in done:
+            self.metrics.num_prompt_tokens += len(sample.prompt_ids)
+            self.metrics.num_output_tokens += len(sample.output_ids)
+            self.metrics.num_aborted += sample.finish_reason == "abort"
+        return [list(done[i * n : (i + 1) * n]) for i in range(len(prompts))]
+
+    async def generate_filtered(
+        self,
+        prompt_batches: Iterable[Sequence[Sequence[int]]],
+        sampling: SamplingParams,
+        score_fn: Callable[[Sample], float],
+        *,
+        n: int,
+        num_groups: int,
+        max_num_gen_batches: int = 10,
+        seed: int | None = None,
+    ) -> FilteredRollout:
+        """DAPO dynamic sampling: generate batch after batch until ``num_groups`` groups have non-constant reward.
+
+        ``score_fn(sample)`` gives each sample's reward (stored on ``sample.reward``); ``sample.batch_index``
+        and ``sample.prompt_index`` say which prompt of which batch it answers. At most
+        ``max_num_gen_batches`` batches are generated; the result says whether enough groups were found.
+        """
+        if max_num_gen_batches < 1:
+            raise ValueError(f"max_num_gen_batches must be >= 1, got {max_num_gen_batches}")
+        kept: list[list[Sample]] = []
+        num_batches = num_generated = 0
+        for batch_index, prompts in enumerate(prompt_batches):
+            if len(kept) >= num_groups or num_batches >= max_num_gen_batches:
+                break
+            groups = await self.generate(prompts, sampling, n=n, seed=seed, batch_index=batch_index)
+            num_batches += 1
+            num_generated += len(groups)
+            for group in groups:
+                for sample in group:
+                    sample.reward = float(score_fn(sample))
+                if len({s.reward for s in group}) > 1:
+                    kept.append(group)
+        complete = len(kept) >= num_groups
+        if not complete:
+            logger.warning(
+                "over-sampling found %d/%d groups in %d batches", len(kept), num_groups, num_batches
+            )
+        return FilteredRollout(kept[:num_groups], num_batches, num_generated, complete)
+
+    # ---------------------------------------------------------------- admin
+    async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
+        """Abort ``rid`` (or everything) on every worker; errors are logged, never raised."""
+        payload = {"abort_all": True} if abort_all else {"rid": rid}
+        for url in self.config.worker_urls or [self.config.url]:
+            try:
+                await self.post("/abort_request", payload, url=url, timeout_s=5.0)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                logger.warning("abort %s on %s failed: %s", rid, url, err)
+
+    async def flush_cache(
+        self, *, url: str | None = None, timeout_s: float = 60.0, poll_s: float = 0.2
+    ) -> None:
+        """``/flush_cache``, re-sent while the server answers 400 (requests still in flight)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, body = await self.post("/flush_cache", url=url)
+            if status == 200:
+                return
+            if status != 400 or time.monotonic() > deadline:
+                raise RolloutError(
+                    f"/flush_cache at {url or self.config.url}: HTTP {status} {str(body)[:300]}"
+                )
+            self.metrics.num_retries += 1
+            await asyncio.sleep(poll_s)
+
+    async def weight_versions(self, urls: Sequence[str] | None = None) -> dict[str, str]:
+        """``weight_version`` reported by each worker (default: ``worker_urls``, else ``url``)."""
+        out = {}
+        for url in urls or self.config.worker_urls or [self.config.url]:
+            status, body = await self.get("/get_weight_version", url=url)
+            if status != 200:
+                raise RolloutError(f"/get_weight_version at {url}: HTTP {status} {body}")
+            out[url] = str(body["weight_version"])
+        return out
+
+    async def call_workers(
+        self, path: str, payload: dict[str, Any] | None = None, *, timeout_s: float = 60.0
+    ) -> None:
+        """POST ``path`` to every worker (pause/continue/release/resume...); raise on any failure."""
+        urls = self.config.worker_urls or [self.config.url]
+        results = await asyncio.gather(*(self.post(path, payload, url=u, timeout_s=timeout_s) for u in urls))
+        bad = [(u, s, b) for u, (s, b) in zip(urls, results) if s != 200]
+        if bad:
+            raise RolloutError(f"{path} failed on {len(bad)} worker(s): {bad[:3]}")
+
+
+async def _read_body(resp: aiohttp.ClientResponse) -> Any:
+    text = await resp.text()
+    if "json" in resp.headers.get("Content-Type", ""):
+        try:
+            import json
+
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _to_sample(out: dict[str, Any], i: int, j: int, prompt_ids: list[int], batch_index: int) -> Sample:
+    meta = out.get("meta_info", {})
+    logprobs = meta.get("output_token_logprobs") or []
+    output_ids = out.get("output_ids")
+    if output_ids is None:  # SGLang builds without output_ids: the log-prob entries carry the ids
+        output_ids = [int(entry[1]) for entry in logprobs]
+    reason = meta.get("finish_reason") or {}
+    return Sample(
+        prompt_index=i,
+        sample_index=j,
+        prompt_ids=prompt_ids,
+        output_ids=list(output_ids),
+        rollout_logprobs=[float(entry[0]) for entry in logprobs],
+        text=out.get("text"),
+        finish_reason=reason.get("type", "abort") if isinstance(reason, dict) else str(reason),
+        weight_version=str(meta.get("weight_version", "")),
+        batch_index=batch_index,
+    )

@@ -1,0 +1,369 @@
+"""Launch and supervise N rollout servers (real SGLang or the dev server) behind the real SGLang router.
+
+Every process runs in its own process group with its output in a log file under ``log_dir``;
+``stop()`` (also run at exit and on SIGTERM/SIGINT once :meth:`RolloutServers.install_signal_handlers`
+was called) terminates each group, then kills what is left. A server that dies is restarted on
+the same port by :meth:`RolloutServers.check` (or the supervisor thread) and re-registered with
+the router. A server that never becomes healthy raises :class:`ServerStartError` naming its log.
+
+    with RolloutServers(ServerConfig(model_path=path, num_servers=2, log_dir=run_dir / "logs")) as servers:
+        client = RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls))
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdpg_mcore.parallel.spawn import find_free_port
+
+logger = logging.getLogger(__name__)
+BACKENDS = ("dev", "sglang")
+
+
+class ServerStartError(RuntimeError):
+    """A server or the router did not become healthy in time; the message names its log file."""
+
+
+@dataclass
+class ServerConfig:
+    """How many rollout servers to run, of which kind, and how to reach them."""
+
+    model_path: str
+    """HF model directory served at start."""
+    backend: str = "dev"
+    """``dev`` (built-in CPU server) or ``sglang`` (``python -m sglang.launch_server``)."""
+    num_servers: int = 1
+    host: str = "127.0.0.1"
+    ports: list[int] = field(default_factory=list)
+    """One port per server; empty picks free ports."""
+    tp_size: int = 1
+    """SGLang tensor parallel size per server."""
+    dp_size: int = 1
+    """SGLang data parallel size per server."""
+    base_gpu_id: int = 0
+    """Server ``i`` uses GPUs from ``base_gpu_id + i * tp_size * dp_size`` (SGLang ``--base-gpu-id``)."""
+    mem_fraction_static: float | None = None
+    """SGLang ``--mem-fraction-static`` (share of GPU memory for weights + KV cache)."""
+    enable_memory_saver: bool = False
+    """SGLang ``--enable-memory-saver``; needed by colocated mode to release memory during training."""
+    extra_args: list[str] = field(default_factory=list)
+    """Appended to every server's command line."""
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: str = "rollout_logs"
+    health_timeout_s: float = 600.0
+    """Deadline for each server (and the router) to answer ``/health``."""
+    max_restarts: int = 3
+    """Restarts allowed per server before :meth:`RolloutServers.check` gives up."""
+    router: bool = True
+    """Start ``sglang_router`` in front of the servers."""
+    router_port: int = 0
+    router_policy: str = "round_robin"
+    router_extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: choose one of {list(BACKENDS)}")
+        if self.num_servers < 1:
+            raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
+        if self.ports and len(self.ports) != self.num_servers:
+            raise ValueError(f"ports lists {len(self.ports)} ports for num_servers={self.num_servers}")
+
+
+@dataclass
+class ManagedProcess:
+    """One child process in its own process group, logging to ``log_path``."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    url: str
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== {time.strftime('%H:%M:%S')} start: {' '.join(self.cmd)}\n".encode())
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL it after ``timeout_s``."""
+        if self.proc is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children left in the group after the leader exited
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, num_lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+        except OSError:
+            return "(no log)"
+
+
+def http_json(
+    url: str, payload: dict[str, Any] | None = None, *, timeout_s: float = 5.0, method: str | None = None
+):
+    """Tiny blocking HTTP helper (stdlib only): returns ``(status, body)``; connection errors raise ``OSError``."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            body = resp.read().decode(errors="replace")
+            status = resp.status
+    except urllib.error.HTTPError as err:
+        body, status = err.read().decode(errors="replace"), err.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+class RolloutServers:
+    """The running servers (and router) of one training job."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.log_dir = Path(config.log_dir)
+        ports = config.ports or [find_free_port() for _ in range(config.num_servers)]
+        self.servers = [self._server_process(i, port) for i, port in enumerate(ports)]
+        self.router: ManagedProcess | None = None
+        self._supervisor: threading.Thread | None = None
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    # ---------------------------------------------------------------- commands
+    def _server_process(self, index: int, port: int) -> ManagedProcess:
+        cfg = self.config
+        if cfg.backend == "dev":
+            cmd = [sys.executable, "-m", "sdpg_mcore.rollout.dev_server"]
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "sglang.launch_server",
+                "--tp-size",
+                str(cfg.tp_size),
+                "--dp-size",
+                str(cfg.dp_size),
+            ]
+            cmd += ["--base-gpu-id", str(cfg.base_gpu_id + index * cfg.tp_size * cfg.dp_size)]
+            if cfg.mem_fraction_static is not None:
+                cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+            if cfg.enable_memory_saver:
+                cmd += ["--enable-memory-saver"]
+        cmd += ["--model-path", cfg.model_path, "--host", cfg.host, "--port", str(port), *cfg.extra_args]
+        env = {**os.environ, **cfg.env}
+        log_path = self.log_dir / f"server_{index}.log"
+        return ManagedProcess(f"server {index}", cmd, env, log_path, f"http://{cfg.host}:{port}")
+
+    def _router_process(self) -> ManagedProcess:
+        cfg = self.config
+        port = cfg.router_port or find_free_port()
+        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", cfg.host, "--port", str(port)]
+        cmd += ["--worker-urls", *self.worker_urls, "--policy", cfg.router_policy]
+        cmd += ["--worker-startup-check-interval", "1", "--health-check-interval-secs", "2"]
+        # Its Prometheus exporter binds 29000 by default: a second router on the host would panic.
+        cmd += ["--prometheus-host", cfg.host, "--prometheus-port", str(find_free_port())]
+        cmd += ["--log-level", "warn", *cfg.router_extra_args]
+        return ManagedProcess(
+            "router", cmd, {**os.environ, **cfg.env}, self.log_dir / "router.log", f"http://{cfg.host}:{port}"
+        )
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def worker_urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        """Where clients send ``/generate``: the router if there is one, else the first server."""
+        return self.router.url if self.router is not None else self.servers[0].url
+
+    def start(self) -> RolloutServers:
+        atexit.register(self.stop)
+        for server in self.servers:
+            server.start()
+        try:
+            deadline = time.monotonic() + self.config.health_timeout_s
+            for server in self.servers:
+                self.wait_healthy(server, deadline)
+            if self.config.router:
+                self.router = self._router_process()
+                self.router.start()
+                self.wait_healthy(self.router, time.monotonic() + self.config.health_timeout_s)
+                self._wait_router_workers(time.monotonic() + self.config.health_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info(
+            "rollout servers up: %s (router %s)", self.worker_urls, self.router.url if self.router else None
+        )
+        return self
+
+    def wait_healthy(self, proc: ManagedProcess, deadline: float) -> None:
+        """Poll ``/health`` until 200; raise :class:`ServerStartError` if the deadline passes or it exits."""
+        while True:
+            if not proc.alive():
+                code = proc.proc.returncode if proc.proc else None
+                raise ServerStartError(
+                    f"{proc.name} ({proc.url}) exited with code {code} before becoming healthy; "
+                    f"see its log {proc.log_path}:\n{proc.log_tail()}"
+                )
+            try:
+                status, _ = http_json(f"{proc.url}/health", timeout_s=2.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"{proc.name} ({proc.url}) not healthy after {self.config.health_timeout_s:.0f}s; "
+                    f"see its log {proc.log_path}:\n{proc.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def _router_workers(self) -> dict[str, bool]:
+        assert self.router is not None
+        status, body = http_json(f"{self.router.url}/workers")
+        if status != 200 or not isinstance(body, dict):
+            return {}
+        return {w["url"]: bool(w.get("is_healthy", True)) for w in body.get("workers", [])}
+
+    def _wait_router_workers(self, deadline: float) -> None:
+        while True:
+            workers = self._router_workers()
+            if all(workers.get(url) for url in self.worker_urls):
+                return
+            if time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"router lists {workers} but not all of {self.worker_urls} as healthy; see {self.router.log_path}"
+                )
+            time.sleep(0.25)
+
+    def check(self) -> list[str]:
+        """Restart servers that died (same port) and re-register them; return the restarted URLs."""
+        restarted = []
+        with self._lock:
+            if self._stopped:
+                return []
+            for server in self.servers:
+                if server.alive():
+                    continue
+                if server.restarts >= self.config.max_restarts:
+                    raise ServerStartError(
+                        f"{server.name} died {server.restarts + 1} times; see {server.log_path}"
+                    )
+                logger.warning(
+                    "%s died (code %s); restarting",
+                    server.name,
+                    server.proc.returncode if server.proc else None,
+                )
+                server.restarts += 1
+                server.start()
+                self.wait_healthy(server, time.monotonic() + self.config.health_timeout_s)
+                if self.router is not None and server.url not in self._router_workers():
+                    http_json(f"{self.router.url}/workers", {"url": server.url})
+                restarted.append(server.url)
+        return restarted
+
+    def start_supervisor(self, interval_s: float = 2.0) -> None:
+        """Call :meth:`check` every ``interval_s`` in a daemon thread."""
+
+        def loop() -> None:
+            while not self._stop_event.wait(interval_s):
+                try:
+                    self.check()
+                except ServerStartError:
+                    logger.exception("supervisor gave up")
+                    return
+
+        self._supervisor = threading.Thread(target=loop, name="rollout-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def stop(self) -> None:
+        """Terminate the router and every server (process groups); safe to call twice."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._stop_event.set()
+        for proc in ([self.router] if self.router else []) + self.servers:
+            proc.stop()
+
+    def install_signal_handlers(self) -> None:
+        """On SIGTERM/SIGINT stop the servers, then let the previous handler act (exit / KeyboardInterrupt)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+
+            def handler(signum, frame, previous=previous):
+                self.stop()
+                if callable(previous):
+                    previous(signum, frame)
+                else:
+                    raise SystemExit(128 + signum)
+
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> RolloutServers:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- colocated mode
+    def _post_all(self, path: str, payload: dict[str, Any], timeout_s: float = 120.0) -> None:
+        for server in self.servers:
+            status, body = http_json(f"{server.url}{path}", payload, timeout_s=timeout_s)
+            if status != 200:
+                raise RuntimeError(f"{path} on {server.url}: HTTP {status} {body}")
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free server GPU memory for training (``/release_memory_occupation``)."""
+        self._post_all("/release_memory_occupation", {"tags": tags} if tags else {})
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        self._post_all("/resume_memory_occupation", {"tags": tags} if tags else {})
+
+    @contextmanager
+    def released(self, tags: list[str] | None = None):
+        """Colocated mode: servers hold no memory inside the block (train there), and get it back after."""
+        self.release_memory(tags)
+        try:
+            yield
+        finally:
+            self.resume_memory(tags)

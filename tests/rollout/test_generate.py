@@ -1,0 +1,236 @@
+"""Generation through two dev servers behind the real ``sglang_router``, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
+from sdpg_mcore.rollout.protocol import SamplingParams
+from sdpg_mcore.rollout.servers import http_json
+
+PROMPTS = [[5, 17, 42, 8], [3, 9], [100, 101, 102, 103, 104, 105], [7]]
+
+
+def make_client(servers, **kw) -> RolloutClient:
+    return RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls, **kw))
+
+
+def reference_logprobs(model_dir, prompt, output, temperature: float) -> torch.Tensor:
+    """Log-probs of ``output`` after ``prompt`` from a plain, unbatched transformers forward in fp64."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    ids = torch.tensor([prompt + output])
+    with torch.no_grad():
+        logits_LV = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    logprobs_LV = torch.log_softmax(logits_LV / temperature, dim=-1)
+    return logprobs_LV.gather(1, torch.tensor(output)[:, None])[:, 0]
+
+
+def test_batched_generation_with_logprobs(servers):
+    client = make_client(servers)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    groups = client.run(client.generate(PROMPTS, params, n=3, seed=1))
+    assert [len(g) for g in groups] == [3] * len(PROMPTS)
+    for i, group in enumerate(groups):
+        for j, sample in enumerate(group):
+            assert (sample.prompt_index, sample.sample_index) == (i, j)
+            assert sample.prompt_ids == PROMPTS[i]
+            assert len(sample.output_ids) == 6 and len(sample.rollout_logprobs) == 6
+            assert sample.finish_reason == "length" and sample.weight_version == "default"
+            assert all(lp <= 0 for lp in sample.rollout_logprobs)
+    assert client.metrics.num_requests == 12 and client.metrics.num_output_tokens == 72
+    assert client.metrics.output_tokens_per_s > 0
+    # The router spread the requests over both workers.
+    counts = [
+        http_json(f"{u}/get_server_info")[1]["internal_states"][0]["num_generate_requests"]
+        for u in servers.worker_urls
+    ]
+    assert all(c > 0 for c in counts), counts
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_match_transformers(servers, tiny_model_dir, temperature):
+    client = make_client(servers)
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, ignore_eos=True)
+    groups = client.run(client.generate(PROMPTS, params, n=2, seed=3))
+    diffs = []
+    for group in groups:
+        for s in group:
+            ref = reference_logprobs(tiny_model_dir, s.prompt_ids, s.output_ids, temperature)
+            diffs.append((torch.tensor(s.rollout_logprobs, dtype=torch.float64) - ref).abs())
+    mean_abs_diff = torch.cat(diffs).mean().item()
+    assert mean_abs_diff <= 1e-4, mean_abs_diff
+
+
+def test_same_seed_same_tokens_whatever_the_batch(servers):
+    client = make_client(servers)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+    async def runs():
+        alone = await client.generate(PROMPTS[:1], params, n=2, seed=11)
+        batched = await client.generate(PROMPTS, params, n=2, seed=11)
+        other = await client.generate(PROMPTS[:1], params, n=2, seed=12)
+        return alone, batched, other
+
+    alone, batched, other = client.run(runs())
+    assert [s.output_ids for s in alone[0]] == [s.output_ids for s in batched[0]]
+    assert [s.output_ids for s in alone[0]] != [s.output_ids for s in other[0]]
+    assert alone[0][0].output_ids != alone[0][1].output_ids  # samples of a group differ
+
+
+def test_greedy_matches_transformers_generate(servers, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    client = make_client(servers)
+    groups = client.run(
+        client.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for prompt, group in zip(PROMPTS, groups):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert group[0].output_ids == ids[len(prompt) :]
+
+
+def test_stop_token_and_stop_string(servers):
+    worker = servers.worker_urls[0]
+    body = {
+        "input_ids": PROMPTS[0],
+        "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
+    }
+    status, free = http_json(f"{worker}/generate", body)
+    assert status == 200 and isinstance(free["text"], str)
+    ids = free["output_ids"]
+    stop_id = ids[3]
+    first = ids.index(stop_id)
+    body["sampling_params"]["stop_token_ids"] = [stop_id]
+    _, out = http_json(f"{worker}/generate", body)
+    assert out["output_ids"] == ids[: first + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+    text = free["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    body["sampling_params"] = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    _, out = http_json(f"{worker}/generate", body)
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == text[: text.index(stop)] and stop not in out["text"]
+    body["sampling_params"]["no_stop_trim"] = True
+    _, out = http_json(f"{worker}/generate", body)
+    assert out["text"].endswith(stop)
+
+
+def test_text_input_and_prompt_logprobs(servers):
+    status, out = http_json(
+        f"{servers.url}/generate",
+        {
+            "text": "1+1=",
+            "sampling_params": {"max_new_tokens": 2},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        },
+    )
+    assert status == 200, out
+    entries = out["meta_info"]["input_token_logprobs"]
+    assert entries[0][0] is None and all(e[0] < 0 for e in entries[1:])
+    assert len(entries) == out["meta_info"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input_ids": []},
+        {"input_ids": [1, 2], "sampling_params": {"temperature": -1}},
+        {"input_ids": [1, 2], "sampling_params": {"top_p": 0}},
+        {"input_ids": [1, 100000]},
+        {"input_ids": "abc"},
+        {"sampling_params": {}},
+        {"input_ids": [[1], [2]], "rid": ["a"]},
+    ],
+)
+def test_malformed_requests_get_400_and_server_stays_up(servers, body):
+    worker = servers.worker_urls[1]
+    status, out = http_json(f"{worker}/generate", body)
+    assert status == 400 and "message" in out["error"], out
+    assert (
+        http_json(f"{worker}/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}})[0]
+        == 200
+    )
+
+
+def test_flush_cache_400_while_busy_is_retried(servers):
+    worker = servers.worker_urls[0]
+    client = RolloutClient(ClientConfig(url=worker))
+
+    async def scenario():
+        long = asyncio.ensure_future(
+            client.generate_raw(
+                {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 150, "ignore_eos": True}}
+            )
+        )
+        await asyncio.sleep(0.3)
+        status, _ = await client.post("/flush_cache")
+        await client.flush_cache(timeout_s=60)
+        return status, await long
+
+    status, out = client.run(scenario())
+    assert status == 400
+    assert client.metrics.num_retries >= 1
+    assert out["meta_info"]["completion_tokens"] == 150
+
+
+def test_abort_on_cancel_and_pause(servers):
+    worker = servers.worker_urls[1]
+    client = RolloutClient(ClientConfig(url=worker, deadline_s=0.5))
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    with pytest.raises(Exception, match="deadline"):
+        client.run(client.generate([[1, 2, 3]], params))
+    # The aborted request no longer occupies the server.
+    status, info = http_json(f"{worker}/get_server_info")
+    assert info["internal_states"][0]["num_in_flight"] == 0
+    # pause (abort mode) answers in-flight requests with finish_reason abort; continue resumes.
+    assert http_json(f"{worker}/pause_generation", {"mode": "in_place"})[0] == 200
+    assert http_json(f"{worker}/continue_generation", {})[0] == 200
+    status, out = http_json(
+        f"{worker}/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 2}}
+    )
+    assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_release_and_resume_memory(servers):
+    servers.release_memory(["kv_cache", "weights"])
+    try:
+        status, out = http_json(f"{servers.worker_urls[0]}/generate", {"input_ids": [1]})
+        assert status == 400 and "released" in out["error"]["message"]
+    finally:
+        servers.resume_memory(["kv_cache", "weights"])
+    assert (
+        http_json(
+            f"{servers.worker_urls[0]}/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}}
+        )[0]
+        == 200
+    )
+
+
+def test_dapo_oversampling_keeps_groups_with_reward_spread(servers):
+    client = make_client(servers)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    batches = [[[1, 2]], [[3, 4], [5, 6]], [[7, 8], [9, 10]], [[11]]]
+    # Reward 1 for an even first token; prompt [1, 2]'s group is forced constant (always 0).
+    score = lambda s: 0.0 if s.prompt_ids == [1, 2] else float(s.output_ids[0] % 2 == 0)  # noqa: E731
+    result = client.run(
+        client.generate_filtered(batches, params, score, n=6, num_groups=2, max_num_gen_batches=3, seed=5)
+    )
+    assert len(result.groups) <= 2 and result.num_gen_batches <= 3
+    for group in result.groups:
+        assert len({s.reward for s in group}) > 1
+        assert group[0].prompt_ids != [1, 2]
+    assert result.complete == (len(result.groups) == 2)
+    capped = client.run(
+        client.generate_filtered(batches, params, score, n=6, num_groups=10, max_num_gen_batches=2)
+    )
+    assert capped.num_gen_batches == 2 and not capped.complete
