@@ -1,0 +1,164 @@
+"""fused_kl_head / vocab_parallel_logprob_entropy against a naive full-softmax reference (fp64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdpg_mcore.ops import fused_kl_head, vocab_parallel_logprob_entropy
+
+F64 = torch.float64
+
+
+def naive_reference(h_s, h_t, weight, targets, vocab_size, temperature=1.0, teacher_temperature=1.0):
+    """Full [N, V] logits, full log_softmax, autograd; the teacher path is detached (no grad)."""
+    w_real = weight[:vocab_size]
+    log_p_s = torch.log_softmax((h_s @ w_real.t()) / temperature, dim=-1)
+    p_s = log_p_s.exp()
+    logprob = log_p_s.gather(1, targets.unsqueeze(1)).squeeze(1)
+    entropy = -(p_s * log_p_s).sum(-1)
+    if h_t is None:
+        kl = torch.zeros_like(entropy)
+    else:
+        with torch.no_grad():
+            log_p_t = torch.log_softmax((h_t @ w_real.t()) / teacher_temperature, dim=-1)
+        kl = (p_s * (log_p_s - log_p_t)).sum(-1)
+    return kl, logprob, entropy
+
+
+def make_case(num_tokens, hidden, vocab_size, padded_vocab, dtype=F64, seed=0, scale=1.5):
+    gen = torch.Generator().manual_seed(seed)
+    h_s = (scale * torch.randn(num_tokens, hidden, generator=gen, dtype=F64)).to(dtype).requires_grad_()
+    h_t = (scale * torch.randn(num_tokens, hidden, generator=gen, dtype=F64)).to(dtype)
+    weight = torch.randn(padded_vocab, hidden, generator=gen, dtype=F64).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab_size, (num_tokens,), generator=gen)
+    if num_tokens:
+        targets[-1] = vocab_size - 1  # the last real row, next to the padding
+    upstream = [torch.randn(num_tokens, generator=gen, dtype=F64) for _ in range(3)]
+    return h_s, h_t, weight, targets, upstream
+
+
+def values_and_grads(fn, h_s, weight, upstream):
+    outs = fn()
+    loss = sum((o.to(F64) * g).sum() for o, g in zip(outs, upstream))
+    grads = torch.autograd.grad(loss, (h_s, weight), allow_unused=True)
+    return [o.detach() for o in outs], grads
+
+
+@pytest.mark.parametrize("num_tokens,chunk_size", [(7, None), (7, 3), (7, 1), (7, 100), (1, None), (1, 1)])
+@pytest.mark.parametrize("temps", [(1.0, 1.0), (0.7, 1.3)])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_matches_naive_reference(num_tokens, chunk_size, temps, with_teacher):
+    vocab, padded = 11, 16
+    h_s, h_t, weight, targets, upstream = make_case(num_tokens, 5, vocab, padded)
+    teacher = h_t if with_teacher else None
+    t_s, t_t = temps
+    got, got_grads = values_and_grads(
+        lambda: fused_kl_head(
+            h_s, teacher, weight, targets, vocab_size=vocab, temperature=t_s,
+            teacher_temperature=t_t, chunk_size=chunk_size,
+        ),
+        h_s, weight, upstream,
+    )  # fmt: skip
+    want, want_grads = values_and_grads(
+        lambda: naive_reference(h_s, teacher, weight, targets, vocab, t_s, t_t), h_s, weight, upstream
+    )
+    for g, w in zip(got, want):
+        assert g.dtype == F64 and g.shape == (num_tokens,)
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
+    assert torch.all(got_grads[1][vocab:] == 0)  # padded rows never get a gradient
+    if with_teacher:
+        assert torch.all(got[0] > 0)  # two different distributions: KL strictly positive
+
+
+def test_kl_of_identical_distributions_is_zero():
+    h_s, _, weight, targets, _ = make_case(6, 4, 9, 12)
+    kl, _, _ = fused_kl_head(
+        h_s, h_s.detach(), weight, targets, vocab_size=9, temperature=0.5, teacher_temperature=0.5
+    )
+    torch.testing.assert_close(kl, torch.zeros_like(kl), atol=1e-14, rtol=0)
+
+
+def test_gradcheck_hidden_with_teacher():
+    h_s, h_t, weight, targets, _ = make_case(5, 3, 7, 9)
+    fn = lambda h: fused_kl_head(  # noqa: E731
+        h, h_t, weight.detach(), targets, vocab_size=7, temperature=0.8, teacher_temperature=1.7, chunk_size=2
+    )
+    assert torch.autograd.gradcheck(fn, (h_s,))
+
+
+def test_gradcheck_hidden_and_weight_student_only():
+    h_s, _, weight, targets, _ = make_case(4, 3, 7, 9)
+    fn = lambda h, w: vocab_parallel_logprob_entropy(
+        h, w, targets, vocab_size=7, temperature=0.6, chunk_size=3
+    )  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h_s, weight))
+
+
+def test_partial_use_of_outputs_and_frozen_weight():
+    h_s, h_t, weight, targets, _ = make_case(6, 4, 10, 10)
+    kl, _, _ = fused_kl_head(h_s, h_t, weight, targets, vocab_size=10, chunk_size=4)
+    (grad_h,) = torch.autograd.grad(kl.sum(), (h_s,))
+    want, _, _ = naive_reference(h_s, h_t, weight, targets, 10)
+    (want_h,) = torch.autograd.grad(want.sum(), (h_s,))
+    torch.testing.assert_close(grad_h, want_h, rtol=1e-11, atol=1e-12)
+
+    frozen = weight.detach()
+    h_t_grad = h_t.clone().requires_grad_()
+    _, logprob, entropy = fused_kl_head(h_s, h_t_grad, frozen, targets, vocab_size=10)
+    (logprob + entropy).sum().backward()
+    assert h_s.grad is not None and h_t_grad.grad is None  # the teacher never gets a gradient
+
+
+def test_empty_batch():
+    h_s, h_t, weight, targets, _ = make_case(0, 4, 10, 12)
+    kl, logprob, entropy = fused_kl_head(h_s, h_t, weight, targets, vocab_size=10)
+    assert kl.shape == logprob.shape == entropy.shape == (0,)
+    (kl.sum() + logprob.sum() + entropy.sum()).backward()
+    assert h_s.grad.shape == (0, 4) and torch.all(weight.grad == 0)
+
+
+def test_bf16_accumulates_in_fp32():
+    """bf16 inputs: fp32 outputs near the fp64 reference, closer than a pure-bf16 computation."""
+    vocab, hidden, num_tokens = 3000, 64, 24
+    h_s, h_t, weight, targets, _ = make_case(
+        num_tokens, hidden, vocab, vocab, dtype=torch.bfloat16, scale=0.6
+    )
+    kl, logprob, entropy = fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, chunk_size=10)
+    assert kl.dtype == logprob.dtype == entropy.dtype == torch.float32
+    exact = naive_reference(h_s.double(), h_t.double(), weight.double(), targets, vocab)
+    with torch.no_grad():  # the reference implementation's precision: bf16 logits and bf16 softmax math
+        log_p_s = torch.log_softmax(h_s @ weight.t(), dim=-1)
+        log_p_t = torch.log_softmax(h_t @ weight.t(), dim=-1)
+        p_s = log_p_s.exp()
+        bf16 = (
+            (p_s * (log_p_s - log_p_t)).sum(-1),
+            log_p_s.gather(1, targets[:, None])[:, 0],
+            -(p_s * log_p_s).sum(-1),
+        )
+    for fused, pure, ref in zip((kl, logprob, entropy), bf16, exact):
+        err_fused = (fused.double() - ref).abs().max().item()
+        err_bf16 = (pure.double() - ref).abs().max().item()
+        assert err_fused < 1e-4 * max(1.0, ref.abs().max().item())
+        assert err_fused < err_bf16 / 10
+    (kl.sum() + logprob.sum()).backward()
+    assert h_s.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(h_s.grad.float()).all() and torch.isfinite(weight.grad.float()).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"vocab_size": 20}, "vocab_size"),
+        ({"vocab_size": 10, "temperature": 0.0}, "temperature"),
+        ({"vocab_size": 10, "chunk_size": 0}, "chunk_size"),
+        ({"vocab_size": 5}, "targets"),
+    ],
+)
+def test_user_errors(kwargs, match):
+    h_s, h_t, weight, targets, _ = make_case(6, 4, 10, 12)
+    targets[0] = 9
+    with pytest.raises(ValueError, match=match):
+        fused_kl_head(h_s, h_t, weight, targets, **kwargs)
