@@ -83,17 +83,28 @@ def test_kl_of_identical_distributions_is_zero():
 
 def test_gradcheck_hidden_with_teacher():
     h_s, h_t, weight, targets, _ = make_case(5, 3, 7, 9)
-    fn = lambda h: fused_kl_head(  # noqa: E731
-        h, h_t, weight.detach(), targets, vocab_size=7, temperature=0.8, teacher_temperature=1.7, chunk_size=2
-    )
+
+    def fn(h):
+        return fused_kl_head(
+            h,
+            h_t,
+            weight.detach(),
+            targets,
+            vocab_size=7,
+            temperature=0.8,
+            teacher_temperature=1.7,
+            chunk_size=2,
+        )
+
     assert torch.autograd.gradcheck(fn, (h_s,))
 
 
 def test_gradcheck_hidden_and_weight_student_only():
     h_s, _, weight, targets, _ = make_case(4, 3, 7, 9)
-    fn = lambda h, w: vocab_parallel_logprob_entropy(
-        h, w, targets, vocab_size=7, temperature=0.6, chunk_size=3
-    )  # noqa: E731
+
+    def fn(h, w):
+        return vocab_parallel_logprob_entropy(h, w, targets, vocab_size=7, temperature=0.6, chunk_size=3)
+
     assert torch.autograd.gradcheck(fn, (h_s, weight))
 
 

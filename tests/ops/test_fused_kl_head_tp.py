@@ -59,7 +59,7 @@ def test_tensor_parallel_matches_single_rank(tp_size, use_new_group):
     by_rank = spawn_ranks(_run, tp_size, args=(use_new_group,), timeout_s=120)
     by_rank = [[tuple(torch.from_numpy(a) for a in case) for case in results] for results in by_rank]
     for case, (outs, grad_h, grad_w) in enumerate(expected):
-        for rank, results in enumerate(by_rank):
+        for _rank, results in enumerate(by_rank):
             r_outs, r_grad_h, r_grad_w = results[case]
             torch.testing.assert_close(r_outs, outs, rtol=0, atol=1e-10)
             torch.testing.assert_close(r_grad_h, grad_h, rtol=0, atol=1e-10)
