@@ -472,7 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     engine = HFEngine(args.model_path, seed=args.random_seed)
     server = DevServer(engine, host=args.host, port=args.port, max_batch_size=args.max_running_requests)
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
-    web.run_app(server.make_app(), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(
+        server.make_app(), host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=2.0
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ def start_servers(model_dir, log_dir, num_servers=2, **overrides) -> RolloutServ
     return RolloutServers(config).start()
 
 
+@pytest.fixture(scope="session")
+def server_factory():
+    """``start_servers(model_dir, log_dir, num_servers=2, **ServerConfig overrides)`` for modules that need their own."""
+    return start_servers
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, tmp_path_factory):
     """Two dev servers behind ``sglang_router`` (started once per test module)."""

@@ -1,0 +1,182 @@
+"""Weight sync to live dev servers: by disk and by bucketed broadcast, from HF tensors and from a TP2xPP2 Megatron model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sdpg_mcore.models.tiny import save_tiny_hf_model
+from sdpg_mcore.parallel.spawn import find_free_port, spawn_ranks
+from sdpg_mcore.rollout.servers import http_json
+from sdpg_mcore.rollout.weight_sync import (
+    DiskWeightSync,
+    DistributedWeightSync,
+    WeightSyncError,
+    check_weight_versions,
+    iter_buckets,
+)
+
+PROMPTS = [[5, 17, 42, 8], [3, 9, 11], [100, 101]]
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def sync_servers(tiny_model_dir, tmp_path_factory, server_factory):
+    """Two dev servers of their own (these tests overwrite weights), no router: syncs address workers."""
+    group = server_factory(tiny_model_dir, tmp_path_factory.mktemp("sync_logs"), router=False)
+    yield group
+    group.stop()
+
+
+def hf_greedy(model_dir) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    for prompt in PROMPTS:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        outs.append(ids[len(prompt) :])
+    return outs
+
+
+def server_greedy(urls) -> list[list[list[int]]]:
+    """Greedy outputs of every server for ``PROMPTS`` (one batched request per server)."""
+    body = {
+        "input_ids": PROMPTS,
+        "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+    }
+    outs = []
+    for url in urls:
+        status, out = http_json(f"{url}/generate", body, timeout_s=60)
+        assert status == 200, out
+        outs.append([o["output_ids"] for o in out])
+    return outs
+
+
+def hf_tensors(model_dir):
+    from safetensors.torch import load_file
+
+    return list(load_file(str(model_dir / "model.safetensors")).items())
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other_models")
+    return {seed: save_tiny_hf_model(root / f"seed{seed}", arch="qwen3", seed=seed) for seed in (1, 2, 3)}
+
+
+def test_iter_buckets_respects_size_and_dtype():
+    tensors = [(f"t{i}", torch.zeros(10, dtype=torch.float32 if i % 3 else torch.bfloat16)) for i in range(9)]
+    buckets = list(iter_buckets(tensors, bucket_bytes=100))
+    assert sorted(n for b in buckets for n, _ in b) == sorted(n for n, _ in tensors)
+    for bucket in buckets:
+        assert len({t.dtype for _, t in bucket}) == 1
+        assert sum(t.numel() * t.element_size() for _, t in bucket) <= 100 or len(bucket) == 1
+    assert [len(b) for b in iter_buckets(tensors, bucket_bytes=0)] == [1] * 9
+    assert len(list(iter_buckets(tensors, bucket_bytes=1 << 20))) == 2  # one per dtype
+
+
+def test_disk_sync(sync_servers, other_models, tmp_path):
+    sync = DiskWeightSync(sync_servers.worker_urls, tmp_path / "shared", hf_config_dir=other_models[1])
+    stats = sync.push(hf_tensors(other_models[1]), "disk-1")
+    assert stats.num_bytes > 0
+    check_weight_versions(sync_servers.worker_urls, "disk-1")
+    expected = hf_greedy(other_models[1])
+    assert server_greedy(sync_servers.worker_urls) == [expected, expected]
+    assert (tmp_path / "shared" / "weights-disk-1" / "config.json").is_file()
+    assert not list((tmp_path / "shared").glob(".staging-*"))
+
+
+@pytest.mark.parametrize(("bucket_bytes", "flatten"), [(64 << 10, True), (0, False)])
+def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten):
+    seed = 2 if flatten else 3
+    tensors = hf_tensors(other_models[seed])
+    sync = DistributedWeightSync(
+        sync_servers.worker_urls, master_port=find_free_port(), bucket_bytes=bucket_bytes, flatten=flatten
+    )
+    try:
+        stats = sync.push(tensors, f"dist-{seed}")
+    finally:
+        sync.close()
+    assert stats.num_tensors == len(tensors)
+    if flatten:
+        assert 1 < stats.num_requests < len(tensors)  # one request per bucket, not per tensor
+    else:
+        assert stats.num_requests == len(tensors)
+    check_weight_versions(sync_servers.worker_urls, f"dist-{seed}")
+    expected = hf_greedy(other_models[seed])
+    assert server_greedy(sync_servers.worker_urls) == [expected, expected]
+
+
+def test_rejected_bucket_fails_fast_not_at_the_timeout(sync_servers):
+    sync = DistributedWeightSync(sync_servers.worker_urls, master_port=find_free_port(), timeout_s=120)
+    sync.connect()
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="unknown weight name"):
+        sync.push([("model.not_a_weight", torch.zeros(4)), ("model.norm.weight", torch.ones(64))], "bad")
+    assert time.monotonic() - start < 30
+    sync._pool.shutdown(wait=False)
+    status, out = http_json(
+        f"{sync_servers.worker_urls[0]}/update_weights_from_disk", {"model_path": "/nonexistent"}
+    )
+    assert status == 400 and out["success"] is False
+
+
+def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir, port):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from checkpoints_convert.model_io import iter_hf_tensors, load_hf_into_model
+    from sdpg_mcore.models.builder import build_gpt_model
+    from sdpg_mcore.parallel import state
+
+    state.initialize_model_parallel(tp=2, pp=2)
+    model = build_gpt_model(dir_a)
+    stage, is_source = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank() == 0
+    results = {}
+
+    load_hf_into_model([model], dir_a)
+    disk = DiskWeightSync(urls, shared_dir, hf_config_dir=dir_a)
+    disk.write_stage(iter_hf_tensors([model], dir_a), "mcore-disk", stage=stage, is_source=is_source)
+    dist.barrier()
+    if rank == 0:
+        disk.commit("mcore-disk")
+        results["disk"] = server_greedy(urls)
+    dist.barrier()
+
+    load_hf_into_model([model], dir_b)
+    sync = DistributedWeightSync(urls, master_port=port, stage=stage, bucket_bytes=32 << 10)
+    stats = sync.push(iter_hf_tensors([model], dir_b), None, is_source=is_source)
+    dist.barrier()
+    if rank == 0:
+        sync.set_version("mcore-dist")
+        check_weight_versions(urls, "mcore-dist")
+        results["dist"] = server_greedy(urls)
+    dist.barrier()
+    if is_source:
+        sync.close()
+    results["num_requests"] = stats.num_requests
+    state.destroy()
+    return results
+
+
+@pytest.mark.slow  # ~70 s on 2 busy cores: four Megatron ranks plus two servers
+def test_sync_from_tp2_pp2_megatron_model(sync_servers, other_models, tmp_path):
+    urls = sync_servers.worker_urls
+    results = spawn_ranks(
+        _megatron_sync,
+        4,
+        args=(str(other_models[1]), str(other_models[2]), urls, str(tmp_path / "shared"), find_free_port()),
+        timeout_s=300,
+    )
+    expected_a, expected_b = hf_greedy(other_models[1]), hf_greedy(other_models[2])
+    assert expected_a != expected_b
+    assert results[0]["disk"] == [expected_a, expected_a]
+    assert results[0]["dist"] == [expected_b, expected_b]
+    assert results[0]["num_requests"] > 0 and results[2]["num_requests"] > 0  # both stage sources sent
+    assert results[1]["num_requests"] == 0 and results[3]["num_requests"] == 0  # TP rank 1 only iterates
