@@ -1,0 +1,78 @@
+"""Reward registry, user functions from files, and the errors for ones that do not import."""
+
+import pytest
+
+from sdpg_mcore.rewards import (
+    RewardFunctionError,
+    compute_score,
+    load_reward_fn,
+    register_reward,
+    registered_rewards,
+    resolve_reward_fn,
+    reward_fn_for,
+)
+from sdpg_mcore.rewards.registry import as_score_dict
+
+
+def test_dispatch_exact_prefix_default():
+    calls = []
+
+    def custom(data_source, solution_str, ground_truth, extra_info=None):
+        calls.append((data_source, extra_info))
+        return 0.25
+
+    register_reward("unit_test_source", custom)
+    register_reward("unit_test_prefix", custom, prefix=True)
+    assert compute_score("unit_test_source", "x", "y", {"k": 1}) == 0.25
+    assert compute_score("unit_test_prefix_v2", "x", "y") == 0.25
+    assert calls == [("unit_test_source", {"k": 1}), ("unit_test_prefix_v2", None)]
+    assert reward_fn_for("never_registered") is resolve_reward_fn("math")
+    assert "unit_test_prefix*" in registered_rewards() and "math_strict" in registered_rewards()
+    assert resolve_reward_fn(None) is compute_score and resolve_reward_fn("auto") is compute_score
+
+
+def test_load_from_file_and_module(tmp_path):
+    path = tmp_path / "rw.py"
+    path.write_text("def f(data_source, solution_str, ground_truth, extra_info=None):\n    return 1\nX = 3\n")
+    fn = load_reward_fn(f"{path}:f")
+    assert fn("d", "s", "g") == 1
+    assert resolve_reward_fn(f"{path}:f") is fn  # the module is loaded once
+    assert (
+        load_reward_fn("sdpg_mcore.rewards.math_dapo:strict_compute_score")("m", "\\boxed{1}", "1")["score"]
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "spec_tail", "problem"),
+    [
+        (None, "missing.py:f", "does not exist"),
+        ("def f(:\n", "rw.py:f", "importing .* failed with SyntaxError"),
+        ("import not_a_module_xyz\n", "rw.py:f", "failed with ModuleNotFoundError"),
+        ("def g(): pass\n", "rw.py:f", r"has no function 'f'; found \['g'\]"),
+        ("f = 3\n", "rw.py:f", "'f' is a int, not a function"),
+        ("", "rw.py", "expected 'path/to/file.py:function_name'"),
+    ],
+)
+def test_bad_user_functions_are_named(tmp_path, content, spec_tail, problem):
+    if content is not None:
+        (tmp_path / "rw.py").write_text(content)
+    spec = f"{tmp_path}/{spec_tail}"
+    with pytest.raises(RewardFunctionError, match=problem):
+        resolve_reward_fn(spec) if ":" in spec_tail else load_reward_fn(spec)
+
+
+def test_unknown_names_and_modules():
+    with pytest.raises(RewardFunctionError, match="not a registered name"):
+        resolve_reward_fn("no_such_scorer")
+    with pytest.raises(RewardFunctionError, match="importing module 'no_such_pkg_xyz' failed"):
+        load_reward_fn("no_such_pkg_xyz:f")
+
+
+def test_return_values_are_checked():
+    assert as_score_dict(True) == {"score": 1.0}
+    assert as_score_dict({"score": 1, "acc": True}) == {"score": 1.0, "acc": True}
+    with pytest.raises(RewardFunctionError, match="without 'score'"):
+        as_score_dict({"acc": True})
+    with pytest.raises(RewardFunctionError, match="returned str"):
+        as_score_dict("1")
