@@ -34,7 +34,7 @@ def _dp_worker(rank, world_size):
         loss, grad, metrics = run_mini_batch(
             name, cfg, batch, RANK_SEQS[rank], dp_size=world_size, mini_batch_rows=4
         )
-        results.append((loss, grad, metrics))
+        results.append((loss, grad.tolist(), metrics))  # plain lists: tensors through the queue race the exit
     return results
 
 
@@ -44,6 +44,7 @@ def test_dp2_matches_single_process():
     for i, (name, cfg) in enumerate(_cfgs()):
         loss_0, grad_0, m_0 = ranks[0][i]
         loss_1, grad_1, m_1 = ranks[1][i]
+        grad_0, grad_1 = torch.tensor(grad_0, dtype=torch.float64), torch.tensor(grad_1, dtype=torch.float64)
         assert loss_0 == loss_1 and torch.equal(grad_0, grad_1) and m_0 == pytest.approx(m_1, nan_ok=True)
         if cfg.loss_agg_mode == "token-mean-legacy":
             # the reference's rule: each GPU's own (split-dependent) loss, averaged over the GPUs
