@@ -1,0 +1,234 @@
+"""tools/prepare_data.py: raw and synthetic data in the record format, loaded back by the trainer's loader."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sdpg_mcore.data import TEACHER_CONTEXT_TOKEN, PromptConfig, load_prompt_dataset
+from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
+from sdpg_mcore.rewards import compute_score
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import prepare_data as pd_tool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer("qwen")
+
+
+def run(argv, capsys):
+    code = pd_tool.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_synthetic_arithmetic_loads_back_and_fits_the_tiny_model(tmp_path, capsys, tokenizer):
+    code, out, _ = run(
+        [
+            "--synthetic",
+            "arithmetic",
+            "--out",
+            str(tmp_path),
+            "--num-train",
+            "40",
+            "--num-test",
+            "8",
+            "--num-operands",
+            "3",
+            "--max-digits",
+            "2",
+            "--operators",
+            "+-*",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["splits"]["train"]["records"] == 40 and summary["splits"]["test"]["records"] == 8
+    train = load_prompt_dataset(tmp_path / "train.parquet", tokenizer, PromptConfig(max_prompt_length=200))
+    assert len(train) == 40 and train.stats.num_filtered == 0
+    for i in range(len(train)):
+        sample = train[i]
+        question = sample.extra_info["question"]
+        # The answer is the true value of the expression (with * before +/-).
+        assert sample.ground_truth == str(eval(question.removeprefix("What is ").removesuffix("?")))
+        student, teacher = tokenizer.decode(sample.student_ids), tokenizer.decode(sample.teacher_ids)
+        assert question in student and "correct answer" not in student
+        assert f"The correct answer to this problem is: {sample.ground_truth}\n" in teacher
+        assert len(question.split()) == 2 + 2 * 3 - 1
+        # A correct boxed response scores +1 with the default reward for this data_source.
+        assert (
+            compute_score(sample.data_source, f"\\boxed{{{sample.ground_truth}}}", sample.ground_truth)[
+                "score"
+            ]
+            == 1
+        )
+    assert max(train.teacher_lengths()) < 200  # tiny models have 256 positions
+    # Same seed, same data; another seed, other data.
+    run(
+        [
+            "--synthetic",
+            "arithmetic",
+            "--out",
+            str(tmp_path / "again"),
+            "--num-train",
+            "40",
+            "--num-test",
+            "8",
+            "--num-operands",
+            "3",
+            "--max-digits",
+            "2",
+            "--operators",
+            "+-*",
+        ],
+        capsys,
+    )
+    assert pd.read_parquet(tmp_path / "again" / "train.parquet").equals(
+        pd.read_parquet(tmp_path / "train.parquet")
+    )
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet"])
+def test_raw_files_with_custom_columns_and_split(tmp_path, capsys, tokenizer, suffix):
+    frame = pd.DataFrame(
+        {"problem": [f"Compute {i} + {i}." for i in range(10)], "final": [2 * i for i in range(10)]}
+    )
+    raw = tmp_path / f"raw.{suffix}"
+    {
+        "csv": lambda: frame.to_csv(raw, index=False),
+        "jsonl": lambda: frame.to_json(raw, orient="records", lines=True),
+        "parquet": lambda: frame.to_parquet(raw),
+    }[suffix]()
+    code, out, _ = run(
+        [
+            "--input",
+            str(raw),
+            "--question-key",
+            "problem",
+            "--answer-key",
+            "final",
+            "--test-size",
+            "0.2",
+            "--out",
+            str(tmp_path / "out"),
+            "--format",
+            "jsonl",
+            "--data-source",
+            "my_math",
+            "--instruction-template",
+            "Q: {question}",
+            "--context-separator",
+            " ",
+            "--context-template",
+            "Hint: {answer}",
+            "--system-prompt",
+            "Be exact.",
+        ],
+        capsys,
+    )
+    assert code == 0 and "train" in out and "test" in out  # the table
+    train = load_prompt_dataset(tmp_path / "out" / "train.jsonl", tokenizer, PromptConfig())
+    test = load_prompt_dataset(tmp_path / "out" / "test.jsonl", tokenizer, PromptConfig())
+    assert len(train) == 8 and len(test) == 2
+    questions = {train[i].extra_info["question"] for i in range(8)} | {
+        test[i].extra_info["question"] for i in range(2)
+    }
+    assert questions == set(frame["problem"])
+    record = json.loads((tmp_path / "out" / "train.jsonl").read_text().splitlines()[0])
+    q, a = record["extra_info"]["question"], record["extra_info"]["answer"]
+    assert record["prompt"] == [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": f"Q: {q}{TEACHER_CONTEXT_TOKEN} Hint: {a}"},
+    ]
+    assert record["data_source"] == "my_math" and record["reward_model"]["ground_truth"] == a == str(int(a))
+
+
+def test_no_teacher_context_and_boxed_extraction(tmp_path, capsys, tokenizer):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(
+        "".join(
+            json.dumps({"question": f"q{i}", "answer": f"so \\boxed{{\\frac{{{i}}}{{2}}}}"}) + "\n"
+            for i in range(3)
+        )
+    )
+    code, _, _ = run(
+        [
+            "--input",
+            str(raw),
+            "--extract-boxed-answer",
+            "--no-teacher-context",
+            "--out",
+            str(tmp_path),
+            "--no-shuffle",
+        ],
+        capsys,
+    )
+    assert code == 0
+    frame = pd.read_parquet(tmp_path / "train.parquet")
+    assert [r["ground_truth"] for r in frame["reward_model"]] == [
+        "\\frac{0}{2}",
+        "\\frac{1}{2}",
+        "\\frac{2}{2}",
+    ]
+    assert not any(TEACHER_CONTEXT_TOKEN in p[0]["content"] for p in frame["prompt"])
+    ds = load_prompt_dataset(
+        tmp_path / "train.parquet", tokenizer, PromptConfig(missing_sentinel="no_teacher_context")
+    )
+    assert ds[1].student_ids == ds[1].teacher_ids and ds.stats.num_without_teacher_context == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "problem"),
+    [
+        ("question,answer\nq1,1\nq2,\n", [], r"raw.csv, record 1, field 'answer': empty answer"),
+        ("question,answer\n,1\n", [], r"raw.csv, record 0, field 'question': empty question"),
+        ("q,answer\nx,1\n", [], r"raw.csv, field 'question': missing column; found \['q', 'answer'\]"),
+        ("question,answer\nq,1\n", ["--instruction-template", "no placeholder"], "must contain {question}"),
+        ("question,answer\nq,1\n", ["--context-template", "{ans}"], "--context-template: only {answer}"),
+        ("question,answer\nq,1\n", ["--test-size", "1"], "leaves no training rows"),
+    ],
+)
+def test_bad_input_is_reported_with_file_record_and_field(tmp_path, capsys, content, args, problem):
+    raw = tmp_path / "raw.csv"
+    raw.write_text(content)
+    code, _, err = run(["--input", str(raw), "--out", str(tmp_path / "o"), *args], capsys)
+    assert code == 2
+    assert __import__("re").search(problem, err), err
+
+
+def test_unreadable_and_missing_files(tmp_path, capsys):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    code, _, err = run(["--input", str(tmp_path / "bad.parquet"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "bad.parquet: unreadable" in err
+    code, _, err = run(["--input", str(tmp_path / "none.csv"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "none.csv: file does not exist" in err
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    code, out, _ = run(["--synthetic", "arithmetic", "--out", str(tmp_path / "d"), "--dry-run"], capsys)
+    assert code == 0 and "dry run" in out and not (tmp_path / "d").exists()
+
+
+def test_help_documents_every_option():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    parser = pd_tool.build_parser()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+    with pytest.raises(SystemExit):
+        pd_tool.main(["--out", "x"])  # neither --input nor --synthetic
