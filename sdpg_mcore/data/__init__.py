@@ -6,55 +6,56 @@ See SDPG.md §4. The trainer's entry points:
     sampler = PromptSampler(len(dataset), batch_size=128, seed=0)
     prompts = dataset.batch(sampler.next_batch())          # list[PromptSample]
     groups = split_into_micro_batches(lengths, max_tokens)  # then pack_sequences(...) per group
+
+Names are imported lazily (PEP 562) so that ``sdpg_mcore.data.records`` — all a CLI's ``--help``
+needs — does not pull in torch and ``datasets``.
 """
 
-from sdpg_mcore.data.loading import load_record_file, load_records
-from sdpg_mcore.data.packing import (
-    PackedBatch,
-    PaddedBatch,
-    pack_sequences,
-    pad_batch,
-    split_into_micro_batches,
-    unpack_response,
-)
-from sdpg_mcore.data.prompts import (
-    PromptConfig,
-    PromptDataset,
-    PromptStats,
-    build_prompt_samples,
-    load_prompt_dataset,
-    render_prompt,
-)
-from sdpg_mcore.data.records import (
-    REFERENCE_CONTEXT_TEMPLATE,
-    TEACHER_CONTEXT_TOKEN,
-    DataError,
-    PromptSample,
-    RolloutSample,
-    split_teacher_context,
-)
-from sdpg_mcore.data.sampler import PromptSampler
+from __future__ import annotations
 
-__all__ = [
-    "REFERENCE_CONTEXT_TEMPLATE",
-    "TEACHER_CONTEXT_TOKEN",
-    "DataError",
-    "PackedBatch",
-    "PaddedBatch",
-    "PromptConfig",
-    "PromptDataset",
-    "PromptSample",
-    "PromptSampler",
-    "PromptStats",
-    "RolloutSample",
-    "build_prompt_samples",
-    "load_prompt_dataset",
-    "load_record_file",
-    "load_records",
-    "pack_sequences",
-    "pad_batch",
-    "render_prompt",
-    "split_into_micro_batches",
-    "split_teacher_context",
-    "unpack_response",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "sdpg_mcore.data.loading": ["load_record_file", "load_records"],
+    "sdpg_mcore.data.packing": [
+        "PackedBatch",
+        "PaddedBatch",
+        "pack_sequences",
+        "pad_batch",
+        "split_into_micro_batches",
+        "unpack_response",
+    ],
+    "sdpg_mcore.data.prompts": [
+        "PromptConfig",
+        "PromptDataset",
+        "PromptStats",
+        "build_prompt_samples",
+        "load_prompt_dataset",
+        "render_prompt",
+    ],
+    "sdpg_mcore.data.records": [
+        "REFERENCE_CONTEXT_TEMPLATE",
+        "TEACHER_CONTEXT_TOKEN",
+        "DataError",
+        "PromptSample",
+        "RolloutSample",
+        "split_teacher_context",
+    ],
+    "sdpg_mcore.data.sampler": ["PromptSampler"],
+    "sdpg_mcore.data.tiny_tokenizer": ["build_tiny_tokenizer", "save_tiny_tokenizer"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'sdpg_mcore.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
