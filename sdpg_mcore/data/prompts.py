@@ -45,8 +45,13 @@ class PromptConfig:
     """Longest student prompt, in tokens (after the chat template)."""
     max_teacher_prompt_length: int | None = None
     """Longest teacher prompt; None means ``max_prompt_length`` (the reference uses one limit)."""
-    overlong: Literal["filter", "truncate", "error"] = "filter"
-    """Over-long prompts: drop the record, cut (student from the left, teacher from the right), or raise."""
+    overlong: Literal["filter", "truncate", "error"] = "truncate"
+    """Over-long prompts: cut (student from the left, teacher from the right: the reference), drop, or raise."""
+    prompt_key: str = "prompt"
+    """Column holding the chat message list."""
+    apply_chat_template: bool = True
+    """False renders messages as their contents joined by newlines, encoded with the tokenizer's own
+    special tokens (for base models without a chat template)."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra ``apply_chat_template`` kwargs, e.g. ``{"enable_thinking": True}`` for Qwen3."""
     system_prompt: str | None = None
@@ -95,19 +100,28 @@ class PromptStats:
 
 
 def render_prompt(
-    tokenizer, messages: Messages, chat_template_kwargs: Mapping[str, Any] | None = None
+    tokenizer,
+    messages: Messages,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    apply_chat_template: bool = True,
 ) -> list[int]:
-    """Chat-template ``messages`` with a generation prompt and encode without extra special tokens."""
+    """Chat-template ``messages`` with a generation prompt and encode without extra special tokens.
+
+    With ``apply_chat_template=False`` the contents are joined by newlines and encoded with the
+    tokenizer's own special tokens (BOS for Llama), for base models without a template.
+    """
+    if not apply_chat_template:
+        return list(tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False, **dict(chat_template_kwargs or {})
     )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _with_system(messages: Messages, system_prompt: str | None) -> Messages:
-    if system_prompt is None or (messages and messages[0].get("role") == "system"):
-        return messages
-    return [{"role": "system", "content": system_prompt}, *messages]
+def _render(tokenizer, messages: Messages, config: PromptConfig) -> list[int]:
+    if config.system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": config.system_prompt}, *messages]
+    return render_prompt(tokenizer, messages, config.chat_template_kwargs, config.apply_chat_template)
 
 
 class PromptDataset:
@@ -174,7 +188,7 @@ def _apply_length_policy(
         raise DataError(
             source,
             row,
-            "prompt",
+            config.prompt_key,
             f"{which} prompt has {len(student) if over_s else len(teacher)} tokens > limit "
             f"{config.max_prompt_length if over_s else config.teacher_limit}; raise max_prompt_length or set "
             "overlong to 'filter' or 'truncate'",
@@ -202,18 +216,15 @@ def build_prompt_samples(
             raise DataError(source, row, "data_source", f"missing or not a string ({data_source!r})")
         truth = ground_truth_of(record, source, row)
         student_msgs, teacher_msgs, has_context = split_record(
-            record, source, row, sentinel=config.sentinel, missing_sentinel=config.missing_sentinel
+            record,
+            source,
+            row,
+            sentinel=config.sentinel,
+            missing_sentinel=config.missing_sentinel,
+            prompt_key=config.prompt_key,
         )
-        student_ids = render_prompt(
-            tokenizer, _with_system(student_msgs, config.system_prompt), config.chat_template_kwargs
-        )
-        teacher_ids = (
-            render_prompt(
-                tokenizer, _with_system(teacher_msgs, config.system_prompt), config.chat_template_kwargs
-            )
-            if has_context
-            else list(student_ids)
-        )
+        student_ids = _render(tokenizer, student_msgs, config)
+        teacher_ids = _render(tokenizer, teacher_msgs, config) if has_context else list(student_ids)
         kept = _apply_length_policy(student_ids, teacher_ids, config, stats, source, row)
         if kept is None:
             continue
@@ -259,10 +270,8 @@ def load_prompt_dataset(
     stats = PromptStats()
     first_index = 0
     for path in as_path_list(paths):
-        required = (
-            ("prompt", "reward_model")
-            if config.default_data_source
-            else ("prompt", "reward_model", "data_source")
+        required = (config.prompt_key, "reward_model") + (
+            () if config.default_data_source else ("data_source",)
         )
         records = load_record_file(path, split, required=required)
         part, part_stats = build_prompt_samples(records, tokenizer, config, str(path), first_index)

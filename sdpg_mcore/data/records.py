@@ -117,28 +117,26 @@ def split_teacher_context(
     return [dict(copy.deepcopy(m)) for m in messages], None
 
 
-def validate_messages(prompt: Any, source: str, index: int) -> Messages:
+def validate_messages(prompt: Any, source: str, index: int, key: str = "prompt") -> Messages:
     """Check that ``prompt`` is a chat message list (a bare string becomes one user message)."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, str)) or len(prompt) == 0:
-        raise DataError(
-            source, index, "prompt", f"expected a non-empty list of chat messages, got {prompt!r:.80}"
-        )
+        raise DataError(source, index, key, f"expected a non-empty list of chat messages, got {prompt!r:.80}")
     out: Messages = []
     for j, message in enumerate(prompt):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise DataError(
                 source,
                 index,
-                f"prompt[{j}]",
+                f"{key}[{j}]",
                 f"expected a {{'role': ..., 'content': ...}} dict, got {message!r:.80}",
             )
         if not isinstance(message["content"], str):
             raise DataError(
                 source,
                 index,
-                f"prompt[{j}].content",
+                f"{key}[{j}].content",
                 f"expected a string, got {type(message['content']).__name__}",
             )
         out.append(dict(message))
@@ -172,16 +170,17 @@ def split_record(
     *,
     sentinel: str = TEACHER_CONTEXT_TOKEN,
     missing_sentinel: SentinelFallback = "error",
+    prompt_key: str = "prompt",
 ) -> tuple[Messages, Messages, bool]:
     """Validate a record's prompt and split it; returns ``(student, teacher, has_teacher_context)``."""
-    messages = validate_messages(record.get("prompt"), source, index)
+    messages = validate_messages(record.get(prompt_key), source, index, prompt_key)
     student, teacher = split_teacher_context(messages, sentinel)
     if teacher is None:
         if missing_sentinel == "error":
             raise DataError(
                 source,
                 index,
-                "prompt",
+                prompt_key,
                 f"no message contains the sentinel {sentinel!r}; add the teacher context after it "
                 "(tools/prepare_data.py does), or set missing_sentinel='no_teacher_context' for data "
                 "without context (grpo/dapo)",

@@ -20,6 +20,7 @@ from sdpg_mcore.rewards.pool import TaskResult, TimeoutPool
 from sdpg_mcore.rewards.registry import (
     RewardFunctionError,
     compute_score,
+    compute_score_strict,
     load_reward_fn,
     register_reward,
     registered_rewards,
@@ -38,6 +39,7 @@ __all__ = [
     "TimeoutPool",
     "clean_answer",
     "compute_score",
+    "compute_score_strict",
     "extract_answer",
     "last_boxed",
     "load_reward_fn",

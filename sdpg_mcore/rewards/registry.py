@@ -45,14 +45,17 @@ def registered_rewards() -> list[str]:
     return sorted(_BY_NAME) + sorted(f"{p}*" for p in _BY_PREFIX)
 
 
-def reward_fn_for(data_source: str) -> RewardFn:
-    """The function registered for ``data_source`` (exact, then longest prefix), else the default."""
+def reward_fn_for(data_source: str, strict: bool = False) -> RewardFn:
+    """The function registered for ``data_source`` (exact, then longest prefix), else the default.
+
+    With ``strict`` the default math scorer is swapped for the reference one wherever it is chosen.
+    """
     if data_source in _BY_NAME:
-        return _BY_NAME[data_source]
-    matches = [p for p in _BY_PREFIX if data_source.startswith(p)]
-    if matches:
-        return _BY_PREFIX[max(matches, key=len)]
-    return _BY_NAME[DEFAULT_REWARD]
+        fn = _BY_NAME[data_source]
+    else:
+        matches = [p for p in _BY_PREFIX if data_source.startswith(p)]
+        fn = _BY_PREFIX[max(matches, key=len)] if matches else _BY_NAME[DEFAULT_REWARD]
+    return strict_compute_score if strict and fn is math_compute_score else fn
 
 
 def compute_score(
@@ -60,6 +63,13 @@ def compute_score(
 ) -> float | dict[str, Any]:
     """Score one response with the reward function registered for its ``data_source``."""
     return reward_fn_for(data_source)(data_source, solution_str, ground_truth, extra_info)
+
+
+def compute_score_strict(
+    data_source: str, solution_str: str, ground_truth: str, extra_info: dict[str, Any] | None = None
+) -> float | dict[str, Any]:
+    """:func:`compute_score` with the reference (strict) scorer in place of the default math scorer."""
+    return reward_fn_for(data_source, strict=True)(data_source, solution_str, ground_truth, extra_info)
 
 
 def _load_from_file(path: Path, name: str, spec: str) -> Any:
@@ -109,13 +119,18 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def resolve_reward_fn(spec: str | None = None) -> RewardFn:
-    """A config value -> a reward function (see the module docstring)."""
+def resolve_reward_fn(spec: str | None = None, strict: bool = False) -> RewardFn:
+    """A config value (``reward.scorer``, ``reward.strict``) -> a reward function (see the module docstring)."""
     if spec is None or spec == "auto":
-        return compute_score
+        return compute_score_strict if strict else compute_score
     if spec in _BY_NAME:
-        return _BY_NAME[spec]
+        fn = _BY_NAME[spec]
+        return strict_compute_score if strict and fn is math_compute_score else fn
     if ":" in spec:
+        if strict:
+            raise RewardFunctionError(
+                f"reward.strict applies to the built-in math scorer, not to the user function {spec!r}; unset one"
+            )
         return load_reward_fn(spec)
     raise RewardFunctionError(
         f"reward function {spec!r}: not a registered name {sorted(_BY_NAME)} and not 'path/to/file.py:function'"

@@ -7,7 +7,7 @@ themselves (a function loaded from a file cannot be pickled by reference), and t
 in the parent first so that a bad path fails before any rollout. An exception inside a reward function
 is raised here with the worker's traceback: a broken reward must not silently become -1.
 
-    with RewardScorer("math", num_workers=2, timeout_s=10) as scorer:
+    with RewardScorer(config.scorer, strict=config.strict, num_workers=2, timeout_s=10) as scorer:
         results = scorer.score([RewardRequest("math_dapo", text, "42")])
 """
 
@@ -48,13 +48,13 @@ class RewardResult:
 
 
 @lru_cache(maxsize=8)
-def _resolved(spec: str | None):
-    return resolve_reward_fn(spec)
+def _resolved(spec: str | None, strict: bool):
+    return resolve_reward_fn(spec, strict)
 
 
-def score_one(spec: str | None, request: RewardRequest) -> dict[str, Any]:
+def score_one(spec: str | None, strict: bool, request: RewardRequest) -> dict[str, Any]:
     """Score ``request`` with the reward function named by ``spec`` (runs in a worker or inline)."""
-    fn = _resolved(spec)
+    fn = _resolved(spec, strict)
     result = fn(request.data_source, request.solution_str, request.ground_truth, request.extra_info)
     return as_score_dict(result, spec)
 
@@ -66,15 +66,17 @@ class RewardScorer:
         self,
         reward_fn: str | None = None,
         *,
+        strict: bool = False,
         num_workers: int = 2,
         timeout_s: float = 10.0,
         timeout_score: float = -1.0,
         start_method: str = "forkserver",
     ):
-        resolve_reward_fn(reward_fn)  # fail fast on a bad spec, in the parent
+        resolve_reward_fn(reward_fn, strict)  # fail fast on a bad spec, in the parent
         if timeout_s <= 0:
             raise ValueError(f"reward timeout_s={timeout_s}: must be > 0")
         self.reward_fn = reward_fn
+        self.strict = strict
         self.timeout_s = timeout_s
         self.timeout_score = timeout_score
         self._pool = TimeoutPool(num_workers, start_method) if num_workers > 0 else None
@@ -82,9 +84,12 @@ class RewardScorer:
     def score(self, requests: Sequence[RewardRequest]) -> list[RewardResult]:
         if self._pool is None:
             return [
-                RewardResult(score=(d := score_one(self.reward_fn, r))["score"], info=d) for r in requests
+                RewardResult(score=(d := score_one(self.reward_fn, self.strict, r))["score"], info=d)
+                for r in requests
             ]
-        results = self._pool.map(score_one, [(self.reward_fn, r) for r in requests], self.timeout_s)
+        results = self._pool.map(
+            score_one, [(self.reward_fn, self.strict, r) for r in requests], self.timeout_s
+        )
         out = []
         for i, (request, result) in enumerate(zip(requests, results)):
             if result.timed_out:

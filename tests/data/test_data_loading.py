@@ -115,4 +115,4 @@ def test_missing_file_and_non_dataset_directory(tmp_path, qwen_tokenizer):
 def test_everything_filtered_is_an_error(tmp_path, qwen_tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [rec(0)])
     with pytest.raises(DataError, match="every record was filtered"):
-        load_prompt_dataset(path, qwen_tokenizer, PromptConfig(max_prompt_length=3))
+        load_prompt_dataset(path, qwen_tokenizer, PromptConfig(max_prompt_length=3, overlong="filter"))

@@ -124,9 +124,8 @@ def mixed_records():
 def test_filter_drops_prompts_over_either_limit_and_counts_them(qwen_tokenizer, mixed_records):
     student, teacher = lengths_of(qwen_tokenizer, mixed_records)
     limit = sorted(teacher)[1]  # the longest teacher prompt is over the limit, the middle one is not
-    samples, stats = build_prompt_samples(
-        mixed_records, qwen_tokenizer, PromptConfig(max_prompt_length=limit)
-    )
+    config = PromptConfig(max_prompt_length=limit, overlong="filter")
+    samples, stats = build_prompt_samples(mixed_records, qwen_tokenizer, config)
     expected_kept = [i for i in range(3) if student[i] <= limit and teacher[i] <= limit]
     assert [s.index for s in samples] == expected_kept
     assert stats.num_records == 3 and stats.num_filtered == 3 - len(expected_kept) == 1
@@ -219,3 +218,18 @@ def test_invalid_config_is_rejected(qwen_tokenizer):
         build_prompt_samples([record()], qwen_tokenizer, PromptConfig(overlong="drop"))
     with pytest.raises(ValueError, match="missing_sentinel='skip'"):
         build_prompt_samples([record()], qwen_tokenizer, PromptConfig(missing_sentinel="skip"))
+
+
+def test_default_policy_is_the_reference_truncation():
+    assert PromptConfig().overlong == "truncate"
+
+
+def test_prompt_key_and_plain_rendering_without_chat_template(llama_tokenizer):
+    rec = record()
+    rec["messages"] = rec.pop("prompt")
+    config = PromptConfig(prompt_key="messages", apply_chat_template=False)
+    (sample,), _ = build_prompt_samples([rec], llama_tokenizer, config)
+    assert sample.student_ids == llama_tokenizer(QUESTION)["input_ids"]  # one BOS from the tokenizer
+    assert sample.teacher_ids == llama_tokenizer(QUESTION + CONTEXT)["input_ids"]
+    with pytest.raises(DataError, match="record 0, field 'messages'"):
+        build_prompt_samples([dict(rec, messages=[])], llama_tokenizer, config)

@@ -76,3 +76,21 @@ def test_return_values_are_checked():
         as_score_dict({"acc": True})
     with pytest.raises(RewardFunctionError, match="returned str"):
         as_score_dict("1")
+
+
+def test_strict_flag_swaps_only_the_math_scorer(tmp_path):
+    from sdpg_mcore.rewards import RewardRequest, RewardScorer, compute_score_strict
+
+    response, truth = "\\boxed{\\frac12}", "0.5"
+    assert resolve_reward_fn("auto", strict=True) is compute_score_strict
+    assert compute_score_strict("aime24", response, truth)["score"] == -1.0
+    assert compute_score_strict("aime24", "\\boxed{0.5}", truth)["score"] == 1.0
+    assert resolve_reward_fn("math", strict=True)("m", response, truth)["score"] == -1.0
+    register_reward("unit_test_custom_strict", lambda *a, **k: 0.5)
+    assert compute_score_strict("unit_test_custom_strict", response, truth) == 0.5
+    path = tmp_path / "rw.py"
+    path.write_text("def f(*a, **k):\n    return 1.0\n")
+    with pytest.raises(RewardFunctionError, match="reward.strict applies to the built-in math scorer"):
+        resolve_reward_fn(f"{path}:f", strict=True)
+    scorer = RewardScorer("auto", strict=True, num_workers=0)
+    assert [r.score for r in scorer.score([RewardRequest("math", response, truth)])] == [-1.0]
