@@ -43,6 +43,7 @@ from sdpg_mcore.algo.registry import (
     loss_counts,
     micro_batch_loss,
     register_algorithm,
+    seq_counts,
 )
 from sdpg_mcore.algo.schedules import beta_schedule, rlsd_lambda
 
@@ -85,5 +86,6 @@ __all__ = [
     "ppo_ratio",
     "register_algorithm",
     "rlsd_lambda",
+    "seq_counts",
     "seq_token_counts",
 ]

@@ -6,9 +6,13 @@ Convention (the one thing the trainer must get right):
     contributions over every micro-batch of the mini-batch on every DP×CP rank is exactly the
     mini-batch loss L. Megatron DDP *averages* gradients over the data-parallel(-with-CP) group of
     size G, so the trainer back-propagates ``G * contribution`` (and, when Megatron's schedule
-    divides the loss by the number of micro-batches, undoes that too, e.g. with
-    ``calculate_per_token_loss=True`` or by multiplying by ``num_microbatches``). Then the
-    accumulated, averaged gradient is exactly ∇L.
+    divides the loss by the number of micro-batches, undoes that too). Then the accumulated,
+    averaged gradient is exactly ∇L.
+
+    Megatron-Core 0.16 recipe: a ``loss_func`` returning two values ``(loss, metrics)`` gets
+    ``loss * cp_size / num_microbatches`` back-propagated and DDP scales gradients by
+    ``1 / (dp_size * cp_size)``; so return ``contribution * dp_size * num_microbatches``
+    (``dp_size`` without CP). Without Megatron's schedule: ``(contribution * dp_size * cp_size).backward()``.
 
 The global denominators come from :func:`local_counts` (per micro-batch, before any forward),
 summed over the rank's micro-batches, all-reduced once per mini-batch over DP×CP, and turned

@@ -51,6 +51,8 @@ class TokenInputs:
     """``log π_ref(y_t)`` of the frozen initial policy (sdpg's alpha term)."""
     teacher_logprob_N: Tensor | None = None
     """Teacher log-prob of the sampled token (opsd: frozen reference; rlsd: step-start policy)."""
+    rollout_logprob_N: Tensor | None = None
+    """Rollout engine's log-prob of the token, for the ``rollout_mismatch`` metric ``|lp_rollout - lp_old|``."""
     seq_loss_tokens_S: Tensor | None = None
     """Optional global loss-mask tokens per row (CP-reduced) for ``seq-mean-token-mean``."""
     seq_response_tokens_S: Tensor | None = None

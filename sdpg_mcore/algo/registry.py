@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-from sdpg_mcore.algo.aggregation import LossNormalisers, aggregate, local_counts
+from sdpg_mcore.algo.aggregation import LossNormalisers, aggregate, local_counts, seq_token_counts
 from sdpg_mcore.algo.config import (
     DAPOConfig,
     GRPOConfig,
@@ -107,6 +108,30 @@ def loss_counts(
     return local_counts(loss_N, resp_N, seq_index_N, num_seqs, seq_owner=seq_owner)
 
 
+def seq_counts(
+    algorithm: Algorithm,
+    cfg: PolicyLossConfig,
+    advantages_N: Tensor,
+    seq_index_N: Tensor,
+    num_seqs: int,
+    response_mask_N: Tensor | None = None,
+) -> Tensor:
+    """``[2, num_seqs]`` float64: loss-mask and response tokens per row of this micro-batch on this rank.
+
+    Only needed for ``seq-mean-token-mean`` under context parallelism: all-reduce it over the CP
+    group and pass the rows as ``TokenInputs.seq_loss_tokens_S`` / ``seq_response_tokens_S``.
+    """
+    resp_N = (
+        advantages_N.new_ones(advantages_N.shape, dtype=bool)
+        if response_mask_N is None
+        else response_mask_N.bool()
+    )
+    loss_N = algorithm.loss_mask(cfg, advantages_N, resp_N)
+    return torch.stack(
+        [seq_token_counts(loss_N, seq_index_N, num_seqs), seq_token_counts(resp_N, seq_index_N, num_seqs)]
+    )
+
+
 @dataclass
 class MicroBatchLoss:
     """What :func:`micro_batch_loss` returns."""
@@ -165,6 +190,9 @@ def micro_batch_loss(
         metrics.add_total("entropy_bonus", (cfg.entropy_coef * bonus).detach())
     if inputs.entropy_N is not None:
         metrics.add_mean("entropy", inputs.entropy_N.detach(), inputs.mask_N)
+    if inputs.rollout_logprob_N is not None:
+        gap_N = (inputs.rollout_logprob_N.detach() - inputs.old_logprob_N.detach()).abs()
+        metrics.add_mean("rollout_mismatch", gap_N, inputs.mask_N)
     metrics.add_total("policy_loss", policy.detach())
     metrics.add_total("loss", total.detach())
     return MicroBatchLoss(total, metrics, dict(token_loss.scalars))

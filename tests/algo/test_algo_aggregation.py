@@ -4,7 +4,19 @@ import pytest
 import torch
 from algo_testlib import LENGTHS, make_batch, micro_inputs, run_mini_batch
 
-from sdpg_mcore.algo import DAPOConfig, Normaliser, OPSDConfig, SDPGConfig, aggregate
+from sdpg_mcore.algo import (
+    DAPOConfig,
+    Normaliser,
+    OPSDConfig,
+    SDPGConfig,
+    TokenInputs,
+    aggregate,
+    get_algorithm,
+    loss_counts,
+    micro_batch_loss,
+    normalisers_from_counts,
+    seq_counts,
+)
 
 SPLITS = {
     1: [list(range(8))],
@@ -102,3 +114,46 @@ def test_legacy_normaliser_validates():
         Normaliser("token-mean-legacy", 10.0, 2.0)
     with pytest.raises(ValueError, match="loss_agg_mode"):
         Normaliser("sum", 1.0, 1.0)
+
+
+@pytest.mark.parametrize("name", ["sdpg", "opsd"])
+@pytest.mark.parametrize("mode", INVARIANT)
+def test_context_parallel_token_split(name, mode):
+    """Each response's tokens split over two CP ranks: seq_owner counts it once, seq_counts gives the
+    global per-sequence counts, and the two contributions sum to the unsplit loss and gradient."""
+    batch = make_batch()
+    cfg = _cfg(name, mode)
+    algo = get_algorithm(name)
+    w = batch["w0"].clone().requires_grad_(True)
+    full = micro_inputs(batch, w, list(range(8)))
+    first_half = torch.cat([torch.arange(n) < (n + 1) // 2 for n in LENGTHS])
+    parts = [first_half.nonzero()[:, 0], (~first_half).nonzero()[:, 0]]
+
+    def part(idx, seq_tokens_2S=None):
+        return TokenInputs(
+            **{
+                k: getattr(full, k)[idx]
+                for k in ("logprob_N", "old_logprob_N", "advantages_N", "seq_index_N")
+            },
+            num_seqs=8,
+            kl_N=full.kl_N[idx],
+            entropy_N=full.entropy_N[idx],
+            ref_logprob_N=full.ref_logprob_N[idx],
+            teacher_logprob_N=full.teacher_logprob_N[idx],
+            seq_loss_tokens_S=None if seq_tokens_2S is None else seq_tokens_2S[0],
+            seq_response_tokens_S=None if seq_tokens_2S is None else seq_tokens_2S[1],
+        )
+
+    cp = [part(idx) for idx in parts]
+    counts = sum(
+        loss_counts(algo, cfg, p.advantages_N, p.seq_index_N, 8, seq_owner=(r == 0)) for r, p in enumerate(cp)
+    )
+    per_seq = sum(seq_counts(algo, cfg, p.advantages_N, p.seq_index_N, 8) for p in cp)  # the CP all-reduce
+    norms = normalisers_from_counts(counts, mode)
+    split = sum(micro_batch_loss(algo, cfg, part(idx, per_seq), norms, step=3).loss for idx in parts)
+    counts_1 = loss_counts(algo, cfg, full.advantages_N, full.seq_index_N, 8)
+    whole = micro_batch_loss(algo, cfg, full, normalisers_from_counts(counts_1, mode), step=3).loss
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-14)
+    (g_split,) = torch.autograd.grad(split, w, retain_graph=True)
+    (g_whole,) = torch.autograd.grad(whole, w)
+    torch.testing.assert_close(g_split, g_whole, rtol=1e-12, atol=1e-14)

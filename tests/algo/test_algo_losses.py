@@ -235,3 +235,14 @@ def test_registry_needs_and_errors():
     with pytest.raises(ValueError, match="kl_N"):
         _run("sdpg", SDPGConfig(), TokenInputs(inp.logprob_N, inp.old_logprob_N, inp.advantages_N,
                                                inp.seq_index_N, 3, ref_logprob_N=inp.ref_logprob_N))  # fmt: skip
+
+
+def test_rollout_mismatch_metric():
+    inp = _inputs()
+    rollout = inp.old_logprob_N + torch.linspace(-0.2, 0.3, 12, dtype=torch.float64)
+    inp = TokenInputs(inp.logprob_N, inp.old_logprob_N, inp.advantages_N, inp.seq_index_N, 3,
+                      rollout_logprob_N=rollout)  # fmt: skip
+    m = _run("dapo", DAPOConfig(), inp).metrics.reduce()
+    assert m["rollout_mismatch"] == pytest.approx(
+        (rollout - inp.old_logprob_N).abs().mean().item(), rel=1e-12
+    )
