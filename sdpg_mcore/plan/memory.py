@@ -1,0 +1,189 @@
+"""Per-GPU memory of one SDPG training rank, by component, for a given TP/PP/CP/DP layout.
+
+Why each term has the form it has:
+- parameters: bf16 weights of the busiest pipeline stage, sharded over TP.
+- gradients: Megatron DDP keeps fp32 ``main_grad`` buffers for every local parameter
+  (``grad_reduce_in_fp32``); the distributed optimizer reduce-scatters into that buffer, so it is
+  not sharded.
+- optimizer states: the distributed optimizer shards fp32 master weights and Adam m, v
+  (12 bytes per parameter) over the data-parallel group including CP (``dp * cp`` ranks).
+- activations: Korthikanti et al. 2022 (arXiv 2205.05198), per layer and token, rewritten for
+  GQA (q and k/v widths differ), SwiGLU (fc1 is ``2 * intermediate`` wide, its output and the
+  gated product are saved), RMSNorm (input + fp32 rstd) and flash attention (q, k, v, output and
+  fp32 logsumexp, no ``s^2`` term); no dropout in these models, so no masks. Sequence
+  parallelism (on whenever TP > 1) shards the ``hidden``-wide tensors over TP as well. 1F1B
+  keeps ``min(pp, num_microbatches)`` micro-batches in flight on the first stage.
+- KL head: the fused head keeps O(chunk * V / TP) fp32 work per chunk plus the final hidden
+  states; the materialising reference keeps ``[T, V/TP]`` student and teacher logits in bf16 and
+  three fp32 temporaries (log-softmax of each, the gradient), i.e. 16 bytes per logit for both.
+- teacher: forward-only, so it keeps only its final hidden states ``[T, H]`` plus the transient
+  working set of one layer.
+- rollout (colocated only): SGLang's weights and KV cache live next to the training state during
+  generation; activations are gone then, so the peak is the larger of the two phases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from sdpg_mcore.plan.shape import ModelShape
+
+GIB = 1024**3
+RECOMPUTE_MODES = ("none", "selective", "full")
+KL_HEAD_MODES = ("fused", "materialised")
+ROLLOUT_MODES = ("dedicated", "colocated")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A Megatron parallel layout; ``tp * pp * cp * dp`` is the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    @property
+    def world_size(self) -> int:
+        return self.model_parallel_size * self.dp
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """What one optimizer step asks of a rank, independent of the layout."""
+
+    micro_batch_tokens: int
+    """Tokens (prompt + response, packed) of one student micro-batch on one DP rank, before CP."""
+    teacher_tokens: int
+    """Tokens of the matching teacher micro-batch (its prompt carries the privileged context)."""
+    rollout_seq_len: int
+    """Longest rollout sequence (max prompt + max response), for the KV cache."""
+    recompute: str = "none"
+    """none | selective (Megatron's default ``core_attn``) | full (uniform, one layer per checkpoint)."""
+    kl_head: str = "fused"
+    """fused (chunked, custom backward) | materialised (full ``[T, V]`` logits, the reference)."""
+    kl_chunk_tokens: int = 1024
+    """Tokens per chunk of the fused KL head."""
+    num_microbatches: int | None = None
+    """Micro-batches per optimizer step per DP rank; None means at least ``pp`` (1F1B steady state)."""
+    sequence_parallel: bool = True
+    """Megatron sequence parallelism when TP > 1 (shards norms/dropout regions over TP)."""
+    rollout: str = "dedicated"
+    """dedicated (servers on their own GPUs) | colocated (servers share the training GPUs)."""
+    rollout_kv_seqs: int = 64
+    """Sequences an SGLang engine keeps in its KV cache when colocated."""
+    activation_bytes: int = 2
+    """Bytes per activation element (bf16)."""
+    overhead_bytes: int = 3 * GIB
+    """CUDA context, NCCL communicators and allocator fragmentation."""
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("recompute", self.recompute, RECOMPUTE_MODES),
+            ("kl_head", self.kl_head, KL_HEAD_MODES),
+            ("rollout", self.rollout, ROLLOUT_MODES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        if self.micro_batch_tokens <= 0 or self.teacher_tokens <= 0:
+            raise ValueError("micro_batch_tokens and teacher_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU by component; ``total`` is the peak over the training and rollout phases."""
+
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    kl_head: int
+    teacher: int
+    rollout_weights: int
+    rollout_kv_cache: int
+    overhead: int
+    total: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def layer_activation_bytes_per_token(
+    shape: ModelShape, tp: int, sp: bool, recompute: str, dtype_bytes: int
+) -> float:
+    """Saved-for-backward bytes of one transformer layer per local token (no recompute).
+
+    ``recompute='selective'`` drops only what core attention saves beyond its inputs and output
+    (the fp32 logsumexp); with flash attention that is all Megatron's default selective
+    recompute can save.
+    """
+    h, i = shape.hidden_size, shape.intermediate_size
+    sp_div = tp if (sp and tp > 1) else 1
+    hidden_wide = 4 * h * dtype_bytes / sp_div  # inputs of norm1, linear_qkv, norm2, linear_fc1
+    rstd = 2 * 4 / sp_div  # fp32 1/rms of both norms
+    attn = (2 * shape.q_width + 2 * shape.kv_width) * dtype_bytes / tp  # q, k, v, attention output
+    qk_norm = (shape.q_width + shape.kv_width) * dtype_bytes / tp if shape.qk_norm else 0.0
+    lse = 4 * shape.num_heads / tp if recompute == "none" else 0.0
+    mlp = 3 * i * dtype_bytes / tp  # fc1 output (gate and up) and the SwiGLU product
+    return hidden_wide + rstd + attn + qk_norm + lse + mlp
+
+
+def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> MemoryEstimate:
+    """Per-GPU bytes of the busiest rank (the first pipeline stage for activations)."""
+    tp, pp, cp = layout.tp, layout.pp, layout.cp
+    rank_params = shape.rank_parameters(tp, pp)
+    parameters = 2 * rank_params
+    gradients = 4 * rank_params
+    optimizer_states = -(-12 * rank_params // (layout.dp * cp))
+
+    sp = train.sequence_parallel and tp > 1
+    sp_div = tp if sp else 1
+    tokens = -(-train.micro_batch_tokens // cp)
+    teacher_tokens = -(-train.teacher_tokens // cp)
+    per_layer = layer_activation_bytes_per_token(shape, tp, sp, train.recompute, train.activation_bytes)
+    layers_per_stage = shape.num_layers // pp
+    in_flight = pp if train.num_microbatches is None else min(pp, train.num_microbatches)
+    layer_input = shape.hidden_size * train.activation_bytes / sp_div
+    if train.recompute == "full":
+        # Every layer keeps only its input; backward recomputes one layer at a time.
+        stored = layers_per_stage * in_flight * tokens * layer_input
+        activations = int(stored + tokens * per_layer)
+    else:
+        activations = int(layers_per_stage * in_flight * tokens * per_layer)
+    activations += int(in_flight * tokens * 2 * layer_input)  # embedding output, final-norm input
+
+    vocab_shard = -(-shape.vocab_size // tp)
+    hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
+    if train.kl_head == "fused":
+        kl_head = hidden_states + 16 * min(train.kl_chunk_tokens, tokens) * vocab_shard
+    else:
+        kl_head = hidden_states + 16 * tokens * vocab_shard
+    teacher = int(teacher_tokens * (shape.hidden_size * train.activation_bytes + per_layer))
+
+    rollout_weights = rollout_kv_cache = 0
+    if train.rollout == "colocated":
+        # SGLang shards one engine over the TP*PP GPUs of a model replica.
+        engine_gpus = tp * pp
+        rollout_weights = -(-2 * shape.num_hf_parameters() // engine_gpus)
+        kv_total = shape.kv_bytes_per_token() * train.rollout_seq_len * train.rollout_kv_seqs
+        rollout_kv_cache = -(-kv_total // engine_gpus)
+
+    static = parameters + gradients + optimizer_states + train.overhead_bytes
+    training_peak = static + activations + kl_head + teacher
+    rollout_peak = static + rollout_weights + rollout_kv_cache
+    return MemoryEstimate(
+        parameters=parameters,
+        gradients=gradients,
+        optimizer_states=optimizer_states,
+        activations=activations,
+        kl_head=int(kl_head),
+        teacher=teacher,
+        rollout_weights=rollout_weights,
+        rollout_kv_cache=rollout_kv_cache,
+        overhead=train.overhead_bytes,
+        total=int(max(training_peak, rollout_peak)),
+    )

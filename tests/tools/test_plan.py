@@ -1,0 +1,220 @@
+"""tools/plan.py: exact parameter counts (HF and Megatron), memory components, layout rules, CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpg_mcore.models.tiny import tiny_hf_config
+from sdpg_mcore.parallel.spawn import spawn_ranks
+from sdpg_mcore.plan import (
+    GIB,
+    Layout,
+    ModelShape,
+    TrainingShape,
+    estimate_memory,
+    evaluate,
+    layout_problems,
+    propose_layout,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import plan as plan_cli  # noqa: E402  (tools/plan.py)
+
+VARIANTS = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"attention_bias": True, "mlp_bias": True}),
+    ("qwen2", {}),
+    ("qwen2", {"tie_word_embeddings": False}),
+    ("qwen3", {}),
+    ("qwen3", {"tie_word_embeddings": False, "attention_bias": True}),
+]
+
+
+def _hf_numel(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+@pytest.mark.parametrize("arch,overrides", VARIANTS)
+def test_hf_count_matches_transformers(arch, overrides):
+    config = tiny_hf_config(arch, **overrides)
+    assert ModelShape.from_hf_config(config).num_hf_parameters() == _hf_numel(config)
+
+
+@pytest.mark.parametrize(
+    "example,published",
+    [("qwen3_4b", 4_022_468_096), ("llama3_70b", 70_553_706_496)],
+)
+def test_real_configs_match_published_and_transformers(example, published):
+    from transformers import AutoConfig
+
+    path = REPO / "examples" / example / "config.json"
+    shape = ModelShape.from_path(path)
+    assert shape.num_hf_parameters() == published
+    assert _hf_numel(AutoConfig.from_pretrained(path.parent)) == published
+    # Megatron pads the vocabulary to 128*TP; the count grows by exactly the padded rows.
+    for tp in (1, 2, 8):
+        pad = -(-shape.vocab_size // (128 * tp)) * 128 * tp - shape.vocab_size
+        rows = pad * (1 if shape.tie_word_embeddings else 2)
+        assert shape.num_megatron_parameters(tp) == published + rows * shape.hidden_size
+
+
+def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape]) -> dict:
+    """TP2 x PP2: count every rank's parameters; then TP1 x DP4: measure DDP + distributed optimizer."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron_build import build_gpt, init_model_parallel
+
+    init_model_parallel(2, 2)
+    last_stage = parallel_state.is_pipeline_last_stage()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    local, unique = [], []
+    for shape in shapes:
+        model = build_gpt(shape, 2, 2)
+        local.append(sum(p.numel() for p in model.parameters()))
+        count = 0
+        for name, p in model.named_parameters():
+            if last_stage and shape.tie_word_embeddings and name == "output_layer.weight":
+                continue  # PP copy of the tied embedding
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                count += p.numel()
+        unique.append(count)
+    parallel_state.destroy_model_parallel()
+
+    init_model_parallel(1, 1)
+    shape = shapes[-1]
+    model = build_gpt(shape, 1, 1, bf16=True)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    model = DistributedDataParallel(model.config, ddp_config, model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, use_distributed_optimizer=True), [model]
+    )
+    model.zero_grad_buffer()
+    num_tokens = 8
+    tokens = torch.randint(
+        0, shape.vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(rank)
+    )
+    mask = torch.triu(torch.ones(1, 1, num_tokens, num_tokens, dtype=torch.bool), 1)
+    model(tokens, torch.arange(num_tokens)[None], mask, labels=tokens).float().mean().backward()
+    model.finish_grad_sync()
+    stepped, _, _ = optimizer.step()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in model.buffers)
+    states = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in sub.optimizer.state.values():
+            states += sum(
+                v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim()
+            )
+        states += sum(
+            p.numel() * p.element_size() for group in sub.shard_fp32_from_float16_groups for p in group
+        )
+    return dict(
+        local=local,
+        unique=unique,
+        stepped=stepped,
+        tp1_count=sum(p.numel() for p in model.parameters()),
+        bytes=dict(parameters=params, gradients=grads, optimizer_states=states),
+    )
+
+
+def test_megatron_counts_and_measured_static_memory():
+    """Planner vs a real GPTModel (TP2/PP2) and a real DDP + distributed-optimizer step (DP4).
+
+    Ranks 0-1 form pipeline stage 0 and ranks 2-3 stage 1 (Megatron's default order tp-cp-ep-dp-pp).
+    """
+    shapes = [ModelShape.from_hf_config(tiny_hf_config(a)) for a in ("llama", "qwen2", "qwen3")]
+    shapes.insert(0, ModelShape.from_hf_config(tiny_hf_config("llama", tie_word_embeddings=True)))
+    results = spawn_ranks(_megatron_rank, 4, args=(shapes,))
+    for i, shape in enumerate(shapes):
+        stages = shape.stage_parameters(tp=2, pp=2)
+        assert [r["local"][i] for r in results] == [stages[0], stages[0], stages[1], stages[1]], (
+            shape.model_type
+        )
+        assert sum(r["unique"][i] for r in results) == shape.num_megatron_parameters(tp=2), shape.model_type
+
+    shape = shapes[-1]
+    assert results[0]["tp1_count"] == shape.num_megatron_parameters(tp=1)
+    assert all(r["stepped"] for r in results)
+    estimate = estimate_memory(shape, Layout(tp=1, pp=1, cp=1, dp=4), TrainingShape(8, 8, 8))
+    for name, measured in results[0]["bytes"].items():
+        planned = getattr(estimate, name)
+        assert abs(planned - measured) <= 0.15 * measured, (name, planned, measured)
+
+
+def test_layout_rules_and_proposals():
+    qwen = ModelShape.from_path(REPO / "examples/qwen3_4b/config.json")
+    llama = ModelShape.from_path(REPO / "examples/llama3_70b/config.json")
+    assert any("num_key_value_heads" in p for p in layout_problems(llama, Layout(tp=16, dp=1), 16, 16))
+    assert any(
+        "within a node" in p or "inside a node" in p for p in layout_problems(llama, Layout(tp=16), 8, 16)
+    )
+    assert any("num_hidden_layers" in p for p in layout_problems(llama, Layout(tp=8, pp=3), 8, 24))
+    assert layout_problems(llama, Layout(tp=8, pp=2, cp=1, dp=2), 8, 32) == []
+
+    paper = TrainingShape(micro_batch_tokens=6144, teacher_tokens=6144, rollout_seq_len=6144)
+    plan = propose_layout(qwen, paper, gpus_per_node=8, world_size=8, gpu_mem_bytes=80 * GIB)
+    assert plan.fits and plan.layout == Layout(tp=1, pp=1, cp=1, dp=8)
+
+    long = TrainingShape(micro_batch_tokens=10240, teacher_tokens=10240, rollout_seq_len=10240)
+    one_node = propose_layout(llama, long, gpus_per_node=8, world_size=8, gpu_mem_bytes=80 * GIB)
+    assert not one_node.fits  # 70B with Adam does not fit 8 x 80 GB
+    four_nodes = propose_layout(llama, long, gpus_per_node=8, world_size=32, gpu_mem_bytes=80 * GIB)
+    assert four_nodes.fits and four_nodes.layout.tp == 8
+    # The proposal is minimal: no valid layout with a smaller model-parallel size fits.
+    for smaller in (Layout(tp=8, pp=1, cp=1, dp=4), Layout(tp=4, pp=2, cp=1, dp=4)):
+        assert not evaluate(llama, smaller, long, 8, 32, 80 * GIB).fits
+
+
+def test_memory_components_respond_to_options():
+    qwen = ModelShape.from_path(REPO / "examples/qwen3_4b/config.json")
+    base = dict(micro_batch_tokens=8192, teacher_tokens=8192, rollout_seq_len=8192)
+    layout = Layout(tp=2, pp=1, cp=1, dp=4)
+    plain = estimate_memory(qwen, layout, TrainingShape(**base))
+    full = estimate_memory(qwen, layout, TrainingShape(**base, recompute="full"))
+    materialised = estimate_memory(qwen, layout, TrainingShape(**base, kl_head="materialised"))
+    colocated = estimate_memory(qwen, layout, TrainingShape(**base, rollout="colocated"))
+    cp2 = estimate_memory(qwen, Layout(tp=2, pp=1, cp=2, dp=2), TrainingShape(**base))
+    assert full.activations < plain.activations / 5
+    # The materialised head holds [T, V/TP] logits x 16 bytes: ~10 GB here, the fused one a chunk.
+    assert materialised.kl_head - plain.kl_head == 16 * (8192 - 1024) * (qwen.vocab_size // 2)
+    assert colocated.rollout_kv_cache == qwen.kv_bytes_per_token() * 8192 * 64 // 2
+    assert plain.rollout_kv_cache == 0
+    assert cp2.activations == pytest.approx(plain.activations / 2, rel=1e-3)
+    assert cp2.optimizer_states == plain.optimizer_states  # sharded over dp*cp = 4 either way
+    assert plain.gradients == 2 * plain.parameters
+    with pytest.raises(ValueError, match="recompute"):
+        TrainingShape(**base, recompute="some")
+
+
+def test_cli_json_and_exit_codes(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    config = str(REPO / "examples/llama3_70b/config.json")
+    common = ["--config", config, "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--json", str(out)]
+    assert plan_cli.main([*common, "--nodes", "4", "--max-response-len", "8192"]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_parameters"] == 70_553_706_496
+    assert result["fits"] is True
+    assert set(result["layout"]) == {"tp", "pp", "cp", "dp"}
+    assert result["per_gpu_bytes"]["total"] <= 80 * GIB
+    assert "peak" in capsys.readouterr().out
+
+    assert plan_cli.main([*common, "--nodes", "1", "--tp", "8"]) == 1
+    assert json.loads(out.read_text())["fits"] is False
+    assert plan_cli.main([*common, "--nodes", "2", "--tp", "16"]) == 2  # TP across nodes
+    assert plan_cli.main([*common, "--nodes", "1", "--tp", "3"]) == 2  # does not divide 8 GPUs
+    assert "does not divide" in capsys.readouterr().err
+    assert plan_cli.main(["--config", str(tmp_path / "missing.json")]) == 2

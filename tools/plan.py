@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Plan a run before queueing it: exact parameter count, per-GPU memory by component, TP/PP/CP/DP.
+
+    python tools/plan.py --config examples/llama3_70b/config.json --nodes 4 --gpus-per-node 8 \\
+        --gpu-mem-gb 80 --max-prompt-len 2048 --max-response-len 8192 --json plan.json
+
+Give ``--tp/--pp/--cp`` to validate a layout (missing ones default to 1); leave them out to get
+the smallest model-parallel layout that fits. Exit status: 0 fits, 1 does not fit, 2 bad input.
+The JSON holds ``num_parameters`` (the HF count), ``num_parameters_megatron`` (vocabulary padded
+to 128*TP), ``fits``, ``layout`` and ``per_gpu_bytes`` by component.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdpg_mcore.plan import (
+    GIB,
+    Layout,
+    ModelShape,
+    TrainingShape,
+    evaluate,
+    padded_vocab_size,
+    propose_layout,
+)  # noqa: E402
+
+NOTES = {
+    "parameters": "bf16 weights, busiest pipeline stage, /TP",
+    "gradients": "fp32 main_grad buffer (Megatron DDP)",
+    "optimizer_states": "fp32 master + Adam m, v, /(DP*CP)",
+    "activations": "student fwd saved for bwd, 1F1B in flight",
+    "kl_head": "hidden states + logits work (fused: per chunk)",
+    "teacher": "forward-only: final hidden states + one layer",
+    "rollout_weights": "colocated SGLang weights",
+    "rollout_kv_cache": "colocated SGLang KV cache",
+    "overhead": "CUDA context, NCCL, fragmentation",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="HF config.json or a model directory holding one")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB")
+    p.add_argument("--max-prompt-len", type=int, default=2048)
+    p.add_argument("--max-response-len", type=int, default=4096)
+    p.add_argument("--tp", type=int, help="tensor parallel size (validate this layout)")
+    p.add_argument("--pp", type=int, help="pipeline parallel size")
+    p.add_argument("--cp", type=int, help="context parallel size")
+    p.add_argument(
+        "--micro-batch-tokens", type=int, help="tokens per micro-batch per DP rank (default: prompt+response)"
+    )
+    p.add_argument(
+        "--teacher-tokens", type=int, help="tokens of the teacher micro-batch (default: micro-batch tokens)"
+    )
+    p.add_argument("--num-microbatches", type=int, help="micro-batches per step per DP rank (default: >= pp)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--kl-head", choices=("fused", "materialised"), default="fused")
+    p.add_argument("--kl-chunk-tokens", type=int, default=1024)
+    p.add_argument("--rollout", choices=("dedicated", "colocated"), default="dedicated")
+    p.add_argument(
+        "--rollout-kv-seqs", type=int, default=64, help="sequences in a colocated engine's KV cache"
+    )
+    p.add_argument("--overhead-gb", type=float, default=3.0, help="CUDA context + NCCL + fragmentation, GiB")
+    p.add_argument("--json", dest="json_out", help="write the plan as JSON here")
+    return p.parse_args(argv)
+
+
+def build_training_shape(args: argparse.Namespace) -> TrainingShape:
+    seq_len = args.max_prompt_len + args.max_response_len
+    micro = args.micro_batch_tokens or seq_len
+    if micro < seq_len:
+        raise ValueError(
+            f"--micro-batch-tokens={micro} is below one sequence (prompt {args.max_prompt_len} + response "
+            f"{args.max_response_len} = {seq_len}); raise it or use --cp to split sequences"
+        )
+    return TrainingShape(
+        micro_batch_tokens=micro,
+        teacher_tokens=args.teacher_tokens or micro,
+        rollout_seq_len=seq_len,
+        recompute=args.recompute,
+        kl_head=args.kl_head,
+        kl_chunk_tokens=args.kl_chunk_tokens,
+        num_microbatches=args.num_microbatches,
+        rollout=args.rollout,
+        rollout_kv_seqs=args.rollout_kv_seqs,
+        overhead_bytes=int(args.overhead_gb * GIB),
+    )
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    """The JSON-ready plan for parsed arguments (raises ValueError on bad input)."""
+    shape = ModelShape.from_path(args.config)
+    train = build_training_shape(args)
+    world = args.nodes * args.gpus_per_node
+    gpu_mem = int(args.gpu_mem_gb * GIB)
+    if any(v is not None for v in (args.tp, args.pp, args.cp)):
+        tp, pp, cp = args.tp or 1, args.pp or 1, args.cp or 1
+        mp = tp * pp * cp
+        if world % mp:
+            raise ValueError(f"tp*pp*cp = {mp} does not divide the {world} GPUs (--nodes x --gpus-per-node)")
+        plan = evaluate(shape, Layout(tp, pp, cp, world // mp), train, args.gpus_per_node, world, gpu_mem)
+        proposed = False
+    else:
+        plan = propose_layout(shape, train, args.gpus_per_node, world, gpu_mem)
+        proposed = True
+    layout = plan.layout
+    return {
+        "config": str(args.config),
+        "model_type": shape.model_type,
+        "num_parameters": shape.num_hf_parameters(),
+        "num_parameters_megatron": shape.num_megatron_parameters(layout.tp),
+        "padded_vocab_size": padded_vocab_size(shape.vocab_size, layout.tp),
+        "fits": plan.fits,
+        "proposed": proposed,
+        "problems": plan.problems,
+        "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp},
+        "per_gpu_bytes": plan.estimate.as_dict() if plan.estimate else {},
+        "gpu_mem_bytes": gpu_mem,
+        "cluster": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node},
+        "training": {
+            "micro_batch_tokens": train.micro_batch_tokens,
+            "teacher_tokens": train.teacher_tokens,
+            "recompute": train.recompute,
+            "kl_head": train.kl_head,
+            "rollout": train.rollout,
+        },
+    }
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    lay = result["layout"]
+    title = (
+        f"{result['model_type']}: {result['num_parameters']:,} parameters (HF), "
+        f"{result['num_parameters_megatron']:,} Megatron (vocab {result['padded_vocab_size']:,}) | "
+        f"{'proposed' if result['proposed'] else 'given'} layout TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} DP{lay['dp']}"
+    )
+    table = Table(title=title)
+    table.add_column("component")
+    table.add_column("GiB / GPU", justify="right")
+    table.add_column("what")
+    per_gpu = result["per_gpu_bytes"]
+    for name, note in NOTES.items():
+        if name in per_gpu:
+            table.add_row(name, f"{per_gpu[name] / GIB:.2f}", note)
+    if per_gpu:
+        table.add_row(
+            "[bold]peak[/bold]",
+            f"[bold]{per_gpu['total'] / GIB:.2f}[/bold]",
+            f"of {result['gpu_mem_bytes'] / GIB:.0f} GiB: {'[green]fits' if result['fits'] else '[red]does not fit'}",
+        )
+    console.print(table)
+    for problem in result["problems"]:
+        console.print(f"[red]invalid layout:[/red] {problem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = make_plan(args)
+    except ValueError as err:
+        sys.stderr.write(f"plan.py: {err}\n")
+        return 2
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    if result["problems"]:
+        return 2
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
