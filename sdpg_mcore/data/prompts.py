@@ -215,6 +215,11 @@ def build_prompt_samples(
         if not isinstance(data_source, str) or not data_source:
             raise DataError(source, row, "data_source", f"missing or not a string ({data_source!r})")
         truth = ground_truth_of(record, source, row)
+        extra_info = record.get("extra_info") or {}
+        if not isinstance(extra_info, Mapping):
+            raise DataError(
+                source, row, "extra_info", f"expected a dict or null, got {type(extra_info).__name__}"
+            )
         student_msgs, teacher_msgs, has_context = split_record(
             record,
             source,
@@ -232,11 +237,6 @@ def build_prompt_samples(
         stats.num_without_teacher_context += int(not has_context)
         stats.max_student_length = max(stats.max_student_length, len(student_ids))
         stats.max_teacher_length = max(stats.max_teacher_length, len(teacher_ids))
-        extra_info = record.get("extra_info") or {}
-        if not isinstance(extra_info, Mapping):
-            raise DataError(
-                source, row, "extra_info", f"expected a dict or null, got {type(extra_info).__name__}"
-            )
         samples.append(
             PromptSample(
                 student_ids=student_ids,

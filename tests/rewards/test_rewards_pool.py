@@ -35,7 +35,7 @@ def test_pathological_expression_returns_within_its_time_limit():
     result = math_compute_score("math", PATHOLOGICAL, "1", verify_timeout_s=1.0)
     elapsed = time.monotonic() - start
     assert result == {"score": -1.0, "acc": False, "pred": "9^{9^{9^{9}}}", "timed_out": True}
-    assert elapsed < 1.0 + 4.0, elapsed  # the limit plus killing the worker, on a busy machine
+    assert elapsed < 1.0 + 5.0, elapsed  # the limit plus killing the worker, on a busy machine
     assert verify_with_timeout("\\frac{1}{2}", "0.5") is True  # the replaced worker answers
 
 
