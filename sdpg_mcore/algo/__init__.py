@@ -31,6 +31,7 @@ from sdpg_mcore.algo.config import (
     SDPGConfig,
     TeacherSignal,
     TeacherWeights,
+    config_from_fields,
 )
 from sdpg_mcore.algo.losses import TokenInputs, TokenLoss
 from sdpg_mcore.algo.metrics import MetricSums
@@ -74,6 +75,7 @@ __all__ = [
     "beta_schedule",
     "broadcast_to_tokens",
     "clamp_kl",
+    "config_from_fields",
     "dapo_group_filter",
     "dual_clip_pg",
     "get_algorithm",

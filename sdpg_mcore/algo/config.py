@@ -8,8 +8,11 @@ The trainer reads that data instead of branching on the algorithm's name.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sdpg_mcore.algo.aggregation import check_loss_agg_mode
 from sdpg_mcore.algo.policy import ALPHA_MODES
@@ -108,7 +111,7 @@ class SDPGConfig(PolicyLossConfig):
     """W: beta rises linearly over the first W steps (0 = off)."""
     beta_decay_steps: int = 0
     """D: beta falls linearly to 0 over the last D of the run's steps (0 = off)."""
-    positive_advantage_gating: bool = False
+    positive_advantage_only: bool = False
     """Apply the KL term only on tokens with A > 0 (reference ``beta_distill_positive_advantage_only``)."""
     kl_clamp: float = 20.0
     """One-sided per-token clamp of the KL; no gradient where it is active."""
@@ -151,24 +154,24 @@ class GRPOConfig(PolicyLossConfig):
     """Symmetric clip (no clip-higher)."""
     clip_c: float = 1000.0
     """Dual clip effectively off."""
-    kl_in_reward_coef: float = 1e-3
+    kl_penalty_coef: float = 1e-3
     """Coefficient of the ``k1 = lp_old - lp_ref`` reward penalty (DeepSeekMath used 0.04)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kl_in_reward_coef < 0:
-            raise ValueError(f"GRPOConfig.kl_in_reward_coef must be >= 0, got {self.kl_in_reward_coef}")
+        if self.kl_penalty_coef < 0:
+            raise ValueError(f"GRPOConfig.kl_penalty_coef must be >= 0, got {self.kl_penalty_coef}")
 
     def needs(self) -> AlgorithmNeeds:
         """Reference log-probs (and old log-probs) before the advantages, for the reward penalty."""
-        on = self.kl_in_reward_coef != 0.0
+        on = self.kl_penalty_coef != 0.0
         return AlgorithmNeeds(
             TeacherWeights.NONE,
             TeacherSignal.NONE,
             None,
             False,
             on,
-            self.kl_in_reward_coef,
+            self.kl_penalty_coef,
             self.entropy_coef != 0.0,
         )
 
@@ -240,3 +243,13 @@ class RLSDConfig(PolicyLossConfig):
             kl_in_reward_coef=0.0,
             entropy_grad=self.entropy_coef != 0.0,
         )
+
+
+def config_from_fields(config_cls: type[PolicyLossConfig], values: Mapping[str, Any]) -> PolicyLossConfig:
+    """Build ``config_cls`` from a flat mapping (e.g. ``dataclasses.asdict(cfg.algorithm)``).
+
+    Keys the algorithm has no field for are ignored (a flat config carries every algorithm's
+    options) and ``None`` means "the algorithm's default"; the result is validated as usual.
+    """
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})

@@ -141,7 +141,7 @@ def sdpg_loss(inputs: TokenInputs, cfg: SDPGConfig, *, step: int, total_steps: i
     if cfg.beta != 0.0:
         kl_N = inputs.require("kl_N", "sdpg", "reverse KL from ops.fused_kl_head; beta != 0")
         kl_c_N = clamp_kl(kl_N, cfg.kl_clamp)
-        gate_N = mask_N & (inputs.advantages_N.detach() > 0) if cfg.positive_advantage_gating else mask_N
+        gate_N = mask_N & (inputs.advantages_N.detach() > 0) if cfg.positive_advantage_only else mask_N
         loss_N = loss_N + beta * torch.where(gate_N, kl_c_N, torch.zeros_like(kl_c_N))
         metrics.add_mean("kl_mean", kl_c_N.detach(), mask_N)
         metrics.add_max("kl_max", kl_N.detach(), mask_N)

@@ -15,6 +15,7 @@ from sdpg_mcore.algo import (
     TeacherSignal,
     TeacherWeights,
     TokenInputs,
+    config_from_fields,
     get_algorithm,
     loss_counts,
     micro_batch_loss,
@@ -95,7 +96,7 @@ def _assert_same(inputs, got, want):
 @pytest.mark.parametrize("alpha_mode", ["fkl", "rkl", "ufkl", "urkl"])
 @pytest.mark.parametrize("gating", [False, True])
 def test_sdpg_matches_spec(alpha_mode, gating):
-    cfg = SDPGConfig(beta=0.3, alpha=0.05, alpha_mode=alpha_mode, positive_advantage_gating=gating,
+    cfg = SDPGConfig(beta=0.3, alpha=0.05, alpha_mode=alpha_mode, positive_advantage_only=gating,
                      entropy_coef=0.01, beta_warmup_steps=10)  # fmt: skip
     inp = _inputs()
     out = _run("sdpg", cfg, inp, step=4)
@@ -246,3 +247,15 @@ def test_rollout_mismatch_metric():
     assert m["rollout_mismatch"] == pytest.approx(
         (rollout - inp.old_logprob_N).abs().mean().item(), rel=1e-12
     )
+
+
+def test_config_from_flat_fields():
+    flat = {"name": "rlsd", "beta": 0.5, "clip_eps_low": None, "clip_c": None, "entropy_coef": 0.01,
+            "kl_penalty_coef": 2e-3, "positive_advantage_only": True}  # fmt: skip
+    rlsd = config_from_fields(RLSDConfig, flat)
+    assert (rlsd.clip_eps_low, rlsd.clip_c, rlsd.entropy_coef) == (0.2, 3.0, 0.01)
+    assert config_from_fields(GRPOConfig, flat).kl_penalty_coef == 2e-3
+    sdpg = config_from_fields(SDPGConfig, flat)
+    assert sdpg.beta == 0.5 and sdpg.positive_advantage_only and sdpg.clip_eps_high == 0.28
+    with pytest.raises(ValueError, match="clip_c"):
+        config_from_fields(DAPOConfig, {"clip_c": 1.0})
