@@ -65,8 +65,9 @@ class LazyChunk:
 
 
 def _none_bytes() -> io.BytesIO:
+    """An empty ``_extra_state``, serialised as Megatron does: a list with one entry per shard."""
     buf = io.BytesIO()
-    torch.save(None, buf)
+    torch.save([None], buf)
     return buf
 
 
