@@ -31,9 +31,12 @@ import torch.distributed as dist
 
 from sdpg_mcore.ops.kl_head_math import (
     ChunkPlan,
+    Workspace,
+    add_matmul_,
     block_grad_logits,
     chunk_statistics,
     plan_chunks,
+    write_matmul,
 )
 
 __all__ = ["fused_kl_head", "vocab_parallel_logprob_entropy"]
@@ -77,6 +80,9 @@ class _FusedKLHead(torch.autograd.Function):
         log_z_s_N = torch.empty_like(kl_N)
         log_z_t_N = torch.zeros_like(kl_N)
         weight_real = plan.prepare_weight(weight_VH)
+        workspace = Workspace(
+            plan.chunk_tokens, plan.real_rows, plan, student_NH.device, with_teacher=teacher_NH is not None
+        )
         for start in range(0, num_tokens, plan.chunk_tokens):
             stop = min(start + plan.chunk_tokens, num_tokens)
             teacher_chunk = None if teacher_NH is None else teacher_NH[start:stop]
@@ -86,6 +92,7 @@ class _FusedKLHead(torch.autograd.Function):
                 weight_real,
                 targets_N[start:stop],
                 plan,
+                workspace,
                 all_reduce=lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size),
             )
             logprob_N[start:stop] = stats.logprob
@@ -94,7 +101,7 @@ class _FusedKLHead(torch.autograd.Function):
             if teacher_chunk is not None:
                 kl_N[start:stop] = stats.kl
                 log_z_t_N[start:stop] = stats.log_z_t
-        del weight_real
+        del weight_real, workspace
         ctx.plan = plan
         ctx.tp_group = tp_group
         ctx.has_teacher = teacher_NH is not None
@@ -127,15 +134,20 @@ class _FusedKLHead(torch.autograd.Function):
         if num_tokens > 0:
             student_c = plan.as_matmul_operand(student_NH)
             teacher_c = None if grad_kl_N is None else plan.as_matmul_operand(teacher_NH)
+            workspace = Workspace(
+                num_tokens, plan.block_rows, plan, student_NH.device, with_teacher=teacher_c is not None
+            )
             for v0 in range(0, plan.real_rows, plan.block_rows):
                 v1 = min(v0 + plan.block_rows, plan.real_rows)
                 weight_b = plan.as_matmul_operand(weight_VH[v0:v1])
-                dz_NB = block_grad_logits(student_c, teacher_c, weight_b, targets_N, v0, coeffs, plan)
+                dz_NB = block_grad_logits(
+                    student_c, teacher_c, weight_b, targets_N, v0, coeffs, plan, workspace
+                )
                 dz_op = plan.as_matmul_operand(dz_NB)
                 if need_h:
-                    grad_h_NH += plan.matmul(dz_op, weight_b)
+                    add_matmul_(grad_h_NH, dz_op, weight_b)
                 if need_w:
-                    grad_w_VH[v0:v1] = plan.matmul(dz_op.t(), student_c)
+                    write_matmul(grad_w_VH[v0:v1], dz_op.t(), student_c)
                 del dz_NB, dz_op
         if need_h:
             _all_reduce(grad_h_NH, dist.ReduceOp.SUM, ctx.tp_group, plan.tp_size)

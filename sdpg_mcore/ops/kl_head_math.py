@@ -63,21 +63,13 @@ class ChunkPlan:
     def prepare_weight(self, weight_VH: torch.Tensor) -> torch.Tensor:
         return self.as_matmul_operand(weight_VH[: self.real_rows])
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` with the result in ``acc_dtype``; low-precision CUDA operands accumulate in fp32."""
-        if a.dtype in _LOW_PRECISION:
-            try:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError):  # builds without the out_dtype overload
-                return torch.mm(a, b).float()
-        return torch.mm(a, b)
-
     def grad_coefficients(self, grad_kl, grad_logprob, grad_entropy, log_z_s, log_z_t, kl, entropy):
-        """Per-token coefficients of ``dz = p_s * (a*log p_s - b*log p_t + c) + d * onehot``.
+        """Per-token coefficients of ``dz = p_s * (a*log p_s - b*z_t + c) + d * onehot``.
 
         With tempered logits ``z = x / T``: ``dkl/dz = p_s (log p_s - log p_t - kl)``,
         ``dH/dz = -p_s (log p_s + H)``, ``dlogprob/dz = onehot - p_s``; the chain rule through
-        ``/T`` divides every coefficient by ``T``. Missing upstream grads count as zero.
+        ``/T`` divides every coefficient by ``T``; ``log p_t = z_t - log Z_t`` is folded into ``c``.
+        Missing upstream grads count as zero.
         """
         zero = torch.zeros_like(kl)
         g_kl = zero if grad_kl is None else grad_kl.to(self.acc_dtype)
@@ -87,7 +79,7 @@ class ChunkPlan:
         return GradCoefficients(
             a=(g_kl - g_ent) * inv_t,
             b=None if grad_kl is None else g_kl * inv_t,
-            c=-(g_kl * kl + g_ent * entropy + g_lp) * inv_t,
+            c=(g_kl * (log_z_t - kl) - g_ent * entropy - g_lp) * inv_t,
             d=None if grad_logprob is None else g_lp * inv_t,
             log_z_s=log_z_s,
             log_z_t=log_z_t,
@@ -183,11 +175,27 @@ def plan_chunks(
     )
 
 
-def _logits(hidden_CH: torch.Tensor, weight_BH: torch.Tensor, inv_t: float, plan: ChunkPlan) -> torch.Tensor:
-    logits_CB = plan.matmul(plan.as_matmul_operand(hidden_CH), weight_BH.t())
-    if inv_t != 1.0:
-        logits_CB.mul_(inv_t)
-    return logits_CB
+def matmul_into(
+    out_CB: torch.Tensor, a_CH: torch.Tensor, b_HB: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """``out = alpha * a @ b`` without a fresh allocation where the dtypes allow it.
+
+    On CPU a fresh ``[C, B]`` tensor per chunk costs page faults comparable to the elementwise
+    work, so every chunk reuses the same workspace; ``beta=0`` makes GEMM ignore ``out``'s contents.
+    """
+    if a_CH.dtype == out_CB.dtype:
+        return torch.addmm(out_CB, a_CH, b_HB, beta=0, alpha=alpha, out=out_CB)
+    out_CB.copy_(_mm_f32(a_CH, b_HB))
+    return out_CB.mul_(alpha) if alpha != 1.0 else out_CB
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype not in _LOW_PRECISION:
+        return torch.mm(a, b).float()
+    try:  # low-precision CUDA operands, fp32 accumulation and output
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # builds without the out_dtype overload
+        return torch.mm(a, b).float()
 
 
 def _row_max(logits_CB: torch.Tensor) -> torch.Tensor:
@@ -196,9 +204,8 @@ def _row_max(logits_CB: torch.Tensor) -> torch.Tensor:
     return logits_CB.amax(dim=1)
 
 
-def _row_dot(a_CB: torch.Tensor, b_CB: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product without a ``[C, B]`` temporary."""
-    return torch.bmm(a_CB.unsqueeze(1), b_CB.unsqueeze(2)).view(-1)
+def _col(x_C: torch.Tensor) -> torch.Tensor:
+    return x_C.unsqueeze(1)
 
 
 def _local_target(
@@ -210,39 +217,74 @@ def _local_target(
     return local.clamp(0, max(num_rows - 1, 0)), inside
 
 
+def add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in ``acc``'s dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(_mm_f32(a, b))
+
+
+def write_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[...] = a @ b`` (``out`` contiguous, e.g. a row block of the weight gradient)."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(_mm_f32(a, b))
+
+
+class Workspace:
+    """Reusable ``[rows, cols]`` buffers in the accumulation dtype: the whole O(chunk) peak.
+
+    Three with a teacher (student logits, teacher logits, exp / dz), two without.
+    """
+
+    def __init__(self, rows: int, cols: int, plan: ChunkPlan, device: torch.device, with_teacher: bool):
+        count = 3 if with_teacher else 2
+        self.buffers = [torch.empty(rows * cols, dtype=plan.acc_dtype, device=device) for _ in range(count)]
+
+    def views(self, rows: int, cols: int) -> list[torch.Tensor | None]:
+        views = [buf[: rows * cols].view(rows, cols) for buf in self.buffers]
+        return views if len(views) == 3 else [views[0], None, views[1]]
+
+
 def chunk_statistics(
     student_CH: torch.Tensor,
     teacher_CH: torch.Tensor | None,
     weight_real_VH: torch.Tensor,
     targets_C: torch.Tensor,
     plan: ChunkPlan,
+    workspace: Workspace,
     all_reduce: Callable[[torch.Tensor, dist.ReduceOp], torch.Tensor],
 ) -> ChunkStats:
-    """Forward for one chunk of tokens: one MAX and one SUM all-reduce over the vocab shards."""
-    z_s = _logits(student_CH, weight_real_VH, plan.inv_temperature, plan)
-    z_t = (
-        None
-        if teacher_CH is None
-        else _logits(teacher_CH, weight_real_VH, plan.inv_teacher_temperature, plan)
-    )
-    maxes = torch.stack([_row_max(z_s), _row_max(z_s if z_t is None else z_t)])
+    """Forward for one chunk of tokens: one MAX and one SUM all-reduce over the vocab shards.
+
+    Every pass is in place on the workspace: shift by the global max, exponentiate into a second
+    buffer, and form ``sum e_s * z_s``, ``sum e_s * z_t`` by multiplying in place, then summing.
+    """
+    num_rows, vocab_cols = student_CH.shape[0], weight_real_VH.shape[0]
+    z_s, z_t, e_s = workspace.views(num_rows, vocab_cols)
+    weight_HV = weight_real_VH.t()
+    matmul_into(z_s, plan.as_matmul_operand(student_CH), weight_HV, plan.inv_temperature)
+    if teacher_CH is not None:
+        matmul_into(z_t, plan.as_matmul_operand(teacher_CH), weight_HV, plan.inv_teacher_temperature)
+    maxes = torch.stack([_row_max(z_s), _row_max(z_s if teacher_CH is None else z_t)])
     m_s, m_t = all_reduce(maxes, dist.ReduceOp.MAX)
-    z_s.sub_(m_s.unsqueeze(1))
-    exp_s = torch.exp(z_s)
-    local, inside = _local_target(targets_C - plan.vocab_offset, 0, z_s.shape[1])
-    if z_s.shape[1] > 0:
-        target_logit = z_s.gather(1, local.unsqueeze(1)).squeeze(1) * inside
+    z_s.sub_(_col(m_s))
+    local, inside = _local_target(targets_C - plan.vocab_offset, 0, vocab_cols)
+    if vocab_cols > 0:
+        target_logit = z_s.gather(1, _col(local)).squeeze(1) * inside
     else:
         target_logit = torch.zeros_like(m_s)
-    sum_s = exp_s.sum(dim=1)
-    ent_num = _row_dot(exp_s, z_s)  # sum p~ (z - m)
-    if z_t is not None:
-        z_t.sub_(m_t.unsqueeze(1))
-        kl_num = _row_dot(exp_s, z_s.sub_(z_t))  # sum p~ ((z_s - m_s) - (z_t - m_t))
-        sum_t = z_t.exp_().sum(dim=1)
+    torch.exp(z_s, out=e_s)
+    sum_s = e_s.sum(dim=1)
+    ent_num = z_s.mul_(e_s).sum(dim=1)  # sum e_s (z_s - m_s); z_s is free afterwards
+    if teacher_CH is not None:
+        z_t.sub_(_col(m_t))
+        sum_t = torch.exp(z_t, out=z_s).sum(dim=1)
+        kl_num = ent_num - z_t.mul_(e_s).sum(dim=1)  # sum e_s ((z_s - m_s) - (z_t - m_t))
     else:
         kl_num, sum_t = torch.zeros_like(sum_s), torch.ones_like(sum_s)
-    del z_s, z_t, exp_s
     sum_s, sum_t, kl_num, ent_num, target_logit = all_reduce(
         torch.stack([sum_s, sum_t, kl_num, ent_num, target_logit]), dist.ReduceOp.SUM
     )
@@ -264,20 +306,24 @@ def block_grad_logits(
     block_start: int,
     coeffs: GradCoefficients,
     plan: ChunkPlan,
+    workspace: Workspace,
 ) -> torch.Tensor:
-    """``d loss / d raw logits`` for all tokens and the vocabulary rows of one block: ``[N, B]``."""
-    log_p_s = _logits(student_NH, weight_BH, plan.inv_temperature, plan)
-    log_p_s.sub_(coeffs.log_z_s.unsqueeze(1))
-    dz = torch.exp(log_p_s)
-    inner = log_p_s.mul_(coeffs.a.unsqueeze(1)).add_(coeffs.c.unsqueeze(1))
+    """``d loss / d raw logits`` for all tokens and the vocabulary rows of one block: ``[N, B]``.
+
+    ``dz = p_s * (a * log p_s - b * z_t + c) + d * onehot`` (``GradCoefficients``), in place.
+    """
+    num_rows, block_cols = student_NH.shape[0], weight_BH.shape[0]
+    log_p_s, z_t, dz = workspace.views(num_rows, block_cols)
+    weight_HB = weight_BH.t()
+    matmul_into(log_p_s, student_NH, weight_HB, plan.inv_temperature)
+    log_p_s.sub_(_col(coeffs.log_z_s))
+    torch.exp(log_p_s, out=dz)
+    torch.addcmul(_col(coeffs.c), log_p_s, _col(coeffs.a), out=log_p_s)
     if coeffs.b is not None:
-        log_p_t = _logits(teacher_NH, weight_BH, plan.inv_teacher_temperature, plan)
-        log_p_t.sub_(coeffs.log_z_t.unsqueeze(1))
-        inner.sub_(log_p_t.mul_(coeffs.b.unsqueeze(1)))
-        del log_p_t
-    dz.mul_(inner)
-    del inner, log_p_s
+        matmul_into(z_t, teacher_NH, weight_HB, plan.inv_teacher_temperature)
+        log_p_s.addcmul_(z_t, _col(coeffs.b), value=-1.0)
+    dz.mul_(log_p_s)
     if coeffs.d is not None:
-        local, inside = _local_target(targets_N, plan.vocab_offset + block_start, dz.shape[1])
-        dz.scatter_add_(1, local.unsqueeze(1), (coeffs.d * inside).unsqueeze(1))
+        local, inside = _local_target(targets_N, plan.vocab_offset + block_start, block_cols)
+        dz.scatter_add_(1, _col(local), _col(coeffs.d * inside))
     return dz

@@ -1,0 +1,283 @@
+"""Benchmark the fused reverse-KL LM head against the materialising approach of the reference.
+
+Both variants compute, for N tokens, the student and teacher logits of one output layer (teacher
+no-grad), the reverse KL, the sampled-token log-prob and the student entropy, then backpropagate a
+random per-token upstream gradient into the student hidden states and the weight.
+
+* ``reference``: materialises ``[N, V]`` logits for student and teacher in the model dtype,
+  ``log_softmax`` / KL / entropy in that dtype (the reference's bf16 KL), log-prob from an fp32
+  ``log_softmax`` — autograd keeps every ``[N, V]`` temporary for the backward.
+* ``fused``: ``sdpg_mcore.ops.fused_kl_head`` (chunked, custom backward, fp32 sums).
+
+Each variant runs in a fresh subprocess (clean allocator, honest peak). Peak EXTRA memory is what
+the step adds on top of its inputs (gradients included): on CUDA ``max_memory_allocated``; on CPU
+the kernel's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``).
+Time is forward + backward, median of ``--iters`` after one warm-up.
+
+    python tools/bench_kl.py                      # small CPU shape, fp32, ~half a minute on 2 cores
+    python tools/bench_kl.py --shape qwen3-4b     # N=8192, H=2560, V=151,936, bf16 (GPU)
+    python tools/bench_kl.py --shape tiny --json /tmp/kl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark problem."""
+
+    tokens: int
+    """N: tokens (student and teacher each)."""
+    hidden: int
+    """H: hidden size."""
+    vocab: int
+    """V: real vocabulary; the weight is padded to a multiple of 128 like Megatron's."""
+    dtype: str
+    """Model dtype of hidden states and weight."""
+    chunk_size: int | None
+    """Tokens per chunk for the fused head (None: its 256 MiB default budget)."""
+
+
+SHAPES = {
+    # CPU: fp32 (bf16 matmuls have no fast path on most CPUs); chunk = N/16 so that the fused
+    # head's temporaries stand in the same proportion to N as the 256 MiB default does at Qwen3 scale.
+    "cpu": Shape(tokens=1024, hidden=128, vocab=32000, dtype="float32", chunk_size=64),
+    "tiny": Shape(tokens=64, hidden=16, vocab=1000, dtype="float32", chunk_size=8),
+    "qwen3-4b": Shape(tokens=8192, hidden=2560, vocab=151936, dtype="bfloat16", chunk_size=None),
+}
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name fragment.
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def _padded(vocab: int) -> int:
+    return -(-vocab // 128) * 128
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+class PeakMeter:
+    """Peak extra memory of one region: CUDA allocator stats, or the RSS high-water mark on CPU."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, device
+
+    def __enter__(self):
+        torch = self.torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = _rss_bytes("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc):
+        torch = self.torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = _rss_bytes("VmHWM") - self.base
+
+
+def _reference_step(h_s, h_t, weight, targets, upstream, vocab):
+    import torch
+
+    w_real = weight[:vocab]
+    z_s = h_s @ w_real.t()
+    with torch.no_grad():
+        log_p_t = torch.log_softmax(h_t @ w_real.t(), dim=-1)
+    log_p_s = torch.log_softmax(z_s, dim=-1)
+    p_s = log_p_s.exp()
+    kl = (p_s * (log_p_s - log_p_t)).sum(-1)
+    entropy = -(p_s * log_p_s).sum(-1)
+    logprob = torch.log_softmax(z_s.float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    return kl.float(), logprob, entropy.float()
+
+
+def _fused_step(h_s, h_t, weight, targets, upstream, vocab, chunk_size):
+    from sdpg_mcore.ops import fused_kl_head
+
+    return fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, chunk_size=chunk_size)
+
+
+def run_worker(variant: str, shape: Shape, iters: int, device_name: str) -> dict:
+    """Run one variant in this process and return its measurements."""
+    import torch
+
+    device = torch.device(device_name)
+    dtype = getattr(torch, shape.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def make(n, h, v):
+        h_s = (torch.randn(n, h, generator=gen) * 2).to(device, dtype).requires_grad_()
+        h_t = (torch.randn(n, h, generator=gen) * 2).to(device, dtype)
+        w = (torch.randn(_padded(v), h, generator=gen) / h**0.5).to(device, dtype).requires_grad_()
+        tg = torch.randint(0, v, (n,), generator=gen).to(device)
+        up = torch.randn(3, n, generator=gen).to(device)
+        return h_s, h_t, w, tg, up
+
+    def step(inputs, vocab):
+        h_s, h_t, w, tg, up = inputs
+        h_s.grad = w.grad = None
+        if variant == "fused":
+            outs = _fused_step(h_s, h_t, w, tg, up, vocab, shape.chunk_size)
+        else:
+            outs = _reference_step(h_s, h_t, w, tg, up, vocab)
+        sum((o * g).sum() for o, g in zip(outs, up)).backward()
+        return outs
+
+    step(make(8, shape.hidden, 300), 300)  # load kernels and thread pools outside the measurement
+    inputs = make(shape.tokens, shape.hidden, shape.vocab)
+    with PeakMeter(device) as meter:
+        outs = step(inputs, shape.vocab)
+    summary = [float(o.detach().double().mean()) for o in outs]
+    del outs
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(inputs, shape.vocab)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {
+        "peak_bytes": int(meter.peak),
+        "seconds": statistics.median(times),
+        "all_seconds": times,
+        "means": {"kl": summary[0], "logprob": summary[1], "entropy": summary[2]},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _spawn(variant: str, shape: Shape, iters: int, device: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--shape-json",
+        json.dumps(dataclasses.asdict(shape)),
+    ]
+    cmd += ["--iters", str(iters), "--device", device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _matmul_flops(shape: Shape) -> tuple[float, float]:
+    """(fused, reference) matmul FLOPs of one forward+backward: 12 vs 8 N*V*H."""
+    nvh = 2.0 * shape.tokens * shape.vocab * shape.hidden
+    return 6 * nvh, 4 * nvh
+
+
+def benchmark(shape: Shape, shape_name: str, iters: int, device: str) -> dict:
+    fused = _spawn("fused", shape, iters, device)
+    reference = _spawn("reference", shape, iters, device)
+    result = {
+        "shape": {"name": shape_name, **dataclasses.asdict(shape), "padded_vocab": _padded(shape.vocab)},
+        "fused": fused,
+        "reference": reference,
+        "memory_ratio": reference["peak_bytes"] / max(fused["peak_bytes"], 1),
+        "time_ratio": fused["seconds"] / reference["seconds"],
+        "max_mean_diff": max(abs(fused["means"][k] - reference["means"][k]) for k in fused["means"]),
+    }
+    if device.startswith("cuda"):
+        fused_flops, ref_flops = _matmul_flops(shape)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in fused["device"]), None)
+        result["tflops"] = {
+            "fused_achieved": fused_flops / fused["seconds"] / 1e12,
+            "reference_achieved": ref_flops / reference["seconds"] / 1e12,
+            "fused_useful": ref_flops / fused["seconds"] / 1e12,
+            "device_peak": peak,
+        }
+    return result
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result["shape"]
+    title = f"fused KL head vs materialising reference — {s['name']}: N={s['tokens']} H={s['hidden']} "
+    title += f"V={s['vocab']} (padded {s['padded_vocab']}) {s['dtype']} on {result['fused']['device']}"
+    table = Table(title=title)
+    for col in ("variant", "peak extra MiB", "fwd+bwd s", "mean kl", "mean logprob", "mean entropy"):
+        table.add_column(col, justify="right")
+    for name in ("fused", "reference"):
+        r = result[name]
+        m = r["means"]
+        table.add_row(
+            name, f"{r['peak_bytes'] / 2**20:.1f}", f"{r['seconds']:.3f}",
+            f"{m['kl']:.5f}", f"{m['logprob']:.5f}", f"{m['entropy']:.5f}",
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(
+        f"memory_ratio (reference/fused) = {result['memory_ratio']:.2f}   "
+        f"time_ratio (fused/reference) = {result['time_ratio']:.2f}   chunk_size = {s['chunk_size']}"
+    )
+    if "tflops" in result:
+        t = result["tflops"]
+        console.print(
+            f"TFLOP/s: fused {t['fused_achieved']:.0f} achieved ({t['fused_useful']:.0f} useful), "
+            f"reference {t['reference_achieved']:.0f}; device peak {t['device_peak']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu", help="problem size (default: cpu)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="override the shape's fused chunk size")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per variant (median)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--worker", choices=("fused", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--shape-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, str(REPO_ROOT))
+        shape = Shape(**json.loads(args.shape_json))
+        sys.stdout.write(json.dumps(run_worker(args.worker, shape, args.iters, args.device)) + "\n")
+        return 0
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = SHAPES[args.shape]
+    if args.chunk_size is not None:
+        shape = dataclasses.replace(shape, chunk_size=args.chunk_size)
+    result = benchmark(shape, args.shape, args.iters, args.device)
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
