@@ -33,7 +33,8 @@ WRONG_SCORE = -1.0
 MAX_VERIFY_CHARS = 400
 DEFAULT_VERIFY_TIMEOUT_S = 5.0
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# ``\boxed 5`` (no braces) only before a number, sign or command: ``in \boxed as asked`` is prose.
+_BOX_START = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)| +([-+\d\\(][^\s$]*))")
 _ANSWER_LINE = re.compile(r"(?i)Answer[ \t]*:[ \t]*([^\n]+)")
 # Multi-letter units only: a single letter after a number is more often a variable (``2m``) than metres.
 _UNITS = (
@@ -47,26 +48,23 @@ _LEADING_VARIABLE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*=\s*
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (or ``\\boxed x``); None if absent/unclosed."""
-    start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
-    if start < 0:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (or ``\\boxed x``); None if absent/unclosed.
+
+    A bare mention (``in \\boxed.``) is not a box and does not hide an earlier answer.
+    """
+    last = next(reversed(list(_BOX_START.finditer(text))), None)
+    if last is None:
         return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    if text.startswith(" ", i) and not text[i:].lstrip(" ").startswith("{"):
-        match = re.match(r" +([^\s$]+)", text[i:])
-        return match.group(1) if match else None
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        return None
+    if last.group(2) is not None:
+        return last.group(2)
     depth = 0
-    for j in range(i, len(text)):
+    for j in range(last.start(1), len(text)):
         if text[j] == "{":
             depth += 1
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1 : j]
+                return text[last.start(1) + 1 : j]
     return None
 
 

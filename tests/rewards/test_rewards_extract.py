@@ -60,3 +60,8 @@ def test_normalize_answer(raw, expected):
 def test_clean_keeps_spaces_latex_needs():
     assert clean_answer("2 \\pi r") == "2 \\pi r"
     assert normalize_answer("2 \\pi r") == "2\\pir"
+
+
+def test_a_bare_mention_of_boxed_does_not_hide_the_answer():
+    assert last_boxed("so \\boxed{5}. I wrote it in \\boxed as asked.") == "5"
+    assert last_boxed("\\boxedfoo{3}") is None
