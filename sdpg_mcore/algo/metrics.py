@@ -129,7 +129,9 @@ class MetricSums:
         return out
 
     def _device(self) -> torch.device:
-        for store in (self.sums, self.totals, self.maxes, self.mins):
+        """The accelerator if any entry lives there (NCCL needs it), else CPU."""
+        for store in (self.sums, self.counts, self.totals, self.maxes, self.mins):
             for v in store.values():
-                return v.device
+                if v.device.type != "cpu":
+                    return v.device
         return torch.device("cpu")

@@ -259,3 +259,23 @@ def test_config_from_flat_fields():
     assert sdpg.beta == 0.5 and sdpg.positive_advantage_only and sdpg.clip_eps_high == 0.28
     with pytest.raises(ValueError, match="clip_c"):
         config_from_fields(DAPOConfig, {"clip_c": 1.0})
+
+
+def test_fp32_end_to_end_with_fused_kl_head():
+    """The trainer's path: ops.fused_kl_head's fp32 kl/logprob/entropy into the sdpg loss, grads to the head."""
+    from sdpg_mcore.ops import fused_kl_head
+
+    gen = torch.Generator().manual_seed(5)
+    n, h, v = 9, 8, 13
+    student = torch.randn(n, h, generator=gen, requires_grad=True)
+    teacher = torch.randn(n, h, generator=gen)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    kl, lp, ent = fused_kl_head(student, teacher, weight, targets, vocab_size=v, temperature=0.7)
+    seq_index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    inp = TokenInputs(lp, lp.detach() + 0.05, torch.tensor([1.0, -1.0, 0.5])[seq_index], seq_index, 3,
+                      kl_N=kl, entropy_N=ent, ref_logprob_N=lp.detach() - 0.1)  # fmt: skip
+    out = _run("sdpg", SDPGConfig(beta=0.5, entropy_coef=0.01), inp)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert weight.grad.abs().sum() > 0 and student.grad.abs().sum() > 0
