@@ -71,7 +71,7 @@ def test_real_configs_match_published_and_transformers(example, published):
         assert shape.num_megatron_parameters(tp) == published + rows * shape.hidden_size
 
 
-def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape]) -> dict:
+def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_configs: list[dict]) -> dict:
     """TP2 x PP2: count every rank's parameters; then TP1 x DP4: measure DDP + distributed optimizer."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -81,8 +81,11 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape]) -> dict
     init_model_parallel(2, 2)
     last_stage = parallel_state.is_pipeline_last_stage()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    local, unique = [], []
-    for shape in shapes:
+    from sdpg_mcore.models.builder import build_gpt_model
+
+    local, unique, project = [], [], []
+    for shape, hf_config in zip(shapes, hf_configs):
+        project.append(sum(p.numel() for p in build_gpt_model(hf_config).parameters()))
         model = build_gpt(shape, 2, 2)
         local.append(sum(p.numel() for p in model.parameters()))
         count = 0
@@ -124,6 +127,7 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape]) -> dict
         )
     return dict(
         local=local,
+        project=project,
         unique=unique,
         stepped=stepped,
         tp1_count=sum(p.numel() for p in model.parameters()),
@@ -132,18 +136,20 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape]) -> dict
 
 
 def test_megatron_counts_and_measured_static_memory():
-    """Planner vs a real GPTModel (TP2/PP2) and a real DDP + distributed-optimizer step (DP4).
+    """Planner vs real GPTModels (TP2/PP2: Megatron's local spec and ``sdpg_mcore.models.build_gpt_model``)
+    and a real DDP + distributed-optimizer step (TP1/DP4).
 
     Ranks 0-1 form pipeline stage 0 and ranks 2-3 stage 1 (Megatron's default order tp-cp-ep-dp-pp).
     """
-    shapes = [ModelShape.from_hf_config(tiny_hf_config(a)) for a in ("llama", "qwen2", "qwen3")]
-    shapes.insert(0, ModelShape.from_hf_config(tiny_hf_config("llama", tie_word_embeddings=True)))
-    results = spawn_ranks(_megatron_rank, 4, args=(shapes,))
+    configs = [tiny_hf_config("llama", tie_word_embeddings=True)]
+    configs += [tiny_hf_config(a) for a in ("llama", "qwen2", "qwen3")]
+    shapes = [ModelShape.from_hf_config(c) for c in configs]
+    results = spawn_ranks(_megatron_rank, 4, args=(shapes, [c.to_dict() for c in configs]))
     for i, shape in enumerate(shapes):
         stages = shape.stage_parameters(tp=2, pp=2)
-        assert [r["local"][i] for r in results] == [stages[0], stages[0], stages[1], stages[1]], (
-            shape.model_type
-        )
+        expected = [stages[0], stages[0], stages[1], stages[1]]
+        assert [r["local"][i] for r in results] == expected, shape.model_type
+        assert [r["project"][i] for r in results] == expected, shape.model_type  # sdpg_mcore.models builder
         assert sum(r["unique"][i] for r in results) == shape.num_megatron_parameters(tp=2), shape.model_type
 
     shape = shapes[-1]
