@@ -10,6 +10,7 @@ function and its arguments must be picklable (a module-level function).
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -41,7 +42,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        out.put((rank, True, result))
+        # Plain pickle copies tensor storage into the bytes; the queue's own pickler would pass a
+        # shared-memory handle that dies with this process before the parent reads it.
+        out.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report every failure to the parent, which re-raises it
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -84,7 +87,10 @@ def spawn_ranks(
                     f"spawn_ranks: {world_size - len(results) - len(errors)} rank(s) of {fn.__name__} gave no "
                     f"result within {timeout_s:.0f}s (deadlock or crash); finished: {sorted(results)}"
                 ) from None
-            (results if ok else errors)[rank] = payload
+            if ok:
+                results[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
             if errors:
                 break
     finally:
