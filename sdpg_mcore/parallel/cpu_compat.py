@@ -18,8 +18,9 @@ The patches (each function below says why):
 - the RNG tracker (``megatron.core.tensor_parallel.random``) keeps CPU generator states:
   ``CudaRNGStatesTracker.add/fork`` and ``_get/_set_cuda_rng_state`` (activation recompute);
 - a process-wide ``CpuDeviceMode`` (a ``TorchFunctionMode``): ``device="cuda"`` allocations become
-  CPU ones and ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names, for the optimizers'
-  (incl. distributed optimizer) type checks, grad scalers, clip-grad and the pipeline schedules.
+  CPU ones, ``pin_memory`` is dropped and ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names,
+  for the optimizers' (incl. distributed optimizer) type checks, grad scalers, clip-grad, the
+  pipeline schedules and the context-parallel RoPE slicing.
 
 Things it does NOT patch, and callers must do instead:
 - ``GPTModel.forward`` without an ``attention_mask`` builds a CUDA mask; always pass one on CPU
@@ -69,16 +70,20 @@ class CpuDeviceMode(TorchFunctionMode):
     grad-norm buffers) and accept only parameters whose ``Tensor.type()`` is
     ``'torch.cuda.FloatTensor'`` (or Half/BFloat16). Inside this mode ``device='cuda'`` means CPU,
     ``.cuda()`` is the identity, and ``Tensor.type()`` reports the CUDA type name of a CPU tensor.
+    Pinned host memory needs an accelerator, so ``pin_memory=True`` / ``.pin_memory()`` are dropped
+    (the RoPE slicing for context parallelism stages its indices through pinned memory).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.to and len(args) >= 2 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])

@@ -26,6 +26,7 @@ def _apply_twice(rank, world_size):
         same_patch=torch.cuda.current_device is patched,
         device=torch.zeros(2, device="cuda").device.type,
         moved=torch.ones(1).cuda().device.type,
+        pinned=torch.tensor([1], device="cpu", pin_memory=True).cuda(non_blocking=True).device.type,
         type_name=torch.ones(1).type(),
         half_type_name=torch.ones(1, dtype=torch.bfloat16).type(),
         explicit_type=torch.ones(1).type(torch.float64).dtype,
@@ -36,7 +37,7 @@ def test_apply_is_idempotent_and_maps_cuda_allocations():
     # in a fresh process: the patches are process-wide and must not leak into pytest's own
     (out,) = spawn_ranks(_apply_twice, 1)
     assert out["applied"] == (True, True) and out["same_patch"]
-    assert out["device"] == "cpu" and out["moved"] == "cpu"
+    assert out["device"] == "cpu" and out["moved"] == "cpu" and out["pinned"] == "cpu"
     assert out["type_name"] == "torch.cuda.FloatTensor"
     assert out["half_type_name"] == "torch.cuda.BFloat16Tensor"
     assert out["explicit_type"] == torch.float64
