@@ -63,6 +63,7 @@ class DevServer:
         self.weight_version = "default"
         self.groups: dict[str, WeightUpdateGroup] = {}
         self.num_generate_requests = 0
+        self._recv_buffers: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- app
     def make_app(self) -> web.Application:
@@ -390,6 +391,33 @@ class DevServer:
         group.destroy()
         return web.json_response({"success": True, "message": f"destroyed {name}"})
 
+    @torch.no_grad()
+    def _receive_into_model(self, group: WeightUpdateGroup, names, dtypes, shapes, flattened: bool) -> None:
+        """Receive one request's broadcasts: one flat bucket (into a buffer kept per group), or one per tensor."""
+        torch_dtypes = [getattr(torch, d) for d in dtypes]
+        params = [self.engine.params_by_name[n] for n in names]
+        if flattened and names:
+            numels = [int(torch.Size(s).numel()) for s in shapes]
+            buffer = self._recv_buffers.get(group.group_name)
+            if buffer is None or buffer.numel() < sum(numels) or buffer.dtype != torch_dtypes[0]:
+                buffer = self._recv_buffers[group.group_name] = torch.empty(
+                    sum(numels), dtype=torch_dtypes[0]
+                )
+            flat = buffer[: sum(numels)]
+            group.broadcast(flat, 0)
+            for param, view in zip(params, flat.split(numels)):
+                param.copy_(view.view_as(param))
+            return
+        # One tensor per broadcast, all in flight at once; straight into the weights when layouts match.
+        targets = [
+            p.data if p.dtype == d and p.is_contiguous() else torch.empty(p.shape, dtype=d)
+            for p, d in zip(params, torch_dtypes)
+        ]
+        group.broadcast_many(targets, 0)
+        for param, target in zip(params, targets):
+            if target.data_ptr() != param.data_ptr():
+                param.copy_(target)
+
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         assert self.scheduler is not None
         body = await _json_body(request)
@@ -411,10 +439,10 @@ class DevServer:
             raise ValueError(
                 f"load_format={FLATTENED_BUCKET!r} needs one dtype per request, got {sorted(set(dtypes))}"
             )
-        # Receive off the model thread (several groups may be broadcasting at once), then copy in.
-        tensors = await asyncio.to_thread(_receive, group, names, dtypes, shapes, flattened)
         async with self.scheduler.exclusive():
-            await self.scheduler.run_on_model(self.engine.load_tensors, tensors)
+            # Nothing decodes now: receive straight into the weights, off the model thread so that
+            # several groups (one per trainer pipeline stage) can broadcast at the same time.
+            await asyncio.to_thread(self._receive_into_model, group, names, dtypes, shapes, flattened)
             self._set_version(body)
         return web.json_response(
             {
@@ -423,25 +451,6 @@ class DevServer:
                 "weight_version": self.weight_version,
             }
         )
-
-
-def _receive(
-    group: WeightUpdateGroup, names, dtypes, shapes, flattened: bool
-) -> list[tuple[str, torch.Tensor]]:
-    """Receive the broadcasts of one request: one flat buffer, or one tensor per name in order."""
-    torch_dtypes = [getattr(torch, d) for d in dtypes]
-    if flattened and names:
-        numels = [int(torch.Size(s).numel()) for s in shapes]
-        flat = torch.empty(sum(numels), dtype=torch_dtypes[0])
-        group.broadcast(flat, 0)
-        views = flat.split(numels)
-        return [(n, v.view(s)) for n, v, s in zip(names, views, shapes)]
-    out = []
-    for name, dtype, shape in zip(names, torch_dtypes, shapes):
-        tensor = torch.empty(shape, dtype=dtype)
-        group.broadcast(tensor, 0)
-        out.append((name, tensor))
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,6 +74,12 @@ class WeightUpdateGroup:
         """Broadcast ``tensor`` in place from ``src`` (blocking)."""
         self.pg.broadcast(tensor, src).wait()
 
+    def broadcast_many(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Broadcast each tensor in place, all in flight at once (matched by order on every rank)."""
+        works = [self.pg.broadcast(t, src) for t in tensors]
+        for work in works:
+            work.wait()
+
     def barrier(self) -> None:
         """All ranks meet (a 1-element broadcast, which every backend implements)."""
         device = "cuda" if self.backend == "nccl" else "cpu"

@@ -188,6 +188,9 @@ class RolloutServers:
                 cmd += ["--enable-memory-saver"]
         cmd += ["--model-path", cfg.model_path, "--host", cfg.host, "--port", str(port), *cfg.extra_args]
         env = {**os.environ, **cfg.env}
+        if cfg.backend == "dev":  # importable even when the package runs from a checkout, not installed
+            package_root = str(Path(__file__).resolve().parents[2])
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         log_path = self.log_dir / f"server_{index}.log"
         return ManagedProcess(f"server {index}", cmd, env, log_path, f"http://{cfg.host}:{port}")
 

@@ -10,8 +10,9 @@ iterator, which keeps their all-gathers in step.
   one rank publishes it with an atomic rename and calls ``/update_weights_from_disk``.
 - :class:`DistributedWeightSync`: each stage source hosts a weight-update group joined by every
   server (``/init_weights_update_group``); tensors go out in buckets (default 512 MB, one dtype
-  each): per bucket ONE ``/update_weights_from_distributed`` request listing names/dtypes/shapes
-  with ``load_format="flattened_bucket"`` and ONE broadcast of the concatenated flat buffer.
+  each): per bucket ONE ``/update_weights_from_distributed`` request listing names/dtypes/shapes,
+  then either ONE broadcast of the concatenated flat buffer (``load_format="flattened_bucket"``,
+  the default with NCCL) or the bucket's tensors broadcast back to back with no copies (gloo).
 
 Every update sets ``weight_version`` on the servers; :func:`check_weight_versions` verifies it.
 """
@@ -217,7 +218,9 @@ class DiskWeightSync:
 class DistributedWeightSync:
     """Bucketed broadcast from one pipeline stage's source rank to every server.
 
-    ``server_ranks`` is how many group ranks each server occupies (its TP x DP size for real
+    Per bucket one request; its tensors travel as one flattened broadcast (``flatten``, default on
+    for NCCL) or as per-tensor broadcasts all in flight at once, received straight into the
+    server's weights (default on gloo). ``server_ranks`` is how many group ranks each server occupies (its TP x DP size for real
     SGLang, 1 for the dev server). ``stage`` picks the group name and, by default, the port
     (``master_port + stage``) so every stage has its own group.
     """
@@ -231,7 +234,7 @@ class DistributedWeightSync:
         stage: int = 0,
         backend: str = "gloo",
         bucket_bytes: int = 512 << 20,
-        flatten: bool = True,
+        flatten: bool | None = None,
         server_ranks: int = 1,
         group_prefix: str = "sdpg_weights",
         timeout_s: float = 600.0,
@@ -242,12 +245,16 @@ class DistributedWeightSync:
         self.stage = stage
         self.backend = backend
         self.bucket_bytes = bucket_bytes
-        self.flatten = flatten
+        # Flattening saves NCCL launches on GPU; on CPU the two extra copies cost more than the
+        # per-tensor gloo broadcasts (tools/bench_weight_sync.py: 0.44 vs 1.7 GB/s), so it is off there.
+        self.flatten = (backend == "nccl") if flatten is None else flatten
         self.server_ranks = server_ranks
         self.group_name = f"{group_prefix}_pp{stage}"
         self.timeout_s = timeout_s
         self.group: WeightUpdateGroup | None = None
         self.stats = WeightSyncStats()
+        self._device = "cuda" if backend == "nccl" else "cpu"
+        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=len(self.server_urls) + 2, thread_name_prefix="weight-sync"
         )
@@ -295,10 +302,11 @@ class DistributedWeightSync:
         is_source: bool = True,
         flush_cache: bool = True,
     ) -> WeightSyncStats:
-        """Send every tensor, one request + one broadcast per bucket; the last request carries ``version``.
+        """Send every tensor (one request + one broadcast per bucket), then set ``version`` and check it.
 
-        With pipeline stages pass ``version=None`` on each stage and call :meth:`set_version` on one
-        rank after all stages pushed (the version must mean "all weights are new").
+        Double-buffered: while bucket ``k`` is on the wire, the iterator produces (and this rank
+        flattens) bucket ``k + 1``. With pipeline stages pass ``version=None`` on each stage source and
+        call :meth:`set_version` on one rank once all stages pushed (the version means "all weights new").
         """
         if not is_source:
             for _ in named_tensors:
@@ -307,74 +315,69 @@ class DistributedWeightSync:
         if self.group is None:
             self.connect()
         stats, start = WeightSyncStats(), time.perf_counter()
-        pending: list[tuple[str, torch.Tensor]] | None = None
-        for bucket in iter_buckets(named_tensors, self.bucket_bytes):
-            if pending is not None:
-                self._send(pending, None, flush_cache=False, stats=stats)
-            pending = bucket
-        if pending is not None:
-            self._send(pending, version, flush_cache=flush_cache, stats=stats)
-        elif version is not None:
-            self.set_version(version)
+        in_flight: _InFlight | None = None
+        for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+            payload, flat = self._prepare(bucket, slot=index % 2)
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight = self._start(payload, flat, bucket)
+            stats.num_tensors += len(bucket)
+            stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            stats.num_requests += 1
+        if in_flight is not None:
+            in_flight.wait()
+        if version is not None:
+            self.set_version(version, flush_cache=flush_cache)
         stats.seconds = time.perf_counter() - start
         self.stats = stats
         if version is not None:
             check_weight_versions(self.server_urls, str(version))
         return stats
 
-    def _send(
-        self,
-        bucket: list[tuple[str, torch.Tensor]],
-        version: str | None,
-        *,
-        flush_cache: bool,
-        stats: WeightSyncStats,
-    ) -> None:
-        assert self.group is not None
+    def _prepare(
+        self, bucket: list[tuple[str, torch.Tensor]], slot: int
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The request body of ``bucket`` and, when flattened, its tensors copied into buffer ``slot``."""
         flatten = self.flatten and len(bucket) > 1
         payload: dict[str, Any] = {
             "names": [n for n, _ in bucket],
             "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
             "shapes": [list(t.shape) for _, t in bucket],
             "group_name": self.group_name,
-            "flush_cache": flush_cache,
+            "flush_cache": False,
         }
-        if flatten:
-            payload["load_format"] = FLATTENED_BUCKET
-        if version is not None:
-            payload["weight_version"] = str(version)
+        if not flatten:
+            return payload, None
+        payload["load_format"] = FLATTENED_BUCKET
+        dtype, numel = bucket[0][1].dtype, sum(t.numel() for _, t in bucket)
+        key = (slot, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:  # reused across buckets and pushes: no page faults
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=self._device)
+        flat = buffer[:numel]
+        torch.cat([t.detach().reshape(-1) for _, t in bucket], out=flat)
+        return payload, flat
+
+    def _start(self, payload: dict[str, Any], flat: torch.Tensor | None, bucket) -> _InFlight:
+        """Post the request to every server and start the broadcast in a worker thread."""
+        assert self.group is not None
+        group, device = self.group, self._device
         futures = _post_all(
             self._pool, self.server_urls, "/update_weights_from_distributed", payload, self.timeout_s
         )
-        device = "cuda" if self.backend == "nccl" else "cpu"
-        group = self.group
 
         def broadcast() -> None:
-            if flatten:
-                group.broadcast(torch.cat([t.detach().reshape(-1).to(device) for _, t in bucket]), 0)
+            if flat is not None:
+                group.broadcast(flat, 0)
             else:
-                for _, tensor in bucket:
-                    group.broadcast(tensor.detach().to(device).contiguous(), 0)
+                group.broadcast_many([t.detach().to(device).contiguous() for _, t in bucket], 0)
 
-        sent = self._pool.submit(broadcast)
-        # A server that rejects the request never joins the broadcast: fail now, not at the gloo timeout.
-        while not sent.done():
-            wait([sent, *futures], return_when=FIRST_COMPLETED)
-            refused = [f for f in futures if f.done() and f.result()[0] != 200]
-            if refused and not sent.done():
-                self.group = None  # the group is out of step now; reconnect before the next push
-                _check(
-                    futures if all(f.done() for f in futures) else refused,
-                    self.server_urls,
-                    "/update_weights_from_distributed",
-                )
-        sent.result()
-        _check(futures, self.server_urls, "/update_weights_from_distributed")
-        stats.num_tensors += len(bucket)
-        stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        stats.num_requests += 1
+        return _InFlight(self, futures, self._pool.submit(broadcast))
 
-    def set_version(self, version: str) -> None:
+    def _mark_broken(self) -> None:
+        self.group = None  # out of step with the servers now; the next push reconnects
+
+    def set_version(self, version: str, *, flush_cache: bool = True) -> None:
         """Set ``weight_version`` on every server with an empty update (no tensors move)."""
         payload = {
             "names": [],
@@ -382,6 +385,7 @@ class DistributedWeightSync:
             "shapes": [],
             "group_name": self.group_name,
             "weight_version": str(version),
+            "flush_cache": flush_cache,
         }
         _check(
             _post_all(
@@ -406,6 +410,25 @@ class DistributedWeightSync:
             self.group.destroy()
             self.group = None
         self._pool.shutdown(wait=False)
+
+
+class _InFlight:
+    """A bucket on the wire: the servers' HTTP answers and the local broadcast."""
+
+    def __init__(self, sync: DistributedWeightSync, futures: list, sent):
+        self.sync, self.futures, self.sent = sync, futures, sent
+
+    def wait(self) -> None:
+        urls, path = self.sync.server_urls, "/update_weights_from_distributed"
+        # A server that rejects the request never joins the broadcast: fail now, not at the gloo timeout.
+        while not self.sent.done():
+            wait([self.sent, *self.futures], return_when=FIRST_COMPLETED)
+            refused = [(u, f) for u, f in zip(urls, self.futures) if f.done() and f.result()[0] != 200]
+            if refused and not self.sent.done():
+                self.sync._mark_broken()
+                _check([f for _, f in refused], [u for u, _ in refused], path)
+        self.sent.result()
+        _check(self.futures, urls, path)
 
 
 def describe(stats: WeightSyncStats) -> str:

@@ -92,9 +92,12 @@ def test_disk_sync(sync_servers, other_models, tmp_path):
     assert not list((tmp_path / "shared").glob(".staging-*"))
 
 
-@pytest.mark.parametrize(("bucket_bytes", "flatten"), [(64 << 10, True), (0, False)])
-def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten):
-    seed = 2 if flatten else 3
+@pytest.mark.parametrize(
+    ("bucket_bytes", "flatten", "seed"),
+    [(64 << 10, True, 2), (64 << 10, False, 3), (0, False, 1)],
+    ids=["bucketed-flat", "bucketed", "per-tensor"],
+)
+def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten, seed):
     tensors = hf_tensors(other_models[seed])
     sync = DistributedWeightSync(
         sync_servers.worker_urls, master_port=find_free_port(), bucket_bytes=bucket_bytes, flatten=flatten
@@ -104,7 +107,7 @@ def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten):
     finally:
         sync.close()
     assert stats.num_tensors == len(tensors)
-    if flatten:
+    if bucket_bytes:
         assert 1 < stats.num_requests < len(tensors)  # one request per bucket, not per tensor
     else:
         assert stats.num_requests == len(tensors)
