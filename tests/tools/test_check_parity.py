@@ -1,0 +1,41 @@
+"""``tools/check_parity.py``: spawns its own gloo ranks and prints a JSON report as its last line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from checkpoints_convert.convert import hf_to_mcore
+from sdpg_mcore.models.tiny import save_tiny_hf_model
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_parity.py"
+
+
+def test_check_parity_from_converted_checkpoint(tmp_path):
+    hf = save_tiny_hf_model(tmp_path / "hf", arch="llama")
+    hf_to_mcore(hf, tmp_path / "mc", tp=2)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--hf",
+            str(hf),
+            "--tp",
+            "1",
+            "--pp",
+            "1",
+            "--mcore",
+            str(tmp_path / "mc"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["max_abs_logit_diff"] <= 1e-4 and report["tokens"] == 32 and report["source"] == "mcore"
+
+
+def test_help():
+    res = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--mcore" in res.stdout
