@@ -60,6 +60,11 @@ def _parity(rank, world_size, cases, layouts):
             logits = forward_logits(model, tokens, vocab_size=hf.vocab_size)
             diff = None if logits is None else (logits - logits_ref).abs().max().item()
             out[(tp, pp, arch)] = dict(diff=diff, names=sorted(megatron_param_names(model).values()))
+            if pp > 1:  # two micro-batches through the 1F1B schedule give the same logits
+                split = forward_logits(model, tokens, vocab_size=hf.vocab_size, num_microbatches=2)
+                out[(tp, pp, arch)]["microbatch_diff"] = (
+                    None if split is None else (split - logits).abs().max().item()
+                )
     state.destroy()
     return out
 
@@ -86,6 +91,7 @@ def test_logits_equal_transformers_tp1_tp2_pp2(two_rank_results, arch):
             assert results[rank][(*layout, arch)]["diff"] < 1e-4, (layout, rank)
     assert results[0][(1, 2, arch)]["diff"] is None  # first stage returns no logits
     assert results[1][(1, 2, arch)]["diff"] < 1e-4
+    assert results[1][(1, 2, arch)]["microbatch_diff"] < 1e-6
     stage0, stage1 = results[0][(1, 2, arch)]["names"], results[1][(1, 2, arch)]["names"]
     assert (
         "embedding.word_embeddings.weight" in stage0 and "decoder.layers.1.input_layernorm.weight" in stage0
