@@ -1,5 +1,6 @@
 """Context-parallel attention without TE: layout helpers, the op against an fp64 reference, and a
-whole GPTModel whose logits, loss and gradients at CP=2 (and CP=2 x TP=2) equal CP=1."""
+whole GPTModel whose logits, loss and gradients at CP=2 (and CP=2 x TP=2) equal CP=1; PP2 x CP2
+logits equal PP2."""
 
 import pytest
 import torch
@@ -106,6 +107,11 @@ def _model_on_layouts(rank, world_size, hf_config):
         out[(tp, cp)] = dict(
             logits=logits, loss=total.item(), grads=grads, tp_rank=ps.get_tensor_model_parallel_rank()
         )
+    for cp in (1, 2):  # pipeline x context parallel: the 1F1B schedule sends S / CP tokens per stage
+        state.initialize_model_parallel(pp=2, cp=cp, seed=9)
+        out[("pp2", cp)] = forward_logits(
+            build_gpt_model(hf_config), tokens, vocab_size=301, num_microbatches=2
+        )
     state.destroy()
     return out
 
@@ -129,3 +135,7 @@ def test_gpt_model_cp2_and_cp2_tp2_equal_cp1():
             for name, grad in base["grads"].items():
                 torch.testing.assert_close(with_cp["grads"][name], grad, rtol=0, atol=1e-5, msg=name)
     assert results[0][(1, 1)]["logits"].shape == (BATCH, SEQ, 301)
+    last_stage = [r for r in results if r[("pp2", 2)] is not None]
+    assert len(last_stage) == 2  # pp=2 x cp=2: the two CP ranks of the last stage
+    for r in last_stage:
+        torch.testing.assert_close(r[("pp2", 2)], results[-1][("pp2", 1)], rtol=0, atol=1e-5)
