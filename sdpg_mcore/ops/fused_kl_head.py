@@ -31,10 +31,15 @@ import torch.distributed as dist
 
 from sdpg_mcore.ops.kl_head_math import (
     ChunkPlan,
+    ChunkStats,
     Workspace,
     add_matmul_,
+    all_reduce_state,
     block_grad_logits,
-    chunk_statistics,
+    block_state,
+    empty_state,
+    finalize,
+    merge_states,
     plan_chunks,
     write_matmul,
 )
@@ -58,58 +63,49 @@ def _all_reduce(tensor: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tenso
     return tensor
 
 
+def _group_forward(student_GH, teacher_GH, weight_real, targets_G, plan, workspace, tp_group) -> ChunkStats:
+    """Statistics of one token group: loop over vocabulary blocks, then merge over the TP shards."""
+    state = None
+    for v0 in range(0, plan.real_rows, plan.block_rows):
+        block = block_state(
+            student_GH, teacher_GH, weight_real[v0 : v0 + plan.block_rows], targets_G, v0, plan, workspace
+        )
+        state = block if state is None else merge_states(state, block)
+    if state is None:
+        state = empty_state(student_GH.shape[0], plan, student_GH.device)
+    if plan.tp_size > 1:
+        state = all_reduce_state(state, lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size))
+    return finalize(state)
+
+
 class _FusedKLHead(torch.autograd.Function):
     """Autograd node for the fused head; see the module docstring for the algorithm."""
 
     @staticmethod
-    def forward(
-        ctx,
-        student_NH: torch.Tensor,
-        teacher_NH: torch.Tensor | None,
-        weight_VH: torch.Tensor,
-        targets_N: torch.Tensor,
-        plan: ChunkPlan,
-        tp_group,
-    ):
+    def forward(ctx, student_NH, teacher_NH, weight_VH, targets_N, plan: ChunkPlan, tp_group):
         ctx.set_materialize_grads(False)
-        num_tokens = student_NH.shape[0]
-        acc = plan.acc_dtype
-        kl_N = torch.zeros(num_tokens, dtype=acc, device=student_NH.device)
-        logprob_N = torch.empty_like(kl_N)
-        entropy_N = torch.empty_like(kl_N)
-        log_z_s_N = torch.empty_like(kl_N)
+        num_tokens, device = student_NH.shape[0], student_NH.device
+        kl_N = torch.zeros(num_tokens, dtype=plan.acc_dtype, device=device)
+        logprob_N, entropy_N, log_z_s_N = (torch.empty_like(kl_N) for _ in range(3))
         log_z_t_N = torch.zeros_like(kl_N)
         weight_real = plan.prepare_weight(weight_VH)
-        workspace = Workspace(
-            plan.chunk_tokens, plan.real_rows, plan, student_NH.device, with_teacher=teacher_NH is not None
-        )
-        for start in range(0, num_tokens, plan.chunk_tokens):
-            stop = min(start + plan.chunk_tokens, num_tokens)
-            teacher_chunk = None if teacher_NH is None else teacher_NH[start:stop]
-            stats = chunk_statistics(
-                student_NH[start:stop],
-                teacher_chunk,
-                weight_real,
-                targets_N[start:stop],
-                plan,
-                workspace,
-                all_reduce=lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size),
-            )
-            logprob_N[start:stop] = stats.logprob
-            entropy_N[start:stop] = stats.entropy
-            log_z_s_N[start:stop] = stats.log_z_s
-            if teacher_chunk is not None:
-                kl_N[start:stop] = stats.kl
-                log_z_t_N[start:stop] = stats.log_z_t
+        workspace = Workspace(plan.group_tokens, plan.block_rows, plan, device, teacher_NH is not None)
+        for g0 in range(0, num_tokens, plan.group_tokens):
+            g1 = min(g0 + plan.group_tokens, num_tokens)
+            teacher_GH = None if teacher_NH is None else plan.as_matmul_operand(teacher_NH[g0:g1])
+            stats = _group_forward(
+                plan.as_matmul_operand(student_NH[g0:g1]), teacher_GH, weight_real, targets_N[g0:g1],
+                plan, workspace, tp_group,
+            )  # fmt: skip
+            logprob_N[g0:g1], entropy_N[g0:g1], log_z_s_N[g0:g1] = stats.logprob, stats.entropy, stats.log_z_s
+            if teacher_GH is not None:
+                kl_N[g0:g1], log_z_t_N[g0:g1] = stats.kl, stats.log_z_t
         del weight_real, workspace
-        ctx.plan = plan
-        ctx.tp_group = tp_group
-        ctx.has_teacher = teacher_NH is not None
+        ctx.plan, ctx.tp_group, ctx.has_teacher = plan, tp_group, teacher_NH is not None
         ctx.save_for_backward(
             student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
         )
-        out_dtype = plan.out_dtype
-        return kl_N.to(out_dtype), logprob_N.to(out_dtype), entropy_N.to(out_dtype)
+        return kl_N.to(plan.out_dtype), logprob_N.to(plan.out_dtype), entropy_N.to(plan.out_dtype)
 
     @staticmethod
     def backward(ctx, grad_kl_N, grad_logprob_N, grad_entropy_N):
@@ -120,35 +116,37 @@ class _FusedKLHead(torch.autograd.Function):
         if not ctx.has_teacher:
             grad_kl_N = None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        if (grad_kl_N is None and grad_logprob_N is None and grad_entropy_N is None) or not (
-            need_h or need_w
-        ):
+        no_upstream = grad_kl_N is None and grad_logprob_N is None and grad_entropy_N is None
+        if no_upstream or not (need_h or need_w):
             return None, None, None, None, None, None
-        acc = plan.acc_dtype
-        num_tokens = student_NH.shape[0]
-        grad_h_NH = torch.zeros(student_NH.shape, dtype=acc, device=student_NH.device)
+        num_tokens, device = student_NH.shape[0], student_NH.device
+        grad_h_NH = torch.zeros(student_NH.shape, dtype=plan.acc_dtype, device=device)
         grad_w_VH = torch.zeros_like(weight_VH) if need_w else None
         coeffs = plan.grad_coefficients(
             grad_kl_N, grad_logprob_N, grad_entropy_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
         )
-        if num_tokens > 0:
-            student_c = plan.as_matmul_operand(student_NH)
-            teacher_c = None if grad_kl_N is None else plan.as_matmul_operand(teacher_NH)
-            workspace = Workspace(
-                num_tokens, plan.block_rows, plan, student_NH.device, with_teacher=teacher_c is not None
-            )
+        student_c = plan.as_matmul_operand(student_NH)
+        teacher_c = None if grad_kl_N is None else plan.as_matmul_operand(teacher_NH)
+        workspace = Workspace(plan.group_tokens, plan.block_rows, plan, device, teacher_c is not None)
+        for g0 in range(0, num_tokens, plan.group_tokens):
+            g1 = min(g0 + plan.group_tokens, num_tokens)
+            student_GH = student_c[g0:g1]
+            teacher_GH = None if teacher_c is None else teacher_c[g0:g1]
+            coeffs_G = coeffs.rows(g0, g1)
             for v0 in range(0, plan.real_rows, plan.block_rows):
                 v1 = min(v0 + plan.block_rows, plan.real_rows)
-                weight_b = plan.as_matmul_operand(weight_VH[v0:v1])
-                dz_NB = block_grad_logits(
-                    student_c, teacher_c, weight_b, targets_N, v0, coeffs, plan, workspace
+                weight_BH = plan.as_matmul_operand(weight_VH[v0:v1])
+                dz_GB = block_grad_logits(
+                    student_GH, teacher_GH, weight_BH, targets_N[g0:g1], v0, coeffs_G, plan, workspace
                 )
-                dz_op = plan.as_matmul_operand(dz_NB)
+                dz_op = plan.as_matmul_operand(dz_GB)
                 if need_h:
-                    add_matmul_(grad_h_NH, dz_op, weight_b)
-                if need_w:
-                    write_matmul(grad_w_VH[v0:v1], dz_op.t(), student_c)
-                del dz_NB, dz_op
+                    add_matmul_(grad_h_NH[g0:g1], dz_op, weight_BH)
+                if need_w and g0 == 0:
+                    write_matmul(grad_w_VH[v0:v1], dz_op.t(), student_GH)
+                elif need_w:
+                    add_matmul_(grad_w_VH[v0:v1], dz_op.t(), student_GH)
+        del workspace
         if need_h:
             _all_reduce(grad_h_NH, dist.ReduceOp.SUM, ctx.tp_group, plan.tp_size)
         grad_h = grad_h_NH.to(student_NH.dtype) if need_h else None

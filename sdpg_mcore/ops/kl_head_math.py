@@ -26,6 +26,8 @@ DEFAULT_CHUNK_BUDGET_BYTES = 256 * 1024**2
 per element: student logits, teacher logits, exp), large enough that the matmuls stay efficient."""
 
 _BUFFERS_PER_ELEMENT = 3
+MIN_BLOCK_ROWS = 64
+"""Thinnest vocabulary block worth a matmul; below it the tokens are split into groups instead."""
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -39,10 +41,11 @@ class ChunkPlan:
     """Global id of this rank's first weight row (``rank * V_local``)."""
     real_rows: int
     """Rows of this shard below ``vocab_size`` (the rest is Megatron padding)."""
-    chunk_tokens: int
-    """Tokens per forward chunk."""
+    group_tokens: int
+    """Tokens per group: all of them unless that would make vocabulary blocks thinner than
+    ``MIN_BLOCK_ROWS`` (then each group costs two more all-reduces in the forward)."""
     block_rows: int
-    """Vocabulary rows per backward block (``block_rows * N ~ chunk_tokens * V_local``)."""
+    """Vocabulary rows per block: ``group_tokens * block_rows <= chunk_size * V_local``."""
     inv_temperature: float
     inv_teacher_temperature: float
     in_dtype: torch.dtype
@@ -93,6 +96,9 @@ class GradCoefficients(NamedTuple):
     d: torch.Tensor | None
     log_z_s: torch.Tensor
     log_z_t: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> GradCoefficients:
+        return GradCoefficients(*(None if x is None else x[start:stop] for x in self))
 
 
 class ChunkStats(NamedTuple):
@@ -155,17 +161,19 @@ def plan_chunks(
     acc_dtype = torch.float64 if student_NH.dtype == torch.float64 else torch.float32
     vocab_offset = tp_rank * local_rows
     real_rows = max(0, min(local_rows, vocab_size - vocab_offset))
-    width = max(real_rows, 1)
+    width = local_rows  # not real_rows: every rank must make the same groups (same all-reduces)
     if chunk_size is None:
         per_token = _BUFFERS_PER_ELEMENT * width * torch.finfo(acc_dtype).bits // 8
         chunk_size = max(1, DEFAULT_CHUNK_BUDGET_BYTES // per_token)
-    chunk_tokens = max(1, min(chunk_size, num_tokens))
-    block_rows = max(1, min(width, chunk_tokens * width // max(num_tokens, 1)))
+    budget = chunk_size * width  # elements per workspace buffer
+    thinnest = min(MIN_BLOCK_ROWS, width)
+    group_tokens = max(1, min(num_tokens, budget // thinnest))
+    block_rows = max(1, min(width, budget // group_tokens))
     return ChunkPlan(
         tp_size=tp_size,
         vocab_offset=vocab_offset,
         real_rows=real_rows,
-        chunk_tokens=chunk_tokens,
+        group_tokens=group_tokens,
         block_rows=block_rows,
         inv_temperature=1.0 / temperature,
         inv_teacher_temperature=1.0 / teacher_temperature,
@@ -196,12 +204,6 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mm(a, b, out_dtype=torch.float32)
     except (RuntimeError, TypeError):  # builds without the out_dtype overload
         return torch.mm(a, b).float()
-
-
-def _row_max(logits_CB: torch.Tensor) -> torch.Tensor:
-    if logits_CB.shape[1] == 0:  # a shard made only of padding rows
-        return logits_CB.new_full((logits_CB.shape[0],), -math.inf)
-    return logits_CB.amax(dim=1)
 
 
 def _col(x_C: torch.Tensor) -> torch.Tensor:
@@ -248,54 +250,115 @@ class Workspace:
         return views if len(views) == 3 else [views[0], None, views[1]]
 
 
-def chunk_statistics(
-    student_CH: torch.Tensor,
-    teacher_CH: torch.Tensor | None,
-    weight_real_VH: torch.Tensor,
-    targets_C: torch.Tensor,
+class HeadState(NamedTuple):
+    """Per-token softmax statistics of a slice of the vocabulary, relative to its own maxima.
+
+    ``sum_s = sum e_s``, ``ent_num = sum e_s (z_s - m_s)``,
+    ``kl_num = sum e_s ((z_s - m_s) - (z_t - m_t))``, ``sum_t = sum e_t`` with
+    ``e_s = exp(z_s - m_s)``, ``e_t = exp(z_t - m_t)``; ``target`` is the raw target logit where the
+    target lies in the slice, else 0. States of disjoint slices merge exactly (``merge_states``).
+    """
+
+    m_s: torch.Tensor
+    sum_s: torch.Tensor
+    ent_num: torch.Tensor
+    kl_num: torch.Tensor
+    m_t: torch.Tensor
+    sum_t: torch.Tensor
+    target: torch.Tensor
+
+
+def _rescale(state: HeadState, m_s: torch.Tensor, m_t: torch.Tensor) -> HeadState:
+    """The same statistics relative to larger maxima ``m_s >= state.m_s``, ``m_t >= state.m_t``."""
+    zero = torch.zeros_like(m_s)
+    shift_s = torch.where(state.sum_s > 0, state.m_s - m_s, zero)  # empty slices have m = -inf
+    shift_t = torch.where(state.sum_t > 0, state.m_t - m_t, zero)
+    scale_s = torch.exp(state.m_s - m_s)
+    return HeadState(
+        m_s=m_s,
+        sum_s=scale_s * state.sum_s,
+        ent_num=scale_s * (state.ent_num + shift_s * state.sum_s),
+        kl_num=scale_s * (state.kl_num + (shift_s - shift_t) * state.sum_s),
+        m_t=m_t,
+        sum_t=torch.exp(state.m_t - m_t) * state.sum_t,
+        target=state.target,
+    )
+
+
+def merge_states(a: HeadState, b: HeadState) -> HeadState:
+    """Statistics of the union of two disjoint vocabulary slices."""
+    m_s, m_t = torch.maximum(a.m_s, b.m_s), torch.maximum(a.m_t, b.m_t)
+    ra, rb = _rescale(a, m_s, m_t), _rescale(b, m_s, m_t)
+    return HeadState(
+        m_s, *(x + y for x, y in zip(ra[1:4], rb[1:4])), m_t, ra.sum_t + rb.sum_t, a.target + b.target
+    )
+
+
+def empty_state(num_tokens: int, plan: ChunkPlan, device: torch.device) -> HeadState:
+    """The statistics of no vocabulary rows (a shard made only of padding)."""
+    zero = torch.zeros(num_tokens, dtype=plan.acc_dtype, device=device)
+    ninf = torch.full_like(zero, -math.inf)
+    return HeadState(ninf, zero, zero, zero, ninf.clone(), zero.clone(), zero.clone())
+
+
+def all_reduce_state(
+    state: HeadState, all_reduce: Callable[[torch.Tensor, dist.ReduceOp], torch.Tensor]
+) -> HeadState:
+    """Merge the states of all vocab shards: one MAX all-reduce, one SUM all-reduce."""
+    m_s, m_t = all_reduce(torch.stack([state.m_s, state.m_t]), dist.ReduceOp.MAX)
+    local = _rescale(state, m_s, m_t)
+    summed = all_reduce(
+        torch.stack([local.sum_s, local.ent_num, local.kl_num, local.sum_t, local.target]), dist.ReduceOp.SUM
+    )
+    sum_s, ent_num, kl_num, sum_t, target = summed
+    return HeadState(m_s, sum_s, ent_num, kl_num, m_t, sum_t, target)
+
+
+def finalize(state: HeadState) -> ChunkStats:
+    """kl, log-prob, entropy and both log-partition functions from full-vocabulary statistics."""
+    log_s, log_t = state.sum_s.log(), state.sum_t.log()
+    return ChunkStats(
+        kl=state.kl_num / state.sum_s - log_s + log_t,
+        logprob=state.target - state.m_s - log_s,
+        entropy=log_s - state.ent_num / state.sum_s,
+        log_z_s=state.m_s + log_s,
+        log_z_t=state.m_t + log_t,
+    )
+
+
+def block_state(
+    student_GH: torch.Tensor,
+    teacher_GH: torch.Tensor | None,
+    weight_BH: torch.Tensor,
+    targets_G: torch.Tensor,
+    block_start: int,
     plan: ChunkPlan,
     workspace: Workspace,
-    all_reduce: Callable[[torch.Tensor, dist.ReduceOp], torch.Tensor],
-) -> ChunkStats:
-    """Forward for one chunk of tokens: one MAX and one SUM all-reduce over the vocab shards.
+) -> HeadState:
+    """Statistics of one block of vocabulary rows for a group of tokens, all in place.
 
-    Every pass is in place on the workspace: shift by the global max, exponentiate into a second
-    buffer, and form ``sum e_s * z_s``, ``sum e_s * z_t`` by multiplying in place, then summing.
+    Shift by the block max, exponentiate into a second buffer, and form ``sum e_s (z_s - m_s)``,
+    ``sum e_s (z_t - m_t)`` by multiplying in place, then summing.
     """
-    num_rows, vocab_cols = student_CH.shape[0], weight_real_VH.shape[0]
-    z_s, z_t, e_s = workspace.views(num_rows, vocab_cols)
-    weight_HV = weight_real_VH.t()
-    matmul_into(z_s, plan.as_matmul_operand(student_CH), weight_HV, plan.inv_temperature)
-    if teacher_CH is not None:
-        matmul_into(z_t, plan.as_matmul_operand(teacher_CH), weight_HV, plan.inv_teacher_temperature)
-    maxes = torch.stack([_row_max(z_s), _row_max(z_s if teacher_CH is None else z_t)])
-    m_s, m_t = all_reduce(maxes, dist.ReduceOp.MAX)
+    num_rows, block_cols = student_GH.shape[0], weight_BH.shape[0]
+    z_s, z_t, e_s = workspace.views(num_rows, block_cols)
+    weight_HB = weight_BH.t()
+    matmul_into(z_s, student_GH, weight_HB, plan.inv_temperature)
+    local, inside = _local_target(targets_G, plan.vocab_offset + block_start, block_cols)
+    target = z_s.gather(1, _col(local)).squeeze(1) * inside
+    m_s = z_s.amax(dim=1)
     z_s.sub_(_col(m_s))
-    local, inside = _local_target(targets_C - plan.vocab_offset, 0, vocab_cols)
-    if vocab_cols > 0:
-        target_logit = z_s.gather(1, _col(local)).squeeze(1) * inside
-    else:
-        target_logit = torch.zeros_like(m_s)
-    torch.exp(z_s, out=e_s)
-    sum_s = e_s.sum(dim=1)
-    ent_num = z_s.mul_(e_s).sum(dim=1)  # sum e_s (z_s - m_s); z_s is free afterwards
-    if teacher_CH is not None:
-        z_t.sub_(_col(m_t))
-        sum_t = torch.exp(z_t, out=z_s).sum(dim=1)
-        kl_num = ent_num - z_t.mul_(e_s).sum(dim=1)  # sum e_s ((z_s - m_s) - (z_t - m_t))
-    else:
-        kl_num, sum_t = torch.zeros_like(sum_s), torch.ones_like(sum_s)
-    sum_s, sum_t, kl_num, ent_num, target_logit = all_reduce(
-        torch.stack([sum_s, sum_t, kl_num, ent_num, target_logit]), dist.ReduceOp.SUM
-    )
-    log_s, log_t = sum_s.log(), sum_t.log()
-    return ChunkStats(
-        kl=kl_num / sum_s - log_s + log_t,
-        logprob=target_logit - log_s,
-        entropy=log_s - ent_num / sum_s,
-        log_z_s=m_s + log_s,
-        log_z_t=m_t + log_t,
-    )
+    sum_s = torch.exp(z_s, out=e_s).sum(dim=1)
+    ent_num = z_s.mul_(e_s).sum(dim=1)  # z_s is free afterwards
+    if teacher_GH is None:
+        zero = torch.zeros_like(m_s)
+        return HeadState(m_s, sum_s, ent_num, zero, zero, zero, target)
+    matmul_into(z_t, teacher_GH, weight_HB, plan.inv_teacher_temperature)
+    m_t = z_t.amax(dim=1)
+    z_t.sub_(_col(m_t))
+    sum_t = torch.exp(z_t, out=z_s).sum(dim=1)
+    kl_num = ent_num - z_t.mul_(e_s).sum(dim=1)
+    return HeadState(m_s, sum_s, ent_num, kl_num, m_t, sum_t, target)
 
 
 def block_grad_logits(

@@ -45,12 +45,19 @@ def values_and_grads(fn, h_s, weight, upstream):
     return [o.detach() for o in outs], grads
 
 
-@pytest.mark.parametrize("num_tokens,chunk_size", [(7, None), (7, 3), (7, 1), (7, 100), (1, None), (1, 1)])
+# vocab 11: one block per group; vocab 700 (MIN_BLOCK_ROWS = 64): several vocabulary blocks, and
+# for chunk_size 1 several token groups too (700 // 64 = 10 tokens per group, blocks of 70 rows).
+@pytest.mark.parametrize(
+    "num_tokens,chunk_size,vocab,padded",
+    [(7, None, 11, 16), (7, 3, 11, 16), (7, 1, 11, 16), (7, 100, 11, 16), (1, None, 11, 16), (1, 1, 11, 16),
+     (23, 1, 700, 768), (23, 2, 700, 768), (23, 5, 700, 768), (1, 1, 700, 768)],
+)  # fmt: skip
 @pytest.mark.parametrize("temps", [(1.0, 1.0), (0.7, 1.3)])
 @pytest.mark.parametrize("with_teacher", [True, False])
-def test_matches_naive_reference(num_tokens, chunk_size, temps, with_teacher):
-    vocab, padded = 11, 16
+def test_matches_naive_reference(num_tokens, chunk_size, vocab, padded, temps, with_teacher):
     h_s, h_t, weight, targets, upstream = make_case(num_tokens, 5, vocab, padded)
+    if num_tokens > 3:
+        targets[1], targets[2] = 0, vocab // 2  # first row, a row inside a middle block
     teacher = h_t if with_teacher else None
     t_s, t_t = temps
     got, got_grads = values_and_grads(

@@ -8,8 +8,9 @@ import torch
 from sdpg_mcore.parallel.spawn import spawn_ranks
 
 HIDDEN = 6
-# (real vocab, padded vocab = V_local * 4): with TP 4 the last rank holds one real row (13) or none (11).
-VOCABS = [(13, 16), (11, 16)]
+# (real vocab, padded vocab = V_local * 4): with TP 4 the last rank holds one real row (13) or none
+# (11); 500 of 512 gives several vocabulary blocks per shard (and token groups at chunk_size 1).
+VOCABS = [(13, 16), (11, 16), (500, 512)]
 # (teacher?, temperature, teacher_temperature, chunk_size)
 CONFIGS = [(True, 0.7, 1.3, 3), (False, 1.0, 1.0, None), (True, 1.0, 1.0, 1)]
 
