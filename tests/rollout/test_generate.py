@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -189,10 +190,26 @@ def test_abort_on_cancel_and_pause(servers):
     params = SamplingParams(max_new_tokens=200, ignore_eos=True)
     with pytest.raises(Exception, match="deadline"):
         client.run(client.generate([[1, 2, 3]], params))
-    # The aborted request no longer occupies the server.
-    status, info = http_json(f"{worker}/get_server_info")
-    assert info["internal_states"][0]["num_in_flight"] == 0
-    # pause (abort mode) answers in-flight requests with finish_reason abort; continue resumes.
+    # The aborted request leaves the server within a step or two (200 steps otherwise).
+    deadline = time.monotonic() + 5
+    while http_json(f"{worker}/get_server_info")[1]["internal_states"][0]["num_in_flight"]:
+        assert time.monotonic() < deadline, "aborted request still running"
+        time.sleep(0.05)
+    # /pause_generation (default mode "abort") answers in-flight requests with finish_reason abort.
+    client2 = RolloutClient(ClientConfig(url=worker))
+
+    async def pause_mid_request():
+        body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
+        task = asyncio.ensure_future(client2.generate_raw(body))
+        await asyncio.sleep(0.5)
+        status, _ = await client2.post("/pause_generation", {})
+        out = await task
+        await client2.post("/continue_generation")
+        return status, out
+
+    status, out = client2.run(pause_mid_request())
+    assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < out["meta_info"]["completion_tokens"] < 250
     assert http_json(f"{worker}/pause_generation", {"mode": "in_place"})[0] == 200
     assert http_json(f"{worker}/continue_generation", {})[0] == 200
     status, out = http_json(
