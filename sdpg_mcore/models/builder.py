@@ -11,8 +11,11 @@ What the builder guarantees (and ``tests/models`` checks against ``transformers`
 - tied embeddings map to ``share_embeddings_and_output_weights`` (with PP the last stage holds a
   copy of the embedding as ``output_layer.weight``, kept equal by Megatron's embedding group).
 
-On CPU always pass an explicit attention mask to the model (``causal_attention_mask``): the one
-GPTModel builds by default assumes CUDA. ``forward_logits`` does this for you.
+Always pass an explicit attention mask to the model (``causal_attention_mask``): the one GPTModel
+builds by default is allocated on CUDA (on CPU it only works through ``parallel.cpu_compat``).
+``forward_logits`` does this for you. Under context parallelism the mask is ignored (the CP
+attention is causal by global position) and inputs must be in the CP layout
+(``sdpg_mcore.ops.cp_attention.split_to_cp_layout``).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def resolve_use_te(use_te: bool | None) -> bool:
     return use_te
 
 
-def check_parallel_fit(hf: HFModelConfig, tp: int, pp: int, cp: int = 1) -> None:
+def check_parallel_fit(hf: HFModelConfig, tp: int, pp: int) -> None:
     """Raise ``ValueError`` when the model cannot be split this way (names the sizes and the fix)."""
     if hf.num_key_value_heads % tp != 0:
         raise ValueError(
@@ -81,7 +81,7 @@ def transformer_config(
     """
     from megatron.core.transformer import TransformerConfig
 
-    check_parallel_fit(hf, tp, pp, cp)
+    check_parallel_fit(hf, tp, pp)
     te = resolve_use_te(use_te)
     if sequence_parallel and not te:
         raise ValueError(

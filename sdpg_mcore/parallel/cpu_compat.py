@@ -22,9 +22,8 @@ The patches (each function below says why):
   for the optimizers' (incl. distributed optimizer) type checks, grad scalers, clip-grad, the
   pipeline schedules and the context-parallel RoPE slicing.
 
-Things it does NOT patch, and callers must do instead:
-- ``GPTModel.forward`` without an ``attention_mask`` builds a CUDA mask; always pass one on CPU
-  (``sdpg_mcore.models`` does).
+Callers should still pass an explicit ``attention_mask`` to ``GPTModel`` (``sdpg_mcore.models``
+does): the default one is built with ``device="cuda"`` and only works here through the mode.
 """
 
 from __future__ import annotations
