@@ -72,7 +72,12 @@ def tiny_hf_config(arch: str = "qwen3", **overrides: Any):
 
 
 def save_tiny_hf_model(
-    out_dir: str | Path, arch: str = "qwen3", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+    out_dir: str | Path,
+    arch: str = "qwen3",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
 ) -> Path:
     """Build a random-init model of ``arch`` and save it (config.json + model.safetensors) to ``out_dir``.
 
