@@ -1,0 +1,82 @@
+"""slurm/lib.sh role assignment and its errors, run in bash without Slurm (the node list is given)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+LIB = Path(__file__).resolve().parents[2] / "slurm" / "lib.sh"
+
+
+def _roles(nodes: list[str], **env: str) -> subprocess.CompletedProcess:
+    script = f"source {LIB}; NODES=({' '.join(nodes)}); sdpg_plan_roles && sdpg_print_roles"
+    return subprocess.run(
+        ["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True
+    )
+
+
+def test_dedicated_70b_layout():
+    proc = _roles([f"n{i}" for i in range(1, 7)], GPUS_PER_NODE="8", ROLLOUT_TP="8", ROLLOUT_NODES="2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "trainer: 4 node(s) (n1 n2 n3 n4) x 8 tasks = 32 ranks; master n1:?" in lines
+    assert [line for line in lines if line.startswith("server")] == [
+        "server 0: http://n5:30000 gpus=0,1,2,3,4,5,6,7",
+        "server 1: http://n6:30000 gpus=0,1,2,3,4,5,6,7",
+    ]
+    assert "trainer rollout.urls: http://n5:29000" in lines
+
+
+def test_colocated_one_node_without_router():
+    proc = _roles(["gpu1"], ROLLOUT_MODE="colocated", GPUS_PER_NODE="8", ROLLOUT_TP="2", USE_ROUTER="0")
+    assert proc.returncode == 0, proc.stderr
+    servers = [line for line in proc.stdout.splitlines() if line.startswith("server")]
+    assert servers == [f"server {i}: http://gpu1:{30000 + i} gpus={2 * i},{2 * i + 1}" for i in range(4)]
+    assert "trainer rollout.urls: " + ",".join(f"http://gpu1:{30000 + i}" for i in range(4)) in proc.stdout
+    assert "x 8 tasks = 8 ranks" in proc.stdout
+
+
+def test_repeated_host_gets_distinct_ports():
+    """DRY_RUN repeats the one real node; servers of the same host must not share a port."""
+    proc = _roles(["vm", "vm", "vm"], GPUS_PER_NODE="2", ROLLOUT_TP="1", ROLLOUT_NODES="2")
+    assert proc.returncode == 0, proc.stderr
+    ports = [
+        line.split("http://vm:")[1].split()[0]
+        for line in proc.stdout.splitlines()
+        if line.startswith("server")
+    ]
+    assert ports == ["30000", "30001", "30002", "30003"]
+
+
+@pytest.mark.parametrize(
+    "nodes,env,message",
+    [
+        (
+            ["n1"],
+            {"GPUS_PER_NODE": "8", "ROLLOUT_TP": "8"},
+            "ROLLOUT_MODE=dedicated needs 1 <= ROLLOUT_NODES < nodes",
+        ),
+        (["n1", "n2"], {"GPUS_PER_NODE": "8", "ROLLOUT_TP": "3"}, "ROLLOUT_TP=3 must divide GPUS_PER_NODE=8"),
+        (["n1", "n2"], {"GPUS_PER_NODE": "8", "ROLLOUT_TP": "8", "ROLLOUT_MODE": "mixed"}, "is not one of"),
+    ],
+)
+def test_bad_settings_exit_2_with_message(nodes, env, message):
+    proc = _roles(nodes, **env)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_node_list_outside_slurm_and_fake_nodes_guard():
+    proc = subprocess.run(
+        ["bash", "-c", f"source {LIB}; sdpg_node_list"], capture_output=True, text=True, env={}
+    )
+    assert proc.returncode == 2 and "SLURM_JOB_NODELIST is empty" in proc.stderr
+    proc = subprocess.run(
+        ["bash", "-c", f"source {LIB}; scontrol() {{ echo real1; }}; sdpg_node_list"],
+        capture_output=True,
+        text=True,
+        env={"SLURM_JOB_NODELIST": "real1", "SDPG_FAKE_NODES": "3", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "only allowed with DRY_RUN=1" in proc.stderr
