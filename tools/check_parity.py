@@ -20,8 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoints_convert.parity import compare_with_hf, parity_rank  # noqa: E402
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +45,8 @@ def _under_launcher() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from checkpoints_convert.parity import compare_with_hf, parity_rank  # after --help: heavy imports
+
     run_args = (str(Path(args.hf)), args.tp, args.pp, args.mcore, args.batch, args.seq_len, args.seed)
     if _under_launcher():
         import torch.distributed as dist
@@ -59,6 +59,12 @@ def main(argv=None) -> int:
         dist.all_gather_object(gathered, mine)
         if env.rank != 0:
             return 0
+    elif args.tp * args.pp == 1:  # one rank: run here, on a free port, instead of paying a second start-up
+        from sdpg_mcore.parallel.spawn import find_free_port
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+        gathered = [parity_rank(0, 1, *run_args)]
     else:
         from sdpg_mcore.parallel.spawn import spawn_ranks
 

@@ -21,9 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoints_convert.convert import hf_to_mcore, mcore_to_hf  # noqa: E402
-from checkpoints_convert.hf_io import CheckpointError  # noqa: E402
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from checkpoints_convert.convert import hf_to_mcore, mcore_to_hf  # after --help: imports torch
+
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         print(f"error: --out {out} exists and is not empty; choose a new directory", file=sys.stderr)
@@ -56,7 +55,7 @@ def main(argv=None) -> int:
             stats = hf_to_mcore(args.hf, out, tp=args.tp, pp=args.pp)
         else:
             stats = mcore_to_hf(args.mcore, out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-    except (CheckpointError, ValueError) as err:
+    except ValueError as err:  # CheckpointError included: user mistakes, the message says the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
