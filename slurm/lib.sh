@@ -15,7 +15,8 @@
 #   ROLLOUT_TP        GPUs per rollout server; GPUS_PER_NODE / ROLLOUT_TP servers per rollout node
 #   SERVER_BASE_PORT  first server port on each node (server i on a node uses BASE + i)
 #   USE_ROUTER        1: put the servers behind sglang_router and give the trainer the router URL
-#   ROUTER_PORT       router port (on the first rollout host)
+#   ROUTER_PORT       router port on the first rollout host (default 30100; its Prometheus
+#                     exporter takes ROUTER_METRICS_PORT, default ROUTER_PORT + 1)
 #   HEALTH_TIMEOUT    seconds for every server (and the router) to answer /health, else exit 3
 #   SERVER_CMD        command of one server, run by bash with SDPG_SERVER_PORT, SDPG_SERVER_HOST,
 #                     SDPG_MODEL_PATH and CUDA_VISIBLE_DEVICES set (default: SGLang, or the
@@ -109,7 +110,7 @@ sdpg_plan_roles() {
   done
   ROUTER_HOST=${rollout_nodes[0]}
   if [ "${USE_ROUTER:-1}" = 1 ]; then
-    ROLLOUT_URLS="http://${ROUTER_HOST}:${ROUTER_PORT:-29000}"
+    ROLLOUT_URLS="http://${ROUTER_HOST}:${ROUTER_PORT:-30100}"
   else
     ROLLOUT_URLS=""
     for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do
@@ -270,8 +271,8 @@ sdpg_main() {
     local workers=()
     for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do workers+=("http://${SERVER_HOSTS[i]}:${SERVER_PORTS[i]}"); done
     sdpg_start_bg router "$LOG_DIR/router.log" sdpg_on_host "$ROUTER_HOST" \
-      "$PYTHON" -m sglang_router.launch_router --host 0.0.0.0 --port "${ROUTER_PORT:-29000}" \
-      --policy "${ROUTER_POLICY:-cache_aware}" --worker-urls "${workers[@]}"
+      "$PYTHON" -m sglang_router.launch_router --host 0.0.0.0 --port "${ROUTER_PORT:-30100}" \
+      --prometheus-port "${ROUTER_METRICS_PORT:-$((${ROUTER_PORT:-30100} + 1))}" --policy "${ROUTER_POLICY:-cache_aware}" --worker-urls "${workers[@]}"
     sdpg_wait_healthy router "$ROLLOUT_URLS" "${SDPG_BG_PIDS[-1]}" "$LOG_DIR/router.log" "$deadline"
   fi
 

@@ -26,7 +26,7 @@ def test_dedicated_70b_layout():
         "server 0: http://n5:30000 gpus=0,1,2,3,4,5,6,7",
         "server 1: http://n6:30000 gpus=0,1,2,3,4,5,6,7",
     ]
-    assert "trainer rollout.urls: http://n5:29000" in lines
+    assert "trainer rollout.urls: http://n5:30100" in lines
 
 
 def test_colocated_one_node_without_router():

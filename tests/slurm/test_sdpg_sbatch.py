@@ -135,3 +135,31 @@ def test_dry_run_end_to_end(local_slurm, tmp_path, assets):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(metrics) >= 2, metrics
     assert any((run / "checkpoints").iterdir()), "no checkpoint written"
+
+
+def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets):
+    """The DRY_RUN default servers (built-in dev server) and the real sglang_router, queried by a stand-in trainer."""
+    trainer = tmp_path / "trainer.sh"
+    trainer.write_text(
+        textwrap.dedent(
+            f"""\
+            #!/bin/bash
+            # Stand-in trainer: one /generate through the router URL the script passes as rollout.urls.
+            url=$(printf '%s\\n' "$@" | sed -n 's/^rollout.urls=\\[\\(.*\\)\\]$/\\1/p')
+            [ "$SLURM_PROCID" = 0 ] || exit 0
+            curl -sf -m 120 "$url/generate" -H 'Content-Type: application/json' \\
+              -d '{{"input_ids": [1, 2, 3], "sampling_params": {{"max_new_tokens": 4, "temperature": 1.0}}, "return_logprob": true}}' \\
+              > {tmp_path}/generate.json
+            """
+        )
+    )
+    trainer.chmod(0o755)
+    job, out = _submit(local_slurm, tmp_path, assets, TRAINER_CMD=str(trainer))
+    info = local_slurm.wait(job, timeout_s=600)
+    logs = sorted((tmp_path / "run" / "logs").glob("job_*/*.log"))
+    detail = out.read_text() + "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), detail
+    assert "router is healthy" in out.read_text()
+    reply = json.loads((tmp_path / "generate.json").read_text())
+    assert reply["meta_info"]["completion_tokens"] == len(reply["output_ids"]) <= 4, reply
+    assert len(reply["meta_info"]["output_token_logprobs"]) == len(reply["output_ids"])
