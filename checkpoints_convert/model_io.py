@@ -6,7 +6,8 @@
   that it was converted from the same model config.
 - ``iter_hf_tensors``: this pipeline stage's parameters as full HF-named, HF-shaped tensors,
   all-gathered over the TP group one tensor at a time (padded vocabulary rows dropped) — what the
-  rollout weight sync streams to the inference servers.
+  rollout weight sync streams to the inference servers. At TP1 a yielded tensor may be a view of
+  the live parameter: consumers copy or send it, never modify it.
 
 Model chunks may be wrapped (DDP, Float16Module): anything with a ``.module`` is unwrapped. Layer
 indices come from each ``TransformerLayer.layer_number``, so PP (and virtual PP) offsets need no
@@ -36,6 +37,7 @@ from checkpoints_convert.arch_maps import (
     rule_by_mcore_name,
 )
 from checkpoints_convert.convert import check_mcore_matches_config
+from checkpoints_convert.dcp_io import DcpChunkReader
 from checkpoints_convert.hf_io import CheckpointError, HfCheckpointReader
 from checkpoints_convert.transforms import build_mcore_shard, gather_mcore_shards, split_mcore_full
 
@@ -126,7 +128,10 @@ def load_mcore_into_model(model_chunks: list[torch.nn.Module], mcore_dir: str | 
     config = _config_dict(hf_config)
     check_mcore_matches_config(mcore_dir, config)
     modules = [_unwrap(c) for c in model_chunks]
-    sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+    stored = DcpChunkReader(mcore_dir).metadata.state_dict_metadata
+    sharded = {
+        f"model{i}": _drop_absent_extra_state(m.sharded_state_dict(), stored) for i, m in enumerate(modules)
+    }
     loaded = dist_checkpointing.load(sharded, str(mcore_dir))
     for i, module in enumerate(modules):
         result = module.load_state_dict(loaded[f"model{i}"], strict=False)
@@ -139,6 +144,21 @@ def load_mcore_into_model(model_chunks: list[torch.nn.Module], mcore_dir: str | 
         if rule.shard is Shard.VOCAB:
             first_real = dims.vocab_size - tp_rank * param.shape[0]
             param[max(first_real, 0) :].zero_()
+
+
+def _drop_absent_extra_state(sharded: dict, stored: dict) -> dict:
+    """Drop ``_extra_state`` objects the checkpoint does not hold.
+
+    Why: Transformer-Engine modules (e.g. ``core_attention``) carry FP8 metadata objects that a
+    converted checkpoint cannot have; TE initialises them itself when they are not loaded.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {
+        k: v
+        for k, v in sharded.items()
+        if not (isinstance(v, ShardedObject) and k.endswith("_extra_state") and v.unique_key not in stored)
+    }
 
 
 @torch.no_grad()

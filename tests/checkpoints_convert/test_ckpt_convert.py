@@ -101,3 +101,14 @@ def test_truncated_shard_fails_before_writing(tmp_path):
 def test_not_a_converted_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not written by `tools/convert_hf.py to-mcore`"):
         mcore_to_hf(tmp_path, tmp_path / "out")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    hf = save_tiny_hf_model(tmp_path / "hf", arch="llama")
+    tensors = load_file(hf / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, hf / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'model.layers.2.mlp.up_proj.weight' not found"):
+        hf_to_mcore(hf, tmp_path / "mc")
