@@ -44,12 +44,17 @@ NOTES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="HF config.json or a model directory holding one")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="HF config.json, a model directory holding one, or a YAML recipe (its model.path's config.json, "
+        "else the config.json next to it; the recipe also gives lengths, layout and recompute)",
+    )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB")
-    p.add_argument("--max-prompt-len", type=int, default=2048)
-    p.add_argument("--max-response-len", type=int, default=4096)
+    p.add_argument("--max-prompt-len", type=int, help="default: the recipe's, else 2048")
+    p.add_argument("--max-response-len", type=int, help="default: the recipe's, else 4096")
     p.add_argument("--tp", type=int, help="tensor parallel size (validate this layout)")
     p.add_argument("--pp", type=int, help="pipeline parallel size")
     p.add_argument("--cp", type=int, help="context parallel size")
@@ -60,19 +65,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher-tokens", type=int, help="tokens of the teacher micro-batch (default: micro-batch tokens)"
     )
     p.add_argument("--num-microbatches", type=int, help="micro-batches per step per DP rank (default: >= pp)")
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument(
+        "--recompute", choices=("none", "selective", "full"), help="default: the recipe's, else none"
+    )
     p.add_argument("--kl-head", choices=("fused", "materialised"), default="fused")
-    p.add_argument("--kl-chunk-tokens", type=int, default=1024)
+    p.add_argument("--kl-chunk-tokens", type=int, help="default: the recipe's logprob_chunk_size, else 1024")
     p.add_argument("--rollout", choices=("dedicated", "colocated"), default="dedicated")
     p.add_argument(
-        "--rollout-kv-seqs", type=int, default=64, help="sequences in a colocated engine's KV cache"
+        "--rollout-kv-seqs",
+        type=int,
+        default=16,
+        help="concurrent sequences a colocated SGLang engine caches",
     )
     p.add_argument("--overhead-gb", type=float, default=3.0, help="CUDA context + NCCL + fragmentation, GiB")
     p.add_argument("--json", dest="json_out", help="write the plan as JSON here")
     return p.parse_args(argv)
 
 
+def apply_recipe(args: argparse.Namespace) -> Path:
+    """Fill unset options from a YAML recipe (command line wins); return the HF config path to read."""
+    path = Path(args.config)
+    if path.suffix not in (".yaml", ".yml"):
+        return path
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"--config {path} does not exist")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    section = lambda name: recipe.get(name) or {}  # noqa: E731
+    model, data, par, trainer = section("model"), section("data"), section("parallel"), section("trainer")
+    defaults = {
+        "max_prompt_len": data.get("max_prompt_length"),
+        "max_response_len": data.get("max_response_length"),
+        "micro_batch_tokens": data.get("micro_batch_tokens"),
+        "recompute": "full" if model.get("recompute_activations") else None,
+        "kl_chunk_tokens": trainer.get("logprob_chunk_size"),
+    }
+    if all(getattr(args, k) is None for k in ("tp", "pp", "cp")):
+        defaults.update(tp=par.get("tp"), pp=par.get("pp"), cp=par.get("cp"))
+    for key, value in defaults.items():
+        if getattr(args, key) is None and value is not None:
+            setattr(args, key, value)
+    candidates = [Path(model["path"]) / "config.json"] if model.get("path") else []
+    candidates.append(path.parent / "config.json")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"recipe {path}: no HF config found at {' or '.join(map(str, candidates))}; pass the model's config.json"
+    )
+
+
 def build_training_shape(args: argparse.Namespace) -> TrainingShape:
+    args.max_prompt_len = args.max_prompt_len or 2048
+    args.max_response_len = args.max_response_len or 4096
+    args.recompute = args.recompute or "none"
+    args.kl_chunk_tokens = args.kl_chunk_tokens or 1024
     seq_len = args.max_prompt_len + args.max_response_len
     micro = args.micro_batch_tokens or seq_len
     if micro < seq_len:
@@ -96,7 +144,7 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
 
 def make_plan(args: argparse.Namespace) -> dict:
     """The JSON-ready plan for parsed arguments (raises ValueError on bad input)."""
-    shape = ModelShape.from_path(args.config)
+    shape = ModelShape.from_path(apply_recipe(args))
     train = build_training_shape(args)
     world = args.nodes * args.gpus_per_node
     gpu_mem = int(args.gpu_mem_gb * GIB)

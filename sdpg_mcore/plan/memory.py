@@ -74,8 +74,9 @@ class TrainingShape:
     """Megatron sequence parallelism when TP > 1 (shards norms/dropout regions over TP)."""
     rollout: str = "dedicated"
     """dedicated (servers on their own GPUs) | colocated (servers share the training GPUs)."""
-    rollout_kv_seqs: int = 64
-    """Sequences an SGLang engine keeps in its KV cache when colocated."""
+    rollout_kv_seqs: int = 16
+    """Concurrent sequences a colocated SGLang engine must hold in its KV cache (SGLang sizes the
+    cache from ``--mem-fraction-static``; this is the share to reserve for it)."""
     activation_bytes: int = 2
     """Bytes per activation element (bf16)."""
     overhead_bytes: int = 3 * GIB

@@ -197,7 +197,7 @@ def test_memory_components_respond_to_options():
     assert full.activations < plain.activations / 5
     # The materialised head holds [T, V/TP] logits x 16 bytes: ~10 GB here, the fused one a chunk.
     assert materialised.kl_head - plain.kl_head == 16 * (8192 - 1024) * (qwen.vocab_size // 2)
-    assert colocated.rollout_kv_cache == qwen.kv_bytes_per_token() * 8192 * 64 // 2
+    assert colocated.rollout_kv_cache == qwen.kv_bytes_per_token() * 8192 * 16 // 2
     assert plain.rollout_kv_cache == 0
     assert cp2.activations == pytest.approx(plain.activations / 2, rel=1e-3)
     assert cp2.optimizer_states == plain.optimizer_states  # sharded over dp*cp = 4 either way
@@ -224,3 +224,30 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     assert plan_cli.main([*common, "--nodes", "1", "--tp", "3"]) == 2  # does not divide 8 GPUs
     assert "does not divide" in capsys.readouterr().err
     assert plan_cli.main(["--config", str(tmp_path / "missing.json")]) == 2
+
+
+def test_cli_reads_a_recipe(tmp_path):
+    """A YAML recipe supplies lengths, layout and recompute; the command line still wins."""
+    out = tmp_path / "plan.json"
+    recipe = str(REPO / "examples/llama3_70b/recipe.yaml")
+    common = [
+        "--config",
+        recipe,
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--gpu-mem-gb",
+        "80",
+        "--json",
+        str(out),
+    ]
+    assert plan_cli.main(common) == 0
+    result = json.loads(out.read_text())
+    assert result["num_parameters"] == 70_553_706_496  # from examples/llama3_70b/config.json
+    assert result["layout"] == {"tp": 8, "pp": 2, "cp": 1, "dp": 2}
+    assert result["training"]["recompute"] == "full" and result["training"]["micro_batch_tokens"] == 10240
+    assert result["proposed"] is False
+    assert plan_cli.main([*common, "--recompute", "none", "--tp", "8", "--pp", "4"]) == 0
+    result = json.loads(out.read_text())
+    assert result["layout"]["pp"] == 4 and result["training"]["recompute"] == "none"
