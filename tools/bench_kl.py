@@ -174,7 +174,7 @@ def run_worker(variant: str, shape: Shape, iters: int, device_name: str) -> dict
     }
 
 
-def _spawn(variant: str, shape: Shape, iters: int, device: str) -> dict:
+def _spawn(variant: str, shape: Shape, iters: int, device: str, threads: int) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -183,7 +183,7 @@ def _spawn(variant: str, shape: Shape, iters: int, device: str) -> dict:
         "--shape-json",
         json.dumps(dataclasses.asdict(shape)),
     ]
-    cmd += ["--iters", str(iters), "--device", device]
+    cmd += ["--iters", str(iters), "--device", device, "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -208,12 +208,14 @@ def _combine(runs: list[dict]) -> dict:
     }
 
 
-def benchmark(shape: Shape, shape_name: str, iters: int, device: str, rounds: int = 1) -> dict:
+def benchmark(
+    shape: Shape, shape_name: str, iters: int, device: str, rounds: int = 1, threads: int = 0
+) -> dict:
     """Alternate fresh fused / reference processes ``rounds`` times (fair under a shared, noisy CPU)."""
     runs: dict[str, list[dict]] = {"fused": [], "reference": []}
     for _ in range(rounds):
         for variant in runs:
-            runs[variant].append(_spawn(variant, shape, iters, device))
+            runs[variant].append(_spawn(variant, shape, iters, device, threads))
     fused, reference = _combine(runs["fused"]), _combine(runs["reference"])
     result = {
         "shape": {"name": shape_name, **dataclasses.asdict(shape), "padded_vocab": _padded(shape.vocab)},
@@ -282,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=None, help="override the shape's fused chunk size")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per process (median)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating fused/reference process pairs")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads per worker (0: torch default)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--worker", choices=("fused", "reference"), help=argparse.SUPPRESS)
@@ -290,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         sys.path.insert(0, str(REPO_ROOT))
         shape = Shape(**json.loads(args.shape_json))
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
         sys.stdout.write(json.dumps(run_worker(args.worker, shape, args.iters, args.device)) + "\n")
         return 0
     if args.device is None:
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     if args.chunk_size is not None:
         shape = dataclasses.replace(shape, chunk_size=args.chunk_size)
-    result = benchmark(shape, args.shape, args.iters, args.device, args.rounds)
+    result = benchmark(shape, args.shape, args.iters, args.device, args.rounds, args.threads)
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

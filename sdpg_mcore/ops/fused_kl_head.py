@@ -6,16 +6,25 @@ plus the sampled-token log-prob and the student entropy. Materialising ``[N, V]`
 costs ~2.5 GB per bf16 copy at 8,192 tokens x 151,936 words, and several fp32 temporaries more.
 This module never builds ``[N, V]``:
 
-* forward: tokens in chunks of ``C``; per chunk the local logits ``[C, V_local]`` are formed with
-  fp32 (fp64 for fp64 inputs) accumulation, then ONE ``MAX`` all-reduce of the stacked
-  ``(m_s, m_t)`` and ONE ``SUM`` all-reduce of the stacked ``(S_s, S_t, D, E, z_target)``
-  (max-shifted softmax sums, KL numerator, entropy numerator, target logit) give the three outputs.
-  Only the inputs and five per-token scalars are saved.
-* backward: the vocabulary shard in blocks of ``B`` rows (``B * N ~ C * V_local`` elements, the same
-  peak as the forward); per block the logits of ALL tokens are recomputed, ``dz`` is formed from the
-  saved per-token scalars, so each block's weight gradient ``dW_b = dz^T h`` is complete in one
-  matmul (no fp32 ``[V, H]`` accumulator), while ``dh += dz W_b`` accumulates into ``[N, H]``,
+* forward: the local vocabulary shard in blocks of ``B`` rows, every block over all ``N`` tokens
+  (``N * B <= chunk_size * V_local`` elements per buffer, so the peak equals a chunk of
+  ``chunk_size`` tokens over the whole shard while the matmuls keep ``M = N``). Each block yields
+  max-shifted softmax statistics (``kl_head_math.HeadState``) in fp32 (fp64 for fp64 inputs),
+  merged exactly across blocks, then across the tensor-parallel shards with ONE ``MAX``
+  all-reduce of the stacked ``(m_s, m_t)`` and ONE ``SUM`` all-reduce of the stacked
+  ``(S_s, H_num, KL_num, S_t, z_target)`` per call (SDPG.md §6). Only the inputs and four
+  per-token scalars (both log-partition functions, kl, entropy) are saved.
+* backward: the same blocks; per block the logits of all tokens are recomputed, ``dz`` is formed
+  from the saved per-token scalars, so each block's weight gradient ``dW_b = dz^T h`` is complete in
+  one matmul (no fp32 ``[V, H]`` accumulator), while ``dh += dz W_b`` accumulates into ``[N, H]``,
   summed over the tensor-parallel group once at the end.
+* tokens are split into groups only when blocks would otherwise be thinner than
+  ``MIN_BLOCK_ROWS`` (huge ``N`` or tiny ``chunk_size``); each group then has its own two
+  all-reduces. Every rank plans from ``V_local`` (not its real rows), so all ranks agree.
+
+Cost: 6 ``N x V x H`` matmuls with a teacher (forward 2, backward recompute 2, gradients 2) against
+4 for a materialising implementation; in exchange no ``[N, V]`` tensor and about 12 + 5 in-place
+elementwise passes over each logit, instead of the dozens of a materialising autograd graph.
 
 Megatron pads the vocabulary to a multiple of ``128 * TP``; padding is always the tail of the global
 vocabulary, so each rank simply uses the prefix ``W[:V_real_local]`` of its shard and padded rows
@@ -177,8 +186,10 @@ def fused_kl_head(
         vocab_size: the true vocabulary; rows at or beyond it (Megatron padding) are masked out.
         temperature: divides the student logits.
         teacher_temperature: divides the teacher logits.
-        chunk_size: tokens per forward chunk; ``None`` picks it so the fp32 temporaries of one
-            chunk stay within 256 MiB (``kl_head_math.DEFAULT_CHUNK_BUDGET_BYTES``).
+        chunk_size: memory knob, in tokens: each of the three workspace buffers holds
+            ``chunk_size * V_local`` elements (vocabulary blocks over all tokens, see the module
+            docstring). ``None`` fits the buffers in 256 MiB
+            (``kl_head_math.DEFAULT_CHUNK_BUDGET_BYTES``).
         tp_group: process group splitting the vocabulary, or ``None`` for a single process.
 
     Returns:

@@ -1,4 +1,4 @@
-"""The per-chunk arithmetic of the fused KL head: chunk planning, forward statistics, ``dz`` blocks.
+"""The block arithmetic of the fused KL head: planning, mergeable softmax statistics, ``dz`` blocks.
 
 Kept apart from the autograd node (``fused_kl_head.py``) so each piece reads on its own. All sums
 are taken over max-shifted logits in the accumulation dtype (fp32, or fp64 for fp64 inputs), so a
@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 1024**2
-"""Budget for the ``[chunk, V_local]`` temporaries of one chunk when ``chunk_size=None``.
+"""Budget for the three ``[tokens, rows]`` fp32 workspace buffers when ``chunk_size=None``.
 
-256 MiB is ~110 tokens per chunk at Qwen3's 151,936-word vocabulary without TP (three fp32 buffers
-per element: student logits, teacher logits, exp), large enough that the matmuls stay efficient."""
+``chunk_size = budget // (3 * V_local * 4)``: 147 tokens' worth at Qwen3's 151,936-word vocabulary
+without TP, i.e. blocks of ~2,700 vocabulary rows for 8,192 tokens — wide enough for efficient
+matmuls, and ~1/40 of one materialised fp32 ``[8192, 151936]`` logit tensor."""
 
 _BUFFERS_PER_ELEMENT = 3
 MIN_BLOCK_ROWS = 64
