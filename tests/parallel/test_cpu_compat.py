@@ -89,8 +89,15 @@ def _train_and_checkpoint(rank, world_size, ckpt_dir):
 
     out = {}
     grads = {}
+    from megatron.core import tensor_parallel
+
+    def reseed():  # same init for every model below (cheaper than re-creating the groups)
+        torch.manual_seed(11)
+        tensor_parallel.model_parallel_cuda_manual_seed(11, force_reset_rng=True)
+
+    state.initialize_model_parallel(tp=2, pp=2, seed=11)
     for recompute in (False, True):
-        state.initialize_model_parallel(tp=2, pp=2, seed=11)
+        reseed()
         config, model = _build(recompute)
         losses = _train_step(model, config, recompute_seed=5)
         out[f"loss_{recompute}"] = [float(x["loss"]) for x in losses]
@@ -99,7 +106,7 @@ def _train_and_checkpoint(rank, world_size, ckpt_dir):
         (grads[True][n] - g).abs().max().item() for n, g in grads[False].items()
     )
 
-    state.initialize_model_parallel(tp=2, pp=2, seed=11)
+    reseed()
     config, model = _build(False)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(use_distributed_optimizer=True), model

@@ -46,7 +46,7 @@ def _layouts(rank, world_size):
     launch = state.initialize_distributed()  # reuses spawn_ranks' group
     assert launch.source == "existing" and launch.world_size == world_size
     out = {}
-    for tp, pp in ((2, 2), (2, 1), (1, 2), (1, 1)):
+    for tp, pp in ((2, 2), (1, 2)):  # each layout costs seconds of group creation
         layout = state.initialize_model_parallel(tp=tp, pp=pp, seed=7)
         out[(tp, pp)] = layout
     try:
@@ -64,8 +64,10 @@ def _layouts(rank, world_size):
 def test_model_parallel_layouts_on_four_ranks():
     results = spawn_ranks(_layouts, 4)
     for rank, out in enumerate(results):
-        assert out[(2, 2)].dp == 1 and out[(2, 1)].dp == 2 and out[(1, 2)].dp == 2 and out[(1, 1)].dp == 4
+        assert out[(2, 2)].dp == 1 and out[(1, 2)].dp == 2
         assert out[(2, 2)].tp_rank == rank % 2 and out[(2, 2)].pp_rank == rank // 2
-        assert out[(2, 1)].dp_rank == rank // 2 and out[(1, 1)].dp_rank == rank
+        assert (
+            out[(1, 2)].dp_rank == rank % 2 and out[(1, 2)].pp_rank == rank // 2 and out[(1, 2)].tp_rank == 0
+        )
         assert "world size 4 is not divisible by tp*pp*cp = 3*1*1 = 3" in out["error"]
         assert out["destroyed"] and out["still_dist"]
