@@ -195,6 +195,11 @@ def fused_kl_head(
     Returns:
         ``kl_N, logprob_N, entropy_N``: float32 (float64 for float64 inputs). Gradients flow to
         ``student_hidden`` and ``weight``. The KL is NOT clamped here (the loss does that).
+
+    Tensor parallelism: every rank passes the same ``[N, H]`` hidden states (with sequence
+    parallelism, all-gather them first) and receives the full ``dh``, already summed over
+    ``tp_group`` — so do NOT also route the hidden states through Megatron's
+    ``copy_to_tensor_model_parallel_region``, whose backward would sum it a second time.
     """
     tp_size, tp_rank = _group_size_rank(tp_group)
     plan = plan_chunks(

@@ -24,7 +24,7 @@ DEFAULT_CHUNK_BUDGET_BYTES = 256 * 1024**2
 
 ``chunk_size = budget // (3 * V_local * 4)``: 147 tokens' worth at Qwen3's 151,936-word vocabulary
 without TP, i.e. blocks of ~2,700 vocabulary rows for 8,192 tokens — wide enough for efficient
-matmuls, and ~1/40 of one materialised fp32 ``[8192, 151936]`` logit tensor."""
+matmuls; the three buffers together are ~1/19 of ONE materialised fp32 ``[8192, 151936]`` tensor."""
 
 _BUFFERS_PER_ELEMENT = 3
 MIN_BLOCK_ROWS = 64
