@@ -50,6 +50,7 @@ from sdpg_mcore.ops.kl_head_math import (
     finalize,
     merge_states,
     plan_chunks,
+    stack_hidden,
     write_matmul,
 )
 
@@ -72,16 +73,14 @@ def _all_reduce(tensor: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tenso
     return tensor
 
 
-def _group_forward(student_GH, teacher_GH, weight_real, targets_G, plan, workspace, tp_group) -> ChunkStats:
+def _group_forward(hidden_KH, weight_real, targets_G, plan, workspace, tp_group) -> ChunkStats:
     """Statistics of one token group: loop over vocabulary blocks, then merge over the TP shards."""
     state = None
     for v0 in range(0, plan.real_rows, plan.block_rows):
-        block = block_state(
-            student_GH, teacher_GH, weight_real[v0 : v0 + plan.block_rows], targets_G, v0, plan, workspace
-        )
+        block = block_state(hidden_KH, weight_real[v0 : v0 + plan.block_rows], targets_G, v0, plan, workspace)
         state = block if state is None else merge_states(state, block)
     if state is None:
-        state = empty_state(student_GH.shape[0], plan, student_GH.device)
+        state = empty_state(targets_G.shape[0], plan, hidden_KH.device)
     if plan.tp_size > 1:
         state = all_reduce_state(state, lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size))
     return finalize(state)
@@ -102,10 +101,8 @@ class _FusedKLHead(torch.autograd.Function):
         for g0 in range(0, num_tokens, plan.group_tokens):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             teacher_GH = None if teacher_NH is None else plan.as_matmul_operand(teacher_NH[g0:g1])
-            stats = _group_forward(
-                plan.as_matmul_operand(student_NH[g0:g1]), teacher_GH, weight_real, targets_N[g0:g1],
-                plan, workspace, tp_group,
-            )  # fmt: skip
+            hidden_KH = stack_hidden(plan.as_matmul_operand(student_NH[g0:g1]), teacher_GH)
+            stats = _group_forward(hidden_KH, weight_real, targets_N[g0:g1], plan, workspace, tp_group)
             logprob_N[g0:g1], entropy_N[g0:g1], log_z_s_N[g0:g1] = stats.logprob, stats.entropy, stats.log_z_s
             if teacher_GH is not None:
                 kl_N[g0:g1], log_z_t_N[g0:g1] = stats.kl, stats.log_z_t
@@ -140,13 +137,13 @@ class _FusedKLHead(torch.autograd.Function):
         for g0 in range(0, num_tokens, plan.group_tokens):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             student_GH = student_c[g0:g1]
-            teacher_GH = None if teacher_c is None else teacher_c[g0:g1]
+            hidden_KH = stack_hidden(student_GH, None if teacher_c is None else teacher_c[g0:g1])
             coeffs_G = coeffs.rows(g0, g1)
             for v0 in range(0, plan.real_rows, plan.block_rows):
                 v1 = min(v0 + plan.block_rows, plan.real_rows)
                 weight_BH = plan.as_matmul_operand(weight_VH[v0:v1])
                 dz_GB = block_grad_logits(
-                    student_GH, teacher_GH, weight_BH, targets_N[g0:g1], v0, coeffs_G, plan, workspace
+                    hidden_KH, weight_BH, targets_N[g0:g1], v0, coeffs_G, plan, workspace
                 )
                 dz_op = plan.as_matmul_operand(dz_GB)
                 if need_h:

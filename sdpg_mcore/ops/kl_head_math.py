@@ -237,18 +237,39 @@ def write_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class Workspace:
-    """Reusable ``[rows, cols]`` buffers in the accumulation dtype: the whole O(chunk) peak.
-
-    Three with a teacher (student logits, teacher logits, exp / dz), two without.
-    """
+    """Reusable buffers in the accumulation dtype, the whole O(chunk) peak: ``logits`` holds the
+    stacked ``[student; teacher]`` logits of a block (``[2G, B]``, or ``[G, B]`` without a
+    teacher) so one GEMM computes both, ``aux`` (``[G, B]``) the exponentials or ``dz``."""
 
     def __init__(self, rows: int, cols: int, plan: ChunkPlan, device: torch.device, with_teacher: bool):
-        count = 3 if with_teacher else 2
-        self.buffers = [torch.empty(rows * cols, dtype=plan.acc_dtype, device=device) for _ in range(count)]
+        self.stack = 2 if with_teacher else 1
+        self.logits = torch.empty(self.stack * rows * cols, dtype=plan.acc_dtype, device=device)
+        self.aux = torch.empty(rows * cols, dtype=plan.acc_dtype, device=device)
 
-    def views(self, rows: int, cols: int) -> list[torch.Tensor | None]:
-        views = [buf[: rows * cols].view(rows, cols) for buf in self.buffers]
-        return views if len(views) == 3 else [views[0], None, views[1]]
+    def views(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits[: self.stack * rows * cols].view(-1, cols), self.aux[: rows * cols].view(
+            rows, cols
+        )
+
+
+def stack_hidden(student_GH: torch.Tensor, teacher_GH: torch.Tensor | None) -> torch.Tensor:
+    """``[student; teacher]`` hidden states (``[2G, H]``), the left operand of the stacked GEMM."""
+    return student_GH if teacher_GH is None else torch.cat([student_GH, teacher_GH])
+
+
+def _stacked_logits(
+    hidden_KH: torch.Tensor, weight_BH: torch.Tensor, num_rows: int, plan: ChunkPlan, out_KB: torch.Tensor
+) -> torch.Tensor:
+    """Tempered ``[student; teacher]`` logits of one block (``num_rows`` tokens each) in one GEMM."""
+    out_KB = out_KB[: hidden_KH.shape[0]]
+    teacher_rows = hidden_KH.shape[0] > num_rows
+    inv_s, inv_t = plan.inv_temperature, plan.inv_teacher_temperature
+    one_scale = not teacher_rows or inv_s == inv_t
+    matmul_into(out_KB, hidden_KH, weight_BH.t(), inv_s if one_scale else 1.0)
+    if not one_scale:
+        out_KB[:num_rows].mul_(inv_s)
+        out_KB[num_rows:].mul_(inv_t)
+    return out_KB
 
 
 class HeadState(NamedTuple):
@@ -328,8 +349,7 @@ def finalize(state: HeadState) -> ChunkStats:
 
 
 def block_state(
-    student_GH: torch.Tensor,
-    teacher_GH: torch.Tensor | None,
+    hidden_KH: torch.Tensor,
     weight_BH: torch.Tensor,
     targets_G: torch.Tensor,
     block_start: int,
@@ -338,56 +358,52 @@ def block_state(
 ) -> HeadState:
     """Statistics of one block of vocabulary rows for a group of tokens, all in place.
 
-    Shift by the block max, exponentiate into a second buffer, and form ``sum e_s (z_s - m_s)``,
-    ``sum e_s (z_t - m_t)`` by multiplying in place, then summing.
+    ``hidden_KH`` is ``stack_hidden(student, teacher)``. Shift by the block maxima, exponentiate,
+    and form ``sum e_s (z_s - m_s)``, ``sum e_s (z_t - m_t)`` by multiplying in place, then summing.
     """
-    num_rows, block_cols = student_GH.shape[0], weight_BH.shape[0]
-    z_s, z_t, e_s = workspace.views(num_rows, block_cols)
-    weight_HB = weight_BH.t()
-    matmul_into(z_s, student_GH, weight_HB, plan.inv_temperature)
+    num_rows, block_cols = targets_G.shape[0], weight_BH.shape[0]
+    z_KB, e_s = workspace.views(num_rows, block_cols)
+    z_KB = _stacked_logits(hidden_KH, weight_BH, num_rows, plan, z_KB)
+    z_s = z_KB[:num_rows]
     local, inside = _local_target(targets_G, plan.vocab_offset + block_start, block_cols)
     target = z_s.gather(1, _col(local)).squeeze(1) * inside
-    m_s = z_s.amax(dim=1)
-    z_s.sub_(_col(m_s))
+    m_K = z_KB.amax(dim=1)
+    z_KB.sub_(_col(m_K))
     sum_s = torch.exp(z_s, out=e_s).sum(dim=1)
     ent_num = z_s.mul_(e_s).sum(dim=1)  # z_s is free afterwards
-    if teacher_GH is None:
-        zero = torch.zeros_like(m_s)
-        return HeadState(m_s, sum_s, ent_num, zero, zero, zero, target)
-    matmul_into(z_t, teacher_GH, weight_HB, plan.inv_teacher_temperature)
-    m_t = z_t.amax(dim=1)
-    z_t.sub_(_col(m_t))
+    if z_KB.shape[0] == num_rows:  # no teacher
+        zero = torch.zeros_like(sum_s)
+        return HeadState(m_K, sum_s, ent_num, zero, zero, zero, target)
+    z_t = z_KB[num_rows:]
     sum_t = torch.exp(z_t, out=z_s).sum(dim=1)
     kl_num = ent_num - z_t.mul_(e_s).sum(dim=1)
-    return HeadState(m_s, sum_s, ent_num, kl_num, m_t, sum_t, target)
+    return HeadState(m_K[:num_rows], sum_s, ent_num, kl_num, m_K[num_rows:], sum_t, target)
 
 
 def block_grad_logits(
-    student_NH: torch.Tensor,
-    teacher_NH: torch.Tensor | None,
+    hidden_KH: torch.Tensor,
     weight_BH: torch.Tensor,
-    targets_N: torch.Tensor,
+    targets_G: torch.Tensor,
     block_start: int,
     coeffs: GradCoefficients,
     plan: ChunkPlan,
     workspace: Workspace,
 ) -> torch.Tensor:
-    """``d loss / d raw logits`` for all tokens and the vocabulary rows of one block: ``[N, B]``.
+    """``d loss / d raw logits`` for a group of tokens and one block of vocabulary rows: ``[G, B]``.
 
-    ``dz = p_s * (a * log p_s - b * z_t + c) + d * onehot`` (``GradCoefficients``), in place.
+    ``dz = p_s * (a * log p_s - b * z_t + c) + d * onehot`` (``GradCoefficients``), in place;
+    ``hidden_KH`` stacks the teacher under the student only when the KL has an upstream grad.
     """
-    num_rows, block_cols = student_NH.shape[0], weight_BH.shape[0]
-    log_p_s, z_t, dz = workspace.views(num_rows, block_cols)
-    weight_HB = weight_BH.t()
-    matmul_into(log_p_s, student_NH, weight_HB, plan.inv_temperature)
-    log_p_s.sub_(_col(coeffs.log_z_s))
+    num_rows, block_cols = targets_G.shape[0], weight_BH.shape[0]
+    z_KB, dz = workspace.views(num_rows, block_cols)
+    z_KB = _stacked_logits(hidden_KH, weight_BH, num_rows, plan, z_KB)
+    log_p_s = z_KB[:num_rows].sub_(_col(coeffs.log_z_s))
     torch.exp(log_p_s, out=dz)
     torch.addcmul(_col(coeffs.c), log_p_s, _col(coeffs.a), out=log_p_s)
     if coeffs.b is not None:
-        matmul_into(z_t, teacher_NH, weight_HB, plan.inv_teacher_temperature)
-        log_p_s.addcmul_(z_t, _col(coeffs.b), value=-1.0)
+        log_p_s.addcmul_(z_KB[num_rows:], _col(coeffs.b), value=-1.0)
     dz.mul_(log_p_s)
     if coeffs.d is not None:
-        local, inside = _local_target(targets_N, plan.vocab_offset + block_start, block_cols)
+        local, inside = _local_target(targets_G, plan.vocab_offset + block_start, block_cols)
         dz.scatter_add_(1, _col(local), _col(coeffs.d * inside))
     return dz
