@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
@@ -40,6 +42,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from checkpoints_convert.hf_io import CheckpointError
 
@@ -117,6 +121,39 @@ class _StreamingSavePlanner(SavePlanner):
         return tensor
 
 
+class _OneAtATimeWriter(FileSystemWriter):
+    """``FileSystemWriter`` that resolves, writes and frees one item at a time, in plan order.
+
+    Why: torch's own loop keeps the last tensor of every key alive until the file is closed (it
+    builds a name -> tensor dict for its safetensors mode), i.e. one layer of every weight at once;
+    for a 70B model that is several GB on top of the tensor being written. Items are still written
+    with ``torch.save`` into ``__0_0.distcp`` and described by ``_StorageInfo``, so torch's
+    ``FileSystemReader`` (and Megatron's ``dist_checkpointing.load``) read the result unchanged.
+    """
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        file_name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        results = []
+        items = [i for i in plan.items if i.type == WriteItemType.BYTE_IO]
+        items += [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
+        with open(Path(self.path) / file_name, "wb") as stream:
+            for item in items:
+                data = planner.resolve_data(item)
+                offset = stream.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(data, stream)
+                del data
+                length = stream.tell() - offset
+                results.append(WriteResult(item.index, length, _StorageInfo(file_name, offset, length)))
+            stream.flush()
+            os.fsync(stream.fileno())
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+
 def write_dcp_checkpoint(
     out_dir: str | Path,
     chunks: list[LazyChunk],
@@ -128,7 +165,7 @@ def write_dcp_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    writer = FileSystemWriter(out, single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0)
+    writer = _OneAtATimeWriter(out, single_file_per_rank=True, thread_count=1)
     planner = _StreamingSavePlanner(chunks, list(objects), on_resolve)
     with warnings.catch_warnings():  # no_dist=True is the intent: one process writes every chunk
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -171,6 +208,36 @@ class _ChunkLoadPlanner(LoadPlanner):
         pass
 
 
+class _FileWindow(io.RawIOBase):
+    """A read-only, seekable view of bytes ``[offset, offset + length)`` of an open file."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = base + pos
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.length - self.pos)
+        if count <= 0:
+            return 0
+        self.f.seek(self.offset + self.pos)
+        got = self.f.readinto(memoryview(buffer)[:count])
+        self.pos += got
+        return got
+
+
 class DcpChunkReader:
     """Read any rectangular region of any tensor of a ``torch_dist`` checkpoint, one at a time."""
 
@@ -190,11 +257,32 @@ class DcpChunkReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.metadata.state_dict_metadata[key].properties.dtype
 
+    def _exact_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor | None:
+        """The stored chunk itself when the request is exactly one stored chunk (no copy into a target).
+
+        Why: the generic DCP read buffers the stored bytes, loads them and copies the result into the
+        target (3x the chunk); loading from a window onto the file reads the storage in place (1x).
+        """
+        md = self.metadata.state_dict_metadata[key]
+        for index, chunk in enumerate(md.chunks):
+            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
+                info = self.metadata.storage_data.get(MetadataIndex(key, torch.Size(offsets), index))
+                if info is None or info.transform_descriptors:
+                    return None
+                with open(self.ckpt_dir / info.relative_path, "rb") as f:
+                    window = io.BufferedReader(_FileWindow(f, info.offset, info.length))
+                    tensor = torch.load(window, map_location="cpu", weights_only=True)
+                return tensor if tuple(tensor.shape) == tuple(sizes) else None
+        return None
+
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         if key not in self.metadata.state_dict_metadata:
             raise CheckpointError(
                 f"{self.ckpt_dir} has no tensor {key!r}; the checkpoint is for another model"
             )
+        exact = self._exact_chunk(key, offsets, sizes)
+        if exact is not None:
+            return exact
         target = torch.empty(sizes, dtype=self.dtype(key))
         planner = _ChunkLoadPlanner(key, offsets, target)
         planner.set_up_planner({}, self.metadata, True)

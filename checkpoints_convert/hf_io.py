@@ -142,31 +142,40 @@ class HfCheckpointReader:
             )
         return self._entries[name]
 
-    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
-        """The tensor ``name``, or its slice ``[start, stop)`` along ``dim`` (only that slice is read for dim 0)."""
+    def read(
+        self,
+        name: str,
+        dim: int | None = None,
+        start: int = 0,
+        stop: int = 0,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The tensor ``name``, or its slice ``[start, stop)`` along ``dim`` (only that slice is read for
+        dim 0). With ``out`` (contiguous, dim 0 only) the rows are read straight into it."""
         e = self._entry(name)
         if dim is None:
             return self._read_rows(e, 0, e.shape[0] if e.shape else 1).reshape(e.shape)
         if dim == 0:
-            return self._read_rows(e, start, stop)
+            return self._read_rows(e, start, stop, out)
+        assert out is None, "out= is only supported for row (dim 0) slices"
         return self._read_rows(e, 0, e.shape[0]).narrow(dim, start, stop - start).contiguous()
 
     @staticmethod
-    def _read_rows(e: _Entry, start: int, stop: int) -> torch.Tensor:
+    def _read_rows(e: _Entry, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         row_shape = e.shape[1:]
-        row_bytes = _numel(row_shape) * e.dtype.itemsize
         count = max(stop - start, 0)
-        buf = bytearray(count * row_bytes)
-        if buf:
-            with open(e.path, "rb") as f:
-                f.seek(e.begin + start * row_bytes)
-                if f.readinto(buf) != len(buf):
-                    raise CheckpointError(f"safetensors file {e.path} ended early; re-copy it")
-        return (
-            torch.frombuffer(buf, dtype=torch.uint8).view(e.dtype).reshape(count, *row_shape)
-            if buf
-            else (torch.empty(count, *row_shape, dtype=e.dtype))
+        if out is None:
+            out = torch.empty(count, *row_shape, dtype=e.dtype)
+        assert out.is_contiguous() and out.dtype == e.dtype and out.shape == (count, *row_shape), (
+            f"{e.path}: out {tuple(out.shape)} {out.dtype} for rows {start}:{stop} of {e.shape} {e.dtype}"
         )
+        if count:
+            buf = out.view(-1).view(torch.uint8).numpy()
+            with open(e.path, "rb") as f:
+                f.seek(e.begin + start * _numel(row_shape) * e.dtype.itemsize)
+                if f.readinto(buf) != buf.nbytes:
+                    raise CheckpointError(f"safetensors file {e.path} ended early; re-copy it")
+        return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -3,7 +3,7 @@
 Three directions, all driven by a ``ParamRule``:
 
 - ``build_mcore_shard``: HF tensors -> the Megatron tensor of one TP rank (``tp_size=1`` gives the
-  full tensor). It asks a ``read(name, dim, start, stop)`` callback for the HF rows/columns it
+  full tensor). It asks a ``read(name, dim, start, stop, out=None)`` callback for the HF rows/columns it
   needs, so a rank (or the offline converter) never materialises more than its own slice.
 - ``gather_mcore_shards``: the TP shards of all ranks -> the full (TP-independent) Megatron tensor.
 - ``split_mcore_full``: the full Megatron tensor -> HF-named, HF-shaped tensors (padding dropped).
@@ -23,8 +23,9 @@ import torch
 
 from checkpoints_convert.arch_maps import Fuse, ModelDims, ParamRule, Shard
 
-#: read(hf_name, dim, start, stop) -> that slice of the HF tensor (dim None: the whole tensor).
-ReadFn = Callable[[str, "int | None", int, int], torch.Tensor]
+#: read(hf_name, dim, start, stop, out=None) -> that slice of the HF tensor (dim None: the whole
+#: tensor); with ``out`` (a contiguous tensor, dim 0 only) the rows are read into it and it is returned.
+ReadFn = Callable[..., torch.Tensor]
 
 
 def _span(total: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
@@ -53,34 +54,32 @@ def build_mcore_shard(
         dim = 1 if rule.shard is Shard.ROW else 0
         start, stop = _span(hf_shapes[name][dim], tp_rank, tp_size)
         return read(name, dim, start, stop)
+    # Fused tensors: allocate the result once and read each HF slice straight into its rows, so
+    # building a tensor of N bytes needs N bytes (not 2N for reading then concatenating).
+    rest = tuple(hf_shapes[names[0]][1:])
+    dtype = read(names[0], 0, 0, 0).dtype
     if rule.fuse is Fuse.QKV:
         groups = dims.num_query_groups // tp_size
         first = tp_rank * groups
-        q_rows = dims.heads_per_group * dims.head_dim
-        kv_rows = dims.head_dim
-        q = read(names[0], 0, first * q_rows, (first + groups) * q_rows)
-        k = read(names[1], 0, first * kv_rows, (first + groups) * kv_rows)
-        v = read(names[2], 0, first * kv_rows, (first + groups) * kv_rows)
-        rest = q.shape[1:]
-        qkv = torch.cat(
-            [
-                q.reshape(groups, q_rows, *rest),
-                k.reshape(groups, kv_rows, *rest),
-                v.reshape(groups, kv_rows, *rest),
-            ],
-            dim=1,
-        )
-        return qkv.reshape(groups * (q_rows + 2 * kv_rows), *rest)
+        q_rows, kv_rows = dims.heads_per_group * dims.head_dim, dims.head_dim
+        out = torch.empty(groups, q_rows + 2 * kv_rows, *rest, dtype=dtype)
+        for i, g in enumerate(range(first, first + groups)):
+            read(names[0], 0, g * q_rows, (g + 1) * q_rows, out[i, :q_rows])
+            read(names[1], 0, g * kv_rows, (g + 1) * kv_rows, out[i, q_rows : q_rows + kv_rows])
+            read(names[2], 0, g * kv_rows, (g + 1) * kv_rows, out[i, q_rows + kv_rows :])
+        return out.reshape(groups * (q_rows + 2 * kv_rows), *rest)
     if rule.fuse is Fuse.GATE_UP:
         start, stop = _span(hf_shapes[names[0]][0], tp_rank, tp_size)
-        return torch.cat([read(names[0], 0, start, stop), read(names[1], 0, start, stop)], dim=0)
+        out = torch.empty(2 * (stop - start), *rest, dtype=dtype)
+        read(names[0], 0, start, stop, out[: stop - start])
+        read(names[1], 0, start, stop, out[stop - start :])
+        return out
     if rule.fuse is Fuse.VOCAB:
-        (name,) = names
-        vocab, *rest = hf_shapes[name]
+        vocab = hf_shapes[names[0]][0]
         start, stop = _span(padded_vocab, tp_rank, tp_size)
-        real = read(name, 0, min(start, vocab), min(stop, vocab))  # empty when the shard is all padding
-        out = torch.zeros(stop - start, *rest, dtype=real.dtype)
-        out[: real.shape[0]] = real
+        out = torch.zeros(stop - start, *rest, dtype=dtype)
+        real_start, real_stop = min(start, vocab), min(stop, vocab)  # empty when the shard is all padding
+        read(names[0], 0, real_start, real_stop, out[: real_stop - real_start])
         return out
     raise AssertionError(f"unhandled fuse {rule.fuse}")
 

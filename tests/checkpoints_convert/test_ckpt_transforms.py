@@ -40,9 +40,10 @@ def _tensors(layer=0):
 
 
 def _read(tensors):
-    def read(name, dim, start, stop):
+    def read(name, dim, start, stop, out=None):
         t = tensors[name]
-        return t if dim is None else t.narrow(dim, start, stop - start)
+        t = t if dim is None else t.narrow(dim, start, stop - start)
+        return t if out is None else out.copy_(t)
 
     return read
 
