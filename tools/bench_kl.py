@@ -265,6 +265,7 @@ def print_table(result: dict) -> None:
         )  # fmt: skip
     console = Console()
     console.print(table)
+    console.print(f"CPU threads per worker: {result['fused']['threads']}")
     console.print(
         f"memory_ratio (reference/fused) = {result['memory_ratio']:.2f}   "
         f"time_ratio (fused/reference) = {result['time_ratio']:.2f} (best {result['time_ratio_best']:.2f})   "
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     if args.chunk_size is not None:
         shape = dataclasses.replace(shape, chunk_size=args.chunk_size)
+    if args.dtype is not None:
+        shape = dataclasses.replace(shape, dtype=args.dtype)
     result = benchmark(shape, args.shape, args.iters, args.device, args.rounds, args.threads)
     print_table(result)
     if args.json:

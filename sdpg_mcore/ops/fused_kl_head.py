@@ -214,7 +214,7 @@ def fused_kl_head(
     teacher = None
     if teacher_hidden is not None:
         teacher = teacher_hidden.detach().to(student_hidden.dtype)
-    return _FusedKLHead.apply(student_hidden, teacher, weight, targets, plan, tp_group)
+    return _FusedKLHead.apply(student_hidden, teacher, weight, targets.long(), plan, tp_group)
 
 
 def vocab_parallel_logprob_entropy(

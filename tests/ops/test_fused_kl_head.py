@@ -130,6 +130,15 @@ def test_partial_use_of_outputs_and_frozen_weight():
     assert h_s.grad is not None and h_t_grad.grad is None  # the teacher never gets a gradient
 
 
+def test_int32_targets_and_noncontiguous_hidden():
+    h_s, h_t, weight, targets, _ = make_case(6, 4, 10, 12)
+    h_s_t = h_s.detach().t().contiguous().t().requires_grad_()  # column-major [N, H]
+    got = fused_kl_head(h_s_t, h_t, weight, targets.int(), vocab_size=10, chunk_size=2)
+    want = naive_reference(h_s, h_t, weight, targets, 10)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_empty_batch():
     h_s, h_t, weight, targets, _ = make_case(0, 4, 10, 12)
     kl, logprob, entropy = fused_kl_head(h_s, h_t, weight, targets, vocab_size=10)
