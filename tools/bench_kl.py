@@ -286,8 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per process (median)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating fused/reference process pairs")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads per worker (0: torch default)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads per worker (default 1: on a shared CPU, OpenMP barriers of the fused "
+        "head's many smaller ops make multi-thread timings measure the scheduler; 0 = torch default)",
     )
+    parser.add_argument("--dtype", default=None, help="override the shape's dtype (float32, bfloat16, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--worker", choices=("fused", "reference"), help=argparse.SUPPRESS)
