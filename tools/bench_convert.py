@@ -1,10 +1,20 @@
-#!/usr/bin/env python
 """Benchmark the streaming HF <-> Megatron conversion: throughput and peak memory vs checkpoint size.
 
 Generates a synthetic Llama-shaped bf16 checkpoint of ``--size-gb`` (written tensor by tensor, so
 generating it needs no more memory than converting it), then runs ``tools/convert_hf.py to-mcore``
-and ``to-hf`` as child processes and reads each child's peak RSS from the kernel (``wait4``'s
-``ru_maxrss``). The target is peak RSS <= 2 x largest tensor + 1 GB. ``--verify`` (default on)
+and ``to-hf`` as child processes. Each child reports its own peak RSS (``VmHWM``, which unlike
+``ru_maxrss`` does not inherit the parent's peak across fork+exec); the parent adds the child's CPU
+time. The target is peak RSS <= 2 x largest tensor + 1 GB. ``--verify`` (default on) checks that
+the exported tensors equal the generated ones bit for bit.
+
+    python tools/bench_convert.py                     # 2 GB, table
+    python tools/bench_convert.py --size-gb 0.5 --json bench.json
+"""Benchmark the streaming HF <-> Megatron conversion: throughput and peak memory vs checkpoint size.
+
+Generates a synthetic Llama-shaped bf16 checkpoint of ``--size-gb`` (written tensor by tensor, so
+generating it needs no more memory than converting it), then runs ``tools/convert_hf.py to-mcore``
+and ``to-hf`` as child processes and reads each child's peak RSS from the kernel (the child's
+``VmHWM``, which unlike ``ru_maxrss`` does not inherit the parent's peak across fork+exec). The target is peak RSS <= 2 x largest tensor + 1 GB. ``--verify`` (default on)
 checks that the exported tensors equal the generated ones bit for bit.
 
     python tools/bench_convert.py                     # 2 GB, table
@@ -109,8 +119,9 @@ def run_child(args: list[str], json_path: Path) -> tuple[float, float, float, in
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf.py {' '.join(args)} failed with exit code {proc.returncode}")
-    inner = json.loads(json_path.read_text())["seconds"]
-    return wall, inner, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # Linux reports KiB
+    report = json.loads(json_path.read_text())
+    # The child's own VmHWM: wait4's ru_maxrss would include this (large) parent's RSS at fork time.
+    return wall, report["seconds"], usage.ru_utime + usage.ru_stime, report["peak_rss_bytes"]
 
 
 def verify(src: Path, dst: Path) -> int:

@@ -41,6 +41,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since exec (``VmHWM``; ``ru_maxrss`` is inherited across
+    fork+exec, so a child started by a big parent would report the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from checkpoints_convert.convert import hf_to_mcore, mcore_to_hf  # after --help: imports torch
@@ -67,6 +81,7 @@ def main(argv=None) -> int:
         "largest_tensor_bytes": stats.largest_tensor_bytes,
         "seconds": round(seconds, 3),
         "gb_per_s": round(stats.total_bytes / 1e9 / max(seconds, 1e-9), 3),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     for key, value in result.items():
         print(f"{key:<22} {value}")
