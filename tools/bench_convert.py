@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Benchmark the streaming HF <-> Megatron conversion: throughput and peak memory vs checkpoint size.
 
 Generates a synthetic Llama-shaped bf16 checkpoint of ``--size-gb`` (written tensor by tensor, so
@@ -9,16 +10,6 @@ the exported tensors equal the generated ones bit for bit.
 
     python tools/bench_convert.py                     # 2 GB, table
     python tools/bench_convert.py --size-gb 0.5 --json bench.json
-"""Benchmark the streaming HF <-> Megatron conversion: throughput and peak memory vs checkpoint size.
-
-Generates a synthetic Llama-shaped bf16 checkpoint of ``--size-gb`` (written tensor by tensor, so
-generating it needs no more memory than converting it), then runs ``tools/convert_hf.py to-mcore``
-and ``to-hf`` as child processes and reads each child's peak RSS from the kernel (the child's
-``VmHWM``, which unlike ``ru_maxrss`` does not inherit the parent's peak across fork+exec). The target is peak RSS <= 2 x largest tensor + 1 GB. ``--verify`` (default on)
-checks that the exported tensors equal the generated ones bit for bit.
-
-    python tools/bench_convert.py                     # 2 GB, table
-    python tools/bench_convert.py --size-gb 0.2 --json bench.json
 """
 
 from __future__ import annotations
