@@ -41,3 +41,9 @@ def test_errors_exit_2_with_the_fix(tmp_path):
 def test_help():
     res = _run("--help")
     assert res.returncode == 0 and "to-mcore" in res.stdout
+
+
+def test_bench_convert_help():
+    bench = TOOL.parent / "bench_convert.py"
+    res = subprocess.run([sys.executable, str(bench), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--size-gb" in res.stdout
