@@ -189,3 +189,22 @@ def test_user_errors(kwargs, match):
     targets[0] = 9
     with pytest.raises(ValueError, match=match):
         fused_kl_head(h_s, h_t, weight, targets, **kwargs)
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 8])
+def test_default_plan_bounds_memory_at_qwen3_scale(tp_size):
+    """chunk_size=None keeps the three fp32 buffers within the 256 MiB budget, with wide blocks."""
+    from sdpg_mcore.ops.kl_head_math import DEFAULT_CHUNK_BUDGET_BYTES, plan_chunks
+
+    vocab, padded, hidden, tokens = 151936, 151936 + 128 * 8 - 151936 % (128 * 8), 2560, 8192
+    h = torch.zeros(1, dtype=torch.bfloat16).expand(tokens, hidden)  # shapes only, no memory
+    w = torch.zeros(1, dtype=torch.bfloat16).expand(padded // tp_size, hidden)
+    for rank in range(tp_size):
+        plan = plan_chunks(
+            h, h, w, torch.zeros(tokens, dtype=torch.long), vocab_size=vocab, temperature=1.0,
+            teacher_temperature=1.0, chunk_size=None, tp_size=tp_size, tp_rank=rank,
+        )  # fmt: skip
+        assert plan.group_tokens == tokens  # one group: two all-reduces for the whole call
+        assert 3 * plan.group_tokens * plan.block_rows * 4 <= DEFAULT_CHUNK_BUDGET_BYTES
+        assert plan.block_rows >= 128
+        assert plan.real_rows == max(0, min(padded // tp_size, vocab - rank * (padded // tp_size)))
