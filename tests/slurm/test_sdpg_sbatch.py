@@ -34,7 +34,7 @@ def assets(tmp_path_factory):
     return tmp_path_factory.mktemp("dryrun_assets")
 
 
-def _submit(slurm, tmp_path: Path, assets: Path, **env: str) -> tuple[str, Path]:
+def _submit(slurm, tmp_path: Path, assets: Path, script: Path = SCRIPT, **env: str) -> tuple[str, Path]:
     out = tmp_path / "job.out"
     base = {
         "DRY_RUN": "1",
@@ -44,7 +44,7 @@ def _submit(slurm, tmp_path: Path, assets: Path, **env: str) -> tuple[str, Path]
         "SERVER_BASE_PORT": str(31000 + os.getpid() % 1000),
         "ROUTER_PORT": str(33000 + os.getpid() % 1000),
     }
-    job = slurm.submit(SCRIPT, *CPU_HEADER, f"--output={out}", env={**base, **env}, cwd=REPO)
+    job = slurm.submit(script, *CPU_HEADER, f"--output={out}", env={**base, **env}, cwd=REPO)
     return job, out
 
 
@@ -137,8 +137,12 @@ def test_dry_run_end_to_end(local_slurm, tmp_path, assets):
     assert any((run / "checkpoints").iterdir()), "no checkpoint written"
 
 
-def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets):
-    """The DRY_RUN default servers (built-in dev server) and the real sglang_router, queried by a stand-in trainer."""
+@pytest.mark.parametrize("script", ["sdpg_70b.sh", "sdpg_qwen3_4b.sh"])
+def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets, script):
+    """DRY_RUN's servers (built-in dev server) behind the real sglang_router, queried by a stand-in trainer.
+
+    sdpg_70b.sh: dedicated rollout node (two pretend nodes); sdpg_qwen3_4b.sh: colocated on one node.
+    """
     trainer = tmp_path / "trainer.sh"
     trainer.write_text(
         textwrap.dedent(
@@ -154,12 +158,14 @@ def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets):
         )
     )
     trainer.chmod(0o755)
-    job, out = _submit(local_slurm, tmp_path, assets, TRAINER_CMD=str(trainer))
+    job, out = _submit(local_slurm, tmp_path, assets, REPO / "slurm" / script, TRAINER_CMD=str(trainer))
     info = local_slurm.wait(job, timeout_s=600)
     logs = sorted((tmp_path / "run" / "logs").glob("job_*/*.log"))
     detail = out.read_text() + "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)
     assert (info.state, info.exit_code) == ("COMPLETED", 0), detail
     assert "router is healthy" in out.read_text()
+    mode = "dedicated" if script == "sdpg_70b.sh" else "colocated"
+    assert f"rollout: {mode}" in out.read_text()
     reply = json.loads((tmp_path / "generate.json").read_text())
     assert reply["meta_info"]["completion_tokens"] == len(reply["output_ids"]) <= 4, reply
     assert len(reply["meta_info"]["output_token_logprobs"]) == len(reply["output_ids"])
