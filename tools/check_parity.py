@@ -45,7 +45,19 @@ def _under_launcher() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from checkpoints_convert.arch_maps import ModelDims, validate_parallel
+    from checkpoints_convert.convert import check_mcore_matches_config
+    from checkpoints_convert.hf_io import HfCheckpointReader
     from checkpoints_convert.parity import compare_with_hf, parity_rank  # after --help: heavy imports
+
+    try:  # user mistakes fail here with one clear line, not inside a spawned rank
+        config = HfCheckpointReader(args.hf).config
+        validate_parallel(ModelDims.from_hf_config(config), args.tp, args.pp)
+        if args.mcore:
+            check_mcore_matches_config(args.mcore, config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     run_args = (str(Path(args.hf)), args.tp, args.pp, args.mcore, args.batch, args.seq_len, args.seed)
     if _under_launcher():

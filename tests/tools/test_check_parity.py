@@ -39,3 +39,16 @@ def test_check_parity_from_converted_checkpoint(tmp_path):
 def test_help():
     res = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--mcore" in res.stdout
+
+
+def test_check_parity_refuses_other_config_and_bad_tp(tmp_path):
+    llama = save_tiny_hf_model(tmp_path / "llama", arch="llama")
+    qwen3 = save_tiny_hf_model(tmp_path / "qwen3", arch="qwen3")
+    hf_to_mcore(llama, tmp_path / "mc")
+    res = subprocess.run(
+        [sys.executable, str(TOOL), "--hf", str(qwen3), "--mcore", str(tmp_path / "mc")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "converted from a different model config" in res.stderr
