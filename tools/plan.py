@@ -69,7 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recompute", choices=("none", "selective", "full"), help="default: the recipe's, else none"
     )
     p.add_argument("--kl-head", choices=("fused", "materialised"), default="fused")
-    p.add_argument("--kl-chunk-tokens", type=int, help="default: the recipe's logprob_chunk_size, else 1024")
+    p.add_argument(
+        "--kl-chunk-tokens",
+        type=int,
+        help="default: the recipe's logprob_chunk_size, else the head's 256 MiB budget",
+    )
     p.add_argument("--rollout", choices=("dedicated", "colocated"), default="dedicated")
     p.add_argument(
         "--rollout-kv-seqs",
@@ -120,7 +124,6 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
     args.max_prompt_len = args.max_prompt_len or 2048
     args.max_response_len = args.max_response_len or 4096
     args.recompute = args.recompute or "none"
-    args.kl_chunk_tokens = args.kl_chunk_tokens or 1024
     seq_len = args.max_prompt_len + args.max_response_len
     micro = args.micro_batch_tokens or seq_len
     if micro < seq_len:

@@ -13,9 +13,11 @@ Why each term has the form it has:
   fp32 logsumexp, no ``s^2`` term); no dropout in these models, so no masks. Sequence
   parallelism (on whenever TP > 1) shards the ``hidden``-wide tensors over TP as well. 1F1B
   keeps ``min(pp, num_microbatches)`` micro-batches in flight on the first stage.
-- KL head: the fused head keeps O(chunk * V / TP) fp32 work per chunk plus the final hidden
-  states; the materialising reference keeps ``[T, V/TP]`` student and teacher logits in bf16 and
-  three fp32 temporaries (log-softmax of each, the gradient), i.e. 16 bytes per logit for both.
+- KL head: the fused head (``sdpg_mcore.ops.fused_kl_head``) keeps three fp32 ``[tokens, block]``
+  buffers of at most ``chunk * V/TP`` elements each (or, with no chunk size, a 256 MiB budget),
+  the stacked ``[student; teacher]`` hidden states and an fp32 ``[T, H]`` input gradient; the
+  materialising reference keeps ``[T, V/TP]`` student and teacher logits in bf16 and three fp32
+  temporaries (log-softmax of each, the gradient), i.e. 16 bytes per logit.
 - teacher: forward-only, so it keeps only its final hidden states ``[T, H]`` plus the transient
   working set of one layer.
 - rollout (colocated only): SGLang's weights and KV cache live next to the training state during
@@ -29,6 +31,10 @@ from dataclasses import asdict, dataclass
 from sdpg_mcore.plan.shape import ModelShape
 
 GIB = 1024**3
+#: The fused KL head's workspace budget when no chunk size is given; equal to
+#: ``sdpg_mcore.ops.kl_head_math.DEFAULT_CHUNK_BUDGET_BYTES`` (a test keeps them in step; the
+#: planner does not import torch).
+FUSED_HEAD_BUDGET_BYTES = 256 * 1024**2
 RECOMPUTE_MODES = ("none", "selective", "full")
 KL_HEAD_MODES = ("fused", "materialised")
 ROLLOUT_MODES = ("dedicated", "colocated")
@@ -66,8 +72,8 @@ class TrainingShape:
     """none | selective (Megatron's default ``core_attn``) | full (uniform, one layer per checkpoint)."""
     kl_head: str = "fused"
     """fused (chunked, custom backward) | materialised (full ``[T, V]`` logits, the reference)."""
-    kl_chunk_tokens: int = 1024
-    """Tokens per chunk of the fused KL head."""
+    kl_chunk_tokens: int | None = None
+    """Tokens per chunk of the fused KL head (``trainer.logprob_chunk_size``); None: its default budget."""
     num_microbatches: int | None = None
     """Micro-batches per optimizer step per DP rank; None means at least ``pp`` (1F1B steady state)."""
     sequence_parallel: bool = True
@@ -160,7 +166,13 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     vocab_shard = -(-shape.vocab_size // tp)
     hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
     if train.kl_head == "fused":
-        kl_head = hidden_states + 16 * min(train.kl_chunk_tokens, tokens) * vocab_shard
+        if train.kl_chunk_tokens is None:
+            workspace = min(FUSED_HEAD_BUDGET_BYTES, 12 * tokens * vocab_shard)
+        else:
+            workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
+        stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
+        input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
+        kl_head = hidden_states + stacked + input_grad + workspace
     else:
         kl_head = hidden_states + 16 * tokens * vocab_shard
     teacher = int(teacher_tokens * (shape.hidden_size * train.activation_bytes + per_layer))
