@@ -42,16 +42,15 @@ from sdpg_mcore.ops.kl_head_math import (
     ChunkPlan,
     ChunkStats,
     Workspace,
-    add_matmul_,
     all_reduce_state,
     block_grad_logits,
     block_state,
     empty_state,
     finalize,
+    matmul_into,
     merge_states,
     plan_chunks,
     stack_hidden,
-    write_matmul,
 )
 
 __all__ = ["fused_kl_head", "vocab_parallel_logprob_entropy"]
@@ -73,11 +72,12 @@ def _all_reduce(tensor: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tenso
     return tensor
 
 
-def _group_forward(hidden_KH, weight_real, targets_G, plan, workspace, tp_group) -> ChunkStats:
+def _group_forward(hidden_KH, weight_VH, targets_G, plan, workspace, tp_group) -> ChunkStats:
     """Statistics of one token group: loop over vocabulary blocks, then merge over the TP shards."""
     state = None
     for v0 in range(0, plan.real_rows, plan.block_rows):
-        block = block_state(hidden_KH, weight_real[v0 : v0 + plan.block_rows], targets_G, v0, plan, workspace)
+        weight_BH = plan.as_matmul_operand(weight_VH[v0 : min(v0 + plan.block_rows, plan.real_rows)])
+        block = block_state(hidden_KH, weight_BH, targets_G, v0, plan, workspace)
         state = block if state is None else merge_states(state, block)
     if state is None:
         state = empty_state(targets_G.shape[0], plan, hidden_KH.device)
@@ -96,17 +96,16 @@ class _FusedKLHead(torch.autograd.Function):
         kl_N = torch.zeros(num_tokens, dtype=plan.acc_dtype, device=device)
         logprob_N, entropy_N, log_z_s_N = (torch.empty_like(kl_N) for _ in range(3))
         log_z_t_N = torch.zeros_like(kl_N)
-        weight_real = plan.prepare_weight(weight_VH)
         workspace = Workspace(plan.group_tokens, plan.block_rows, plan, device, teacher_NH is not None)
         for g0 in range(0, num_tokens, plan.group_tokens):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             teacher_GH = None if teacher_NH is None else plan.as_matmul_operand(teacher_NH[g0:g1])
             hidden_KH = stack_hidden(plan.as_matmul_operand(student_NH[g0:g1]), teacher_GH)
-            stats = _group_forward(hidden_KH, weight_real, targets_N[g0:g1], plan, workspace, tp_group)
+            stats = _group_forward(hidden_KH, weight_VH, targets_N[g0:g1], plan, workspace, tp_group)
             logprob_N[g0:g1], entropy_N[g0:g1], log_z_s_N[g0:g1] = stats.logprob, stats.entropy, stats.log_z_s
             if teacher_GH is not None:
                 kl_N[g0:g1], log_z_t_N[g0:g1] = stats.kl, stats.log_z_t
-        del weight_real, workspace
+        del workspace
         ctx.plan, ctx.tp_group, ctx.has_teacher = plan, tp_group, teacher_NH is not None
         ctx.save_for_backward(
             student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
@@ -147,11 +146,9 @@ class _FusedKLHead(torch.autograd.Function):
                 )
                 dz_op = plan.as_matmul_operand(dz_GB)
                 if need_h:
-                    add_matmul_(grad_h_NH[g0:g1], dz_op, weight_BH)
-                if need_w and g0 == 0:
-                    write_matmul(grad_w_VH[v0:v1], dz_op.t(), student_GH)
-                elif need_w:
-                    add_matmul_(grad_w_VH[v0:v1], dz_op.t(), student_GH)
+                    matmul_into(grad_h_NH[g0:g1], dz_op, weight_BH, accumulate=True)
+                if need_w:  # complete for this block unless tokens were split into groups
+                    matmul_into(grad_w_VH[v0:v1], dz_op.t(), student_GH, accumulate=g0 > 0)
         del workspace
         if need_h:
             _all_reduce(grad_h_NH, dist.ReduceOp.SUM, ctx.tp_group, plan.tp_size)

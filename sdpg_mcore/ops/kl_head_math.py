@@ -5,8 +5,8 @@ are taken over max-shifted logits in the accumulation dtype (fp32, or fp64 for f
 bf16 model gets fp32 softmax statistics — the reference computes its KL and entropy in bf16.
 
 Matmul precision: on CUDA, bf16/fp16 operands are multiplied with ``out_dtype=float32`` (the logits
-are never rounded to bf16); on CPU, low-precision operands are up-cast to fp32 (the CPU path exists
-for tests and small runs, and that costs one fp32 copy of the weight shard in the forward).
+are never rounded to bf16); on CPU, low-precision operands are up-cast to fp32 block by block (the
+CPU path exists for tests and small runs; CPUs rarely have fast bf16 GEMMs).
 """
 
 from __future__ import annotations
@@ -63,9 +63,6 @@ class ChunkPlan:
         if self.in_dtype in _LOW_PRECISION:
             return x.to(self.in_dtype if self.on_cuda else torch.float32)
         return x.to(self.acc_dtype)
-
-    def prepare_weight(self, weight_VH: torch.Tensor) -> torch.Tensor:
-        return self.as_matmul_operand(weight_VH[: self.real_rows])
 
     def grad_coefficients(self, grad_kl, grad_logprob, grad_entropy, log_z_s, log_z_t, kl, entropy):
         """Per-token coefficients of ``dz = p_s * (a*log p_s - b*z_t + c) + d * onehot``.
@@ -185,26 +182,23 @@ def plan_chunks(
 
 
 def matmul_into(
-    out_CB: torch.Tensor, a_CH: torch.Tensor, b_HB: torch.Tensor, alpha: float = 1.0
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, accumulate: bool = False
 ) -> torch.Tensor:
-    """``out = alpha * a @ b`` without a fresh allocation where the dtypes allow it.
+    """``out = alpha * a @ b`` (or ``out += a @ b`` with ``accumulate``) with no fresh allocation.
 
-    On CPU a fresh ``[C, B]`` tensor per chunk costs page faults comparable to the elementwise
-    work, so every chunk reuses the same workspace; ``beta=0`` makes GEMM ignore ``out``'s contents.
+    On CPU a fresh ``[G, B]`` tensor per block costs page faults comparable to the elementwise
+    work, so every block reuses the same workspace; ``beta=0`` makes GEMM ignore ``out``'s
+    contents. Low-precision operands with an fp32 ``out`` use ``addmm``'s ``out_dtype`` overload
+    (CUDA): fp32 accumulation and output, the logits are never rounded to bf16.
     """
-    if a_CH.dtype == out_CB.dtype:
-        return torch.addmm(out_CB, a_CH, b_HB, beta=0, alpha=alpha, out=out_CB)
-    out_CB.copy_(_mm_f32(a_CH, b_HB))
-    return out_CB.mul_(alpha) if alpha != 1.0 else out_CB
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dtype not in _LOW_PRECISION:
-        return torch.mm(a, b).float()
-    try:  # low-precision CUDA operands, fp32 accumulation and output
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (RuntimeError, TypeError):  # builds without the out_dtype overload
-        return torch.mm(a, b).float()
+    beta = 1.0 if accumulate else 0.0
+    if a.dtype == out.dtype:
+        return torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
+    try:
+        return torch.addmm(out, a, b, out_dtype=out.dtype, beta=beta, alpha=alpha, out=out)
+    except (RuntimeError, TypeError):  # no out_dtype kernel for this device / dtype
+        product = torch.mm(a, b).to(out.dtype)
+        return out.add_(product, alpha=alpha) if accumulate else out.copy_(product).mul_(alpha)
 
 
 def _col(x_C: torch.Tensor) -> torch.Tensor:
@@ -220,22 +214,6 @@ def _local_target(
     return local.clamp(0, max(num_rows - 1, 0)), inside
 
 
-def add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` in ``acc``'s dtype."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc.add_(_mm_f32(a, b))
-
-
-def write_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out[...] = a @ b`` (``out`` contiguous, e.g. a row block of the weight gradient)."""
-    if a.dtype == out.dtype:
-        torch.mm(a, b, out=out)
-    else:
-        out.copy_(_mm_f32(a, b))
-
-
 class Workspace:
     """Reusable buffers in the accumulation dtype, the whole O(chunk) peak: ``logits`` holds the
     stacked ``[student; teacher]`` logits of a block (``[2G, B]``, or ``[G, B]`` without a
@@ -247,9 +225,9 @@ class Workspace:
         self.aux = torch.empty(rows * cols, dtype=plan.acc_dtype, device=device)
 
     def views(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.logits[: self.stack * rows * cols].view(-1, cols), self.aux[: rows * cols].view(
-            rows, cols
-        )
+        """``[stack * rows, cols]`` logits and ``[rows, cols]`` aux views (a last, smaller block)."""
+        logits = self.logits[: self.stack * rows * cols].view(self.stack * rows, cols)
+        return logits, self.aux[: rows * cols].view(rows, cols)
 
 
 def stack_hidden(student_GH: torch.Tensor, teacher_GH: torch.Tensor | None) -> torch.Tensor:
@@ -265,7 +243,7 @@ def _stacked_logits(
     teacher_rows = hidden_KH.shape[0] > num_rows
     inv_s, inv_t = plan.inv_temperature, plan.inv_teacher_temperature
     one_scale = not teacher_rows or inv_s == inv_t
-    matmul_into(out_KB, hidden_KH, weight_BH.t(), inv_s if one_scale else 1.0)
+    matmul_into(out_KB, hidden_KH, weight_BH.t(), alpha=inv_s if one_scale else 1.0)
     if not one_scale:
         out_KB[:num_rows].mul_(inv_s)
         out_KB[num_rows:].mul_(inv_t)
