@@ -52,3 +52,10 @@ def test_check_parity_refuses_other_config_and_bad_tp(tmp_path):
         timeout=300,
     )
     assert res.returncode == 2 and "converted from a different model config" in res.stderr
+    res = subprocess.run(
+        [sys.executable, str(TOOL), "--hf", str(llama), "--tp", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "--tp=4 does not divide num_key_value_heads=2" in res.stderr
