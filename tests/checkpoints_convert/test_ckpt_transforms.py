@@ -123,3 +123,10 @@ def test_padded_vocab_size():
     assert padded_vocab_size(301, 1) == 384
     assert padded_vocab_size(384, 1) == 384
     assert padded_vocab_size(151936, 4) == 151936 + (512 - 151936 % 512) % 512
+
+
+def test_both_layer_specs_map_to_the_same_rules():
+    table = rule_by_mcore_name(DIMS)
+    assert table["input_layernorm.weight"] is table["self_attention.linear_qkv.layer_norm_weight"]
+    assert table["pre_mlp_layernorm.weight"] is table["mlp.linear_fc1.layer_norm_weight"]
+    assert table["pre_mlp_layernorm.weight"].hf == ("model.layers.{i}.post_attention_layernorm.weight",)
