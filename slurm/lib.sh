@@ -132,10 +132,12 @@ sdpg_print_roles() {
 
 # ---- background components ----------------------------------------------------------------------
 # sdpg_on_host HOST CMD...: run CMD as a one-task job step on HOST (overlapping the trainer's step).
+# Only for background use (sdpg_start_bg): `exec` makes the recorded PID srun's own, so cleanup's
+# SIGTERM reaches srun, which forwards it to the step.
 sdpg_on_host() {
   local host=$1
   shift
-  srun --overlap --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 "$@"
+  exec srun --overlap --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 "$@"
 }
 
 # sdpg_start_bg NAME LOG CMD...: start CMD in the background, logging to LOG; remembers the PID.
