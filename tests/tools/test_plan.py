@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdpg_mcore.models.tiny import tiny_hf_config
 from sdpg_mcore.parallel.spawn import spawn_ranks
@@ -19,12 +20,12 @@ from sdpg_mcore.plan import (
     estimate_memory,
     evaluate,
     layout_problems,
+    padded_vocab_size,
     propose_layout,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plan as plan_cli  # noqa: E402  (tools/plan.py)
 
@@ -71,14 +72,67 @@ def test_real_configs_match_published_and_transformers(example, published):
         assert shape.num_megatron_parameters(tp) == published + rows * shape.hidden_size
 
 
+def _init_model_parallel(tp: int, pp: int) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from sdpg_mcore.parallel.cpu_compat import apply_cpu_compat
+
+    apply_cpu_compat()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def _build_gpt(shape: ModelShape, tp: int, pp: int, *, bf16: bool = False):
+    """Megatron's own ``GPTModel`` (local spec) for this rank's stage, independent of ``sdpg_mcore.models``."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_kv_heads,
+        kv_channels=shape.head_dim,
+        ffn_hidden_size=shape.intermediate_size,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=True,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=shape.qk_norm, normalization="RMSNorm"),
+        vocab_size=padded_vocab_size(shape.vocab_size, tp),
+        max_sequence_length=256,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+        position_embedding_type="rope",
+    )
+
+
 def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_configs: list[dict]) -> dict:
     """TP2 x PP2: count every rank's parameters; then TP1 x DP4: measure DDP + distributed optimizer."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron_build import build_gpt, init_model_parallel
 
-    init_model_parallel(2, 2)
+    _init_model_parallel(2, 2)
     last_stage = parallel_state.is_pipeline_last_stage()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     from sdpg_mcore.models.builder import build_gpt_model
@@ -86,7 +140,7 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_conf
     local, unique, project = [], [], []
     for shape, hf_config in zip(shapes, hf_configs):
         project.append(sum(p.numel() for p in build_gpt_model(hf_config).parameters()))
-        model = build_gpt(shape, 2, 2)
+        model = _build_gpt(shape, 2, 2)
         local.append(sum(p.numel() for p in model.parameters()))
         count = 0
         for name, p in model.named_parameters():
@@ -97,9 +151,9 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_conf
         unique.append(count)
     parallel_state.destroy_model_parallel()
 
-    init_model_parallel(1, 1)
+    _init_model_parallel(1, 1)
     shape = shapes[-1]
-    model = build_gpt(shape, 1, 1, bf16=True)
+    model = _build_gpt(shape, 1, 1, bf16=True)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
     model = DistributedDataParallel(model.config, ddp_config, model)
     optimizer = get_megatron_optimizer(
