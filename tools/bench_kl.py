@@ -90,7 +90,10 @@ class PeakMeter:
             self.base = torch.cuda.memory_allocated()
         else:
             self.base = _rss_bytes("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            except OSError:  # older kernels: the high-water mark then includes the small warm-up
+                pass
         return self
 
     def __exit__(self, *exc):

@@ -179,6 +179,41 @@ def test_bf16_accumulates_in_fp32():
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+def test_gpu_operand_path_on_cpu(monkeypatch):
+    """The CUDA code path (bf16 matmul operands, fp32 workspaces and dh, bf16 dW) run on CPU.
+
+    CPU has no ``out_dtype`` GEMM, so this also exercises the fallback (bf16 products up-cast);
+    the logits are then bf16-rounded, hence the looser tolerance than ``test_bf16_accumulates_in_fp32``.
+    """
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module("sdpg_mcore.ops.fused_kl_head")  # the package re-exports the function
+
+    real_plan = module.plan_chunks
+    monkeypatch.setattr(
+        module, "plan_chunks", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), on_cuda=True)
+    )
+    vocab, hidden, num_tokens = 500, 32, 12
+    h_s, h_t, weight, targets, upstream = make_case(
+        num_tokens, hidden, vocab, 512, dtype=torch.bfloat16, scale=0.5
+    )
+    got, got_grads = values_and_grads(
+        lambda: module.fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, temperature=0.9, chunk_size=2),
+        h_s, weight, upstream,
+    )  # fmt: skip
+    h64, w64 = h_s.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want, want_grads = values_and_grads(
+        lambda: naive_reference(h64, h_t.double(), w64, targets, vocab, 0.9), h64, w64, upstream
+    )
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=0.05)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), w, rtol=0.05, atol=0.05 * w.abs().max().item())
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
