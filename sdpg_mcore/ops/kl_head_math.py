@@ -12,6 +12,7 @@ CPU path exists for tests and small runs; CPUs rarely have fast bf16 GEMMs).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -140,6 +141,8 @@ def plan_chunks(
             f"student_hidden and weight must share one floating dtype; got {student_NH.dtype} and {weight_VH.dtype}"
         )
     local_rows = weight_VH.shape[0]
+    if isinstance(vocab_size, numbers.Integral) and not isinstance(vocab_size, bool):
+        vocab_size = int(vocab_size)  # numpy / torch integers from configs and tokenizers
     if not isinstance(vocab_size, int) or not 1 <= vocab_size <= local_rows * tp_size:
         raise ValueError(
             f"vocab_size must be an int in [1, V_local * tp_size = {local_rows * tp_size}]; got {vocab_size!r}"
