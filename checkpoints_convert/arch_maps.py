@@ -262,3 +262,23 @@ def config_hash(config: dict[str, Any]) -> str:
     kept = {k: v for k, v in config.items() if k not in _HASH_IGNORED}
     blob = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_KEY_ORDER = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def config_diff(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The model-defining fields that differ, most telling first ("key: a in checkpoint vs b")."""
+    keys = {k for k in set(stored) | set(given) if k not in _HASH_IGNORED and stored.get(k) != given.get(k)}
+    ordered = [k for k in _KEY_ORDER if k in keys] + sorted(keys - set(_KEY_ORDER))
+    return [f"{k}: {stored.get(k)!r} in checkpoint vs {given.get(k)!r}" for k in ordered]

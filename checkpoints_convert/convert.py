@@ -25,6 +25,7 @@ from checkpoints_convert.arch_maps import (
     Fuse,
     ModelDims,
     ParamRule,
+    config_diff,
     config_hash,
     padded_vocab_size,
     rules_for,
@@ -137,12 +138,7 @@ def check_mcore_matches_config(mcore_dir: str | Path, hf_config: dict[str, Any])
     meta, stored = read_convert_metadata(mcore_dir)
     if meta["config_hash"] == config_hash(hf_config):
         return meta
-    keys = sorted(set(stored) | set(hf_config))
-    diffs = [
-        f"{k}: {stored.get(k)!r} in checkpoint vs {hf_config.get(k)!r}"
-        for k in keys
-        if stored.get(k) != hf_config.get(k)
-    ]
+    diffs = config_diff(stored, hf_config)
     raise CheckpointError(
         f"Megatron checkpoint {mcore_dir} was converted from a different model config "
         f"({'; '.join(diffs[:6]) or 'config hash differs'}). Load it with the model config it was converted "

@@ -123,10 +123,9 @@ def load_mcore_into_model(model_chunks: list[torch.nn.Module], mcore_dir: str | 
     vocabulary rows beyond the real vocabulary are zeroed, so loading at a TP whose padding differs
     from the conversion's leaves no stale rows.
     """
-    from megatron.core import dist_checkpointing
-
     config = _config_dict(hf_config)
     check_mcore_matches_config(mcore_dir, config)
+    from megatron.core import dist_checkpointing
     modules = [_unwrap(c) for c in model_chunks]
     stored = DcpChunkReader(mcore_dir).metadata.state_dict_metadata
     sharded = {

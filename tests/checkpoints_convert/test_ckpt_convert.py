@@ -142,3 +142,13 @@ def test_sharded_hf_input_with_index(tmp_path):
     mcore_to_hf(tmp_path / "mc", tmp_path / "out")
     back = load_file(tmp_path / "out" / "model.safetensors")  # small: one file again
     assert sorted(back) == sorted(src) and all(torch.equal(back[k], src[k]) for k in src)
+
+
+def test_load_mcore_into_model_refuses_other_config_before_loading(tmp_path):
+    from checkpoints_convert.model_io import load_mcore_into_model
+
+    llama = save_tiny_hf_model(tmp_path / "llama", arch="llama")
+    qwen3 = save_tiny_hf_model(tmp_path / "qwen3", arch="qwen3")
+    hf_to_mcore(llama, tmp_path / "mc")
+    with pytest.raises(CheckpointError, match="model_type: 'llama' in checkpoint vs 'qwen3'"):
+        load_mcore_into_model([], tmp_path / "mc", qwen3)
