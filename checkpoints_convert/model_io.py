@@ -126,6 +126,7 @@ def load_mcore_into_model(model_chunks: list[torch.nn.Module], mcore_dir: str | 
     config = _config_dict(hf_config)
     check_mcore_matches_config(mcore_dir, config)
     from megatron.core import dist_checkpointing
+
     modules = [_unwrap(c) for c in model_chunks]
     stored = DcpChunkReader(mcore_dir).metadata.state_dict_metadata
     sharded = {
