@@ -1,0 +1,183 @@
+"""The step's data: scored responses, their split over DP ranks and mini-batches, and padded micro-batches.
+
+A :class:`Response` is one rollout sample with its reward. Every rank holds the whole step's list
+(rank 0 generates and broadcasts it), so every rank can compute every plan below without talking
+to the others. Groups (the ``n`` responses of one prompt) never straddle DP ranks, so group-relative
+advantages stay local.
+
+Micro-batches are right-padded ``[B, T]`` rows, at most ``token_budget`` padded tokens each (the
+local attention has no packed-sequence support; on CPU and with the local spec padding is the
+layout that keeps RoPE positions right). The student and the teacher rows hold the same response
+tokens after different prompts, so their response positions line up token for token.
+Per-token tensors are flat ``[N]`` in row-major order over the rows' response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Response:
+    """One generated response and everything the trainer needs about it."""
+
+    group: int
+    """Index of its prompt within the step (its GRPO group)."""
+    prompt_ids: list[int]
+    """Student prompt tokens."""
+    teacher_prompt_ids: list[int]
+    """Teacher prompt tokens (the student prompt when there is no context)."""
+    response_ids: list[int]
+    """Generated tokens (including a final EOS when generation stopped)."""
+    rollout_logprobs: list[float]
+    """The engine's log-prob of each generated token."""
+    reward: float = 0.0
+    """Verifier reward (after the overlong penalty)."""
+    acc: float = 0.0
+    """1.0 when the answer is correct."""
+    truncated: bool = False
+    """Generation hit max_response_length."""
+
+
+@dataclass
+class MicroBatch:
+    """Padded student (and teacher) rows of one micro-batch plus its per-token inputs."""
+
+    rows: list[int]
+    """Indices of its responses in the rank's response list."""
+    input_ids_BT: torch.Tensor
+    loss_mask_BT: torch.Tensor
+    """True at positions whose logits predict a response token."""
+    teacher_input_ids_BT: torch.Tensor
+    teacher_loss_mask_BT: torch.Tensor
+    targets_N: torch.Tensor
+    """Response tokens, row-major: what the masked positions predict."""
+    seq_index_N: torch.Tensor
+    """Row (0..B-1) of each response token."""
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-token tensors filled by the step: advantages_N, old_logprob_N, ref_logprob_N, ..."""
+    teacher_hidden_NH: torch.Tensor | None = None
+    """Teacher hidden states of this micro-batch (sdpg), set by the teacher pass."""
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids_BT.shape[1])
+
+    @property
+    def teacher_seq_len(self) -> int:
+        return int(self.teacher_input_ids_BT.shape[1])
+
+
+def dp_groups(num_groups: int, dp_size: int, dp_rank: int, mini_batch_groups: int) -> list[list[int]]:
+    """The groups this DP rank trains on, per mini-batch: mini-batch m's groups dealt round-robin."""
+    out = []
+    for start in range(0, num_groups, mini_batch_groups):
+        groups = list(range(start, min(start + mini_batch_groups, num_groups)))
+        out.append(groups[dp_rank::dp_size])
+    return out
+
+
+def rows_of_groups(responses: Sequence[Response], groups: Sequence[int]) -> list[int]:
+    wanted = set(groups)
+    return [i for i, r in enumerate(responses) if r.group in wanted]
+
+
+def _length(r: Response, with_teacher: bool) -> int:
+    n = len(r.prompt_ids) + len(r.response_ids)
+    return max(n, len(r.teacher_prompt_ids) + len(r.response_ids)) if with_teacher else n
+
+
+def plan_micro_batches(lengths: Sequence[int], token_budget: int, min_count: int = 1) -> list[list[int]]:
+    """Split positions ``0..len-1`` into micro-batches whose padded size ``rows x longest`` fits the budget.
+
+    Longest first, a new micro-batch when the next row would not fit; then the largest micro-batches
+    are halved until there are ``min_count`` (every DP rank must run the same number). Rows inside a
+    micro-batch are ascending, so the plan is deterministic.
+    """
+    for n in lengths:
+        if n > token_budget:
+            raise ValueError(
+                f"a sequence of {n} tokens exceeds data.micro_batch_tokens={token_budget}; raise it to at least "
+                "max_prompt_length + max_response_length"
+            )
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    plans: list[list[int]] = []
+    for i in order:
+        if plans and (len(plans[-1]) + 1) * lengths[plans[-1][0]] <= token_budget:
+            plans[-1].append(i)
+        else:
+            plans.append([i])
+    if min_count > len(lengths):
+        raise ValueError(f"cannot make {min_count} micro-batches from {len(lengths)} rows")
+    while len(plans) < min_count:
+        biggest = max(plans, key=len)
+        plans.remove(biggest)
+        plans += [biggest[: len(biggest) // 2], biggest[len(biggest) // 2 :]]
+    return sorted((sorted(p) for p in plans), key=lambda p: p[0])
+
+
+def _pad(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for b, (seq, p) in enumerate(zip(seqs, prompt_lens)):
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[b, p - 1 : len(seq) - 1] = True
+    return ids, mask
+
+
+def make_micro_batch(responses: Sequence[Response], rows: list[int], pad_id: int) -> MicroBatch:
+    """Pad the student and teacher sequences of ``rows``; targets and row indices of the response tokens."""
+    picked = [responses[i] for i in rows]
+    student = [r.prompt_ids + r.response_ids for r in picked]
+    teacher = [r.teacher_prompt_ids + r.response_ids for r in picked]
+    ids, mask = _pad(student, [len(r.prompt_ids) for r in picked], pad_id)
+    t_ids, t_mask = _pad(teacher, [len(r.teacher_prompt_ids) for r in picked], pad_id)
+    targets = torch.tensor([t for r in picked for t in r.response_ids], dtype=torch.long)
+    seq_index = torch.tensor([b for b, r in enumerate(picked) for _ in r.response_ids], dtype=torch.long)
+    return MicroBatch(rows, ids, mask, t_ids, t_mask, targets, seq_index)
+
+
+def build_micro_batches(
+    responses: Sequence[Response],
+    rows: list[int],
+    token_budget: int,
+    pad_id: int,
+    *,
+    with_teacher: bool,
+    min_count: int = 1,
+) -> list[MicroBatch]:
+    """Micro-batches over ``rows`` (indices into ``responses``) by padded-token budget."""
+    lengths = [_length(responses[i], with_teacher) for i in rows]
+    plans = plan_micro_batches(lengths, token_budget, min_count)
+    return [make_micro_batch(responses, [rows[j] for j in plan], pad_id) for plan in plans]
+
+
+def num_micro_batches(
+    responses: Sequence[Response], rows: list[int], token_budget: int, *, with_teacher: bool
+) -> int:
+    return len(plan_micro_batches([_length(responses[i], with_teacher) for i in rows], token_budget))
+
+
+def scatter_rows(
+    values: list[torch.Tensor], micro_batches: Sequence[MicroBatch], responses: Sequence[Response]
+):
+    """Per-micro-batch ``[N]`` tensors -> ``{row: [len(response)]}``."""
+    out: dict[int, torch.Tensor] = {}
+    for values_N, mb in zip(values, micro_batches):
+        lengths = [len(responses[i].response_ids) for i in mb.rows]
+        for row, part in zip(mb.rows, torch.split(values_N, lengths)):
+            out[row] = part
+    return out
+
+
+def gather_rows(per_row: dict[int, torch.Tensor], mb: MicroBatch) -> torch.Tensor:
+    """``{row: [len]}`` -> the micro-batch's ``[N]`` in its row-major token order."""
+    return torch.cat([per_row[i] for i in mb.rows])

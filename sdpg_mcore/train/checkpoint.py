@@ -1,0 +1,485 @@
+"""Trainer checkpoints: atomic Megatron distributed checkpoints that resume a run exactly.
+
+A checkpoint of step ``k`` is the directory ``CKPT_ROOT/step_{k:08d}``:
+
+- the Megatron ``torch_dist`` checkpoint (``.metadata``, ``*.distcp``, ``common.pt``,
+  ``metadata.json``) of the model (``GPTModel.sharded_state_dict()``, the global key layout the
+  converter uses) and the optimizer (``optimizer.sharded_state_dict``; the distributed optimizer
+  as ``dp_reshardable``), written collectively by all ranks;
+- ``sdpg_convert.json`` + ``hf_assets/`` (the HF config and tokenizer files of ``hf_dir``), so
+  ``tools/convert_hf.py to-hf --mcore CKPT_ROOT/step_{k:08d}`` exports the policy to HF;
+- ``trainer_state.json``: step, LR-scheduler state, parallel layout, model signature and the
+  trainer's JSON-able ``extra_state`` (sampler position, config hash, counters); the beta schedule
+  is a function of the step and needs nothing more;
+- ``rng/rank_{r:05d}.pt``: each rank's python / numpy / torch (CPU, CUDA) RNG states and Megatron's
+  tensor-parallel RNG tracker states, read back with ``torch.load(weights_only=True)``.
+
+Atomicity: everything is written into ``CKPT_ROOT/.tmp-step_{k:08d}``; after a barrier rank 0
+renames it to ``step_{k:08d}`` and then replaces the ``latest`` pointer file (write a temporary
+file, fsync, ``os.replace``). A crash at any point leaves ``latest`` naming a complete checkpoint;
+leftover ``.tmp-*`` entries are removed by the next save. ``CKPT_ROOT`` must be one directory that
+every rank sees (a shared filesystem on multi-node runs).
+
+    save_checkpoint(ckpt_root, step, policy.chunks, policy.optimizer, policy.scheduler,
+                    hf_dir=model_path, extra_state={"sampler": sampler.state_dict()}, keep_last=3)
+    loaded = load_checkpoint(ckpt_root, policy.chunks, policy.optimizer, policy.scheduler)
+    if loaded is not None: start_step = loaded.step + 1; sampler.load_state_dict(loaded.extra_state["sampler"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from checkpoints_convert.arch_maps import config_hash
+from checkpoints_convert.convert import ASSETS_DIR, FORMAT_VERSION, METADATA_FILE
+from checkpoints_convert.hf_io import CheckpointError, copy_hf_assets
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest"
+STATE_FILE = "trainer_state.json"
+RNG_DIR = "rng"
+TMP_PREFIX = ".tmp-"
+STATE_VERSION = 1
+#: How the distributed optimizer lays its state out: one tensor per DP-local buffer, no gathers.
+#: Resharding is DP-only, which is all a same-layout resume needs.
+DIST_OPTIM_SHARDING = "dp_reshardable"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+#: Scheduler fields that must match on resume (``num_steps`` is the restored position).
+_SCHEDULER_FIXED = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What ``load_checkpoint`` restored besides the objects it loaded in place."""
+
+    step: int
+    """The step the checkpoint was saved at (the next step to run is ``step + 1``)."""
+    extra_state: dict[str, Any]
+    """The trainer's ``extra_state`` as saved (sampler state, config hash, counters)."""
+    path: Path
+    """The checkpoint directory that was read."""
+
+
+def step_dir(ckpt_root: str | Path, step: int) -> Path:
+    """``CKPT_ROOT/step_{step:08d}``: the directory of the checkpoint of ``step``."""
+    return Path(ckpt_root) / f"step_{step:08d}"
+
+
+def complete_steps(ckpt_root: str | Path) -> list[int]:
+    """Steps with a complete checkpoint directory, ascending (a ``step_*`` dir only appears by rename)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
+    )
+
+
+def latest_step(ckpt_root: str | Path) -> int | None:
+    """The step the ``latest`` pointer names (the newest complete step when the pointer is absent); None when empty.
+
+    Raises ``CheckpointError`` when ``latest`` is unreadable or names a directory that does not exist.
+    """
+    root = Path(ckpt_root)
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        steps = complete_steps(root)
+        return steps[-1] if steps else None
+    text = pointer.read_text().strip()
+    match = _STEP_DIR.fullmatch(text)
+    if match is None:
+        raise CheckpointError(
+            f"{pointer} holds {text!r}, not a checkpoint name like 'step_00000010'; write the name of an existing "
+            f"step directory into it (complete steps: {complete_steps(root)}) or delete it to use the newest"
+        )
+    if not (root / text).is_dir():
+        raise CheckpointError(
+            f"{pointer} names {text} but {root / text} does not exist (deleted or moved?); restore that directory, "
+            f"point {pointer} at an existing step (complete steps: {complete_steps(root)}), or pass step=N"
+        )
+    return int(match.group(1))
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# -- what is stored ------------------------------------------------------------------------------
+
+
+def _layout(model_chunks: Sequence[torch.nn.Module], optimizer) -> dict[str, Any]:
+    """The parallel layout and optimizer kind a checkpoint's shards (and RNG files) belong to."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "num_model_chunks": len(model_chunks),
+        "distributed_optimizer": any(isinstance(o, DistributedOptimizer) for o in inner),
+    }
+
+
+def _model_signature(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    """The model-config values that fix the shapes of every stored tensor."""
+    gpt = _unwrap(model_chunks[0])
+    c = gpt.config
+    return {
+        "num_layers": c.num_layers,
+        "hidden_size": c.hidden_size,
+        "ffn_hidden_size": c.ffn_hidden_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_query_groups": c.num_query_groups,
+        "kv_channels": c.kv_channels,
+        "padded_vocab_size": getattr(gpt, "vocab_size", None),
+        "tied_embeddings": bool(getattr(gpt, "share_embeddings_and_output_weights", False)),
+        "qk_layernorm": bool(c.qk_layernorm),
+        "add_qkv_bias": bool(c.add_qkv_bias),
+        "params_dtype": str(c.params_dtype),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states as tensors and plain types (loadable with ``weights_only=True``)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    tracker = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "megatron_tracker": tracker,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch_cpu"])
+    if state["torch_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
+
+
+@torch.no_grad()
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer its Adam state (a no-op step: zero grads, lr 0).
+
+    Why: ``DistributedOptimizer.state_dict()`` (called to build the sharded state dict for loading)
+    reads the ``step`` of every torch-Adam state and asserts there is exactly one; a fresh optimizer
+    on the torch-Adam path (no Transformer Engine / Apex, e.g. on CPU) has none. The dummy values
+    are overwritten by the load.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state) > 0:
+            continue
+        inner = opt.optimizer
+        saved_lr = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        for group, lr in zip(inner.param_groups, saved_lr):
+            group["lr"] = lr
+            for param in group["params"]:
+                param.grad = None
+
+
+def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer, *, is_loading: bool) -> dict:
+    """Model chunks as ``model{i}`` and the optimizer state over them, as ``dist_checkpointing`` wants."""
+    metadata = {"distrib_optim_sharding_type": DIST_OPTIM_SHARDING, "chained_optim_avoid_prefix": True}
+    state: dict[str, Any] = {
+        f"model{i}": _unwrap(chunk).sharded_state_dict(metadata=metadata)
+        for i, chunk in enumerate(model_chunks)
+    }
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+# -- save ----------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    scheduler,
+    *,
+    hf_dir: str | Path,
+    extra_state: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically and point ``latest`` at it; collective over all ranks.
+
+    ``model_chunks`` are this rank's (possibly DDP-wrapped) model chunks, ``optimizer`` the Megatron
+    optimizer over them, ``scheduler`` the ``OptimizerParamScheduler``. ``hf_dir`` is the HF model
+    directory the policy was built from: its config and tokenizer files make the checkpoint
+    exportable with ``tools/convert_hf.py to-hf``. ``extra_state`` must be JSON-serialisable (rank
+    0's copy is stored). ``keep_last=K`` then deletes all but the K newest checkpoints up to
+    ``step`` (checkpoints of later steps, left by a run resumed from an earlier one, are kept until
+    this run overwrites them). Saving a step that already exists replaces it. Returns the directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1 (or None to keep every checkpoint)")
+    hf_config_path = Path(hf_dir) / "config.json"
+    if not hf_config_path.is_file():
+        raise CheckpointError(
+            f"hf_dir={hf_dir} has no config.json; pass the HF model directory the policy was built from"
+        )
+    try:
+        extra_json = json.dumps(extra_state or {}, sort_keys=True)
+    except TypeError as err:
+        raise ValueError(
+            f"extra_state must be JSON-serialisable (plain dicts, lists, numbers, strings): {err}"
+        ) from None
+    root = Path(ckpt_root)
+    final, tmp = step_dir(root, step), root / f"{TMP_PREFIX}step_{step:08d}"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(f"{TMP_PREFIX}*"):  # an earlier save that crashed
+            logger.warning("removing incomplete checkpoint leftover %s", leftover)
+            _remove(leftover)
+        (tmp / RNG_DIR).mkdir(parents=True)
+    _barrier()
+
+    dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
+    rng_buf = _torch_bytes(_rng_state())
+    _write_file(tmp / RNG_DIR / f"rank_{rank:05d}.pt", rng_buf)
+    if rank == 0:
+        _write_rank0_files(tmp, step, model_chunks, optimizer, scheduler, hf_dir, extra_json)
+    _barrier()
+
+    if rank == 0:
+        _commit(tmp, final, root)
+        _write_latest(root, final.name)
+        if keep_last is not None:
+            _prune(root, step, keep_last)
+    _barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write_rank0_files(tmp: Path, step, model_chunks, optimizer, scheduler, hf_dir, extra_json: str) -> None:
+    """Trainer state and the converter's metadata: one copy, written by rank 0."""
+    hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
+    signature = _model_signature(model_chunks)
+    state = {
+        "version": STATE_VERSION,
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "layout": _layout(model_chunks, optimizer),
+        "model": signature,
+        "hf_config_hash": config_hash(hf_config),
+        "extra_state": json.loads(extra_json),
+    }
+    _write_file(tmp / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
+    copy_hf_assets(hf_dir, tmp / ASSETS_DIR)
+    convert_meta = {
+        "format_version": FORMAT_VERSION,
+        "arch": hf_config.get("model_type"),
+        "config_hash": config_hash(hf_config),
+        "source": str(Path(hf_dir).resolve()),
+        "tp": state["layout"]["tp"],
+        "pp": state["layout"]["pp"],
+        "vocab_size": hf_config.get("vocab_size"),
+        "padded_vocab_size": signature["padded_vocab_size"],
+        "trainer_step": step,
+    }
+    _write_file(tmp / METADATA_FILE, (json.dumps(convert_meta, indent=2) + "\n").encode())
+    for path in [tmp / RNG_DIR, tmp / ASSETS_DIR, tmp]:
+        _fsync_dir(path)
+
+
+def _commit(tmp: Path, final: Path, root: Path) -> None:
+    """Rename the finished temporary directory into place (replacing an older copy of the same step)."""
+    replaced = None
+    if final.exists():
+        replaced = root / f"{TMP_PREFIX}replaced-{final.name}"
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if replaced is not None:
+        _remove(replaced)
+
+
+def _write_latest(root: Path, name: str) -> None:
+    """Point ``latest`` at ``name``: a temporary file, fsync, then an atomic ``os.replace``."""
+    tmp = root / f"{TMP_PREFIX}{LATEST_FILE}"
+    _write_file(tmp, (name + "\n").encode())
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+
+
+def _prune(root: Path, step: int, keep_last: int) -> None:
+    older = [s for s in complete_steps(root) if s <= step]
+    for old in older[:-keep_last]:
+        _remove(step_dir(root, old))
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    for name in (STATE_FILE, "metadata.json", "common.pt", ".metadata"):
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"checkpoint {path} is missing {name}: it is incomplete or damaged; "
+                f"load another step (complete steps: {complete_steps(path.parent)})"
+            )
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(
+            f"{path / STATE_FILE} has version {state.get('version')}, this code reads {STATE_VERSION}"
+        )
+    return state
+
+
+def _differences(stored: dict[str, Any], live: dict[str, Any], keys=None) -> list[str]:
+    keys = keys or sorted(set(stored) | set(live))
+    return [
+        f"{k}={stored.get(k)!r} in the checkpoint vs {live.get(k)!r} now"
+        for k in keys
+        if stored.get(k) != live.get(k)
+    ]
+
+
+def _check_compatible(path: Path, state: dict[str, Any], model_chunks, optimizer, scheduler) -> None:
+    """Raise ``CheckpointError`` naming each value that differs between the checkpoint and this run."""
+    diffs = _differences(state["layout"], _layout(model_chunks, optimizer))
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different parallel layout ({'; '.join(diffs)}). Resume with the "
+            "checkpoint's layout, or export it (`tools/convert_hf.py to-hf --mcore "
+            f"{path} --out DIR`) and start a new run from the HF directory."
+        )
+    diffs = _differences(state["model"], _model_signature(model_chunks))
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} holds a different model ({'; '.join(diffs)}). Build the model from the checkpoint's "
+            f"config ({path / ASSETS_DIR / 'config.json'}) or use a new checkpoint directory for this model."
+        )
+    diffs = _differences(state["scheduler"], scheduler.state_dict(), _SCHEDULER_FIXED)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} has a different LR schedule ({'; '.join(diffs)}). Resume with the optimizer "
+            "settings of the checkpoint's run (lr, min_lr, warmup, decay style, total steps)."
+        )
+
+
+def load_checkpoint(
+    ckpt_root: str | Path,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    scheduler,
+    *,
+    step: int | None = None,
+) -> LoadedCheckpoint | None:
+    """Restore model, optimizer, LR schedule and this rank's RNG states from a checkpoint; collective.
+
+    ``step=None`` loads what ``latest`` names; returns None when ``ckpt_root`` holds no checkpoint
+    (a fresh run). The model chunks, optimizer and scheduler must be built exactly as for the run
+    that saved it (same layout, model and LR schedule; ``CheckpointError`` names what differs).
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(ckpt_root)
+    if step is None:
+        step = latest_step(root)
+        if step is None:
+            return None
+    path = step_dir(root, step)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"no checkpoint for step {step} in {root} (complete steps: {complete_steps(root)})"
+        )
+    state = _read_state(path)
+    _check_compatible(path, state, model_chunks, optimizer, scheduler)
+    rng_path = path / RNG_DIR / f"rank_{_rank():05d}.pt"
+    if not rng_path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is missing {rng_path.relative_to(path)}; it is incomplete or damaged"
+        )
+
+    _allocate_distributed_optimizer_state(optimizer)
+    loaded = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), str(path))
+    for i, chunk in enumerate(model_chunks):
+        _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(torch.load(rng_path, weights_only=True))
+    _barrier()
+    logger.info("loaded checkpoint %s (step %d)", path, step)
+    return LoadedCheckpoint(step=int(state["step"]), extra_state=state["extra_state"], path=path)

@@ -1,0 +1,226 @@
+"""Forward passes of the step through Megatron's pipeline schedule, ending in the fused LM head.
+
+Every pass runs ``get_forward_backward_func()`` (1F1B with PP, plain accumulation without), over
+micro-batches of right-padded rows. The model runs with its output layer skipped
+(:func:`hidden_states_only`), so the last stage returns final-norm hidden states ``[S, B, H]``; only
+the positions that predict response tokens are kept (``[N, H]``) and handed to ``ops`` together
+with this rank's output-layer shard. Full-vocabulary logits never exist.
+
+- :func:`logprob_pass` (forward-only): per-row ``log π(y_t)`` at a temperature (old, ref, teacher
+  sampled-token log-probs).
+- :func:`hidden_pass` (forward-only): the teacher's response hidden states per micro-batch (sdpg).
+- :func:`train_pass`: forward + backward of the algorithm loss; returns the metric sums.
+
+Loss scaling: the model config has ``calculate_per_token_loss=True`` and the grad finaliser is
+called without a token count, so Megatron neither divides the loss by the number of micro-batches
+nor averages gradients over DP — the algo's contributions already sum to the mini-batch loss
+(``algo/aggregation.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from sdpg_mcore.train.batch import MicroBatch
+
+
+def unwrap(model):
+    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def hidden_states_only(model: torch.nn.Module) -> Iterator[None]:
+    """Make the last stage's forward return the final-norm hidden states instead of logits.
+
+    Why: ``GPTModel._postprocess`` returns the decoder output (the final norm belongs to the
+    decoder) when ``post_process`` is False, which is exactly what the fused head needs; the output
+    layer's weight is then used directly by ``ops``. Held only around the forward call: Megatron's
+    grad finaliser reads ``post_process`` to find the tied embedding on the last stage.
+    """
+    gpt = unwrap(model)
+    saved = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = saved
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's output-layer shard ``[V_local, H]`` (the embedding when tied)."""
+    gpt = unwrap(model)
+    if gpt.share_embeddings_and_output_weights and gpt.pre_process:
+        return gpt.embedding.word_embeddings.weight
+    # Untied, or tied under PP: the last stage's output layer holds the (synced) copy.
+    return gpt.output_layer.weight
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """``[1, 1, T, T]`` bool, True = masked. Right padding needs nothing more: a real token never
+    attends to a later (pad) position, and pad positions are never read."""
+    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(1)
+
+
+def response_hidden(
+    output_SBH: torch.Tensor, loss_mask_BT: torch.Tensor, sequence_parallel: bool
+) -> torch.Tensor:
+    """``[N, H]``: the hidden states at the positions predicting response tokens, row-major."""
+    if sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        output_SBH = gather_from_sequence_parallel_region(output_SBH, tensor_parallel_output_grad=False)
+    return output_SBH.transpose(0, 1)[loss_mask_BT]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What the fused head needs besides tensors."""
+
+    vocab_size: int
+    """True vocabulary (rows past it are Megatron padding)."""
+    chunk_size: int
+    """Tokens per fused-head chunk."""
+    tp_group: object
+    """Tensor-parallel group splitting the vocabulary (None for TP1 without torch.distributed)."""
+    sequence_parallel: bool = False
+
+
+def _run(
+    model_chunks,
+    micro_batches: list[MicroBatch],
+    forward_step: Callable,
+    *,
+    forward_only: bool,
+    collect: bool,
+):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    max_len = max(max(mb.seq_len, mb.teacher_seq_len) for mb in micro_batches)
+    max_rows = max(mb.num_rows for mb in micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=list(model_chunks),
+        num_microbatches=len(micro_batches),
+        seq_length=max_len,
+        micro_batch_size=max_rows,
+        forward_only=forward_only,
+        collect_non_loss_data=collect,
+    )
+
+
+def _model_forward(model, mb: MicroBatch, teacher: bool) -> torch.Tensor:
+    ids_BT = mb.teacher_input_ids_BT if teacher else mb.input_ids_BT
+    seq_len = ids_BT.shape[1]
+    positions_BT = torch.arange(seq_len).expand(ids_BT.shape[0], seq_len)
+    with hidden_states_only(model):
+        return model(ids_BT, positions_BT, causal_mask(seq_len))
+
+
+def logprob_pass(
+    model_chunks,
+    micro_batches: list[MicroBatch],
+    head: HeadSpec,
+    *,
+    temperature: float,
+    teacher: bool = False,
+) -> list[torch.Tensor] | None:
+    """Forward-only ``log π(y_t)`` per micro-batch (``[N]`` fp32, row-major) on the last stage, else None."""
+    from sdpg_mcore.ops import vocab_parallel_logprob_entropy
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = _model_forward(model, mb, teacher)
+
+        def collect(output_SBH, non_loss_data=True):
+            mask_BT = mb.teacher_loss_mask_BT if teacher else mb.loss_mask_BT
+            hidden_NH = response_hidden(output_SBH, mask_BT, head.sequence_parallel)
+            logprob_N, _ = vocab_parallel_logprob_entropy(
+                hidden_NH,
+                output_weight(model),
+                mb.targets_N,
+                vocab_size=head.vocab_size,
+                temperature=temperature,
+                chunk_size=head.chunk_size,
+                tp_group=head.tp_group,
+            )
+            return logprob_N.float()
+
+        return output, collect
+
+    with torch.no_grad():
+        out = _run(model_chunks, micro_batches, forward_step, forward_only=True, collect=True)
+    return list(out) if _is_last_stage() else None
+
+
+def hidden_pass(model_chunks, micro_batches: list[MicroBatch], head: HeadSpec) -> list[torch.Tensor] | None:
+    """Forward-only teacher pass: response hidden states ``[N, H]`` per micro-batch (last stage), else None."""
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = _model_forward(model, mb, teacher=True)
+
+        def collect(output_SBH, non_loss_data=True):
+            return response_hidden(output_SBH, mb.teacher_loss_mask_BT, head.sequence_parallel).detach()
+
+        return output, collect
+
+    with torch.no_grad():
+        out = _run(model_chunks, micro_batches, forward_step, forward_only=True, collect=True)
+    return list(out) if _is_last_stage() else None
+
+
+def train_pass(
+    model_chunks,
+    micro_batches: list[MicroBatch],
+    head: HeadSpec,
+    loss_fn: Callable,
+    *,
+    temperature: float,
+    teacher_temperature: float,
+) -> list:
+    """Forward + backward of ``loss_fn(mb, kl_N, logprob_N, entropy_N) -> (loss, metric_sums)``.
+
+    ``mb.teacher_hidden_NH`` (from :func:`hidden_pass`) feeds the reverse KL; when it is None the
+    KL is None and no teacher matmul runs. Returns the per-micro-batch metric sums on the last
+    stage (empty elsewhere).
+    """
+    from sdpg_mcore.ops import fused_kl_head
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = _model_forward(model, mb, teacher=False)
+
+        def loss_func(output_SBH):
+            hidden_NH = response_hidden(output_SBH, mb.loss_mask_BT, head.sequence_parallel)
+            kl_N, logprob_N, entropy_N = fused_kl_head(
+                hidden_NH,
+                mb.teacher_hidden_NH,
+                output_weight(model),
+                mb.targets_N,
+                vocab_size=head.vocab_size,
+                temperature=temperature,
+                teacher_temperature=teacher_temperature,
+                chunk_size=head.chunk_size,
+                tp_group=head.tp_group,
+            )
+            kl_N = kl_N if mb.teacher_hidden_NH is not None else None
+            loss, metrics = loss_fn(mb, kl_N, logprob_N, entropy_N)
+            return loss, torch.ones((), dtype=torch.int), metrics
+
+        return output, loss_func
+
+    return list(_run(model_chunks, micro_batches, forward_step, forward_only=False, collect=False))
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage()

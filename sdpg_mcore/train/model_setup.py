@@ -1,0 +1,184 @@
+"""The policy on Megatron: GPTModel from the HF checkpoint, DDP, the Megatron optimizer, the LR schedule,
+and the frozen reference weights.
+
+One code path for CPU and GPU: on CPU the compatibility layer (``sdpg_mcore.parallel.cpu_compat``)
+lets Megatron's DDP and (distributed) optimizer run on gloo.
+
+    policy = build_policy(model_path, layout, dtype=torch.float32, optim=OptimSettings(...), total_updates=400)
+    policy.optimizer_step()   # grad clip + step + LR schedule; returns (grad_norm, lr)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdpg_mcore.train.forward import HeadSpec, unwrap
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimizer and schedule values of the run (from ``config.OptimizerConfig``)."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    decay_style: str
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    clip_grad: float
+    distributed: bool
+
+
+def _finalize_grads(model, num_tokens=None, **kwargs):
+    """Megatron's grad finaliser without the per-token division: the algo loss is already normalised."""
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, num_tokens=None, **kwargs)
+
+
+def build_model(model_path: str | Path, layout, *, dtype: torch.dtype, recompute: bool = False):
+    """This rank's GPTModel stage with the HF weights loaded (not wrapped)."""
+    from checkpoints_convert.model_io import load_hf_into_model
+    from sdpg_mcore.models.builder import build_gpt_model
+
+    overrides: dict = dict(calculate_per_token_loss=True)
+    if recompute:
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    model = build_gpt_model(str(model_path), params_dtype=dtype, **overrides)
+    # Micro-batches differ in rows and length; PP stages then exchange shapes before each tensor.
+    # Set after construction: the config's MoE check rejects it for the (unused) allgather dispatcher.
+    model.config.variable_seq_lengths = True
+    load_hf_into_model([model], str(model_path))
+    return model
+
+
+@dataclass
+class Policy:
+    """The trained model chunks with their optimizer and LR schedule."""
+
+    chunks: list
+    optimizer: object
+    scheduler: object
+    head: HeadSpec
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip, step, advance the LR schedule; returns (grad norm, learning rate used)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError("optimizer step skipped: non-finite gradients")
+        self.scheduler.step(increment=1)
+        return float(grad_norm or 0.0), float(lr)
+
+
+def build_policy(
+    model_path,
+    layout,
+    *,
+    dtype: torch.dtype,
+    optim: OptimSettings,
+    total_updates: int,
+    vocab_size: int,
+    chunk_size: int,
+    recompute: bool = False,
+) -> Policy:
+    """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model = build_model(model_path, layout, dtype=dtype, recompute=recompute)
+    config = model.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=optim.distributed
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = _finalize_grads
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=optim.distributed,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(total_updates, optim.warmup_steps + 1),
+        lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_updates, 1),
+        wd_incr_style="constant",
+    )
+    tp_group = ps.get_tensor_model_parallel_group() if layout.tp > 1 else None
+    head = HeadSpec(vocab_size=vocab_size, chunk_size=chunk_size, tp_group=tp_group, sequence_parallel=False)
+    return Policy([ddp], optimizer, scheduler, head)
+
+
+class ReferenceWeights:
+    """The frozen initial policy for ``lp_ref`` (and the opsd teacher).
+
+    ``cpu_swap``: a CPU copy of the initial weights is exchanged with the live weights around the
+    reference pass (no second model in device memory). ``separate_model``: a second, never-trained
+    model stays resident (faster, twice the weight memory).
+    """
+
+    def __init__(self, policy: Policy, mode: str, model_path, layout, dtype: torch.dtype):
+        self.mode = mode
+        self._policy = policy
+        if mode == "cpu_swap":
+            self._store = [p.detach().to("cpu", copy=True) for p in self._params()]
+            self._model = None
+        elif mode == "separate_model":
+            self._model = build_model(model_path, layout, dtype=dtype).eval()
+            for p in self._model.parameters():
+                p.requires_grad_(False)
+        else:
+            raise ValueError(f"trainer.reference_weights={mode!r}: choose cpu_swap or separate_model")
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for chunk in self._policy.chunks for p in unwrap(chunk).parameters()]
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for param, stored in zip(self._params(), self._store):
+            live = param.detach().to("cpu", copy=True)
+            param.copy_(stored.to(param.device))
+            stored.copy_(live)
+
+    @contextlib.contextmanager
+    def chunks(self) -> Iterator[list]:
+        """Model chunks holding the reference weights for the duration of the block."""
+        if self._model is not None:
+            yield [self._model]
+            return
+        self._swap()
+        try:
+            yield self._policy.chunks
+        finally:
+            self._swap()
