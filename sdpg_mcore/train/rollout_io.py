@@ -1,0 +1,221 @@
+"""The trainer's side of rollouts: start or reach the servers, generate and score a step's responses,
+evaluate avg@k / pass@k, and push new weights.
+
+Rank 0 talks HTTP; the step's responses are then broadcast to every rank (``broadcast_responses``).
+Weight sync is collective: every TP rank of every pipeline stage drives ``iter_hf_tensors`` (it
+all-gathers over TP) and only each stage's source rank writes or sends.
+
+    rollouts = RolloutSession.start(settings, run_dir)        # rank 0 only
+    responses = rollouts.generate(prompts, step)              # scored, DAPO-filtered when enabled
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from sdpg_mcore.train.batch import Response
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutUnreachableError(RuntimeError):
+    """A rollout server did not answer ``/health``; the message names the URL and the fix."""
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """The rollout values of the run (from ``config.RolloutConfig`` and friends)."""
+
+    backend: str
+    urls: list[str]
+    num_servers: int
+    router: bool
+    model_path: str
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_response_length: int
+    dynamic_sampling: bool
+    max_num_gen_batches: int
+    request_timeout_s: float
+    startup_timeout_s: float
+    max_concurrency: int
+    scorer: str
+    strict: bool
+    overlong: bool
+    overlong_buffer: int
+    overlong_factor: float
+    server_env: dict = field(default_factory=dict)
+
+
+def check_reachable(urls: Sequence[str], timeout_s: float = 10.0) -> None:
+    """Raise :class:`RolloutUnreachableError` for the first URL whose ``/health`` does not answer 200."""
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as resp:
+                if resp.status == 200:
+                    continue
+                problem = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as err:
+            problem = str(getattr(err, "reason", err))
+        raise RolloutUnreachableError(
+            f"rollout server {url} is unreachable ({problem}); start it, fix rollout.urls, "
+            "or use rollout.backend=builtin to let the trainer start CPU servers"
+        )
+
+
+class RolloutSession:
+    """Servers (started here or external), the async client, the scorer; rank 0 only."""
+
+    def __init__(self, settings: RolloutSettings, servers, urls: list[str], worker_urls: list[str]):
+        from sdpg_mcore.rewards import OverlongConfig, resolve_reward_fn
+        from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
+
+        self.settings = settings
+        self.servers = servers
+        self.worker_urls = worker_urls
+        self.client = RolloutClient(
+            ClientConfig(
+                url=urls[0],
+                worker_urls=worker_urls,
+                max_concurrency=settings.max_concurrency,
+                request_timeout_s=settings.request_timeout_s,
+            )
+        )
+        self.reward_fn = resolve_reward_fn(settings.scorer, strict=settings.strict)
+        self.overlong = OverlongConfig(
+            enable=settings.overlong,
+            buffer_len=settings.overlong_buffer,
+            penalty_factor=settings.overlong_factor,
+        )
+
+    @classmethod
+    def start(cls, settings: RolloutSettings, run_dir: Path) -> RolloutSession:
+        """Launch builtin/SGLang servers (behind the router when asked) or check external ones."""
+        from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
+
+        if settings.backend == "external":
+            check_reachable(settings.urls)
+            return cls(settings, None, list(settings.urls), list(settings.urls))
+        servers = RolloutServers(
+            ServerConfig(
+                model_path=settings.model_path,
+                backend="dev" if settings.backend == "builtin" else "sglang",
+                num_servers=settings.num_servers,
+                log_dir=str(run_dir / "rollout_logs"),
+                health_timeout_s=settings.startup_timeout_s,
+                router=settings.router,
+                env=dict(settings.server_env),
+            )
+        ).start()
+        servers.install_signal_handlers()
+        return cls(settings, servers, [servers.url], list(servers.worker_urls))
+
+    def close(self) -> None:
+        if self.servers is not None:
+            self.servers.stop()
+
+    def _sampling(self, temperature: float):
+        from sdpg_mcore.rollout.protocol import SamplingParams
+
+        s = self.settings
+        return SamplingParams(
+            temperature=temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_response_length
+        )
+
+    def score(self, prompt, sample) -> tuple[float, float]:
+        """(reward, acc) of one sample; a dict result may carry ``acc``, else acc = reward > 0."""
+        out = self.reward_fn(prompt.data_source, sample.text or "", prompt.ground_truth, prompt.extra_info)
+        reward = float(out["score"] if isinstance(out, dict) else out)
+        acc = float(out.get("acc", reward > 0)) if isinstance(out, dict) else float(reward > 0)
+        return reward, acc
+
+    def generate(self, prompts: Sequence, step: int, seed: int) -> tuple[list[Response], dict[str, float]]:
+        """``n`` scored responses per prompt; with dynamic sampling only groups with reward variance."""
+        s = self.settings
+        sampling = self._sampling(s.temperature)
+        self.client.reset_metrics()
+        if s.dynamic_sampling:
+            raise NotImplementedError("rollout.dynamic_sampling: wire client.generate_filtered (see report)")
+        groups = self.client.run(
+            self.client.generate(
+                [p.student_ids for p in prompts], sampling, n=s.n, seed=seed * 100_003 + step
+            )
+        )
+        from sdpg_mcore.rewards import overlong_penalties
+
+        responses = []
+        for g, (prompt, group) in enumerate(zip(prompts, groups)):
+            for sample in group:
+                reward, acc = self.score(prompt, sample)
+                responses.append(
+                    Response(
+                        group=g,
+                        prompt_ids=list(prompt.student_ids),
+                        teacher_prompt_ids=list(prompt.teacher_ids),
+                        response_ids=list(sample.output_ids),
+                        rollout_logprobs=list(sample.rollout_logprobs),
+                        reward=reward,
+                        acc=acc,
+                        truncated=sample.finish_reason == "length",
+                    )
+                )
+        penalties = overlong_penalties(
+            [len(r.response_ids) for r in responses], s.max_response_length, self.overlong
+        )
+        for r, p in zip(responses, penalties):
+            r.reward += p
+        metrics = {f"rollout/{k}": float(v) for k, v in self.client.metrics.as_dict().items()}
+        return responses, metrics
+
+    def evaluate(
+        self, name: str, prompts: Sequence, k: int, temperature: float, seed: int
+    ) -> dict[str, float]:
+        """avg@k (mean accuracy over all samples) and pass@k (a problem counts if any sample is right)."""
+        groups = self.client.run(
+            self.client.generate(
+                [p.student_ids for p in prompts], self._sampling(temperature), n=k, seed=seed
+            )
+        )
+        accs = [[self.score(p, s)[1] for s in group] for p, group in zip(prompts, groups)]
+        avg = sum(sum(a) for a in accs) / max(1, sum(len(a) for a in accs))
+        passed = sum(max(a) > 0 for a in accs) / max(1, len(accs))
+        return {f"eval/{name}/avg@{k}": avg, f"eval/{name}/pass@{k}": passed}
+
+
+def broadcast_responses(responses: list[Response] | None, src: int = 0) -> list[Response]:
+    """Rank ``src``'s responses on every rank (pickled once; the step's data is small next to weights)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        assert responses is not None
+        return responses
+    box = [responses]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def push_weights(sync, model_chunks, hf_config_path: str, version: str, layout, *, commit: bool) -> None:
+    """Write this stage's HF tensors (disk), barrier, and on the committing rank publish them to the servers.
+
+    ``sync`` is a ``DiskWeightSync`` on every rank, all with the same shared directory; only the
+    committing rank (global rank 0) has the server URLs. Non-source TP ranks only drive the iterator.
+    """
+    from checkpoints_convert.model_io import iter_hf_tensors
+
+    is_source = layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
+    sync.write_stage(
+        iter_hf_tensors(model_chunks, hf_config_path), version, stage=layout.pp_rank, is_source=is_source
+    )
+    if dist.is_initialized():
+        dist.barrier()
+    if commit:
+        sync.commit(version)
+    if dist.is_initialized():
+        dist.barrier()

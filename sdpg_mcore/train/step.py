@@ -1,0 +1,228 @@
+"""One training step, as SDPG.md §2: rollout -> reward -> advantages -> old/ref log-probs -> mini-batch
+updates (teacher pass, fused KL head, algorithm loss, optimizer) -> weight sync.
+
+Everything this function calls is in its own module; what it receives (:class:`StepContext`) is
+explicit values, not the run config. Runs on every rank: rank 0 generates, all ranks train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sdpg_mcore import algo
+from sdpg_mcore.algo.config import TeacherSignal, TeacherWeights
+from sdpg_mcore.train import batch as B
+from sdpg_mcore.train.forward import hidden_pass, logprob_pass, train_pass
+from sdpg_mcore.train.metrics_log import PhaseTimer
+from sdpg_mcore.train.rollout_io import broadcast_responses
+
+
+@dataclass
+class StepContext:
+    """What a step needs, resolved once by the trainer."""
+
+    policy: object  # model_setup.Policy
+    reference: object | None  # model_setup.ReferenceWeights, when the algorithm needs the frozen policy
+    algorithm: algo.Algorithm
+    loss_cfg: algo.PolicyLossConfig
+    layout: object  # parallel.state.ParallelLayout
+    temperature: float
+    token_budget: int
+    mini_batch_groups: int
+    total_steps: int
+    pad_id: int
+
+
+def _collective_groups():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True), ps.get_pipeline_model_parallel_group()
+
+
+def _plan_count(ctx: StepContext, responses, groups_per_rank: list[list[int]], with_teacher: bool) -> int:
+    """Micro-batches every DP rank runs: the most any rank needs (all compute the same plans)."""
+    return max(
+        B.num_micro_batches(
+            responses, B.rows_of_groups(responses, g), ctx.token_budget, with_teacher=with_teacher
+        )
+        for g in groups_per_rank
+    )
+
+
+def _micro_batches(ctx, responses, groups_of, m: int | None, with_teacher: bool) -> list[B.MicroBatch]:
+    """This rank's micro-batches for mini-batch ``m`` (None: the whole step), equal in count on all DP ranks."""
+    lay = ctx.layout
+    plans = [groups_of(r) if m is None else groups_of(r)[m] for r in range(lay.dp)]
+    plans = [[g for mb in p for g in mb] if m is None else p for p in plans]
+    count = _plan_count(ctx, responses, plans, with_teacher)
+    rows = B.rows_of_groups(responses, plans[lay.dp_rank])
+    return B.build_micro_batches(
+        responses, rows, ctx.token_budget, ctx.pad_id, with_teacher=with_teacher, min_count=count
+    )
+
+
+def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Callable) -> dict[str, float]:
+    """Train one step; returns the step's metrics (complete on global rank 0)."""
+    timer, lay, cfg = PhaseTimer(), ctx.layout, ctx.loss_cfg
+    needs, head, chunks = cfg.needs(), ctx.policy.head, ctx.policy.chunks
+    dp_cp_group, pp_group = _collective_groups()
+    # 1-3. Rollout and reward on rank 0 (with DAPO filtering when enabled), then every rank gets the batch.
+    with timer.phase("rollout"):
+        responses, metrics = generate(step) if dist.get_rank() == 0 else (None, {})
+        responses = broadcast_responses(responses)
+    num_groups = max(r.group for r in responses) + 1
+    groups_of = lambda rank: B.dp_groups(num_groups, lay.dp, rank, ctx.mini_batch_groups)  # noqa: E731
+    with_teacher = needs.teacher_prompt
+
+    # 5. Old log-probs (and the rlsd teacher: the step-start policy), reference log-probs (and the opsd teacher).
+    per_row: dict[str, dict[int, torch.Tensor]] = {}
+    all_mbs = _micro_batches(ctx, responses, groups_of, None, with_teacher)
+    with timer.phase("old_logprob"):
+        per_row["old"] = _scatter(
+            logprob_pass(chunks, all_mbs, head, temperature=ctx.temperature), all_mbs, responses
+        )
+        if needs.teacher_weights is TeacherWeights.STEP_START_POLICY:
+            lp = logprob_pass(
+                chunks, all_mbs, head, temperature=needs.teacher_temperature or ctx.temperature, teacher=True
+            )
+            per_row["teacher"] = _scatter(lp, all_mbs, responses)
+    if needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
+        with timer.phase("ref_logprob"), ctx.reference.chunks() as ref_chunks:
+            if needs.ref_logprobs:
+                lp = logprob_pass(ref_chunks, all_mbs, head, temperature=ctx.temperature)
+                per_row["ref"] = _scatter(lp, all_mbs, responses)
+            if needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
+                lp = logprob_pass(
+                    ref_chunks, all_mbs, head, temperature=needs.teacher_temperature, teacher=True
+                )
+                per_row["teacher"] = _scatter(lp, all_mbs, responses)
+    is_last = per_row["old"] is not None
+
+    # 4. Group-relative advantages (GRPO: reward minus the k1 penalty when configured); loss ranks only.
+    if is_last:
+        per_row["adv"], penalty = _advantages(responses, per_row, needs.kl_in_reward_coef)
+        per_row["rollout"] = {
+            i: torch.tensor(responses[i].rollout_logprobs, dtype=torch.float32) for i in per_row["old"]
+        }
+        if penalty is not None:
+            metrics["reward_kl_penalty"] = penalty
+
+    # 6. One optimizer step per mini-batch; micro-batches by token budget through the 1F1B schedule.
+    sums, grad_norms, lrs = algo.MetricSums(), [], []
+    for m in range(len(groups_of(lay.dp_rank))):
+        mbs = _micro_batches(ctx, responses, groups_of, m, with_teacher)
+        norms = None
+        if is_last:
+            for mb in mbs:
+                mb.inputs = {k: B.gather_rows(v, mb) for k, v in per_row.items()}
+            counts = sum(
+                algo.loss_counts(ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows)
+                for mb in mbs
+            )
+            dist.all_reduce(counts, group=dp_cp_group)
+            norms = algo.normalisers_from_counts(
+                counts,
+                cfg.loss_agg_mode,
+                mini_batch_rows=sum(mb.num_rows for mb in mbs),
+                dp_size=lay.dp * lay.cp,
+            )
+        if needs.teacher_signal is TeacherSignal.FULL_KL:
+            with timer.phase("teacher"):
+                hidden = hidden_pass(chunks, mbs, head)
+            for mb, h in zip(mbs, hidden or []):
+                mb.teacher_hidden_NH = h
+
+        def loss_fn(mb, kl_N, logprob_N, entropy_N, norms=norms):
+            inputs = algo.TokenInputs(
+                logprob_N=logprob_N,
+                old_logprob_N=mb.inputs["old"],
+                advantages_N=mb.inputs["adv"],
+                seq_index_N=mb.seq_index_N,
+                num_seqs=mb.num_rows,
+                kl_N=kl_N,
+                entropy_N=entropy_N,
+                ref_logprob_N=mb.inputs.get("ref"),
+                teacher_logprob_N=mb.inputs.get("teacher"),
+                rollout_logprob_N=mb.inputs["rollout"],
+            )
+            out = algo.micro_batch_loss(
+                ctx.algorithm, cfg, inputs, norms, step=step, total_steps=ctx.total_steps
+            )
+            metrics.update(out.scalars)
+            return out.loss, out.metrics
+
+        with timer.phase("update"):
+            ctx.policy.zero_grad()
+            for mb_sums in train_pass(
+                chunks,
+                mbs,
+                head,
+                loss_fn,
+                temperature=ctx.temperature,
+                teacher_temperature=needs.teacher_temperature or 1.0,
+            ):
+                sums += mb_sums
+            grad_norm, lr = ctx.policy.optimizer_step()
+        grad_norms.append(grad_norm)
+        lrs.append(lr)
+
+    # 7. New weights to the rollout servers.
+    with timer.phase("weight_sync"):
+        sync_weights(step)
+
+    if is_last:
+        metrics.update(sums.reduce(dp_cp_group))
+    metrics = _from_last_stage(metrics, pp_group)
+    metrics.update(_rollout_stats(responses))
+    metrics.update(grad_norm=max(grad_norms), lr=lrs[-1], num_updates=len(grad_norms))
+    if "rollout_mismatch" in metrics:
+        metrics["logprob_mismatch"] = metrics.pop("rollout_mismatch")
+    metrics.update(timer.pop())
+    return metrics
+
+
+def _scatter(values, mbs, responses):
+    return None if values is None else B.scatter_rows(values, mbs, responses)
+
+
+def _advantages(responses, per_row, kl_coef: float):
+    """Per-row advantage tensors ``{row: [len]}`` for this rank's rows, and the mean k1 penalty (GRPO)."""
+    rows = sorted(per_row["old"])
+    rewards_B = torch.tensor([responses[i].reward for i in rows], dtype=torch.float32)
+    groups_B = torch.tensor([responses[i].group for i in rows], dtype=torch.long)
+    penalty = None
+    if kl_coef:
+        seq_N = torch.cat([torch.full((len(responses[i].response_ids),), b) for b, i in enumerate(rows)])
+        old_N = torch.cat([per_row["old"][i] for i in rows])
+        ref_N = torch.cat([per_row["ref"][i] for i in rows])
+        rewards_B, k1_B = algo.kl_in_reward(rewards_B, old_N, ref_N, seq_N, coef=kl_coef)
+        penalty = float(k1_B.mean())
+    adv_B = algo.grpo_advantages(rewards_B, groups_B)
+    return {i: adv_B[b].expand(len(responses[i].response_ids)).float() for b, i in enumerate(rows)}, penalty
+
+
+def _from_last_stage(metrics: dict, pp_group) -> dict:
+    """The last pipeline stage's metrics on every stage of the pipeline (rank 0 logs them)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    return box[0]
+
+
+def _rollout_stats(responses) -> dict[str, float]:
+    lengths = torch.tensor([len(r.response_ids) for r in responses], dtype=torch.float32)
+    return {
+        "reward_mean": sum(r.reward for r in responses) / len(responses),
+        "acc": sum(r.acc for r in responses) / len(responses),
+        "response_len_mean": float(lengths.mean()),
+        "response_len_max": float(lengths.max()),
+        "response_clip_ratio": sum(r.truncated for r in responses) / len(responses),
+        "num_responses": len(responses),
+    }
