@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--kl-head", choices=("fused", "materialised"), default="fused")
     p.add_argument(
+        "--kernels",
+        choices=("fused", "local"),
+        default="fused",
+        help="fused: Transformer Engine + flash attention; local: Megatron's local spec (no TE, unfused ops)",
+    )
+    p.add_argument(
         "--kl-chunk-tokens",
         type=int,
         help="default: the recipe's logprob_chunk_size, else the head's 256 MiB budget",
@@ -137,6 +143,7 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
         rollout_seq_len=seq_len,
         recompute=args.recompute,
         kl_head=args.kl_head,
+        kernels=args.kernels,
         kl_chunk_tokens=args.kl_chunk_tokens,
         num_microbatches=args.num_microbatches,
         rollout=args.rollout,
@@ -180,6 +187,7 @@ def make_plan(args: argparse.Namespace) -> dict:
             "teacher_tokens": train.teacher_tokens,
             "recompute": train.recompute,
             "kl_head": train.kl_head,
+            "kernels": train.kernels,
             "rollout": train.rollout,
         },
     }

@@ -36,6 +36,7 @@ GIB = 1024**3
 #: planner does not import torch).
 FUSED_HEAD_BUDGET_BYTES = 256 * 1024**2
 RECOMPUTE_MODES = ("none", "selective", "full")
+KERNEL_PROFILES = ("fused", "local")
 KL_HEAD_MODES = ("fused", "materialised")
 ROLLOUT_MODES = ("dedicated", "colocated")
 
@@ -85,6 +86,10 @@ class TrainingShape:
     cache from ``--mem-fraction-static``; this is the share to reserve for it)."""
     activation_bytes: int = 2
     """Bytes per activation element (bf16)."""
+    kernels: str = "fused"
+    """fused: Transformer-Engine layers + flash attention (the GPU path); local: Megatron's local
+    spec with plain torch ops (no TE/apex: unfused RMSNorm, RoPE, SwiGLU and ``[s, s]`` attention
+    scores) — what runs on CPU, and on GPUs without Transformer Engine."""
     overhead_bytes: int = 3 * GIB
     """CUDA context, NCCL communicators and allocator fragmentation."""
 
@@ -93,6 +98,7 @@ class TrainingShape:
             ("recompute", self.recompute, RECOMPUTE_MODES),
             ("kl_head", self.kl_head, KL_HEAD_MODES),
             ("rollout", self.rollout, ROLLOUT_MODES),
+            ("kernels", self.kernels, KERNEL_PROFILES),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -120,16 +126,39 @@ class MemoryEstimate:
 
 
 def layer_activation_bytes_per_token(
-    shape: ModelShape, tp: int, sp: bool, recompute: str, dtype_bytes: int
+    shape: ModelShape,
+    tp: int,
+    sp: bool,
+    recompute: str,
+    dtype_bytes: int,
+    kernels: str = "fused",
+    seq_len: int = 0,
 ) -> float:
-    """Saved-for-backward bytes of one transformer layer per local token (no recompute).
+    """Saved-for-backward bytes of one transformer layer per local token.
 
     ``recompute='selective'`` drops only what core attention saves beyond its inputs and output
     (the fp32 logsumexp); with flash attention that is all Megatron's default selective
-    recompute can save.
+    recompute can save. ``kernels='local'`` counts what autograd keeps for Megatron's local spec,
+    op by op (measured on megatron-core 0.16.1): eight ``hidden``-wide tensors (each RMSNorm's
+    input, normalised value and output; the residual sums), ``5 * intermediate`` (fc1 output and
+    the unfused SwiGLU's three products), four ``q``-wide attention tensors (q and GQA-expanded k
+    and v, transposed for the batched matmuls; the context), three ``heads x seq_len`` score
+    tensors (scores, softmax, its batched view), RoPE's cos/sin for q and k, and with q/k norm
+    the fused QKV output plus the norms' inputs and outputs.
     """
     h, i = shape.hidden_size, shape.intermediate_size
     sp_div = tp if (sp and tp > 1) else 1
+    if kernels == "local":
+        # Megatron's torch RMSNorm and softmax compute in fp32 whatever the model dtype.
+        qkv = shape.q_width + 2 * shape.kv_width
+        elements = 4 * h / sp_div + 5 * i / tp + 4 * shape.q_width / tp
+        elements += 2 * shape.num_heads * seq_len / tp + 4 * shape.head_dim
+        fp32_elements = 4 * h / sp_div + shape.num_heads * seq_len / tp
+        if shape.qk_norm:
+            elements += qkv / tp
+            fp32_elements += (2 * shape.q_width + shape.kv_width) / tp
+            fp32_elements += shape.kv_width / tp if dtype_bytes != 4 else 0  # k's upcast copy
+        return elements * dtype_bytes + fp32_elements * 4
     hidden_wide = 4 * h * dtype_bytes / sp_div  # inputs of norm1, linear_qkv, norm2, linear_fc1
     rstd = 2 * 4 / sp_div  # fp32 1/rms of both norms
     attn = (2 * shape.q_width + 2 * shape.kv_width) * dtype_bytes / tp  # q, k, v, attention output
@@ -151,7 +180,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     sp_div = tp if sp else 1
     tokens = -(-train.micro_batch_tokens // cp)
     teacher_tokens = -(-train.teacher_tokens // cp)
-    per_layer = layer_activation_bytes_per_token(shape, tp, sp, train.recompute, train.activation_bytes)
+    per_layer = layer_activation_bytes_per_token(
+        shape, tp, sp, train.recompute, train.activation_bytes, train.kernels, seq_len=tokens
+    )
     layers_per_stage = shape.num_layers // pp
     in_flight = pp if train.num_microbatches is None else min(pp, train.num_microbatches)
     layer_input = shape.hidden_size * train.activation_bytes / sp_div
@@ -161,7 +192,10 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         activations = int(stored + tokens * per_layer)
     else:
         activations = int(layers_per_stage * in_flight * tokens * per_layer)
-    activations += int(in_flight * tokens * 2 * layer_input)  # embedding output, final-norm input
+    # Embedding output and final-norm input; the local (torch) final norm keeps two more in fp32.
+    activations += int(in_flight * tokens * 2 * layer_input)
+    if train.kernels == "local":
+        activations += int(in_flight * tokens * 2 * shape.hidden_size * 4 / sp_div)
 
     vocab_shard = -(-shape.vocab_size // tp)
     hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head

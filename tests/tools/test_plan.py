@@ -126,6 +126,24 @@ def _build_gpt(shape: ModelShape, tp: int, pp: int, *, bf16: bool = False):
     )
 
 
+def _saved_activation_bytes(model, tokens_BS: torch.Tensor, **kwargs) -> int:
+    """Bytes autograd keeps for backward during one forward (unique storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    num_tokens = tokens_BS.shape[1]
+    mask = torch.triu(torch.ones(1, 1, num_tokens, num_tokens, dtype=torch.bool), 1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(tokens_BS, torch.arange(num_tokens)[None], mask, **kwargs)
+    return sum(saved.values()), out
+
+
 def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_configs: list[dict]) -> dict:
     """TP2 x PP2: count every rank's parameters; then TP1 x DP4: measure DDP + distributed optimizer."""
     from megatron.core import parallel_state
@@ -151,6 +169,11 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_conf
         unique.append(count)
     parallel_state.destroy_model_parallel()
 
+    _init_model_parallel(2, 1)  # TP2 x DP2: activations saved by the local spec, fp32
+    tokens = torch.randint(0, 301, (1, 64), generator=torch.Generator().manual_seed(0))
+    tp2_activations = [_saved_activation_bytes(_build_gpt(shape, 2, 1), tokens)[0] for shape in shapes]
+    parallel_state.destroy_model_parallel()
+
     _init_model_parallel(1, 1)
     shape = shapes[-1]
     model = _build_gpt(shape, 1, 1, bf16=True)
@@ -160,12 +183,9 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_conf
         OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, use_distributed_optimizer=True), [model]
     )
     model.zero_grad_buffer()
-    num_tokens = 8
-    tokens = torch.randint(
-        0, shape.vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(rank)
-    )
-    mask = torch.triu(torch.ones(1, 1, num_tokens, num_tokens, dtype=torch.bool), 1)
-    model(tokens, torch.arange(num_tokens)[None], mask, labels=tokens).float().mean().backward()
+    tokens = torch.randint(0, shape.vocab_size, (1, 32), generator=torch.Generator().manual_seed(rank))
+    activations, loss = _saved_activation_bytes(model, tokens, labels=tokens)
+    loss.float().mean().backward()
     model.finish_grad_sync()
     stepped, _, _ = optimizer.step()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -185,7 +205,8 @@ def _megatron_rank(rank: int, world_size: int, shapes: list[ModelShape], hf_conf
         unique=unique,
         stepped=stepped,
         tp1_count=sum(p.numel() for p in model.parameters()),
-        bytes=dict(parameters=params, gradients=grads, optimizer_states=states),
+        bytes=dict(parameters=params, gradients=grads, optimizer_states=states, activations=activations),
+        tp2_activations=tp2_activations,
     )
 
 
@@ -209,10 +230,20 @@ def test_megatron_counts_and_measured_static_memory():
     shape = shapes[-1]
     assert results[0]["tp1_count"] == shape.num_megatron_parameters(tp=1)
     assert all(r["stepped"] for r in results)
-    estimate = estimate_memory(shape, Layout(tp=1, pp=1, cp=1, dp=4), TrainingShape(8, 8, 8))
+    # bf16 model, 32 tokens, local kernels (what runs on CPU). The step's loss is Megatron's
+    # cross-entropy, which keeps an fp32 softmax of the [T, V] logits (4 bytes each, measured); in
+    # SDPG the fused KL head replaces it, so it is added here rather than planned.
+    local = dict(kernels="local", sequence_parallel=False)
+    estimate = estimate_memory(shape, Layout(tp=1, pp=1, cp=1, dp=4), TrainingShape(32, 32, 32, **local))
+    logits = 32 * padded_vocab_size(shape.vocab_size, 1) * 4
     for name, measured in results[0]["bytes"].items():
-        planned = getattr(estimate, name)
+        planned = getattr(estimate, name) + (logits if name == "activations" else 0)
         assert abs(planned - measured) <= 0.15 * measured, (name, planned, measured)
+    for i, shape in enumerate(shapes):  # fp32, TP2 without sequence parallelism, 64 tokens
+        train = TrainingShape(64, 64, 64, activation_bytes=4, **local)
+        planned = estimate_memory(shape, Layout(tp=2, pp=1, cp=1, dp=2), train).activations
+        measured = results[0]["tp2_activations"][i]
+        assert abs(planned - measured) <= 0.15 * measured, (shape.model_type, planned, measured)
 
 
 def test_layout_rules_and_proposals():
