@@ -181,8 +181,14 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     tokens = -(-train.micro_batch_tokens // cp)
     teacher_tokens = -(-train.teacher_tokens // cp)
     per_layer = layer_activation_bytes_per_token(
-        shape, tp, sp, train.recompute, train.activation_bytes, train.kernels, seq_len=tokens
-    )
+        shape,
+        tp,
+        sp,
+        train.recompute,
+        train.activation_bytes,
+        train.kernels,
+        seq_len=train.micro_batch_tokens,
+    )  # under CP a local query still scores against every key of the sequence
     layers_per_stage = shape.num_layers // pp
     in_flight = pp if train.num_microbatches is None else min(pp, train.num_microbatches)
     layer_input = shape.hidden_size * train.activation_bytes / sp_div
