@@ -22,6 +22,12 @@ Why each term has the form it has:
   working set of one layer.
 - rollout (colocated only): SGLang's weights and KV cache live next to the training state during
   generation; activations are gone then, so the peak is the larger of the two phases.
+
+Checked (``tests/tools/test_plan.py``) against real Megatron objects on CPU: parameters, fp32 grad
+buffers and distributed-optimizer states after a DDP + ``get_megatron_optimizer`` step (within 1 %),
+and the bytes autograd saves in a ``GPTModel`` forward for the ``local`` kernel profile (TP1 bf16,
+TP2 fp32; within 6 %). Not checkable on CPU: the ``fused`` (TE/flash) profile, NCCL/CUDA overhead,
+and a whole SDPG step's peak (teacher pass, KL head, 1F1B) — that needs the trainer on a GPU.
 """
 
 from __future__ import annotations
