@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-#: Prompt wording of the synthetic task; kept identical to what the training data uses.
+#: Prompt wording of the synthetic task; identical to ``tools/prepare_data.py --synthetic arithmetic``.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CONTEXT_TEMPLATE = (
     "The correct answer to this problem is: {answer}\n"
@@ -51,8 +51,8 @@ def worked_response(question: str, answer: str) -> str:
 def render(tokenizer, question: str, answer: str | None) -> str:
     """Chat-templated student prompt (``answer=None``) or teacher prompt (context appended)."""
     content = f"{question} {INSTRUCTION}"
-    if answer is not None:
-        content += CONTEXT_TEMPLATE.format(answer=answer)
+    if answer is not None:  # tools/prepare_data.py's default separator and the reference template
+        content += "\n\n" + CONTEXT_TEMPLATE.format(answer=answer)
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": content}],
         add_generation_prompt=True,

@@ -91,5 +91,6 @@ def setup_logging(level: str = "INFO", *, rank: int = 0) -> None:
 
         handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
         logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO dumps whole configs
     else:
         logging.basicConfig(level="WARNING", format=f"[rank {rank}] %(levelname)s %(message)s", force=True)

@@ -1,0 +1,253 @@
+"""The run: set up ranks, data, policy, rollouts and sinks from a validated :class:`Config`, then loop.
+
+This is the only module below the CLI that reads the config; it turns it into the explicit values
+the step, the model setup and the rollout session take.
+
+    train(load_config("examples/tiny/sdpg.yaml", ["trainer.total_steps=20"]))   # on every rank
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sdpg_mcore import algo
+from sdpg_mcore.algo.config import TeacherWeights
+from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
+from sdpg_mcore.train import checkpoint as ckpt
+from sdpg_mcore.train.metrics_log import MetricsLogger
+from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
+from sdpg_mcore.train.progress import StepProgress, setup_logging
+from sdpg_mcore.train.rollout_io import RolloutSession, RolloutSettings, push_weights
+from sdpg_mcore.train.step import StepContext, run_step
+
+logger = logging.getLogger(__name__)
+
+
+def loss_config(cfg: Config) -> algo.PolicyLossConfig:
+    """The algorithm's typed loss config, from the run config fields that it has."""
+    a = cfg.algorithm
+    values = dict(
+        clip_eps_low=a.clip_eps_low,
+        clip_eps_high=a.clip_eps_high,
+        clip_c=a.clip_c,
+        loss_agg_mode=a.loss_agg_mode,
+        lr=cfg.optimizer.lr,
+        beta=a.beta,
+        alpha=a.alpha,
+        alpha_mode=a.alpha_mode,
+        beta_warmup_steps=a.beta_warmup_steps,
+        beta_decay_steps=a.beta_decay_steps,
+        positive_advantage_gating=a.positive_advantage_only,
+        kl_clamp=a.kl_clamp,
+        kl_in_reward_coef=a.kl_penalty_coef,
+        teacher_temperature=a.teacher_temperature,
+    )
+    if a.entropy_coef:
+        values["entropy_coef"] = a.entropy_coef
+    cls = algo.get_algorithm(a.name).config_cls
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def rollout_settings(cfg: Config) -> RolloutSettings:
+    r, rw = cfg.rollout, cfg.reward
+    return RolloutSettings(
+        backend=r.backend,
+        urls=list(r.urls),
+        num_servers=r.num_servers,
+        router=r.router,
+        model_path=cfg.model.path,
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_response_length=cfg.data.max_response_length,
+        dynamic_sampling=r.dynamic_sampling,
+        max_num_gen_batches=r.max_num_gen_batches,
+        request_timeout_s=r.request_timeout_s,
+        startup_timeout_s=r.startup_timeout_s,
+        max_concurrency=r.max_concurrency,
+        scorer=rw.scorer,
+        strict=rw.strict,
+        overlong=rw.overlong_penalty,
+        overlong_buffer=rw.overlong_buffer,
+        overlong_factor=rw.overlong_factor,
+        server_env={"OMP_NUM_THREADS": str(r.server_threads)},
+    )
+
+
+def _prompts(cfg: Config, files: list[str], tokenizer, needs_teacher: bool):
+    from sdpg_mcore.data import PromptConfig, load_prompt_dataset
+
+    config = PromptConfig(
+        max_prompt_length=cfg.data.max_prompt_length,
+        overlong="filter" if cfg.data.filter_overlong_prompts else "truncate",
+        chat_template_kwargs={"enable_thinking": True},
+        missing_sentinel="error" if needs_teacher else "no_teacher_context",
+    )
+    return load_prompt_dataset(files, tokenizer, config)
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or resume) the training described by ``cfg``; collective over all ranks. Returns the last metrics."""
+    from transformers import AutoTokenizer
+
+    from sdpg_mcore.data import PromptSampler
+    from sdpg_mcore.parallel import state
+    from sdpg_mcore.rollout.weight_sync import DiskWeightSync
+
+    env = state.initialize_distributed()
+    resolve_world(cfg, env.world_size)
+    layout = state.initialize_model_parallel(
+        cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.trainer.seed
+    )
+    rank0 = dist.get_rank() == 0
+    setup_logging(cfg.logging.level, rank=dist.get_rank())
+    torch.manual_seed(cfg.trainer.seed)
+    run_dir = Path(cfg.trainer.run_dir)
+    if cfg.rollout.weight_sync != "disk":
+        raise ValueError("rollout.weight_sync=distributed is not wired into the trainer yet; use disk")
+    loss_cfg = loss_config(cfg)
+    needs = loss_cfg.needs()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    dataset = _prompts(cfg, cfg.data.train_files, tokenizer, needs.teacher_prompt)
+    sampler = PromptSampler(
+        len(dataset), cfg.data.batch_prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle
+    )
+    updates_per_step = cfg.data.batch_prompts // cfg.data.mini_batch_prompts
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    o = cfg.optimizer
+    policy = build_policy(
+        cfg.model.path,
+        layout,
+        dtype=dtype,
+        total_updates=cfg.trainer.total_steps * updates_per_step,
+        optim=OptimSettings(
+            o.lr,
+            o.min_lr,
+            o.lr_warmup_steps,
+            o.lr_decay_style,
+            o.weight_decay,
+            o.adam_beta1,
+            o.adam_beta2,
+            o.adam_eps,
+            o.clip_grad,
+            o.use_distributed_optimizer,
+        ),
+        vocab_size=len(tokenizer),
+        chunk_size=cfg.trainer.logprob_chunk_size,
+        recompute=cfg.model.recompute_activations,
+    )
+    frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
+    reference = (
+        ReferenceWeights(policy, cfg.trainer.reference_weights, cfg.model.path, layout, dtype)
+        if frozen
+        else None
+    )
+
+    ckpt_root = run_dir / "checkpoints"
+    start = 0
+    if cfg.trainer.resume != "none":
+        root, step = (ckpt_root, None) if cfg.trainer.resume == "auto" else _explicit(cfg.trainer.resume)
+        loaded = ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, policy.scheduler, step=step)
+        if loaded is not None:
+            start = loaded.step
+            sampler.load_state_dict(loaded.extra_state["sampler"])
+            logger.info("resumed from %s (step %d)", loaded.path, start)
+
+    session = RolloutSession.start(rollout_settings(cfg), run_dir) if rank0 else None
+    urls = session.worker_urls if rank0 else []
+    sync = DiskWeightSync(urls, shared_dir=run_dir / "weights", hf_config_dir=cfg.model.path, keep_last=1)
+    sync_weights = lambda step: push_weights(
+        sync, policy.chunks, cfg.model.path, str(step), layout, commit=rank0
+    )  # noqa: E731
+    if start:
+        sync_weights(start)  # the servers started from the initial weights
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    sink = MetricsLogger(
+        run_dir,
+        enabled=rank0,
+        jsonl=cfg.logging.jsonl,
+        tensorboard=cfg.logging.tensorboard,
+        wandb_mode=cfg.logging.wandb,
+        project=cfg.logging.project,
+        run_name=cfg.logging.run_name,
+        config=config_to_dict(cfg),
+        resume_step=start,
+    )
+    progress = StepProgress(cfg.trainer.total_steps, start, enabled=rank0 and cfg.logging.progress)
+    ctx = StepContext(
+        policy=policy,
+        reference=reference,
+        algorithm=algo.get_algorithm(cfg.algorithm.name),
+        loss_cfg=loss_cfg,
+        layout=layout,
+        temperature=cfg.rollout.temperature,
+        token_budget=cfg.data.micro_batch_tokens,
+        mini_batch_groups=cfg.data.mini_batch_prompts,
+        total_steps=cfg.trainer.total_steps,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
+    evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
+    metrics: dict[str, float] = {}
+    try:
+        for step in range(start + 1, cfg.trainer.total_steps + 1):
+            began = time.perf_counter()
+            prompts = dataset.batch(sampler.next_batch())
+            generate = lambda s, prompts=prompts: session.generate(prompts, s, cfg.trainer.seed)  # noqa: E731
+            metrics = run_step(ctx, step, generate, sync_weights)
+            metrics["step_seconds"] = time.perf_counter() - began
+            if (
+                rank0
+                and cfg.eval.interval
+                and (step % cfg.eval.interval == 0 or step == cfg.trainer.total_steps)
+            ):
+                metrics.update(_evaluate(session, evals, cfg, step))
+            sink.log(step, metrics)
+            progress.step_done(step, metrics)
+            if step == cfg.trainer.total_steps or (
+                cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0
+            ):
+                ckpt.save_checkpoint(
+                    ckpt_root,
+                    step,
+                    policy.chunks,
+                    policy.optimizer,
+                    policy.scheduler,
+                    hf_dir=cfg.model.path,
+                    extra_state={"sampler": sampler.state_dict()},
+                    keep_last=cfg.trainer.keep_checkpoints or None,
+                )
+    finally:
+        progress.close()
+        sink.close()
+        if session is not None:
+            session.close()
+    return metrics
+
+
+def _explicit(path: str) -> tuple[Path, int]:
+    p = Path(path)
+    try:
+        return p.parent, int(p.name.split("_")[-1])
+    except ValueError:
+        raise ValueError(
+            f"trainer.resume={path!r}: give auto, none, or a checkpoint directory step_<N>"
+        ) from None
+
+
+def _evaluate(session, evals, cfg: Config, step: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, dataset in evals.items():
+        count = len(dataset) if not cfg.eval.max_prompts else min(cfg.eval.max_prompts, len(dataset))
+        prompts = dataset.batch(list(range(count)))
+        out.update(session.evaluate(name, prompts, cfg.eval.n_samples, cfg.eval.temperature, seed=step))
+    return out
