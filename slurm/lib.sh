@@ -290,7 +290,7 @@ sdpg_main() {
   # shellcheck disable=SC2086  # TRAINER_CMD is a command line
   srun --overlap --nodes="$num_hosts" --ntasks="$TRAIN_TASKS" --ntasks-per-node=$((TRAIN_TASKS / num_hosts)) \
     --nodelist="$train_hosts" --kill-on-bad-exit=1 --output="$LOG_DIR/trainer_%t.log" \
-    --export=ALL,SDPG_SAVE_FILE="$SAVE_FILE" \
+    --export=ALL,SDPG_SAVE_FILE="$SAVE_FILE",WORLD_SIZE="$TRAIN_TASKS" \
     ${TRAINER_CMD:-$PYTHON -m sdpg_mcore.cli} --config "$RECIPE" "${overrides[@]}" &
   SDPG_TRAINER_PID=$!
   local rc
