@@ -208,6 +208,8 @@ class TrainerConfig:
     """auto: resume from RUN_DIR/checkpoints/latest if present; none: start fresh; or a checkpoint path."""
     reference_weights: Literal["cpu_swap", "separate_model"] = "cpu_swap"
     """Reference policy for lp_ref: weights kept on CPU and swapped in, or a second resident model."""
+    stop_at_step: int = 0
+    """Stop after this step (0 = run to total_steps), e.g. for time-limited jobs; resume continues the run."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk of the fused LM head (peak extra memory is chunk x vocab/tp)."""
 
@@ -475,6 +477,7 @@ def validate(cfg: Config) -> Config:
     _check(tr.save_interval >= 0, "trainer.save_interval", "must be >= 0")
     _check(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(tr.stop_at_step >= 0, "trainer.stop_at_step", "must be >= 0")
     _check(tr.logprob_chunk_size >= 1, "trainer.logprob_chunk_size", "must be >= 1")
     return cfg
 

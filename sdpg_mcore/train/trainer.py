@@ -199,7 +199,8 @@ def train(cfg: Config) -> dict[str, float]:
     evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
     metrics: dict[str, float] = {}
     try:
-        for step in range(start + 1, cfg.trainer.total_steps + 1):
+        last = cfg.trainer.stop_at_step or cfg.trainer.total_steps
+        for step in range(start + 1, min(last, cfg.trainer.total_steps) + 1):
             began = time.perf_counter()
             prompts = dataset.batch(sampler.next_batch())
             generate = lambda s, prompts=prompts: session.generate(prompts, s, cfg.trainer.seed)  # noqa: E731
