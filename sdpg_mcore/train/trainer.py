@@ -23,7 +23,7 @@ from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.metrics_log import MetricsLogger
 from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
 from sdpg_mcore.train.progress import StepProgress, setup_logging
-from sdpg_mcore.train.rollout_io import RolloutSession, RolloutSettings, push_weights
+from sdpg_mcore.train.rollout_io import RolloutSession, RolloutSettings, check_reachable, push_weights
 from sdpg_mcore.train.step import StepContext, run_step
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ def train(cfg: Config) -> dict[str, float]:
     run_dir = Path(cfg.trainer.run_dir)
     if cfg.rollout.weight_sync != "disk":
         raise ValueError("rollout.weight_sync=distributed is not wired into the trainer yet; use disk")
+    if rank0 and cfg.rollout.backend == "external":
+        check_reachable(cfg.rollout.urls)  # fail before minutes of model building
     loss_cfg = loss_config(cfg)
     needs = loss_cfg.needs()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -164,9 +166,10 @@ def train(cfg: Config) -> dict[str, float]:
     session = RolloutSession.start(rollout_settings(cfg), run_dir) if rank0 else None
     urls = session.worker_urls if rank0 else []
     sync = DiskWeightSync(urls, shared_dir=run_dir / "weights", hf_config_dir=cfg.model.path, keep_last=1)
-    sync_weights = lambda step: push_weights(
-        sync, policy.chunks, cfg.model.path, str(step), layout, commit=rank0
-    )  # noqa: E731
+
+    def sync_weights(step: int) -> None:
+        push_weights(sync, policy.chunks, cfg.model.path, str(step), layout, commit=rank0)
+
     if start:
         sync_weights(start)  # the servers started from the initial weights
     if rank0:
