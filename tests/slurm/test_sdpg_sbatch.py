@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from sdpg_mcore.parallel.spawn import find_free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "sdpg_70b.sh"
 CPU_HEADER = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=20")
@@ -43,6 +45,7 @@ def _submit(slurm, tmp_path: Path, assets: Path, script: Path = SCRIPT, **env: s
         "DRY_RUN_ASSETS": str(assets),
         "SERVER_BASE_PORT": str(31000 + os.getpid() % 1000),
         "ROUTER_PORT": str(33000 + os.getpid() % 1000),
+        "MASTER_PORT": str(find_free_port()),  # job ids restart at 1 on every fresh test cluster
     }
     job = slurm.submit(script, *CPU_HEADER, f"--output={out}", env={**base, **env}, cwd=REPO)
     return job, out
@@ -136,8 +139,9 @@ def test_dry_run_end_to_end(local_slurm, tmp_path, assets):
     assert {"server_0.log", "trainer_0.log", "trainer_1.log"} <= names, names
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert len(metrics) >= 2, metrics
-    assert any((run / "checkpoints").iterdir()), "no checkpoint written"
+    assert [m["step"] for m in metrics] == [1, 2], metrics
+    assert all(m["num_responses"] == 4 for m in metrics)  # 2 prompts x n=2 through the dev server
+    assert {"step_00000001", "step_00000002"} <= {p.name for p in (run / "checkpoints").iterdir()}
 
 
 @pytest.mark.parametrize("script", ["sdpg_70b.sh", pytest.param("sdpg_qwen3_4b.sh", marks=pytest.mark.slow)])
