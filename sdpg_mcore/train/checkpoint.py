@@ -217,7 +217,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
 
 
-@torch.no_grad()
 def _allocate_distributed_optimizer_state(optimizer) -> None:
     """Give a never-stepped distributed optimizer its Adam state (a no-op step: zero grads, lr 0).
 
@@ -242,6 +241,30 @@ def _allocate_distributed_optimizer_state(optimizer) -> None:
             group["lr"] = lr
             for param in group["params"]:
                 param.grad = None
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Set every torch-Adam state's ``step`` to its own tensor holding the checkpoint's step count.
+
+    Why: on the torch-Adam path (no Transformer Engine / Apex) ``DistributedOptimizer`` saves the
+    step count in its param groups, but its load puts one shared ``step`` tensor into every state
+    and then copies the per-bucket tensors over it, leaving the count of the placeholder state
+    made by ``_allocate_distributed_optimizer_state``. torch's Adam increments steps in place, so
+    each state needs its own tensor with the saved count, or the bias correction is wrong.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
 
 
 def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer, *, is_loading: bool) -> dict:
@@ -304,11 +327,12 @@ def save_checkpoint(
         for leftover in root.glob(f"{TMP_PREFIX}*"):  # an earlier save that crashed
             logger.warning("removing incomplete checkpoint leftover %s", leftover)
             _remove(leftover)
-        (tmp / RNG_DIR).mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: dist_checkpointing.save warns about a non-empty directory
     _barrier()
 
     dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
     rng_buf = _torch_bytes(_rng_state())
+    (tmp / RNG_DIR).mkdir(exist_ok=True)
     _write_file(tmp / RNG_DIR / f"rank_{rank:05d}.pt", rng_buf)
     if rank == 0:
         _write_rank0_files(tmp, step, model_chunks, optimizer, scheduler, hf_dir, extra_json)
@@ -473,11 +497,15 @@ def load_checkpoint(
             f"checkpoint {path} is missing {rng_path.relative_to(path)}; it is incomplete or damaged"
         )
 
-    _allocate_distributed_optimizer_state(optimizer)
-    loaded = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), str(path))
-    for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
+    # no_grad: the distributed optimizer copies fp32 main-param shards into views of the parameters.
+    with torch.no_grad():
+        _allocate_distributed_optimizer_state(optimizer)
+        sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
+        loaded = dist_checkpointing.load(sharded, str(path))
+        for i, chunk in enumerate(model_chunks):
+            _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+        optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(torch.load(rng_path, weights_only=True))
     _barrier()

