@@ -16,8 +16,26 @@ import sys
 
 from sdpg_mcore.config import ConfigError, load_config, resolve_world
 
+#: Known-harmless warnings from Megatron/torch on CPU that would bury the progress display.
+QUIET = (
+    ".*Transformer Engine and Apex are not installed.*",
+    ".*Apex is not installed.*",
+    ".*full scope is deprecated.*",
+    ".*is deprecated. Please use `torch.distributed.*",
+    ".*The .grad attribute of a Tensor that is not a leaf Tensor.*",
+)
+
+
+def quiet_warnings() -> None:
+    """Hide ``QUIET`` in this process (rollout servers log to files under RUN_DIR)."""
+    import warnings
+
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+
 
 def _rank_main(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
+    quiet_warnings()
     from sdpg_mcore.train.trainer import train
 
     return train(load_config(config_path, overrides))
@@ -34,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied in order")
     args = parser.parse_args(argv)
+    quiet_warnings()
     try:
         cfg = load_config(args.config, args.overrides)
         world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
