@@ -176,3 +176,33 @@ def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets, script)
     reply = json.loads((tmp_path / "generate.json").read_text())
     assert reply["meta_info"]["completion_tokens"] == len(reply["output_ids"]) <= 4, reply
     assert len(reply["meta_info"]["output_token_logprobs"]) == len(reply["output_ids"])
+
+
+@pytest.mark.slow
+def test_dry_run_time_limit_requeues_and_resumes(local_slurm, tmp_path, assets):
+    """The real trainer: SIGUSR1 after the first checkpoint, requeue, resume to the last step."""
+    try:
+        import sdpg_mcore.cli  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"the trainer entry point sdpg_mcore.cli is not available yet: {err}")
+    job, out = _submit(local_slurm, tmp_path, assets, USE_ROUTER="0", DRY_RUN_STEPS="4")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (checkpoints / "step_00000001").exists():
+        time.sleep(0.5)
+    assert (checkpoints / "step_00000001").exists(), out.read_text()
+    local_slurm.run("scancel", "--batch", "--signal=USR1", job)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and local_slurm.job(job).fields.get("Restarts") != "1":
+        time.sleep(0.5)
+    local_slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    info = local_slurm.wait(job, timeout_s=900)
+    text = out.read_text()
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), text
+    assert info.fields.get("Restarts") == "1" and "requeueing job" in text
+    run = tmp_path / "run"
+    steps = [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    assert steps[-1] == 4 and sorted(set(steps)) == [1, 2, 3, 4], steps
+    assert (checkpoints / "step_00000004").exists()
