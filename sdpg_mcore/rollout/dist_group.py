@@ -2,9 +2,9 @@
 
 The trainer already runs Megatron's default group; the servers run none. SGLang's
 ``init_custom_process_group`` solves this with a private rendezvous; we do the same with public
-API: a ``TCPStore`` hosted by rank 0 (the trainer's source rank), a ``PrefixStore`` per group
-name, and a backend object (``ProcessGroupGloo`` on CPU, ``ProcessGroupNCCL`` on GPU) built
-directly on it. Collectives are called on that object, so the default group is never touched.
+API: a ``TCPStore`` hosted by rank 0 (the trainer's source rank), the same ``PrefixStore`` keys,
+and a backend object (``ProcessGroupGloo`` on CPU, ``ProcessGroupNCCL`` on GPU) built directly
+on it. Collectives are called on that object, so the default group is never touched.
 
     group = WeightUpdateGroup.create("gloo", "127.0.0.1", port, rank=0, world_size=3, group_name="pp0")
     group.broadcast(flat_tensor, src=0)
@@ -59,16 +59,19 @@ class WeightUpdateGroup:
             timeout=timeout,
             wait_for_workers=False,
         )
-        prefixed = dist.PrefixStore(f"sdpg_weight_update/{group_name}", store)
+        # The key layout of torch's ``_new_process_group_helper`` ("<group>/<device>/"), which SGLang's
+        # ``init_custom_process_group`` goes through: a real SGLang server can join this group.
+        device = "cuda" if backend == "nccl" else "cpu"
+        prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", store))
         if backend == "gloo":
             pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
         else:
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-        group = cls(backend, rank, world_size, group_name, pg, store)
-        group.barrier()
-        return group
+        # No extra handshake: SGLang does none after joining, so one here would hang against it.
+        # (Gloo connects every pair in its constructor; NCCL connects at the first collective.)
+        return cls(backend, rank, world_size, group_name, pg, store)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Broadcast ``tensor`` in place from ``src`` (blocking)."""

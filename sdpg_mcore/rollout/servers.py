@@ -278,6 +278,14 @@ class RolloutServers:
                 )
             time.sleep(0.25)
 
+    def register_with_router(self, url: str) -> None:
+        """Add a worker to the running router (``POST /workers``, queued by the router: 202)."""
+        if self.router is None:
+            raise ValueError("register_with_router needs a router (ServerConfig.router=True)")
+        status, body = http_json(f"{self.router.url}/workers", {"url": url})
+        if status not in (200, 201, 202):
+            raise RuntimeError(f"router {self.router.url} refused worker {url}: HTTP {status} {body}")
+
     def check(self) -> list[str]:
         """Restart servers that died (same port) and re-register them; return the restarted URLs."""
         restarted = []
@@ -300,7 +308,7 @@ class RolloutServers:
                 server.start()
                 self.wait_healthy(server, time.monotonic() + self.config.health_timeout_s)
                 if self.router is not None and server.url not in self._router_workers():
-                    http_json(f"{self.router.url}/workers", {"url": server.url})
+                    self.register_with_router(server.url)
                 restarted.append(server.url)
         return restarted
 

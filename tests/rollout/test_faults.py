@@ -42,7 +42,8 @@ def test_server_killed_mid_rollout_is_retried_then_restarted(tiny_model_dir, tmp
             import asyncio
 
             task = asyncio.ensure_future(client.generate([[1, 2, 3]] * 8, params, n=2, seed=0))
-            while True:  # kill the victim while it is decoding requests of this rollout
+            give_up = time.monotonic() + 60
+            while time.monotonic() < give_up:  # kill the victim while it decodes requests of this rollout
                 await asyncio.sleep(0.05)
                 _, info = await client.get("/get_server_info", url=victim.url)
                 if info["internal_states"][0]["num_in_flight"] > 0:
@@ -127,3 +128,36 @@ def test_sigterm_stops_every_server(tiny_model_dir, tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_sglang_command_lines(tmp_path):
+    config = ServerConfig(
+        model_path="/models/qwen3-4b",
+        backend="sglang",
+        num_servers=2,
+        ports=[30001, 30002],
+        tp_size=2,
+        dp_size=2,
+        base_gpu_id=0,
+        mem_fraction_static=0.7,
+        enable_memory_saver=True,
+        log_dir=str(tmp_path),
+    )
+    servers = RolloutServers(config)
+    cmd0, cmd1 = (s.cmd for s in servers.servers)
+    assert cmd0[1:3] == ["-m", "sglang.launch_server"]
+    joined = " ".join(cmd1)
+    for flag in (
+        "--tp-size 2",
+        "--dp-size 2",
+        "--base-gpu-id 4",
+        "--mem-fraction-static 0.7",
+        "--port 30002",
+    ):
+        assert flag in joined, flag
+    assert "--enable-memory-saver" in cmd0 and "--host 127.0.0.1" in joined
+    assert servers.worker_urls == ["http://127.0.0.1:30001", "http://127.0.0.1:30002"]
+    with pytest.raises(ValueError, match="backend"):
+        ServerConfig(model_path="x", backend="vllm")
+    with pytest.raises(ValueError, match="ports"):
+        ServerConfig(model_path="x", num_servers=2, ports=[1])
