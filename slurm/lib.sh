@@ -247,6 +247,7 @@ sdpg_main() {
 
   if [ "${DRY_RUN:-0}" = 1 ]; then
     sdpg_dry_run_assets
+    # shellcheck disable=SC2016  # expanded later, by the bash that runs each server
     SERVER_CMD=${SERVER_CMD:-'exec "$PYTHON" -m sdpg_mcore.rollout.dev_server --model-path "$SDPG_MODEL_PATH" --host 0.0.0.0 --port "$SDPG_SERVER_PORT" --num-threads 1'}
   fi
   [ -n "${MODEL_PATH:-}" ] || sdpg_die 2 "MODEL_PATH is not set (HF model directory for servers and trainer)"
@@ -254,6 +255,7 @@ sdpg_main() {
     SGLANG_MEM_FRACTION=${SGLANG_MEM_FRACTION:-0.35}
     SGLANG_ARGS=${SGLANG_ARGS:---enable-memory-saver}
   fi
+  # shellcheck disable=SC2016  # expanded later, by the bash that runs each server
   SERVER_CMD=${SERVER_CMD:-'exec "$PYTHON" -m sglang.launch_server --model-path "$SDPG_MODEL_PATH" --host 0.0.0.0 --port "$SDPG_SERVER_PORT" --tp-size "$ROLLOUT_TP" --mem-fraction-static "$SGLANG_MEM_FRACTION" $SGLANG_ARGS'}
   export PYTHON ROLLOUT_TP SDPG_MODEL_PATH="$MODEL_PATH" SGLANG_MEM_FRACTION="${SGLANG_MEM_FRACTION:-0.85}" \
     SGLANG_ARGS="${SGLANG_ARGS:-}"
