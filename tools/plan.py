@@ -36,6 +36,7 @@ NOTES = {
     "activations": "student fwd saved for bwd, 1F1B in flight",
     "kl_head": "hidden states + logits work (fused: per chunk)",
     "teacher": "forward-only: final hidden states + one layer",
+    "reference_model": "resident reference copy (separate_model)",
     "rollout_weights": "colocated SGLang weights",
     "rollout_kv_cache": "colocated SGLang KV cache",
     "overhead": "CUDA context, NCCL, fragmentation",
@@ -82,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rollout", choices=("dedicated", "colocated"), default="dedicated")
     p.add_argument(
+        "--reference-weights",
+        choices=("cpu_swap", "separate_model"),
+        help="where the reference policy lives (default: the recipe's trainer.reference_weights, else cpu_swap)",
+    )
+    p.add_argument(
         "--rollout-kv-seqs",
         type=int,
         default=16,
@@ -110,6 +116,7 @@ def apply_recipe(args: argparse.Namespace) -> Path:
         "micro_batch_tokens": data.get("micro_batch_tokens"),
         "recompute": "full" if model.get("recompute_activations") else None,
         "kl_chunk_tokens": trainer.get("logprob_chunk_size"),
+        "reference_weights": trainer.get("reference_weights"),
     }
     if all(getattr(args, k) is None for k in ("tp", "pp", "cp")):
         defaults.update(tp=par.get("tp"), pp=par.get("pp"), cp=par.get("cp"))
@@ -147,6 +154,7 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
         kl_chunk_tokens=args.kl_chunk_tokens,
         num_microbatches=args.num_microbatches,
         rollout=args.rollout,
+        reference_weights=args.reference_weights or "cpu_swap",
         rollout_kv_seqs=args.rollout_kv_seqs,
         overhead_bytes=int(args.overhead_gb * GIB),
     )
@@ -188,6 +196,7 @@ def make_plan(args: argparse.Namespace) -> dict:
             "recompute": train.recompute,
             "kl_head": train.kl_head,
             "kernels": train.kernels,
+            "reference_weights": train.reference_weights,
             "rollout": train.rollout,
         },
     }

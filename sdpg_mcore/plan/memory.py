@@ -20,6 +20,8 @@ Why each term has the form it has:
   temporaries (log-softmax of each, the gradient), i.e. 16 bytes per logit.
 - teacher: forward-only, so it keeps only its final hidden states ``[T, H]`` plus the transient
   working set of one layer.
+- reference model: ``trainer.reference_weights=separate_model`` keeps a second bf16 copy of the
+  weights resident for the reference log-probs; ``cpu_swap`` (the default) keeps it in host memory.
 - rollout (colocated only): SGLang's weights and KV cache live next to the training state during
   generation; activations are gone then, so the peak is the larger of the two phases.
 
@@ -45,6 +47,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 KERNEL_PROFILES = ("fused", "local")
 KL_HEAD_MODES = ("fused", "materialised")
 ROLLOUT_MODES = ("dedicated", "colocated")
+REFERENCE_MODES = ("cpu_swap", "separate_model")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class TrainingShape:
     """Megatron sequence parallelism when TP > 1 (shards norms/dropout regions over TP)."""
     rollout: str = "dedicated"
     """dedicated (servers on their own GPUs) | colocated (servers share the training GPUs)."""
+    reference_weights: str = "cpu_swap"
+    """cpu_swap (reference weights in host memory, swapped in) | separate_model (a resident bf16 copy)."""
     rollout_kv_seqs: int = 16
     """Concurrent sequences a colocated SGLang engine must hold in its KV cache (SGLang sizes the
     cache from ``--mem-fraction-static``; this is the share to reserve for it)."""
@@ -105,6 +110,7 @@ class TrainingShape:
             ("kl_head", self.kl_head, KL_HEAD_MODES),
             ("rollout", self.rollout, ROLLOUT_MODES),
             ("kernels", self.kernels, KERNEL_PROFILES),
+            ("reference_weights", self.reference_weights, REFERENCE_MODES),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -122,6 +128,7 @@ class MemoryEstimate:
     activations: int
     kl_head: int
     teacher: int
+    reference_model: int
     rollout_weights: int
     rollout_kv_cache: int
     overhead: int
@@ -231,7 +238,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         kv_total = shape.kv_bytes_per_token() * train.rollout_seq_len * train.rollout_kv_seqs
         rollout_kv_cache = -(-kv_total // engine_gpus)
 
-    static = parameters + gradients + optimizer_states + train.overhead_bytes
+    reference_model = parameters if train.reference_weights == "separate_model" else 0
+    static = parameters + gradients + optimizer_states + reference_model + train.overhead_bytes
     training_peak = static + activations + kl_head + teacher
     rollout_peak = static + rollout_weights + rollout_kv_cache
     return MemoryEstimate(
@@ -241,6 +249,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         activations=activations,
         kl_head=int(kl_head),
         teacher=teacher,
+        reference_model=reference_model,
         rollout_weights=rollout_weights,
         rollout_kv_cache=rollout_kv_cache,
         overhead=train.overhead_bytes,

@@ -296,6 +296,9 @@ def test_memory_components_respond_to_options():
     assert cp2.activations == pytest.approx(plain.activations / 2, rel=1e-3)
     assert cp2.optimizer_states == plain.optimizer_states  # sharded over dp*cp = 4 either way
     assert plain.gradients == 2 * plain.parameters
+    separate = estimate_memory(qwen, layout, TrainingShape(**base, reference_weights="separate_model"))
+    assert plain.reference_model == 0 and separate.reference_model == plain.parameters
+    assert separate.total - plain.total == plain.parameters
     with pytest.raises(ValueError, match="recompute"):
         TrainingShape(**base, recompute="some")
 
