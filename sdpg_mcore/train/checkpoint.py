@@ -477,8 +477,6 @@ def load_checkpoint(
     (a fresh run). The model chunks, optimizer and scheduler must be built exactly as for the run
     that saved it (same layout, model and LR schedule; ``CheckpointError`` names what differs).
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(ckpt_root)
     if step is None:
         step = latest_step(root)
@@ -496,6 +494,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {path} is missing {rng_path.relative_to(path)}; it is incomplete or damaged"
         )
+
+    from megatron.core import dist_checkpointing
 
     # no_grad: the distributed optimizer copies fp32 main-param shards into views of the parameters.
     with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdpg_mcore.models.tiny import save_tiny_hf_model
-from sdpg_mcore.parallel.spawn import spawn_ranks
+from sdpg_mcore.parallel.spawn import find_free_port, spawn_ranks
 from sdpg_mcore.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,3 +215,125 @@ def test_resume_is_exact_tp2_and_dp2_distributed_optimizer_and_exports_to_hf(tmp
     assert "different parallel layout" in message and "tp=2 in the checkpoint vs 1 now" in message
     assert "convert_hf.py to-hf" in message
     _export_matches_live(tmp_path / "tp2", tmp_path / "export", tp2["hf"])
+
+
+# -- crashes and user errors (one rank) ----------------------------------------------------------
+
+
+def _crash_main(mode: str, hf_dir, root, port: int) -> None:
+    """Save step 2 and die (``os._exit``, no cleanup) at the point ``mode`` names (``mid_write``
+    saves a complete step 1 first)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    chunks, optimizer, scheduler = _build(hf_dir, 1, False)
+    _train_step(chunks, optimizer, scheduler)
+    if mode == "mid_write":  # first a complete checkpoint of step 1 (its weights kept for the check)
+        ckpt.save_checkpoint(root, 1, chunks, optimizer, scheduler, hf_dir=hf_dir, extra_state={"n": 1})
+        torch.save(_params(chunks), Path(root).parent / "step1_params.pt")
+        shutil.copytree(root, Path(root).parent / "copy")  # for the other-model check
+        _train_step(chunks, optimizer, scheduler)
+        # the DCP files are written, the RNG / trainer-state files are not
+
+        def write_file(path, data):
+            Path(path).write_bytes(data[: len(data) // 2])
+            os._exit(17)
+
+        ckpt._write_file = write_file
+    else:  # "before_pointer": step_2 renamed into place, the new pointer written but not swapped in
+
+        def write_latest(root_dir, name):
+            (Path(root_dir) / f"{ckpt.TMP_PREFIX}{ckpt.LATEST_FILE}").write_text(name + "\n")
+            os._exit(17)
+
+        ckpt._write_latest = write_latest
+    ckpt.save_checkpoint(root, 2, chunks, optimizer, scheduler, hf_dir=hf_dir)
+    os._exit(3)  # the hook did not fire
+
+
+def _crash(mode: str, hf_dir, root) -> None:
+    ctx = torch.multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_crash_main, args=(mode, hf_dir, root, find_free_port()))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 17, f"crash child ({mode}) exited with {proc.exitcode}"
+
+
+def _after_crash(rank, world_size, hf_dir, other_hf_dir, root):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    chunks, optimizer, scheduler = _build(hf_dir, 1, False)
+    loaded = ckpt.load_checkpoint(root, chunks, optimizer, scheduler)
+    params = _params(chunks)
+    errors = {}
+    other = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2, lr_decay_steps=30,
+        lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=20, wd_incr_style="constant",
+    )  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(root, chunks, optimizer, other)
+    errors["schedule"] = str(err.value)
+    # the next save clears the crash leftovers, replaces the orphaned step_2 and prunes step_1
+    ckpt.save_checkpoint(root, 2, chunks, optimizer, scheduler, hf_dir=hf_dir, keep_last=1)
+    (root / "step_00000002" / "rng" / "rank_00000.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(root, chunks, optimizer, scheduler)
+    errors["rng"] = str(err.value)
+    (root / "step_00000002" / ckpt.STATE_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(root, chunks, optimizer, scheduler, step=2)
+    errors["state"] = str(err.value)
+    chunks, optimizer, scheduler = _build(other_hf_dir, 1, False)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(root.parent / "copy", chunks, optimizer, scheduler)
+    errors["model"] = str(err.value)
+    return loaded.step, loaded.extra_state, params, errors
+
+
+def test_crash_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
+    hf_dir, other_hf_dir = _tiny(tmp_path), _tiny(tmp_path, "other", intermediate_size=64)
+    root = tmp_path / "ckpt"
+    _crash("mid_write", hf_dir, root)
+    saved = torch.load(tmp_path / "step1_params.pt", weights_only=True)
+    assert ckpt.latest_step(root) == 1 and ckpt.complete_steps(root) == [1]
+    assert (root / ".tmp-step_00000002" / ".metadata").is_file()
+
+    _crash("before_pointer", hf_dir, root)
+    assert ckpt.latest_step(root) == 1 and ckpt.complete_steps(root) == [1, 2]
+    assert (root / ".tmp-latest").read_text() == "step_00000002\n"
+
+    ((step, extra, params, errors),) = spawn_ranks(_after_crash, 1, args=(hf_dir, other_hf_dir, root))
+    assert step == 1 and extra == {"n": 1}
+    for name, value in saved.items():
+        assert torch.equal(value, params[name]), name
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert (root / "latest").read_text() == "step_00000002\n"
+    assert (
+        "different LR schedule" in errors["schedule"]
+        and "lr_decay_steps=20 in the checkpoint vs 30" in errors["schedule"]
+    )
+    assert "missing rng/rank_00000.pt" in errors["rng"]
+    assert f"missing {ckpt.STATE_FILE}" in errors["state"]
+    assert (
+        "different model" in errors["model"]
+        and "ffn_hidden_size=96 in the checkpoint vs 64 now" in errors["model"]
+    )
+    assert "hf_assets/config.json" in errors["model"]
+
+
+def test_latest_pointer_errors_and_empty_root(tmp_path):
+    assert ckpt.latest_step(tmp_path / "nothing") is None
+    assert ckpt.load_checkpoint(tmp_path / "nothing", [], None, None) is None
+    (tmp_path / "step_00000003").mkdir()
+    assert ckpt.latest_step(tmp_path) == 3  # no pointer: the newest complete step
+    (tmp_path / "latest").write_text("step_00000007\n")
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"names step_00000007 but .* does not exist.*complete steps: \[3\]"
+    ):
+        ckpt.latest_step(tmp_path)
+    (tmp_path / "latest").write_text("garbage")
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint name"):
+        ckpt.latest_step(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint for step 5 .*complete steps: \[3\]"):
+        ckpt.load_checkpoint(tmp_path, [], None, None, step=5)
