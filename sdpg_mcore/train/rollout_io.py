@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,24 +138,74 @@ class RolloutSession:
         acc = float(out.get("acc", reward > 0)) if isinstance(out, dict) else float(reward > 0)
         return reward, acc
 
-    def generate(self, prompts: Sequence, step: int, seed: int) -> tuple[list[Response], dict[str, float]]:
-        """``n`` scored responses per prompt; with dynamic sampling only groups with reward variance."""
+    def generate(
+        self, prompts: Sequence, step: int, seed: int, more_prompts: Callable[[], Sequence] | None = None
+    ) -> tuple[list[Response], dict[str, float]]:
+        """``n`` scored responses per prompt.
+
+        With dynamic sampling (DAPO), groups whose rewards are all equal are dropped and further
+        batches (from ``more_prompts``) are generated, at most ``max_num_gen_batches`` in all, until
+        ``len(prompts)`` groups are kept; a short batch is trained on if that budget runs out.
+        """
         s = self.settings
         sampling = self._sampling(s.temperature)
         self.client.reset_metrics()
+        step_seed = seed * 100_003 + step
+        metrics: dict[str, float] = {}
+        kept: list = []
         if s.dynamic_sampling:
-            raise NotImplementedError("rollout.dynamic_sampling: wire client.generate_filtered (see report)")
-        groups = self.client.run(
-            self.client.generate(
-                [p.student_ids for p in prompts], sampling, n=s.n, seed=seed * 100_003 + step
+            batches: list[Sequence] = []
+
+            def prompt_batches():
+                while True:
+                    batches.append(prompts if not batches else more_prompts())
+                    yield [p.student_ids for p in batches[-1]]
+
+            def score_fn(sample) -> float:
+                prompt = batches[sample.batch_index][sample.prompt_index]
+                reward, acc = self.score(prompt, sample)
+                sample.acc = acc
+                return reward
+
+            result = self.client.run(
+                self.client.generate_filtered(
+                    prompt_batches(),
+                    sampling,
+                    score_fn,
+                    n=s.n,
+                    num_groups=len(prompts),
+                    max_num_gen_batches=s.max_num_gen_batches,
+                    seed=step_seed,
+                )
             )
-        )
+            kept = [(batches[g[0].batch_index][g[0].prompt_index], g) for g in result.groups]
+            metrics.update(
+                {
+                    "dynamic/num_gen_batches": result.num_gen_batches,
+                    "dynamic/kept_groups": len(kept),
+                    "dynamic/generated_groups": result.num_groups_generated,
+                }
+            )
+        if not kept:  # every group all-equal: train on the first batch (advantages 0; the KL still teaches)
+            if s.dynamic_sampling:
+                logger.warning(
+                    "dynamic sampling kept no group in %d batches; using the first batch", len(batches)
+                )
+            groups = self.client.run(
+                self.client.generate([p.student_ids for p in prompts], sampling, n=s.n, seed=step_seed)
+            )
+            kept = list(zip(prompts, groups))
+            for prompt, group in kept:
+                for sample in group:
+                    sample.reward, sample.acc = self.score(prompt, sample)
         from sdpg_mcore.rewards import overlong_penalties
 
         responses = []
-        for g, (prompt, group) in enumerate(zip(prompts, groups)):
+        for g, (prompt, group) in enumerate(kept):
             for sample in group:
-                reward, acc = self.score(prompt, sample)
+                reward, acc = (
+                    (sample.reward, sample.acc) if s.dynamic_sampling else self.score(prompt, sample)
+                )
                 responses.append(
                     Response(
                         group=g,
@@ -173,7 +223,7 @@ class RolloutSession:
         )
         for r, p in zip(responses, penalties):
             r.reward += p
-        metrics = {f"rollout/{k}": float(v) for k, v in self.client.metrics.as_dict().items()}
+        metrics.update({f"rollout/{k}": float(v) for k, v in self.client.metrics.as_dict().items()})
         return responses, metrics
 
     def evaluate(

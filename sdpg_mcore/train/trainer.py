@@ -201,12 +201,16 @@ def train(cfg: Config) -> dict[str, float]:
     )
     evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
     metrics: dict[str, float] = {}
+
+    def more() -> list:  # further prompts for dynamic sampling (drawn on rank 0 only)
+        return dataset.batch(sampler.next_batch())
+
     try:
         last = cfg.trainer.stop_at_step or cfg.trainer.total_steps
         for step in range(start + 1, min(last, cfg.trainer.total_steps) + 1):
             began = time.perf_counter()
             prompts = dataset.batch(sampler.next_batch())
-            generate = lambda s, prompts=prompts: session.generate(prompts, s, cfg.trainer.seed)  # noqa: E731
+            generate = lambda s, prompts=prompts: session.generate(prompts, s, cfg.trainer.seed, more)  # noqa: E731
             metrics = run_step(ctx, step, generate, sync_weights)
             metrics["step_seconds"] = time.perf_counter() - began
             if (

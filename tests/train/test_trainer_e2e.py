@@ -109,3 +109,20 @@ def test_stop_and_resume_matches_uninterrupted(assets, tmp_path):
     for a, b in zip(full, resumed):
         same = {k: v for k, v in a.items() if not k.startswith(NOISY)}
         assert same == {k: b[k] for k in same}, a["step"]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_keeps_only_groups_with_reward_variance(assets, tmp_path):
+    records = _run(
+        assets,
+        tmp_path / "dyn",
+        "trainer.total_steps=1",
+        "rollout.dynamic_sampling=true",
+        "rollout.max_num_gen_batches=3",
+        "algorithm.name=dapo",
+    )
+    record = records[0]
+    assert 1 <= record["dynamic/num_gen_batches"] <= 3
+    kept = record["dynamic/kept_groups"]
+    # Kept groups are trained on; with none kept (this barely warm-started model) the first batch is used.
+    assert kept <= 4 and record["num_responses"] == 4 * (kept or 4)
