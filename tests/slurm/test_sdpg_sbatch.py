@@ -51,6 +51,18 @@ def _submit(slurm, tmp_path: Path, assets: Path, script: Path = SCRIPT, **env: s
     return job, out
 
 
+def _release_requeued(slurm, job: str, timeout_s: float = 150.0) -> None:
+    """Slurm holds a requeued job for ~2 minutes (BeginTime); start it as soon as it is pending again."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = slurm.job(job)
+        if info.fields.get("Restarts") == "1" and info.state == "PENDING":
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        elif info.fields.get("Restarts") == "1" and info.state != "PENDING":
+            return
+        time.sleep(0.5)
+
+
 def test_server_that_never_comes_up_ends_job(local_slurm, tmp_path, assets):
     start = time.monotonic()
     job, out = _submit(local_slurm, tmp_path, assets, SERVER_CMD="exec sleep 600", DRY_RUN_HEALTH_TIMEOUT="5")
@@ -102,11 +114,7 @@ def test_usr1_checkpoints_and_requeues(local_slurm, tmp_path, assets):
         time.sleep(0.5)
     assert marks.exists(), out.read_text() if out.exists() else "no job output"
     local_slurm.run("scancel", "--batch", "--signal=USR1", job)
-    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it once it is back in the queue.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and local_slurm.job(job).fields.get("Restarts") != "1":
-        time.sleep(0.5)
-    local_slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    _release_requeued(local_slurm, job)
     info = local_slurm.wait(job, timeout_s=240)
     events = [line.split()[0] for line in marks.read_text().splitlines()]
     assert (info.state, info.exit_code) == ("COMPLETED", 0), out.read_text()
@@ -192,10 +200,7 @@ def test_dry_run_time_limit_requeues_and_resumes(local_slurm, tmp_path, assets):
         time.sleep(0.5)
     assert (checkpoints / "step_00000001").exists(), out.read_text()
     local_slurm.run("scancel", "--batch", "--signal=USR1", job)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and local_slurm.job(job).fields.get("Restarts") != "1":
-        time.sleep(0.5)
-    local_slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    _release_requeued(local_slurm, job)
     info = local_slurm.wait(job, timeout_s=900)
     text = out.read_text()
     assert (info.state, info.exit_code) == ("COMPLETED", 0), text
