@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -184,9 +183,11 @@ def _assert_resume_exact(original, resumed) -> None:
 
 
 def _export_matches_live(root: Path, out: Path, live: dict[str, torch.Tensor]) -> None:
-    cmd = [sys.executable, str(REPO / "tools" / "convert_hf.py"), "to-hf"]
-    cmd += ["--mcore", str(ckpt.step_dir(root, SAVE_STEP)), "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """``tools/convert_hf.py to-hf`` (its ``main``, in this process) on a trainer checkpoint."""
+    spec = importlib.util.spec_from_file_location("convert_hf_cli", REPO / "tools" / "convert_hf.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["to-hf", "--mcore", str(ckpt.step_dir(root, SAVE_STEP)), "--out", str(out)]) == 0
     exported = load_file(out / "model.safetensors")
     assert sorted(exported) == sorted(live)
     for name, value in live.items():
@@ -220,6 +221,15 @@ def test_resume_is_exact_tp2_and_dp2_distributed_optimizer_and_exports_to_hf(tmp
 # -- crashes and user errors (one rank) ----------------------------------------------------------
 
 
+def _die() -> None:
+    """Exit now, with no cleanup, as a killed trainer would (its children die with its process group)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # dist_checkpointing's writer-queue manager
+        child.kill()
+    os._exit(17)
+
+
 def _crash_main(mode: str, hf_dir, root, port: int) -> None:
     """Save step 2 and die (``os._exit``, no cleanup) at the point ``mode`` names (``mid_write``
     saves a complete step 1 first)."""
@@ -238,14 +248,14 @@ def _crash_main(mode: str, hf_dir, root, port: int) -> None:
 
         def write_file(path, data):
             Path(path).write_bytes(data[: len(data) // 2])
-            os._exit(17)
+            _die()
 
         ckpt._write_file = write_file
     else:  # "before_pointer": step_2 renamed into place, the new pointer written but not swapped in
 
         def write_latest(root_dir, name):
             (Path(root_dir) / f"{ckpt.TMP_PREFIX}{ckpt.LATEST_FILE}").write_text(name + "\n")
-            os._exit(17)
+            _die()
 
         ckpt._write_latest = write_latest
     ckpt.save_checkpoint(root, 2, chunks, optimizer, scheduler, hf_dir=hf_dir)
