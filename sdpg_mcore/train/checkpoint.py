@@ -23,7 +23,9 @@ every rank sees (a shared filesystem on multi-node runs).
     save_checkpoint(ckpt_root, step, policy.chunks, policy.optimizer, policy.scheduler,
                     hf_dir=model_path, extra_state={"sampler": sampler.state_dict()}, keep_last=3)
     loaded = load_checkpoint(ckpt_root, policy.chunks, policy.optimizer, policy.scheduler)
-    if loaded is not None: start_step = loaded.step + 1; sampler.load_state_dict(loaded.extra_state["sampler"])
+    if loaded is not None:
+        start_step = loaded.step + 1
+        sampler.load_state_dict(loaded.extra_state["sampler"])
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def complete_steps(ckpt_root: str | Path) -> list[int]:
 
 
 def latest_step(ckpt_root: str | Path) -> int | None:
-    """The step the ``latest`` pointer names (the newest complete step when the pointer is absent); None when empty.
+    """The step ``latest`` names (without a pointer: the newest complete step); None when there is none.
 
     Raises ``CheckpointError`` when ``latest`` is unreadable or names a directory that does not exist.
     """
@@ -103,13 +105,15 @@ def latest_step(ckpt_root: str | Path) -> int | None:
     match = _STEP_DIR.fullmatch(text)
     if match is None:
         raise CheckpointError(
-            f"{pointer} holds {text!r}, not a checkpoint name like 'step_00000010'; write the name of an existing "
-            f"step directory into it (complete steps: {complete_steps(root)}) or delete it to use the newest"
+            f"{pointer} holds {text!r}, not a checkpoint name like 'step_00000010'; write the name of an "
+            f"existing step directory into it (complete steps: {complete_steps(root)}) or delete it to "
+            "use the newest"
         )
     if not (root / text).is_dir():
         raise CheckpointError(
-            f"{pointer} names {text} but {root / text} does not exist (deleted or moved?); restore that directory, "
-            f"point {pointer} at an existing step (complete steps: {complete_steps(root)}), or pass step=N"
+            f"{pointer} names {text} but {root / text} does not exist (deleted or moved?); restore that "
+            f"directory, point {pointer} at an existing step (complete steps: {complete_steps(root)}), "
+            "or pass step=N"
         )
     return int(match.group(1))
 
@@ -217,18 +221,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
 
 
+def _torch_adam_distributed(optimizer) -> list:
+    """The ``DistributedOptimizer``s inside ``optimizer`` when Megatron runs torch's Adam (no
+    Transformer Engine / Apex, e.g. on CPU): the path with the two load quirks handled below."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt for opt in inner if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+
+
 def _allocate_distributed_optimizer_state(optimizer) -> None:
     """Give a never-stepped distributed optimizer its Adam state (a no-op step: zero grads, lr 0).
 
     Why: ``DistributedOptimizer.state_dict()`` (called to build the sharded state dict for loading)
     reads the ``step`` of every torch-Adam state and asserts there is exactly one; a fresh optimizer
-    on the torch-Adam path (no Transformer Engine / Apex, e.g. on CPU) has none. The dummy values
-    are overwritten by the load.
+    has none. The dummy values are overwritten by the load.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state) > 0:
+    for opt in _torch_adam_distributed(optimizer):
+        if len(opt.optimizer.state) > 0:
             continue
         inner = opt.optimizer
         saved_lr = [group["lr"] for group in inner.param_groups]
@@ -246,17 +258,13 @@ def _allocate_distributed_optimizer_state(optimizer) -> None:
 def _restore_adam_steps(optimizer) -> None:
     """Set every torch-Adam state's ``step`` to its own tensor holding the checkpoint's step count.
 
-    Why: on the torch-Adam path (no Transformer Engine / Apex) ``DistributedOptimizer`` saves the
-    step count in its param groups, but its load puts one shared ``step`` tensor into every state
-    and then copies the per-bucket tensors over it, leaving the count of the placeholder state
-    made by ``_allocate_distributed_optimizer_state``. torch's Adam increments steps in place, so
+    Why: ``DistributedOptimizer`` saves the step count in its param groups, but its load puts one
+    shared ``step`` tensor into every state and then copies the per-bucket tensors over it, which
+    (measured) leaves the count of the placeholder state made by
+    ``_allocate_distributed_optimizer_state``. torch's Adam increments steps in place, so
     each state needs its own tensor with the saved count, or the bias correction is wrong.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer):
-            continue
+    for opt in _torch_adam_distributed(optimizer):
         inner = opt.optimizer
         for group in inner.param_groups:
             if "step" not in group:
@@ -445,15 +453,16 @@ def _check_compatible(path: Path, state: dict[str, Any], model_chunks, optimizer
     diffs = _differences(state["layout"], _layout(model_chunks, optimizer))
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} was written with a different parallel layout ({'; '.join(diffs)}). Resume with the "
-            "checkpoint's layout, or export it (`tools/convert_hf.py to-hf --mcore "
+            f"checkpoint {path} was written with a different parallel layout ({'; '.join(diffs)}). "
+            "Resume with the checkpoint's layout, or export it (`tools/convert_hf.py to-hf --mcore "
             f"{path} --out DIR`) and start a new run from the HF directory."
         )
     diffs = _differences(state["model"], _model_signature(model_chunks))
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} holds a different model ({'; '.join(diffs)}). Build the model from the checkpoint's "
-            f"config ({path / ASSETS_DIR / 'config.json'}) or use a new checkpoint directory for this model."
+            f"checkpoint {path} holds a different model ({'; '.join(diffs)}). "
+            f"Build the model from the checkpoint's config ({path / ASSETS_DIR / 'config.json'}) or use a "
+            "new checkpoint directory for this model."
         )
     diffs = _differences(state["scheduler"], scheduler.state_dict(), _SCHEDULER_FIXED)
     if diffs:

@@ -115,7 +115,8 @@ LAYOUTS = ((2, False), (1, True))
 
 
 def _original_run(rank, world_size, hf_dir, tmp):
-    """Per layout: train SAVE_STEP steps, save, record live HF tensors and RNG draws, train MORE_STEPS, save."""
+    """Per layout: train SAVE_STEP steps, save, record the live HF tensors and RNG draws, train
+    MORE_STEPS, save again."""
     from megatron.core import parallel_state as ps
 
     from checkpoints_convert.model_io import iter_hf_tensors
