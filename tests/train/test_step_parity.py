@@ -81,7 +81,14 @@ def reference(hf_dir):
 
 
 @pytest.mark.parametrize(
-    "tp, pp, world", [(2, 1, 2), (1, 2, 2), (1, 1, 2), (2, 2, 4)], ids=["tp2", "pp2", "dp2", "tp2pp2"]
+    "tp, pp, world",
+    [
+        (2, 1, 2),
+        (1, 2, 2),
+        (1, 1, 2),
+        pytest.param(2, 2, 4, marks=pytest.mark.slow),
+    ],  # 4 ranks: ~35 s, -m slow
+    ids=["tp2", "pp2", "dp2", "tp2pp2"],
 )
 def test_step_matches_tp1(hf_dir, reference, tp, pp, world):
     ref_metrics, ref_weights = reference
