@@ -111,6 +111,8 @@ def train(cfg: Config) -> dict[str, float]:
     setup_logging(cfg.logging.level, rank=dist.get_rank())
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.trainer.run_dir)
+    if cfg.parallel.cp > 1:
+        raise ValueError("parallel.cp > 1 is not wired into the trainer's forward passes yet; use tp/pp/dp")
     if cfg.rollout.weight_sync != "disk":
         raise ValueError("rollout.weight_sync=distributed is not wired into the trainer yet; use disk")
     if rank0 and cfg.rollout.backend == "external":

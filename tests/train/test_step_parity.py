@@ -102,3 +102,40 @@ def test_step_matches_tp1(hf_dir, reference, tp, pp, world):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), key
     for name, ref in ref_weights.items():  # relative Frobenius error of every updated HF tensor
         assert (weights[name] - ref).norm() <= 1e-5 * ref.norm(), name
+
+
+def _reference_modes(rank, world_size, hf_dir):
+    from sdpg_mcore.parallel import state
+    from sdpg_mcore.train.batch import build_micro_batches
+    from sdpg_mcore.train.forward import logprob_pass, unwrap
+    from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
+
+    layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
+    optim = OptimSettings(1e-2, 0.0, 0, "constant", 0.0, 0.9, 0.999, 1e-8, 1.0, True)
+    policy = build_policy(
+        hf_dir, layout, dtype=torch.float32, optim=optim, total_updates=2, vocab_size=301, chunk_size=16
+    )
+    swap = ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32)
+    separate = ReferenceWeights(policy, "separate_model", hf_dir, layout, torch.float32)
+    mbs = build_micro_batches(_responses(), list(range(8)), 64, 0, with_teacher=False)
+    initial = logprob_pass(policy.chunks, mbs, policy.head, temperature=1.0)
+    with torch.no_grad():  # move the live policy away from the reference
+        for p in unwrap(policy.chunks[0]).parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    live = [p.clone() for p in unwrap(policy.chunks[0]).parameters()]
+    moved = logprob_pass(policy.chunks, mbs, policy.head, temperature=1.0)
+    with swap.chunks() as chunks:
+        by_swap = logprob_pass(chunks, mbs, policy.head, temperature=1.0)
+    with separate.chunks() as chunks:
+        by_model = logprob_pass(chunks, mbs, policy.head, temperature=1.0)
+    restored = all(torch.equal(a, b) for a, b in zip(live, unwrap(policy.chunks[0]).parameters()))
+    state.destroy()
+    return [torch.cat(x) for x in (initial, moved, by_swap, by_model)], restored
+
+
+def test_reference_weights_cpu_swap_and_separate_model_agree(hf_dir):
+    (initial, moved, by_swap, by_model), restored = spawn_ranks(_reference_modes, 1, args=(hf_dir,))[0]
+    assert restored  # the swap puts the live weights back bit for bit
+    assert not torch.allclose(moved, initial)
+    torch.testing.assert_close(by_swap, initial, rtol=0, atol=0)
+    torch.testing.assert_close(by_model, initial, rtol=1e-6, atol=1e-6)
