@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from sdpg_mcore.train.batch import Response
@@ -269,3 +270,70 @@ def push_weights(sync, model_chunks, hf_config_path: str, version: str, layout, 
         sync.commit(version)
     if dist.is_initialized():
         dist.barrier()
+
+
+class WeightPusher:
+    """New policy weights to the rollout servers after each step; collective over all ranks.
+
+    ``disk``: every stage's source rank writes its HF tensors, rank 0 publishes the directory and
+    calls ``/update_weights_from_disk``. ``distributed``: every stage's source rank hosts a
+    weight-update group that the servers join once (``/init_weights_update_group``), then streams
+    buckets (``/update_weights_from_distributed``). Other TP ranks only drive the TP all-gathers.
+    """
+
+    def __init__(
+        self, mode: str, layout, hf_dir: str, run_dir: Path, server_urls: list[str] | None, bucket_mb: int
+    ):
+        from sdpg_mcore.parallel.spawn import find_free_port
+        from sdpg_mcore.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+
+        self.layout, self.hf_dir = layout, hf_dir
+        self.is_source = layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
+        first = dist.get_rank() == 0 if dist.is_initialized() else True
+        box = [(list(server_urls or []), find_free_port() if first else 0)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        urls, port = box[0]
+        self.commit_rank = first
+        self.mode = mode
+        if mode == "disk":
+            self.sync = DiskWeightSync(
+                urls if first else [], shared_dir=run_dir / "weights", hf_config_dir=hf_dir, keep_last=1
+            )
+        elif mode == "distributed":
+            self.sync = None
+            if self.is_source:
+                self.sync = DistributedWeightSync(
+                    urls,
+                    master_port=port,
+                    stage=layout.pp_rank,
+                    bucket_bytes=bucket_mb << 20,
+                    backend="nccl" if torch.cuda.is_available() else "gloo",
+                )
+                self.sync.connect()
+        else:
+            raise ValueError(f"rollout.weight_sync={mode!r}: choose disk or distributed")
+
+    def __call__(self, step: int) -> None:
+        from checkpoints_convert.model_io import iter_hf_tensors
+
+        version = str(step)
+        if self.mode == "disk":
+            push_weights(self.sync, self._chunks, self.hf_dir, version, self.layout, commit=self.commit_rank)
+            return
+        tensors = iter_hf_tensors(self._chunks, self.hf_dir)
+        if self.sync is not None:
+            self.sync.push(tensors, version, is_source=True)
+        else:
+            for _ in tensors:  # keep the TP all-gathers in step with the source
+                pass
+        if dist.is_initialized():
+            dist.barrier()
+
+    def bind(self, chunks) -> WeightPusher:
+        self._chunks = chunks
+        return self
+
+    def close(self) -> None:
+        if self.mode == "distributed" and self.sync is not None:
+            self.sync.close()

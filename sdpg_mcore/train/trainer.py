@@ -23,7 +23,7 @@ from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.metrics_log import MetricsLogger
 from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
 from sdpg_mcore.train.progress import StepProgress, setup_logging
-from sdpg_mcore.train.rollout_io import RolloutSession, RolloutSettings, check_reachable, push_weights
+from sdpg_mcore.train.rollout_io import RolloutSession, RolloutSettings, WeightPusher, check_reachable
 from sdpg_mcore.train.step import StepContext, run_step
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ def train(cfg: Config) -> dict[str, float]:
 
     from sdpg_mcore.data import PromptSampler
     from sdpg_mcore.parallel import state
-    from sdpg_mcore.rollout.weight_sync import DiskWeightSync
 
     env = state.initialize_distributed()
     resolve_world(cfg, env.world_size)
@@ -113,8 +112,6 @@ def train(cfg: Config) -> dict[str, float]:
     run_dir = Path(cfg.trainer.run_dir)
     if cfg.parallel.cp > 1:
         raise ValueError("parallel.cp > 1 is not wired into the trainer's forward passes yet; use tp/pp/dp")
-    if cfg.rollout.weight_sync != "disk":
-        raise ValueError("rollout.weight_sync=distributed is not wired into the trainer yet; use disk")
     if rank0 and cfg.rollout.backend == "external":
         check_reachable(cfg.rollout.urls)  # fail before minutes of model building
     loss_cfg = loss_config(cfg)
@@ -166,12 +163,14 @@ def train(cfg: Config) -> dict[str, float]:
             logger.info("resumed from %s (step %d)", loaded.path, start)
 
     session = RolloutSession.start(rollout_settings(cfg), run_dir) if rank0 else None
-    urls = session.worker_urls if rank0 else []
-    sync = DiskWeightSync(urls, shared_dir=run_dir / "weights", hf_config_dir=cfg.model.path, keep_last=1)
-
-    def sync_weights(step: int) -> None:
-        push_weights(sync, policy.chunks, cfg.model.path, str(step), layout, commit=rank0)
-
+    sync_weights = WeightPusher(
+        cfg.rollout.weight_sync,
+        layout,
+        cfg.model.path,
+        run_dir,
+        session.worker_urls if rank0 else None,
+        cfg.rollout.bucket_mb,
+    ).bind(policy.chunks)
     if start:
         sync_weights(start)  # the servers started from the initial weights
     if rank0:
@@ -239,6 +238,7 @@ def train(cfg: Config) -> dict[str, float]:
     finally:
         progress.close()
         sink.close()
+        sync_weights.close()
         if session is not None:
             session.close()
     return metrics

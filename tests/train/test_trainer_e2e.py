@@ -96,6 +96,8 @@ def test_two_steps_with_eval_and_checkpoint(assets, tmp_path):
         assert not missing, missing
         assert record["kl_mean"] > 0 and record["num_responses"] == 16
     assert "eval/test/avg@2" in records[1] and "eval/test/pass@2" in records[1]
+    # Step 2 sampled with the weights pushed after step 1: engine and trainer log-probs agree (fp32).
+    assert records[1]["logprob_mismatch"] < 1e-4
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip().endswith("2")
     assert (tmp_path / "run" / "config.yaml").is_file()
 
@@ -126,3 +128,9 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_variance(assets, tmp_pat
     kept = record["dynamic/kept_groups"]
     # Kept groups are trained on; with none kept (this barely warm-started model) the first batch is used.
     assert kept <= 4 and record["num_responses"] == 4 * (kept or 4)
+
+
+@pytest.mark.slow
+def test_distributed_weight_sync(assets, tmp_path):
+    records = _run(assets, tmp_path / "nccl", "trainer.total_steps=2", "rollout.weight_sync=distributed")
+    assert records[1]["logprob_mismatch"] < 1e-4 and records[1]["time/weight_sync"] > 0
