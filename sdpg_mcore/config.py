@@ -53,16 +53,12 @@ class ParallelConfig:
     """Context-parallel size: each sequence is split across cp ranks."""
     dp: int = -1
     """Data-parallel size; -1 infers world_size / (tp*pp*cp). A set value must match the world size."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism for the norm/dropout regions (only meaningful with tp > 1)."""
 
 
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
     """Training prompt files (parquet, jsonl or HF dataset dirs) with student/teacher prompts (SDPG.md §4)."""
-    prompt_key: str = "prompt"
-    """Column holding the chat message list; the teacher context follows the sentinel inside it."""
     max_prompt_length: int = 2048
     """Longest prompt in tokens; student prompts are cut from the left, teacher prompts from the right."""
     max_response_length: int = 4096
@@ -79,8 +75,6 @@ class DataConfig:
     """Seed of the prompt sampler; the sampler position is saved in checkpoints."""
     filter_overlong_prompts: bool = False
     """Drop prompts longer than max_prompt_length instead of truncating them."""
-    apply_chat_template: bool = True
-    """Render prompts with the tokenizer's chat template (add_generation_prompt, enable_thinking for Qwen3)."""
 
 
 @dataclass
@@ -88,7 +82,7 @@ class EvalConfig:
     files: list[str] = field(default_factory=list)
     """Held-out prompt files; each is reported as its own set (avg@k and pass@k per file)."""
     interval: int = 10
-    """Evaluate every this many steps (and before the first); 0 disables evaluation."""
+    """Evaluate every this many steps and after the last one; 0 disables evaluation."""
     n_samples: int = 32
     """k: samples per problem for avg@k and pass@k."""
     temperature: float = 1.0
@@ -226,8 +220,6 @@ class RewardConfig:
     """Length of the overlong-penalty ramp in tokens."""
     overlong_factor: float = 1.0
     """Penalty at max_response_length."""
-    timeout_s: float = 10.0
-    """Per-response scoring timeout."""
 
 
 @dataclass

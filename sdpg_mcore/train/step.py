@@ -225,4 +225,5 @@ def _rollout_stats(responses) -> dict[str, float]:
         "response_len_max": float(lengths.max()),
         "response_clip_ratio": sum(r.truncated for r in responses) / len(responses),
         "num_responses": len(responses),
+        "num_tokens": sum(len(r.prompt_ids) + len(r.response_ids) for r in responses),
     }

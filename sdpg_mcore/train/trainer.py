@@ -214,6 +214,7 @@ def train(cfg: Config) -> dict[str, float]:
             generate = lambda s, prompts=prompts: session.generate(prompts, s, cfg.trainer.seed, more)  # noqa: E731
             metrics = run_step(ctx, step, generate, sync_weights)
             metrics["step_seconds"] = time.perf_counter() - began
+            metrics["tokens_per_s"] = metrics.pop("num_tokens", 0.0) / metrics["step_seconds"]
             if (
                 rank0
                 and cfg.eval.interval

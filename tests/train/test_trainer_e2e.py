@@ -13,6 +13,7 @@ from sdpg_mcore.parallel.spawn import spawn_ranks
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = (
     "step",
+    "tokens_per_s",
     "reward_mean",
     "acc",
     "kl_mean",
@@ -27,7 +28,7 @@ REQUIRED = (
     "time/rollout",
     "time/update",
 )
-NOISY = ("time/", "step_seconds", "rollout/generate_wall_s", "rollout/output_tokens_per_s")
+NOISY = ("time/", "step_seconds", "tokens_per_s", "rollout/generate_wall_s", "rollout/output_tokens_per_s")
 
 
 @pytest.fixture(scope="module")
