@@ -53,6 +53,8 @@ class ParallelConfig:
     """Context-parallel size: each sequence is split across cp ranks."""
     dp: int = -1
     """Data-parallel size; -1 infers world_size / (tp*pp*cp). A set value must match the world size."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (tp > 1, Transformer-Engine spec): norm/dropout activations split over TP."""
 
 
 @dataclass

@@ -123,8 +123,10 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int, min_count: int
     return sorted((sorted(p) for p in plans), key=lambda p: p[0])
 
 
-def _pad(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+def _pad(
+    seqs: list[list[int]], prompt_lens: list[int], pad_id: int, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for b, (seq, p) in enumerate(zip(seqs, prompt_lens)):
@@ -133,13 +135,15 @@ def _pad(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> tuple[to
     return ids, mask
 
 
-def make_micro_batch(responses: Sequence[Response], rows: list[int], pad_id: int) -> MicroBatch:
+def make_micro_batch(
+    responses: Sequence[Response], rows: list[int], pad_id: int, pad_multiple: int = 1
+) -> MicroBatch:
     """Pad the student and teacher sequences of ``rows``; targets and row indices of the response tokens."""
     picked = [responses[i] for i in rows]
     student = [r.prompt_ids + r.response_ids for r in picked]
     teacher = [r.teacher_prompt_ids + r.response_ids for r in picked]
-    ids, mask = _pad(student, [len(r.prompt_ids) for r in picked], pad_id)
-    t_ids, t_mask = _pad(teacher, [len(r.teacher_prompt_ids) for r in picked], pad_id)
+    ids, mask = _pad(student, [len(r.prompt_ids) for r in picked], pad_id, pad_multiple)
+    t_ids, t_mask = _pad(teacher, [len(r.teacher_prompt_ids) for r in picked], pad_id, pad_multiple)
     targets = torch.tensor([t for r in picked for t in r.response_ids], dtype=torch.long)
     seq_index = torch.tensor([b for b, r in enumerate(picked) for _ in r.response_ids], dtype=torch.long)
     return MicroBatch(rows, ids, mask, t_ids, t_mask, targets, seq_index)
@@ -153,11 +157,12 @@ def build_micro_batches(
     *,
     with_teacher: bool,
     min_count: int = 1,
+    pad_multiple: int = 1,
 ) -> list[MicroBatch]:
     """Micro-batches over ``rows`` (indices into ``responses``) by padded-token budget."""
     lengths = [_length(responses[i], with_teacher) for i in rows]
     plans = plan_micro_batches(lengths, token_budget, min_count)
-    return [make_micro_batch(responses, [rows[j] for j in plan], pad_id) for plan in plans]
+    return [make_micro_batch(responses, [rows[j] for j in plan], pad_id, pad_multiple) for plan in plans]
 
 
 def num_micro_batches(

@@ -43,12 +43,19 @@ def _finalize_grads(model, num_tokens=None, **kwargs):
     return finalize_model_grads(model, num_tokens=None, **kwargs)
 
 
-def build_model(model_path: str | Path, layout, *, dtype: torch.dtype, recompute: bool = False):
+def build_model(
+    model_path: str | Path,
+    layout,
+    *,
+    dtype: torch.dtype,
+    recompute: bool = False,
+    sequence_parallel: bool = False,
+):
     """This rank's GPTModel stage with the HF weights loaded (not wrapped)."""
     from checkpoints_convert.model_io import load_hf_into_model
     from sdpg_mcore.models.builder import build_gpt_model
 
-    overrides: dict = dict(calculate_per_token_loss=True)
+    overrides: dict = dict(calculate_per_token_loss=True, sequence_parallel=sequence_parallel)
     if recompute:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     model = build_gpt_model(str(model_path), params_dtype=dtype, **overrides)
@@ -100,7 +107,9 @@ def build_policy(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    model = build_model(model_path, layout, dtype=dtype, recompute=recompute)
+    model = build_model(
+        model_path, layout, dtype=dtype, recompute=recompute, sequence_parallel=sequence_parallel
+    )
     config = model.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=optim.distributed
@@ -136,7 +145,12 @@ def build_policy(
         wd_incr_style="constant",
     )
     tp_group = ps.get_tensor_model_parallel_group() if layout.tp > 1 else None
-    head = HeadSpec(vocab_size=vocab_size, chunk_size=chunk_size, tp_group=tp_group, sequence_parallel=False)
+    head = HeadSpec(
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        tp_group=tp_group,
+        sequence_parallel=model.config.sequence_parallel,
+    )
     return Policy([ddp], optimizer, scheduler, head)
 
 

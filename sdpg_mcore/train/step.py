@@ -35,6 +35,8 @@ class StepContext:
     mini_batch_groups: int
     total_steps: int
     pad_id: int
+    pad_multiple: int = 1
+    """Pad each micro-batch's length to this multiple (TP under sequence parallelism)."""
 
 
 def _collective_groups():
@@ -61,7 +63,13 @@ def _micro_batches(ctx, responses, groups_of, m: int | None, with_teacher: bool)
     count = _plan_count(ctx, responses, plans, with_teacher)
     rows = B.rows_of_groups(responses, plans[lay.dp_rank])
     return B.build_micro_batches(
-        responses, rows, ctx.token_budget, ctx.pad_id, with_teacher=with_teacher, min_count=count
+        responses,
+        rows,
+        ctx.token_budget,
+        ctx.pad_id,
+        with_teacher=with_teacher,
+        min_count=count,
+        pad_multiple=ctx.pad_multiple,
     )
 
 

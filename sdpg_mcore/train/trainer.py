@@ -144,6 +144,7 @@ def train(cfg: Config) -> dict[str, float]:
         vocab_size=len(tokenizer),
         chunk_size=cfg.trainer.logprob_chunk_size,
         recompute=cfg.model.recompute_activations,
+        sequence_parallel=cfg.parallel.sequence_parallel,
     )
     frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
     reference = (
@@ -199,6 +200,7 @@ def train(cfg: Config) -> dict[str, float]:
         mini_batch_groups=cfg.data.mini_batch_prompts,
         total_steps=cfg.trainer.total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        pad_multiple=layout.tp if policy.head.sequence_parallel else 1,
     )
     evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
     metrics: dict[str, float] = {}
