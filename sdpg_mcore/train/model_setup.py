@@ -100,6 +100,7 @@ def build_policy(
     vocab_size: int,
     chunk_size: int,
     recompute: bool = False,
+    sequence_parallel: bool = False,
 ) -> Policy:
     """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``."""
     from megatron.core import parallel_state as ps
