@@ -34,7 +34,7 @@ def _tiny(tmp_path: Path, name: str = "hf", **overrides) -> Path:
     return save_tiny_hf_model(tmp_path / name, "qwen3", num_hidden_layers=2, **overrides)
 
 
-def _build(hf_dir, tp: int, distributed: bool):
+def _build(hf_dir, tp: int, distributed: bool, pp: int = 1):
     """Model + Megatron DDP + optimizer + LR schedule, built as the trainer builds them."""
     import random
 
@@ -46,7 +46,7 @@ def _build(hf_dir, tp: int, distributed: bool):
     from sdpg_mcore.models.builder import build_gpt_model
     from sdpg_mcore.parallel.state import initialize_model_parallel
 
-    layout = initialize_model_parallel(tp=tp, seed=1234)
+    layout = initialize_model_parallel(tp=tp, pp=pp, seed=1234)
     # The trainer seeds these too; TP ranks must agree (same shapes), DP ranks may differ.
     random.seed(7 + layout.dp_rank)
     np.random.seed(7 + layout.dp_rank)
@@ -68,27 +68,41 @@ def _build(hf_dir, tp: int, distributed: bool):
 
 
 def _train_step(chunks, optimizer, scheduler) -> None:
-    """One update whose data depends on every RNG a checkpoint restores (python, numpy, torch, tracker)."""
+    """One update through Megatron's schedule (1F1B under PP) whose data depends on every RNG a
+    checkpoint restores (python, numpy, torch, Megatron's tracker)."""
     import random
 
     import numpy as np
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     from sdpg_mcore.models.builder import causal_attention_mask
 
-    (ddp,) = chunks
     seq = random.randint(4, 8)
     scale = float(np.random.uniform(0.5, 1.5))
-    tokens = (torch.randint(0, 301, (2, seq)) + ps.get_data_parallel_rank()) % 301
+    tokens_BS = (torch.randint(0, 301, (2, seq)) + ps.get_data_parallel_rank()) % 301
     with get_cuda_rng_tracker().fork():
         scale *= 1.0 + float(torch.rand(()))
-    ddp.zero_grad_buffer()
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    positions = torch.arange(seq).expand(2, seq)
-    loss_BS = ddp(tokens, positions, causal_attention_mask(seq), labels=tokens)
-    (loss_BS.float().mean() * scale).backward()
+    positions_BS = torch.arange(seq).expand(2, seq)
+
+    def forward_step(data_iterator, model):
+        output = model(tokens_BS, positions_BS, causal_attention_mask(seq), labels=tokens_BS)
+
+        def loss_func(loss_BS):
+            loss = loss_BS.float().mean() * scale
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
+        seq_length=seq, micro_batch_size=2, forward_only=False,
+    )  # fmt: skip
     finalize_model_grads(chunks)
     ok, _, _ = optimizer.step()
     assert ok
@@ -110,11 +124,15 @@ def _params(chunks) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in ckpt._unwrap(chunks[0]).named_parameters()}
 
 
-#: (tp, distributed optimizer) on 2 ranks: TP2 with the plain optimizer, DP2 with the distributed one.
-LAYOUTS = ((2, False), (1, True))
+#: (tp, pp, distributed optimizer) on 2 ranks: TP2 with the plain optimizer, DP2 with the distributed one.
+LAYOUTS = ((2, 1, False), (1, 1, True))
 
 
-def _original_run(rank, world_size, hf_dir, tmp):
+def _root(tmp: Path, tp: int, pp: int) -> Path:
+    return tmp / f"tp{tp}pp{pp}"
+
+
+def _original_run(rank, world_size, hf_dir, tmp, layouts):
     """Per layout: train SAVE_STEP steps, save, record the live HF tensors and RNG draws, train
     MORE_STEPS, save again."""
     from megatron.core import parallel_state as ps
@@ -122,9 +140,9 @@ def _original_run(rank, world_size, hf_dir, tmp):
     from checkpoints_convert.model_io import iter_hf_tensors
 
     results = []
-    for tp, distributed in LAYOUTS:
-        root = tmp / f"tp{tp}"
-        chunks, optimizer, scheduler = _build(hf_dir, tp, distributed)
+    for tp, pp, distributed in layouts:
+        root = _root(tmp, tp, pp)
+        chunks, optimizer, scheduler = _build(hf_dir, tp, distributed, pp)
         for _ in range(SAVE_STEP):
             _train_step(chunks, optimizer, scheduler)
         ckpt.save_checkpoint(root, SAVE_STEP, chunks, optimizer, scheduler, hf_dir=hf_dir, extra_state=EXTRA)
@@ -145,17 +163,17 @@ def _original_run(rank, world_size, hf_dir, tmp):
     return results
 
 
-def _resumed_run(rank, world_size, hf_dir, tmp):
+def _resumed_run(rank, world_size, hf_dir, tmp, layouts):
     """Per layout: fresh model, load step SAVE_STEP, draw, train MORE_STEPS; plus a wrong-layout load."""
     results = []
-    for tp, distributed in LAYOUTS:
-        chunks, optimizer, scheduler = _build(hf_dir, tp, distributed)
+    for tp, pp, distributed in layouts:
+        chunks, optimizer, scheduler = _build(hf_dir, tp, distributed, pp)
         foreign_error = None
-        if tp == 1:  # the TP2 checkpoint at TP1 x DP2
+        if (tp, pp) == (1, 1) and _root(tmp, 2, 1).is_dir():  # the TP2 checkpoint at TP1 x DP2
             with pytest.raises(ckpt.CheckpointError) as err:
-                ckpt.load_checkpoint(tmp / "tp2", chunks, optimizer, scheduler)
+                ckpt.load_checkpoint(_root(tmp, 2, 1), chunks, optimizer, scheduler)
             foreign_error = str(err.value)
-        loaded = ckpt.load_checkpoint(tmp / f"tp{tp}", chunks, optimizer, scheduler, step=SAVE_STEP)
+        loaded = ckpt.load_checkpoint(_root(tmp, tp, pp), chunks, optimizer, scheduler, step=SAVE_STEP)
         draws = _draws()
         for _ in range(MORE_STEPS):
             _train_step(chunks, optimizer, scheduler)
@@ -196,27 +214,39 @@ def _export_matches_live(root: Path, out: Path, live: dict[str, torch.Tensor]) -
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
 
 
-def test_resume_is_exact_tp2_and_dp2_distributed_optimizer_and_exports_to_hf(tmp_path):
+def _resume_and_export(tmp_path: Path, layouts) -> tuple[list, list]:
+    """Run, resume and export each layout on 2 ranks; return (original, resumed) results by rank."""
     hf_dir = _tiny(tmp_path)
-    original = spawn_ranks(_original_run, 2, args=(hf_dir, tmp_path))
-    for root in (tmp_path / "tp2", tmp_path / "tp1"):
+    original = spawn_ranks(_original_run, 2, args=(hf_dir, tmp_path, layouts))
+    for tp, pp, _ in layouts:
+        root = _root(tmp_path, tp, pp)
         assert ckpt.latest_step(root) == SAVE_STEP + MORE_STEPS
         assert ckpt.complete_steps(root) == [SAVE_STEP, SAVE_STEP + MORE_STEPS]
-    resumed = spawn_ranks(_resumed_run, 2, args=(hf_dir, tmp_path))
-    for layout in range(len(LAYOUTS)):
-        _assert_resume_exact([r[layout] for r in original], [r[layout] for r in resumed])
-    tp2, dp2 = original[0]
-    # the weights moved after the save, so matching them is not a comparison of untouched weights
-    assert not torch.equal(tp2["params"]["decoder.final_layernorm.weight"], tp2["hf"]["model.norm.weight"])
+    resumed = spawn_ranks(_resumed_run, 2, args=(hf_dir, tmp_path, layouts))
+    for i, (tp, pp, _) in enumerate(layouts):
+        _assert_resume_exact([r[i] for r in original], [r[i] for r in resumed])
+        live = {k: v for r in original if r[i]["hf"] is not None for k, v in r[i]["hf"].items()}
+        # the weights moved after the save, so matching them is not a comparison of untouched weights
+        assert not torch.equal(
+            original[-1][i]["params"]["decoder.final_layernorm.weight"], live["model.norm.weight"]
+        )
+        _export_matches_live(_root(tmp_path, tp, pp), tmp_path / f"export_tp{tp}pp{pp}", live)
+    return original, resumed
+
+
+def test_resume_is_exact_tp2_and_dp2_distributed_optimizer_and_exports_to_hf(tmp_path):
+    original, resumed = _resume_and_export(tmp_path, LAYOUTS)
     # DP ranks saw different data but hold the same replicated weights
-    assert torch.equal(
-        dp2["params"]["decoder.final_layernorm.weight"],
-        original[1][1]["params"]["decoder.final_layernorm.weight"],
-    )
+    key = "decoder.final_layernorm.weight"
+    assert torch.equal(original[0][1]["params"][key], original[1][1]["params"][key])
     message = resumed[0][1]["foreign_error"]
     assert "different parallel layout" in message and "tp=2 in the checkpoint vs 1 now" in message
     assert "convert_hf.py to-hf" in message
-    _export_matches_live(tmp_path / "tp2", tmp_path / "export", tp2["hf"])
+
+
+@pytest.mark.slow
+def test_resume_is_exact_pp2_distributed_optimizer_and_exports_to_hf(tmp_path):
+    _resume_and_export(tmp_path, ((1, 2, True),))
 
 
 # -- crashes and user errors (one rank) ----------------------------------------------------------
