@@ -110,6 +110,12 @@ def latest_step(ckpt_root: str | Path) -> int | None:
             "use the newest"
         )
     if not (root / text).is_dir():
+        replaced = root / f"{TMP_PREFIX}replaced-{text}"
+        if replaced.is_dir():
+            raise CheckpointError(
+                f"{pointer} names {text}, whose replacement by a newer save of the same step was "
+                f"interrupted; rename {replaced} back to {root / text}"
+            )
         raise CheckpointError(
             f"{pointer} names {text} but {root / text} does not exist (deleted or moved?); restore that "
             f"directory, point {pointer} at an existing step (complete steps: {complete_steps(root)}), "
@@ -391,14 +397,25 @@ def _write_rank0_files(tmp: Path, step, model_chunks, optimizer, scheduler, hf_d
         "trainer_step": step,
     }
     _write_file(tmp / METADATA_FILE, (json.dumps(convert_meta, indent=2) + "\n").encode())
-    for path in [tmp / RNG_DIR, tmp / ASSETS_DIR, tmp]:
-        _fsync_dir(path)
 
 
 def _commit(tmp: Path, final: Path, root: Path) -> None:
-    """Rename the finished temporary directory into place (replacing an older copy of the same step)."""
+    """Rename the finished temporary directory into place (replacing an older copy of the same step).
+
+    Every rank has fsynced its files; the directory entries are synced here. When an older copy of
+    the step is replaced while ``latest`` names it, ``latest`` first moves to the newest other
+    complete step, so no crash between the two renames leaves it naming a missing directory (when
+    there is no other step, ``latest_step``'s error names the ``.tmp-replaced-*`` copy to rename back).
+    """
+    for path in [tmp / RNG_DIR, tmp / ASSETS_DIR, tmp]:
+        _fsync_dir(path)
     replaced = None
     if final.exists():
+        pointer = root / LATEST_FILE
+        if pointer.is_file() and pointer.read_text().strip() == final.name:
+            others = [s for s in complete_steps(root) if step_dir(root, s) != final]
+            if others:
+                _write_latest(root, step_dir(root, others[-1]).name)
         replaced = root / f"{TMP_PREFIX}replaced-{final.name}"
         os.rename(final, replaced)
     os.rename(tmp, final)

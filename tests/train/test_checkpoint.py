@@ -378,3 +378,43 @@ def test_latest_pointer_errors_and_empty_root(tmp_path):
         ckpt.latest_step(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint for step 5 .*complete steps: \[3\]"):
         ckpt.load_checkpoint(tmp_path, [], None, None, step=5)
+
+
+def _dir_with(path: Path, text: str) -> Path:
+    for sub in ("", ckpt.RNG_DIR, "hf_assets"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    (path / "marker").write_text(text)
+    return path
+
+
+def _crash_between_renames(monkeypatch, root: Path) -> None:
+    """``_commit`` of step 2 over an existing step 2, killed between its two renames."""
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(ckpt.TMP_PREFIX + "step"):
+            raise KeyboardInterrupt("simulated crash")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt._commit(_dir_with(root / ".tmp-step_00000002", "new"), ckpt.step_dir(root, 2), root)
+    monkeypatch.setattr(os, "rename", real_rename)
+
+
+def test_replacing_the_latest_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    root = tmp_path / "a"
+    _dir_with(ckpt.step_dir(root, 1), "one")
+    _dir_with(ckpt.step_dir(root, 2), "old")
+    ckpt._write_latest(root, "step_00000002")
+    _crash_between_renames(monkeypatch, root)
+    assert ckpt.latest_step(root) == 1  # moved to the other complete step before the old 2 left
+    # the only checkpoint replaced: the error says how to get it back
+    root = tmp_path / "b"
+    _dir_with(ckpt.step_dir(root, 2), "old")
+    ckpt._write_latest(root, "step_00000002")
+    _crash_between_renames(monkeypatch, root)
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"interrupted; rename .*\.tmp-replaced-step_00000002 back"
+    ):
+        ckpt.latest_step(root)
