@@ -489,6 +489,37 @@ def _check_compatible(path: Path, state: dict[str, Any], model_chunks, optimizer
         )
 
 
+def _check_hf_config(path: Path, state: dict[str, Any], hf_dir: str | Path) -> None:
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    if config_hash(config) == state["hf_config_hash"]:
+        return
+    stored = json.loads((path / ASSETS_DIR / "config.json").read_text())
+    # only the fields the hash covers (a single-field hash ignores the others, e.g. transformers_version)
+    keys = [
+        k
+        for k in sorted(set(stored) | set(config))
+        if config_hash({k: stored.get(k)}) != config_hash({k: config.get(k)})
+    ]
+    diffs = _differences(stored, config, keys)
+    raise CheckpointError(
+        f"checkpoint {path} was saved from a different HF model config than {hf_dir} "
+        f"({'; '.join(diffs[:6]) or 'config hash differs'}). Resume with the model the run started from, "
+        "or use a new checkpoint directory for this model."
+    )
+
+
+def _agree_on_error(error: CheckpointError | None) -> None:
+    """Raise on every rank when any rank found a problem, so none is left waiting in a collective."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        errors = [CheckpointError(m) if m is not None else None for m in messages]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise error if error is not None else first
+
+
 def load_checkpoint(
     ckpt_root: str | Path,
     model_chunks: Sequence[torch.nn.Module],
@@ -496,12 +527,15 @@ def load_checkpoint(
     scheduler,
     *,
     step: int | None = None,
+    hf_dir: str | Path | None = None,
 ) -> LoadedCheckpoint | None:
     """Restore model, optimizer, LR schedule and this rank's RNG states from a checkpoint; collective.
 
     ``step=None`` loads what ``latest`` names; returns None when ``ckpt_root`` holds no checkpoint
     (a fresh run). The model chunks, optimizer and scheduler must be built exactly as for the run
-    that saved it (same layout, model and LR schedule; ``CheckpointError`` names what differs).
+    that saved it (same layout, model and LR schedule; ``CheckpointError`` names what differs, on
+    every rank, before any collective read). With ``hf_dir`` its ``config.json`` must also be the
+    one the checkpoint was saved with (catches changes that keep every shape, e.g. ``rope_theta``).
     """
     root = Path(ckpt_root)
     if step is None:
@@ -513,13 +547,20 @@ def load_checkpoint(
         raise CheckpointError(
             f"no checkpoint for step {step} in {root} (complete steps: {complete_steps(root)})"
         )
-    state = _read_state(path)
-    _check_compatible(path, state, model_chunks, optimizer, scheduler)
     rng_path = path / RNG_DIR / f"rank_{_rank():05d}.pt"
-    if not rng_path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} is missing {rng_path.relative_to(path)}; it is incomplete or damaged"
-        )
+    error = None
+    try:
+        state = _read_state(path)
+        if hf_dir is not None:
+            _check_hf_config(path, state, hf_dir)
+        _check_compatible(path, state, model_chunks, optimizer, scheduler)
+        if not rng_path.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} is missing {rng_path.relative_to(path)}; it is incomplete or damaged"
+            )
+    except CheckpointError as err:
+        error = err
+    _agree_on_error(error)
 
     from megatron.core import dist_checkpointing
 

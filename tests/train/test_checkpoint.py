@@ -173,7 +173,8 @@ def _resumed_run(rank, world_size, hf_dir, tmp, layouts):
             with pytest.raises(ckpt.CheckpointError) as err:
                 ckpt.load_checkpoint(_root(tmp, 2, 1), chunks, optimizer, scheduler)
             foreign_error = str(err.value)
-        loaded = ckpt.load_checkpoint(_root(tmp, tp, pp), chunks, optimizer, scheduler, step=SAVE_STEP)
+        root = _root(tmp, tp, pp)
+        loaded = ckpt.load_checkpoint(root, chunks, optimizer, scheduler, step=SAVE_STEP, hf_dir=hf_dir)
         draws = _draws()
         for _ in range(MORE_STEPS):
             _train_step(chunks, optimizer, scheduler)
@@ -361,6 +362,10 @@ def test_crash_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
         and "ffn_hidden_size=96 in the checkpoint vs 64 now" in errors["model"]
     )
     assert "hf_assets/config.json" in errors["model"]
+    with pytest.raises(
+        ckpt.CheckpointError, match="different HF model config .*intermediate_size=96 in the checkpoint vs 64"
+    ):
+        ckpt.load_checkpoint(tmp_path / "copy", [], None, None, hf_dir=other_hf_dir)
 
 
 def test_latest_pointer_errors_and_empty_root(tmp_path):
