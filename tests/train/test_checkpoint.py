@@ -174,6 +174,16 @@ def _resumed_run(rank, world_size, hf_dir, tmp, layouts):
                 ckpt.load_checkpoint(_root(tmp, 2, 1), chunks, optimizer, scheduler)
             foreign_error = str(err.value)
         root = _root(tmp, tp, pp)
+        one_rank_error = None
+        if (tp, pp) == (1, 1):  # a file only rank 1 reads is missing: both ranks raise, neither hangs
+            broken = tmp / "broken"
+            if rank == 0:
+                shutil.copytree(root, broken)
+                (ckpt.step_dir(broken, SAVE_STEP) / ckpt.RNG_DIR / "rank_00001.pt").unlink()
+            torch.distributed.barrier()
+            with pytest.raises(ckpt.CheckpointError) as err:
+                ckpt.load_checkpoint(broken, chunks, optimizer, scheduler, step=SAVE_STEP)
+            one_rank_error = str(err.value)
         loaded = ckpt.load_checkpoint(root, chunks, optimizer, scheduler, step=SAVE_STEP, hf_dir=hf_dir)
         draws = _draws()
         for _ in range(MORE_STEPS):
@@ -186,6 +196,7 @@ def _resumed_run(rank, world_size, hf_dir, tmp, layouts):
                 "params": _params(chunks),
                 "lr": optimizer.param_groups[0]["lr"],
                 "foreign_error": foreign_error,
+                "one_rank_error": one_rank_error,
             }
         )
     return results
@@ -243,6 +254,8 @@ def test_resume_is_exact_tp2_and_dp2_distributed_optimizer_and_exports_to_hf(tmp
     message = resumed[0][1]["foreign_error"]
     assert "different parallel layout" in message and "tp=2 in the checkpoint vs 1 now" in message
     assert "convert_hf.py to-hf" in message
+    for rank_result in resumed:
+        assert "is missing rng/rank_00001.pt" in rank_result[1]["one_rank_error"]
 
 
 @pytest.mark.slow
