@@ -88,6 +88,7 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
 
     # 5. Old log-probs (and the rlsd teacher: the step-start policy), reference log-probs (and the opsd teacher).
     per_row: dict[str, dict[int, torch.Tensor]] = {}
+    loss_metrics: dict[str, float] = {}  # filled where the loss is computed (last pipeline stage)
     all_mbs = _micro_batches(ctx, responses, groups_of, None, with_teacher)
     with timer.phase("old_logprob"):
         per_row["old"] = _scatter(
@@ -117,7 +118,7 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
             i: torch.tensor(responses[i].rollout_logprobs, dtype=torch.float32) for i in per_row["old"]
         }
         if penalty is not None:
-            metrics["reward_kl_penalty"] = penalty
+            loss_metrics["reward_kl_penalty"] = penalty
 
     # 6. One optimizer step per mini-batch; micro-batches by token budget through the 1F1B schedule.
     sums, grad_norms, lrs = algo.MetricSums(), [], []
@@ -160,7 +161,7 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
             out = algo.micro_batch_loss(
                 ctx.algorithm, cfg, inputs, norms, step=step, total_steps=ctx.total_steps
             )
-            metrics.update(out.scalars)
+            loss_metrics.update(out.scalars)
             return out.loss, out.metrics
 
         with timer.phase("update"):
@@ -183,8 +184,8 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
         sync_weights(step)
 
     if is_last:
-        metrics.update(sums.reduce(dp_cp_group))
-    metrics = _from_last_stage(metrics, pp_group)
+        loss_metrics.update(sums.reduce(dp_cp_group))
+    metrics.update(_from_last_stage(loss_metrics, pp_group))  # rank 0 keeps its rollout metrics
     metrics.update(_rollout_stats(responses))
     metrics.update(grad_norm=max(grad_norms), lr=lrs[-1], num_updates=len(grad_norms))
     if "rollout_mismatch" in metrics:

@@ -58,14 +58,14 @@ def _one_step(rank, world_size, hf_dir, tp, pp):
         total_steps=4,
         pad_id=0,
     )
-    metrics = run_step(ctx, 1, lambda step: (_responses(), {}), lambda step: None)
+    metrics = run_step(ctx, 1, lambda step: (_responses(), {"rollout/marker": 7.0}), lambda step: None)
     from checkpoints_convert.model_io import iter_hf_tensors
 
     weights = {name: t.clone() for name, t in iter_hf_tensors(policy.chunks, hf_dir)}
     keep = layout.tp_rank == 0 and layout.dp_rank == 0
     dist.barrier()
     state.destroy()
-    return {k: metrics[k] for k in COMPARED}, weights if keep else {}
+    return {k: metrics.get(k) for k in (*COMPARED, "rollout/marker")}, weights if keep else {}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,7 @@ def test_step_matches_tp1(hf_dir, reference, tp, pp, world):
         weights.update(w)
     assert set(weights) == set(ref_weights)
     metrics = results[0][0]
+    assert metrics["rollout/marker"] == 7.0  # rank 0's rollout metrics survive the PP broadcast
     for key in COMPARED:
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), key
     for name, ref in ref_weights.items():  # relative Frobenius error of every updated HF tensor
