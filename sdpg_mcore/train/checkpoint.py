@@ -18,11 +18,17 @@ Atomicity: everything is written into ``CKPT_ROOT/.tmp-step_{k:08d}``; after a b
 renames it to ``step_{k:08d}`` and then replaces the ``latest`` pointer file (write a temporary
 file, fsync, ``os.replace``). A crash at any point leaves ``latest`` naming a complete checkpoint;
 leftover ``.tmp-*`` entries are removed by the next save. ``CKPT_ROOT`` must be one directory that
-every rank sees (a shared filesystem on multi-node runs).
+every rank sees (a shared filesystem on multi-node runs). Resume needs the same layout, model and
+LR schedule; ``CheckpointError`` (a ``ValueError``) names what differs and the fix.
+
+Two quirks of Megatron's distributed optimizer on the torch-Adam path (no Transformer Engine /
+Apex, as on CPU) are handled at load: a never-stepped optimizer has no state to load into, and
+the loaded Adam step count is wrong (see ``_allocate_distributed_optimizer_state``,
+``_restore_adam_steps``).
 
     save_checkpoint(ckpt_root, step, policy.chunks, policy.optimizer, policy.scheduler,
                     hf_dir=model_path, extra_state={"sampler": sampler.state_dict()}, keep_last=3)
-    loaded = load_checkpoint(ckpt_root, policy.chunks, policy.optimizer, policy.scheduler)
+    loaded = load_checkpoint(ckpt_root, policy.chunks, policy.optimizer, policy.scheduler, hf_dir=model_path)
     if loaded is not None:
         start_step = loaded.step + 1
         sampler.load_state_dict(loaded.extra_state["sampler"])
