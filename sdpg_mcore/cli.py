@@ -2,6 +2,7 @@
 
     sdpg-train --config examples/tiny/sdpg.yaml trainer.total_steps=20 algorithm.name=grpo
     torchrun --nproc-per-node 8 -m sdpg_mcore.cli --config examples/qwen3_4b/sdpg.yaml
+    srun --ntasks 8 python -m sdpg_mcore.cli --config examples/qwen3_4b/sdpg.yaml   # Slurm ranks
     sdpg-train --config examples/tiny/sdpg.yaml --nproc 2 parallel.tp=2      # local CPU ranks, no torchrun
 
 The config is validated once, here, before any process group or model exists: a wrong key or
@@ -11,8 +12,8 @@ value fails in a second with a message that names it and lists the valid choices
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Mapping
 
 from sdpg_mcore.config import ConfigError, load_config, resolve_world
 
@@ -32,6 +33,17 @@ def quiet_warnings() -> None:
 
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def launch_world_size(nproc: int = 0, environ: Mapping[str, str] | None = None) -> int:
+    """Ranks of this launch: ``--nproc``, else torchrun's, else Slurm's (``srun`` without torchrun), else 1.
+
+    Reads the same variables as ``parallel.state.initialize_distributed`` (``resolve_launch_env``),
+    so the config is validated for the world the ranks will then build.
+    """
+    from sdpg_mcore.parallel.state import resolve_launch_env
+
+    return nproc or resolve_launch_env(environ).world_size
 
 
 def _rank_main(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
@@ -55,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_warnings()
     try:
         cfg = load_config(args.config, args.overrides)
-        world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
-        resolve_world(cfg, world)
-    except ConfigError as err:
+        resolve_world(cfg, launch_world_size(args.nproc))
+    except (ConfigError, ValueError) as err:
         parser.exit(2, f"sdpg-train: error: {err}\n")
     if args.print_config:
         import yaml

@@ -2,7 +2,8 @@
 evaluate avg@k / pass@k, and push new weights.
 
 Rank 0 talks HTTP; the step's responses are then broadcast to every rank (``broadcast_responses``).
-Weight sync is collective: every TP rank of every pipeline stage drives ``iter_hf_tensors`` (it
+With ``rollout.backend=external`` and a router URL, generation goes through the router and
+weight updates to the workers it lists (``discover_workers``). Weight sync is collective: every TP rank of every pipeline stage drives ``iter_hf_tensors`` (it
 all-gathers over TP) and only each stage's source rank writes or sends.
 
     rollouts = RolloutSession.start(settings, run_dir)        # rank 0 only
@@ -73,6 +74,37 @@ def check_reachable(urls: Sequence[str], timeout_s: float = 10.0) -> None:
         )
 
 
+def discover_workers(urls: Sequence[str], timeout_s: float = 10.0) -> list[str]:
+    """The worker URLs behind ``urls``: a router's ``GET /workers`` entries, or the URL itself.
+
+    Weight updates, version checks and aborts must reach the SGLang workers: the sglang-router
+    answers 404 to ``/update_weights_from_disk`` and the weight-group calls. sglang-router 0.3.2
+    answers ``/workers`` with ``{"workers": [{"url": ..., "is_healthy": ...}, ...], "total": N}``;
+    a worker (SGLang or the dev server) answers 404, so it is its own worker.
+    """
+    from sdpg_mcore.rollout.servers import http_json
+
+    workers: list[str] = []
+    for url in urls:
+        try:
+            status, body = http_json(f"{url}/workers", timeout_s=timeout_s)
+        except OSError as err:
+            raise RolloutUnreachableError(f"rollout server {url}: GET /workers failed ({err})") from err
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("workers"), list):
+            found = [
+                str(w["url"]).rstrip("/") for w in body["workers"] if isinstance(w, dict) and w.get("url")
+            ]
+            if not found:
+                raise RolloutUnreachableError(
+                    f"router {url} lists no workers (GET /workers: {body}); start its servers or "
+                    "give the worker URLs in rollout.urls"
+                )
+            workers.extend(w for w in found if w not in workers)
+        elif url not in workers:
+            workers.append(url)
+    return workers
+
+
 class RolloutSession:
     """Servers (started here or external), the async client, the scorer; rank 0 only."""
 
@@ -105,7 +137,11 @@ class RolloutSession:
 
         if settings.backend == "external":
             check_reachable(settings.urls)
-            return cls(settings, None, list(settings.urls), list(settings.urls))
+            workers = discover_workers(settings.urls)
+            logger.info(
+                "external rollout: generation via %s, weight updates to %s", settings.urls[0], workers
+            )
+            return cls(settings, None, list(settings.urls), workers)
         servers = RolloutServers(
             ServerConfig(
                 model_path=settings.model_path,

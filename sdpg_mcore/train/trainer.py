@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +30,46 @@ from sdpg_mcore.train.rollout_io import RolloutSession, RolloutSettings, WeightP
 from sdpg_mcore.train.step import StepContext, run_step
 
 logger = logging.getLogger(__name__)
+
+#: Env var naming the file whose existence asks for checkpoint-and-exit (set by ``slurm/lib.sh``).
+SAVE_FILE_ENV = "SDPG_SAVE_FILE"
+
+
+class SaveRequest:
+    """Checkpoint-and-exit asked for by SIGUSR1 or by the save file; every rank agrees on it.
+
+    ``slurm/lib.sh`` forwards the time-limit SIGUSR1 to the trainer and touches the save file (env
+    ``SDPG_SAVE_FILE``, default ``RUN_DIR/SAVE_AND_EXIT``). The signal handler only sets a flag;
+    :meth:`requested` (at step boundaries, on every rank) takes the MAX over ranks, so a signal
+    that reached one rank, or a file seen by one node, stops all ranks after the same step.
+    """
+
+    def __init__(self, save_file: Path):
+        self.save_file = save_file
+        self.signalled = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signal.signal: main thread only
+            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def requested(self) -> bool:
+        """Collective: whether any rank got SIGUSR1 or sees the save file."""
+        flag = torch.tensor([int(self.signalled or self.save_file.exists())], dtype=torch.int32)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self, *, remove_file: bool) -> None:
+        """Restore the previous SIGUSR1 handler; remove the save file once the request is served."""
+        if remove_file:
+            self.save_file.unlink(missing_ok=True)
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
 
 
 def loss_config(cfg: Config) -> algo.PolicyLossConfig:
@@ -95,7 +138,21 @@ def _prompts(cfg: Config, files: list[str], tokenizer, needs_teacher: bool):
 
 
 def train(cfg: Config) -> dict[str, float]:
-    """Run (or resume) the training described by ``cfg``; collective over all ranks. Returns the last metrics."""
+    """Run (or resume) the training described by ``cfg``; collective over all ranks. Returns the last metrics.
+
+    Stops early, with a checkpoint and a normal return, after the step during which SIGUSR1 arrived
+    or the save file appeared (:class:`SaveRequest`); the handler is installed first, so a signal
+    during model building is not fatal either.
+    """
+    save_file = os.environ.get(SAVE_FILE_ENV) or Path(cfg.trainer.run_dir) / "SAVE_AND_EXIT"
+    save_request = SaveRequest(Path(save_file))
+    try:
+        return _train(cfg, save_request)
+    finally:
+        save_request.close(remove_file=False)
+
+
+def _train(cfg: Config, save_request: SaveRequest) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from sdpg_mcore.data import PromptSampler
@@ -225,10 +282,13 @@ def train(cfg: Config) -> dict[str, float]:
                 metrics.update(_evaluate(session, evals, cfg, step))
             sink.log(step, metrics)
             progress.step_done(step, metrics)
-            if step == cfg.trainer.total_steps or (
-                cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0
+            stop = save_request.requested()
+            if (
+                stop
+                or step == cfg.trainer.total_steps
+                or (cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0)
             ):
-                ckpt.save_checkpoint(
+                path = ckpt.save_checkpoint(
                     ckpt_root,
                     step,
                     policy.chunks,
@@ -238,6 +298,11 @@ def train(cfg: Config) -> dict[str, float]:
                     extra_state={"sampler": sampler.state_dict()},
                     keep_last=cfg.trainer.keep_checkpoints or None,
                 )
+            if stop:
+                logger.info("save requested (SIGUSR1 or %s): saved %s; exiting", save_request.save_file, path)
+                if dist.get_rank() == 0:
+                    save_request.close(remove_file=True)
+                break
     finally:
         progress.close()
         sink.close()
