@@ -15,7 +15,7 @@ Per-token tensors are flat ``[N]`` in row-major order over the rows' response to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -61,6 +61,18 @@ class MicroBatch:
     """Per-token tensors filled by the step: advantages_N, old_logprob_N, ref_logprob_N, ..."""
     teacher_hidden_NH: torch.Tensor | None = None
     """Teacher hidden states of this micro-batch (sdpg), set by the teacher pass."""
+    position_ids_BT: torch.Tensor | None = None
+    """Global positions of the (local) student columns; None = ``arange(T)``."""
+    teacher_position_ids_BT: torch.Tensor | None = None
+    cp_index_N: torch.Tensor | None = None
+    """Context parallelism: which of the full ``[N]`` tokens this rank's student rows predict, in the
+    local row-major order of ``loss_mask_BT`` (None without CP: all of them, in order)."""
+    teacher_cp_index_N: torch.Tensor | None = None
+    """The same for the teacher rows (their prompts differ, so another subset of the tokens)."""
+    seq_tokens_2S: torch.Tensor | None = None
+    """CP only: global loss-mask and response tokens per row (``algo.seq_counts``), for seq-mean-token-mean."""
+    cp_size: int = 1
+    """Context-parallel ranks the rows are split over (1 = whole rows here)."""
 
     @property
     def num_rows(self) -> int:
@@ -68,11 +80,54 @@ class MicroBatch:
 
     @property
     def seq_len(self) -> int:
-        return int(self.input_ids_BT.shape[1])
+        """Full padded length (the local length times CP under context parallelism)."""
+        return int(self.input_ids_BT.shape[1]) * self.cp_size
 
     @property
     def teacher_seq_len(self) -> int:
-        return int(self.teacher_input_ids_BT.shape[1])
+        return int(self.teacher_input_ids_BT.shape[1]) * self.cp_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens of the whole micro-batch (all CP ranks)."""
+        return int(self.targets_N.numel())
+
+
+def _cp_split(ids_BT, mask_BT, cp: int, cp_rank: int):
+    """This rank's columns of padded rows, their global positions, and the indices of its masked tokens."""
+    from sdpg_mcore.ops.cp_attention import cp_positions, split_to_cp_layout
+
+    token_BT = torch.full(mask_BT.shape, -1, dtype=torch.long)
+    token_BT[mask_BT] = torch.arange(int(mask_BT.sum()))
+    local_mask_BT = split_to_cp_layout(mask_BT, cp, cp_rank, dim=1)
+    index_N = split_to_cp_layout(token_BT, cp, cp_rank, dim=1)[local_mask_BT]
+    positions_BT = cp_positions(ids_BT.shape[1], cp, cp_rank).expand(ids_BT.shape[0], -1)
+    return split_to_cp_layout(ids_BT, cp, cp_rank, dim=1), local_mask_BT, positions_BT, index_N
+
+
+def shard_for_cp(mb: MicroBatch, cp: int, cp_rank: int) -> MicroBatch:
+    """The micro-batch as CP rank ``cp_rank`` runs it: its two load-balanced chunks of every row.
+
+    Why the per-token tensors stay whole: the step aligns old/ref/teacher log-probs and advantages
+    with ``targets_N`` row by row, and every CP rank holds the whole step anyway; the forward picks
+    this rank's tokens with ``cp_index_N``. Row lengths must be multiples of ``2 * cp``.
+    """
+    if cp == 1:
+        return mb
+    ids, mask, pos, index = _cp_split(mb.input_ids_BT, mb.loss_mask_BT, cp, cp_rank)
+    t_ids, t_mask, t_pos, t_index = _cp_split(mb.teacher_input_ids_BT, mb.teacher_loss_mask_BT, cp, cp_rank)
+    return replace(
+        mb,
+        input_ids_BT=ids,
+        loss_mask_BT=mask,
+        teacher_input_ids_BT=t_ids,
+        teacher_loss_mask_BT=t_mask,
+        position_ids_BT=pos,
+        teacher_position_ids_BT=t_pos,
+        cp_index_N=index,
+        teacher_cp_index_N=t_index,
+        cp_size=cp,
+    )
 
 
 def dp_groups(num_groups: int, dp_size: int, dp_rank: int, mini_batch_groups: int) -> list[list[int]]:

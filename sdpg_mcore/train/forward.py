@@ -11,6 +11,12 @@ with this rank's output-layer shard. Full-vocabulary logits never exist.
 - :func:`hidden_pass` (forward-only): the teacher's response hidden states per micro-batch (sdpg).
 - :func:`train_pass`: forward + backward of the algorithm loss; returns the metric sums.
 
+Context parallelism (``shard_for_cp`` micro-batches): each CP rank runs its two load-balanced
+chunks of every row. Forward-only passes hand back *full* per-micro-batch tensors (every token's
+log-prob / teacher hidden state, assembled over the CP group), so the step sees the same per-row
+values as without CP; the train pass evaluates the loss on this rank's tokens only (the algo's
+counts are global over DP x CP), and DDP's gradient all-reduce spans DP x CP.
+
 Loss scaling: the model config has ``calculate_per_token_loss=True`` and the grad finaliser is
 called without a token count, so Megatron neither divides the loss by the number of micro-batches
 nor averages gradients over DP — the algo's contributions already sum to the mini-batch loss
@@ -21,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from sdpg_mcore.train.batch import MicroBatch
 
@@ -118,10 +125,49 @@ def _run(
 
 def _model_forward(model, mb: MicroBatch, teacher: bool) -> torch.Tensor:
     ids_BT = mb.teacher_input_ids_BT if teacher else mb.input_ids_BT
+    positions_BT = mb.teacher_position_ids_BT if teacher else mb.position_ids_BT
     seq_len = ids_BT.shape[1]
-    positions_BT = torch.arange(seq_len).expand(ids_BT.shape[0], seq_len)
+    if positions_BT is None:
+        positions_BT = torch.arange(seq_len).expand(ids_BT.shape[0], seq_len)
+    # Under CP the attention masks by global positions itself (ops.cp_attention); no [T, T] mask.
+    mask = causal_mask(seq_len) if mb.cp_size == 1 else None
     with hidden_states_only(model):
-        return model(ids_BT, positions_BT, causal_mask(seq_len))
+        return model(ids_BT, positions_BT, mask)
+
+
+def _local_index(mb: MicroBatch, teacher: bool) -> torch.Tensor | None:
+    return mb.teacher_cp_index_N if teacher else mb.cp_index_N
+
+
+def _to_full(local_N: torch.Tensor, mb: MicroBatch, teacher: bool) -> torch.Tensor:
+    """``[N_local, ...]`` of this CP rank -> ``[N, ...]`` of the micro-batch, on every CP rank.
+
+    Every token is produced by exactly one CP rank, so a sum of zero-filled copies is an exact gather.
+    """
+    index_N = _local_index(mb, teacher)
+    if index_N is None:
+        return local_N
+    from megatron.core import parallel_state as ps
+
+    full = local_N.new_zeros((mb.num_tokens, *local_N.shape[1:]))
+    full.index_copy_(0, index_N, local_N)
+    dist.all_reduce(full, group=ps.get_context_parallel_group())
+    return full
+
+
+def local_view(mb: MicroBatch) -> MicroBatch:
+    """The micro-batch's per-token tensors restricted to this CP rank's student tokens (itself without CP)."""
+    index_N = mb.cp_index_N
+    if index_N is None:
+        return mb
+    teacher = mb.teacher_hidden_NH
+    return replace(
+        mb,
+        targets_N=mb.targets_N[index_N],
+        seq_index_N=mb.seq_index_N[index_N],
+        inputs={k: v[index_N] for k, v in mb.inputs.items()},
+        teacher_hidden_NH=None if teacher is None else teacher[index_N],
+    )
 
 
 def logprob_pass(
@@ -142,16 +188,17 @@ def logprob_pass(
         def collect(output_SBH, non_loss_data=True):
             mask_BT = mb.teacher_loss_mask_BT if teacher else mb.loss_mask_BT
             hidden_NH = response_hidden(output_SBH, mask_BT, head.sequence_parallel)
+            index_N = _local_index(mb, teacher)
             logprob_N, _ = vocab_parallel_logprob_entropy(
                 hidden_NH,
                 output_weight(model),
-                mb.targets_N,
+                mb.targets_N if index_N is None else mb.targets_N[index_N],
                 vocab_size=head.vocab_size,
                 temperature=temperature,
                 chunk_size=head.chunk_size,
                 tp_group=head.tp_group,
             )
-            return logprob_N.float()
+            return _to_full(logprob_N.float(), mb, teacher)
 
         return output, collect
 
@@ -168,7 +215,8 @@ def hidden_pass(model_chunks, micro_batches: list[MicroBatch], head: HeadSpec) -
         output = _model_forward(model, mb, teacher=True)
 
         def collect(output_SBH, non_loss_data=True):
-            return response_hidden(output_SBH, mb.teacher_loss_mask_BT, head.sequence_parallel).detach()
+            hidden_NH = response_hidden(output_SBH, mb.teacher_loss_mask_BT, head.sequence_parallel)
+            return _to_full(hidden_NH.detach(), mb, teacher=True)
 
         return output, collect
 
@@ -189,8 +237,9 @@ def train_pass(
     """Forward + backward of ``loss_fn(mb, kl_N, logprob_N, entropy_N) -> (loss, metric_sums)``.
 
     ``mb.teacher_hidden_NH`` (from :func:`hidden_pass`) feeds the reverse KL; when it is None the
-    KL is None and no teacher matmul runs. Returns the per-micro-batch metric sums on the last
-    stage (empty elsewhere).
+    KL is None and no teacher matmul runs. Under CP ``loss_fn`` gets :func:`local_view` of the
+    micro-batch (this rank's tokens). Returns the per-micro-batch metric sums on the last stage
+    (empty elsewhere).
     """
     from sdpg_mcore.ops import fused_kl_head
 
@@ -200,19 +249,20 @@ def train_pass(
 
         def loss_func(output_SBH):
             hidden_NH = response_hidden(output_SBH, mb.loss_mask_BT, head.sequence_parallel)
+            local = local_view(mb)
             kl_N, logprob_N, entropy_N = fused_kl_head(
                 hidden_NH,
-                mb.teacher_hidden_NH,
+                local.teacher_hidden_NH,
                 output_weight(model),
-                mb.targets_N,
+                local.targets_N,
                 vocab_size=head.vocab_size,
                 temperature=temperature,
                 teacher_temperature=teacher_temperature,
                 chunk_size=head.chunk_size,
                 tp_group=head.tp_group,
             )
-            kl_N = kl_N if mb.teacher_hidden_NH is not None else None
-            loss, metrics = loss_fn(mb, kl_N, logprob_N, entropy_N)
+            kl_N = kl_N if local.teacher_hidden_NH is not None else None
+            loss, metrics = loss_fn(local, kl_N, logprob_N, entropy_N)
             return loss, torch.ones((), dtype=torch.int), metrics
 
         return output, loss_func

@@ -7,6 +7,7 @@ explicit values, not the run config. Runs on every rank: rank 0 generates, all r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ class StepContext:
     total_steps: int
     pad_id: int
     pad_multiple: int = 1
-    """Pad each micro-batch's length to this multiple (TP under sequence parallelism)."""
+    """Pad each micro-batch's length to this multiple (TP under sequence parallelism); context
+    parallelism adds its own ``2 * cp`` (and ``cp * pad_multiple``) on top."""
 
 
 def _collective_groups():
@@ -62,15 +64,17 @@ def _micro_batches(ctx, responses, groups_of, m: int | None, with_teacher: bool)
     plans = [[g for mb in p for g in mb] if m is None else p for p in plans]
     count = _plan_count(ctx, responses, plans, with_teacher)
     rows = B.rows_of_groups(responses, plans[lay.dp_rank])
-    return B.build_micro_batches(
+    mbs = B.build_micro_batches(
         responses,
         rows,
         ctx.token_budget,
         ctx.pad_id,
         with_teacher=with_teacher,
         min_count=count,
-        pad_multiple=ctx.pad_multiple,
+        # CP: 2*cp equal chunks per row, and each rank's S/cp divisible by the SP multiple.
+        pad_multiple=math.lcm(2 * lay.cp, lay.cp * ctx.pad_multiple) if lay.cp > 1 else ctx.pad_multiple,
     )
+    return [B.shard_for_cp(mb, lay.cp, lay.cp_rank) for mb in mbs]
 
 
 def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Callable) -> dict[str, float]:
@@ -132,6 +136,12 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
                 algo.loss_counts(ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows)
                 for mb in mbs
             )
+            if lay.cp > 1:  # every CP rank holds the whole micro-batch: count it once
+                counts = counts * float(lay.cp_rank == 0)
+                for mb in mbs:
+                    mb.seq_tokens_2S = algo.seq_counts(
+                        ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows
+                    )
             dist.all_reduce(counts, group=dp_cp_group)
             norms = algo.normalisers_from_counts(
                 counts,
@@ -157,6 +167,8 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
                 ref_logprob_N=mb.inputs.get("ref"),
                 teacher_logprob_N=mb.inputs.get("teacher"),
                 rollout_logprob_N=mb.inputs["rollout"],
+                seq_loss_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[0],
+                seq_response_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[1],
             )
             out = algo.micro_batch_loss(
                 ctx.algorithm, cfg, inputs, norms, step=step, total_steps=ctx.total_steps
