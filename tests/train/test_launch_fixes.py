@@ -59,7 +59,10 @@ def _env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SDPG_"))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # A free rendezvous port: the default 29500 is shared with every other test on this machine.
+    env.update(
+        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port())
+    )
     return env
 
 
