@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     "requests>=2.31",
     "sglang-router>=0.2",  # the real router; pure Rust/Python wheel, runs without torch
     "matplotlib>=3.8",
+    "wandb>=0.18",  # metrics sink; offline mode when there is no API key
     "numpy>=1.26",
 ]
 

@@ -115,9 +115,20 @@ class Scheduler:
     def _can_admit(self) -> bool:
         return bool(self.pending) and not self.paused and not self.released_tags and not self._updates_waiting
 
+    def _steppable_cohorts(self) -> list:
+        """The cohorts to decode now: all of them, or while paused only those holding aborted requests.
+
+        Why: an abort only marks a running request; it is answered at its cohort's next step. A
+        pause in "abort" mode must still take that step, else the aborted request (and its client)
+        waits for /continue_generation.
+        """
+        if not self.paused:
+            return list(self.cohorts)
+        return [c for c in self.cohorts if any(r.abort_message is not None for r in c.requests)]
+
     async def _run(self) -> None:
         while True:
-            if not self._can_admit() and (self.paused or not self.cohorts):
+            if not self._can_admit() and not self._steppable_cohorts():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -137,9 +148,7 @@ class Scheduler:
             await asyncio.sleep(self.gather_s)  # let requests sent together land in one cohort
             batch = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
             self.cohorts.append(await self.run_on_model(self.engine.prefill, batch))
-        if self.paused:
-            return
-        for cohort in list(self.cohorts):
+        for cohort in self._steppable_cohorts():
             for req in await self.run_on_model(self.engine.step, cohort):
                 self._resolve(req)
             if not cohort.requests:
