@@ -11,18 +11,20 @@ from sdpg_mcore.parallel.spawn import spawn_ranks
 COMPARED = ("loss", "pg_loss", "kl_mean", "entropy", "regulariser", "grad_norm", "logprob_mismatch")
 
 
-def _responses():
+def _responses(short: bool = False):
+    """4 groups of 2 with different rewards; uneven lengths. ``short``: 2-token responses after long
+    prompts, so at CP=2 every response token sits in the last chunk and CP rank 1 has none."""
     from sdpg_mcore.train.batch import Response
 
     g = torch.Generator().manual_seed(0)
     out = []
-    for i in range(8):  # 4 groups of 2 with different rewards; uneven prompt and response lengths
-        n = 3 + i % 4
+    for i in range(8):
+        n = 2 if short else 3 + i % 4
         out.append(
             Response(
                 group=i // 2,
-                prompt_ids=torch.randint(5, 290, (4 + i % 3,), generator=g).tolist(),
-                teacher_prompt_ids=torch.randint(5, 290, (6 + i % 4,), generator=g).tolist(),
+                prompt_ids=torch.randint(5, 290, (14 if short else 4 + i % 3,), generator=g).tolist(),
+                teacher_prompt_ids=torch.randint(5, 290, (14 if short else 6 + i % 4,), generator=g).tolist(),
                 response_ids=torch.randint(5, 290, (n,), generator=g).tolist(),
                 rollout_logprobs=(-torch.rand(n, generator=g)).tolist(),
                 reward=float((i * 7) % 3 == 0),
@@ -32,7 +34,7 @@ def _responses():
     return out
 
 
-def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1):
+def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False):
     import torch.distributed as dist
 
     from sdpg_mcore import algo
@@ -59,7 +61,7 @@ def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1):
         pad_id=0,
         pad_multiple=layout.tp if policy.head.sequence_parallel else 1,  # as the trainer sets it
     )
-    metrics = run_step(ctx, 1, lambda step: (_responses(), {}), lambda step: None)
+    metrics = run_step(ctx, 1, lambda step: (_responses(short), {}), lambda step: None)
     from checkpoints_convert.model_io import iter_hf_tensors
 
     weights = {name: t.clone() for name, t in iter_hf_tensors(policy.chunks, hf_dir)}
@@ -81,6 +83,13 @@ def test_cp2_step_matches_cp1(hf_dir, agg_mode):
     ref_metrics, ref_weights = spawn_ranks(_one_step, 1, args=(hf_dir, 1, agg_mode))[0]
     results = spawn_ranks(_one_step, 2, args=(hf_dir, 2, agg_mode))
     for metrics, weights in results:  # both CP ranks hold the same (synchronised) model
+        _assert_same(metrics, weights, ref_metrics, ref_weights)
+
+
+def test_cp_rank_without_response_tokens(hf_dir):
+    ref_metrics, ref_weights = spawn_ranks(_one_step, 1, args=(hf_dir, 1, "token-mean", 1, 1, True))[0]
+    results = spawn_ranks(_one_step, 2, args=(hf_dir, 2, "token-mean", 1, 1, True))
+    for metrics, weights in results:
         _assert_same(metrics, weights, ref_metrics, ref_weights)
 
 
