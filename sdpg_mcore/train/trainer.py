@@ -167,8 +167,6 @@ def _train(cfg: Config, save_request: SaveRequest) -> dict[str, float]:
     setup_logging(cfg.logging.level, rank=dist.get_rank())
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.trainer.run_dir)
-    if cfg.parallel.cp > 1:
-        raise ValueError("parallel.cp > 1 is not wired into the trainer's forward passes yet; use tp/pp/dp")
     if rank0 and cfg.rollout.backend == "external":
         check_reachable(cfg.rollout.urls)  # fail before minutes of model building
     loss_cfg = loss_config(cfg)
