@@ -44,7 +44,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["sdpg_mcore", "sdpg_mcore.*", "checkpoints_convert", "checkpoints_convert.*"]),
+    packages=find_packages(
+        include=["sdpg_mcore", "sdpg_mcore.*", "checkpoints_convert", "checkpoints_convert.*"]
+    ),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["sdpg-train=sdpg_mcore.cli:main"]},
