@@ -17,9 +17,13 @@ Why each term has the form it has:
   buffers of at most ``chunk * V/TP`` elements each (or, with no chunk size, a 256 MiB budget),
   the stacked ``[student; teacher]`` hidden states and an fp32 ``[T, H]`` input gradient; the
   materialising reference keeps ``[T, V/TP]`` student and teacher logits in bf16 and three fp32
-  temporaries (log-softmax of each, the gradient), i.e. 16 bytes per logit.
-- teacher: forward-only, so it keeps only its final hidden states ``[T, H]`` plus the transient
-  working set of one layer.
+  temporaries (log-softmax of each, the gradient), i.e. 16 bytes per logit. Both also hold the
+  output weight's ``[V/TP, H]`` gradient (weight dtype) until DDP folds it into ``main_grad``.
+- teacher: forward-only, so it keeps only its final hidden states ``[T, H]``; the transient
+  working set of one layer exists only during the teacher pass, before the train pass, so it
+  overlaps the student's activations and the KL head in time with neither.
+- attention scores (``kernels='local'``): a micro-batch is right-padded rows, so the ``[s, s]``
+  scores scale with the row length (at most ``rollout_seq_len``), not the micro-batch's tokens.
 - reference model: ``trainer.reference_weights=separate_model`` keeps a second bf16 copy of the
   weights resident for the reference log-probs; ``cpu_swap`` (the default) keeps it in host memory.
 - rollout (colocated only): SGLang's weights and KV cache live next to the training state during
@@ -28,8 +32,10 @@ Why each term has the form it has:
 Checked (``tests/tools/test_plan.py``) against real Megatron objects on CPU: parameters, fp32 grad
 buffers and distributed-optimizer states after a DDP + ``get_megatron_optimizer`` step (within 1 %),
 and the bytes autograd saves in a ``GPTModel`` forward for the ``local`` kernel profile (TP1 bf16,
-TP2 fp32; within 6 %). Not checkable on CPU: the ``fused`` (TE/flash) profile, NCCL/CUDA overhead,
-and a whole SDPG step's peak (teacher pass, KL head, 1F1B) — that needs the trainer on a GPU.
+TP2 fp32; within 6 %), and (``tests/tools/test_plan_step_peak.py``) the peak of live tensor bytes
+of one real SDPG micro-batch update (teacher pass, train pass with the fused KL head, optimizer
+step; TP1 bf16, local kernels; within 15 %). Not checkable on CPU: the ``fused`` (TE/flash)
+profile, NCCL/CUDA overhead and 1F1B with PP > 1.
 """
 
 from __future__ import annotations
@@ -200,8 +206,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         train.recompute,
         train.activation_bytes,
         train.kernels,
-        seq_len=train.micro_batch_tokens,
-    )  # under CP a local query still scores against every key of the sequence
+        seq_len=min(train.rollout_seq_len, train.micro_batch_tokens),
+    )  # rows are right-padded to the longest (<= rollout_seq_len); under CP a local query still
+    # scores against every key of its row
     layers_per_stage = shape.num_layers // pp
     in_flight = pp if train.num_microbatches is None else min(pp, train.num_microbatches)
     layer_input = shape.hidden_size * train.activation_bytes / sp_div
@@ -217,6 +224,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         activations += int(in_flight * tokens * 2 * shape.hidden_size * 4 / sp_div)
 
     vocab_shard = -(-shape.vocab_size // tp)
+    # Both heads return the output weight's gradient [V/TP, H] in the weight's dtype before DDP adds
+    # it into the fp32 main_grad; it coexists with the head's workspace during the head's backward.
+    weight_grad = vocab_shard * shape.hidden_size * train.activation_bytes
     hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
     if train.kl_head == "fused":
         if train.kl_chunk_tokens is None:
@@ -225,10 +235,14 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
             workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
         stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
         input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
-        kl_head = hidden_states + stacked + input_grad + workspace
+        kl_head = hidden_states + stacked + input_grad + workspace + weight_grad
     else:
-        kl_head = hidden_states + 16 * tokens * vocab_shard
-    teacher = int(teacher_tokens * (shape.hidden_size * train.activation_bytes + per_layer))
+        kl_head = hidden_states + 16 * tokens * vocab_shard + weight_grad
+    # The teacher pass runs (forward-only) before the train pass: its one-layer working set is gone
+    # when the student's activations and the KL head exist; only its final hidden states stay.
+    teacher_kept = hidden_states
+    teacher_transient = teacher_tokens * per_layer
+    teacher = int(teacher_kept + teacher_transient)
 
     rollout_weights = rollout_kv_cache = 0
     if train.rollout == "colocated":
@@ -240,7 +254,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
 
     reference_model = parameters if train.reference_weights == "separate_model" else 0
     static = parameters + gradients + optimizer_states + reference_model + train.overhead_bytes
-    training_peak = static + activations + kl_head + teacher
+    training_peak = static + teacher_kept + max(activations + kl_head, teacher_transient)
     rollout_peak = static + rollout_weights + rollout_kv_cache
     return MemoryEstimate(
         parameters=parameters,

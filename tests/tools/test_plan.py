@@ -287,10 +287,13 @@ def test_memory_components_respond_to_options():
 
     assert FUSED_HEAD_BUDGET_BYTES == DEFAULT_CHUNK_BUDGET_BYTES
     hidden_TH = 8192 * qwen.hidden_size
-    assert materialised.kl_head == 2 * hidden_TH + 16 * 8192 * (qwen.vocab_size // 2)
-    assert plain.kl_head == 2 * hidden_TH + 4 * hidden_TH + 4 * hidden_TH + DEFAULT_CHUNK_BUDGET_BYTES
+    weight_grad = 2 * (qwen.vocab_size // 2) * qwen.hidden_size  # bf16 [V/TP, H] output-layer gradient
+    assert materialised.kl_head == 2 * hidden_TH + 16 * 8192 * (qwen.vocab_size // 2) + weight_grad
+    assert plain.kl_head == (
+        2 * hidden_TH + 4 * hidden_TH + 4 * hidden_TH + DEFAULT_CHUNK_BUDGET_BYTES + weight_grad
+    )
     chunked = estimate_memory(qwen, layout, TrainingShape(**base, kl_chunk_tokens=512))
-    assert chunked.kl_head == 10 * hidden_TH + 12 * 512 * (qwen.vocab_size // 2)
+    assert chunked.kl_head == 10 * hidden_TH + 12 * 512 * (qwen.vocab_size // 2) + weight_grad
     assert colocated.rollout_kv_cache == qwen.kv_bytes_per_token() * 8192 * 16 // 2
     assert plain.rollout_kv_cache == 0
     assert cp2.activations == pytest.approx(plain.activations / 2, rel=1e-3)

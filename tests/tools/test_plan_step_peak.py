@@ -1,0 +1,218 @@
+"""The planner's per-GPU estimate vs the measured peak of one real SDPG micro-batch update on CPU.
+
+Measured: live tensor bytes (unique storages) through the trainer's real pieces on one TP1 rank —
+``build_policy`` (bf16 Megatron model, fp32 ``main_grad`` buffers, distributed optimizer),
+``hidden_pass`` (teacher hidden states), ``train_pass`` (forward, fused KL head, SDPG loss,
+backward) and ``optimizer_step``. Storages are tracked as a ``TorchDispatchMode`` sees them
+created and freed by weakref finalizers; what was live before (weights, grad buffers, optimizer
+states after a warm-up update) is counted from the garbage collector's tensors. Compared with
+``estimate_memory`` for the same shape, micro-batch tokens, ``kl_head=fused``, ``kernels=local``
+and no CUDA overhead.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from itertools import count
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from sdpg_mcore.models.tiny import save_tiny_hf_model
+from sdpg_mcore.parallel.spawn import spawn_ranks
+from sdpg_mcore.plan import Layout, ModelShape, TrainingShape, estimate_memory
+
+VOCAB, HIDDEN, LAYERS, CHUNK = 4096, 128, 4, 128
+ROWS, PROMPT, CONTEXT, RESPONSE = 4, 32, 16, 96  # 4 rows x 128 = 512 student tokens, one micro-batch
+TOLERANCE = 0.15
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes of distinct CPU storages, and their peak, while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[int, int]] = {}  # data_ptr -> (token, nbytes)
+        self.current = self.peak = 0
+        self._tokens = count()
+
+    def track(self, storage: torch.UntypedStorage) -> None:
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or ptr in self.live or storage.device.type != "cpu":
+            return
+        token = next(self._tokens)
+        self.live[ptr] = (token, nbytes)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._freed, ptr, token)
+
+    def _freed(self, ptr: int, token: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is not None and entry[0] == token:
+            del self.live[ptr]
+            self.current -= entry[1]
+
+    def track_existing(self) -> None:
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                self.track(obj.untyped_storage())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t.untyped_storage())
+        return out
+
+
+def _responses():
+    from sdpg_mcore.train.batch import Response
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(ROWS):
+        prompt = torch.randint(5, VOCAB - 1, (PROMPT,), generator=g).tolist()
+        out.append(
+            Response(
+                group=i // 2,
+                prompt_ids=prompt,
+                teacher_prompt_ids=prompt + torch.randint(5, VOCAB - 1, (CONTEXT,), generator=g).tolist(),
+                response_ids=torch.randint(5, VOCAB - 1, (RESPONSE,), generator=g).tolist(),
+                rollout_logprobs=[-1.0] * RESPONSE,
+                reward=float(i % 2),
+                acc=float(i % 2),
+            )
+        )
+    return out
+
+
+def _update(policy, mbs, cfg, marks: dict | None = None, tracker: StorageTracker | None = None) -> None:
+    """One SDPG mini-batch update as ``train.step.run_step`` does it: teacher pass, train pass, step."""
+    from sdpg_mcore import algo
+    from sdpg_mcore.train.forward import hidden_pass, train_pass
+
+    sdpg = algo.get_algorithm("sdpg")
+    counts = sum(algo.loss_counts(sdpg, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows) for mb in mbs)
+    norms = algo.normalisers_from_counts(
+        counts, cfg.loss_agg_mode, mini_batch_rows=sum(mb.num_rows for mb in mbs), dp_size=1
+    )
+    for mb, hidden in zip(mbs, hidden_pass(policy.chunks, mbs, policy.head)):
+        mb.teacher_hidden_NH = hidden
+    if tracker is not None:
+        marks["teacher_pass_peak"] = tracker.peak
+
+    def loss_fn(mb, kl_N, logprob_N, entropy_N):
+        inputs = algo.TokenInputs(
+            logprob_N=logprob_N,
+            old_logprob_N=mb.inputs["old"],
+            advantages_N=mb.inputs["adv"],
+            seq_index_N=mb.seq_index_N,
+            num_seqs=mb.num_rows,
+            kl_N=kl_N,
+            entropy_N=entropy_N,
+            ref_logprob_N=mb.inputs["ref"],
+            rollout_logprob_N=mb.inputs["rollout"],
+        )
+        if tracker is not None:  # every layer's saved activations are live; the head's workspace is not
+            marks["at_loss"] = tracker.current
+        out = algo.micro_batch_loss(sdpg, cfg, inputs, norms, step=1, total_steps=10)
+        return out.loss, out.metrics
+
+    policy.zero_grad()
+    train_pass(policy.chunks, mbs, policy.head, loss_fn, temperature=1.0, teacher_temperature=1.0)
+    policy.optimizer_step()
+    for mb in mbs:
+        mb.teacher_hidden_NH = None
+
+
+def _measure(rank, world_size, hf_dir):
+    from sdpg_mcore import algo
+    from sdpg_mcore.parallel import state
+    from sdpg_mcore.train import batch as B
+    from sdpg_mcore.train.model_setup import OptimSettings, build_policy
+
+    torch.manual_seed(0)
+    layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=1)
+    optim = OptimSettings(1e-5, 0.0, 0, "constant", 0.0, 0.9, 0.999, 1e-8, 1.0, True)
+    policy = build_policy(
+        hf_dir,
+        layout,
+        dtype=torch.bfloat16,
+        optim=optim,
+        total_updates=10,
+        vocab_size=VOCAB,
+        chunk_size=CHUNK,
+    )
+    responses = _responses()
+    rows = list(range(ROWS))
+    mbs = B.build_micro_batches(responses, rows, 10_000, 0, with_teacher=True)
+    assert len(mbs) == 1
+    per_row = {
+        "old": {i: torch.full((RESPONSE,), -1.0) for i in rows},
+        "rollout": {i: torch.full((RESPONSE,), -1.0) for i in rows},
+        "ref": {i: torch.full((RESPONSE,), -1.1) for i in rows},
+        "adv": {i: torch.full((RESPONSE,), float(i % 2) - 0.5) for i in rows},
+    }
+    for mb in mbs:
+        mb.inputs = {k: B.gather_rows(v, mb) for k, v in per_row.items()}
+    cfg = algo.SDPGConfig()
+    _update(policy, mbs, cfg)  # warm-up: the optimizer's states now exist
+    gc.collect()
+    tracker = StorageTracker()
+    tracker.track_existing()
+    before = tracker.current
+    marks: dict[str, int] = {}
+    with tracker:
+        _update(policy, mbs, cfg, marks, tracker)
+    state.destroy()
+    return marks | {
+        "static": before,
+        "peak": tracker.peak,
+        "tokens": mbs[0].num_rows * mbs[0].seq_len,
+        "teacher_tokens": mbs[0].num_rows * mbs[0].teacher_seq_len,
+        "response_tokens": mbs[0].num_tokens,
+    }
+
+
+def test_plan_estimate_within_15_percent_of_measured_step_peak(tmp_path):
+    hf_dir = save_tiny_hf_model(
+        tmp_path / "m",
+        "qwen3",
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        vocab_size=VOCAB,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=3 * HIDDEN,
+    )
+    measured = spawn_ranks(_measure, 1, args=(str(hf_dir),))[0]
+    shape = ModelShape.from_path(hf_dir)
+    train = TrainingShape(
+        micro_batch_tokens=measured["tokens"],
+        teacher_tokens=measured["teacher_tokens"],
+        rollout_seq_len=PROMPT + RESPONSE,
+        kl_head="fused",
+        kl_chunk_tokens=CHUNK,
+        kernels="local",
+        num_microbatches=1,
+        overhead_bytes=0,
+    )
+    est = estimate_memory(shape, Layout(), train)
+    static = est.parameters + est.gradients + est.optimizer_states
+    # Components where the step shows them: the teacher pass (its peak above the static state), the
+    # student's activations (live at the loss, before the head's backward) and the KL head (the rest).
+    parts = {
+        "static": (static, measured["static"]),
+        "teacher_pass": (est.teacher, measured["teacher_pass_peak"] - measured["static"]),
+        "activations": (est.activations, measured["at_loss"] - measured["static"]),
+        "kl_head": (est.kl_head, measured["peak"] - measured["at_loss"]),
+        "total": (est.total, measured["peak"]),
+    }
+    report = "  ".join(
+        f"{k}: est {e / 2**20:.2f} MiB vs measured {m / 2**20:.2f} MiB" for k, (e, m) in parts.items()
+    )
+    assert abs(static - measured["static"]) <= 0.05 * measured["static"], report
+    assert abs(est.total - measured["peak"]) <= TOLERANCE * measured["peak"], report
