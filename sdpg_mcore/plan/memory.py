@@ -161,8 +161,8 @@ def layer_activation_bytes_per_token(
     op by op (measured on megatron-core 0.16.1): eight ``hidden``-wide tensors (each RMSNorm's
     input, normalised value and output; the residual sums), ``5 * intermediate`` (fc1 output and
     the unfused SwiGLU's three products), four ``q``-wide attention tensors (q and GQA-expanded k
-    and v, transposed for the batched matmuls; the context), three ``heads x seq_len`` score
-    tensors (scores, softmax, its batched view), RoPE's cos/sin for q and k, and with q/k norm
+    and v, transposed for the batched matmuls; the context), ``heads x seq_len`` score
+    tensors (three in fp32; in bf16 the fp32 softmax and its bf16 copy), RoPE's cos/sin for q and k, and with q/k norm
     the fused QKV output plus the norms' inputs and outputs.
     """
     h, i = shape.hidden_size, shape.intermediate_size
@@ -171,7 +171,10 @@ def layer_activation_bytes_per_token(
         # Megatron's torch RMSNorm and softmax compute in fp32 whatever the model dtype.
         qkv = shape.q_width + 2 * shape.kv_width
         elements = 4 * h / sp_div + 5 * i / tp + 4 * shape.q_width / tp
-        elements += 2 * shape.num_heads * seq_len / tp + 4 * shape.head_dim
+        # fp32: scores and the softmax kept twice more; bf16: the fp32 softmax's bf16 copy for the
+        # probs @ v matmul only (the scores live in Megatron's shared global memory buffer).
+        score_copies = 2 if dtype_bytes == 4 else 1
+        elements += score_copies * shape.num_heads * seq_len / tp + 4 * shape.head_dim
         fp32_elements = 4 * h / sp_div + shape.num_heads * seq_len / tp
         if shape.qk_norm:
             elements += qkv / tp
