@@ -77,6 +77,24 @@ def _micro_batches(ctx, responses, groups_of, m: int | None, with_teacher: bool)
     return [B.shard_for_cp(mb, lay.cp, lay.cp_rank) for mb in mbs]
 
 
+def token_inputs(mb, kl_N, logprob_N, entropy_N) -> algo.TokenInputs:
+    """The loss inputs of one micro-batch: the head's per-token outputs plus the step's stored tensors."""
+    return algo.TokenInputs(
+        logprob_N=logprob_N,
+        old_logprob_N=mb.inputs["old"],
+        advantages_N=mb.inputs["adv"],
+        seq_index_N=mb.seq_index_N,
+        num_seqs=mb.num_rows,
+        kl_N=kl_N,
+        entropy_N=entropy_N,
+        ref_logprob_N=mb.inputs.get("ref"),
+        teacher_logprob_N=mb.inputs.get("teacher"),
+        rollout_logprob_N=mb.inputs["rollout"],
+        seq_loss_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[0],
+        seq_response_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[1],
+    )
+
+
 def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Callable) -> dict[str, float]:
     """Train one step; returns the step's metrics (complete on global rank 0)."""
     timer, lay, cfg = PhaseTimer(), ctx.layout, ctx.loss_cfg
@@ -156,20 +174,7 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
                 mb.teacher_hidden_NH = h
 
         def loss_fn(mb, kl_N, logprob_N, entropy_N, norms=norms):
-            inputs = algo.TokenInputs(
-                logprob_N=logprob_N,
-                old_logprob_N=mb.inputs["old"],
-                advantages_N=mb.inputs["adv"],
-                seq_index_N=mb.seq_index_N,
-                num_seqs=mb.num_rows,
-                kl_N=kl_N,
-                entropy_N=entropy_N,
-                ref_logprob_N=mb.inputs.get("ref"),
-                teacher_logprob_N=mb.inputs.get("teacher"),
-                rollout_logprob_N=mb.inputs["rollout"],
-                seq_loss_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[0],
-                seq_response_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[1],
-            )
+            inputs = token_inputs(mb, kl_N, logprob_N, entropy_N)
             out = algo.micro_batch_loss(
                 ctx.algorithm, cfg, inputs, norms, step=step, total_steps=ctx.total_steps
             )

@@ -92,6 +92,7 @@ def _update(policy, mbs, cfg, marks: dict | None = None, tracker: StorageTracker
     """One SDPG mini-batch update as ``train.step.run_step`` does it: teacher pass, train pass, step."""
     from sdpg_mcore import algo
     from sdpg_mcore.train.forward import hidden_pass, train_pass
+    from sdpg_mcore.train.step import token_inputs
 
     sdpg = algo.get_algorithm("sdpg")
     counts = sum(algo.loss_counts(sdpg, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows) for mb in mbs)
@@ -104,17 +105,7 @@ def _update(policy, mbs, cfg, marks: dict | None = None, tracker: StorageTracker
         marks["teacher_pass_peak"] = tracker.peak
 
     def loss_fn(mb, kl_N, logprob_N, entropy_N):
-        inputs = algo.TokenInputs(
-            logprob_N=logprob_N,
-            old_logprob_N=mb.inputs["old"],
-            advantages_N=mb.inputs["adv"],
-            seq_index_N=mb.seq_index_N,
-            num_seqs=mb.num_rows,
-            kl_N=kl_N,
-            entropy_N=entropy_N,
-            ref_logprob_N=mb.inputs["ref"],
-            rollout_logprob_N=mb.inputs["rollout"],
-        )
+        inputs = token_inputs(mb, kl_N, logprob_N, entropy_N)
         if tracker is not None:  # every layer's saved activations are live; the head's workspace is not
             marks["at_loss"] = tracker.current
         out = algo.micro_batch_loss(sdpg, cfg, inputs, norms, step=1, total_steps=10)
