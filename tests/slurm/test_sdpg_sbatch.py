@@ -130,10 +130,6 @@ def test_usr1_checkpoints_and_requeues(local_slurm, tmp_path, assets):
 
 def test_dry_run_end_to_end(local_slurm, tmp_path, assets):
     """DRY_RUN=1: tiny model, dev server behind the real router, 2-rank trainer; checkpoint + metrics."""
-    try:
-        import sdpg_mcore.cli  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"the trainer entry point sdpg_mcore.cli is not available yet: {err}")
     # USE_ROUTER=0: with rollout.backend=external the trainer pushes weights to every URL it is given,
     # and the router does not serve /update_weights_from_disk (HTTP 404); the router itself is
     # covered by test_dry_run_dev_server_behind_router.
@@ -189,10 +185,6 @@ def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets, script)
 @pytest.mark.slow
 def test_dry_run_time_limit_requeues_and_resumes(local_slurm, tmp_path, assets):
     """The real trainer: SIGUSR1 after the first checkpoint, requeue, resume to the last step."""
-    try:
-        import sdpg_mcore.cli  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"the trainer entry point sdpg_mcore.cli is not available yet: {err}")
     job, out = _submit(local_slurm, tmp_path, assets, USE_ROUTER="0", DRY_RUN_STEPS="4")
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 600
