@@ -15,44 +15,30 @@ from typing import Any
 
 import torch
 
-#: Small shapes per architecture; GQA everywhere (4 query heads over 2 key/value groups).
+#: Shape shared by every tiny model: GQA (4 query heads over 2 key/value groups), vocab 301 (not a
+#: multiple of 128).
+_TINY_SHAPE: dict[str, Any] = dict(
+    vocab_size=301,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+#: Small configs per architecture: the shared shape plus what each family does differently.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(
-        model_type="llama",
-        vocab_size=301,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
+        _TINY_SHAPE, model_type="llama", rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False
     ),
     "qwen2": dict(
-        model_type="qwen2",
-        vocab_size=301,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
+        _TINY_SHAPE, model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True
     ),
     "qwen3": dict(
+        _TINY_SHAPE,
         model_type="qwen3",
-        vocab_size=301,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=24,  # != hidden_size / heads, as in the real Qwen3 family
-        max_position_embeddings=256,
         rms_norm_eps=1e-6,
         rope_theta=1000000.0,
         tie_word_embeddings=True,
