@@ -73,29 +73,18 @@ class SaveRequest:
 
 
 def loss_config(cfg: Config) -> algo.PolicyLossConfig:
-    """The algorithm's typed loss config, from the run config fields that it has."""
-    a = cfg.algorithm
-    values = dict(
-        clip_eps_low=a.clip_eps_low,
-        clip_eps_high=a.clip_eps_high,
-        clip_c=a.clip_c,
-        loss_agg_mode=a.loss_agg_mode,
-        lr=cfg.optimizer.lr,
-        beta=a.beta,
-        alpha=a.alpha,
-        alpha_mode=a.alpha_mode,
-        beta_warmup_steps=a.beta_warmup_steps,
-        beta_decay_steps=a.beta_decay_steps,
-        positive_advantage_gating=a.positive_advantage_only,
-        kl_clamp=a.kl_clamp,
-        kl_in_reward_coef=a.kl_penalty_coef,
-        teacher_temperature=a.teacher_temperature,
-    )
-    if a.entropy_coef:
-        values["entropy_coef"] = a.entropy_coef
-    cls = algo.get_algorithm(a.name).config_cls
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    """The algorithm's typed loss config, from the run config fields that it has.
+
+    The run config's algorithm fields carry the algo configs' own names, so ``config_from_fields``
+    maps them one to one; ``None`` (clip settings left unset, entropy_coef 0) keeps the
+    algorithm's default (e.g. opsd's 0.02 entropy bonus).
+    """
+    values = {
+        **dataclasses.asdict(cfg.algorithm),
+        "lr": cfg.optimizer.lr,
+        "entropy_coef": cfg.algorithm.entropy_coef or None,
+    }
+    return algo.config_from_fields(algo.get_algorithm(cfg.algorithm.name).config_cls, values)
 
 
 def rollout_settings(cfg: Config) -> RolloutSettings:
