@@ -7,7 +7,8 @@ and SDPG_FAKE_NODES=2, so the dedicated-rollout node logic (trainer node + rollo
 from __future__ import annotations
 
 import json
-import os
+import random
+import socket
 import sys
 import textwrap
 import time
@@ -36,15 +37,41 @@ def assets(tmp_path_factory):
     return tmp_path_factory.mktemp("dryrun_assets")
 
 
+def _free_port_block(size: int) -> int:
+    """First port of ``size`` consecutive ports that are free now, below Linux's ephemeral range (32768+).
+
+    Every job gets fresh ports: a fixed port per test session collided with the previous test's router still
+    shutting down, or with an outgoing connection that the kernel had given an ephemeral port in the range.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - size)
+        socks = []
+        try:
+            for port in range(first, first + size):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind(("0.0.0.0", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {size} consecutive free ports in 20000-32000")
+
+
 def _submit(slurm, tmp_path: Path, assets: Path, script: Path = SCRIPT, **env: str) -> tuple[str, Path]:
     out = tmp_path / "job.out"
+    ports = _free_port_block(8)  # servers at ports[0:4], router and its Prometheus exporter at +4, +5
     base = {
         "DRY_RUN": "1",
         "PYTHON": sys.executable,
         "RUN_DIR": str(tmp_path / "run"),
         "DRY_RUN_ASSETS": str(assets),
-        "SERVER_BASE_PORT": str(31000 + os.getpid() % 1000),
-        "ROUTER_PORT": str(33000 + os.getpid() % 1000),
+        "SERVER_BASE_PORT": str(ports),
+        "ROUTER_PORT": str(ports + 4),
+        "ROUTER_METRICS_PORT": str(ports + 5),
         "MASTER_PORT": str(find_free_port()),  # job ids restart at 1 on every fresh test cluster
     }
     job = slurm.submit(script, *CPU_HEADER, f"--output={out}", env={**base, **env}, cwd=REPO)
@@ -52,11 +79,16 @@ def _submit(slurm, tmp_path: Path, assets: Path, script: Path = SCRIPT, **env: s
 
 
 def _release_requeued(slurm, job: str, timeout_s: float = 150.0) -> None:
-    """Slurm holds a requeued job for ~2 minutes (BeginTime); start it as soon as it is pending again."""
+    """Slurm holds a requeued job for ~2 minutes (BeginTime); start it once the first run has ended.
+
+    Released while the node still completes the first run, the new run could be marked FAILED by the
+    first run's late completion message (seen once in ~10 runs), so wait for the node to be idle.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         info = slurm.job(job)
-        if info.fields.get("Restarts") == "1" and info.state == "PENDING":
+        node_state = slurm.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
+        if info.fields.get("Restarts") == "1" and info.state == "PENDING" and node_state == "idle":
             slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
         elif info.fields.get("Restarts") == "1" and info.state != "PENDING":
             return
