@@ -453,6 +453,9 @@ class DevServer:
         )
 
 
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -469,6 +472,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--num-threads", type=int, default=0, help="torch intra-op threads (0: torch default)"
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(WEIGHT_DTYPES),
+        help="weight dtype (SGLang's --dtype); float32 by default so rollout log-probs match an fp32 trainer",
+    )
     parser.add_argument("--log-level", default="info")
     args, unknown = parser.parse_known_args(argv)
     logging.basicConfig(
@@ -478,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("ignoring SGLang options the dev server does not implement: %s", unknown)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    engine = HFEngine(args.model_path, seed=args.random_seed)
+    engine = HFEngine(args.model_path, dtype=WEIGHT_DTYPES[args.dtype], seed=args.random_seed)
     server = DevServer(engine, host=args.host, port=args.port, max_batch_size=args.max_running_requests)
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(
