@@ -1,14 +1,15 @@
 """Time and peak memory of one SDPG training step vs one GRPO step on the same batch, side by side.
 
-    python tools/bench_step.py                                 # small CPU default, ~1 min
-    python tools/bench_step.py --hidden 256 --layers 4 --vocab 32000 --response-len 256 --json
+    python tools/bench_step.py                                 # CPU default, ~2 min
+    python tools/bench_step.py --hidden 256 --layers 4 --vocab 32000 --response-len 256 --json step.json
     python tools/bench_step.py --model /models/Qwen3-4B ...    # a real checkpoint (GPU)
 
-Each algorithm runs in a fresh process (so peak memory is its own): the real trainer step
-(``train.step.run_step``: old/ref log-probs, the teacher pass for SDPG, mini-batch updates through
-Megatron's schedule and optimizer) on a fixed synthetic batch, without rollout or weight sync.
-One warm-up step, then ``--repeats`` timed steps (median). Peak memory: ``torch.cuda.max_memory_allocated``
-on GPU; on CPU the peak resident set size above the level before the timed steps (sampled every 2 ms).
+Both algorithms are built in one process and run the real trainer step (``train.step.run_step``:
+old/ref log-probs, the teacher pass for SDPG, mini-batch updates through Megatron's schedule and
+optimizer) on a fixed synthetic batch, without rollout or weight sync. One warm-up step each, then
+``--repeats`` rounds of one timed step each, interleaved (median). Peak memory: the peak of live tensor
+bytes above the level before one more step of each (``torch.cuda.max_memory_allocated`` on GPU, the
+profiler's allocation events on CPU).
 Targets (DESIGN.md): time ratio <= 1.4, peak memory ratio <= 1.2.
 """
 
@@ -19,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 TIME_TARGET, MEMORY_TARGET = 1.4, 1.2
+ALGORITHMS = ("grpo", "sdpg")
 
 
 def _batch(args):
@@ -52,39 +53,58 @@ def _batch(args):
     return out
 
 
-class _PeakRss:
-    """Peak RSS of this process while running, sampled by a thread."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.base = self._proc.memory_info().rss
-        self.peak = self.base
-        self._stop = False
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._stop = True
-        self._thread.join()
-        return self.peak - self.base
+def lm_head_flops_fraction(shape) -> float:
+    """The LM head's share of the per-token matmul FLOPs (attention scores left out): where SDPG's
+    extra work (the teacher's logits in the fused KL head) lands, so what sets the SDPG/GRPO ratio."""
+    head = shape.vocab_size * shape.hidden_size
+    return head / (head + shape.num_layers * shape.layer_sharded_parameters())
 
 
-def _bench_one(rank, world_size, algo_name: str, model_dir: str, args_dict: dict) -> dict:
+def _peak_extra_bytes(fn) -> tuple[int, str]:
+    """Peak live tensor bytes during one ``fn()``, above the level at its start, and how it was measured.
+
+    GPU: ``torch.cuda.max_memory_allocated()`` minus the level before. CPU: the same quantity summed
+    from the profiler's allocation and free events, so it is exact and blind to the C allocator's
+    caching (the resident set size it replaces moved by +-50% between identical runs). The profiler
+    only knows the size of blocks allocated while it runs, so it watches one call before the
+    measured one too: what that call leaves behind and the measured call frees is counted.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, "cuda_max_allocated"
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+        with record_function("measured_call"):
+            fn()
+    events = prof.profiler.kineto_results.events()
+    (measured,) = [e for e in events if e.name() == "measured_call"]
+    begin, end = measured.start_ns(), measured.start_ns() + measured.duration_ns()
+    live, start_level, peak = 0, None, 0
+    memory = [e for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    for event in sorted(memory, key=lambda e: e.start_ns()):
+        if event.start_ns() >= begin and start_level is None:
+            start_level = peak = live
+        if event.start_ns() > end:
+            break
+        live += event.nbytes()
+        if start_level is not None:
+            peak = max(peak, live)
+    return peak - (start_level if start_level is not None else live), "cpu_tensor_bytes"
+
+
+def _step_context(algo_name: str, model_dir: str, layout, args: argparse.Namespace):
     from sdpg_mcore import algo
-    from sdpg_mcore.parallel import state
     from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
-    from sdpg_mcore.train.step import StepContext, run_step
+    from sdpg_mcore.train.step import StepContext
 
-    args = argparse.Namespace(**args_dict)
     torch.manual_seed(0)
-    layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=1)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     optim = OptimSettings(1e-6, 0.0, 0, "constant", 0.1, 0.9, 0.999, 1e-8, 1.0, True)
     policy = build_policy(
@@ -96,13 +116,12 @@ def _bench_one(rank, world_size, algo_name: str, model_dir: str, args_dict: dict
         vocab_size=args.vocab,
         chunk_size=args.chunk_size,
     )
-    loss_cfg = algo.get_algorithm(algo_name).config_cls()
-    reference = ReferenceWeights(policy, "cpu_swap", model_dir, layout, dtype)
-    ctx = StepContext(
+    algorithm = algo.get_algorithm(algo_name)
+    return StepContext(
         policy=policy,
-        reference=reference,
-        algorithm=algo.get_algorithm(algo_name),
-        loss_cfg=loss_cfg,
+        reference=ReferenceWeights(policy, "cpu_swap", model_dir, layout, dtype),
+        algorithm=algorithm,
+        loss_cfg=algorithm.config_cls(),
         layout=layout,
         temperature=1.0,
         token_budget=args.token_budget,
@@ -110,33 +129,53 @@ def _bench_one(rank, world_size, algo_name: str, model_dir: str, args_dict: dict
         total_steps=100,
         pad_id=0,
     )
+
+
+def _bench_both(rank, world_size, model_dir: str, args_dict: dict) -> dict:
+    """GRPO and SDPG policies side by side in one process, their timed steps interleaved.
+
+    Interleaving (order flipped every round) exposes both to the same background load, which
+    sequential runs in separate processes did not: their ratio moved by +-15% between runs.
+    """
+    from sdpg_mcore.parallel import state
+    from sdpg_mcore.train.step import run_step
+
+    args = argparse.Namespace(**args_dict)
+    layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=1)
     batch = _batch(args)
-    gpu = torch.cuda.is_available()
-    run_step(ctx, 1, lambda s: (batch, {}), lambda s: None)  # warm-up: optimizer state, allocator
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        rss = _PeakRss()
-    times, phases = [], {}
-    for step in range(2, 2 + args.repeats):
-        began = time.perf_counter()
-        metrics = run_step(ctx, step, lambda s: (batch, {}), lambda s: None)
-        if gpu:
+    contexts = {name: _step_context(name, model_dir, layout, args) for name in ALGORITHMS}
+    steps = dict.fromkeys(ALGORITHMS, 0)
+
+    def step(name: str) -> dict:
+        steps[name] += 1
+        metrics = run_step(contexts[name], steps[name], lambda s: (batch, {}), lambda s: None)
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-        for k, v in metrics.items():
-            if k.startswith("time/"):
-                phases.setdefault(k[5:], []).append(v)
-    peak = (torch.cuda.max_memory_allocated() - base) if gpu else rss.stop()
+        return metrics
+
+    for name in ALGORITHMS:  # warm-up: optimizer state, allocator
+        step(name)
+    times = {name: [] for name in ALGORITHMS}
+    phases = {name: {} for name in ALGORITHMS}
+    for round_ in range(args.repeats):
+        for name in ALGORITHMS if round_ % 2 == 0 else ALGORITHMS[::-1]:
+            began = time.perf_counter()
+            metrics = step(name)
+            times[name].append(time.perf_counter() - began)
+            for k, v in metrics.items():
+                if k.startswith("time/"):
+                    phases[name].setdefault(k[5:], []).append(v)
+    results = {}
+    for name in ALGORITHMS:  # more steps each, measured alone (the profiler would slow a timed one)
+        peak, kind = _peak_extra_bytes(lambda name=name: step(name))
+        results[name] = {
+            "step_s": statistics.median(times[name]),
+            "phases_s": {k: statistics.median(v) for k, v in phases[name].items()},
+            "peak_extra_mb": peak / 2**20,
+            "memory_kind": kind,
+        }
     state.destroy()
-    return {
-        "step_s": statistics.median(times),
-        "phases_s": {k: statistics.median(v) for k, v in phases.items()},
-        "peak_extra_mb": peak / 2**20,
-        "memory_kind": "cuda_max_allocated" if gpu else "cpu_peak_rss",
-    }
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default=None, help="HF model dir (default: a random tiny Qwen3 of the sizes below)"
     )
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
+    # Default shape: the LM head is 10% of the per-token matmul FLOPs, as in Qwen3-4B (9.7%); the head
+    # is where SDPG adds work (teacher logits), so a head-heavy toy (--hidden 128 --layers 2: 55%)
+    # overstates the ratio and a 70B model (1.5%) understates it.
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--prompts", type=int, default=8, help="prompts in the batch")
     parser.add_argument("--n", type=int, default=4, help="responses per prompt")
@@ -157,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--response-len", type=int, default=64)
     parser.add_argument("--token-budget", type=int, default=2048, help="padded tokens per micro-batch")
     parser.add_argument("--chunk-size", type=int, default=256, help="fused-head tokens per chunk")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one step of each algorithm)")
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
 
     from sdpg_mcore.models.tiny import save_tiny_hf_model
     from sdpg_mcore.parallel.spawn import spawn_ranks
+    from sdpg_mcore.plan.shape import ModelShape
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -186,10 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoConfig
 
             args.vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-        results = {
-            name: spawn_ranks(_bench_one, 1, args=(name, model_dir, vars(args)), timeout_s=3600)[0]
-            for name in ("grpo", "sdpg")
-        }
+        head_fraction = lm_head_flops_fraction(ModelShape.from_path(Path(model_dir) / "config.json"))
+        results = spawn_ranks(_bench_both, 1, args=(model_dir, vars(args)), timeout_s=3600)[0]
     ratio_t = results["sdpg"]["step_s"] / results["grpo"]["step_s"]
     ratio_m = results["sdpg"]["peak_extra_mb"] / max(results["grpo"]["peak_extra_mb"], 1e-9)
     report = {
@@ -198,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_ratio": ratio_m,
         "time_target": TIME_TARGET,
         "memory_target": MEMORY_TARGET,
+        "lm_head_flops_fraction": head_fraction,
         "shape": {
             k: getattr(args, k)
             for k in (
@@ -213,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         },
     }
-    if args.json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
-        return 0
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     phases = sorted({p for r in results.values() for p in r["phases_s"]})
+    sys.stdout.write(f"LM head: {head_fraction:.1%} of the per-token matmul FLOPs\n")
     sys.stdout.write(f"{'':14}{'grpo':>12}{'sdpg':>12}{'ratio':>10}\n")
     g, s = results["grpo"], results["sdpg"]
     sys.stdout.write(
