@@ -8,7 +8,8 @@ Builds a random Qwen3-shaped HF model of the requested size, starts dev server(s
 reported, median beside it):
 
 - ``distributed/bucketed-flat``: one ``/update_weights_from_distributed`` request and one flattened
-  broadcast per bucket (``--bucket-mb``, default 512; ``load_format="flattened_bucket"``);
+  broadcast per bucket (``--bucket-mb``, default 512; ``load_format="flattened_bucket"``), which the
+  dev server receives straight into its weights from the second push on (``rollout/flat_weights.py``);
 - ``distributed/bucketed``: one request per bucket, its tensors broadcast one by one, all in
   flight at once, received straight into the server's weights (no flatten copy on either side);
 - ``distributed/per-tensor``: one request and one broadcast per tensor (the slow pattern);

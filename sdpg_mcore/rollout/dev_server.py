@@ -21,6 +21,7 @@ from aiohttp import web
 
 from sdpg_mcore.rollout.dist_group import WeightUpdateGroup
 from sdpg_mcore.rollout.engine import GenRequest, HFEngine
+from sdpg_mcore.rollout.flat_weights import FlatBucketReceiver
 from sdpg_mcore.rollout.protocol import FLATTENED_BUCKET, MEMORY_TAGS, SamplingParams, parse_dtype_name
 from sdpg_mcore.rollout.scheduler import Scheduler
 
@@ -63,7 +64,7 @@ class DevServer:
         self.weight_version = "default"
         self.groups: dict[str, WeightUpdateGroup] = {}
         self.num_generate_requests = 0
-        self._recv_buffers: dict[str, torch.Tensor] = {}
+        self._flat_receiver = FlatBucketReceiver()
 
     # ---------------------------------------------------------------- app
     def make_app(self) -> web.Application:
@@ -392,21 +393,14 @@ class DevServer:
         return web.json_response({"success": True, "message": f"destroyed {name}"})
 
     @torch.no_grad()
-    def _receive_into_model(self, group: WeightUpdateGroup, names, dtypes, shapes, flattened: bool) -> None:
-        """Receive one request's broadcasts: one flat bucket (into a buffer kept per group), or one per tensor."""
+    def _receive_into_model(self, group: WeightUpdateGroup, names, dtypes, flattened: bool) -> None:
+        """Receive one request's broadcasts: one flat bucket, or one broadcast per tensor."""
         torch_dtypes = [getattr(torch, d) for d in dtypes]
         params = [self.engine.params_by_name[n] for n in names]
         if flattened and names:
-            numels = [int(torch.Size(s).numel()) for s in shapes]
-            buffer = self._recv_buffers.get(group.group_name)
-            if buffer is None or buffer.numel() < sum(numels) or buffer.dtype != torch_dtypes[0]:
-                buffer = self._recv_buffers[group.group_name] = torch.empty(
-                    sum(numels), dtype=torch_dtypes[0]
-                )
-            flat = buffer[: sum(numels)]
-            group.broadcast(flat, 0)
-            for param, view in zip(params, flat.split(numels)):
-                param.copy_(view.view_as(param))
+            self._flat_receiver.receive(
+                names, params, torch_dtypes[0], lambda buffer: group.broadcast(buffer, 0)
+            )
             return
         # One tensor per broadcast, all in flight at once; straight into the weights when layouts match.
         targets = [
@@ -442,7 +436,7 @@ class DevServer:
         async with self.scheduler.exclusive():
             # Nothing decodes now: receive straight into the weights, off the model thread so that
             # several groups (one per trainer pipeline stage) can broadcast at the same time.
-            await asyncio.to_thread(self._receive_into_model, group, names, dtypes, shapes, flattened)
+            await asyncio.to_thread(self._receive_into_model, group, names, dtypes, flattened)
             self._set_version(body)
         return web.json_response(
             {

@@ -246,8 +246,8 @@ class DistributedWeightSync:
         self.backend = backend
         self.bucket_bytes = bucket_bytes
         # One big broadcast beats many small ones on both backends: it saves NCCL launches on GPU, and
-        # on gloo it outruns back-to-back broadcasts despite the two copies (tools/bench_weight_sync.py,
-        # bf16: 2.26 vs 1.00 GB/s with one server, 1.06 vs 0.68 with two).
+        # on gloo it outruns back-to-back broadcasts despite the copy into it (tools/bench_weight_sync.py,
+        # bf16: 2.1-2.8 vs 1.2-2.4 GB/s with one server, 1.2-1.7 vs 0.7 with two).
         self.flatten = flatten
         self.server_ranks = server_ranks
         self.group_name = f"{group_prefix}_pp{stage}"
