@@ -23,8 +23,8 @@ LR schedule; ``CheckpointError`` (a ``ValueError``) names what differs and the f
 
 Two quirks of Megatron's distributed optimizer on the torch-Adam path (no Transformer Engine /
 Apex, as on CPU) are handled at load: a never-stepped optimizer has no state to load into, and
-the loaded Adam step count is wrong (see ``_allocate_distributed_optimizer_state``,
-``_restore_adam_steps``).
+the loaded Adam step count is wrong (see ``allocate_distributed_optimizer_state``,
+``restore_adam_steps``).
 
     save_checkpoint(ckpt_root, step, policy.chunks, policy.optimizer, policy.scheduler,
                     hf_dir=model_path, extra_state={"sampler": sampler.state_dict()}, keep_last=3)
@@ -38,34 +38,59 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from checkpoints_convert.arch_maps import config_hash
 from checkpoints_convert.convert import ASSETS_DIR, FORMAT_VERSION, METADATA_FILE
 from checkpoints_convert.hf_io import CheckpointError, copy_hf_assets
+from sdpg_mcore.train.checkpoint_dir import (
+    LATEST_FILE,
+    TMP_PREFIX,
+    commit,
+    complete_steps,
+    latest_step,
+    prune,
+    remove,
+    step_dir,
+    write_file,
+    write_latest,
+)
+from sdpg_mcore.train.checkpoint_state import (
+    allocate_distributed_optimizer_state,
+    model_signature,
+    parallel_layout,
+    restore_adam_steps,
+    rng_state,
+    set_rng_state,
+    sharded_state_dict,
+    unwrap,
+)
+
+__all__ = [
+    "LATEST_FILE",
+    "RNG_DIR",
+    "STATE_FILE",
+    "TMP_PREFIX",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "complete_steps",
+    "latest_step",
+    "load_checkpoint",
+    "save_checkpoint",
+    "step_dir",
+]
 
 logger = logging.getLogger(__name__)
 
-LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
 RNG_DIR = "rng"
-TMP_PREFIX = ".tmp-"
 STATE_VERSION = 1
-#: How the distributed optimizer lays its state out: one tensor per DP-local buffer, no gathers.
-#: Resharding is DP-only, which is all a same-layout resume needs.
-DIST_OPTIM_SHARDING = "dp_reshardable"
-_STEP_DIR = re.compile(r"step_(\d{8,})")
 #: Scheduler fields that must match on resume (``num_steps`` is the restored position).
 _SCHEDULER_FIXED = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
 
@@ -82,60 +107,6 @@ class LoadedCheckpoint:
     """The checkpoint directory that was read."""
 
 
-def step_dir(ckpt_root: str | Path, step: int) -> Path:
-    """``CKPT_ROOT/step_{step:08d}``: the directory of the checkpoint of ``step``."""
-    return Path(ckpt_root) / f"step_{step:08d}"
-
-
-def complete_steps(ckpt_root: str | Path) -> list[int]:
-    """Steps with a complete checkpoint directory, ascending (a ``step_*`` dir only appears by rename)."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    return sorted(
-        int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
-    )
-
-
-def latest_step(ckpt_root: str | Path) -> int | None:
-    """The step ``latest`` names (without a pointer: the newest complete step); None when there is none.
-
-    Raises ``CheckpointError`` when ``latest`` is unreadable or names a directory that does not exist.
-    """
-    root = Path(ckpt_root)
-    pointer = root / LATEST_FILE
-    if not pointer.is_file():
-        steps = complete_steps(root)
-        return steps[-1] if steps else None
-    text = pointer.read_text().strip()
-    match = _STEP_DIR.fullmatch(text)
-    if match is None:
-        raise CheckpointError(
-            f"{pointer} holds {text!r}, not a checkpoint name like 'step_00000010'; write the name of an "
-            f"existing step directory into it (complete steps: {complete_steps(root)}) or delete it to "
-            "use the newest"
-        )
-    if not (root / text).is_dir():
-        replaced = root / f"{TMP_PREFIX}replaced-{text}"
-        if replaced.is_dir():
-            raise CheckpointError(
-                f"{pointer} names {text}, whose replacement by a newer save of the same step was "
-                f"interrupted; rename {replaced} back to {root / text}"
-            )
-        raise CheckpointError(
-            f"{pointer} names {text} but {root / text} does not exist (deleted or moved?); restore that "
-            f"directory, point {pointer} at an existing step (complete steps: {complete_steps(root)}), "
-            "or pass step=N"
-        )
-    return int(match.group(1))
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -143,159 +114,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-# -- what is stored ------------------------------------------------------------------------------
-
-
-def _layout(model_chunks: Sequence[torch.nn.Module], optimizer) -> dict[str, Any]:
-    """The parallel layout and optimizer kind a checkpoint's shards (and RNG files) belong to."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return {
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "tp": ps.get_tensor_model_parallel_world_size(),
-        "pp": ps.get_pipeline_model_parallel_world_size(),
-        "cp": ps.get_context_parallel_world_size(),
-        "dp": ps.get_data_parallel_world_size(),
-        "num_model_chunks": len(model_chunks),
-        "distributed_optimizer": any(isinstance(o, DistributedOptimizer) for o in inner),
-    }
-
-
-def _model_signature(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    """The model-config values that fix the shapes of every stored tensor."""
-    gpt = _unwrap(model_chunks[0])
-    c = gpt.config
-    return {
-        "num_layers": c.num_layers,
-        "hidden_size": c.hidden_size,
-        "ffn_hidden_size": c.ffn_hidden_size,
-        "num_attention_heads": c.num_attention_heads,
-        "num_query_groups": c.num_query_groups,
-        "kv_channels": c.kv_channels,
-        "padded_vocab_size": getattr(gpt, "vocab_size", None),
-        "tied_embeddings": bool(getattr(gpt, "share_embeddings_and_output_weights", False)),
-        "qk_layernorm": bool(c.qk_layernorm),
-        "add_qkv_bias": bool(c.add_qkv_bias),
-        "params_dtype": str(c.params_dtype),
-    }
-
-
-def _rng_state() -> dict[str, Any]:
-    """This rank's RNG states as tensors and plain types (loadable with ``weights_only=True``)."""
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    tracker = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
-    return {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "megatron_tracker": tracker,
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch_cpu"])
-    if state["torch_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
-    get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
-
-
-def _torch_adam_distributed(optimizer) -> list:
-    """The ``DistributedOptimizer``s inside ``optimizer`` when Megatron runs torch's Adam (no
-    Transformer Engine / Apex, e.g. on CPU): the path with the two load quirks handled below."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return []
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [opt for opt in inner if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
-
-
-def _allocate_distributed_optimizer_state(optimizer) -> None:
-    """Give a never-stepped distributed optimizer its Adam state (a no-op step: zero grads, lr 0).
-
-    Why: ``DistributedOptimizer.state_dict()`` (called to build the sharded state dict for loading)
-    reads the ``step`` of every torch-Adam state and asserts there is exactly one; a fresh optimizer
-    has none. The dummy values are overwritten by the load.
-    """
-    for opt in _torch_adam_distributed(optimizer):
-        if len(opt.optimizer.state) > 0:
-            continue
-        inner = opt.optimizer
-        saved_lr = [group["lr"] for group in inner.param_groups]
-        for group in inner.param_groups:
-            group["lr"] = 0.0
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
-        inner.step()
-        for group, lr in zip(inner.param_groups, saved_lr):
-            group["lr"] = lr
-            for param in group["params"]:
-                param.grad = None
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Set every torch-Adam state's ``step`` to its own tensor holding the checkpoint's step count.
-
-    Why: ``DistributedOptimizer`` saves the step count in its param groups, but its load puts one
-    shared ``step`` tensor into every state and then copies the per-bucket tensors over it, which
-    (measured) leaves the count of the placeholder state made by
-    ``_allocate_distributed_optimizer_state``. torch's Adam increments steps in place, so
-    each state needs its own tensor with the saved count, or the bias correction is wrong.
-    """
-    for opt in _torch_adam_distributed(optimizer):
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
-            for param in group["params"]:
-                state = inner.state.get(param, {})
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = torch.full_like(state["step"], float(group["step"]))
-
-
-def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer, *, is_loading: bool) -> dict:
-    """Model chunks as ``model{i}`` and the optimizer state over them, as ``dist_checkpointing`` wants."""
-    metadata = {"distrib_optim_sharding_type": DIST_OPTIM_SHARDING, "chained_optim_avoid_prefix": True}
-    state: dict[str, Any] = {
-        f"model{i}": _unwrap(chunk).sharded_state_dict(metadata=metadata)
-        for i, chunk in enumerate(model_chunks)
-    }
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
-    return state
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -346,23 +164,23 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(f"{TMP_PREFIX}*"):  # an earlier save that crashed
             logger.warning("removing incomplete checkpoint leftover %s", leftover)
-            _remove(leftover)
+            remove(leftover)
         tmp.mkdir(parents=True)  # empty: dist_checkpointing.save warns about a non-empty directory
     _barrier()
 
-    dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
-    rng_buf = _torch_bytes(_rng_state())
+    dist_checkpointing.save(sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
+    rng_buf = _torch_bytes(rng_state())
     (tmp / RNG_DIR).mkdir(exist_ok=True)
-    _write_file(tmp / RNG_DIR / f"rank_{rank:05d}.pt", rng_buf)
+    write_file(tmp / RNG_DIR / f"rank_{rank:05d}.pt", rng_buf)
     if rank == 0:
         _write_rank0_files(tmp, step, model_chunks, optimizer, scheduler, hf_dir, extra_json)
     _barrier()
 
     if rank == 0:
-        _commit(tmp, final, root)
-        _write_latest(root, final.name)
+        commit(tmp, final, root)
+        write_latest(root, final.name)
         if keep_last is not None:
-            _prune(root, step, keep_last)
+            prune(root, step, keep_last)
     _barrier()
     logger.info("saved checkpoint %s", final)
     return final
@@ -379,17 +197,17 @@ def _torch_bytes(obj: Any) -> bytes:
 def _write_rank0_files(tmp: Path, step, model_chunks, optimizer, scheduler, hf_dir, extra_json: str) -> None:
     """Trainer state and the converter's metadata: one copy, written by rank 0."""
     hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
-    signature = _model_signature(model_chunks)
+    signature = model_signature(model_chunks)
     state = {
         "version": STATE_VERSION,
         "step": step,
         "scheduler": scheduler.state_dict(),
-        "layout": _layout(model_chunks, optimizer),
+        "layout": parallel_layout(model_chunks, optimizer),
         "model": signature,
         "hf_config_hash": config_hash(hf_config),
         "extra_state": json.loads(extra_json),
     }
-    _write_file(tmp / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
+    write_file(tmp / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
     copy_hf_assets(hf_dir, tmp / ASSETS_DIR)
     convert_meta = {
         "format_version": FORMAT_VERSION,
@@ -402,46 +220,7 @@ def _write_rank0_files(tmp: Path, step, model_chunks, optimizer, scheduler, hf_d
         "padded_vocab_size": signature["padded_vocab_size"],
         "trainer_step": step,
     }
-    _write_file(tmp / METADATA_FILE, (json.dumps(convert_meta, indent=2) + "\n").encode())
-
-
-def _commit(tmp: Path, final: Path, root: Path) -> None:
-    """Rename the finished temporary directory into place (replacing an older copy of the same step).
-
-    Every rank has fsynced its files; the directory entries are synced here. When an older copy of
-    the step is replaced while ``latest`` names it, ``latest`` first moves to the newest other
-    complete step, so no crash between the two renames leaves it naming a missing directory (when
-    there is no other step, ``latest_step``'s error names the ``.tmp-replaced-*`` copy to rename back).
-    """
-    for path in [tmp / RNG_DIR, tmp / ASSETS_DIR, tmp]:
-        _fsync_dir(path)
-    replaced = None
-    if final.exists():
-        pointer = root / LATEST_FILE
-        if pointer.is_file() and pointer.read_text().strip() == final.name:
-            others = [s for s in complete_steps(root) if step_dir(root, s) != final]
-            if others:
-                _write_latest(root, step_dir(root, others[-1]).name)
-        replaced = root / f"{TMP_PREFIX}replaced-{final.name}"
-        os.rename(final, replaced)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    if replaced is not None:
-        _remove(replaced)
-
-
-def _write_latest(root: Path, name: str) -> None:
-    """Point ``latest`` at ``name``: a temporary file, fsync, then an atomic ``os.replace``."""
-    tmp = root / f"{TMP_PREFIX}{LATEST_FILE}"
-    _write_file(tmp, (name + "\n").encode())
-    os.replace(tmp, root / LATEST_FILE)
-    _fsync_dir(root)
-
-
-def _prune(root: Path, step: int, keep_last: int) -> None:
-    older = [s for s in complete_steps(root) if s <= step]
-    for old in older[:-keep_last]:
-        _remove(step_dir(root, old))
+    write_file(tmp / METADATA_FILE, (json.dumps(convert_meta, indent=2) + "\n").encode())
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -473,14 +252,14 @@ def _differences(stored: dict[str, Any], live: dict[str, Any], keys=None) -> lis
 
 def _check_compatible(path: Path, state: dict[str, Any], model_chunks, optimizer, scheduler) -> None:
     """Raise ``CheckpointError`` naming each value that differs between the checkpoint and this run."""
-    diffs = _differences(state["layout"], _layout(model_chunks, optimizer))
+    diffs = _differences(state["layout"], parallel_layout(model_chunks, optimizer))
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was written with a different parallel layout ({'; '.join(diffs)}). "
             "Resume with the checkpoint's layout, or export it (`tools/convert_hf.py to-hf --mcore "
             f"{path} --out DIR`) and start a new run from the HF directory."
         )
-    diffs = _differences(state["model"], _model_signature(model_chunks))
+    diffs = _differences(state["model"], model_signature(model_chunks))
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} holds a different model ({'; '.join(diffs)}). "
@@ -572,15 +351,15 @@ def load_checkpoint(
 
     # no_grad: the distributed optimizer copies fp32 main-param shards into views of the parameters.
     with torch.no_grad():
-        _allocate_distributed_optimizer_state(optimizer)
-        sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
+        allocate_distributed_optimizer_state(optimizer)
+        sharded = sharded_state_dict(model_chunks, optimizer, is_loading=True)
         loaded = dist_checkpointing.load(sharded, str(path))
         for i, chunk in enumerate(model_chunks):
-            _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
         optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_steps(optimizer)
+        restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(torch.load(rng_path, weights_only=True))
+    set_rng_state(torch.load(rng_path, weights_only=True))
     _barrier()
     logger.info("loaded checkpoint %s (step %d)", path, step)
     return LoadedCheckpoint(step=int(state["step"]), extra_state=state["extra_state"], path=path)

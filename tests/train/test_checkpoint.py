@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.parallel.spawn import find_free_port, spawn_ranks
 from sdpg_mcore.train import checkpoint as ckpt
+from sdpg_mcore.train import checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[2]
 SAVE_STEP, MORE_STEPS = 2, 2
@@ -121,7 +122,7 @@ def _draws() -> list[float]:
 
 
 def _params(chunks) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in ckpt._unwrap(chunks[0]).named_parameters()}
+    return {k: v.detach().clone() for k, v in ckpt.unwrap(chunks[0]).named_parameters()}
 
 
 #: (tp, pp, distributed optimizer) on 2 ranks: TP2 with the plain optimizer, DP2 with the distributed one.
@@ -295,14 +296,14 @@ def _crash_main(mode: str, hf_dir, root, port: int) -> None:
             Path(path).write_bytes(data[: len(data) // 2])
             _die()
 
-        ckpt._write_file = write_file
+        ckpt.write_file = write_file
     else:  # "before_pointer": step_2 renamed into place, the new pointer written but not swapped in
 
         def write_latest(root_dir, name):
             (Path(root_dir) / f"{ckpt.TMP_PREFIX}{ckpt.LATEST_FILE}").write_text(name + "\n")
             _die()
 
-        ckpt._write_latest = write_latest
+        ckpt.write_latest = write_latest
     ckpt.save_checkpoint(root, 2, chunks, optimizer, scheduler, hf_dir=hf_dir)
     os._exit(3)  # the hook did not fire
 
@@ -406,7 +407,7 @@ def _dir_with(path: Path, text: str) -> Path:
 
 
 def _crash_between_renames(monkeypatch, root: Path) -> None:
-    """``_commit`` of step 2 over an existing step 2, killed between its two renames."""
+    """``checkpoint_dir.commit`` of step 2 over an existing step 2, killed between its two renames."""
     real_rename = os.rename
 
     def rename(src, dst):
@@ -416,7 +417,7 @@ def _crash_between_renames(monkeypatch, root: Path) -> None:
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        ckpt._commit(_dir_with(root / ".tmp-step_00000002", "new"), ckpt.step_dir(root, 2), root)
+        checkpoint_dir.commit(_dir_with(root / ".tmp-step_00000002", "new"), ckpt.step_dir(root, 2), root)
     monkeypatch.setattr(os, "rename", real_rename)
 
 
@@ -424,13 +425,13 @@ def test_replacing_the_latest_step_never_leaves_latest_dangling(tmp_path, monkey
     root = tmp_path / "a"
     _dir_with(ckpt.step_dir(root, 1), "one")
     _dir_with(ckpt.step_dir(root, 2), "old")
-    ckpt._write_latest(root, "step_00000002")
+    checkpoint_dir.write_latest(root, "step_00000002")
     _crash_between_renames(monkeypatch, root)
     assert ckpt.latest_step(root) == 1  # moved to the other complete step before the old 2 left
     # the only checkpoint replaced: the error says how to get it back
     root = tmp_path / "b"
     _dir_with(ckpt.step_dir(root, 2), "old")
-    ckpt._write_latest(root, "step_00000002")
+    checkpoint_dir.write_latest(root, "step_00000002")
     _crash_between_renames(monkeypatch, root)
     with pytest.raises(
         ckpt.CheckpointError, match=r"interrupted; rename .*\.tmp-replaced-step_00000002 back"
