@@ -60,7 +60,8 @@ class MicroBatch:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-token tensors filled by the step: advantages_N, old_logprob_N, ref_logprob_N, ..."""
     teacher_hidden_NH: torch.Tensor | None = None
-    """Teacher hidden states of this micro-batch (sdpg), set by the teacher pass."""
+    """Teacher hidden states of this micro-batch's tokens (sdpg), set by the teacher pass; under
+    context parallelism only those of this rank's student tokens, in ``cp_index_N`` order."""
     position_ids_BT: torch.Tensor | None = None
     """Global positions of the (local) student columns; None = ``arange(T)``."""
     teacher_position_ids_BT: torch.Tensor | None = None
@@ -69,6 +70,10 @@ class MicroBatch:
     local row-major order of ``loss_mask_BT`` (None without CP: all of them, in order)."""
     teacher_cp_index_N: torch.Tensor | None = None
     """The same for the teacher rows (their prompts differ, so another subset of the tokens)."""
+    cp_owner_N: torch.Tensor | None = None
+    """Context parallelism: the CP rank whose student rows predict each of the full ``[N]`` tokens."""
+    teacher_cp_owner_N: torch.Tensor | None = None
+    """The same for the teacher rows: where each token's teacher hidden state is computed."""
     seq_tokens_2S: torch.Tensor | None = None
     """CP only: global loss-mask and response tokens per row (``algo.seq_counts``), for seq-mean-token-mean."""
     cp_size: int = 1
@@ -116,6 +121,10 @@ def shard_for_cp(mb: MicroBatch, cp: int, cp_rank: int) -> MicroBatch:
         return mb
     ids, mask, pos, index = _cp_split(mb.input_ids_BT, mb.loss_mask_BT, cp, cp_rank)
     t_ids, t_mask, t_pos, t_index = _cp_split(mb.teacher_input_ids_BT, mb.teacher_loss_mask_BT, cp, cp_rank)
+    owner, t_owner = (torch.empty(mb.num_tokens, dtype=torch.long) for _ in range(2))
+    for rank in range(cp):
+        owner[_cp_split(mb.input_ids_BT, mb.loss_mask_BT, cp, rank)[3]] = rank
+        t_owner[_cp_split(mb.teacher_input_ids_BT, mb.teacher_loss_mask_BT, cp, rank)[3]] = rank
     return replace(
         mb,
         input_ids_BT=ids,
@@ -126,6 +135,8 @@ def shard_for_cp(mb: MicroBatch, cp: int, cp_rank: int) -> MicroBatch:
         teacher_position_ids_BT=t_pos,
         cp_index_N=index,
         teacher_cp_index_N=t_index,
+        cp_owner_N=owner,
+        teacher_cp_owner_N=t_owner,
         cp_size=cp,
     )
 

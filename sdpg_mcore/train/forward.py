@@ -12,9 +12,10 @@ with this rank's output-layer shard. Full-vocabulary logits never exist.
 - :func:`train_pass`: forward + backward of the algorithm loss; returns the metric sums.
 
 Context parallelism (``shard_for_cp`` micro-batches): each CP rank runs its two load-balanced
-chunks of every row. Forward-only passes hand back *full* per-micro-batch tensors (every token's
-log-prob / teacher hidden state, assembled over the CP group), so the step sees the same per-row
-values as without CP; the train pass evaluates the loss on this rank's tokens only (the algo's
+chunks of every row. Forward-only log-prob passes hand back *full* per-micro-batch tensors (every
+token's log-prob, assembled over the CP group), so the step sees the same per-row values as without
+CP; the teacher pass hands each rank the hidden states of its own student tokens only (they are
+``[N, H]``, too big to replicate); the train pass evaluates the loss on this rank's tokens only (the algo's
 counts are global over DP x CP), and DDP's gradient all-reduce spans DP x CP.
 
 Loss scaling: the model config has ``calculate_per_token_loss=True`` and the grad finaliser is
@@ -160,14 +161,43 @@ def local_view(mb: MicroBatch) -> MicroBatch:
     index_N = mb.cp_index_N
     if index_N is None:
         return mb
-    teacher = mb.teacher_hidden_NH
     return replace(
         mb,
         targets_N=mb.targets_N[index_N],
         seq_index_N=mb.seq_index_N[index_N],
         inputs={k: v[index_N] for k, v in mb.inputs.items()},
-        teacher_hidden_NH=None if teacher is None else teacher[index_N],
+    )  # teacher_hidden_NH already holds only this rank's student tokens (hidden_pass)
+
+
+def _to_student_ranks(teacher_local_NH: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Teacher hidden states computed on this CP rank -> those of this rank's student tokens (``cp_index_N`` order).
+
+    The teacher's longer prompts shift its chunk boundaries, so a token's teacher state is often
+    computed on another CP rank than the one predicting it. One all-to-all moves every row to the
+    rank that needs it: each rank holds ``N / CP`` rows, never the micro-batch's whole ``[N, H]``.
+    """
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_context_parallel_group()
+    me, cp, num = ps.get_context_parallel_rank(), mb.cp_size, mb.num_tokens
+    assert mb.cp_owner_N is not None and mb.teacher_cp_owner_N is not None and mb.cp_index_N is not None
+    sent_tokens = mb.teacher_cp_index_N
+    destination = mb.cp_owner_N[sent_tokens]
+    send_order = torch.argsort(destination * num + sent_tokens)  # by rank, then token
+    mine = torch.nonzero(mb.cp_owner_N == me).squeeze(1)  # ascending tokens
+    source = mb.teacher_cp_owner_N[mine]
+    received_tokens = mine[torch.argsort(source * num + mine)]  # the order they arrive in
+    received = teacher_local_NH.new_empty((len(mine), teacher_local_NH.shape[1]))
+    dist.all_to_all_single(
+        received,
+        teacher_local_NH[send_order].contiguous(),
+        output_split_sizes=torch.bincount(source, minlength=cp).tolist(),
+        input_split_sizes=torch.bincount(destination, minlength=cp).tolist(),
+        group=group,
     )
+    row_of_token = torch.empty(num, dtype=torch.long)
+    row_of_token[received_tokens] = torch.arange(len(mine))
+    return received[row_of_token[mb.cp_index_N]]
 
 
 def logprob_pass(
@@ -208,15 +238,18 @@ def logprob_pass(
 
 
 def hidden_pass(model_chunks, micro_batches: list[MicroBatch], head: HeadSpec) -> list[torch.Tensor] | None:
-    """Forward-only teacher pass: response hidden states ``[N, H]`` per micro-batch (last stage), else None."""
+    """Forward-only teacher pass: response hidden states ``[N, H]`` per micro-batch (last stage), else None.
+
+    Under CP only the rows of this rank's student tokens (``[N_local, H]``, ``cp_index_N`` order).
+    """
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         output = _model_forward(model, mb, teacher=True)
 
         def collect(output_SBH, non_loss_data=True):
-            hidden_NH = response_hidden(output_SBH, mb.teacher_loss_mask_BT, head.sequence_parallel)
-            return _to_full(hidden_NH.detach(), mb, teacher=True)
+            hidden_NH = response_hidden(output_SBH, mb.teacher_loss_mask_BT, head.sequence_parallel).detach()
+            return hidden_NH if mb.cp_index_N is None else _to_student_ranks(hidden_NH, mb)
 
         return output, collect
 

@@ -6,8 +6,10 @@ from sdpg_mcore.train.batch import (
     build_micro_batches,
     dp_groups,
     gather_rows,
+    make_micro_batch,
     plan_micro_batches,
     scatter_rows,
+    shard_for_cp,
 )
 
 
@@ -55,3 +57,29 @@ def test_micro_batch_masks_line_up_student_and_teacher():
     values = [torch.arange(mb.targets_N.numel(), dtype=torch.float32) + 100 * k for k, mb in enumerate(mbs)]
     per_row = scatter_rows(values, mbs, rs)
     assert all(torch.equal(gather_rows(per_row, mb), v) for mb, v in zip(mbs, values))
+
+
+def test_shard_for_cp_owners_cover_every_token_once():
+    """Owner vectors agree with each rank's token indices, and the teacher's longer prompts move some
+    tokens to another CP rank (the case the teacher-state all-to-all exists for)."""
+    responses = [
+        Response(
+            group=0,
+            prompt_ids=[5] * p,
+            teacher_prompt_ids=[6] * (p + 5),
+            response_ids=[7] * r,
+            rollout_logprobs=[0.0] * r,
+        )
+        for p, r in [(3, 9), (6, 4), (2, 13)]
+    ]
+    mb = make_micro_batch(responses, [0, 1, 2], pad_id=0, pad_multiple=8)
+    cp = 4
+    shards = [shard_for_cp(mb, cp, rank) for rank in range(cp)]
+    for owner, index in (("cp_owner_N", "cp_index_N"), ("teacher_cp_owner_N", "teacher_cp_index_N")):
+        owners = getattr(shards[0], owner)
+        assert all(torch.equal(getattr(s, owner), owners) for s in shards)
+        covered = torch.cat([getattr(s, index) for s in shards])
+        assert sorted(covered.tolist()) == list(range(mb.num_tokens))
+        for rank, shard in enumerate(shards):
+            assert bool((owners[getattr(shard, index)] == rank).all())
+    assert bool((shards[0].cp_owner_N != shards[0].teacher_cp_owner_N).any())
