@@ -119,12 +119,14 @@ def shard_for_cp(mb: MicroBatch, cp: int, cp_rank: int) -> MicroBatch:
     """
     if cp == 1:
         return mb
-    ids, mask, pos, index = _cp_split(mb.input_ids_BT, mb.loss_mask_BT, cp, cp_rank)
-    t_ids, t_mask, t_pos, t_index = _cp_split(mb.teacher_input_ids_BT, mb.teacher_loss_mask_BT, cp, cp_rank)
+    student = [_cp_split(mb.input_ids_BT, mb.loss_mask_BT, cp, rank) for rank in range(cp)]
+    teacher = [_cp_split(mb.teacher_input_ids_BT, mb.teacher_loss_mask_BT, cp, rank) for rank in range(cp)]
+    ids, mask, pos, index = student[cp_rank]
+    t_ids, t_mask, t_pos, t_index = teacher[cp_rank]
     owner, t_owner = (torch.empty(mb.num_tokens, dtype=torch.long) for _ in range(2))
-    for rank in range(cp):
-        owner[_cp_split(mb.input_ids_BT, mb.loss_mask_BT, cp, rank)[3]] = rank
-        t_owner[_cp_split(mb.teacher_input_ids_BT, mb.teacher_loss_mask_BT, cp, rank)[3]] = rank
+    for rank in range(cp):  # every rank's tokens, so ranks can exchange per-token rows (forward.py)
+        owner[student[rank][3]] = rank
+        t_owner[teacher[rank][3]] = rank
     return replace(
         mb,
         input_ids_BT=ids,
