@@ -40,14 +40,9 @@ from checkpoints_convert.convert import check_mcore_matches_config
 from checkpoints_convert.dcp_io import DcpChunkReader
 from checkpoints_convert.hf_io import CheckpointError, HfCheckpointReader
 from checkpoints_convert.transforms import build_mcore_shard, gather_mcore_shards, split_mcore_full
+from sdpg_mcore.models.builder import unwrap_model
 
 _LAYER_PREFIX = "decoder.layers."
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _config_dict(hf_config: Any) -> dict[str, Any]:
@@ -72,7 +67,7 @@ def named_rules(
     """(in-memory name, parameter, rule, global layer index or None) for every parameter of the chunks."""
     table = rule_by_mcore_name(dims)
     for chunk in model_chunks:
-        module = _unwrap(chunk)
+        module = unwrap_model(chunk)
         for name, param in module.named_parameters():
             if name.startswith(_LAYER_PREFIX):
                 local, rest = name[len(_LAYER_PREFIX) :].split(".", 1)
@@ -127,7 +122,7 @@ def load_mcore_into_model(model_chunks: list[torch.nn.Module], mcore_dir: str | 
     check_mcore_matches_config(mcore_dir, config)
     from megatron.core import dist_checkpointing
 
-    modules = [_unwrap(c) for c in model_chunks]
+    modules = [unwrap_model(c) for c in model_chunks]
     stored = DcpChunkReader(mcore_dir).metadata.state_dict_metadata
     sharded = {
         f"model{i}": _drop_absent_extra_state(m.sharded_state_dict(), stored) for i, m in enumerate(modules)

@@ -7,7 +7,7 @@ the TE-or-local layer spec), ``builder`` (GPTModel, forward helper), ``param_nam
 Megatron name table), ``tiny`` (tiny random HF models for tests). Megatron is imported lazily.
 """
 
-from sdpg_mcore.models.builder import build_gpt_model, causal_attention_mask, forward_logits
+from sdpg_mcore.models.builder import build_gpt_model, causal_attention_mask, forward_logits, unwrap_model
 from sdpg_mcore.models.hf_config import (
     SUPPORTED_MODEL_TYPES,
     HFModelConfig,
@@ -27,4 +27,5 @@ __all__ = [
     "megatron_param_names",
     "padded_vocab_size",
     "parse_hf_config",
+    "unwrap_model",
 ]

@@ -114,7 +114,8 @@ def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> t
     return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
 
 
-def _unwrap(model):
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``GPTModel`` inside Megatron's DDP / Float16Module wrappers (the model itself when unwrapped)."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -144,7 +145,7 @@ def forward_logits(
     if batch % num_microbatches != 0:
         raise ValueError(f"batch {batch} is not divisible by num_microbatches={num_microbatches}")
     micro = batch // num_microbatches
-    device = next(_unwrap(model).parameters()).device
+    device = next(unwrap_model(model).parameters()).device
     cp = ps.get_context_parallel_world_size()
     cp_rank = ps.get_context_parallel_rank()
     mask = causal_attention_mask(seq_len, device)

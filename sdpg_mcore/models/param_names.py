@@ -31,13 +31,9 @@ from __future__ import annotations
 
 import re
 
+from sdpg_mcore.models.builder import unwrap_model
+
 _LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?decoder\.layers\.)(?P<idx>\d+)(?P<post>\..*)$")
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def megatron_param_names(model) -> dict[str, str]:
@@ -46,7 +42,7 @@ def megatron_param_names(model) -> dict[str, str]:
     The canonical name has no wrapper prefixes (DDP's ``module.``) and the global layer index
     (``decoder.layers.<global L>``), i.e. the names in the table above.
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     offsets = {}
     decoder = getattr(inner, "decoder", None)
     if decoder is not None:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from checkpoints_convert.arch_maps import config_hash
 from checkpoints_convert.convert import ASSETS_DIR, FORMAT_VERSION, METADATA_FILE
 from checkpoints_convert.hf_io import CheckpointError, copy_hf_assets
+from sdpg_mcore.models.builder import unwrap_model
 from sdpg_mcore.train.checkpoint_dir import (
     LATEST_FILE,
     TMP_PREFIX,
@@ -69,7 +70,6 @@ from sdpg_mcore.train.checkpoint_state import (
     rng_state,
     set_rng_state,
     sharded_state_dict,
-    unwrap,
 )
 
 __all__ = [
@@ -355,7 +355,7 @@ def load_checkpoint(
         sharded = sharded_state_dict(model_chunks, optimizer, is_loading=True)
         loaded = dist_checkpointing.load(sharded, str(path))
         for i, chunk in enumerate(model_chunks):
-            unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+            unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
         optimizer.load_state_dict(loaded["optimizer"])
         restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])

@@ -17,15 +17,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sdpg_mcore.models.builder import unwrap_model
+
 #: How the distributed optimizer lays its state out: one tensor per DP-local buffer, no gathers.
 #: Resharding is DP-only, which is all a same-layout resume needs.
 DIST_OPTIM_SHARDING = "dp_reshardable"
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def parallel_layout(model_chunks: Sequence[torch.nn.Module], optimizer) -> dict[str, Any]:
@@ -47,7 +43,7 @@ def parallel_layout(model_chunks: Sequence[torch.nn.Module], optimizer) -> dict[
 
 def model_signature(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
     """The model-config values that fix the shapes of every stored tensor."""
-    gpt = unwrap(model_chunks[0])
+    gpt = unwrap_model(model_chunks[0])
     c = gpt.config
     return {
         "num_layers": c.num_layers,
@@ -149,7 +145,7 @@ def sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer, *, is
     """Model chunks as ``model{i}`` and the optimizer state over them, as ``dist_checkpointing`` wants."""
     metadata = {"distrib_optim_sharding_type": DIST_OPTIM_SHARDING, "chained_optim_avoid_prefix": True}
     state: dict[str, Any] = {
-        f"model{i}": unwrap(chunk).sharded_state_dict(metadata=metadata)
+        f"model{i}": unwrap_model(chunk).sharded_state_dict(metadata=metadata)
         for i, chunk in enumerate(model_chunks)
     }
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)

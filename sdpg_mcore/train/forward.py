@@ -33,14 +33,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from sdpg_mcore.models.builder import unwrap_model
 from sdpg_mcore.train.batch import MicroBatch
-
-
-def unwrap(model):
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 @contextlib.contextmanager
@@ -52,7 +46,7 @@ def hidden_states_only(model: torch.nn.Module) -> Iterator[None]:
     layer's weight is then used directly by ``ops``. Held only around the forward call: Megatron's
     grad finaliser reads ``post_process`` to find the tied embedding on the last stage.
     """
-    gpt = unwrap(model)
+    gpt = unwrap_model(model)
     saved = gpt.post_process
     gpt.post_process = False
     try:
@@ -63,7 +57,7 @@ def hidden_states_only(model: torch.nn.Module) -> Iterator[None]:
 
 def output_weight(model) -> torch.Tensor:
     """This rank's output-layer shard ``[V_local, H]`` (the embedding when tied)."""
-    gpt = unwrap(model)
+    gpt = unwrap_model(model)
     if gpt.share_embeddings_and_output_weights and gpt.pre_process:
         return gpt.embedding.word_embeddings.weight
     # Untied, or tied under PP: the last stage's output layer holds the (synced) copy.

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sdpg_mcore.train.forward import HeadSpec, unwrap
+from sdpg_mcore.models.builder import unwrap_model
+from sdpg_mcore.train.forward import HeadSpec
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class ReferenceWeights:
             raise ValueError(f"trainer.reference_weights={mode!r}: choose cpu_swap or separate_model")
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for chunk in self._policy.chunks for p in unwrap(chunk).parameters()]
+        return [p for chunk in self._policy.chunks for p in unwrap_model(chunk).parameters()]
 
     @torch.no_grad()
     def _swap(self) -> None:

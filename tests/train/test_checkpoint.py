@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdpg_mcore.models import unwrap_model
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.parallel.spawn import find_free_port, spawn_ranks
 from sdpg_mcore.train import checkpoint as ckpt
@@ -122,7 +123,7 @@ def _draws() -> list[float]:
 
 
 def _params(chunks) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in ckpt.unwrap(chunks[0]).named_parameters()}
+    return {k: v.detach().clone() for k, v in unwrap_model(chunks[0]).named_parameters()}
 
 
 #: (tp, pp, distributed optimizer) on 2 ranks: TP2 with the plain optimizer, DP2 with the distributed one.

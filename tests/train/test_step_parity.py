@@ -106,9 +106,10 @@ def test_step_matches_tp1(hf_dir, reference, tp, pp, world):
 
 
 def _reference_modes(rank, world_size, hf_dir):
+    from sdpg_mcore.models import unwrap_model
     from sdpg_mcore.parallel import state
     from sdpg_mcore.train.batch import build_micro_batches
-    from sdpg_mcore.train.forward import logprob_pass, unwrap
+    from sdpg_mcore.train.forward import logprob_pass
     from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
 
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
@@ -121,15 +122,15 @@ def _reference_modes(rank, world_size, hf_dir):
     mbs = build_micro_batches(_responses(), list(range(8)), 64, 0, with_teacher=False)
     initial = logprob_pass(policy.chunks, mbs, policy.head, temperature=1.0)
     with torch.no_grad():  # move the live policy away from the reference
-        for p in unwrap(policy.chunks[0]).parameters():
+        for p in unwrap_model(policy.chunks[0]).parameters():
             p.add_(0.01 * torch.randn_like(p))
-    live = [p.clone() for p in unwrap(policy.chunks[0]).parameters()]
+    live = [p.clone() for p in unwrap_model(policy.chunks[0]).parameters()]
     moved = logprob_pass(policy.chunks, mbs, policy.head, temperature=1.0)
     with swap.chunks() as chunks:
         by_swap = logprob_pass(chunks, mbs, policy.head, temperature=1.0)
     with separate.chunks() as chunks:
         by_model = logprob_pass(chunks, mbs, policy.head, temperature=1.0)
-    restored = all(torch.equal(a, b) for a, b in zip(live, unwrap(policy.chunks[0]).parameters()))
+    restored = all(torch.equal(a, b) for a, b in zip(live, unwrap_model(policy.chunks[0]).parameters()))
     state.destroy()
     return [torch.cat(x) for x in (initial, moved, by_swap, by_model)], restored
 
