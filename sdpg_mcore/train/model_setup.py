@@ -170,8 +170,9 @@ class ReferenceWeights:
         if mode == "cpu_swap":
             self._store = [p.detach().to("cpu", copy=True) for p in self._params()]
             self._model = None
-        elif mode == "separate_model":
-            self._model = build_model(model_path, layout, dtype=dtype).eval()
+        elif mode == "separate_model":  # laid out like the policy: the same head reads its outputs
+            sp = policy.head.sequence_parallel
+            self._model = build_model(model_path, layout, dtype=dtype, sequence_parallel=sp).eval()
             for p in self._model.parameters():
                 p.requires_grad_(False)
         else:
