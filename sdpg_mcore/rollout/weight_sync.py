@@ -307,7 +307,7 @@ class DistributedWeightSync:
 
         Double-buffered: while bucket ``k`` is on the wire, the iterator produces (and this rank
         flattens) bucket ``k + 1``. With pipeline stages pass ``version=None`` on each stage source and
-        call :meth:`set_version` on one rank once all stages pushed (the version means "all weights new").
+        call :meth:`commit` on one rank once all stages pushed (the version means "all weights new").
         """
         if not is_source:
             for _ in named_tensors:
@@ -395,6 +395,11 @@ class DistributedWeightSync:
             self.server_urls,
             "set_version",
         )
+
+    def commit(self, version: str, *, flush_cache: bool = True) -> None:
+        """After every stage pushed with ``version=None``: set ``version`` on the servers and check it."""
+        self.set_version(version, flush_cache=flush_cache)
+        check_weight_versions(self.server_urls, str(version))
 
     def close(self) -> None:
         """Leave the group on the servers and here."""

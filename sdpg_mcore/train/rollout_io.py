@@ -13,8 +13,6 @@ all-gathers over TP) and only each stage's source rank writes or sends.
 from __future__ import annotations
 
 import logging
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +58,17 @@ class RolloutSettings:
 
 def check_reachable(urls: Sequence[str], timeout_s: float = 10.0) -> None:
     """Raise :class:`RolloutUnreachableError` for the first URL whose ``/health`` does not answer 200."""
+    from sdpg_mcore.rollout.servers import http_json
+
     for url in urls:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as resp:
-                if resp.status == 200:
-                    continue
-                problem = f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as err:
+            status, _ = http_json(f"{url}/health", timeout_s=timeout_s)
+        except OSError as err:
             problem = str(getattr(err, "reason", err))
+        else:
+            if status == 200:
+                continue
+            problem = f"HTTP {status}"
         raise RolloutUnreachableError(
             f"rollout server {url} is unreachable ({problem}); start it, fix rollout.urls, "
             "or use rollout.backend=builtin to let the trainer start CPU servers"
@@ -288,26 +289,6 @@ def broadcast_responses(responses: list[Response] | None, src: int = 0) -> list[
     return box[0]
 
 
-def push_weights(sync, model_chunks, hf_config_path: str, version: str, layout, *, commit: bool) -> None:
-    """Write this stage's HF tensors (disk), barrier, and on the committing rank publish them to the servers.
-
-    ``sync`` is a ``DiskWeightSync`` on every rank, all with the same shared directory; only the
-    committing rank (global rank 0) has the server URLs. Non-source TP ranks only drive the iterator.
-    """
-    from checkpoints_convert.model_io import iter_hf_tensors
-
-    is_source = layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
-    sync.write_stage(
-        iter_hf_tensors(model_chunks, hf_config_path), version, stage=layout.pp_rank, is_source=is_source
-    )
-    if dist.is_initialized():
-        dist.barrier()
-    if commit:
-        sync.commit(version)
-    if dist.is_initialized():
-        dist.barrier()
-
-
 class WeightPusher:
     """New policy weights to the rollout servers after each step; collective over all ranks.
 
@@ -324,6 +305,7 @@ class WeightPusher:
         from sdpg_mcore.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 
         self.layout, self.hf_dir = layout, hf_dir
+        # Each pipeline stage's first TP/DP/CP rank sends; global rank 0 (stage 0's) also publishes.
         self.is_source = layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
         first = dist.get_rank() == 0 if dist.is_initialized() else True
         box = [(list(server_urls or []), find_free_port() if first else 0)]
@@ -351,18 +333,25 @@ class WeightPusher:
             raise ValueError(f"rollout.weight_sync={mode!r}: choose disk or distributed")
 
     def __call__(self, step: int) -> None:
+        """Every stage's source sends its part, then rank 0 publishes ``step`` as the version, once.
+
+        The version means "all weights are new", so no stage may set it before the others finished.
+        """
         from checkpoints_convert.model_io import iter_hf_tensors
 
         version = str(step)
-        if self.mode == "disk":
-            push_weights(self.sync, self._chunks, self.hf_dir, version, self.layout, commit=self.commit_rank)
-            return
         tensors = iter_hf_tensors(self._chunks, self.hf_dir)
-        if self.sync is not None:
-            self.sync.push(tensors, version, is_source=True)
+        if self.mode == "disk":
+            self.sync.write_stage(tensors, version, stage=self.layout.pp_rank, is_source=self.is_source)
+        elif self.sync is not None:
+            self.sync.push(tensors, None)
         else:
             for _ in tensors:  # keep the TP all-gathers in step with the source
                 pass
+        if dist.is_initialized():
+            dist.barrier()
+        if self.commit_rank:
+            self.sync.commit(version)
         if dist.is_initialized():
             dist.barrier()
 

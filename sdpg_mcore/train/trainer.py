@@ -287,7 +287,7 @@ def _train(cfg: Config, save_request: SaveRequest) -> dict[str, float]:
                 )
             if stop:
                 logger.info("save requested (SIGUSR1 or %s): saved %s; exiting", save_request.save_file, path)
-                if dist.get_rank() == 0:
+                if rank0:
                     save_request.close(remove_file=True)
                 break
     finally:

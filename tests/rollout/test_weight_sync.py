@@ -157,8 +157,7 @@ def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir, port):
     stats = sync.push(iter_hf_tensors([model], dir_b), None, is_source=is_source)
     dist.barrier()
     if rank == 0:
-        sync.set_version("mcore-dist")
-        check_weight_versions(urls, "mcore-dist")
+        sync.commit("mcore-dist")  # sets the version on every server and checks it
         results["dist"] = server_greedy(urls)
     dist.barrier()
     if is_source:
