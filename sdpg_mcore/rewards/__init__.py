@@ -1,35 +1,41 @@
 """Verifier rewards: the math scorers, a registry by ``data_source``, user functions, timeouts, DAPO shaping.
 
-compute_score("math_dapo", response_text, "42")            # verl signature -> float | dict
+compute_score("math_dapo", response_text, "42")            # verl signature -> float | dict, time-limited
+compute_score_strict("math_dapo", text, "42", answer_format="boxed")   # the reference's scorer, exactly
 with RewardScorer("math", num_workers=2, timeout_s=10) as scorer:
     results = scorer.score(requests)                        # process pool, every call time-limited
 overlong_penalties(lengths, max_response_length, OverlongConfig(enable=True))
 """
 
-from sdpg_mcore.rewards.math_dapo import strict_compute_score
+from sdpg_mcore.rewards.math_dapo import ANSWER_FORMATS, answer_colon_score, boxed_score, math_dapo_score
 from sdpg_mcore.rewards.math_scorer import (
     clean_answer,
     extract_answer,
     last_boxed,
-    math_compute_score,
     normalize_answer,
-    verify_with_timeout,
+    score_math_answer,
 )
 from sdpg_mcore.rewards.overlong import OverlongConfig, overlong_penalties, overlong_penalty
-from sdpg_mcore.rewards.pool import TaskResult, TimeoutPool
+from sdpg_mcore.rewards.pool import DEFAULT_TIMEOUT_S, TaskResult, TimeoutPool, call_with_timeout
+from sdpg_mcore.rewards.reference_sources import gsm8k_score, math_verify_score
 from sdpg_mcore.rewards.registry import (
     RewardFunctionError,
+    UnknownDataSourceError,
     compute_score,
     compute_score_strict,
     load_reward_fn,
+    math_compute_score,
     register_reward,
     registered_rewards,
     resolve_reward_fn,
     reward_fn_for,
+    strict_reward_fn_for,
 )
 from sdpg_mcore.rewards.scorer import RewardRequest, RewardResult, RewardScorer
 
 __all__ = [
+    "ANSWER_FORMATS",
+    "DEFAULT_TIMEOUT_S",
     "OverlongConfig",
     "RewardFunctionError",
     "RewardRequest",
@@ -37,13 +43,20 @@ __all__ = [
     "RewardScorer",
     "TaskResult",
     "TimeoutPool",
+    "UnknownDataSourceError",
+    "answer_colon_score",
+    "boxed_score",
+    "call_with_timeout",
     "clean_answer",
     "compute_score",
     "compute_score_strict",
     "extract_answer",
+    "gsm8k_score",
     "last_boxed",
     "load_reward_fn",
     "math_compute_score",
+    "math_dapo_score",
+    "math_verify_score",
     "normalize_answer",
     "overlong_penalties",
     "overlong_penalty",
@@ -51,6 +64,6 @@ __all__ = [
     "registered_rewards",
     "resolve_reward_fn",
     "reward_fn_for",
-    "strict_compute_score",
-    "verify_with_timeout",
+    "score_math_answer",
+    "strict_reward_fn_for",
 ]

@@ -1,7 +1,12 @@
-"""The reference reward, reproduced exactly: ``math_dapo.compute_score_boxed`` of the SDPG/verl code.
+"""The reference's two ``math_dapo`` scorers, reproduced exactly (SDPG's verl fork, ``reward_score/math_dapo.py``).
 
-Strict mode (registry name ``math_strict``): the last ``\\boxed{}`` within the last 500 characters,
-the Minerva/Hendrycks string normalisation, an ``Answer:`` line as fallback, and +1 / -1. No
+- ``answer_colon`` (the reference's default, ``compute_score``): the last ``Answer: ...`` line within
+  the last 300 characters (``(?i)Answer\\s*:\\s*`` — the colon may be followed by a line break),
+  normalised and string-compared; ``[INVALID]`` when there is none.
+- ``boxed`` (``compute_score_boxed``, for ``answer_format=boxed`` prompts): the last ``\\boxed{}``
+  within the last 500 characters, then an ``Answer:`` line on one line as fallback.
+
+Both use the Minerva/Hendrycks string normalisation and give +1 / -1 with ``acc`` and ``pred``. No
 symbolic equivalence, so ``\\frac12`` is not ``0.5`` here. The substitution tables below are the
 reference's data; they must stay byte-identical for the rewards to match.
 """
@@ -69,7 +74,11 @@ _REMOVED_EXPRESSIONS = [
 ]
 
 _ANSWER_LINE = re.compile(r"(?i)Answer[ \t]*:[ \t]*([^\n]+)")
+_ANSWER_COLON = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 TAIL_CHARS = 500
+"""The boxed scorer reads the last 500 characters of a response."""
+ANSWER_COLON_TAIL_CHARS = 300
+"""The answer_colon scorer reads the last 300 characters ("the longest answer in MATH-500 has 159")."""
 
 
 def last_boxed_only_string(text: str) -> str | None:
@@ -114,9 +123,15 @@ def normalize_final_answer(answer: str) -> str:
     return answer.strip()
 
 
-def strict_compute_score(
-    data_source: str | None, solution_str: str, ground_truth: str, extra_info: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def answer_colon_score(solution_str: str, ground_truth: str) -> dict[str, Any]:
+    """Reference ``compute_score``: ``{"score": +1.0 | -1.0, "acc": bool, "pred": str}``."""
+    matches = _ANSWER_COLON.findall(solution_str[-ANSWER_COLON_TAIL_CHARS:])
+    pred = normalize_final_answer(matches[-1] if matches else "[INVALID]")
+    correct = pred == normalize_final_answer(ground_truth)
+    return {"score": 1.0 if correct else -1.0, "acc": correct, "pred": pred}
+
+
+def boxed_score(solution_str: str, ground_truth: str) -> dict[str, Any]:
     """Reference ``compute_score_boxed``: ``{"score": +1.0 | -1.0, "acc": bool, "pred": str}``."""
     tail = solution_str[-TAIL_CHARS:]
     truth = normalize_final_answer(ground_truth)
@@ -132,3 +147,19 @@ def strict_compute_score(
             return {"score": 1.0, "acc": True, "pred": pred}
     pred = None if boxed is None else normalize_final_answer(remove_boxed(boxed))
     return {"score": -1.0, "acc": False, "pred": pred or "[INVALID]"}
+
+
+ANSWER_FORMATS = {"answer_colon": answer_colon_score, "boxed": boxed_score}
+
+
+def math_dapo_score(
+    data_source: str | None,
+    solution_str: str,
+    ground_truth: str,
+    extra_info: dict[str, Any] | None = None,
+    answer_format: str = "answer_colon",
+) -> dict[str, Any]:
+    """The reference scorer for ``answer_format`` (``answer_colon`` | ``boxed``), with verl's signature."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format={answer_format!r}: choose one of {sorted(ANSWER_FORMATS)}")
+    return ANSWER_FORMATS[answer_format](solution_str, ground_truth)

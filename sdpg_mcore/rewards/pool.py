@@ -3,26 +3,39 @@
 Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot stop one running task (a hung task
 keeps its worker forever, and killing the process breaks the whole executor). Why not signals:
 ``signal.alarm`` works only in the main thread, and a C-level sympy loop may not return to Python
-for it. Here each worker owns a pipe; the parent waits on the pipes with a deadline, and a worker that
-misses its deadline is killed and replaced, so a pathological expression costs one time limit and a
-worker restart, never a training step.
+for it. Here each worker owns a socket; the parent waits on the sockets with a deadline, and a worker
+that misses its deadline is killed and replaced, so a pathological expression costs one time limit
+and a worker restart, never a training step.
 
-Tasks are ``(fn, args)`` with ``fn`` a module-level (picklable) function. Inside a worker,
-:func:`in_worker` is True, so code that would otherwise hop into a pool for a time limit (the math
-scorer) runs inline — the task's own limit already covers it.
+Why workers are plain ``subprocess`` interpreters, not ``multiprocessing`` processes: the scorer is
+called from anywhere — a script without an ``if __name__ == "__main__"`` guard (spawn and forkserver
+re-import the caller's main module in every worker, re-running the script), a thread, a daemonic
+worker of the user's own ``multiprocessing.Pool`` (which may not have children of its own), or a
+forked child of a process that already had a pool. A fresh ``python -c`` never imports the caller's
+main module, so none of these care. Workers exit when their parent dies (parent-death signal where
+the pool was made in the main thread, and a watchdog that notices re-parenting otherwise).
+
+Tasks are ``(fn, args)`` with ``fn`` a module-level function of an importable module (pickled by
+reference). Inside a worker :func:`in_worker` is True, so code that would otherwise hop into a pool
+for a time limit (the scorers) runs inline — the task's own limit already covers it.
 
     with TimeoutPool(num_workers=2) as pool:
         results = pool.map(fn, [(a,), (b,)], timeout_s=5.0)   # list[TaskResult], in order
-
-As with any ``forkserver``/``spawn`` multiprocessing, a script that uses the pool must keep its
-top-level code under ``if __name__ == "__main__":`` (workers import the main module).
+    call_with_timeout(fn, a, timeout_s=5.0)                   # one call in the process-wide pool
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import importlib
 import logging
-import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -35,10 +48,12 @@ logger = logging.getLogger(__name__)
 
 _IN_WORKER = False
 STARTUP_TIMEOUT_S = 120.0
-_DIED = (
-    "the reward worker process died: killed, out of memory, or it could not start because the main "
-    "script runs code at import time (put it under `if __name__ == '__main__':`)"
-)
+DEFAULT_TIMEOUT_S = 10.0
+"""Default wall-clock limit of one reward call (extraction, normalisation and math-verify together)."""
+_WATCHDOG_INTERVAL_S = 0.5
+_PR_SET_PDEATHSIG = 1
+_DIED = "the reward worker process died (killed, or out of memory)"
+_WORKER_CODE = "import sys; from sdpg_mcore.rewards.pool import worker_main; worker_main(sys.argv[1:])"
 
 
 def in_worker() -> bool:
@@ -60,11 +75,33 @@ class TaskResult:
         return self.error is None and not self.timed_out
 
 
-def _worker_main(conn: Connection, preload: tuple[str, ...]) -> None:
+def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
+    """Exit when the pool's process dies, even if a task is stuck (kill -9 of the parent runs no atexit)."""
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_WATCHDOG_INTERVAL_S)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def worker_main(argv: Sequence[str]) -> None:
+    """Entry point of a worker interpreter: ``fd parent_pid pdeathsig preload,modules``."""
     global _IN_WORKER
     _IN_WORKER = True
+    fd, parent_pid, pdeathsig, preload = argv
+    _die_with_parent(int(parent_pid), pdeathsig == "1")
+    conn = Connection(int(fd))
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    for module in preload:  # import while the parent is still busy, not on the first task
+    for module in filter(None, preload.split(",")):  # import now, not on the first task
         try:
             importlib.import_module(module)
         except ImportError:
@@ -85,56 +122,66 @@ def _worker_main(conn: Connection, preload: tuple[str, ...]) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, preload: tuple[str, ...]):
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, preload), daemon=True)
-        self.process.start()
-        child.close()
+    """One ``python -c`` worker: the caller's ``sys.path``, a socket, no ``__main__`` re-import."""
+
+    def __init__(self, preload: tuple[str, ...]):
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        pdeathsig = threading.current_thread() is threading.main_thread()  # the signal follows the thread
+        args = [str(child_sock.fileno()), str(os.getpid()), "1" if pdeathsig else "0", ",".join(preload)]
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_CODE, *args],
+            pass_fds=(child_sock.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        child_sock.close()
+        self.conn = Connection(parent_sock.detach())
         self.ready = False
         self.start_deadline = time.monotonic() + STARTUP_TIMEOUT_S
         self.task: int | None = None
         self.deadline = 0.0
         self.started = 0.0
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def kill(self) -> None:
         self.process.kill()
-        self.process.join(timeout=5)
+        self.process.wait(timeout=5)
         self.conn.close()
 
 
 class TimeoutPool:
     """``num_workers`` processes; every task runs under ``timeout_s`` and a late task's worker is replaced.
 
-    ``start_method`` defaults to ``forkserver``: forking a trainer process that holds CUDA contexts or
-    communicator threads is unsafe, and ``spawn`` pays a full interpreter start for every replacement.
     ``preload`` modules are imported by each worker as it starts (a replacement after a timeout is
-    warm by the time the next task needs it).
+    warm by the time the next task needs it). A pool belongs to the process that made it: a forked
+    child must make its own (``shared_pool`` does), and ``close`` in a child leaves the parent's alone.
     """
 
-    def __init__(
-        self,
-        num_workers: int = 2,
-        start_method: str = "forkserver",
-        preload: tuple[str, ...] = ("math_verify",),
-    ):
+    def __init__(self, num_workers: int = 2, preload: tuple[str, ...] = ("math_verify",)):
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers}: must be >= 1")
         self.num_workers = num_workers
         self.preload = tuple(preload)
-        self._ctx = mp.get_context(start_method)
+        self.owner_pid = os.getpid()
         self._workers: list[_Worker] = []
         self.num_timeouts = 0
         self.num_restarts = 0
 
     def _ensure_workers(self) -> None:
-        self._workers = [w for w in self._workers if w.process.is_alive()]
+        if os.getpid() != self.owner_pid:
+            raise RuntimeError("a TimeoutPool cannot be used from a forked child; make a new one there")
+        self._workers = [w for w in self._workers if w.alive()]
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx, self.preload))
+            self._workers.append(_Worker(self.preload))
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
         self._workers.remove(worker)
-        self._workers.append(_Worker(self._ctx, self.preload))
+        self._workers.append(_Worker(self.preload))
         self.num_restarts += 1
 
     def _receive(self, worker: _Worker, results: list[TaskResult | None], now: float) -> None:
@@ -189,16 +236,20 @@ class TimeoutPool:
         return self.map(fn, [args], timeout_s)[0]
 
     def close(self) -> None:
+        if os.getpid() != self.owner_pid:  # a forked copy: the workers are the parent's
+            self._workers = []
+            return
         for worker in self._workers:
             try:
                 worker.conn.send(None)
-            except (OSError, BrokenPipeError):
+            except OSError:
                 pass
         for worker in self._workers:
-            worker.process.join(timeout=2)
-            if worker.process.is_alive():
+            try:
+                worker.process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
                 worker.process.kill()
-                worker.process.join(timeout=2)
+                worker.process.wait(timeout=2)
             worker.conn.close()
         self._workers = []
 
@@ -207,3 +258,33 @@ class TimeoutPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_shared: TimeoutPool | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pool() -> TimeoutPool:
+    """The process-wide one-worker pool behind :func:`call_with_timeout` (made again after a fork)."""
+    global _shared, _shared_lock
+    if _shared is not None and _shared.owner_pid != os.getpid():
+        _shared, _shared_lock = None, threading.Lock()  # inherited from the parent: not ours
+    if _shared is None:
+        _shared = TimeoutPool(num_workers=1)
+        atexit.register(_shared.close)
+    return _shared
+
+
+def call_with_timeout(fn: Callable[..., Any], *args: Any, timeout_s: float) -> TaskResult:
+    """``fn(*args)`` under ``timeout_s``: in the shared worker, or inline inside a worker (its task's limit).
+
+    Thread-safe: calls from several threads take turns on the one worker.
+    """
+    if in_worker():
+        try:
+            return TaskResult(value=fn(*args))
+        except Exception:
+            return TaskResult(error=traceback.format_exc())
+    shared_pool()  # replaces a forked copy (and its lock) before the lock is taken
+    with _shared_lock:
+        return shared_pool().run(fn, *args, timeout_s=timeout_s)

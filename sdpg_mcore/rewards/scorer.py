@@ -18,8 +18,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from sdpg_mcore.rewards.pool import TimeoutPool
-from sdpg_mcore.rewards.registry import RewardFunctionError, as_score_dict, resolve_reward_fn
+from sdpg_mcore.rewards.pool import DEFAULT_TIMEOUT_S, TimeoutPool
+from sdpg_mcore.rewards.registry import (
+    DEFAULT_ANSWER_FORMAT,
+    RewardFunctionError,
+    as_score_dict,
+    resolve_reward_fn,
+)
 
 
 @dataclass
@@ -48,13 +53,13 @@ class RewardResult:
 
 
 @lru_cache(maxsize=8)
-def _resolved(spec: str | None, strict: bool):
-    return resolve_reward_fn(spec, strict)
+def _resolved(spec: str | None, strict: bool, answer_format: str):
+    return resolve_reward_fn(spec, strict, answer_format, timeout_s=None)
 
 
-def score_one(spec: str | None, strict: bool, request: RewardRequest) -> dict[str, Any]:
-    """Score ``request`` with the reward function named by ``spec`` (runs in a worker or inline)."""
-    fn = _resolved(spec, strict)
+def score_one(spec: str | None, strict: bool, answer_format: str, request: RewardRequest) -> dict[str, Any]:
+    """Score ``request`` with the reward function named by ``spec``, inline (the pool's task limit applies)."""
+    fn = _resolved(spec, strict, answer_format)
     result = fn(request.data_source, request.solution_str, request.ground_truth, request.extra_info)
     return as_score_dict(result, spec)
 
@@ -67,28 +72,34 @@ class RewardScorer:
         reward_fn: str | None = None,
         *,
         strict: bool = False,
+        answer_format: str = DEFAULT_ANSWER_FORMAT,
         num_workers: int = 2,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         timeout_score: float = -1.0,
-        start_method: str = "forkserver",
     ):
-        resolve_reward_fn(reward_fn, strict)  # fail fast on a bad spec, in the parent
+        resolve_reward_fn(reward_fn, strict, answer_format)  # fail fast on a bad spec, in the parent
         if timeout_s <= 0:
             raise ValueError(f"reward timeout_s={timeout_s}: must be > 0")
         self.reward_fn = reward_fn
         self.strict = strict
+        self.answer_format = answer_format
         self.timeout_s = timeout_s
         self.timeout_score = timeout_score
-        self._pool = TimeoutPool(num_workers, start_method) if num_workers > 0 else None
+        self._pool = TimeoutPool(num_workers) if num_workers > 0 else None
 
     def score(self, requests: Sequence[RewardRequest]) -> list[RewardResult]:
         if self._pool is None:
             return [
-                RewardResult(score=(d := score_one(self.reward_fn, self.strict, r))["score"], info=d)
+                RewardResult(
+                    score=(d := score_one(self.reward_fn, self.strict, self.answer_format, r))["score"],
+                    info=d,
+                )
                 for r in requests
             ]
         results = self._pool.map(
-            score_one, [(self.reward_fn, self.strict, r) for r in requests], self.timeout_s
+            score_one,
+            [(self.reward_fn, self.strict, self.answer_format, r) for r in requests],
+            self.timeout_s,
         )
         out = []
         for i, (request, result) in enumerate(zip(requests, results)):

@@ -14,6 +14,9 @@ from sdpg_mcore.rewards import clean_answer, extract_answer, last_boxed, normali
         ("\\fbox{7}", "7"),
         ("\\boxed{1} then \\fbox{3}", "3"),
         ("\\boxed 5$.", "5"),
+        ("\\boxed 42 \\text{ or } 43", "42 \\text{ or } 43"),  # the whole expression, not its first token
+        ("\\[\\boxed 7 \\]", "7"),
+        ("\\boxed 3 then \\boxed{4}", "4"),
         ("\\boxed {8}", "8"),
         ("\\boxed{}", ""),
         ("\\boxed{unclosed", None),
@@ -24,10 +27,14 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
-def test_answer_line_fallback_only_without_a_box():
+def test_the_final_answer_wins():
     assert extract_answer("work\nAnswer: **12**\n") == "12"
-    assert extract_answer("\\boxed{3}\nAnswer: 12") == "3"
-    assert extract_answer("Answer: 5" + "x" * 600) is None  # only the last 500 characters
+    assert extract_answer("\\boxed{3}\nAnswer: 12") == "12"
+    assert extract_answer("Answer: 12\nso \\boxed{3}") == "3"
+    assert extract_answer("Answer: $\\boxed{7}$") == "7"
+    assert extract_answer("\\boxed{3}\nAnswer: The final answer is 3.") == "3."
+    assert extract_answer("Answer: 5" + "x" * 600) is None  # Answer: lines only in the last 500 characters
+    assert extract_answer("\\boxed{5}" + "x" * 600) == "5"  # boxes anywhere
 
 
 @pytest.mark.parametrize(

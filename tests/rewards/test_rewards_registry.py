@@ -11,6 +11,7 @@ from sdpg_mcore.rewards import (
     resolve_reward_fn,
     reward_fn_for,
 )
+from sdpg_mcore.rewards.reference_sources import gsm8k_score
 from sdpg_mcore.rewards.registry import as_score_dict
 
 
@@ -26,9 +27,10 @@ def test_dispatch_exact_prefix_default():
     assert compute_score("unit_test_source", "x", "y", {"k": 1}) == 0.25
     assert compute_score("unit_test_prefix_v2", "x", "y") == 0.25
     assert calls == [("unit_test_source", {"k": 1}), ("unit_test_prefix_v2", None)]
-    assert reward_fn_for("never_registered") is resolve_reward_fn("math")
+    assert reward_fn_for("never_registered") is reward_fn_for("math")
+    assert reward_fn_for("openai/gsm8k") is gsm8k_score
     assert "unit_test_prefix*" in registered_rewards() and "math_strict" in registered_rewards()
-    assert resolve_reward_fn(None) is compute_score and resolve_reward_fn("auto") is compute_score
+    assert resolve_reward_fn(None).func is compute_score and resolve_reward_fn("auto").func is compute_score
 
 
 def test_load_from_file_and_module(tmp_path):
@@ -36,11 +38,9 @@ def test_load_from_file_and_module(tmp_path):
     path.write_text("def f(data_source, solution_str, ground_truth, extra_info=None):\n    return 1\nX = 3\n")
     fn = load_reward_fn(f"{path}:f")
     assert fn("d", "s", "g") == 1
-    assert resolve_reward_fn(f"{path}:f") is fn  # the module is loaded once
-    assert (
-        load_reward_fn("sdpg_mcore.rewards.math_dapo:strict_compute_score")("m", "\\boxed{1}", "1")["score"]
-        == 1
-    )
+    assert load_reward_fn(f"{path}:f") is fn  # the module is loaded once
+    assert resolve_reward_fn(f"{path}:f")("d", "s", "g") == 1  # run in the reward worker
+    assert load_reward_fn("sdpg_mcore.rewards.math_dapo:math_dapo_score")("m", "Answer: 1", "1")["score"] == 1
 
 
 @pytest.mark.parametrize(
@@ -78,19 +78,34 @@ def test_return_values_are_checked():
         as_score_dict("1")
 
 
-def test_strict_flag_swaps_only_the_math_scorer(tmp_path):
-    from sdpg_mcore.rewards import RewardRequest, RewardScorer, compute_score_strict
+def test_strict_mode_is_the_reference_dispatch(tmp_path):
+    from sdpg_mcore.rewards import RewardRequest, RewardScorer, UnknownDataSourceError, compute_score_strict
 
     response, truth = "\\boxed{\\frac12}", "0.5"
-    assert resolve_reward_fn("auto", strict=True) is compute_score_strict
-    assert compute_score_strict("aime24", response, truth)["score"] == -1.0
-    assert compute_score_strict("aime24", "\\boxed{0.5}", truth)["score"] == 1.0
-    assert resolve_reward_fn("math", strict=True)("m", response, truth)["score"] == -1.0
+    assert resolve_reward_fn("auto", strict=True).func is compute_score_strict
+    assert compute_score_strict("aime24", response, truth, answer_format="boxed")["score"] == -1.0
+    assert compute_score_strict("aime24", "\\boxed{0.5}", truth, answer_format="boxed")["score"] == 1.0
+    # answer_colon (the reference default) reads only the Answer: line, never a box.
+    assert compute_score_strict("aime24", "\\boxed{0.5}", truth)["score"] == -1.0
+    assert compute_score_strict("aime24", "Answer:\n0.5", truth) == {"score": 1.0, "acc": True, "pred": "0.5"}
+    assert (
+        resolve_reward_fn("math", strict=True, answer_format="boxed")("m", response, truth)["score"] == -1.0
+    )
+    # math-verify sources score 0/1 with equivalence; gsm8k reads "#### n".
+    assert compute_score_strict("math_500", response, truth) == 1.0
+    assert compute_score_strict("HuggingFaceH4/MATH-500", "\\boxed{0.6}", truth) == 0.0
+    assert compute_score_strict("openai/gsm8k", "so #### 1,000", "1000") == 1.0
+    assert compute_score_strict("openai/gsm8k", "\\boxed{1000}", "1000") == 0.0
+    with pytest.raises(UnknownDataSourceError, match="no reference scorer for data_source='my_set'") as err:
+        compute_score_strict("my_set", response, truth)
+    assert isinstance(err.value, NotImplementedError)  # as the reference raises
+    with pytest.raises(RewardFunctionError, match="answer_format='latex'"):
+        resolve_reward_fn("auto", strict=True, answer_format="latex")
     register_reward("unit_test_custom_strict", lambda *a, **k: 0.5)
     assert compute_score_strict("unit_test_custom_strict", response, truth) == 0.5
     path = tmp_path / "rw.py"
     path.write_text("def f(*a, **k):\n    return 1.0\n")
     with pytest.raises(RewardFunctionError, match="reward.strict applies to the built-in math scorer"):
         resolve_reward_fn(f"{path}:f", strict=True)
-    scorer = RewardScorer("auto", strict=True, num_workers=0)
+    scorer = RewardScorer("auto", strict=True, answer_format="boxed", num_workers=0)
     assert [r.score for r in scorer.score([RewardRequest("math", response, truth)])] == [-1.0]

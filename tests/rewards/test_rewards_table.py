@@ -1,10 +1,22 @@
 """The reward table: expected scores of the default (math-verify) and strict (reference) scorers."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from sdpg_mcore.rewards import compute_score, math_compute_score, resolve_reward_fn, strict_compute_score
+from sdpg_mcore.rewards import (
+    boxed_score,
+    compute_score,
+    math_compute_score,
+    resolve_reward_fn,
+    score_math_answer,
+)
 
-# (response, ground truth, default score, strict score)
+sys.path.insert(0, str(Path(__file__).parent))
+from trap_cases import CORRECT, TRAPS  # noqa: E402
+
+# (response, ground truth, default score, reference boxed score)
 CASES = [
     ("so the answer is \\boxed{42}.", "42", 1, 1),
     ("\\boxed{41}", "42", -1, -1),
@@ -42,6 +54,11 @@ CASES = [
     ("first \\boxed{2} then \\boxed{1}", "2", -1, -1),
     ("\\fbox{42}", "42", 1, -1),
     ("\\boxed 42", "42", 1, -1),
+    ("\\boxed 42 \\text{ or } 43", "42", -1, -1),
+    ("\\boxed{0.1000004}", "0.1", -1, -1),
+    ("\\boxed{7 \\mod 10}", "7", -1, -1),
+    ("\\boxed{42}\n" + "filler " * 100 + "\nAnswer: 2", "42", -1, -1),
+    ("\\boxed{42}\nAnswer: 2", "42", -1, 1),  # the reference takes the box; the final answer is 2
     ("\\boxed{42", "42", -1, -1),
     ("Answer: 42", "42", 1, 1),
     ("answer: \\frac12", "0.5", 1, -1),
@@ -73,11 +90,17 @@ def test_default_and_strict_scores(response, truth, default, strict):
     result = math_compute_score("math_dapo", response, truth)
     assert result["score"] == default, result
     assert result["acc"] == (default == 1) and result["timed_out"] is False
-    strict_result = strict_compute_score("math_dapo", response, truth)
+    strict_result = boxed_score(response, truth)
     assert strict_result["score"] == strict, strict_result
     assert strict_result["acc"] == (strict == 1)
-    # The default scorer accepts everything the reference accepts.
-    assert not (strict == 1 and default != 1)
+    assert score_math_answer("math_dapo", response, truth) == result  # the worker adds only the limit
+
+
+def test_traps_are_rejected_and_correct_answers_kept():
+    accepted_traps = [c for c in TRAPS if math_compute_score("math", *c)["score"] == 1.0]
+    rejected_correct = [c for c in CORRECT if math_compute_score("math", *c)["score"] != 1.0]
+    assert accepted_traps == [] and rejected_correct == []
+    assert len(TRAPS) >= 20 and len(CORRECT) >= 40
 
 
 def test_registry_names_reach_the_same_scorers():
@@ -85,10 +108,12 @@ def test_registry_names_reach_the_same_scorers():
     assert compute_score("math_dapo", response, truth)["score"] == 1.0
     assert compute_score("aime24", response, truth)["score"] == 1.0  # prefix
     assert compute_score("some_new_source", response, truth)["score"] == 1.0  # default
-    assert resolve_reward_fn("math_strict")("math_dapo", response, truth)["score"] == -1.0
+    assert (
+        resolve_reward_fn("math_strict", answer_format="boxed")("math_dapo", response, truth)["score"] == -1.0
+    )
 
 
 def test_pred_reports_the_extracted_answer():
     assert math_compute_score("math", "so \\boxed{\\dfrac{1}{2}}.", "0.5")["pred"] == "\\frac{1}{2}"
     assert math_compute_score("math", "no box", "0.5")["pred"] == "[INVALID]"
-    assert strict_compute_score("math", "\\boxed{7}", "8")["pred"] == "7"
+    assert boxed_score("\\boxed{7}", "8")["pred"] == "7"
