@@ -75,8 +75,12 @@ class DataConfig:
     """Shuffle the training prompts each epoch (with ``seed``)."""
     seed: int = 1
     """Seed of the prompt sampler; the sampler position is saved in checkpoints."""
-    filter_overlong_prompts: bool = False
-    """Drop prompts longer than max_prompt_length instead of truncating them."""
+    enable_thinking: bool = True
+    """Qwen3 chat template's ``enable_thinking`` for student and teacher prompts (the reference's 4B
+    OPSD and DAPO scripts set it false)."""
+    filter_overlong_prompts: bool = True
+    """Drop prompts longer than max_prompt_length (counted, WARNING); false cuts their questions instead,
+    never the teacher's context or the assistant header."""
 
 
 @dataclass
@@ -154,6 +158,8 @@ class AlgorithmConfig:
     """One-sided per-token clamp of the distillation KL."""
     positive_advantage_only: bool = False
     """Apply the distillation KL only on responses with A > 0 (reference: beta_distill_positive_advantage_only)."""
+    kl_exclude_eos: bool = False
+    """sdpg: skip the distillation KL on each response's stop token (reference PR #3; off = paper recipe)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (opsd uses 0.02 when this is 0)."""
     loss_agg_mode: LossAggMode = "token-mean"
@@ -215,7 +221,11 @@ class RewardConfig:
     scorer: str = "auto"
     """Reward function: auto (by the record's data_source), or a registered scorer name."""
     strict: bool = False
-    """Reference math_dapo scoring (string match only) instead of math-verify equivalence."""
+    """Score exactly as the reference does (its data-source table, string-matching math_dapo scorer,
+    math-verify/gsm8k 0/1 sources, error on unknown sources) instead of the default math scorer."""
+    answer_format: Literal["answer_colon", "boxed"] = "answer_colon"
+    """The reference's answer format: which math_dapo scorer strict mode uses, and ``boxed`` rewrites
+    the DAPO prompts' Answer:-line instruction to the boxed one at load time (as the reference)."""
     overlong_penalty: bool = False
     """DAPO linear overlong penalty in the last ``overlong_buffer`` tokens before max_response_length."""
     overlong_buffer: int = 512

@@ -115,6 +115,10 @@ class SDPGConfig(PolicyLossConfig):
     """Apply the KL term only on tokens with A > 0 (reference ``beta_distill_positive_advantage_only``)."""
     kl_clamp: float = 20.0
     """One-sided per-token clamp of the KL; no gradient where it is active."""
+    kl_exclude_eos: bool = False
+    """Skip the KL term on each response's stop token (the reference's open PR #3,
+    ``beta_distill_exclude_eos``: on Qwen3-1.7B the EOS token carries 2.5x the mean per-token KL and
+    pulls the student away from stopping). Off: the paper's recipe."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

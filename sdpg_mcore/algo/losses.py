@@ -53,6 +53,9 @@ class TokenInputs:
     """Teacher log-prob of the sampled token (opsd: frozen reference; rlsd: step-start policy)."""
     rollout_logprob_N: Tensor | None = None
     """Rollout engine's log-prob of the token, for the ``rollout_mismatch`` metric ``|lp_rollout - lp_old|``."""
+    stop_token_N: Tensor | None = None
+    """bool: the token that ended its response (a stop token; False on truncated responses), for
+    ``kl_exclude_eos``; ``None`` = no token is a stop token."""
     seq_loss_tokens_S: Tensor | None = None
     """Optional global loss-mask tokens per row (CP-reduced) for ``seq-mean-token-mean``."""
     seq_response_tokens_S: Tensor | None = None
@@ -142,6 +145,8 @@ def sdpg_loss(inputs: TokenInputs, cfg: SDPGConfig, *, step: int, total_steps: i
         kl_N = inputs.require("kl_N", "sdpg", "reverse KL from ops.fused_kl_head; beta != 0")
         kl_c_N = clamp_kl(kl_N, cfg.kl_clamp)
         gate_N = mask_N & (inputs.advantages_N.detach() > 0) if cfg.positive_advantage_only else mask_N
+        if cfg.kl_exclude_eos and inputs.stop_token_N is not None:
+            gate_N = gate_N & ~inputs.stop_token_N.bool()
         loss_N = loss_N + beta * torch.where(gate_N, kl_c_N, torch.zeros_like(kl_c_N))
         metrics.add_mean("kl_mean", kl_c_N.detach(), mask_N)
         metrics.add_max("kl_max", kl_N.detach(), mask_N)

@@ -6,9 +6,13 @@ prepended, and both message lists are rendered with the tokenizer's chat templat
 *without* adding special tokens again: a Llama-3 template already starts with BOS, and encoding the
 rendered text with ``add_special_tokens=True`` would double it.
 
-Prompts longer than ``max_prompt_length`` are dropped (``overlong="filter"``, verl's default), cut
-(``"truncate"``: the student from the left, the teacher from the right, as the reference does), or
-rejected (``"error"``). Token ids are stored in one flat int32 buffer so 17k prompts cost megabytes,
+Prompts longer than ``max_prompt_length`` are dropped (``overlong="filter"``, the default: counted and
+reported at WARNING), cut (``"truncate"``), or rejected (``"error"``). Truncation cuts the question,
+never what the prompt exists for: the student prompt loses tokens from the left (as the reference)
+and keeps its assistant header; the teacher prompt keeps its privileged context and assistant header
+whole and loses tokens from the left of the question it shares with the student (the reference cuts
+the teacher from the right, silently dropping the context and the header). With
+``answer_format="boxed"`` the reference's Answer:-line instruction is rewritten to the boxed one first. Token ids are stored in one flat int32 buffer so 17k prompts cost megabytes,
 not the ~36 bytes per token of Python int lists; :class:`PromptDataset` builds a
 :class:`~sdpg_mcore.data.records.PromptSample` on access.
 """
@@ -26,6 +30,7 @@ import numpy as np
 from sdpg_mcore.data.loading import as_path_list, load_record_file
 from sdpg_mcore.data.records import (
     TEACHER_CONTEXT_TOKEN,
+    AnswerFormat,
     DataError,
     Messages,
     PromptSample,
@@ -45,8 +50,11 @@ class PromptConfig:
     """Longest student prompt, in tokens (after the chat template)."""
     max_teacher_prompt_length: int | None = None
     """Longest teacher prompt; None means ``max_prompt_length`` (the reference uses one limit)."""
-    overlong: Literal["filter", "truncate", "error"] = "truncate"
-    """Over-long prompts: cut (student from the left, teacher from the right: the reference), drop, or raise."""
+    overlong: Literal["filter", "truncate", "error"] = "filter"
+    """Over-long prompts: drop (counted, WARNING), cut the question (never the teacher's context or the
+    assistant header), or raise."""
+    answer_format: AnswerFormat = "answer_colon"
+    """``boxed`` rewrites the reference's Answer:-line instruction to its boxed one at load time."""
     prompt_key: str = "prompt"
     """Column holding the chat message list."""
     apply_chat_template: bool = True
@@ -72,6 +80,8 @@ class PromptConfig:
             )
         if self.overlong not in ("filter", "truncate", "error"):
             raise ValueError(f"overlong={self.overlong!r}: choose 'filter', 'truncate' or 'error'")
+        if self.answer_format not in ("answer_colon", "boxed"):
+            raise ValueError(f"answer_format={self.answer_format!r}: choose 'answer_colon' or 'boxed'")
         if self.missing_sentinel not in ("error", "no_teacher_context"):
             raise ValueError(
                 f"missing_sentinel={self.missing_sentinel!r}: choose 'error' or 'no_teacher_context'"
@@ -173,6 +183,28 @@ class PromptDataset:
         return np.diff(self._teacher_offsets)
 
 
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Tokens ``a`` and ``b`` share at the start (student and teacher: the template head and the question)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def truncate_teacher(student: list[int], teacher: list[int], limit: int) -> list[int] | None:
+    """``teacher`` cut to ``limit`` tokens from the left of the question; None if its own part is longer.
+
+    The teacher's own part (everything after the prefix it shares with the student: the context,
+    the rest of the message and the assistant header) is kept whole.
+    """
+    shared = min(shared_prefix_length(student, teacher), len(teacher) - 1)
+    own = len(teacher) - shared
+    if own > limit:
+        return None
+    return teacher[shared - (limit - own) : shared] + teacher[shared:]
+
+
 def _apply_length_policy(
     student: list[int], teacher: list[int], config: PromptConfig, stats: PromptStats, source: str, row: int
 ) -> tuple[list[int], list[int]] | None:
@@ -180,9 +212,6 @@ def _apply_length_policy(
     over_t = len(teacher) > config.teacher_limit
     if not (over_s or over_t):
         return student, teacher
-    if config.overlong == "filter":
-        stats.num_filtered += 1
-        return None
     if config.overlong == "error":
         which = "student" if over_s else "teacher"
         raise DataError(
@@ -193,13 +222,15 @@ def _apply_length_policy(
             f"{config.max_prompt_length if over_s else config.teacher_limit}; raise max_prompt_length or set "
             "overlong to 'filter' or 'truncate'",
         )
+    cut_teacher = truncate_teacher(student, teacher, config.teacher_limit) if over_t else teacher
+    if config.overlong == "filter" or cut_teacher is None:
+        stats.num_filtered += 1
+        return None
     if over_s:
         stats.num_student_truncated += 1
         student = student[-config.max_prompt_length :]
-    if over_t:
-        stats.num_teacher_truncated += 1
-        teacher = teacher[: config.teacher_limit]
-    return student, teacher
+    stats.num_teacher_truncated += int(over_t)
+    return student, cut_teacher
 
 
 def build_prompt_samples(
@@ -227,6 +258,7 @@ def build_prompt_samples(
             sentinel=config.sentinel,
             missing_sentinel=config.missing_sentinel,
             prompt_key=config.prompt_key,
+            answer_format=config.answer_format,
         )
         student_ids = _render(tokenizer, student_msgs, config)
         teacher_ids = _render(tokenizer, teacher_msgs, config) if has_context else list(student_ids)
@@ -284,6 +316,15 @@ def load_prompt_dataset(
             None,
             None,
             f"every record was filtered (longer than {config.max_prompt_length} tokens); raise max_prompt_length",
+        )
+    if stats.num_filtered:
+        logger.warning(
+            "dropped %d of %d prompts longer than max_prompt_length=%d tokens (student) / %d (teacher); "
+            "raise the limit, or set data.filter_overlong_prompts=false to cut their questions instead",
+            stats.num_filtered,
+            stats.num_records,
+            config.max_prompt_length,
+            config.teacher_limit,
         )
     logger.info("prompts: %s", stats.as_dict())
     return PromptDataset(samples, stats)

@@ -27,7 +27,16 @@ REFERENCE_CONTEXT_TEMPLATE = (
     "Use this to verify your reasoning, but show your full solution process."
 )
 
+#: The reference's answer-format instructions (DAPO-Math prompts carry the first); ``answer_format=boxed``
+#: swaps it for the second at load time, as the reference's dataset does.
+ANSWER_COLON_INSTRUCTION = (
+    "The last line of your response should be of the form Answer: $Answer"
+    " (without quotes) where $Answer is the answer to the problem."
+)
+BOXED_INSTRUCTION = "Present your final answer inside \\boxed{}, for example \\boxed{42}."
+
 SentinelFallback = Literal["error", "no_teacher_context"]
+AnswerFormat = Literal["answer_colon", "boxed"]
 Messages = list[dict[str, Any]]
 
 
@@ -117,6 +126,28 @@ def split_teacher_context(
     return [dict(copy.deepcopy(m)) for m in messages], None
 
 
+def apply_answer_format(messages: Messages, answer_format: AnswerFormat) -> tuple[Messages, bool]:
+    """The reference's load-time rewrite: for ``boxed``, the Answer:-line instruction becomes the boxed one.
+
+    Every message with the instruction has its first occurrence replaced (the reference's
+    ``_apply_answer_format``); ``answer_colon`` leaves the messages as they are. Returns the messages
+    and whether anything changed.
+    """
+    if answer_format == "answer_colon":
+        return messages, False
+    if answer_format != "boxed":
+        raise ValueError(f"answer_format={answer_format!r}: choose 'answer_colon' or 'boxed'")
+    changed = False
+    out: Messages = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) and ANSWER_COLON_INSTRUCTION in content:
+            message = {**message, "content": content.replace(ANSWER_COLON_INSTRUCTION, BOXED_INSTRUCTION, 1)}
+            changed = True
+        out.append(message)
+    return out, changed
+
+
 def validate_messages(prompt: Any, source: str, index: int, key: str = "prompt") -> Messages:
     """Check that ``prompt`` is a chat message list (a bare string becomes one user message)."""
     if isinstance(prompt, str):
@@ -171,9 +202,11 @@ def split_record(
     sentinel: str = TEACHER_CONTEXT_TOKEN,
     missing_sentinel: SentinelFallback = "error",
     prompt_key: str = "prompt",
+    answer_format: AnswerFormat = "answer_colon",
 ) -> tuple[Messages, Messages, bool]:
-    """Validate a record's prompt and split it; returns ``(student, teacher, has_teacher_context)``."""
+    """Validate a record's prompt, apply ``answer_format`` and split it: ``(student, teacher, has_context)``."""
     messages = validate_messages(record.get(prompt_key), source, index, prompt_key)
+    messages, _ = apply_answer_format(messages, answer_format)
     student, teacher = split_teacher_context(messages, sentinel)
     if teacher is None:
         if missing_sentinel == "error":

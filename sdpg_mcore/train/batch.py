@@ -251,6 +251,14 @@ def scatter_rows(
     return out
 
 
+def stop_token_mask(response: Response) -> torch.Tensor:
+    """bool ``[len]``: True at the token that stopped generation (the last one, unless truncated)."""
+    mask = torch.zeros(len(response.response_ids), dtype=torch.bool)
+    if response.response_ids and not response.truncated:
+        mask[-1] = True
+    return mask
+
+
 def gather_rows(per_row: dict[int, torch.Tensor], mb: MicroBatch) -> torch.Tensor:
     """``{row: [len]}`` -> the micro-batch's ``[N]`` in its row-major token order."""
     return torch.cat([per_row[i] for i in mb.rows])

@@ -50,6 +50,7 @@ class RolloutSettings:
     max_concurrency: int
     scorer: str
     strict: bool
+    answer_format: str
     overlong: bool
     overlong_buffer: int
     overlong_factor: float
@@ -124,7 +125,7 @@ class RolloutSession:
                 request_timeout_s=settings.request_timeout_s,
             )
         )
-        self.reward_fn = resolve_reward_fn(settings.scorer, strict=settings.strict)
+        self.reward_fn = resolve_reward_fn(settings.scorer, settings.strict, settings.answer_format)
         self.overlong = OverlongConfig(
             enable=settings.overlong,
             buffer_len=settings.overlong_buffer,

@@ -90,6 +90,7 @@ def token_inputs(mb, kl_N, logprob_N, entropy_N) -> algo.TokenInputs:
         ref_logprob_N=mb.inputs.get("ref"),
         teacher_logprob_N=mb.inputs.get("teacher"),
         rollout_logprob_N=mb.inputs["rollout"],
+        stop_token_N=mb.inputs["stop"],
         seq_loss_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[0],
         seq_response_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[1],
     )
@@ -139,6 +140,7 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
         per_row["rollout"] = {
             i: torch.tensor(responses[i].rollout_logprobs, dtype=torch.float32) for i in per_row["old"]
         }
+        per_row["stop"] = {i: B.stop_token_mask(responses[i]) for i in per_row["old"]}
         if penalty is not None:
             loss_metrics["reward_kl_penalty"] = penalty
 

@@ -107,6 +107,7 @@ def rollout_settings(cfg: Config) -> RolloutSettings:
         max_concurrency=r.max_concurrency,
         scorer=rw.scorer,
         strict=rw.strict,
+        answer_format=rw.answer_format,
         overlong=rw.overlong_penalty,
         overlong_buffer=rw.overlong_buffer,
         overlong_factor=rw.overlong_factor,
@@ -120,7 +121,8 @@ def _prompts(cfg: Config, files: list[str], tokenizer, needs_teacher: bool):
     config = PromptConfig(
         max_prompt_length=cfg.data.max_prompt_length,
         overlong="filter" if cfg.data.filter_overlong_prompts else "truncate",
-        chat_template_kwargs={"enable_thinking": True},
+        chat_template_kwargs={"enable_thinking": cfg.data.enable_thinking},
+        answer_format=cfg.reward.answer_format,
         missing_sentinel="error" if needs_teacher else "no_teacher_context",
     )
     return load_prompt_dataset(files, tokenizer, config)

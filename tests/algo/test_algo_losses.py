@@ -134,6 +134,30 @@ def test_kl_gradient_is_zero_where_clamped():
     assert g_kl[0].item() == pytest.approx(1.0 / 12)
 
 
+@pytest.mark.parametrize("exclude", [False, True])
+def test_kl_exclude_eos_skips_only_stop_tokens(exclude):
+    """Stop tokens (last token of rows 0 and 2; row 1 was truncated) get no KL term and no KL gradient."""
+    import dataclasses
+
+    stop_N = torch.zeros(sum(LENGTHS), dtype=torch.bool)
+    stop_N[[3, 11]] = True
+    inp = dataclasses.replace(_inputs(), stop_token_N=stop_N)
+    cfg = SDPGConfig(beta=1.0, alpha=0.0, kl_exclude_eos=exclude)
+    out = _run("sdpg", cfg, inp)
+    (g_kl,) = torch.autograd.grad(out.loss, [inp.kl_N], retain_graph=True)
+    clamped = torch.zeros_like(stop_N)
+    clamped[[2, 9]] = True
+    gets_kl = ~clamped & ~(stop_N & exclude)
+    assert torch.equal(g_kl != 0, gets_kl)
+    assert torch.allclose(g_kl[gets_kl], torch.full_like(g_kl[gets_kl], 1.0 / 12), rtol=0, atol=1e-15)
+    pg = torch.stack([_pg_case(inp.advantages_N[t].item(), inp.logprob_N[t], inp.old_logprob_N[t], 0.2, 0.28, 10.0)
+                      for t in range(12)])  # fmt: skip
+    kl_c = inp.kl_N.clamp(max=20.0)
+    want = (pg + torch.where(stop_N & exclude, torch.zeros_like(kl_c), kl_c)).mean()
+    _assert_same(inp, out.loss, want)
+    assert SDPGConfig().kl_exclude_eos is False  # the paper's recipe
+
+
 @pytest.mark.parametrize("name,cfg,el,eh,c", [
     ("dapo", DAPOConfig(), 0.2, 0.28, 10.0),
     ("grpo", GRPOConfig(), 0.2, 0.2, 1000.0),

@@ -3,14 +3,17 @@
 import pytest
 
 from sdpg_mcore.data import (
+    ANSWER_COLON_INSTRUCTION,
     REFERENCE_CONTEXT_TEMPLATE,
     TEACHER_CONTEXT_TOKEN,
     DataError,
     PromptConfig,
     RolloutSample,
+    apply_answer_format,
     build_prompt_samples,
     pack_sequences,
 )
+from sdpg_mcore.data.prompts import shared_prefix_length
 
 QUESTION = "What is 12 + 7? Put the final answer in \\boxed{}."
 CONTEXT = "\n\n" + REFERENCE_CONTEXT_TEMPLATE.format(answer="19")
@@ -133,8 +136,9 @@ def test_filter_drops_prompts_over_either_limit_and_counts_them(qwen_tokenizer, 
     assert stats.max_teacher_length == max(teacher[i] for i in expected_kept)
 
 
-def test_truncate_cuts_student_from_left_teacher_from_right(llama_tokenizer, mixed_records):
-    tok = llama_tokenizer
+@pytest.mark.parametrize("tok_name", ["qwen", "llama"])
+def test_truncate_never_cuts_the_teacher_context_or_the_assistant_header(request, tok_name, mixed_records):
+    tok = request.getfixturevalue(f"{tok_name}_tokenizer")
     student, teacher = lengths_of(tok, mixed_records)
     limit = sorted(student)[1]
     samples, stats = build_prompt_samples(
@@ -142,13 +146,48 @@ def test_truncate_cuts_student_from_left_teacher_from_right(llama_tokenizer, mix
     )
     assert len(samples) == 3 and stats.num_filtered == 0
     assert stats.num_student_truncated == sum(n > limit for n in student) == 1
-    assert stats.num_teacher_truncated == sum(n > limit for n in teacher)
+    assert stats.num_teacher_truncated == sum(n > limit for n in teacher) >= 1
+    with_x, with_y = (template(tok, [{"role": "user", "content": c}]) for c in ("x", "y"))
+    header = with_x[-shared_prefix_length(with_x[::-1], with_y[::-1]) :]  # end of turn + assistant header
+    assert len(header) >= 2
     for rec, sample in zip(mixed_records, samples):
         full_s = template(tok, [{"role": "user", "content": rec["question"]}])
         full_t = template(tok, [{"role": "user", "content": rec["question"] + CONTEXT}])
-        assert sample.student_ids == full_s[-limit:]  # keeps the generation prompt at the end
-        assert sample.teacher_ids == full_t[:limit]  # keeps BOS and the question at the start
+        assert sample.student_ids == full_s[-limit:]  # from the left, as the reference
         assert len(sample.student_ids) <= limit and len(sample.teacher_ids) <= limit
+        # The teacher keeps its own part (context + assistant header) whole and a suffix of the question.
+        own = len(full_t) - shared_prefix_length(full_s, full_t)
+        assert sample.teacher_ids[-own:] == full_t[-own:]
+        assert sample.teacher_ids == full_t[-len(sample.teacher_ids) :] or len(full_t) <= limit
+        assert tok.decode(sample.teacher_ids).count("The correct answer to this problem is: 19") == 1
+        assert sample.teacher_ids[-len(header) :] == header and sample.student_ids[-len(header) :] == header
+
+
+def test_truncate_drops_a_prompt_whose_teacher_context_alone_is_over_the_limit(qwen_tokenizer):
+    long_context = "\n\n" + REFERENCE_CONTEXT_TEMPLATE.format(answer="19 " * 200)
+    records = [record(), record(context=long_context)]
+    limit = len(template(qwen_tokenizer, [{"role": "user", "content": QUESTION + CONTEXT}]))
+    samples, stats = build_prompt_samples(
+        records, qwen_tokenizer, PromptConfig(max_prompt_length=limit, overlong="truncate")
+    )
+    assert [s.index for s in samples] == [0] and stats.num_filtered == 1
+
+
+def test_answer_format_boxed_rewrites_the_reference_instruction(qwen_tokenizer):
+    question = "Find x. " + ANSWER_COLON_INSTRUCTION
+    (colon,), _ = build_prompt_samples([record(question=question)], qwen_tokenizer, PromptConfig())
+    (boxed,), _ = build_prompt_samples(
+        [record(question=question)], qwen_tokenizer, PromptConfig(answer_format="boxed")
+    )
+    assert "Answer: $Answer" in qwen_tokenizer.decode(colon.student_ids)
+    for ids in (boxed.student_ids, boxed.teacher_ids):
+        text = qwen_tokenizer.decode(ids)
+        assert "Answer: $Answer" not in text and "inside \\boxed{}, for example \\boxed{42}." in text
+    assert "correct answer to this problem is: 19" in qwen_tokenizer.decode(boxed.teacher_ids)
+    messages, changed = apply_answer_format([{"role": "user", "content": QUESTION}], "boxed")
+    assert not changed and messages[0]["content"] == QUESTION
+    with pytest.raises(ValueError, match="answer_format='latex'"):
+        build_prompt_samples([record()], qwen_tokenizer, PromptConfig(answer_format="latex"))
 
 
 def test_separate_teacher_limit(qwen_tokenizer, mixed_records):
@@ -220,8 +259,8 @@ def test_invalid_config_is_rejected(qwen_tokenizer):
         build_prompt_samples([record()], qwen_tokenizer, PromptConfig(missing_sentinel="skip"))
 
 
-def test_default_policy_is_the_reference_truncation():
-    assert PromptConfig().overlong == "truncate"
+def test_default_policy_drops_overlong_prompts():
+    assert PromptConfig().overlong == "filter"
 
 
 def test_prompt_key_and_plain_rendering_without_chat_template(llama_tokenizer):

@@ -10,6 +10,7 @@ from sdpg_mcore.train.batch import (
     plan_micro_batches,
     scatter_rows,
     shard_for_cp,
+    stop_token_mask,
 )
 
 
@@ -83,3 +84,12 @@ def test_shard_for_cp_owners_cover_every_token_once():
         for rank, shard in enumerate(shards):
             assert bool((owners[getattr(shard, index)] == rank).all())
     assert bool((shards[0].cp_owner_N != shards[0].teacher_cp_owner_N).any())
+
+
+def test_stop_token_mask_marks_the_last_token_of_stopped_responses_only():
+    def response(ids, truncated):
+        return Response(0, [1], [1], ids, [0.0] * len(ids), truncated=truncated)
+
+    assert stop_token_mask(response([5, 6, 7], False)).tolist() == [False, False, True]
+    assert stop_token_mask(response([5, 6, 7], True)).tolist() == [False, False, False]
+    assert stop_token_mask(response([], False)).tolist() == []
