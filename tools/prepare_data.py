@@ -4,6 +4,13 @@
     python tools/prepare_data.py --input raw.csv --question-key problem --answer-key answer \\
         --test-size 0.05 --out data/mine --format parquet
     python tools/prepare_data.py --input raw.jsonl --no-teacher-context --out data/grpo   # GRPO/DAPO data
+    python tools/prepare_data.py --input dapo-math-17k.parquet --out data/dapo --answer-format boxed
+
+An ``--input`` file in the reference/verl layout (a ``prompt`` column of chat messages and a
+``reward_model`` column with ``ground_truth``) is read as it is: its messages, ``data_source`` and
+``extra_info`` are kept, and the teacher context is added after the sentinel in its first user message
+unless the record already has one. ``--answer-format boxed`` applies the reference's instruction
+rewrite (Answer: line -> ``\\boxed{}``) to the written prompts.
 
 Each output record (SDPG.md §4)::
 
@@ -28,14 +35,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from sdpg_mcore.data.records import REFERENCE_CONTEXT_TEMPLATE, TEACHER_CONTEXT_TOKEN, DataError  # noqa: E402
+from sdpg_mcore.data.records import (  # noqa: E402
+    REFERENCE_CONTEXT_TEMPLATE,
+    TEACHER_CONTEXT_TOKEN,
+    DataError,
+    apply_answer_format,
+    validate_messages,
+)
 
 DEFAULT_INSTRUCTION = "{question} Please reason step by step, and put your final answer within \\boxed{{}}."
 RAW_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
-def read_raw(path: Path, question_key: str, answer_key: str, extract_boxed: bool) -> list[tuple[str, str]]:
-    """(question, answer) pairs from a parquet / JSON-lines / JSON / CSV file; errors name file, row, column."""
+def _read_frame(path: Path):
     import pandas as pd
 
     if not path.is_file():
@@ -43,26 +55,69 @@ def read_raw(path: Path, question_key: str, answer_key: str, extract_boxed: bool
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True, dtype=False)
-        elif suffix == ".json":
+            return pd.read_parquet(path)
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        if suffix == ".json":
             text = path.read_text(encoding="utf-8")
-            frame = pd.read_json(path, lines=not text.lstrip().startswith("["), dtype=False)
-        elif suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        else:
-            raise DataError(
-                str(path), None, None, f"unsupported file type {suffix!r}; use one of {RAW_SUFFIXES}"
-            )
-    except DataError:
-        raise
+            return pd.read_json(path, lines=not text.lstrip().startswith("["), dtype=False)
+        if suffix == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas / pyarrow parse errors
         raise DataError(str(path), None, None, f"unreadable: {type(exc).__name__}: {exc}") from exc
+    raise DataError(str(path), None, None, f"unsupported file type {suffix!r}; use one of {RAW_SUFFIXES}")
+
+
+def is_record_layout(columns, question_key: str) -> bool:
+    """The reference/verl layout: chat messages in ``prompt`` and the answer in ``reward_model``."""
+    return "prompt" in columns and "reward_model" in columns and question_key not in columns
+
+
+def _plain(value: Any) -> Any:
+    """pandas/pyarrow values (numpy arrays of dicts) as plain Python lists and dicts."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def read_records(path: Path, frame) -> list[dict[str, Any]]:
+    """Items of a reference/verl-layout file: its messages, ground truth, data_source and extra_info."""
+    items = []
+    for row, record in enumerate(frame.to_dict("records")):
+        messages = validate_messages(_plain(record["prompt"]), str(path), row)
+        reward_model = _plain(record["reward_model"])
+        answer = _text(reward_model.get("ground_truth")) if isinstance(reward_model, dict) else ""
+        if not answer:
+            raise DataError(str(path), row, "reward_model.ground_truth", "missing or empty")
+        extra_info = _plain(record.get("extra_info")) or {}
+        data_source = record.get("data_source")
+        items.append(
+            {
+                "messages": messages,
+                "answer": answer,
+                "data_source": data_source if isinstance(data_source, str) and data_source else None,
+                "extra_info": extra_info if isinstance(extra_info, dict) else {},
+            }
+        )
+    if not items:
+        raise DataError(str(path), None, None, "contains no rows")
+    return items
+
+
+def read_raw(path: Path, question_key: str, answer_key: str, extract_boxed: bool) -> list[dict[str, Any]]:
+    """Items from a q/a file (parquet / JSON-lines / JSON / CSV) or a reference-layout file; errors name
+    file, row and column. A q/a item has ``question`` and ``answer``; a record item ``messages`` too."""
+    frame = _read_frame(path)
+    if is_record_layout(frame.columns, question_key):
+        return read_records(path, frame)
     for key, flag in ((question_key, "--question-key"), (answer_key, "--answer-key")):
         if key not in frame.columns:
             raise DataError(str(path), None, key, f"missing column; found {list(frame.columns)} (set {flag})")
-    pairs = []
+    items = []
     for row, (question, answer) in enumerate(zip(frame[question_key], frame[answer_key])):
         question, answer = _text(question), _text(answer)
         if extract_boxed and answer:
@@ -78,10 +133,10 @@ def read_raw(path: Path, question_key: str, answer_key: str, extract_boxed: bool
                 answer_key,
                 "empty answer" + (" (no \\boxed{} in it)" if extract_boxed else ""),
             )
-        pairs.append((question, answer))
-    if not pairs:
+        items.append({"question": question, "answer": answer})
+    if not items:
         raise DataError(str(path), None, None, "contains no rows")
-    return pairs
+    return items
 
 
 def _text(value: Any) -> str:
@@ -109,7 +164,7 @@ def _evaluate(operands: list[int], operators: list[str]) -> int:
 
 def synthetic_arithmetic(
     num: int, rng: random.Random, num_operands: int = 2, max_digits: int = 1, operators: str = "+-"
-) -> list[tuple[str, str]]:
+) -> list[dict[str, str]]:
     """``num`` problems ``What is a op b ...?`` with ``num_operands`` operands of up to ``max_digits`` digits."""
     if num_operands < 2:
         raise ValueError(f"--num-operands={num_operands}: must be >= 2")
@@ -123,27 +178,43 @@ def synthetic_arithmetic(
         operands = [rng.randint(0, high) for _ in range(num_operands)]
         ops = [rng.choice(operators) for _ in range(num_operands - 1)]
         expression = str(operands[0]) + "".join(f" {op} {value}" for op, value in zip(ops, operands[1:]))
-        pairs.append((f"What is {expression}?", str(_evaluate(operands, ops))))
+        pairs.append({"question": f"What is {expression}?", "answer": str(_evaluate(operands, ops))})
     return pairs
 
 
-def make_record(
-    question: str, answer: str, index: int, split: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    content = args.instruction_template.format(question=question)
-    if not args.no_teacher_context:
-        content += (
-            TEACHER_CONTEXT_TOKEN + args.context_separator + args.context_template.format(answer=answer)
-        )
-    messages = [{"role": "user", "content": content}]
-    if args.system_prompt:
+def _with_context(messages: list[dict[str, Any]], context: str, keep: bool) -> list[dict[str, Any]]:
+    """Add ``sentinel + context`` to the first user message (none if one has the sentinel); or strip it."""
+    out = [dict(m) for m in messages]
+    for message in out:
+        if TEACHER_CONTEXT_TOKEN in message["content"]:
+            if not keep:
+                message["content"] = message["content"].split(TEACHER_CONTEXT_TOKEN, 1)[0]
+            return out
+    if keep:
+        user = next((m for m in out if m.get("role") == "user"), out[-1])
+        user["content"] += TEACHER_CONTEXT_TOKEN + context
+    return out
+
+
+def make_record(item: dict[str, Any], index: int, split: str, args: argparse.Namespace) -> dict[str, Any]:
+    answer = item["answer"]
+    context = args.context_separator + args.context_template.format(answer=answer)
+    if "messages" in item:
+        messages = _with_context(item["messages"], context, keep=not args.no_teacher_context)
+        extra_info = {**item["extra_info"], "index": index, "split": split}
+    else:
+        messages = [{"role": "user", "content": args.instruction_template.format(question=item["question"])}]
+        messages = _with_context(messages, context, keep=not args.no_teacher_context)
+        extra_info = {"index": index, "split": split, "question": item["question"], "answer": answer}
+    if args.system_prompt and messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": args.system_prompt})
+    messages, _ = apply_answer_format(messages, args.answer_format)
     return {
-        "data_source": args.data_source,
+        "data_source": args.data_source or item.get("data_source") or "math",
         "prompt": messages,
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": answer},
-        "extra_info": {"index": index, "split": split, "question": question, "answer": answer},
+        "extra_info": extra_info,
     }
 
 
@@ -167,7 +238,7 @@ def _split_sizes(num: int, test_size: float) -> int:
     return num_test
 
 
-def build_splits(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
+def build_splits(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     rng = random.Random(args.seed)
     if args.synthetic:
         kwargs = dict(num_operands=args.num_operands, max_digits=args.max_digits, operators=args.operators)
@@ -212,14 +283,16 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     summary: dict[str, Any] = {"out": str(out), "format": args.format, "dry_run": args.dry_run, "splits": {}}
     for split, pairs in splits.items():
-        records = [make_record(q, a, i, split, args) for i, (q, a) in enumerate(pairs)]
+        records = [make_record(item, i, split, args) for i, item in enumerate(pairs)]
         path = out / f"{split}.{args.format}"
         if not args.dry_run:
             write_records(records, path, args.format)
         summary["splits"][split] = {
             "path": str(path),
             "records": len(records),
-            "mean_question_chars": round(sum(len(q) for q, _ in pairs) / len(pairs), 1),
+            "mean_question_chars": round(
+                sum(len(p.get("question") or p["messages"][-1]["content"]) for p in pairs) / len(pairs), 1
+            ),
             "teacher_context": not args.no_teacher_context,
             "example": records[0]["prompt"][-1]["content"],
         }
@@ -304,7 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fmt.add_argument("--system-prompt", default=None, help="prepend this system message to every prompt")
     fmt.add_argument(
-        "--data-source", default="math", help="data_source field: picks the reward function (default math)"
+        "--data-source",
+        default=None,
+        help="data_source field: picks the reward function (default: the record's own, else math)",
+    )
+    fmt.add_argument(
+        "--answer-format",
+        choices=["answer_colon", "boxed"],
+        default="answer_colon",
+        help="boxed: rewrite the reference's Answer:-line instruction to its \\boxed{} one (default: keep)",
     )
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output directory; writes train.<format> and test.<format>")

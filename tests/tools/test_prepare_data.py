@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sdpg_mcore.data import TEACHER_CONTEXT_TOKEN, PromptConfig, load_prompt_dataset
+from sdpg_mcore.data import ANSWER_COLON_INSTRUCTION, TEACHER_CONTEXT_TOKEN, PromptConfig, load_prompt_dataset
 from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
 from sdpg_mcore.rewards import compute_score
 
@@ -232,3 +232,61 @@ def test_help_documents_every_option():
             assert action.help, f"{action.option_strings} has no help text"
     with pytest.raises(SystemExit):
         pd_tool.main(["--out", "x"])  # neither --input nor --synthetic
+
+
+def _reference_layout_file(path):
+    """A parquet in the reference's own layout: one record with its sentinel, one (verl) without."""
+    instruction = ANSWER_COLON_INSTRUCTION
+    records = [
+        {
+            "data_source": "math_dapo",
+            "prompt": [
+                {"role": "user", "content": f"Solve 2+2. {instruction}{TEACHER_CONTEXT_TOKEN}\n\nIt is 4."}
+            ],
+            "ability": "MATH",
+            "reward_model": {"ground_truth": "4", "style": "rule-lighteval/MATH_v2"},
+            "extra_info": {"index": "a-1"},
+        },
+        {
+            "data_source": "aime24",
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Solve 3+4. {instruction}"},
+            ],
+            "ability": "MATH",
+            "reward_model": {"ground_truth": "7", "style": "rule"},
+            "extra_info": {"index": "b-2"},
+        },
+    ]
+    pd.DataFrame(records).to_parquet(path)
+
+
+def test_reference_layout_input_is_read_as_records(tmp_path, capsys, tokenizer):
+    src = tmp_path / "dapo.parquet"
+    _reference_layout_file(src)
+    code, out, err = run(
+        ["--input", str(src), "--no-shuffle", "--out", str(tmp_path / "o"), "--answer-format", "boxed"],
+        capsys,
+    )
+    assert code == 0, err
+    written = pd.read_parquet(tmp_path / "o" / "train.parquet")
+    assert list(written["data_source"]) == ["math_dapo", "aime24"]  # kept: they pick the scorer
+    first, second = (list(p) for p in written["prompt"])
+    assert first[0]["content"].count(TEACHER_CONTEXT_TOKEN) == 1 and first[0]["content"].endswith("It is 4.")
+    assert second[0] == {"role": "system", "content": "Be brief."}
+    assert second[1]["content"].endswith(TEACHER_CONTEXT_TOKEN + "\n\nThe correct answer to this problem is: 7\n"
+                                         "Use this to verify your reasoning, but show your full solution process.")  # fmt: skip
+    for message in (first[0], second[1]):
+        assert ANSWER_COLON_INSTRUCTION not in message["content"]
+        assert "\\boxed{42}" in message["content"]
+    assert [e["index"] for e in written["extra_info"]] == [0, 1]
+    loaded = load_prompt_dataset(
+        tmp_path / "o" / "train.parquet", tokenizer, PromptConfig(max_prompt_length=400)
+    )
+    assert [loaded[i].ground_truth for i in range(2)] == ["4", "7"]
+    assert "correct answer to this problem is: 7" in tokenizer.decode(loaded[1].teacher_ids)
+    # GRPO data from the same file: the context (existing or not) is not written.
+    run(["--input", str(src), "--no-shuffle", "--out", str(tmp_path / "g"), "--no-teacher-context"], capsys)
+    grpo = pd.read_parquet(tmp_path / "g" / "train.parquet")
+    assert all(TEACHER_CONTEXT_TOKEN not in m["content"] for p in grpo["prompt"] for m in p)
+    assert ANSWER_COLON_INSTRUCTION in list(grpo["prompt"][0])[0]["content"]
