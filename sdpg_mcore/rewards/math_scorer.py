@@ -39,6 +39,7 @@ _BOX_START = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|[ \t]+([-+\d\\(](?:(?!\\box
 _BRACELESS_END = re.compile(r"\\\]|\\\)")
 _ANSWER_LINE = re.compile(r"(?i)Answer[ \t]*:[ \t]*([^\n]+)")
 _ANSWER_PREFIX = re.compile(r"(?i)^(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*")
+_STATED = re.compile(r"[\d\\]")
 _MOD = re.compile(r"\\[bp]?mod(?![a-zA-Z])|\bmod\b")
 # Multi-letter units only: a single letter after a number is more often a variable (``2m``) than metres.
 _UNITS = (
@@ -85,8 +86,17 @@ def last_boxed(text: str) -> str | None:
     return None if box is None else box[1]
 
 
+def _states_an_answer(text: str) -> bool:
+    """An ``Answer:`` line that states a value (a digit, a TeX command, or one word such as ``B``), not prose."""
+    return _STATED.search(text) is not None or len(text.split()) <= 1
+
+
 def extract_answer(solution: str) -> str | None:
-    """The response's final answer: the later of its last box and its last ``Answer:`` line (tail only)."""
+    """The response's final answer: the later of its last box and its last ``Answer:`` line (tail only).
+
+    An ``Answer:`` line after the box wins when it states a value (``Answer: 41`` overrides an
+    earlier ``\\boxed{42}``); prose such as ``Answer: see above`` does not hide the box.
+    """
     box = _last_box(solution)
     tail_start = max(0, len(solution) - TAIL_CHARS)
     line = None
@@ -95,7 +105,9 @@ def extract_answer(solution: str) -> str | None:
     if line is not None and (box is None or line.start() > box[0]):
         answer = line.group(1).strip().strip("*").strip()
         inner = _last_box(answer)
-        return inner[1] if inner is not None else _ANSWER_PREFIX.sub("", answer)
+        answer = inner[1] if inner is not None else _ANSWER_PREFIX.sub("", answer)
+        if box is None or (answer is not None and _states_an_answer(answer)):
+            return answer
     return None if box is None else box[1]
 
 

@@ -33,6 +33,8 @@ def test_the_final_answer_wins():
     assert extract_answer("Answer: 12\nso \\boxed{3}") == "3"
     assert extract_answer("Answer: $\\boxed{7}$") == "7"
     assert extract_answer("\\boxed{3}\nAnswer: The final answer is 3.") == "3."
+    assert extract_answer("\\boxed{3}\nAnswer: see above") == "3"  # prose does not hide the box
+    assert extract_answer("\\boxed{3}\nAnswer: B") == "B"
     assert extract_answer("Answer: 5" + "x" * 600) is None  # Answer: lines only in the last 500 characters
     assert extract_answer("\\boxed{5}" + "x" * 600) == "5"  # boxes anywhere
 

@@ -76,6 +76,7 @@ CORRECT = [
     ("\\boxed{41}\nAnswer: 42", "42"),
     ("\\boxed{42}\nAnswer: 42", "42"),
     ("\\boxed{42}\nAnswer: The answer is 42.", "42"),
+    ("\\boxed{42}\nAnswer: see the box above.", "42"),
     ("first \\boxed{1} then \\boxed{2}", "2"),
     ("\\boxed{42}" + " filler" * 200, "42"),
     ("\\boxed{0.125}", "\\frac18"),
