@@ -98,6 +98,7 @@ def worker_main(argv: Sequence[str]) -> None:
     global _IN_WORKER
     _IN_WORKER = True
     fd, parent_pid, pdeathsig, preload = argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     _die_with_parent(int(parent_pid), pdeathsig == "1")
     conn = Connection(int(fd))
     logging.getLogger("math_verify").setLevel(logging.ERROR)

@@ -189,3 +189,48 @@ def test_user_function_from_file_runs_in_workers_and_its_errors_surface(tmp_path
     assert [r.score for r in inline.score(requests)] == [1.0, 0.0]
     with pytest.raises(RewardFunctionError, match="KeyError"):
         resolve_reward_fn(spec)("x", "boom", "a")
+
+
+PARENT = textwrap.dedent(
+    """
+    import threading, time
+    from sdpg_mcore.rewards import compute_score
+    from sdpg_mcore.rewards.pool import shared_pool
+    compute_score("math", "\\\\boxed{1}", "1")
+    print(shared_pool()._workers[0].process.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("from_thread", [False, True])
+def test_reward_worker_dies_with_a_killed_parent(tmp_path, from_thread):
+    """kill -9 of the caller (no atexit runs) must not leave its reward worker behind."""
+    import os
+    import signal
+
+    code = (
+        PARENT
+        if not from_thread
+        else PARENT.replace(
+            'compute_score("math", "\\\\boxed{1}", "1")',
+            't = threading.Thread(target=compute_score, args=("math", "\\\\boxed{1}", "1")); t.start(); t.join()',
+        )
+    )
+    script = tmp_path / "parent.py"
+    script.write_text(code)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        if open(f"/proc/{worker_pid}/stat").read().split()[2] == "Z":  # exited, awaiting its reaper
+            return
+        time.sleep(0.2)
+    os.kill(worker_pid, signal.SIGKILL)
+    pytest.fail(f"reward worker {worker_pid} outlived its killed parent")
