@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +25,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-AlgorithmName = Literal["sdpg", "grpo", "dapo", "opsd", "rlsd"]
-AlphaMode = Literal["fkl", "rkl", "ufkl", "urkl"]
-LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "token-mean-legacy"]
+from sdpg_mcore.algo.config import AlgorithmConfigError, PolicyLossConfig, SDPGConfig
+from sdpg_mcore.algo.registry import ALGORITHMS, algorithm_of
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -135,42 +137,6 @@ class RolloutConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    name: AlgorithmName = "sdpg"
-    """Policy loss: sdpg | grpo | dapo | opsd | rlsd (SDPG.md §3, §5)."""
-    beta: float = 1e-3
-    """Weight of the self-distillation reverse KL (sdpg)."""
-    beta_warmup_steps: int = 0
-    """Linear warm-up of beta over the first W steps (0 = none)."""
-    beta_decay_steps: int = 0
-    """Linear decay of beta to 0 over the last D steps (0 = none)."""
-    alpha: float = 1e-3
-    """Weight of the reference regulariser R(lp - lp_ref) (sdpg)."""
-    alpha_mode: AlphaMode = "urkl"
-    """Regulariser R: fkl 1/w, rkl ½(logw+1)², ufkl 1/w+logw, urkl ½logw²."""
-    clip_eps_low: float | None = None
-    """PPO lower clip; None = the algorithm's default (0.2)."""
-    clip_eps_high: float | None = None
-    """PPO upper clip; None = the algorithm's default (sdpg/dapo 0.28, grpo/opsd/rlsd 0.2)."""
-    clip_c: float | None = None
-    """Dual-clip constant for A < 0; None = the algorithm's default (sdpg/dapo 10, grpo 1000, rlsd 3)."""
-    kl_clamp: float = 20.0
-    """One-sided per-token clamp of the distillation KL."""
-    positive_advantage_only: bool = False
-    """Apply the distillation KL only on responses with A > 0 (reference: beta_distill_positive_advantage_only)."""
-    kl_exclude_eos: bool = False
-    """sdpg: skip the distillation KL on each response's stop token (reference PR #3; off = paper recipe)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient (opsd uses 0.02 when this is 0)."""
-    loss_agg_mode: LossAggMode = "token-mean"
-    """Token aggregation; token-mean counts tokens globally across micro-batches and DP ranks."""
-    kl_penalty_coef: float = 1e-3
-    """grpo: coefficient of the k1 KL-to-reference reward penalty."""
-    teacher_temperature: float = 1.0
-    """opsd: temperature of the frozen teacher's log-probs."""
-
-
-@dataclass
 class OptimizerConfig:
     lr: float = 1e-6
     """Peak learning rate of AdamW."""
@@ -264,8 +230,9 @@ class Config:
     """Held-out evaluation."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Generation servers and sampling."""
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    """Loss and its coefficients."""
+    algorithm: PolicyLossConfig = field(default_factory=SDPGConfig)
+    """Loss and its coefficients: ``algorithm.name`` picks a registered algorithm (``algo/registry.py``),
+    every other key is a field of its typed config (``algo/config.py``, validated there)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW and the LR schedule."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -275,15 +242,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics sinks."""
 
-
-#: Clip defaults per algorithm (eps_low, eps_high, clip_c), SDPG.md §3 and §5.
-ALGORITHM_CLIP_DEFAULTS: dict[str, tuple[float, float, float]] = {
-    "sdpg": (0.2, 0.28, 10.0),
-    "dapo": (0.2, 0.28, 10.0),
-    "grpo": (0.2, 0.2, 1000.0),
-    "opsd": (0.2, 0.2, 1000.0),
-    "rlsd": (0.2, 0.2, 3.0),
-}
 
 _FALSE = {"false", "no", "off", "0"}
 _TRUE = {"true", "yes", "on", "1"}
@@ -382,8 +340,53 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if name not in hints:
             raise _unknown_key(key, cls, prefix)
         tp = hints[name]
-        kwargs[name] = _from_dict(tp, value or {}, f"{key}.") if _is_config(tp) else _convert(key, value, tp)
+        if tp is PolicyLossConfig:
+            kwargs[name] = algorithm_from_dict(value or {})
+        elif _is_config(tp):
+            kwargs[name] = _from_dict(tp, value or {}, f"{key}.")
+        else:
+            kwargs[name] = _convert(key, value, tp)
     return cls(**kwargs)
+
+
+def _unknown_algorithm_key(name: str, algorithm: str, cls: type) -> ConfigError:
+    owners = [n for n, a in ALGORITHMS.items() if name in _fields(a.config_cls)]
+    if owners:
+        problem = f"is not an option of algorithm.name={algorithm} (only of {', '.join(owners)}); remove it."
+    else:
+        close = difflib.get_close_matches(name, _fields(cls), n=1)
+        problem = f"is unknown; did you mean 'algorithm.{close[0]}'?" if close else "is unknown."
+    keys = ", ".join(["name", *_fields(cls)])
+    return ConfigError(
+        f"config key 'algorithm.{name}' {problem} Valid keys under algorithm for {algorithm}: {keys}"
+    )
+
+
+def algorithm_from_dict(data: dict[str, Any]) -> PolicyLossConfig:
+    """The ``algorithm:`` section as the registered algorithm's typed config.
+
+    ``name`` (default sdpg) picks the algorithm in ``algo.registry.ALGORITHMS``; every other key
+    must be a field of its config class (``algo/config.py``), whose checks run here, at load time.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section 'algorithm' must be a mapping, got {data!r}")
+    values = dict(data)
+    name = str(values.pop("name", "sdpg")).strip()
+    if name not in ALGORITHMS:
+        raise ConfigError(f"config key 'algorithm.name' got {name!r}; choose one of: {', '.join(ALGORITHMS)}")
+    cls = ALGORITHMS[name].config_cls
+    hints = _hints(cls)
+    kwargs = {}
+    for field_name, value in values.items():
+        if field_name not in hints:
+            raise _unknown_algorithm_key(field_name, name, cls)
+        kwargs[field_name] = _convert(f"algorithm.{field_name}", value, hints[field_name])
+    try:
+        return cls(**kwargs)
+    except AlgorithmConfigError as err:
+        raise ConfigError(
+            f"config key 'algorithm.{err.key}': {err.message} (algorithm.name={name})"
+        ) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -391,8 +394,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _from_dict(Config, data or {})
 
 
-def apply_override(cfg: Config, override: str) -> None:
-    """Set one ``section.field=value`` on ``cfg`` in place, parsed to the field's type."""
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set one ``section.field=value`` in the parsed recipe ``data``; :func:`config_from_dict` parses it.
+
+    Overrides are merged before parsing because the algorithm's keys depend on the final
+    ``algorithm.name`` (``algorithm.name=grpo`` may come before or after ``algorithm.kl_penalty_coef``).
+    """
     if "=" not in override:
         raise ConfigError(
             f"override {override!r} must look like section.field=value (e.g. trainer.total_steps=20)"
@@ -400,24 +407,37 @@ def apply_override(cfg: Config, override: str) -> None:
     key, raw = override.split("=", 1)
     key = key.strip().lstrip("-")
     parts = key.split(".")
-    node: Any = cfg
+    cls: Any = Config
+    node = data
     for depth, part in enumerate(parts):
-        cls = type(node)
-        prefix = ".".join(parts[:depth]) + "." if depth else ""
+        last = depth == len(parts) - 1
+        if cls is PolicyLossConfig:  # keys depend on the final algorithm.name: checked when parsed
+            if not last:
+                raise ConfigError(f"config key '{key}': algorithm options are values, not sections")
+            node[part] = raw
+            return
         hints = _hints(cls)
         if part not in hints:
-            raise _unknown_key(".".join(parts[: depth + 1]), cls, prefix)
-        tp = hints[part]
-        if depth == len(parts) - 1:
-            if _is_config(tp):
-                raise ConfigError(
-                    f"config key '{key}' is a section; set one of its keys: {', '.join(_fields(tp))}"
-                )
-            setattr(node, part, _convert(key, raw, tp))
-        else:
-            if not _is_config(tp):
-                raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
-            node = getattr(node, part)
+            raise _unknown_key(
+                ".".join(parts[: depth + 1]), cls, ".".join(parts[:depth]) + "." if depth else ""
+            )
+        cls = hints[part]
+        if last and _is_config(cls):
+            raise ConfigError(
+                f"config key '{key}' is a section; set one of its keys: {', '.join(_fields(cls))}"
+            )
+        if last:
+            node[part] = raw
+            return
+        if not _is_config(cls):
+            raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(
+                f"config section '{'.'.join(parts[: depth + 1])}' must be a mapping, got {node!r}"
+            )
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -426,15 +446,8 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Check value ranges and cross-field consistency; fill algorithm-dependent defaults. Returns ``cfg``."""
-    par, data, ro, alg, opt, tr = (
-        cfg.parallel,
-        cfg.data,
-        cfg.rollout,
-        cfg.algorithm,
-        cfg.optimizer,
-        cfg.trainer,
-    )
+    """Check value ranges and cross-field consistency (the algorithm checked itself when parsed). Returns ``cfg``."""
+    par, data, ro, opt, tr = cfg.parallel, cfg.data, cfg.rollout, cfg.optimizer, cfg.trainer
     for name in ("tp", "pp", "cp"):
         _check(getattr(par, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(par, name)}")
     _check(par.dp == -1 or par.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (infer), got {par.dp}")
@@ -458,6 +471,11 @@ def validate(cfg: Config) -> Config:
     _check(ro.temperature > 0, "rollout.temperature", f"must be > 0, got {ro.temperature}")
     _check(0 < ro.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
     _check(ro.max_num_gen_batches >= 1, "rollout.max_num_gen_batches", "must be >= 1")
+    _check(
+        ro.n >= 2 or not ro.dynamic_sampling,
+        "rollout.dynamic_sampling",
+        "needs rollout.n >= 2 (a group of one always has equal rewards); set rollout.n or turn it off",
+    )
     _check(ro.num_servers >= 1, "rollout.num_servers", f"must be >= 1, got {ro.num_servers}")
     if ro.backend == "external":
         _check(bool(ro.urls), "rollout.urls", "is required when rollout.backend=external")
@@ -465,16 +483,6 @@ def validate(cfg: Config) -> Config:
             _check(
                 url.startswith(("http://", "https://")), "rollout.urls", f"{url!r} must start with http://"
             )
-    _check(alg.beta >= 0 and alg.alpha >= 0, "algorithm.beta", "beta and alpha must be >= 0")
-    _check(alg.beta_warmup_steps >= 0, "algorithm.beta_warmup_steps", "must be >= 0")
-    _check(alg.beta_decay_steps >= 0, "algorithm.beta_decay_steps", "must be >= 0")
-    low, high, clip_c = ALGORITHM_CLIP_DEFAULTS[alg.name]
-    alg.clip_eps_low = low if alg.clip_eps_low is None else alg.clip_eps_low
-    alg.clip_eps_high = high if alg.clip_eps_high is None else alg.clip_eps_high
-    alg.clip_c = clip_c if alg.clip_c is None else alg.clip_c
-    _check(0 <= alg.clip_eps_low < 1, "algorithm.clip_eps_low", f"must be in [0, 1), got {alg.clip_eps_low}")
-    _check(alg.clip_eps_high >= 0, "algorithm.clip_eps_high", f"must be >= 0, got {alg.clip_eps_high}")
-    _check(alg.clip_c > 1, "algorithm.clip_c", f"must be > 1, got {alg.clip_c}")
     _check(opt.lr > 0, "optimizer.lr", f"must be > 0, got {opt.lr}")
     _check(opt.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {opt.clip_grad}")
     _check(tr.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {tr.total_steps}")
@@ -516,15 +524,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(
                 f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}"
             )
-    cfg = config_from_dict(data)
+    recipe_algorithm = dict(data.get("algorithm") or {}) if isinstance(data.get("algorithm"), dict) else {}
     for override in overrides or []:
-        apply_override(cfg, override)
-    return validate(cfg)
+        apply_override(data, override)
+    _switch_algorithm(data, recipe_algorithm)
+    return validate(config_from_dict(data))
+
+
+def _switch_algorithm(data: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """``algorithm.name=X`` on the command line switches a recipe to X (SDPG.md §5: one switch).
+
+    The recipe's algorithm keys that X has no field for (e.g. sdpg's beta under grpo) are not
+    carried over, and a warning names them; keys given as overrides are always kept and checked.
+    """
+    section = data.get("algorithm")
+    name = str(section.get("name", "sdpg")).strip() if isinstance(section, dict) else ""
+    if name == str(recipe.get("name", "sdpg")).strip() or name not in ALGORITHMS:
+        return
+    fields = set(_fields(ALGORITHMS[name].config_cls))
+    dropped = [k for k, v in recipe.items() if k != "name" and k not in fields and section.get(k) is v]
+    for key in dropped:
+        del section[key]
+    if dropped:
+        logger.warning(
+            "algorithm.name=%s (override): the recipe's %s keys %s do not apply to %s and are not used",
+            name,
+            recipe.get("name", "sdpg"),
+            ", ".join(dropped),
+            name,
+        )
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dicts (for saving next to the run and for wandb); contains no secrets."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts (for saving next to the run and for wandb); contains no secrets.
+
+    The algorithm section gets its ``name`` back, so the dict loads again as the same config.
+    """
+    out = dataclasses.asdict(cfg)
+    out["algorithm"] = {"name": algorithm_of(cfg.algorithm).name, **out["algorithm"]}
+    return out
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -101,12 +101,13 @@ def _peak_extra_bytes(fn) -> tuple[int, str]:
 
 def _step_context(algo_name: str, model_dir: str, layout, args: argparse.Namespace):
     from sdpg_mcore import algo
-    from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
+    from sdpg_mcore.config import OptimizerConfig
+    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
     from sdpg_mcore.train.step import StepContext
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    optim = OptimSettings(1e-6, 0.0, 0, "constant", 0.1, 0.9, 0.999, 1e-8, 1.0, True)
+    optim = OptimizerConfig(lr=1e-6, lr_warmup_steps=0, weight_decay=0.1)
     policy = build_policy(
         model_dir,
         layout,
@@ -148,7 +149,7 @@ def _bench_both(rank, world_size, model_dir: str, args_dict: dict) -> dict:
 
     def step(name: str) -> dict:
         steps[name] += 1
-        metrics = run_step(contexts[name], steps[name], lambda s: (batch, {}), lambda s: None)
+        metrics = run_step(contexts[name], steps[name], batch)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return metrics

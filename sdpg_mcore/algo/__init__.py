@@ -22,6 +22,7 @@ from sdpg_mcore.algo.aggregation import (
     seq_token_counts,
 )
 from sdpg_mcore.algo.config import (
+    AlgorithmConfigError,
     AlgorithmNeeds,
     DAPOConfig,
     GRPOConfig,
@@ -31,7 +32,6 @@ from sdpg_mcore.algo.config import (
     SDPGConfig,
     TeacherSignal,
     TeacherWeights,
-    config_from_fields,
 )
 from sdpg_mcore.algo.losses import TokenInputs, TokenLoss
 from sdpg_mcore.algo.metrics import MetricSums
@@ -40,6 +40,7 @@ from sdpg_mcore.algo.registry import (
     ALGORITHMS,
     Algorithm,
     MicroBatchLoss,
+    algorithm_of,
     get_algorithm,
     loss_counts,
     micro_batch_loss,
@@ -53,6 +54,7 @@ __all__ = [
     "ALPHA_MODES",
     "LOSS_AGG_MODES",
     "Algorithm",
+    "AlgorithmConfigError",
     "AlgorithmNeeds",
     "DAPOConfig",
     "GRPOConfig",
@@ -71,11 +73,11 @@ __all__ = [
     "TokenInputs",
     "TokenLoss",
     "aggregate",
+    "algorithm_of",
     "alpha_regulariser",
     "beta_schedule",
     "broadcast_to_tokens",
     "clamp_kl",
-    "config_from_fields",
     "dapo_group_filter",
     "dual_clip_pg",
     "get_algorithm",

@@ -4,15 +4,14 @@ Convention (the one thing the trainer must get right):
 
     The function :func:`aggregate` returns one micro-batch's *contribution*. The sum of the
     contributions over every micro-batch of the mini-batch on every DP×CP rank is exactly the
-    mini-batch loss L. Megatron DDP *averages* gradients over the data-parallel(-with-CP) group of
-    size G, so the trainer back-propagates ``G * contribution`` (and, when Megatron's schedule
-    divides the loss by the number of micro-batches, undoes that too). Then the accumulated,
-    averaged gradient is exactly ∇L.
+    mini-batch loss L, so back-propagating every contribution into gradients that are *summed*
+    over micro-batches and ranks gives exactly ∇L.
 
-    Megatron-Core 0.16 recipe: a ``loss_func`` returning two values ``(loss, metrics)`` gets
-    ``loss * cp_size / num_microbatches`` back-propagated and DDP scales gradients by
-    ``1 / (dp_size * cp_size)``; so return ``contribution * dp_size * num_microbatches``
-    (``dp_size`` without CP). Without Megatron's schedule: ``(contribution * dp_size * cp_size).backward()``.
+    The trainer (``train/forward.py``) sets ``calculate_per_token_loss=True`` and calls Megatron's
+    grad finaliser without a token count, and its ``loss_func`` returns three values: then
+    Megatron-Core 0.16 back-propagates the loss unscaled and DDP sums gradients over DP×CP instead
+    of averaging, so the contribution is returned as is. Without Megatron's schedule, under a
+    DDP that averages: ``(contribution * dp_size * cp_size).backward()``.
 
 The global denominators come from :func:`local_counts` (per micro-batch, before any forward),
 summed over the rank's micro-batches, all-reduced once per mini-batch over DP×CP, and turned

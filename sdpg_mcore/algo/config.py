@@ -4,18 +4,33 @@ Every algorithm has a frozen config dataclass whose defaults are the paper / ref
 and ``needs()`` that returns :class:`AlgorithmNeeds`: which extra forward passes the trainer must
 run (teacher from which weights, at which temperature; reference log-probs; KL in the reward).
 The trainer reads that data instead of branching on the algorithm's name.
+
+A recipe's ``algorithm:`` section parses straight into these classes (``sdpg_mcore/config.py``):
+``name`` picks the registered algorithm (``registry.ALGORITHMS``), every other key is a field of its
+config class, and ``__post_init__`` rejects bad values with :class:`AlgorithmConfigError` naming the field.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from sdpg_mcore.algo.aggregation import check_loss_agg_mode
+from sdpg_mcore.algo.aggregation import LOSS_AGG_MODES
 from sdpg_mcore.algo.policy import ALPHA_MODES
+
+
+class AlgorithmConfigError(ValueError):
+    """An invalid algorithm setting; ``key`` is the field (``algorithm.<key>`` in a recipe)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key = key
+        self.message = message
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise AlgorithmConfigError(key, message)
 
 
 class TeacherWeights(str, enum.Enum):
@@ -50,15 +65,13 @@ class AlgorithmNeeds:
     teacher_signal: TeacherSignal
     """Full-vocabulary KL per micro-batch, or the sampled token's log-prob."""
     teacher_temperature: float | None
-    """Temperature of the teacher logits; ``None`` means the rollout temperature."""
+    """Temperature of the teacher logits; ``None`` means the rollout temperature (resolved once, by the step)."""
     teacher_prompt: bool
     """The teacher sees the privileged-context prompt (data must carry it, SDPG.md §4)."""
     ref_logprobs: bool
     """``ref_logprob_N`` from the frozen initial policy, at rollout temperature."""
     kl_in_reward_coef: float
     """> 0: penalise rewards with ``coef * sum k1`` (``advantages.kl_in_reward``) before advantages."""
-    entropy_grad: bool
-    """``entropy_N`` must carry gradient (the entropy coefficient is non-zero)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,29 +85,24 @@ class PolicyLossConfig:
     clip_c: float = 10.0
     """Dual clip: where A < 0 the loss is at most ``-A * clip_c``; 1000 switches it off in practice."""
     entropy_coef: float = 0.0
-    """Entropy bonus: ``loss -= entropy_coef * entropy`` (averaged over all response tokens)."""
-    lr: float = 1e-6
-    """Suggested learning rate (the reference script's); the optimizer config decides."""
+    """Entropy bonus: ``loss -= entropy_coef * entropy`` (averaged over all response tokens); 0 = off."""
     loss_agg_mode: str = "token-mean"
-    """How per-token losses are averaged; see ``aggregation.LOSS_AGG_MODES``."""
+    """How per-token losses are averaged: one of ``aggregation.LOSS_AGG_MODES``."""
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        if not 0.0 <= self.clip_eps_low < 1.0:
-            raise ValueError(f"{name}.clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
-        if self.clip_eps_high < 0.0:
-            raise ValueError(f"{name}.clip_eps_high must be >= 0, got {self.clip_eps_high}")
-        if self.clip_c <= 1.0:
-            raise ValueError(f"{name}.clip_c must be > 1 (dual-clip bound), got {self.clip_c}")
-        if self.lr <= 0.0:
-            raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
-        check_loss_agg_mode(self.loss_agg_mode)
+        _check(0.0 <= self.clip_eps_low < 1.0, "clip_eps_low", f"must be in [0, 1), got {self.clip_eps_low}")
+        _check(self.clip_eps_high >= 0.0, "clip_eps_high", f"must be >= 0, got {self.clip_eps_high}")
+        _check(self.clip_c > 1.0, "clip_c", f"must be > 1 (dual-clip bound), got {self.clip_c}")
+        _check(self.entropy_coef >= 0.0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+        _check(
+            self.loss_agg_mode in LOSS_AGG_MODES,
+            "loss_agg_mode",
+            f"got {self.loss_agg_mode!r}; choose one of: {', '.join(LOSS_AGG_MODES)}",
+        )
 
     def needs(self) -> AlgorithmNeeds:
         """No teacher, no reference: plain policy gradient."""
-        return AlgorithmNeeds(
-            TeacherWeights.NONE, TeacherSignal.NONE, None, False, False, 0.0, self.entropy_coef != 0.0
-        )
+        return AlgorithmNeeds(TeacherWeights.NONE, TeacherSignal.NONE, None, False, False, 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,14 +130,18 @@ class SDPGConfig(PolicyLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.alpha_mode not in ALPHA_MODES:
-            raise ValueError(f"SDPGConfig.alpha_mode={self.alpha_mode!r} is not one of {sorted(ALPHA_MODES)}")
-        if self.beta < 0 or self.alpha < 0:
-            raise ValueError(f"SDPGConfig.beta and .alpha must be >= 0, got {self.beta}, {self.alpha}")
-        if self.beta_warmup_steps < 0 or self.beta_decay_steps < 0:
-            raise ValueError("SDPGConfig.beta_warmup_steps and .beta_decay_steps must be >= 0")
-        if self.kl_clamp <= 0:
-            raise ValueError(f"SDPGConfig.kl_clamp must be > 0, got {self.kl_clamp}")
+        _check(
+            self.alpha_mode in ALPHA_MODES,
+            "alpha_mode",
+            f"got {self.alpha_mode!r}; choose one of: {', '.join(ALPHA_MODES)}",
+        )
+        _check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        _check(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
+        _check(
+            self.beta_warmup_steps >= 0, "beta_warmup_steps", f"must be >= 0, got {self.beta_warmup_steps}"
+        )
+        _check(self.beta_decay_steps >= 0, "beta_decay_steps", f"must be >= 0, got {self.beta_decay_steps}")
+        _check(self.kl_clamp > 0, "kl_clamp", f"must be > 0, got {self.kl_clamp}")
 
     def needs(self) -> AlgorithmNeeds:
         """Teacher = current weights on the teacher prompt, untempered (T_teacher = 1), full KL."""
@@ -141,7 +153,6 @@ class SDPGConfig(PolicyLossConfig):
             teacher_prompt=teacher,
             ref_logprobs=self.alpha != 0.0,
             kl_in_reward_coef=0.0,
-            entropy_grad=self.entropy_coef != 0.0,
         )
 
 
@@ -163,21 +174,12 @@ class GRPOConfig(PolicyLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kl_penalty_coef < 0:
-            raise ValueError(f"GRPOConfig.kl_penalty_coef must be >= 0, got {self.kl_penalty_coef}")
+        _check(self.kl_penalty_coef >= 0, "kl_penalty_coef", f"must be >= 0, got {self.kl_penalty_coef}")
 
     def needs(self) -> AlgorithmNeeds:
         """Reference log-probs (and old log-probs) before the advantages, for the reward penalty."""
         on = self.kl_penalty_coef != 0.0
-        return AlgorithmNeeds(
-            TeacherWeights.NONE,
-            TeacherSignal.NONE,
-            None,
-            False,
-            on,
-            self.kl_penalty_coef,
-            self.entropy_coef != 0.0,
-        )
+        return AlgorithmNeeds(TeacherWeights.NONE, TeacherSignal.NONE, None, False, on, self.kl_penalty_coef)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,10 +188,11 @@ class OPSDConfig(PolicyLossConfig):
 
     clip_eps_high: float = 0.2
     """Upper clip of ``min(r, clamp(r, 1 - eps_low, 1 + eps_high))``."""
+    clip_c: float = 1000.0
+    """Not used by the opsd loss (it has no dual clip); kept at the reference's "off" value."""
     entropy_coef: float = 0.02
-    """The reference script's entropy bonus (keeps rollout groups diverse)."""
-    lr: float = 5e-7
-    """The reference script's learning rate."""
+    """The reference script's entropy bonus (keeps rollout groups diverse); 0 turns it off.
+    The reference script also uses lr 5e-7 (``optimizer.lr``)."""
     teacher_temperature: float = 1.0
     """Temperature of the frozen reference teacher's log-probs (its own, not the rollout's)."""
     weight_clamp_max: float = 20.0
@@ -197,8 +200,12 @@ class OPSDConfig(PolicyLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.teacher_temperature <= 0:
-            raise ValueError(f"OPSDConfig.teacher_temperature must be > 0, got {self.teacher_temperature}")
+        _check(
+            self.teacher_temperature > 0,
+            "teacher_temperature",
+            f"must be > 0, got {self.teacher_temperature}",
+        )
+        _check(self.weight_clamp_max > 0, "weight_clamp_max", f"must be > 0, got {self.weight_clamp_max}")
 
     def needs(self) -> AlgorithmNeeds:
         return AlgorithmNeeds(
@@ -208,7 +215,6 @@ class OPSDConfig(PolicyLossConfig):
             teacher_prompt=True,
             ref_logprobs=False,
             kl_in_reward_coef=0.0,
-            entropy_grad=self.entropy_coef != 0.0,
         )
 
 
@@ -229,12 +235,11 @@ class RLSDConfig(PolicyLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.lambda_base <= 1.0:
-            raise ValueError(f"RLSDConfig.lambda_base must be in [0, 1], got {self.lambda_base}")
-        if self.lambda_decay_steps < 0:
-            raise ValueError(f"RLSDConfig.lambda_decay_steps must be >= 0, got {self.lambda_decay_steps}")
-        if not 0.0 <= self.eps_w < 1.0:
-            raise ValueError(f"RLSDConfig.eps_w must be in [0, 1), got {self.eps_w}")
+        _check(0.0 <= self.lambda_base <= 1.0, "lambda_base", f"must be in [0, 1], got {self.lambda_base}")
+        _check(
+            self.lambda_decay_steps >= 0, "lambda_decay_steps", f"must be >= 0, got {self.lambda_decay_steps}"
+        )
+        _check(0.0 <= self.eps_w < 1.0, "eps_w", f"must be in [0, 1), got {self.eps_w}")
 
     def needs(self) -> AlgorithmNeeds:
         """Teacher = the step-start policy at rollout temperature: run it with the old-log-prob pass."""
@@ -245,15 +250,4 @@ class RLSDConfig(PolicyLossConfig):
             teacher_prompt=True,
             ref_logprobs=False,
             kl_in_reward_coef=0.0,
-            entropy_grad=self.entropy_coef != 0.0,
         )
-
-
-def config_from_fields(config_cls: type[PolicyLossConfig], values: Mapping[str, Any]) -> PolicyLossConfig:
-    """Build ``config_cls`` from a flat mapping (e.g. ``dataclasses.asdict(cfg.algorithm)``).
-
-    Keys the algorithm has no field for are ignored (a flat config carries every algorithm's
-    options) and ``None`` means "the algorithm's default"; the result is validated as usual.
-    """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})

@@ -1,18 +1,20 @@
 """The algorithm registry and the one call the trainer makes per micro-batch.
 
-    algo = get_algorithm(cfg_name)                         # "sdpg" | "grpo" | "dapo" | "opsd" | "rlsd"
-    cfg = algo.config_cls(beta=1e-3)                       # typed, validated defaults
+    cfg = SDPGConfig(beta=1e-3)                            # or load_config(...).algorithm
+    algo = algorithm_of(cfg)                               # its registered Algorithm ("sdpg")
     needs = cfg.needs()                                    # which passes to run (teacher, reference)
     # once per mini-batch, before the forwards:
-    counts = sum(loss_counts(algo, cfg, mb.advantages_N, mb.seq_index_N, mb.num_seqs) for mb in mbs)
+    counts = sum(loss_counts(algo, cfg, mb_adv_N, mb.seq_index_N, mb.num_rows) for mb in mbs)
     dist.all_reduce(counts, group=dp_cp_group)
     norms = normalisers_from_counts(counts, cfg.loss_agg_mode, mini_batch_rows=..., dp_size=G)
-    # per micro-batch:
+    # per micro-batch, inside Megatron's loss_func:
     out = micro_batch_loss(algo, cfg, inputs, norms, step=step, total_steps=N)
-    (out.loss * G).backward()                              # G = DP×CP size, undoes DDP's average
+    return out.loss, ...                                   # calculate_per_token_loss: no rescaling
     acc += out.metrics                                     # acc.reduce(dp_cp_group) at the end
 
-The sum of ``out.loss`` over all micro-batches and ranks is the mini-batch loss (aggregation.py).
+The sum of ``out.loss`` over all micro-batches and ranks is the mini-batch loss (aggregation.py);
+the model runs with ``calculate_per_token_loss=True``, so Megatron neither divides it by the number
+of micro-batches nor averages gradients over DP (``train/forward.py``).
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ ALGORITHMS: dict[str, Algorithm] = {}
 
 
 def register_algorithm(algorithm: Algorithm) -> Algorithm:
-    """Add an algorithm; a name can be registered once."""
+    """Add an algorithm; a name, and a config class, can be registered once (the class names it)."""
     if algorithm.name in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm.name!r} is already registered")
+    if any(a.config_cls is algorithm.config_cls for a in ALGORITHMS.values()):
+        raise ValueError(f"{algorithm.config_cls.__name__} already belongs to another algorithm")
     ALGORITHMS[algorithm.name] = algorithm
     return algorithm
 
@@ -79,6 +83,14 @@ def get_algorithm(name: str) -> Algorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm={name!r} is not one of {sorted(ALGORITHMS)}")
     return ALGORITHMS[name]
+
+
+def algorithm_of(cfg: PolicyLossConfig) -> Algorithm:
+    """The registered algorithm whose config class ``cfg`` is (a recipe's ``algorithm.name``)."""
+    for algorithm in ALGORITHMS.values():
+        if type(cfg) is algorithm.config_cls:
+            return algorithm
+    raise ValueError(f"{type(cfg).__name__} is not the config of a registered algorithm")
 
 
 register_algorithm(Algorithm("sdpg", SDPGConfig, sdpg_loss))

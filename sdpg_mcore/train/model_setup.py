@@ -4,7 +4,7 @@ and the frozen reference weights.
 One code path for CPU and GPU: on CPU the compatibility layer (``sdpg_mcore.parallel.cpu_compat``)
 lets Megatron's DDP and (distributed) optimizer run on gloo.
 
-    policy = build_policy(model_path, layout, dtype=torch.float32, optim=OptimSettings(...), total_updates=400)
+    policy = build_policy(model_path, layout, dtype=torch.float32, optim=cfg.optimizer, total_updates=400)
     policy.optimizer_step()   # grad clip + step + LR schedule; returns (grad_norm, lr)
 """
 
@@ -17,24 +17,9 @@ from pathlib import Path
 
 import torch
 
+from sdpg_mcore.config import OptimizerConfig
 from sdpg_mcore.models.builder import unwrap_model
 from sdpg_mcore.train.forward import HeadSpec
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    """The optimizer and schedule values of the run (from ``config.OptimizerConfig``)."""
-
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    decay_style: str
-    weight_decay: float
-    beta1: float
-    beta2: float
-    eps: float
-    clip_grad: float
-    distributed: bool
 
 
 def _finalize_grads(model, num_tokens=None, **kwargs):
@@ -96,7 +81,7 @@ def build_policy(
     layout,
     *,
     dtype: torch.dtype,
-    optim: OptimSettings,
+    optim: OptimizerConfig,
     total_updates: int,
     vocab_size: int,
     chunk_size: int,
@@ -106,7 +91,8 @@ def build_policy(
     """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     model = build_model(
@@ -114,33 +100,35 @@ def build_policy(
     )
     config = model.config
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=optim.distributed
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = _finalize_grads
-    opt_config = OptimizerConfig(
+    opt_config = MegatronOptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
         min_lr=optim.min_lr,
         weight_decay=optim.weight_decay,
-        adam_beta1=optim.beta1,
-        adam_beta2=optim.beta2,
-        adam_eps=optim.eps,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
-        use_distributed_optimizer=optim.distributed,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
         max_lr=optim.lr,
         min_lr=optim.min_lr,
-        lr_warmup_steps=optim.warmup_steps,
-        lr_decay_steps=max(total_updates, optim.warmup_steps + 1),
-        lr_decay_style=optim.decay_style,
+        lr_warmup_steps=optim.lr_warmup_steps,
+        lr_decay_steps=max(total_updates, optim.lr_warmup_steps + 1),
+        lr_decay_style=optim.lr_decay_style,
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
         wd_incr_steps=max(total_updates, 1),

@@ -3,58 +3,32 @@ evaluate avg@k / pass@k, and push new weights.
 
 Rank 0 talks HTTP; the step's responses are then broadcast to every rank (``broadcast_responses``).
 With ``rollout.backend=external`` and a router URL, generation goes through the router and
-weight updates to the workers it lists (``discover_workers``). Weight sync is collective: every TP rank of every pipeline stage drives ``iter_hf_tensors`` (it
-all-gathers over TP) and only each stage's source rank writes or sends.
+weight updates to the workers it lists (``discover_workers``). Weight sync is collective: every TP
+rank of every pipeline stage drives ``iter_hf_tensors`` (it all-gathers over TP) and only each
+stage's source rank writes or sends.
 
-    rollouts = RolloutSession.start(settings, run_dir)        # rank 0 only
-    responses = rollouts.generate(prompts, step)              # scored, DAPO-filtered when enabled
+    rollouts = RolloutSession.start(cfg.rollout, cfg.reward, model_path, max_response_length, run_dir)
+    responses, metrics = rollouts.generate(prompt_batches, step, seed)  # scored once, DAPO-filtered when enabled
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from sdpg_mcore.config import RewardConfig, RolloutConfig
 from sdpg_mcore.train.batch import Response
+from sdpg_mcore.train.metrics_log import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
 
 class RolloutUnreachableError(RuntimeError):
     """A rollout server did not answer ``/health``; the message names the URL and the fix."""
-
-
-@dataclass(frozen=True)
-class RolloutSettings:
-    """The rollout values of the run (from ``config.RolloutConfig`` and friends)."""
-
-    backend: str
-    urls: list[str]
-    num_servers: int
-    router: bool
-    model_path: str
-    n: int
-    temperature: float
-    top_p: float
-    top_k: int
-    max_response_length: int
-    dynamic_sampling: bool
-    max_num_gen_batches: int
-    request_timeout_s: float
-    startup_timeout_s: float
-    max_concurrency: int
-    scorer: str
-    strict: bool
-    answer_format: str
-    overlong: bool
-    overlong_buffer: int
-    overlong_factor: float
-    server_env: dict = field(default_factory=dict)
 
 
 def check_reachable(urls: Sequence[str], timeout_s: float = 10.0) -> None:
@@ -110,53 +84,67 @@ def discover_workers(urls: Sequence[str], timeout_s: float = 10.0) -> list[str]:
 class RolloutSession:
     """Servers (started here or external), the async client, the scorer; rank 0 only."""
 
-    def __init__(self, settings: RolloutSettings, servers, urls: list[str], worker_urls: list[str]):
+    def __init__(
+        self,
+        rollout: RolloutConfig,
+        reward: RewardConfig,
+        max_response_length: int,
+        servers,
+        urls: list[str],
+        worker_urls: list[str],
+    ):
         from sdpg_mcore.rewards import OverlongConfig, resolve_reward_fn
         from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
 
-        self.settings = settings
+        self.rollout = rollout
+        self.max_response_length = max_response_length
         self.servers = servers
         self.worker_urls = worker_urls
         self.client = RolloutClient(
             ClientConfig(
                 url=urls[0],
                 worker_urls=worker_urls,
-                max_concurrency=settings.max_concurrency,
-                request_timeout_s=settings.request_timeout_s,
+                max_concurrency=rollout.max_concurrency,
+                request_timeout_s=rollout.request_timeout_s,
             )
         )
-        self.reward_fn = resolve_reward_fn(settings.scorer, settings.strict, settings.answer_format)
+        self.reward_fn = resolve_reward_fn(reward.scorer, reward.strict, reward.answer_format)
         self.overlong = OverlongConfig(
-            enable=settings.overlong,
-            buffer_len=settings.overlong_buffer,
-            penalty_factor=settings.overlong_factor,
+            enable=reward.overlong_penalty,
+            buffer_len=reward.overlong_buffer,
+            penalty_factor=reward.overlong_factor,
         )
 
     @classmethod
-    def start(cls, settings: RolloutSettings, run_dir: Path) -> RolloutSession:
+    def start(
+        cls,
+        rollout: RolloutConfig,
+        reward: RewardConfig,
+        model_path: str,
+        max_response_length: int,
+        run_dir: Path,
+    ) -> RolloutSession:
         """Launch builtin/SGLang servers (behind the router when asked) or check external ones."""
         from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
 
-        if settings.backend == "external":
-            check_reachable(settings.urls)
-            workers = discover_workers(settings.urls)
-            logger.info(
-                "external rollout: generation via %s, weight updates to %s", settings.urls[0], workers
-            )
-            return cls(settings, None, list(settings.urls), workers)
+        if rollout.backend == "external":
+            check_reachable(rollout.urls)
+            workers = discover_workers(rollout.urls)
+            logger.info("external rollout: generation via %s, weight updates to %s", rollout.urls[0], workers)
+            return cls(rollout, reward, max_response_length, None, list(rollout.urls), workers)
         servers = RolloutServers(
             ServerConfig(
-                model_path=settings.model_path,
-                backend="dev" if settings.backend == "builtin" else "sglang",
-                num_servers=settings.num_servers,
+                model_path=model_path,
+                backend="dev" if rollout.backend == "builtin" else "sglang",
+                num_servers=rollout.num_servers,
                 log_dir=str(run_dir / "rollout_logs"),
-                health_timeout_s=settings.startup_timeout_s,
-                router=settings.router,
-                env=dict(settings.server_env),
+                health_timeout_s=rollout.startup_timeout_s,
+                router=rollout.router,
+                env={"OMP_NUM_THREADS": str(rollout.server_threads)},
             )
         ).start()
         servers.install_signal_handlers()
-        return cls(settings, servers, [servers.url], list(servers.worker_urls))
+        return cls(rollout, reward, max_response_length, servers, [servers.url], list(servers.worker_urls))
 
     def close(self) -> None:
         if self.servers is not None:
@@ -165,9 +153,9 @@ class RolloutSession:
     def _sampling(self, temperature: float):
         from sdpg_mcore.rollout.protocol import SamplingParams
 
-        s = self.settings
+        r = self.rollout
         return SamplingParams(
-            temperature=temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_response_length
+            temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=self.max_response_length
         )
 
     def score(self, prompt, sample) -> tuple[float, float]:
@@ -177,93 +165,70 @@ class RolloutSession:
         acc = float(out.get("acc", reward > 0)) if isinstance(out, dict) else float(reward > 0)
         return reward, acc
 
-    def generate(
-        self, prompts: Sequence, step: int, seed: int, more_prompts: Callable[[], Sequence] | None = None
-    ) -> tuple[list[Response], dict[str, float]]:
-        """``n`` scored responses per prompt.
-
-        With dynamic sampling (DAPO), groups whose rewards are all equal are dropped and further
-        batches (from ``more_prompts``) are generated, at most ``max_num_gen_batches`` in all, until
-        ``len(prompts)`` groups are kept; a short batch is trained on if that budget runs out.
-        """
-        s = self.settings
-        sampling = self._sampling(s.temperature)
-        self.client.reset_metrics()
-        step_seed = seed * 100_003 + step
-        metrics: dict[str, float] = {}
-        kept: list = []
-        if s.dynamic_sampling:
-            batches: list[Sequence] = []
-
-            def prompt_batches():
-                while True:
-                    batches.append(prompts if not batches else more_prompts())
-                    yield [p.student_ids for p in batches[-1]]
-
-            def score_fn(sample) -> float:
-                prompt = batches[sample.batch_index][sample.prompt_index]
-                reward, acc = self.score(prompt, sample)
-                sample.acc = acc
-                return reward
-
-            result = self.client.run(
-                self.client.generate_filtered(
-                    prompt_batches(),
-                    sampling,
-                    score_fn,
-                    n=s.n,
-                    num_groups=len(prompts),
-                    max_num_gen_batches=s.max_num_gen_batches,
-                    seed=step_seed,
-                )
-            )
-            kept = [(batches[g[0].batch_index][g[0].prompt_index], g) for g in result.groups]
-            metrics.update(
-                {
-                    "dynamic/num_gen_batches": result.num_gen_batches,
-                    "dynamic/kept_groups": len(kept),
-                    "dynamic/generated_groups": result.num_groups_generated,
-                }
-            )
-        if not kept:  # every group all-equal: train on the first batch (advantages 0; the KL still teaches)
-            if s.dynamic_sampling:
-                logger.warning(
-                    "dynamic sampling kept no group in %d batches; using the first batch", len(batches)
-                )
-            groups = self.client.run(
-                self.client.generate([p.student_ids for p in prompts], sampling, n=s.n, seed=step_seed)
-            )
-            kept = list(zip(prompts, groups))
-            for prompt, group in kept:
-                for sample in group:
-                    sample.reward, sample.acc = self.score(prompt, sample)
+    def _scored(self, prompts: Sequence, groups: list[list]) -> list[list[tuple]]:
+        """``(prompt, sample, reward, acc)`` per sample, grouped; each sample scored once, overlong penalty added."""
         from sdpg_mcore.rewards import overlong_penalties
 
-        responses = []
-        for g, (prompt, group) in enumerate(kept):
-            for sample in group:
-                reward, acc = (
-                    (sample.reward, sample.acc) if s.dynamic_sampling else self.score(prompt, sample)
-                )
-                responses.append(
-                    Response(
-                        group=g,
-                        prompt_ids=list(prompt.student_ids),
-                        teacher_prompt_ids=list(prompt.teacher_ids),
-                        response_ids=list(sample.output_ids),
-                        rollout_logprobs=list(sample.rollout_logprobs),
-                        reward=reward,
-                        acc=acc,
-                        truncated=sample.finish_reason == "length",
-                    )
-                )
-        penalties = overlong_penalties(
-            [len(r.response_ids) for r in responses], s.max_response_length, self.overlong
+        samples = [s for group in groups for s in group]
+        penalties = iter(
+            overlong_penalties([len(s.output_ids) for s in samples], self.max_response_length, self.overlong)
         )
-        for r, p in zip(responses, penalties):
-            r.reward += p
+        out = []
+        for prompt, group in zip(prompts, groups):
+            scores = [self.score(prompt, sample) for sample in group]
+            out.append(
+                [(prompt, s, reward + next(penalties), acc) for s, (reward, acc) in zip(group, scores)]
+            )
+        return out
+
+    def generate(
+        self, prompt_batches: Iterator[Sequence], step: int, seed: int
+    ) -> tuple[list[Response], dict[str, float]]:
+        """``rollout.n`` scored responses for each prompt of the first batch of ``prompt_batches``.
+
+        With dynamic sampling (DAPO), groups whose rewards are all equal are dropped
+        (``algo.dapo_group_filter``) and further batches are drawn and generated, at most
+        ``max_num_gen_batches`` in all, until as many groups are kept as the first batch has; a
+        short batch is trained on if that budget runs out, the first batch if nothing was kept
+        (advantages 0; the KL still teaches).
+        """
+        r, timer = self.rollout, PhaseTimer()
+        sampling = self._sampling(r.temperature)
+        self.client.reset_metrics()
+        step_seed = seed * 100_003 + step
+        batches: list[list[list[tuple]]] = []
+        kept: list[list[tuple]] = []
+        for batch_index, prompts in enumerate(prompt_batches):
+            ids = [p.student_ids for p in prompts]
+            groups = self.client.run(
+                self.client.generate(ids, sampling, n=r.n, seed=step_seed, batch_index=batch_index)
+            )
+            with timer.phase("score"):
+                batches.append(self._scored(prompts, groups))
+            if not r.dynamic_sampling:
+                kept = batches[0]
+                break
+            kept += _varied_groups(batches[-1])
+            if len(kept) >= len(batches[0]) or len(batches) >= r.max_num_gen_batches:
+                break
+        metrics = _dynamic_metrics(batches, kept) if r.dynamic_sampling else {}
+        kept = kept[: len(batches[0])] or batches[0]
+        responses = [
+            Response(
+                group=g,
+                prompt_ids=list(prompt.student_ids),
+                teacher_prompt_ids=list(prompt.teacher_ids),
+                response_ids=list(sample.output_ids),
+                rollout_logprobs=list(sample.rollout_logprobs),
+                reward=reward,
+                acc=acc,
+                truncated=sample.finish_reason == "length",
+            )
+            for g, group in enumerate(kept)
+            for prompt, sample, reward, acc in group
+        ]
         metrics.update({f"rollout/{k}": float(v) for k, v in self.client.metrics.as_dict().items()})
-        return responses, metrics
+        return responses, {**metrics, **timer.pop()}
 
     def evaluate(
         self, name: str, prompts: Sequence, k: int, temperature: float, seed: int
@@ -278,6 +243,30 @@ class RolloutSession:
         avg = sum(sum(a) for a in accs) / max(1, sum(len(a) for a in accs))
         passed = sum(max(a) > 0 for a in accs) / max(1, len(accs))
         return {f"eval/{name}/avg@{k}": avg, f"eval/{name}/pass@{k}": passed}
+
+
+def _varied_groups(groups: list[list[tuple]]) -> list[list[tuple]]:
+    """The groups DAPO dynamic sampling keeps: rewards (after the overlong penalty) not all equal."""
+    from sdpg_mcore.algo import dapo_group_filter
+
+    rewards_B = torch.tensor([reward for group in groups for _, _, reward, _ in group], dtype=torch.float64)
+    group_B = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    kept = set(dapo_group_filter(rewards_B, group_B).kept_groups.tolist())
+    return [group for g, group in enumerate(groups) if g in kept]
+
+
+def _dynamic_metrics(batches: list, kept: list) -> dict[str, float]:
+    if not kept:
+        logger.warning("dynamic sampling kept no group in %d batches; using the first batch", len(batches))
+    elif len(kept) < len(batches[0]):
+        logger.warning(
+            "over-sampling found %d/%d groups in %d batches", len(kept), len(batches[0]), len(batches)
+        )
+    return {
+        "dynamic/num_gen_batches": len(batches),
+        "dynamic/kept_groups": min(len(kept), len(batches[0])),
+        "dynamic/generated_groups": sum(len(b) for b in batches),
+    }
 
 
 def broadcast_responses(responses: list[Response] | None, src: int = 0) -> list[Response]:

@@ -1,15 +1,16 @@
-"""One training step, as SDPG.md §2: rollout -> reward -> advantages -> old/ref log-probs -> mini-batch
-updates (teacher pass, fused KL head, algorithm loss, optimizer) -> weight sync.
+"""One training step on a scored batch, as SDPG.md §2 steps 4-6: old/ref/teacher log-probs ->
+advantages -> one optimizer step per mini-batch (teacher pass, fused KL head, algorithm loss).
 
-Everything this function calls is in its own module; what it receives (:class:`StepContext`) is
-explicit values, not the run config. Runs on every rank: rank 0 generates, all ranks train.
+The trainer calls :func:`run_step` between its rollout and weight-sync phases, on every rank, with
+the same responses everywhere. What it receives (:class:`StepContext`) is explicit values, not the
+run config; each stage below is one function.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,6 @@ from sdpg_mcore.algo.config import TeacherSignal, TeacherWeights
 from sdpg_mcore.train import batch as B
 from sdpg_mcore.train.forward import hidden_pass, logprob_pass, train_pass
 from sdpg_mcore.train.metrics_log import PhaseTimer
-from sdpg_mcore.train.rollout_io import broadcast_responses
 
 
 @dataclass
@@ -39,6 +39,15 @@ class StepContext:
     pad_multiple: int = 1
     """Pad each micro-batch's length to this multiple (TP under sequence parallelism); context
     parallelism adds its own ``2 * cp`` (and ``cp * pad_multiple``) on top."""
+    needs: algo.AlgorithmNeeds = field(init=False)
+    """``loss_cfg.needs()``: which passes the step runs."""
+    teacher_temperature: float = field(init=False)
+    """The teacher's temperature, resolved once: the algorithm's, else the rollout ``temperature``."""
+
+    def __post_init__(self) -> None:
+        self.needs = self.loss_cfg.needs()
+        t = self.needs.teacher_temperature
+        self.teacher_temperature = self.temperature if t is None else t
 
 
 def _collective_groups():
@@ -57,13 +66,11 @@ def _plan_count(ctx: StepContext, responses, groups_per_rank: list[list[int]], w
     )
 
 
-def _micro_batches(ctx, responses, groups_of, m: int | None, with_teacher: bool) -> list[B.MicroBatch]:
-    """This rank's micro-batches for mini-batch ``m`` (None: the whole step), equal in count on all DP ranks."""
-    lay = ctx.layout
-    plans = [groups_of(r) if m is None else groups_of(r)[m] for r in range(lay.dp)]
-    plans = [[g for mb in p for g in mb] if m is None else p for p in plans]
-    count = _plan_count(ctx, responses, plans, with_teacher)
-    rows = B.rows_of_groups(responses, plans[lay.dp_rank])
+def _micro_batches(ctx: StepContext, responses, groups_per_rank: list[list[int]]) -> list[B.MicroBatch]:
+    """This rank's micro-batches over its groups (``groups_per_rank[dp_rank]``), equal in count on all DP ranks."""
+    lay, with_teacher = ctx.layout, ctx.needs.teacher_prompt
+    count = _plan_count(ctx, responses, groups_per_rank, with_teacher)
+    rows = B.rows_of_groups(responses, groups_per_rank[lay.dp_rank])
     mbs = B.build_micro_batches(
         responses,
         rows,
@@ -96,121 +103,129 @@ def token_inputs(mb, kl_N, logprob_N, entropy_N) -> algo.TokenInputs:
     )
 
 
-def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Callable) -> dict[str, float]:
-    """Train one step; returns the step's metrics (complete on global rank 0)."""
-    timer, lay, cfg = PhaseTimer(), ctx.layout, ctx.loss_cfg
-    needs, head, chunks = cfg.needs(), ctx.policy.head, ctx.policy.chunks
+def run_step(ctx: StepContext, step: int, responses: list[B.Response]) -> dict[str, float]:
+    """Train one step on ``responses`` (the same on every rank); returns its metrics (complete on rank 0)."""
+    timer, lay = PhaseTimer(), ctx.layout
     dp_cp_group, pp_group = _collective_groups()
-    # 1-3. Rollout and reward on rank 0 (with DAPO filtering when enabled), then every rank gets the batch.
-    with timer.phase("rollout"):
-        responses, metrics = generate(step) if dist.get_rank() == 0 else (None, {})
-        responses = broadcast_responses(responses)
     num_groups = max(r.group for r in responses) + 1
-    groups_of = lambda rank: B.dp_groups(num_groups, lay.dp, rank, ctx.mini_batch_groups)  # noqa: E731
-    with_teacher = needs.teacher_prompt
-
-    # 5. Old log-probs (and the rlsd teacher: the step-start policy), reference log-probs (and the opsd teacher).
-    per_row: dict[str, dict[int, torch.Tensor]] = {}
+    # plans[rank][m]: the groups DP rank ``rank`` trains on in mini-batch m.
+    plans = [B.dp_groups(num_groups, lay.dp, rank, ctx.mini_batch_groups) for rank in range(lay.dp)]
+    all_mbs = _micro_batches(ctx, responses, [[g for mini in p for g in mini] for p in plans])
+    per_row = _logprob_passes(ctx, responses, all_mbs, timer)
     loss_metrics: dict[str, float] = {}  # filled where the loss is computed (last pipeline stage)
-    all_mbs = _micro_batches(ctx, responses, groups_of, None, with_teacher)
-    with timer.phase("old_logprob"):
-        per_row["old"] = _scatter(
-            logprob_pass(chunks, all_mbs, head, temperature=ctx.temperature), all_mbs, responses
-        )
-        if needs.teacher_weights is TeacherWeights.STEP_START_POLICY:
-            lp = logprob_pass(
-                chunks, all_mbs, head, temperature=needs.teacher_temperature or ctx.temperature, teacher=True
-            )
-            per_row["teacher"] = _scatter(lp, all_mbs, responses)
-    if needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
-        with timer.phase("ref_logprob"), ctx.reference.chunks() as ref_chunks:
-            if needs.ref_logprobs:
-                lp = logprob_pass(ref_chunks, all_mbs, head, temperature=ctx.temperature)
-                per_row["ref"] = _scatter(lp, all_mbs, responses)
-            if needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
-                lp = logprob_pass(
-                    ref_chunks, all_mbs, head, temperature=needs.teacher_temperature, teacher=True
-                )
-                per_row["teacher"] = _scatter(lp, all_mbs, responses)
     is_last = per_row["old"] is not None
-
-    # 4. Group-relative advantages (GRPO: reward minus the k1 penalty when configured); loss ranks only.
     if is_last:
-        per_row["adv"], penalty = _advantages(responses, per_row, needs.kl_in_reward_coef)
+        per_row["adv"], penalty = _advantages(responses, per_row, ctx.needs.kl_in_reward_coef)
         per_row["rollout"] = {
             i: torch.tensor(responses[i].rollout_logprobs, dtype=torch.float32) for i in per_row["old"]
         }
         per_row["stop"] = {i: B.stop_token_mask(responses[i]) for i in per_row["old"]}
         if penalty is not None:
             loss_metrics["reward_kl_penalty"] = penalty
-
-    # 6. One optimizer step per mini-batch; micro-batches by token budget through the 1F1B schedule.
     sums, grad_norms, lrs = algo.MetricSums(), [], []
-    for m in range(len(groups_of(lay.dp_rank))):
-        mbs = _micro_batches(ctx, responses, groups_of, m, with_teacher)
-        norms = None
-        if is_last:
-            for mb in mbs:
-                mb.inputs = {k: B.gather_rows(v, mb) for k, v in per_row.items()}
-            counts = sum(
-                algo.loss_counts(ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows)
-                for mb in mbs
-            )
-            if lay.cp > 1:  # every CP rank holds the whole micro-batch: count it once
-                counts = counts * float(lay.cp_rank == 0)
-                for mb in mbs:
-                    mb.seq_tokens_2S = algo.seq_counts(
-                        ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows
-                    )
-            dist.all_reduce(counts, group=dp_cp_group)
-            norms = algo.normalisers_from_counts(
-                counts,
-                cfg.loss_agg_mode,
-                mini_batch_rows=sum(mb.num_rows for mb in mbs),
-                dp_size=lay.dp * lay.cp,
-            )
-        if needs.teacher_signal is TeacherSignal.FULL_KL:
-            with timer.phase("teacher"):
-                hidden = hidden_pass(chunks, mbs, head)
-            for mb, h in zip(mbs, hidden or []):
-                mb.teacher_hidden_NH = h
-
-        def loss_fn(mb, kl_N, logprob_N, entropy_N, norms=norms):
-            inputs = token_inputs(mb, kl_N, logprob_N, entropy_N)
-            out = algo.micro_batch_loss(
-                ctx.algorithm, cfg, inputs, norms, step=step, total_steps=ctx.total_steps
-            )
-            loss_metrics.update(out.scalars)
-            return out.loss, out.metrics
-
-        with timer.phase("update"):
-            ctx.policy.zero_grad()
-            for mb_sums in train_pass(
-                chunks,
-                mbs,
-                head,
-                loss_fn,
-                temperature=ctx.temperature,
-                teacher_temperature=needs.teacher_temperature or 1.0,
-            ):
-                sums += mb_sums
-            grad_norm, lr = ctx.policy.optimizer_step()
+    for m in range(len(plans[lay.dp_rank])):
+        mbs = _micro_batches(ctx, responses, [p[m] for p in plans])
+        mb_sums, grad_norm, lr = _update(ctx, step, mbs, per_row if is_last else None, loss_metrics, timer)
+        sums += mb_sums
         grad_norms.append(grad_norm)
         lrs.append(lr)
-
-    # 7. New weights to the rollout servers.
-    with timer.phase("weight_sync"):
-        sync_weights(step)
-
     if is_last:
         loss_metrics.update(sums.reduce(dp_cp_group))
-    metrics.update(_from_last_stage(loss_metrics, pp_group))  # rank 0 keeps its rollout metrics
+    metrics = _from_last_stage(loss_metrics, pp_group)
     metrics.update(_rollout_stats(responses))
     metrics.update(grad_norm=max(grad_norms), lr=lrs[-1], num_updates=len(grad_norms))
     if "rollout_mismatch" in metrics:
         metrics["logprob_mismatch"] = metrics.pop("rollout_mismatch")
     metrics.update(timer.pop())
     return metrics
+
+
+def _logprob_passes(ctx: StepContext, responses, mbs, timer: PhaseTimer) -> dict[str, dict | None]:
+    """Per-row ``old`` log-probs, and ``ref`` and ``teacher`` where the algorithm needs them (last stage; else None).
+
+    The rlsd teacher (the step-start policy) runs with the old pass; the reference and the opsd
+    teacher (the frozen initial policy) run with the reference weights swapped in.
+    """
+    needs, head, chunks, T = ctx.needs, ctx.policy.head, ctx.policy.chunks, ctx.temperature
+    per_row: dict[str, dict | None] = {}
+    with timer.phase("old_logprob"):
+        per_row["old"] = _scatter(logprob_pass(chunks, mbs, head, temperature=T), mbs, responses)
+        if needs.teacher_weights is TeacherWeights.STEP_START_POLICY:
+            lp = logprob_pass(chunks, mbs, head, temperature=ctx.teacher_temperature, teacher=True)
+            per_row["teacher"] = _scatter(lp, mbs, responses)
+    frozen_teacher = needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
+    if needs.ref_logprobs or frozen_teacher:
+        with timer.phase("ref_logprob"), ctx.reference.chunks() as ref_chunks:
+            if needs.ref_logprobs:
+                per_row["ref"] = _scatter(logprob_pass(ref_chunks, mbs, head, temperature=T), mbs, responses)
+            if frozen_teacher:
+                lp = logprob_pass(ref_chunks, mbs, head, temperature=ctx.teacher_temperature, teacher=True)
+                per_row["teacher"] = _scatter(lp, mbs, responses)
+    return per_row
+
+
+def _with_inputs(ctx: StepContext, mbs: list[B.MicroBatch], per_row: dict) -> list[B.MicroBatch]:
+    """The micro-batches with their per-token inputs (and, under CP, their per-row token counts)."""
+    out = []
+    for mb in mbs:
+        inputs = {k: B.gather_rows(v, mb) for k, v in per_row.items()}
+        seq_tokens_2S = None
+        if ctx.layout.cp > 1:
+            seq_tokens_2S = algo.seq_counts(
+                ctx.algorithm, ctx.loss_cfg, inputs["adv"], mb.seq_index_N, mb.num_rows
+            )
+        out.append(replace(mb, inputs=inputs, seq_tokens_2S=seq_tokens_2S))
+    return out
+
+
+def _normalisers(ctx: StepContext, mbs: list[B.MicroBatch]) -> algo.LossNormalisers:
+    """The mini-batch's global loss denominators: token and sequence counts all-reduced over DP x CP."""
+    lay, cfg = ctx.layout, ctx.loss_cfg
+    counts = sum(
+        algo.loss_counts(ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows) for mb in mbs
+    )
+    if lay.cp > 1:  # every CP rank holds the whole micro-batch: count it once
+        counts = counts * float(lay.cp_rank == 0)
+    dist.all_reduce(counts, group=_collective_groups()[0])
+    return algo.normalisers_from_counts(
+        counts, cfg.loss_agg_mode, mini_batch_rows=sum(mb.num_rows for mb in mbs), dp_size=lay.dp * lay.cp
+    )
+
+
+def _update(ctx: StepContext, step: int, mbs, per_row: dict | None, scalars: dict, timer: PhaseTimer):
+    """One mini-batch: teacher pass (sdpg), forward + backward of the loss, optimizer step.
+
+    ``per_row`` is None off the last pipeline stage (no loss there). Returns (metric sums, grad norm, lr).
+    """
+    head, chunks = ctx.policy.head, ctx.policy.chunks
+    norms = None
+    if per_row is not None:
+        mbs = _with_inputs(ctx, mbs, per_row)
+        norms = _normalisers(ctx, mbs)
+    if ctx.needs.teacher_signal is TeacherSignal.FULL_KL:
+        with timer.phase("teacher"):
+            hidden = hidden_pass(chunks, mbs, head)
+        if hidden is not None:
+            mbs = [replace(mb, teacher_hidden_NH=h) for mb, h in zip(mbs, hidden)]
+    loss_fn = functools.partial(micro_batch_loss, ctx, norms, step, scalars)
+    sums = algo.MetricSums()
+    with timer.phase("update"):
+        ctx.policy.zero_grad()
+        T, teacher_T = ctx.temperature, ctx.teacher_temperature
+        for mb_sums in train_pass(chunks, mbs, head, loss_fn, temperature=T, teacher_temperature=teacher_T):
+            sums += mb_sums
+        grad_norm, lr = ctx.policy.optimizer_step()
+    return sums, grad_norm, lr
+
+
+def micro_batch_loss(ctx: StepContext, norms, step: int, scalars: dict, mb, kl_N, logprob_N, entropy_N):
+    """Megatron's loss for one micro-batch: the algorithm loss and its metric sums (step-level scalars into ``scalars``)."""
+    inputs = token_inputs(mb, kl_N, logprob_N, entropy_N)
+    out = algo.micro_batch_loss(
+        ctx.algorithm, ctx.loss_cfg, inputs, norms, step=step, total_steps=ctx.total_steps
+    )
+    scalars.update(out.scalars)
+    return out.loss, out.metrics
 
 
 def _scatter(values, mbs, responses):

@@ -1,19 +1,31 @@
-"""The run: set up ranks, data, policy, rollouts and sinks from a validated :class:`Config`, then loop.
+"""The run, top-down: :func:`setup` builds a :class:`Run` from a validated :class:`Config`, :func:`loop` trains it.
 
-This is the only module below the CLI that reads the config; it turns it into the explicit values
-the step, the model setup and the rollout session take.
+Each step is six phases, one function each, in this order (every rank runs every phase):
+
+- :func:`rollout`: rank 0 generates ``rollout.n`` responses per prompt and scores each once (DAPO
+  dynamic sampling drops all-equal groups); every rank gets the scored batch.
+- :func:`train_step` (``step.py``): old/reference/teacher log-probs, group advantages, one optimizer
+  step per mini-batch.
+- :func:`sync_weights`: the new weights to the rollout servers.
+- :func:`evaluate`: held-out avg@k / pass@k on evaluation steps (rank 0).
+- :func:`log`: metrics to jsonl / TensorBoard / wandb and the progress line.
+- :func:`save`: a checkpoint on save steps, at the end, or when asked to stop (SIGUSR1).
+
+This is the only module below the CLI that reads the config; it hands the typed sections to the
+rollout session and the policy builder, and explicit values to the step.
 
     train(load_config("examples/tiny/sdpg.yaml", ["trainer.total_steps=20"]))   # on every rank
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +35,13 @@ from sdpg_mcore import algo
 from sdpg_mcore.algo.config import TeacherWeights
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
 from sdpg_mcore.train import checkpoint as ckpt
-from sdpg_mcore.train.metrics_log import MetricsLogger
-from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
+from sdpg_mcore.train.batch import Response
+from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
+from sdpg_mcore.train.model_setup import Policy, ReferenceWeights, build_policy
 from sdpg_mcore.train.progress import StepProgress, setup_logging
-from sdpg_mcore.train.rollout_io import RolloutSession, RolloutSettings, WeightPusher, check_reachable
-from sdpg_mcore.train.step import StepContext, run_step
+from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses, check_reachable
+from sdpg_mcore.train.step import StepContext
+from sdpg_mcore.train.step import run_step as train_step
 
 logger = logging.getLogger(__name__)
 
@@ -72,47 +86,222 @@ class SaveRequest:
             self._previous = None
 
 
-def loss_config(cfg: Config) -> algo.PolicyLossConfig:
-    """The algorithm's typed loss config, from the run config fields that it has.
+@dataclass
+class Run:
+    """Everything the loop reads, built once by :func:`setup`; ``close`` stops what it started."""
 
-    The run config's algorithm fields carry the algo configs' own names, so ``config_from_fields``
-    maps them one to one; ``None`` (clip settings left unset, entropy_coef 0) keeps the
-    algorithm's default (e.g. opsd's 0.02 entropy bonus).
+    cfg: Config
+    rank0: bool
+    dataset: object  # data.PromptDataset
+    sampler: object  # data.PromptSampler, saved in checkpoints
+    policy: Policy
+    step_ctx: StepContext
+    session: RolloutSession | None  # rank 0 only
+    weights: WeightPusher
+    sink: MetricsLogger
+    progress: StepProgress
+    save_request: SaveRequest
+    start_step: int
+    evals: dict[str, object] = field(default_factory=dict)  # held-out sets by name, rank 0 only
+
+    def steps(self) -> range:
+        """The steps left: after the resumed one, up to ``trainer.stop_at_step`` or ``total_steps``."""
+        tr = self.cfg.trainer
+        return range(self.start_step + 1, min(tr.stop_at_step or tr.total_steps, tr.total_steps) + 1)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.sink.close()
+        self.weights.close()
+        if self.session is not None:
+            self.session.close()
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or resume) the training described by ``cfg``; collective over all ranks. Returns the last metrics.
+
+    Stops early, with a checkpoint and a normal return, after the step during which SIGUSR1 arrived
+    or the save file appeared (:class:`SaveRequest`); the handler is installed first, so a signal
+    during model building is not fatal either.
     """
-    values = {
-        **dataclasses.asdict(cfg.algorithm),
-        "lr": cfg.optimizer.lr,
-        "entropy_coef": cfg.algorithm.entropy_coef or None,
-    }
-    return algo.config_from_fields(algo.get_algorithm(cfg.algorithm.name).config_cls, values)
+    save_file = os.environ.get(SAVE_FILE_ENV) or Path(cfg.trainer.run_dir) / "SAVE_AND_EXIT"
+    save_request = SaveRequest(Path(save_file))
+    try:
+        run = setup(cfg, save_request)
+        try:
+            return loop(run)
+        finally:
+            run.close()
+    finally:
+        save_request.close(remove_file=False)
 
 
-def rollout_settings(cfg: Config) -> RolloutSettings:
-    r, rw = cfg.rollout, cfg.reward
-    return RolloutSettings(
-        backend=r.backend,
-        urls=list(r.urls),
-        num_servers=r.num_servers,
-        router=r.router,
-        model_path=cfg.model.path,
-        n=r.n,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_response_length=cfg.data.max_response_length,
-        dynamic_sampling=r.dynamic_sampling,
-        max_num_gen_batches=r.max_num_gen_batches,
-        request_timeout_s=r.request_timeout_s,
-        startup_timeout_s=r.startup_timeout_s,
-        max_concurrency=r.max_concurrency,
-        scorer=rw.scorer,
-        strict=rw.strict,
-        answer_format=rw.answer_format,
-        overlong=rw.overlong_penalty,
-        overlong_buffer=rw.overlong_buffer,
-        overlong_factor=rw.overlong_factor,
-        server_env={"OMP_NUM_THREADS": str(r.server_threads)},
+def loop(run: Run) -> dict[str, float]:
+    """Train step after step: rollout -> score -> step -> sync -> log -> save. Returns the last metrics."""
+    metrics: dict[str, float] = {}
+    for step in run.steps():
+        began = time.perf_counter()
+        responses, metrics = rollout(run, step)
+        metrics.update(train_step(run.step_ctx, step, responses))
+        metrics.update(sync_weights(run, step))
+        seconds = time.perf_counter() - began
+        metrics.update(evaluate(run, step))
+        log(run, step, metrics, seconds)
+        if save(run, step):
+            break
+    return metrics
+
+
+def rollout(run: Run, step: int) -> tuple[list[Response], dict[str, float]]:
+    """This step's prompts; rank 0 generates and scores them; every rank returns the scored responses."""
+    timer = PhaseTimer()
+    with timer.phase("rollout"):
+        first = run.sampler.next_batch()  # on every rank: the sampler state is checkpointed
+        responses, metrics = None, {}
+        if run.rank0:
+            responses, metrics = run.session.generate(_prompt_batches(run, first), step, run.cfg.trainer.seed)
+        responses = broadcast_responses(responses)
+    return responses, {**metrics, **timer.pop()}
+
+
+def _prompt_batches(run: Run, first: list[int]) -> Iterator[list]:
+    """The step's prompts, then further batches (drawn only when dynamic sampling asks for them)."""
+    yield run.dataset.batch(first)
+    while True:
+        yield run.dataset.batch(run.sampler.next_batch())
+
+
+def sync_weights(run: Run, step: int) -> dict[str, float]:
+    """Push the policy's new weights to the rollout servers (collective), as version ``step``."""
+    timer = PhaseTimer()
+    with timer.phase("weight_sync"):
+        run.weights(step)
+    return timer.pop()
+
+
+def evaluate(run: Run, step: int) -> dict[str, float]:
+    """avg@k and pass@k per held-out file, every ``eval.interval`` steps and after the last (rank 0)."""
+    ev, total = run.cfg.eval, run.cfg.trainer.total_steps
+    if not (run.rank0 and ev.interval and (step % ev.interval == 0 or step == total)):
+        return {}
+    out: dict[str, float] = {}
+    for name, dataset in run.evals.items():
+        count = len(dataset) if not ev.max_prompts else min(ev.max_prompts, len(dataset))
+        prompts = dataset.batch(list(range(count)))
+        out.update(run.session.evaluate(name, prompts, ev.n_samples, ev.temperature, seed=step))
+    return out
+
+
+def log(run: Run, step: int, metrics: dict[str, float], seconds: float) -> None:
+    """Step time and throughput, then the metrics to the sinks and the progress display."""
+    metrics["step_seconds"] = seconds
+    metrics["tokens_per_s"] = metrics.pop("num_tokens", 0.0) / seconds
+    run.sink.log(step, metrics)
+    run.progress.step_done(step, metrics)
+
+
+def save(run: Run, step: int) -> bool:
+    """Checkpoint on save steps, the last step, or when asked to stop; True when the run must stop now."""
+    tr = run.cfg.trainer
+    stop = run.save_request.requested()
+    if stop or step == tr.total_steps or (tr.save_interval and step % tr.save_interval == 0):
+        path = ckpt.save_checkpoint(
+            Path(tr.run_dir) / "checkpoints",
+            step,
+            run.policy.chunks,
+            run.policy.optimizer,
+            run.policy.scheduler,
+            hf_dir=run.cfg.model.path,
+            extra_state={"sampler": run.sampler.state_dict()},
+            keep_last=tr.keep_checkpoints or None,
+        )
+    if stop:
+        logger.info("save requested (SIGUSR1 or %s): saved %s; exiting", run.save_request.save_file, path)
+        if run.rank0:
+            run.save_request.close(remove_file=True)
+    return stop
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def setup(cfg: Config, save_request: SaveRequest) -> Run:
+    """Ranks, data, policy (and reference), resumed state, rollout servers and sinks; collective."""
+    from sdpg_mcore.parallel import state
+
+    env = state.initialize_distributed()
+    resolve_world(cfg, env.world_size)
+    layout = state.initialize_model_parallel(
+        cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.trainer.seed
     )
+    rank0 = dist.get_rank() == 0
+    setup_logging(cfg.logging.level, rank=dist.get_rank())
+    torch.manual_seed(cfg.trainer.seed)
+    run_dir = Path(cfg.trainer.run_dir)
+    if rank0 and cfg.rollout.backend == "external":
+        check_reachable(cfg.rollout.urls)  # fail before minutes of model building
+    needs = cfg.algorithm.needs()
+    tokenizer, dataset, sampler = _data(cfg, needs.teacher_prompt)
+    policy = _policy(cfg, layout, len(tokenizer))
+    frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
+    reference = (
+        ReferenceWeights(policy, cfg.trainer.reference_weights, cfg.model.path, layout, _dtype(cfg))
+        if frozen
+        else None
+    )
+    start = _resume(cfg, policy, sampler)
+    session = None
+    if rank0:
+        session = RolloutSession.start(
+            cfg.rollout, cfg.reward, cfg.model.path, cfg.data.max_response_length, run_dir
+        )
+    weights = WeightPusher(
+        cfg.rollout.weight_sync,
+        layout,
+        cfg.model.path,
+        run_dir,
+        session.worker_urls if rank0 else None,
+        cfg.rollout.bucket_mb,
+    ).bind(policy.chunks)
+    if start:
+        weights(start)  # the servers started from the initial weights
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    step_ctx = StepContext(
+        policy=policy,
+        reference=reference,
+        algorithm=algo.algorithm_of(cfg.algorithm),
+        loss_cfg=cfg.algorithm,
+        layout=layout,
+        temperature=cfg.rollout.temperature,
+        token_budget=cfg.data.micro_batch_tokens,
+        mini_batch_groups=cfg.data.mini_batch_prompts,
+        total_steps=cfg.trainer.total_steps,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        pad_multiple=layout.tp if policy.head.sequence_parallel else 1,
+    )
+    evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
+    sink, progress = _sinks(cfg, rank0, start)
+    return Run(
+        cfg,
+        rank0,
+        dataset,
+        sampler,
+        policy,
+        step_ctx,
+        session,
+        weights,
+        sink,
+        progress,
+        save_request,
+        start,
+        evals,
+    )
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
 
 
 def _prompts(cfg: Config, files: list[str], tokenizer, needs_teacher: bool):
@@ -128,177 +317,47 @@ def _prompts(cfg: Config, files: list[str], tokenizer, needs_teacher: bool):
     return load_prompt_dataset(files, tokenizer, config)
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run (or resume) the training described by ``cfg``; collective over all ranks. Returns the last metrics.
-
-    Stops early, with a checkpoint and a normal return, after the step during which SIGUSR1 arrived
-    or the save file appeared (:class:`SaveRequest`); the handler is installed first, so a signal
-    during model building is not fatal either.
-    """
-    save_file = os.environ.get(SAVE_FILE_ENV) or Path(cfg.trainer.run_dir) / "SAVE_AND_EXIT"
-    save_request = SaveRequest(Path(save_file))
-    try:
-        return _train(cfg, save_request)
-    finally:
-        save_request.close(remove_file=False)
-
-
-def _train(cfg: Config, save_request: SaveRequest) -> dict[str, float]:
+def _data(cfg: Config, needs_teacher: bool):
+    """The tokenizer, the training prompts and their sampler."""
     from transformers import AutoTokenizer
 
     from sdpg_mcore.data import PromptSampler
-    from sdpg_mcore.parallel import state
 
-    env = state.initialize_distributed()
-    resolve_world(cfg, env.world_size)
-    layout = state.initialize_model_parallel(
-        cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.trainer.seed
-    )
-    rank0 = dist.get_rank() == 0
-    setup_logging(cfg.logging.level, rank=dist.get_rank())
-    torch.manual_seed(cfg.trainer.seed)
-    run_dir = Path(cfg.trainer.run_dir)
-    if rank0 and cfg.rollout.backend == "external":
-        check_reachable(cfg.rollout.urls)  # fail before minutes of model building
-    loss_cfg = loss_config(cfg)
-    needs = loss_cfg.needs()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    dataset = _prompts(cfg, cfg.data.train_files, tokenizer, needs.teacher_prompt)
+    dataset = _prompts(cfg, cfg.data.train_files, tokenizer, needs_teacher)
     sampler = PromptSampler(
         len(dataset), cfg.data.batch_prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle
     )
+    return tokenizer, dataset, sampler
+
+
+def _policy(cfg: Config, layout, vocab_size: int) -> Policy:
     updates_per_step = cfg.data.batch_prompts // cfg.data.mini_batch_prompts
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    o = cfg.optimizer
-    policy = build_policy(
+    return build_policy(
         cfg.model.path,
         layout,
-        dtype=dtype,
+        dtype=_dtype(cfg),
         total_updates=cfg.trainer.total_steps * updates_per_step,
-        optim=OptimSettings(
-            o.lr,
-            o.min_lr,
-            o.lr_warmup_steps,
-            o.lr_decay_style,
-            o.weight_decay,
-            o.adam_beta1,
-            o.adam_beta2,
-            o.adam_eps,
-            o.clip_grad,
-            o.use_distributed_optimizer,
-        ),
-        vocab_size=len(tokenizer),
+        optim=cfg.optimizer,
+        vocab_size=vocab_size,
         chunk_size=cfg.trainer.logprob_chunk_size,
         recompute=cfg.model.recompute_activations,
         sequence_parallel=cfg.parallel.sequence_parallel,
     )
-    frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
-    reference = (
-        ReferenceWeights(policy, cfg.trainer.reference_weights, cfg.model.path, layout, dtype)
-        if frozen
-        else None
-    )
 
-    ckpt_root = run_dir / "checkpoints"
-    start = 0
-    if cfg.trainer.resume != "none":
-        root, step = (ckpt_root, None) if cfg.trainer.resume == "auto" else _explicit(cfg.trainer.resume)
-        loaded = ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, policy.scheduler, step=step)
-        if loaded is not None:
-            start = loaded.step
-            sampler.load_state_dict(loaded.extra_state["sampler"])
-            logger.info("resumed from %s (step %d)", loaded.path, start)
 
-    session = RolloutSession.start(rollout_settings(cfg), run_dir) if rank0 else None
-    sync_weights = WeightPusher(
-        cfg.rollout.weight_sync,
-        layout,
-        cfg.model.path,
-        run_dir,
-        session.worker_urls if rank0 else None,
-        cfg.rollout.bucket_mb,
-    ).bind(policy.chunks)
-    if start:
-        sync_weights(start)  # the servers started from the initial weights
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    sink = MetricsLogger(
-        run_dir,
-        enabled=rank0,
-        jsonl=cfg.logging.jsonl,
-        tensorboard=cfg.logging.tensorboard,
-        wandb_mode=cfg.logging.wandb,
-        project=cfg.logging.project,
-        run_name=cfg.logging.run_name,
-        config=config_to_dict(cfg),
-        resume_step=start,
-    )
-    progress = StepProgress(cfg.trainer.total_steps, start, enabled=rank0 and cfg.logging.progress)
-    ctx = StepContext(
-        policy=policy,
-        reference=reference,
-        algorithm=algo.get_algorithm(cfg.algorithm.name),
-        loss_cfg=loss_cfg,
-        layout=layout,
-        temperature=cfg.rollout.temperature,
-        token_budget=cfg.data.micro_batch_tokens,
-        mini_batch_groups=cfg.data.mini_batch_prompts,
-        total_steps=cfg.trainer.total_steps,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        pad_multiple=layout.tp if policy.head.sequence_parallel else 1,
-    )
-    evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
-    metrics: dict[str, float] = {}
-
-    def more() -> list:  # further prompts for dynamic sampling (drawn on rank 0 only)
-        return dataset.batch(sampler.next_batch())
-
-    try:
-        last = cfg.trainer.stop_at_step or cfg.trainer.total_steps
-        for step in range(start + 1, min(last, cfg.trainer.total_steps) + 1):
-            began = time.perf_counter()
-            prompts = dataset.batch(sampler.next_batch())
-            generate = lambda s, prompts=prompts: session.generate(prompts, s, cfg.trainer.seed, more)  # noqa: E731
-            metrics = run_step(ctx, step, generate, sync_weights)
-            metrics["step_seconds"] = time.perf_counter() - began
-            metrics["tokens_per_s"] = metrics.pop("num_tokens", 0.0) / metrics["step_seconds"]
-            if (
-                rank0
-                and cfg.eval.interval
-                and (step % cfg.eval.interval == 0 or step == cfg.trainer.total_steps)
-            ):
-                metrics.update(_evaluate(session, evals, cfg, step))
-            sink.log(step, metrics)
-            progress.step_done(step, metrics)
-            stop = save_request.requested()
-            if (
-                stop
-                or step == cfg.trainer.total_steps
-                or (cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0)
-            ):
-                path = ckpt.save_checkpoint(
-                    ckpt_root,
-                    step,
-                    policy.chunks,
-                    policy.optimizer,
-                    policy.scheduler,
-                    hf_dir=cfg.model.path,
-                    extra_state={"sampler": sampler.state_dict()},
-                    keep_last=cfg.trainer.keep_checkpoints or None,
-                )
-            if stop:
-                logger.info("save requested (SIGUSR1 or %s): saved %s; exiting", save_request.save_file, path)
-                if rank0:
-                    save_request.close(remove_file=True)
-                break
-    finally:
-        progress.close()
-        sink.close()
-        sync_weights.close()
-        if session is not None:
-            session.close()
-    return metrics
+def _resume(cfg: Config, policy: Policy, sampler) -> int:
+    """Load the checkpoint ``trainer.resume`` names (auto: the latest, if any); returns its step (0: fresh)."""
+    if cfg.trainer.resume == "none":
+        return 0
+    ckpt_root = Path(cfg.trainer.run_dir) / "checkpoints"
+    root, step = (ckpt_root, None) if cfg.trainer.resume == "auto" else _explicit(cfg.trainer.resume)
+    loaded = ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, policy.scheduler, step=step)
+    if loaded is None:
+        return 0
+    sampler.load_state_dict(loaded.extra_state["sampler"])
+    logger.info("resumed from %s (step %d)", loaded.path, loaded.step)
+    return loaded.step
 
 
 def _explicit(path: str) -> tuple[Path, int]:
@@ -311,10 +370,17 @@ def _explicit(path: str) -> tuple[Path, int]:
         ) from None
 
 
-def _evaluate(session, evals, cfg: Config, step: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, dataset in evals.items():
-        count = len(dataset) if not cfg.eval.max_prompts else min(cfg.eval.max_prompts, len(dataset))
-        prompts = dataset.batch(list(range(count)))
-        out.update(session.evaluate(name, prompts, cfg.eval.n_samples, cfg.eval.temperature, seed=step))
-    return out
+def _sinks(cfg: Config, rank0: bool, start: int) -> tuple[MetricsLogger, StepProgress]:
+    lg = cfg.logging
+    sink = MetricsLogger(
+        cfg.trainer.run_dir,
+        enabled=rank0,
+        jsonl=lg.jsonl,
+        tensorboard=lg.tensorboard,
+        wandb_mode=lg.wandb,
+        project=lg.project,
+        run_name=lg.run_name,
+        config=config_to_dict(cfg),
+        resume_step=start,
+    )
+    return sink, StepProgress(cfg.trainer.total_steps, start, enabled=rank0 and lg.progress)

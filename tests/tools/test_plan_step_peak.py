@@ -120,13 +120,14 @@ def _update(policy, mbs, cfg, marks: dict | None = None, tracker: StorageTracker
 
 def _measure(rank, world_size, hf_dir):
     from sdpg_mcore import algo
+    from sdpg_mcore.config import OptimizerConfig
     from sdpg_mcore.parallel import state
     from sdpg_mcore.train import batch as B
-    from sdpg_mcore.train.model_setup import OptimSettings, build_policy
+    from sdpg_mcore.train.model_setup import build_policy
 
     torch.manual_seed(0)
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=1)
-    optim = OptimSettings(1e-5, 0.0, 0, "constant", 0.0, 0.9, 0.999, 1e-8, 1.0, True)
+    optim = OptimizerConfig(lr=1e-5, lr_warmup_steps=0, weight_decay=0.0)
     policy = build_policy(
         hf_dir,
         layout,

@@ -38,13 +38,14 @@ def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False):
     import torch.distributed as dist
 
     from sdpg_mcore import algo
+    from sdpg_mcore.config import OptimizerConfig
     from sdpg_mcore.parallel import state
-    from sdpg_mcore.train.model_setup import OptimSettings, ReferenceWeights, build_policy
+    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
     from sdpg_mcore.train.step import StepContext, run_step
 
     torch.manual_seed(0)
     layout = state.initialize_model_parallel(tp=tp, pp=pp, cp=cp, seed=3)
-    optim = OptimSettings(1e-3, 0.0, 0, "constant", 0.0, 0.9, 0.999, 1e-8, 1.0, True)
+    optim = OptimizerConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.0)
     policy = build_policy(
         hf_dir, layout, dtype=torch.float32, optim=optim, total_updates=2, vocab_size=301, chunk_size=16
     )
@@ -61,7 +62,7 @@ def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False):
         pad_id=0,
         pad_multiple=layout.tp if policy.head.sequence_parallel else 1,  # as the trainer sets it
     )
-    metrics = run_step(ctx, 1, lambda step: (_responses(short), {}), lambda step: None)
+    metrics = run_step(ctx, 1, _responses(short))
     from checkpoints_convert.model_io import iter_hf_tensors
 
     weights = {name: t.clone() for name, t in iter_hf_tensors(policy.chunks, hf_dir)}
