@@ -1,0 +1,91 @@
+"""sdpg-train (cli.py): the config is validated for the launch's world before anything starts (exit 2)."""
+
+from pathlib import Path
+
+import pytest
+
+from sdpg_mcore.cli import launch_world_size, main
+
+RECIPE = """
+model: {path: /models/tiny}
+data: {train_files: [a.jsonl], max_prompt_length: 16, max_response_length: 8, micro_batch_tokens: 64,
+       batch_prompts: 4, mini_batch_prompts: 2}
+"""
+TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "sdpg.yaml"
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    return str(path)
+
+
+def test_cli_rejects_world_size_mismatch(recipe, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--config", recipe, "--nproc", "3", "parallel.tp=2"])
+    assert err.value.code == 2
+    assert (
+        "world size 3 is not divisible by parallel.tp x parallel.pp x parallel.cp" in capsys.readouterr().err
+    )
+
+
+def test_cli_rejects_unknown_key(recipe, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--config", recipe, "trainer.totl_steps=3"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "unknown config key 'trainer.totl_steps'; did you mean 'trainer.total_steps'?" in msg
+
+
+def test_cli_print_config(recipe, capsys):
+    assert main(["--config", recipe, "--print-config", "algorithm.name=grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "name: grpo" in out and "clip_c: 1000.0" in out
+
+
+SLURM = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_NODELIST": "node[01-02]"}
+
+
+def test_world_size_from_slurm_torchrun_or_nproc():
+    assert launch_world_size(0, SLURM) == 4
+    assert launch_world_size(0, {**SLURM, "RANK": "0", "WORLD_SIZE": "2"}) == 2  # torchrun wins
+    assert launch_world_size(3, SLURM) == 3
+    assert launch_world_size(0, {}) == 1
+
+
+def test_cli_validates_the_config_for_the_slurm_world(monkeypatch, capsys):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in SLURM.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--config", str(TINY), "--print-config", "parallel.tp=2"]) == 0
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(TINY), "--print-config", "parallel.tp=2"])
+    assert exc.value.code == 2 and "world size 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["algorithm.name=grpo", "algorithm.beta=0.1"],
+            "'algorithm.beta' is not an option of algorithm.name=grpo",
+        ),
+        (["algorithm.kl_clamp=0"], "'algorithm.kl_clamp': must be > 0"),
+        (
+            ["algorithm.name=opsd", "algorithm.teacher_temperature=-1"],
+            "'algorithm.teacher_temperature': must be > 0",
+        ),
+    ],
+)
+def test_cli_rejects_bad_algorithm_values_before_any_set_up(recipe, capsys, overrides, message):
+    """Exit 2 from the config check alone: no process group is made (``--nproc 2`` would spawn ranks)."""
+    import torch.distributed as dist
+
+    with pytest.raises(SystemExit) as err:
+        main(["--config", recipe, "--nproc", "2", *overrides])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not dist.is_initialized()

@@ -1,0 +1,72 @@
+"""Helpers for tests that launch the trainer as a real process: tiny assets, overrides, env, waits."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sdpg_mcore.parallel.spawn import find_free_port
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "examples" / "tiny" / "sdpg.yaml"
+
+
+def make_assets(root: Path) -> Path:
+    """A random-init tiny model (no warm start: seconds) and a small arithmetic data set under ``root``."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_tiny_model
+
+    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=0, batch_size=4, eval_prompts=2)
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--synthetic", "arithmetic"]
+        + ["--out", str(root / "data"), "--format", "jsonl", "--num-train", "32", "--num-test", "4"],
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
+def launch_overrides(assets, run_dir, *extra):
+    return [
+        f"model.path={assets / 'model'}",
+        f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+        f"trainer.run_dir={run_dir}",
+        "data.batch_prompts=2",
+        "data.mini_batch_prompts=2",
+        "data.max_response_length=8",
+        "rollout.n=2",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "rollout.weight_sync=disk",
+        *extra,
+    ]
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SDPG_"))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    # A free rendezvous port: the default 29500 is shared with every other test on this machine.
+    env.update(
+        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port())
+    )
+    return env
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
