@@ -16,7 +16,6 @@ a truncated shard up front and name it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -270,8 +269,3 @@ def copy_hf_assets(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
             shutil.copy2(path, dst / path.name)
             copied.append(path.name)
     return copied
-
-
-def dir_weight_bytes(path: str | Path) -> int:
-    """Total size of the safetensors files in a directory (for throughput reports)."""
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) if os.path.isdir(path) else 0

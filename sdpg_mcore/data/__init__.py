@@ -1,11 +1,12 @@
-"""Prompt data for SDPG: record loading, the teacher-context split, chat templates, sampling, packing.
+"""Prompt data for SDPG: record loading, the teacher-context split, chat templates, sampling.
 
 See SDPG.md §4. The trainer's entry points:
 
     dataset = load_prompt_dataset(paths, tokenizer, PromptConfig(max_prompt_length=2048))
     sampler = PromptSampler(len(dataset), batch_size=128, seed=0)
     prompts = dataset.batch(sampler.next_batch())          # list[PromptSample]
-    groups = split_into_micro_batches(lengths, max_tokens)  # then pack_sequences(...) per group
+
+Micro-batches of the step's responses are planned by ``train/batch.py``.
 
 Names are imported lazily (PEP 562) so that ``sdpg_mcore.data.records`` — all a CLI's ``--help``
 needs — does not pull in torch and ``datasets``.
@@ -18,14 +19,6 @@ from typing import Any
 
 _EXPORTS = {
     "sdpg_mcore.data.loading": ["load_record_file", "load_records"],
-    "sdpg_mcore.data.packing": [
-        "PackedBatch",
-        "PaddedBatch",
-        "pack_sequences",
-        "pad_batch",
-        "split_into_micro_batches",
-        "unpack_response",
-    ],
     "sdpg_mcore.data.prompts": [
         "PromptConfig",
         "PromptDataset",
@@ -41,8 +34,11 @@ _EXPORTS = {
         "TEACHER_CONTEXT_TOKEN",
         "DataError",
         "PromptSample",
+<<<<<<< HEAD
         "RolloutSample",
         "apply_answer_format",
+=======
+>>>>>>> 3bd3611 (Delete what nothing uses: data/packing.py (a second micro-batch planner; train/batch.py plans), RolloutSample, client.generate_filtered/FilteredRollout/Sample.reward (DAPO filtering now once, in rollout_io with algo.dapo_group_filter), RolloutClient.weight_versions/call_workers, weight_sync.describe, hf_io.dir_weight_bytes)
         "split_teacher_context",
     ],
     "sdpg_mcore.data.sampler": ["PromptSampler"],

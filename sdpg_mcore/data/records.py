@@ -75,36 +75,6 @@ class PromptSample:
     """False when the record had no sentinel and the ``no_teacher_context`` fallback was used."""
 
 
-@dataclass
-class RolloutSample:
-    """One generated response to a :class:`PromptSample`, with what the rollout engine reported."""
-
-    prompt: PromptSample
-    response_ids: list[int]
-    """Generated token ids (without the prompt)."""
-    response_text: str = ""
-    rollout_logprobs: list[float] | None = None
-    """Per-token log-probs reported by the rollout engine (one per response token), if requested."""
-    finish_reason: str = "stop"
-    """``stop`` | ``length`` | ``abort`` (SGLang's ``meta_info.finish_reason.type``)."""
-    sample_index: int = 0
-    """Position of this response within its prompt's group of ``n``."""
-    reward: float | None = None
-    reward_info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def student_input_ids(self) -> list[int]:
-        return self.prompt.student_ids + self.response_ids
-
-    @property
-    def teacher_input_ids(self) -> list[int]:
-        return self.prompt.teacher_ids + self.response_ids
-
-    @property
-    def response_length(self) -> int:
-        return len(self.response_ids)
-
-
 def split_teacher_context(
     messages: Sequence[Mapping[str, Any]], sentinel: str = TEACHER_CONTEXT_TOKEN
 ) -> tuple[Messages, Messages | None]:

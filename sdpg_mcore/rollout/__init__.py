@@ -1,7 +1,7 @@
 """Rollouts: SGLang HTTP client, server/router launcher, weight sync, and the built-in CPU dev server.
 
 - ``client``: :class:`RolloutClient` — batched ``/generate`` (``n`` per prompt, seeds, retries,
-  aborts, DAPO over-sampling, metrics) against the router or one server.
+  aborts, metrics) against the router or one server.
 - ``servers``: :class:`RolloutServers` — start/supervise SGLang or dev servers behind ``sglang_router``.
 - ``weight_sync``: :class:`DiskWeightSync`, :class:`DistributedWeightSync` — push HF-named tensors
   (``checkpoints_convert.model_io.iter_hf_tensors``) to the servers and check ``weight_version``.
@@ -11,7 +11,6 @@
 
 from sdpg_mcore.rollout.client import (
     ClientConfig,
-    FilteredRollout,
     RolloutClient,
     RolloutError,
     RolloutMetrics,
@@ -31,7 +30,6 @@ __all__ = [
     "ClientConfig",
     "DiskWeightSync",
     "DistributedWeightSync",
-    "FilteredRollout",
     "RolloutClient",
     "RolloutError",
     "RolloutMetrics",

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -76,7 +76,6 @@ class Sample:
     """``stop`` | ``length`` | ``abort``."""
     weight_version: str
     batch_index: int = 0
-    reward: float | None = None
 
 
 @dataclass
@@ -97,17 +96,6 @@ class RolloutMetrics:
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "output_tokens_per_s": self.output_tokens_per_s}
-
-
-@dataclass
-class FilteredRollout:
-    """Result of DAPO over-sampling: groups whose rewards are not all equal."""
-
-    groups: list[list[Sample]]
-    num_gen_batches: int
-    num_groups_generated: int
-    complete: bool
-    """False when ``max_num_gen_batches`` ran out before ``num_groups`` groups were found."""
 
 
 def logprob_drift(rollout: Sequence[Sequence[float]], trainer: Sequence[Sequence[float]]) -> dict[str, float]:
@@ -282,45 +270,6 @@ class RolloutClient:
             self.metrics.num_aborted += sample.finish_reason == "abort"
         return [list(done[i * n : (i + 1) * n]) for i in range(len(prompts))]
 
-    async def generate_filtered(
-        self,
-        prompt_batches: Iterable[Sequence[Sequence[int]]],
-        sampling: SamplingParams,
-        score_fn: Callable[[Sample], float],
-        *,
-        n: int,
-        num_groups: int,
-        max_num_gen_batches: int = 10,
-        seed: int | None = None,
-    ) -> FilteredRollout:
-        """DAPO dynamic sampling: generate batch after batch until ``num_groups`` groups have non-constant reward.
-
-        ``score_fn(sample)`` gives each sample's reward (stored on ``sample.reward``); ``sample.batch_index``
-        and ``sample.prompt_index`` say which prompt of which batch it answers. At most
-        ``max_num_gen_batches`` batches are generated; the result says whether enough groups were found.
-        """
-        if max_num_gen_batches < 1:
-            raise ValueError(f"max_num_gen_batches must be >= 1, got {max_num_gen_batches}")
-        kept: list[list[Sample]] = []
-        num_batches = num_generated = 0
-        for batch_index, prompts in enumerate(prompt_batches):
-            if len(kept) >= num_groups or num_batches >= max_num_gen_batches:
-                break
-            groups = await self.generate(prompts, sampling, n=n, seed=seed, batch_index=batch_index)
-            num_batches += 1
-            num_generated += len(groups)
-            for group in groups:
-                for sample in group:
-                    sample.reward = float(score_fn(sample))
-                if len({s.reward for s in group}) > 1:
-                    kept.append(group)
-        complete = len(kept) >= num_groups
-        if not complete:
-            logger.warning(
-                "over-sampling found %d/%d groups in %d batches", len(kept), num_groups, num_batches
-            )
-        return FilteredRollout(kept[:num_groups], num_batches, num_generated, complete)
-
     # ---------------------------------------------------------------- admin
     async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
         """Abort ``rid`` (or everything) on every worker; errors are logged, never raised."""
@@ -346,26 +295,6 @@ class RolloutClient:
                 )
             self.metrics.num_retries += 1
             await asyncio.sleep(poll_s)
-
-    async def weight_versions(self, urls: Sequence[str] | None = None) -> dict[str, str]:
-        """``weight_version`` reported by each worker (default: ``worker_urls``, else ``url``)."""
-        out = {}
-        for url in urls or self.config.worker_urls or [self.config.url]:
-            status, body = await self.get("/get_weight_version", url=url)
-            if status != 200:
-                raise RolloutError(f"/get_weight_version at {url}: HTTP {status} {body}")
-            out[url] = str(body["weight_version"])
-        return out
-
-    async def call_workers(
-        self, path: str, payload: dict[str, Any] | None = None, *, timeout_s: float = 60.0
-    ) -> None:
-        """POST ``path`` to every worker (pause/continue/release/resume...); raise on any failure."""
-        urls = self.config.worker_urls or [self.config.url]
-        results = await asyncio.gather(*(self.post(path, payload, url=u, timeout_s=timeout_s) for u in urls))
-        bad = [(u, s, b) for u, (s, b) in zip(urls, results) if s != 200]
-        if bad:
-            raise RolloutError(f"{path} failed on {len(bad)} worker(s): {bad[:3]}")
 
 
 async def _read_body(resp: aiohttp.ClientResponse) -> Any:

@@ -19,7 +19,6 @@ Every update sets ``weight_version`` on the servers; :func:`check_weight_version
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -435,7 +434,3 @@ class _InFlight:
                 _check([f for _, f in refused], [u for u, _ in refused], path)
         self.sent.result()
         _check(self.futures, urls, path)
-
-
-def describe(stats: WeightSyncStats) -> str:
-    return json.dumps({**stats.__dict__, "gb_per_s": round(stats.gb_per_s, 3)})

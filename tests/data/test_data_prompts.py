@@ -8,12 +8,11 @@ from sdpg_mcore.data import (
     TEACHER_CONTEXT_TOKEN,
     DataError,
     PromptConfig,
-    RolloutSample,
     apply_answer_format,
     build_prompt_samples,
-    pack_sequences,
 )
 from sdpg_mcore.data.prompts import shared_prefix_length
+from sdpg_mcore.train.batch import Response, make_micro_batch
 
 QUESTION = "What is 12 + 7? Put the final answer in \\boxed{}."
 CONTEXT = "\n\n" + REFERENCE_CONTEXT_TEMPLATE.format(answer="19")
@@ -63,13 +62,15 @@ def test_response_tokens_are_identical_in_student_and_teacher_sequences(tokenize
     response = tokenizer("12 + 7 = 19, so \\boxed{19}.", add_special_tokens=False)["input_ids"] + [
         tokenizer.eos_token_id
     ]
-    rollout = RolloutSample(prompt=prompt, response_ids=response)
-    packed = pack_sequences(
-        [rollout.student_input_ids, rollout.teacher_input_ids],
-        [len(prompt.student_ids), len(prompt.teacher_ids)],
-    )
-    targets = packed.target_ids_T[packed.loss_mask_T]
-    assert targets.tolist() == response + response
+    rollout = Response(0, prompt.student_ids, prompt.teacher_ids, response, [0.0] * len(response))
+    mb = make_micro_batch([rollout], [0], pad_id=0)
+    # The positions each mask marks predict the response, token for token, in both sequences.
+    for ids_BT, mask_BT in (
+        (mb.input_ids_BT, mb.loss_mask_BT),
+        (mb.teacher_input_ids_BT, mb.teacher_loss_mask_BT),
+    ):
+        predicted = ids_BT[0, 1:][mask_BT[0, :-1]]
+        assert predicted.tolist() == response == mb.targets_N.tolist()
     # Both prompts end with the same generation prompt, so the response follows the same tokens.
     tail = template(tokenizer, [{"role": "user", "content": "x"}])[-3:]
     assert prompt.student_ids[-3:] == prompt.teacher_ids[-3:] == tail
