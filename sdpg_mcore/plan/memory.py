@@ -190,6 +190,24 @@ def layer_activation_bytes_per_token(
     return hidden_wide + rstd + attn + qk_norm + lse + mlp
 
 
+def _kl_head_bytes(shape: ModelShape, train: TrainingShape, tp: int, tokens: int) -> int:
+    """Peak bytes of the LM head with the KL during the train pass (fused chunks or full logits)."""
+    vocab_shard = -(-shape.vocab_size // tp)
+    # Both heads return the output weight's gradient [V/TP, H] in the weight's dtype before DDP adds
+    # it into the fp32 main_grad; it coexists with the head's workspace during the head's backward.
+    weight_grad = vocab_shard * shape.hidden_size * train.activation_bytes
+    hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
+    if train.kl_head != "fused":
+        return hidden_states + 16 * tokens * vocab_shard + weight_grad
+    if train.kl_chunk_tokens is None:
+        workspace = min(FUSED_HEAD_BUDGET_BYTES, 12 * tokens * vocab_shard)
+    else:
+        workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
+    stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
+    input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
+    return hidden_states + stacked + input_grad + workspace + weight_grad
+
+
 def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> MemoryEstimate:
     """Per-GPU bytes of the busiest rank (the first pipeline stage for activations)."""
     tp, pp, cp = layout.tp, layout.pp, layout.cp
@@ -226,21 +244,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     if train.kernels == "local":
         activations += int(in_flight * tokens * 2 * shape.hidden_size * 4 / sp_div)
 
-    vocab_shard = -(-shape.vocab_size // tp)
-    # Both heads return the output weight's gradient [V/TP, H] in the weight's dtype before DDP adds
-    # it into the fp32 main_grad; it coexists with the head's workspace during the head's backward.
-    weight_grad = vocab_shard * shape.hidden_size * train.activation_bytes
     hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
-    if train.kl_head == "fused":
-        if train.kl_chunk_tokens is None:
-            workspace = min(FUSED_HEAD_BUDGET_BYTES, 12 * tokens * vocab_shard)
-        else:
-            workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
-        stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
-        input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
-        kl_head = hidden_states + stacked + input_grad + workspace + weight_grad
-    else:
-        kl_head = hidden_states + 16 * tokens * vocab_shard + weight_grad
+    kl_head = _kl_head_bytes(shape, train, tp, tokens)
     # The teacher pass runs (forward-only) before the train pass: its one-layer working set is gone
     # when the student's activations and the KL head exist; only its final hidden states stay.
     teacher_kept = hidden_states

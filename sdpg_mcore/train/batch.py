@@ -58,9 +58,10 @@ class MicroBatch:
     seq_index_N: torch.Tensor
     """Row (0..B-1) of each response token."""
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-token tensors filled by the step: advantages_N, old_logprob_N, ref_logprob_N, ..."""
+    """Per-token ``[N]`` tensors of the step, by name: ``adv``, ``old``, ``rollout`` and, when the
+    algorithm needs them, ``ref`` and ``teacher`` (added by the step with ``dataclasses.replace``)."""
     teacher_hidden_NH: torch.Tensor | None = None
-    """Teacher hidden states of this micro-batch's tokens (sdpg), set by the teacher pass; under
+    """Teacher hidden states of this micro-batch's tokens (sdpg), from the teacher pass; under
     context parallelism only those of this rank's student tokens, in ``cp_index_N`` order."""
     position_ids_BT: torch.Tensor | None = None
     """Global positions of the (local) student columns; None = ``arange(T)``."""

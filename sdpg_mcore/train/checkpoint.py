@@ -9,8 +9,8 @@ A checkpoint of step ``k`` is the directory ``CKPT_ROOT/step_{k:08d}``:
 - ``sdpg_convert.json`` + ``hf_assets/`` (the HF config and tokenizer files of ``hf_dir``), so
   ``tools/convert_hf.py to-hf --mcore CKPT_ROOT/step_{k:08d}`` exports the policy to HF;
 - ``trainer_state.json``: step, LR-scheduler state, parallel layout, model signature and the
-  trainer's JSON-able ``extra_state`` (sampler position, config hash, counters); the beta schedule
-  is a function of the step and needs nothing more;
+  trainer's JSON-able ``extra_state`` (the trainer stores the prompt sampler's position); the beta
+  and lambda schedules are functions of the step and need nothing more;
 - ``rng/rank_{r:05d}.pt``: each rank's python / numpy / torch (CPU, CUDA) RNG states and Megatron's
   tensor-parallel RNG tracker states, read back with ``torch.load(weights_only=True)``.
 
@@ -29,8 +29,7 @@ the loaded Adam step count is wrong (see ``allocate_distributed_optimizer_state`
     save_checkpoint(ckpt_root, step, policy.chunks, policy.optimizer, policy.scheduler,
                     hf_dir=model_path, extra_state={"sampler": sampler.state_dict()}, keep_last=3)
     loaded = load_checkpoint(ckpt_root, policy.chunks, policy.optimizer, policy.scheduler, hf_dir=model_path)
-    if loaded is not None:
-        start_step = loaded.step + 1
+    if loaded is not None:  # the run continues with step loaded.step + 1
         sampler.load_state_dict(loaded.extra_state["sampler"])
 """
 
