@@ -25,20 +25,26 @@ def fixed_responses():
     return out
 
 
-def hf_token_stats(hf_dir, responses, *, teacher: bool, temperature: float, state_dict=None):
-    """fp64 ``(logprob_N, entropy_N)`` per response from the HF model: the independent reference."""
+def hf_log_softmax(hf_dir, responses, *, teacher: bool, temperature: float):
+    """fp64 ``[n, V]`` log-probabilities at the positions predicting each response: the independent reference."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float64).eval()
-    if state_dict is not None:
-        model.load_state_dict({k: v.double() for k, v in state_dict.items()}, strict=False)
     out = []
     for r in responses:
         prompt = r.teacher_prompt_ids if teacher else r.prompt_ids
-        ids = torch.tensor([prompt + r.response_ids])
         with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1 : -1] / temperature
-        logp = torch.log_softmax(logits, dim=-1)
+            logits = model(torch.tensor([prompt + r.response_ids])).logits[0, len(prompt) - 1 : -1]
+        out.append(torch.log_softmax(logits / temperature, dim=-1))
+    return out
+
+
+def hf_token_stats(hf_dir, responses, *, teacher: bool, temperature: float):
+    """fp64 ``(logprob_N, entropy_N)`` per response of the sampled tokens."""
+    out = []
+    for r, logp in zip(
+        responses, hf_log_softmax(hf_dir, responses, teacher=teacher, temperature=temperature)
+    ):
         lp = logp.gather(1, torch.tensor(r.response_ids)[:, None])[:, 0]
         out.append((lp, -(logp.exp() * logp).sum(-1)))
     return out
