@@ -126,7 +126,8 @@ def run_step(ctx: StepContext, step: int, responses: list[B.Response]) -> dict[s
     for m in range(len(plans[lay.dp_rank])):
         mbs = _micro_batches(ctx, responses, [p[m] for p in plans])
         mb_sums, grad_norm, lr = _update(ctx, step, mbs, per_row if is_last else None, loss_metrics, timer)
-        sums += mb_sums
+        for one in mb_sums:  # one running sum over the step's micro-batches, in order
+            sums += one
         grad_norms.append(grad_norm)
         lrs.append(lr)
     if is_last:
@@ -195,7 +196,8 @@ def _normalisers(ctx: StepContext, mbs: list[B.MicroBatch]) -> algo.LossNormalis
 def _update(ctx: StepContext, step: int, mbs, per_row: dict | None, scalars: dict, timer: PhaseTimer):
     """One mini-batch: teacher pass (sdpg), forward + backward of the loss, optimizer step.
 
-    ``per_row`` is None off the last pipeline stage (no loss there). Returns (metric sums, grad norm, lr).
+    ``per_row`` is None off the last pipeline stage (no loss there). Returns (the metric sums of each
+    micro-batch, grad norm, lr).
     """
     head, chunks = ctx.policy.head, ctx.policy.chunks
     norms = None
@@ -208,12 +210,10 @@ def _update(ctx: StepContext, step: int, mbs, per_row: dict | None, scalars: dic
         if hidden is not None:
             mbs = [replace(mb, teacher_hidden_NH=h) for mb, h in zip(mbs, hidden)]
     loss_fn = functools.partial(micro_batch_loss, ctx, norms, step, scalars)
-    sums = algo.MetricSums()
     with timer.phase("update"):
         ctx.policy.zero_grad()
         T, teacher_T = ctx.temperature, ctx.teacher_temperature
-        for mb_sums in train_pass(chunks, mbs, head, loss_fn, temperature=T, teacher_temperature=teacher_T):
-            sums += mb_sums
+        sums = train_pass(chunks, mbs, head, loss_fn, temperature=T, teacher_temperature=teacher_T)
         grad_norm, lr = ctx.policy.optimizer_step()
     return sums, grad_norm, lr
 
