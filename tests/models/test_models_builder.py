@@ -7,7 +7,7 @@ QKV bias, tied embeddings, vocabulary padding).
 
 import pytest
 import torch
-from models_hf_weights import load_hf_into_megatron
+from models_hf_weights import load_hf_into_megatron, megatron_param_names
 
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.parallel.spawn import spawn_ranks
@@ -45,7 +45,6 @@ def hf_models(tmp_path_factory):
 def _parity(rank, world_size, cases, layouts):
     from sdpg_mcore.models.builder import build_gpt_model, forward_logits
     from sdpg_mcore.models.hf_config import parse_hf_config
-    from sdpg_mcore.models.param_names import megatron_param_names
     from sdpg_mcore.parallel import state
 
     out = {}

@@ -82,7 +82,6 @@ def _model_on_layouts(rank, world_size, hf_config):
     from megatron.core import parallel_state as ps
 
     from sdpg_mcore.models.builder import build_gpt_model, causal_attention_mask, forward_logits
-    from sdpg_mcore.models.param_names import megatron_param_names
     from sdpg_mcore.parallel import state
 
     tokens = torch.randint(0, 301, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
@@ -100,8 +99,8 @@ def _model_on_layouts(rank, world_size, hf_config):
         total = loss.detach().clone()
         dist.all_reduce(total, group=group)  # global loss: every token counted once across CP
         grads = {}
-        for local_name, name in megatron_param_names(model).items():
-            grad = dict(model.named_parameters())[local_name].grad
+        for name, param in model.named_parameters():  # pp=1: the names are global
+            grad = param.grad
             dist.all_reduce(grad, group=group)  # what DDP's DP x CP gradient reduction sums
             grads[name] = grad
         out[(tp, cp)] = dict(
