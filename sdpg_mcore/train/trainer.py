@@ -4,7 +4,7 @@ Each step is six phases, one function each, in this order (every rank runs every
 
 - :func:`rollout`: rank 0 generates ``rollout.n`` responses per prompt and scores each once (DAPO
   dynamic sampling drops all-equal groups); every rank gets the scored batch.
-- :func:`train_step` (``step.py``): old/reference/teacher log-probs, group advantages, one optimizer
+- ``run_step`` (``step.py``): old/reference/teacher log-probs, group advantages, one optimizer
   step per mini-batch.
 - :func:`sync_weights`: the new weights to the rollout servers.
 - :func:`evaluate`: held-out avg@k / pass@k on evaluation steps (rank 0).
@@ -40,8 +40,7 @@ from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, ReferenceWeights, build_policy
 from sdpg_mcore.train.progress import StepProgress, setup_logging
 from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses, check_reachable
-from sdpg_mcore.train.step import StepContext
-from sdpg_mcore.train.step import run_step as train_step
+from sdpg_mcore.train.step import StepContext, run_step
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +136,15 @@ def train(cfg: Config) -> dict[str, float]:
 
 
 def loop(run: Run) -> dict[str, float]:
-    """Train step after step: rollout -> score -> step -> sync -> log -> save. Returns the last metrics."""
+    """Train step after step: rollout (generate + score) -> step -> sync -> eval -> log -> save.
+
+    Returns the last step's metrics (complete on rank 0).
+    """
     metrics: dict[str, float] = {}
     for step in run.steps():
         began = time.perf_counter()
         responses, metrics = rollout(run, step)
-        metrics.update(train_step(run.step_ctx, step, responses))
+        metrics.update(run_step(run.step_ctx, step, responses))
         metrics.update(sync_weights(run, step))
         seconds = time.perf_counter() - began
         metrics.update(evaluate(run, step))
