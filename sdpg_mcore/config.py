@@ -4,7 +4,11 @@ A run is one :class:`Config` object. Recipes (``examples/*/sdpg.yaml``) set a su
 command line overrides single fields with ``section.field=value``, parsed to the field's type. The
 entry point calls :func:`load_config` once; it validates everything and raises :class:`ConfigError`
 (a ``ValueError``) whose message names the key and lists the valid keys or choices. Code below the
-entry point receives explicit values taken from the validated config, never the config itself.
+entry point receives the typed section it needs (``cfg.algorithm``, ``cfg.rollout``,
+``cfg.optimizer``...) or explicit values, never the whole config.
+
+The ``algorithm:`` section is not a class of this module: ``name`` picks a registered algorithm and
+the other keys parse straight into its typed config (``algo/config.py``), checked there.
 
     cfg = load_config("examples/tiny/sdpg.yaml", ["trainer.total_steps=20", "algorithm.name=grpo"])
     cfg.trainer.total_steps  # 20
