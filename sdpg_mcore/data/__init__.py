@@ -34,11 +34,7 @@ _EXPORTS = {
         "TEACHER_CONTEXT_TOKEN",
         "DataError",
         "PromptSample",
-<<<<<<< HEAD
-        "RolloutSample",
         "apply_answer_format",
-=======
->>>>>>> 3bd3611 (Delete what nothing uses: data/packing.py (a second micro-batch planner; train/batch.py plans), RolloutSample, client.generate_filtered/FilteredRollout/Sample.reward (DAPO filtering now once, in rollout_io with algo.dapo_group_filter), RolloutClient.weight_versions/call_workers, weight_sync.describe, hf_io.dir_weight_bytes)
         "split_teacher_context",
     ],
     "sdpg_mcore.data.sampler": ["PromptSampler"],
