@@ -101,6 +101,10 @@ class EvalConfig:
     """Sampling temperature during evaluation."""
     max_prompts: int = 0
     """Evaluate at most this many prompts per file (0 = all)."""
+    mechanism: bool = False
+    """Also probe the self-distillation mechanism on the eval prompts (``train/mechanism.py``: teacher
+    vs student accuracy and log-prob of the reference response, all-wrong share, KL on correct vs
+    incorrect samples); needs TP = PP = CP = 1."""
 
 
 @dataclass
@@ -493,6 +497,12 @@ def validate(cfg: Config) -> Config:
     _check(tr.save_interval >= 0, "trainer.save_interval", "must be >= 0")
     _check(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(
+        not cfg.eval.mechanism or (par.tp, par.pp, par.cp) == (1, 1, 1),
+        "eval.mechanism",
+        f"needs parallel.tp = pp = cp = 1 (the probe runs the model on rank 0 alone), got "
+        f"tp={par.tp} pp={par.pp} cp={par.cp}; set eval.mechanism=false",
+    )
     _check(tr.stop_at_step >= 0, "trainer.stop_at_step", "must be >= 0")
     _check(tr.logprob_chunk_size >= 1, "trainer.logprob_chunk_size", "must be >= 1")
     return cfg

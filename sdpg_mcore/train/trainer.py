@@ -35,6 +35,7 @@ from sdpg_mcore import algo
 from sdpg_mcore.algo.config import TeacherWeights
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
 from sdpg_mcore.train import checkpoint as ckpt
+from sdpg_mcore.train import mechanism
 from sdpg_mcore.train.batch import Response
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, ReferenceWeights, build_policy
@@ -190,7 +191,10 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     for name, dataset in run.evals.items():
         count = len(dataset) if not ev.max_prompts else min(ev.max_prompts, len(dataset))
         prompts = dataset.batch(list(range(count)))
-        out.update(run.session.evaluate(name, prompts, ev.n_samples, ev.temperature, seed=step))
+        if ev.mechanism:  # the same avg@k / pass@k plus the self-distillation probe (train/mechanism.py)
+            out.update(mechanism.probe(run.session, run.policy, run.cfg.model.path, name, prompts, ev, step))
+        else:
+            out.update(run.session.evaluate(name, prompts, ev.n_samples, ev.temperature, seed=step))
     return out
 
 
