@@ -79,12 +79,14 @@ def task_record(question: str, answer: str, index: int, split: str) -> dict:
     }
 
 
-def write_task(out: Path, num_train: int, num_heldout: int, seed: int = 1234) -> dict[str, Path]:
+def write_task(
+    out: Path, num_train: int, num_heldout: int, max_operand: int, seed: int = 1234
+) -> dict[str, Path]:
     """Train and held-out JSON-lines files (separate seeded samples of the one-digit task)."""
     paths = {}
     for split, num, offset in (("train", num_train, 0), (HELDOUT, num_heldout, 1)):
         rng = random.Random(seed + offset)
-        records = [task_record(*arithmetic_problem(rng), i, split) for i in range(num)]
+        records = [task_record(*arithmetic_problem(rng, max_operand), i, split) for i in range(num)]
         path = out / f"{split}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -270,8 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--config", type=Path, default=RECIPE, help="the trainer recipe every run uses")
-    parser.add_argument("--sft-steps", type=int, default=200, help="warm-start steps (made once)")
-    parser.add_argument("--teacher-fraction", type=float, default=0.8, help="warm start on teacher prompts")
+    parser.add_argument("--sft-steps", type=int, default=150, help="warm-start steps (made once)")
+    parser.add_argument(
+        "--teacher-fraction",
+        type=float,
+        default=1.0,
+        help="share of warm-start rows under the teacher prompt",
+    )
+    parser.add_argument("--max-operand", type=int, default=4, help="operands lie in [0, max-operand]")
     parser.add_argument("--num-heldout", type=int, default=64, help="held-out prompts")
     parser.add_argument("--json", type=Path, default=None, help="default OUT/bench.json")
     parser.add_argument("overrides", nargs="*", help="key=value trainer overrides for every run")
@@ -286,9 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     warm_path = out / "model" / "warmstart.json"
     if not (out / "model" / "model.safetensors").exists():
         print("[bench] warm start (once, shared by every run)", flush=True)
-        make_tiny_model(out / "model", sft_steps=args.sft_steps, teacher_fraction=args.teacher_fraction)
+        make_tiny_model(
+            out / "model",
+            sft_steps=args.sft_steps,
+            teacher_fraction=args.teacher_fraction,
+            max_operand=args.max_operand,
+        )
     warm = json.loads(warm_path.read_text())
-    write_task(out / "data", num_train=2048, num_heldout=args.num_heldout)
+    write_task(out / "data", num_train=2048, num_heldout=args.num_heldout, max_operand=args.max_operand)
     jobs = [(a, s) for s in seeds for a in algos]
     walls = run_all(out, jobs, args, args.overrides)
     k = 8

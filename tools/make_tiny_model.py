@@ -61,11 +61,11 @@ def render(tokenizer, question: str, answer: str | None) -> str:
     )
 
 
-def sft_batch(tokenizer, rng: random.Random, batch_size: int, teacher_fraction: float):
+def sft_batch(tokenizer, rng: random.Random, batch_size: int, teacher_fraction: float, max_operand: int = 9):
     """Right-padded ``input_ids``, ``attention_mask`` and response-only ``labels`` (-100 elsewhere)."""
     rows = []
     for _ in range(batch_size):
-        question, answer = arithmetic_problem(rng)
+        question, answer = arithmetic_problem(rng, max_operand)
         prompt = render(tokenizer, question, answer if rng.random() < teacher_fraction else None)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(worked_response(question, answer), add_special_tokens=False)["input_ids"]
@@ -93,11 +93,18 @@ def boxed_answer(text: str) -> str | None:
 
 @torch.no_grad()
 def sample_accuracy(
-    model, tokenizer, *, num_prompts: int, seed: int, teacher: bool, max_new_tokens: int = 24
+    model,
+    tokenizer,
+    *,
+    num_prompts: int,
+    seed: int,
+    teacher: bool,
+    max_new_tokens: int = 24,
+    max_operand: int = 9,
 ):
     """Fraction of correct boxed answers at temperature 1 on held-out problems (student or teacher prompt)."""
     rng = random.Random(10_000 + seed)
-    problems = [arithmetic_problem(rng) for _ in range(num_prompts)]
+    problems = [arithmetic_problem(rng, max_operand) for _ in range(num_prompts)]
     prompts = [render(tokenizer, q, a if teacher else None) for q, a in problems]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -125,6 +132,7 @@ def make_tiny_model(
     lr: float = 3e-3,
     teacher_fraction: float = 0.5,
     eval_prompts: int = 128,
+    max_operand: int = 9,
 ) -> dict:
     """Build, warm-start and save the tiny model + tokenizer to ``out``; returns the measurements."""
     from transformers import AutoModelForCausalLM
@@ -145,7 +153,7 @@ def make_tiny_model(
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(sft_steps):
-        input_ids, mask, labels = sft_batch(tokenizer, rng, batch_size, teacher_fraction)
+        input_ids, mask, labels = sft_batch(tokenizer, rng, batch_size, teacher_fraction, max_operand)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -157,13 +165,15 @@ def make_tiny_model(
     stats = {
         "seed": seed,
         "sft_steps": sft_steps,
+        "teacher_fraction": teacher_fraction,
+        "max_operand": max_operand,
         "final_sft_loss": round(float(loss.detach()), 4),
         "sft_seconds": round(sft_seconds, 1),
         "student_acc_t1": sample_accuracy(
-            model, tokenizer, num_prompts=eval_prompts, seed=seed, teacher=False
+            model, tokenizer, num_prompts=eval_prompts, seed=seed, teacher=False, max_operand=max_operand
         ),
         "teacher_acc_t1": sample_accuracy(
-            model, tokenizer, num_prompts=eval_prompts, seed=seed, teacher=True
+            model, tokenizer, num_prompts=eval_prompts, seed=seed, teacher=True, max_operand=max_operand
         ),
         "num_params": sum(p.numel() for p in model.parameters()),
     }
@@ -185,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=400, help="warm-start optimizer steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--teacher-fraction",
+        type=float,
+        default=0.5,
+        help="share of warm-start rows under the teacher prompt",
+    )
+    parser.add_argument("--max-operand", type=int, default=9, help="largest operand of the arithmetic task")
     parser.add_argument("--eval-prompts", type=int, default=128, help="held-out problems for the accuracy")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps results bit-exact)")
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
@@ -197,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         eval_prompts=args.eval_prompts,
+        teacher_fraction=args.teacher_fraction,
+        max_operand=args.max_operand,
     )
     if args.json:
         sys.stdout.write(json.dumps(stats) + "\n")

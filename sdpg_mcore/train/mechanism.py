@@ -15,6 +15,9 @@ training prompts and the update), so at evaluation steps this probe measures, on
 - ``kl_correct`` / ``kl_incorrect``: the per-token reverse KL(student at the eval temperature ||
   teacher untempered) — the quantity SDPG's loss pulls down — averaged over the tokens of the
   correct and of the incorrect student samples.
+- ``kl_grad_cos_student`` / ``kl_grad_cos_teacher``: cosine, over all parameters, between the
+  gradient of that KL and the gradient of ``-log p(reference)`` after the student / teacher prompt:
+  whether the distillation gradient points toward the correct answer (:func:`gradient_alignment`).
 
 The model runs on rank 0 alone, with full-vocabulary logits (small eval batches), so the probe needs
 TP = PP = CP = 1; it is an implementation independent of the fused head, not a copy of it.
@@ -41,6 +44,11 @@ def response_logprobs(
 ) -> list[torch.Tensor]:
     """Per ``(prompt_ids, response_ids)`` row: ``[len(response), vocab]`` fp32 ``log_softmax(z / T)`` at the
     positions that predict the response tokens."""
+    return _response_logprobs(model, rows, vocab_size, temperature)
+
+
+def _response_logprobs(model, rows, vocab_size: int, temperature: float) -> list[torch.Tensor]:
+    """:func:`response_logprobs` with autograd (for :func:`gradient_alignment`)."""
     gpt = unwrap_model(model)
     out: list[torch.Tensor] = []
     for start in range(0, len(rows), PROBE_ROWS):
@@ -99,6 +107,40 @@ def reference_logprobs(model, prompts, tokenizer, vocab_size: int) -> dict[str, 
     return out
 
 
+def gradient_alignment(model, prompts, groups, tokenizer, vocab_size: int, temperature: float) -> dict:
+    """Does a step down the distillation KL move the student toward the correct answer, and the teacher?
+
+    ``g_kl``: gradient of the token-mean KL(student || teacher, teacher detached, as in training) on
+    one student sample per prompt; ``g_s`` / ``g_t``: gradients of the mean ``-log p(reference)``
+    after the student / the teacher prompt. ``kl_grad_cos_student = cos(g_kl, g_s) > 0`` means a KL
+    step raises the student's log-probability of the correct response; ``kl_grad_cos_teacher < 0``
+    means it lowers the teacher's (the weights are shared). Gradients are taken with
+    ``torch.autograd.grad`` and never reach the parameters' ``.grad`` or Megatron's grad buffers.
+    """
+    refs = [p.extra_info.get("reference_response") for p in prompts]
+    if not refs or any(not isinstance(r, str) for r in refs):
+        return {}
+    params = [p for p in unwrap_model(model).parameters() if p.requires_grad]
+    picked = [(p, g[0].output_ids) for p, g in zip(prompts, groups) if g and g[0].output_ids]
+    student = _response_logprobs(model, [(p.student_ids, y) for p, y in picked], vocab_size, temperature)
+    with torch.no_grad():
+        teacher = _response_logprobs(model, [(p.teacher_ids, y) for p, y in picked], vocab_size, 1.0)
+    kl = torch.cat([reverse_kl(s, t) for s, t in zip(student, teacher)]).mean()
+    g_kl = torch.autograd.grad(kl, params)
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in refs]
+    out = {}
+    for key, side in (("kl_grad_cos_student", "student_ids"), ("kl_grad_cos_teacher", "teacher_ids")):
+        logp = _response_logprobs(
+            model, [(getattr(p, side), r) for p, r in zip(prompts, ids)], vocab_size, 1.0
+        )
+        nll = -torch.stack([lp.gather(1, torch.tensor(r)[:, None]).sum() for lp, r in zip(logp, ids)]).mean()
+        g = torch.autograd.grad(nll, params)
+        dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_kl, g))
+        norms = [math.sqrt(sum(float(x.double().square().sum()) for x in v)) for v in (g_kl, g)]
+        out[key] = dot / (norms[0] * norms[1]) if norms[0] * norms[1] > 0 else math.nan
+    return out
+
+
 def probe_mechanism(
     session, model, tokenizer, name: str, prompts, k: int, temperature: float, seed: int, vocab_size: int
 ) -> dict[str, float]:
@@ -121,6 +163,7 @@ def probe_mechanism(
         "all_wrong_share": sum(not any(g) for g in correct) / len(correct),
         **reference_logprobs(model, prompts, tokenizer, vocab_size),
         **sampled_kl(model, prompts, groups, correct, vocab_size, temperature),
+        **gradient_alignment(model, prompts, groups, tokenizer, vocab_size, temperature),
     }
     out = {f"mech/{name}/{key}": value for key, value in mech.items()}
     out[f"eval/{name}/avg@{k}"] = mech["student_acc"]
