@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_algos"))
     parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated algorithm names")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--config", type=Path, default=RECIPE, help="the trainer recipe every run uses")
     parser.add_argument("--sft-steps", type=int, default=150, help="warm-start steps (made once)")
