@@ -17,7 +17,9 @@ TINY = REPO / "examples" / "tiny"
 def test_recipe_validates_and_scripts_parse():
     cfg = load_config(TINY / "sdpg.yaml", ["algorithm.name=grpo"])
     assert cfg.rollout.backend == "builtin" and cfg.trainer.total_steps >= 20
-    for script in ("run.sh", "compare.sh"):
+    bench = load_config(TINY / "bench_algos.yaml", ["algorithm.name=rlsd"])
+    assert bench.eval.mechanism and bench.eval.n_samples == bench.rollout.n
+    for script in ("run.sh", "bench.sh"):
         assert os.access(TINY / script, os.X_OK), script
         subprocess.run(["bash", "-n", str(TINY / script)], check=True)
 
