@@ -100,3 +100,14 @@ def test_probe_logprobs_match_transformers_and_grads_stay_clean(hf_dir):
     assert set(cos) == {"kl_grad_cos_student", "kl_grad_cos_teacher"}
     assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 and not math.isnan(v) for v in cos.values())
     assert untouched, "gradient_alignment wrote into .grad or Megatron's main_grad"
+
+
+def test_mechanism_needs_a_single_model_parallel_rank():
+    from pathlib import Path
+
+    from sdpg_mcore.config import ConfigError, load_config
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "bench_algos.yaml"
+    assert load_config(recipe, []).eval.mechanism
+    with pytest.raises(ConfigError, match=r"eval\.mechanism.*tp=2"):
+        load_config(recipe, ["parallel.tp=2"])
