@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -294,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     warm_path = out / "model" / "warmstart.json"
     if not (out / "model" / "model.safetensors").exists():
         print("[bench] warm start (once, shared by every run)", flush=True)
+        import torch
+
+        torch.set_num_threads(1)  # make_tiny_model is bit-exact single-threaded
         make_tiny_model(
             out / "model",
             sft_steps=args.sft_steps,
@@ -307,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     k = 8
     summary = summarize(out, algos, seeds, k)
     wall = round(time.perf_counter() - began, 1)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished run, its server included
+    cpu = round(usage.ru_utime + usage.ru_stime, 1)
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "steps": args.steps,
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "warm_start": warm,
         "wall_s": wall,
+        "cpu_s": cpu,
+        "load_average_end": os.getloadavg(),
         "run_wall_s": walls,
         "algos": summary,
     }
@@ -326,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(
         f"warm start: student acc {warm['student_acc_t1']:.3f}, teacher acc {warm['teacher_acc_t1']:.3f}\n"
     )
-    sys.stdout.write(f"wall {wall:.0f} s; json {json_path}; figure {out / 'bench.png'}\n")
+    sys.stdout.write(
+        f"wall {wall:.0f} s, CPU {cpu:.0f} s (runs and their servers); json {json_path}; "
+        f"figure {out / 'bench.png'}\n"
+    )
     return 0
 
 
