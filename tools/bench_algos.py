@@ -54,6 +54,8 @@ MECH = (
     ("teacher_logp_ref", "log p(correct response), teacher"),
     ("kl_incorrect", "KL(student||teacher), wrong samples"),
     ("kl_correct", "KL(student||teacher), right samples"),
+    ("kl_grad_cos_student", "cos(KL grad, student -log p(correct) grad)"),
+    ("kl_grad_cos_teacher", "cos(KL grad, teacher -log p(correct) grad)"),
 )
 
 
@@ -218,7 +220,9 @@ def plot(summary: dict, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("acc", "held-out accuracy")] + [m for m in MECH if m[0] != "student_acc"]
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.4), squeeze=False)
+    ncols = 3
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         for algo, entry in summary.items():
             runs = [s["curve"] for s in entry["seeds"].values() if s["curve"]["step"]]
@@ -252,6 +256,7 @@ def table(summary: dict, seeds: int) -> str:
         ("student_logp_ref", "log p(correct)"),
         ("kl_incorrect", "KL wrong"),
         ("kl_correct", "KL right"),
+        ("kl_grad_cos_student", "cos(KL grad, student correct)"),
     ]
     lines = [
         f"| algorithm (final, mean ± std over {seeds} seeds) | " + " | ".join(t for _, t in cols) + " |",
@@ -261,6 +266,16 @@ def table(summary: dict, seeds: int) -> str:
         cells = [f"{e[f'final_{k}_mean']:.3f} ± {e[f'final_{k}_std']:.3f}" for k, _ in cols]
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def report(out: Path, json_path: Path, algos: list[str], seeds: list[int]) -> int:
+    """Rewrite ``json_path``'s summary, figure and table from the runs on disk (after a code change)."""
+    result = json.loads(json_path.read_text())
+    result["algos"] = summarize(out, algos, seeds, k=8)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result["algos"], out / "bench.png")
+    sys.stdout.write(table(result["algos"], len(seeds)) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-operand", type=int, default=4, help="operands lie in [0, max-operand]")
     parser.add_argument("--num-heldout", type=int, default=64, help="held-out prompts")
     parser.add_argument("--json", type=Path, default=None, help="default OUT/bench.json")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only re-summarize the finished runs under --out (keeps the JSON's wall and CPU time)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value trainer overrides for every run")
     args = parser.parse_args(argv)
     began = time.perf_counter()
@@ -292,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(algos) - set(ALGOS) - {"dapo"})
     if unknown:
         parser.error(f"--algos: unknown {unknown}; choose from {ALGOS + ('dapo',)}")
+    json_path = args.json or out / "bench.json"
+    if args.report_only:
+        return report(out, json_path, algos, seeds)
     warm_path = out / "model" / "warmstart.json"
     if not (out / "model" / "model.safetensors").exists():
         print("[bench] warm start (once, shared by every run)", flush=True)
@@ -326,7 +349,6 @@ def main(argv: list[str] | None = None) -> int:
         "run_wall_s": walls,
         "algos": summary,
     }
-    json_path = args.json or out / "bench.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     plot(summary, out / "bench.png")
