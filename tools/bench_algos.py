@@ -268,10 +268,26 @@ def table(summary: dict, seeds: int) -> str:
     return "\n".join(lines)
 
 
+def goal(summary: dict) -> dict | None:
+    """The issue's bar: SDPG's mean final accuracy >= GRPO's + 0.05, and SDPG's worst seed above GRPO's mean."""
+    if "sdpg" not in summary or "grpo" not in summary:
+        return None
+    sdpg, grpo = summary["sdpg"], summary["grpo"]
+    margin = sdpg["final_acc_mean"] - grpo["final_acc_mean"]
+    worst = min(sdpg["final_acc"])
+    return {
+        "sdpg_minus_grpo": margin,
+        "sdpg_worst_seed": worst,
+        "grpo_mean": grpo["final_acc_mean"],
+        "met": bool(margin >= 0.05 and worst > grpo["final_acc_mean"]),
+    }
+
+
 def report(out: Path, json_path: Path, algos: list[str], seeds: list[int]) -> int:
     """Rewrite ``json_path``'s summary, figure and table from the runs on disk (after a code change)."""
     result = json.loads(json_path.read_text())
     result["algos"] = summarize(out, algos, seeds, k=8)
+    result["goal"] = goal(result["algos"])
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     plot(result["algos"], out / "bench.png")
     sys.stdout.write(table(result["algos"], len(seeds)) + "\n")
@@ -348,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_end": os.getloadavg(),
         "run_wall_s": walls,
         "algos": summary,
+        "goal": goal(summary),
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")

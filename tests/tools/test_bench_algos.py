@@ -74,7 +74,29 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
         assert math.isnan(e["final_kl_incorrect_mean"])  # never logged
         assert e["seeds"]["2"]["curve"]["step"] == [5, 10, 15]
         assert e["seeds"]["2"]["curve"]["acc"] == [0.1, 0.1, accs[2]]
+    g = bench_algos.goal(summary)
+    assert g["sdpg_minus_grpo"] == pytest.approx(0.4) and g["sdpg_worst_seed"] == 0.5 and g["met"]
     table = bench_algos.table(summary, 3)
     assert "| sdpg | 0.600 ± 0.100 |" in table and "| grpo | 0.200 ± 0.100 |" in table
     bench_algos.plot(summary, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_two_algorithms(tmp_path):
+    """The real thing, tiny: warm start, two trainer runs with the probe, JSON with final_acc per seed."""
+    import subprocess
+
+    out = tmp_path / "b"
+    cmd = [sys.executable, str(REPO / "tools" / "bench_algos.py"), "--out", str(out), "--algos", "sdpg,grpo"]
+    cmd += ["--seeds", "0", "--steps", "2", "--sft-steps", "20", "--num-heldout", "4", "eval.interval=2"]
+    subprocess.run(cmd, check=True, cwd=REPO, timeout=900, capture_output=True)
+    result = json.loads((out / "bench.json").read_text())
+    for algo in ("sdpg", "grpo"):
+        e = result["algos"][algo]
+        assert len(e["final_acc"]) == 1 and 0.0 <= e["final_acc"][0] <= 1.0
+        curve = e["seeds"]["0"]["curve"]
+        assert curve["step"] == [2]
+        assert 0.0 <= curve["teacher_acc"][0] <= 1.0 and curve["teacher_logp_ref"][0] < 0
+        assert -1.0 <= curve["kl_grad_cos_student"][0] <= 1.0
+    assert result["cpu_s"] > 0 and (out / "bench.png").exists()
