@@ -151,6 +151,7 @@ def run_all(out: Path, jobs: list[tuple[str, int]], args, overrides: list[str]) 
     pending = [j for j in jobs if not finished(run_dir(out, *j), args.steps)]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     walls: dict[str, float] = {}
+    retries: dict[tuple[str, int], int] = {}
     while pending or running:
         while pending and len(running) < args.jobs:
             job = pending.pop(0)
@@ -169,6 +170,13 @@ def run_all(out: Path, jobs: list[tuple[str, int]], args, overrides: list[str]) 
                 flush=True,
             )
             if proc.returncode != 0:
+                # A run can lose a race for a port to another process on the machine: retry it.
+                retries[job] = retries.get(job, 0) + 1
+                if retries[job] <= args.retries:
+                    log = run_dir(out, *job) / "train.log"
+                    log.rename(log.with_name(f"train.failed{retries[job]}.log"))
+                    pending.insert(0, job)
+                    continue
                 for p, _ in running.values():
                     p.terminate()
                 raise RuntimeError(f"run {job} failed; see {run_dir(out, *job) / 'train.log'}")
@@ -303,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--retries", type=int, default=2, help="reruns of a failed run before giving up")
     parser.add_argument("--config", type=Path, default=RECIPE, help="the trainer recipe every run uses")
     parser.add_argument("--sft-steps", type=int, default=150, help="warm-start steps (made once)")
     parser.add_argument(
