@@ -23,11 +23,13 @@ command is repeated with the same ``--out``. Writes ``OUT/bench.json`` (or ``--j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -143,7 +145,23 @@ def launch(out: Path, algo: str, seed: int, args, overrides: list[str]) -> subpr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(find_free_port())}
     (rdir / "metrics.jsonl").unlink(missing_ok=True)
     log = open(rdir / "train.log", "w")  # noqa: SIM115 - closed by the child's exit
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Own session: stopping the bench stops the run's whole process group, rollout server included.
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_all(running: dict) -> None:
+    """SIGTERM every running run's process group (trainer and its rollout server), then wait for them."""
+    for proc, _ in running.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc, _ in running.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_all(out: Path, jobs: list[tuple[str, int]], args, overrides: list[str]) -> dict[str, float]:
@@ -152,6 +170,15 @@ def run_all(out: Path, jobs: list[tuple[str, int]], args, overrides: list[str]) 
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     walls: dict[str, float] = {}
     retries: dict[tuple[str, int], int] = {}
+    try:
+        _drive(out, pending, running, walls, retries, args, overrides)
+    except BaseException:  # an error or Ctrl-C: leave no trainer or server behind
+        stop_all(running)
+        raise
+    return walls
+
+
+def _drive(out, pending, running, walls, retries, args, overrides) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             job = pending.pop(0)
@@ -177,10 +204,7 @@ def run_all(out: Path, jobs: list[tuple[str, int]], args, overrides: list[str]) 
                     log.rename(log.with_name(f"train.failed{retries[job]}.log"))
                     pending.insert(0, job)
                     continue
-                for p, _ in running.values():
-                    p.terminate()
                 raise RuntimeError(f"run {job} failed; see {run_dir(out, *job) / 'train.log'}")
-    return walls
 
 
 def curves(rows: list[dict], k: int) -> dict[str, list]:
@@ -330,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="key=value trainer overrides for every run")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # -> run_all stops its runs first
     began = time.perf_counter()
     out = args.out.resolve()
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
