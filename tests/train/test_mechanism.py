@@ -45,12 +45,13 @@ class _Tokenizer:
 
 
 def _probe_rank(rank, world_size, hf_dir):
+    from sdpg_mcore.config import OptimizerConfig
     from sdpg_mcore.parallel import state
     from sdpg_mcore.train import mechanism
-    from sdpg_mcore.train.model_setup import OptimSettings, build_policy
+    from sdpg_mcore.train.model_setup import build_policy
 
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
-    optim = OptimSettings(1e-3, 0.0, 0, "constant", 0.0, 0.9, 0.999, 1e-8, 1.0, False)
+    optim = OptimizerConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.0)
     policy = build_policy(
         hf_dir, layout, dtype=torch.float32, optim=optim, total_updates=1, vocab_size=301, chunk_size=16
     )
