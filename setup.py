@@ -32,7 +32,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"],
-    "sglang": ["sglang>=0.5", "sglang-router>=0.2"],
+    "sglang": ["sglang>=0.5.21", "sglang-router>=0.2"],  # weight-update sessions; checked at start-up
     "te": ["transformer-engine[pytorch]>=2.0"],
     "wandb": ["wandb>=0.18"],
 }

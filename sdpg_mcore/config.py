@@ -130,8 +130,16 @@ class RolloutConfig:
     """DAPO dynamic sampling: drop groups with all-equal rewards and generate more until the batch is full."""
     max_num_gen_batches: int = 10
     """Most generation rounds per step under dynamic sampling before training on what was kept."""
-    weight_sync: Literal["disk", "distributed"] = "disk"
-    """How new weights reach the servers: HF safetensors on disk, or NCCL/gloo broadcast in buckets."""
+    weight_sync: Literal["disk", "distributed", "tensor"] = "disk"
+    """How new weights reach the servers: HF safetensors on disk, NCCL/gloo broadcast in buckets
+    (servers on their own devices), or tensor handles (``/update_weights_from_tensor``, colocated)."""
+    tp_size: int = 1
+    """Tensor-parallel size of each launched SGLang server (``--tp-size``); it then holds that many
+    ranks of the weight-update group."""
+    colocated: bool = False
+    """The engines share the trainer's devices: they release their memory after each rollout and
+    resume it before the weight push (needs weight_sync=disk or tensor: NCCL refuses two ranks of
+    one communicator on one GPU)."""
     bucket_mb: int = 512
     """Bucket size of the distributed weight sync, in MiB."""
     request_timeout_s: float = 600.0
@@ -485,6 +493,18 @@ def validate(cfg: Config) -> Config:
         "needs rollout.n >= 2 (a group of one always has equal rewards); set rollout.n or turn it off",
     )
     _check(ro.num_servers >= 1, "rollout.num_servers", f"must be >= 1, got {ro.num_servers}")
+    _check(ro.tp_size >= 1, "rollout.tp_size", f"must be >= 1, got {ro.tp_size}")
+    _check(
+        ro.tp_size == 1 or ro.backend == "sglang",
+        "rollout.tp_size",
+        f"={ro.tp_size} needs rollout.backend=sglang (the builtin server is TP1; external servers report their own)",
+    )
+    _check(
+        not (ro.colocated and ro.weight_sync == "distributed"),
+        "rollout.weight_sync",
+        "=distributed cannot be colocated (NCCL refuses two ranks of one communicator on one GPU); "
+        "use rollout.weight_sync=tensor or disk",
+    )
     if ro.backend == "external":
         _check(bool(ro.urls), "rollout.urls", "is required when rollout.backend=external")
         for url in ro.urls:

@@ -82,7 +82,6 @@ def bench_servers(
     args: argparse.Namespace, model_dir: Path, tensors, num_servers: int, work: Path
 ) -> list[dict]:
     """Every method against ``num_servers`` dev servers, one after another on the same servers."""
-    from sdpg_mcore.parallel.spawn import find_free_port
     from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
     from sdpg_mcore.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 
@@ -98,9 +97,7 @@ def bench_servers(
     with RolloutServers(config) as servers:
         urls = servers.worker_urls
         for label, kwargs in DISTRIBUTED_METHODS.items():
-            sync = DistributedWeightSync(
-                urls, master_port=find_free_port(), **{"bucket_bytes": args.bucket_mb << 20, **kwargs}
-            )
+            sync = DistributedWeightSync(urls, **{"bucket_bytes": args.bucket_mb << 20, **kwargs})
             sync.connect()
             rows.append(
                 {

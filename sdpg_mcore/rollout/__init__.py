@@ -3,8 +3,11 @@
 - ``client``: :class:`RolloutClient` — batched ``/generate`` (``n`` per prompt, seeds, retries,
   aborts, metrics) against the router or one server.
 - ``servers``: :class:`RolloutServers` — start/supervise SGLang or dev servers behind ``sglang_router``.
-- ``weight_sync``: :class:`DiskWeightSync`, :class:`DistributedWeightSync` — push HF-named tensors
-  (``checkpoints_convert.model_io.iter_hf_tensors``) to the servers and check ``weight_version``.
+- ``weight_sync``: :class:`WeightSync` and its backends (disk, distributed broadcast, colocated
+  tensor handles) — push HF-named tensors to the servers, set and check ``weight_version``.
+- ``sglang_launch``: real SGLang's command line (``--device cpu`` from ``.venv-sglang`` where there
+  is no CUDA), minimum version and ``--dp-size`` checks; ``sglang_cpu_shim/``: its CPU start-up fixes.
+- ``http``: the one blocking HTTP helper (admin calls, launcher, weight sync).
 - ``dev_server`` (+ ``engine``, ``scheduler``): ``python -m sdpg_mcore.rollout.dev_server``.
 - ``protocol``: the JSON shapes of SDPG.md §7; ``dist_group``: the side process group for broadcasts.
 """
@@ -18,18 +21,24 @@ from sdpg_mcore.rollout.client import (
     logprob_drift,
 )
 from sdpg_mcore.rollout.protocol import SamplingParams
-from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig, ServerStartError
+from sdpg_mcore.rollout.servers import MemoryOccupation, RolloutServers, ServerConfig, ServerStartError
+from sdpg_mcore.rollout.sglang_launch import MIN_SGLANG_VERSION, SGLangServerError
 from sdpg_mcore.rollout.weight_sync import (
     DiskWeightSync,
     DistributedWeightSync,
+    TensorWeightSync,
+    WeightSync,
     WeightSyncError,
     check_weight_versions,
+    make_weight_sync,
 )
 
 __all__ = [
     "ClientConfig",
     "DiskWeightSync",
     "DistributedWeightSync",
+    "MIN_SGLANG_VERSION",
+    "MemoryOccupation",
     "RolloutClient",
     "RolloutError",
     "RolloutMetrics",
@@ -37,8 +46,12 @@ __all__ = [
     "Sample",
     "SamplingParams",
     "ServerConfig",
+    "SGLangServerError",
     "ServerStartError",
+    "TensorWeightSync",
+    "WeightSync",
     "WeightSyncError",
     "check_weight_versions",
     "logprob_drift",
+    "make_weight_sync",
 ]

@@ -180,10 +180,14 @@ class RolloutClient:
 
     # ---------------------------------------------------------------- generate
     async def generate_raw(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST one ``/generate`` body with retries; abort it on the workers if cancelled."""
+        """POST one ``/generate`` body with retries; abort it on the workers if cancelled.
+
+        Every attempt carries a fresh ``rid``: SGLang refuses a rid it still tracks ("Duplicate
+        request ID"), and a timed-out attempt may still be running there. Each abandoned attempt
+        is aborted on the workers.
+        """
         self._get_session()
         assert self._semaphore is not None
-        rid = payload.setdefault("rid", uuid.uuid4().hex)
         last_error = ""
         async with self._semaphore:
             for attempt in range(self.config.max_retries + 1):
@@ -191,14 +195,16 @@ class RolloutClient:
                     self.metrics.num_retries += 1
                     delay = min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s)
                     await asyncio.sleep(delay)
+                rid = uuid.uuid4().hex
                 try:
                     status, body = await self.post(
-                        "/generate", payload, timeout_s=self.config.request_timeout_s
+                        "/generate", {**payload, "rid": rid}, timeout_s=self.config.request_timeout_s
                     )
                 except asyncio.CancelledError:
                     self._to_abort.append(rid)
                     raise
                 except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                    self._to_abort.append(rid)
                     last_error = f"{type(err).__name__}: {err}"
                     logger.warning("generate %s attempt %d failed: %s", rid, attempt + 1, last_error)
                     continue
@@ -279,22 +285,6 @@ class RolloutClient:
                 await self.post("/abort_request", payload, url=url, timeout_s=5.0)
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 logger.warning("abort %s on %s failed: %s", rid, url, err)
-
-    async def flush_cache(
-        self, *, url: str | None = None, timeout_s: float = 60.0, poll_s: float = 0.2
-    ) -> None:
-        """``/flush_cache``, re-sent while the server answers 400 (requests still in flight)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status, body = await self.post("/flush_cache", url=url)
-            if status == 200:
-                return
-            if status != 400 or time.monotonic() > deadline:
-                raise RolloutError(
-                    f"/flush_cache at {url or self.config.url}: HTTP {status} {str(body)[:300]}"
-                )
-            self.metrics.num_retries += 1
-            await asyncio.sleep(poll_s)
 
 
 async def _read_body(resp: aiohttp.ClientResponse) -> Any:

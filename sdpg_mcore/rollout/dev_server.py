@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
+import json
 import logging
+import pickle
 import time
 import uuid
 from typing import Any
@@ -26,18 +30,30 @@ from sdpg_mcore.rollout.protocol import FLATTENED_BUCKET, MEMORY_TAGS, SamplingP
 from sdpg_mcore.rollout.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
-VERSION = "sdpg-dev-server-0.1"
+#: The SGLang release whose HTTP contract this server follows (tests/rollout/test_contract.py runs
+#: the same tests against both); read by ``sglang_launch.check_servers`` like a real server's.
+VERSION = "0.5.23-sdpg-dev"
 
 
 def _error(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
+def _failure(message: str) -> web.Response:
+    """SGLang's answer to a refused control call: 400 ``{"success": false, "message": ...}``."""
+    return web.json_response({"success": False, "message": message}, status=400)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (send finite numbers)")
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of the body; strict JSON: ``NaN``/``Infinity`` are refused, as SGLang does."""
     if not request.can_read_body:
         return {}
     try:
-        body = await request.json()
+        body = json.loads(await request.text(), parse_constant=_no_constants)
     except ValueError as err:
         raise ValueError(f"request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
@@ -56,19 +72,32 @@ def _as_list(value: Any, count: int, name: str) -> list[Any]:
 class DevServer:
     """HTTP handlers over one :class:`Scheduler`."""
 
-    def __init__(self, engine: HFEngine, *, host: str, port: int, max_batch_size: int = 64):
+    def __init__(
+        self,
+        engine: HFEngine,
+        *,
+        host: str,
+        port: int,
+        max_batch_size: int = 64,
+        max_request_bytes: int = 32 << 20,
+    ):
         self.engine = engine
         self.host, self.port = host, port
         self.max_batch_size = max_batch_size
+        self.max_request_bytes = max_request_bytes
         self.scheduler: Scheduler | None = None
         self.weight_version = "default"
         self.groups: dict[str, WeightUpdateGroup] = {}
         self.num_generate_requests = 0
+        self.live_rids: set[str] = set()
+        """rids of requests in flight: a second request with one of them is refused, as SGLang does."""
+        self.update_session = False
+        """Inside ``/begin_weight_update`` … ``/end_weight_update`` (SGLang 0.5.21+)."""
         self._flat_receiver = FlatBucketReceiver()
 
     # ---------------------------------------------------------------- app
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[self._errors])
         routes = [
             ("POST", "/generate", self.generate),
             ("GET", "/health", self.health),
@@ -77,7 +106,10 @@ class DevServer:
             ("GET", "/server_info", self.server_info),
             ("GET", "/get_model_info", self.model_info),
             ("GET", "/model_info", self.model_info),
-            ("GET", "/get_weight_version", self.get_weight_version),
+            ("POST", "/update_weight_version", self.update_weight_version),
+            ("POST", "/begin_weight_update", self.begin_weight_update),
+            ("POST", "/end_weight_update", self.end_weight_update),
+            ("POST", "/update_weights_from_tensor", self.update_weights_from_tensor),
             ("GET", "/get_loads", self.get_loads),
             ("POST", "/flush_cache", self.flush_cache),
             ("GET", "/flush_cache", self.flush_cache),
@@ -118,7 +150,7 @@ class DevServer:
             return _error(f"{type(err).__name__}: {err}", 500)
 
     # ---------------------------------------------------------------- generate
-    def _parse_generate(self, body: dict[str, Any]) -> tuple[list[GenRequest], bool]:
+    async def _parse_generate(self, body: dict[str, Any]) -> tuple[list[GenRequest], bool]:
         if body.get("stream"):
             raise ValueError("stream=true is not supported by the dev server")
         if body.get("input_ids") is not None:
@@ -140,7 +172,8 @@ class DevServer:
             texts = [text] if single else text
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a string or a list of strings")
-            batch = [self.engine.encode(t) for t in texts]
+            # Off the event loop: a long text must not stall health checks and other clients.
+            batch = await asyncio.to_thread(lambda: [self.engine.encode(t) for t in texts])
         else:
             raise ValueError("/generate needs input_ids or text")
         count = len(batch)
@@ -167,6 +200,10 @@ class DevServer:
                 )
                 self.engine.validate(req)
                 requests.append(req)
+        rids = [r.rid for r in requests]
+        duplicate = next((r for r in rids if r in self.live_rids or rids.count(r) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"Duplicate request ID detected: {duplicate}")
         return requests, single and sampling[0].n == 1
 
     def _response(self, req: GenRequest, latency_s: float) -> dict[str, Any]:
@@ -193,14 +230,19 @@ class DevServer:
     async def generate(self, request: web.Request) -> web.Response:
         assert self.scheduler is not None
         body = await _json_body(request)
-        requests, single = self._parse_generate(body)
+        requests, single = await self._parse_generate(body)
         if self.scheduler.released_tags & {"weights", "kv_cache"}:
             raise ValueError(
                 f"memory is released ({sorted(self.scheduler.released_tags)}); call /resume_memory_occupation"
             )
         self.num_generate_requests += 1
         start = time.perf_counter()
-        done = await self.scheduler.submit(requests)
+        rids = {r.rid for r in requests}
+        self.live_rids |= rids
+        try:
+            done = await self.scheduler.submit(requests)
+        finally:
+            self.live_rids -= rids
         outputs = [self._response(req, time.perf_counter() - start) for req in done]
         return web.json_response(outputs[0] if single else outputs)
 
@@ -259,8 +301,35 @@ class DevServer:
         }
         return web.json_response(info)
 
-    async def get_weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.weight_version})
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        assert self.scheduler is not None
+        body = await _json_body(request)
+        if not isinstance(body.get("new_version"), str):
+            raise ValueError("/update_weight_version needs new_version (a string)")
+        if body.get("abort_all_requests"):
+            self.scheduler.abort(lambda r: True, "Aborted by /update_weight_version")
+        self.weight_version = body["new_version"]
+        return web.json_response(
+            {
+                "success": True,
+                "message": f"Weight version updated to {self.weight_version}",
+                "new_version": self.weight_version,
+            }
+        )
+
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        if self.update_session:
+            return _failure("a weight-update session is already open; call end_weight_update() first")
+        self.update_session = True
+        return web.json_response({"success": True, "message": "Success"})
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        if not self.update_session:
+            return _failure("no weight-update session is open; call begin_weight_update() first")
+        self.update_session = False
+        return web.json_response({"success": True, "message": "Success"})
 
     async def get_loads(self, request: web.Request) -> web.Response:
         assert self.scheduler is not None
@@ -398,8 +467,9 @@ class DevServer:
         torch_dtypes = [getattr(torch, d) for d in dtypes]
         params = [self.engine.params_by_name[n] for n in names]
         if flattened and names:
+            # the sender broadcasts the bucket's bytes (SGLang's FlattenedTensorBucket is uint8)
             self._flat_receiver.receive(
-                names, params, torch_dtypes[0], lambda buffer: group.broadcast(buffer, 0)
+                names, params, torch_dtypes[0], lambda buffer: group.broadcast(buffer.view(torch.uint8), 0)
             )
             return
         # One tensor per broadcast, all in flight at once; straight into the weights when layouts match.
@@ -415,6 +485,10 @@ class DevServer:
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         assert self.scheduler is not None
         body = await _json_body(request)
+        if not self.update_session:
+            return _failure(
+                "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+            )
         names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
             raise ValueError("/update_weights_from_distributed needs lists names, dtypes, shapes")
@@ -446,6 +520,74 @@ class DevServer:
             }
         )
 
+    async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        """Colocated weights: torch shared-memory handles, pickled by SGLang's serializer (base64)."""
+        assert self.scheduler is not None
+        body = await _json_body(request)
+        if not self.update_session:
+            return _failure(
+                "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+            )
+        payloads = body.get("serialized_named_tensors")
+        if not (isinstance(payloads, list) and payloads and isinstance(payloads[0], str)):
+            raise ValueError(
+                "/update_weights_from_tensor needs serialized_named_tensors: [base64 string per TP rank]"
+            )
+        named = await asyncio.to_thread(_unpickle_named_tensors, payloads[0])
+        for name, tensor in named:
+            self.engine.check_tensor_meta(name, str(tensor.dtype), list(tensor.shape))
+        async with self.scheduler.exclusive():
+            count = await self.scheduler.run_on_model(self.engine.load_tensors, named)
+            self._set_version(body)
+        return web.json_response({"success": True, "message": f"loaded {count} tensors"})
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles ``[(name, tensor), ...]`` shared through torch's file_system strategy, nothing else.
+
+    The payload comes over HTTP: arbitrary pickle would run arbitrary code, so only the rebuild
+    functions torch's CPU reductions emit (and plain containers) may be named in it.
+    """
+
+    ALLOWED = {
+        ("torch.multiprocessing.reductions", "rebuild_tensor"),
+        ("torch.multiprocessing.reductions", "rebuild_storage_filename"),
+        ("torch.multiprocessing.reductions", "rebuild_typed_storage"),
+        ("torch.storage", "UntypedStorage"),
+        ("torch", "UntypedStorage"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch", "Tensor"),
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("builtins", "list"),
+        ("builtins", "tuple"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and name in _TORCH_DTYPE_NAMES:
+            return getattr(torch, name)
+        raise ValueError(f"serialized_named_tensors may not reference {module}.{name}")
+
+
+_TORCH_DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+
+
+def _unpickle_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
+    import torch.multiprocessing  # noqa: F401  (torch's reductions; file_system handles need it)
+
+    try:
+        named = _TensorUnpickler(io.BytesIO(base64.b64decode(payload, validate=True))).load()
+    except (ValueError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(f"serialized_named_tensors: {err}") from None
+    if not isinstance(named, list) or not all(
+        isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+        for x in named
+    ):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
+    return named
+
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -472,6 +614,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(WEIGHT_DTYPES),
         help="weight dtype (SGLang's --dtype); float32 by default so rollout log-probs match an fp32 trainer",
     )
+    parser.add_argument(
+        "--max-request-mb", type=int, default=32, help="largest request body accepted (HTTP 413 above)"
+    )
     parser.add_argument("--log-level", default="info")
     args, unknown = parser.parse_known_args(argv)
     logging.basicConfig(
@@ -482,7 +627,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     engine = HFEngine(args.model_path, dtype=WEIGHT_DTYPES[args.dtype], seed=args.random_seed)
-    server = DevServer(engine, host=args.host, port=args.port, max_batch_size=args.max_running_requests)
+    server = DevServer(
+        engine,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_running_requests,
+        max_request_bytes=args.max_request_mb << 20,
+    )
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(
         server.make_app(), host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=2.0

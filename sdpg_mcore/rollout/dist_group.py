@@ -2,17 +2,23 @@
 
 The trainer already runs Megatron's default group; the servers run none. SGLang's
 ``init_custom_process_group`` solves this with a private rendezvous; we do the same with public
-API: a ``TCPStore`` hosted by rank 0 (the trainer's source rank), the same ``PrefixStore`` keys,
-and a backend object (``ProcessGroupGloo`` on CPU, ``ProcessGroupNCCL`` on GPU) built directly
-on it. Collectives are called on that object, so the default group is never touched.
+API: a ``TCPStore`` hosted by rank 0 (the trainer's source rank, on a port its own host picks),
+the same ``PrefixStore`` keys as SGLang's side (:func:`group_store`), and a backend object
+(``ProcessGroupGloo`` on CPU, ``ProcessGroupNCCL`` on GPU) built directly on it. Collectives are
+called on that object, so the default group is never touched.
 
-    group = WeightUpdateGroup.create("gloo", "127.0.0.1", port, rank=0, world_size=3, group_name="pp0")
+    store = host_store("10.0.0.5")                     # port 0: the OS picks a free one, store.port says which
+    # ... tell the servers (master_address, store.port) over HTTP, then:
+    group = WeightUpdateGroup.create("gloo", "10.0.0.5", store.port, rank=0, world_size=3,
+                                     group_name="pp0", store=store)
     group.broadcast(flat_tensor, src=0)
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +26,52 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("gloo", "nccl")
+
+
+def group_store(store: Any, group_name: str, device: str) -> Any:
+    """The keys SGLang's side of the group uses, over the shared rendezvous ``store``.
+
+    ``init_custom_process_group`` (sglang/srt/utils/common.py) wraps its rendezvous store in
+    ``PrefixStore(group_name, ...)``, then torch's ``_new_process_group_helper`` adds
+    ``PrefixStore(f"{group_name}/", ...)`` and ``PrefixStore(f"{device}/", ...)``: both sides must
+    read and write the same keys, or each waits for the other until the timeout.
+    """
+    sglang_prefixed = dist.PrefixStore(group_name, store)
+    return dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", sglang_prefixed))
+
+
+def host_store(address: str, port: int = 0, timeout_s: float = 300.0) -> Any:
+    """Rank 0's rendezvous ``TCPStore`` on this host; ``port=0`` lets the OS pick (read ``.port``)."""
+    return dist.TCPStore(
+        address,
+        int(port),
+        is_master=True,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def routable_address(server_urls: list[str]) -> str:
+    """This host's address as the servers reach it: loopback when they all run here, else the
+    address of the interface that routes to the first remote server (a UDP connect sends nothing)."""
+    from urllib.parse import urlparse
+
+    hosts = [urlparse(u).hostname or "127.0.0.1" for u in server_urls]
+    remote = [h for h in hosts if not _is_loopback(h)]
+    if not remote:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((socket.gethostbyname(remote[0]), 9))
+        return probe.getsockname()[0]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -44,25 +96,28 @@ class WeightUpdateGroup:
         world_size: int,
         group_name: str,
         timeout_s: float = 300.0,
+        store: Any = None,
     ) -> WeightUpdateGroup:
-        """Join (rank > 0) or host (rank 0) the group; blocks until all ``world_size`` ranks arrived."""
+        """Join (rank > 0) or host (rank 0) the group; blocks until all ``world_size`` ranks arrived.
+
+        Rank 0 may pass the ``store`` it already hosts (:func:`host_store`) after telling the
+        servers its port."""
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(
-            master_address,
-            int(master_port),
-            world_size,
-            is_master=(rank == 0),
-            timeout=timeout,
-            wait_for_workers=False,
-        )
-        # The key layout of torch's ``_new_process_group_helper`` ("<group>/<device>/"), which SGLang's
-        # ``init_custom_process_group`` goes through: a real SGLang server can join this group.
+        if store is None:
+            store = dist.TCPStore(
+                master_address,
+                int(master_port),
+                world_size,
+                is_master=(rank == 0),
+                timeout=timeout,
+                wait_for_workers=False,
+            )
         device = "cuda" if backend == "nccl" else "cpu"
-        prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", store))
+        prefixed = group_store(store, group_name, device)
         if backend == "gloo":
             pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
         else:

@@ -114,6 +114,9 @@ class HFEngine:
         self.vocab_size: int = config.vocab_size
         self.max_context: int = getattr(config, "max_position_embeddings", 1 << 30)
         self.params_by_name: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        # byte-level vocabularies spell each byte as one character: a token's string is >= its text
+        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+        self.max_token_chars: int = max((len(t) for t in vocab), default=1)
         self.default_generator = torch.Generator().manual_seed(seed)
         self.original_logprob = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true")
         self._cache_kwarg = (
@@ -150,7 +153,8 @@ class HFEngine:
             ids_NL[i, width - lengths[i] :] = torch.tensor(req.input_ids)
             mask_NL[i, width - lengths[i] :] = 1
             if req.params.sampling_seed is not None:
-                req.generator = torch.Generator().manual_seed(req.params.sampling_seed)
+                # int64 seeds (SGLang's range); torch wants them in [0, 2**64)
+                req.generator = torch.Generator().manual_seed(req.params.sampling_seed % (1 << 64))
         positions_NL = (mask_NL.cumsum(-1) - 1).clamp(min=0)
         want_prompt_logprobs = any(r.return_logprob and r.logprob_start_len >= 0 for r in requests)
         cache = DynamicCache(config=self.model.config)
@@ -241,8 +245,18 @@ class HFEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; a text that cannot fit the context is refused before tokenising.
+
+        No token covers more than ``max_token_chars`` characters (x4 margin for normalisers that
+        merge characters), so a longer text has more tokens than the context holds: tokenising it
+        (50 MB took minutes and GBs) is wasted work.
+        """
         if self.tokenizer is None:
             raise ValueError("text input needs a tokenizer in --model-path; send input_ids instead")
+        if len(text) > 4 * self.max_context * self.max_token_chars:
+            raise ValueError(
+                f"text of {len(text)} characters cannot fit the context of {self.max_context} tokens"
+            )
         return list(self.tokenizer.encode(text))
 
     # ---------------------------------------------------------------- weights
@@ -269,24 +283,30 @@ class HFEngine:
         return count
 
     def load_from_disk(self, model_path: str | Path) -> int:
-        """Load every ``*.safetensors`` file of ``model_path`` (HF names); every model weight must be present."""
-        from safetensors import safe_open
+        """Load every ``*.safetensors`` file of ``model_path`` (HF names), all or nothing.
+
+        Every tensor is read and checked (known name, shape, every model weight present) before
+        the first one is copied in: a bad directory leaves the served weights as they were.
+        """
+        from safetensors import SafetensorError, safe_open
 
         files = sorted(Path(model_path).glob("*.safetensors"))
         if not files:
             raise ValueError(f"model_path {model_path}: no *.safetensors files")
-        seen: set[str] = set()
+        staged: dict[str, torch.Tensor] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                names = list(handle.keys())
-                for name in names:
-                    self.check_tensor_meta(name, "", list(handle.get_slice(name).get_shape()))
-                self.load_tensors((name, handle.get_tensor(name)) for name in names)
-                seen.update(names)
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        self.check_tensor_meta(name, "", list(handle.get_slice(name).get_shape()))
+                        staged[name] = handle.get_tensor(name)
+            except SafetensorError as err:
+                raise ValueError(f"model_path {model_path}: {path.name} is not readable: {err}") from None
+        seen = set(staged)
         missing = [n for n in self.params_by_name if n not in seen and not self._is_tied_alias(n, seen)]
         if missing:
             raise ValueError(f"model_path {model_path}: missing weights {missing[:5]} (of {len(missing)})")
-        return len(seen)
+        return self.load_tensors(staged.items())
 
     def _is_tied_alias(self, name: str, seen: set[str]) -> bool:
         param = self.params_by_name[name]

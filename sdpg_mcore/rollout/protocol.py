@@ -7,7 +7,8 @@ that into an HTTP 400 JSON error and stays up.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 #: ``/update_weights_from_distributed`` load format in which every tensor of the request shares one
@@ -16,6 +17,31 @@ FLATTENED_BUCKET = "flattened_bucket"
 
 #: Tags accepted by ``/release_memory_occupation`` and ``/resume_memory_occupation``.
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+#: ``sampling_params`` keys SGLang 0.5.23 knows but this project's dev server does not implement,
+#: with the value that means "off": accepted at that value, refused otherwise (never ignored).
+SGLANG_ONLY_SAMPLING_KEYS: dict[str, Any] = {
+    "stop_regex": None,
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "beam_width": None,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "spaces_between_special_tokens": True,
+    "stream_interval": None,
+    "logit_bias": None,
+    "custom_params": None,
+    "watermark": None,
+}
+#: SGLang checks ``sampling_seed`` against int64; ``max_new_tokens`` and ``n`` are int64 too.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Largest ``n`` one request may ask for (each sample is a sequence in the batch).
+MAX_N = 1024
 
 _DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
@@ -49,20 +75,32 @@ class SamplingParams:
 
     @classmethod
     def from_json(cls, data: Any) -> SamplingParams:
-        """Parse the ``sampling_params`` object of a ``/generate`` body (unknown keys are ignored, as SGLang does)."""
+        """Parse the ``sampling_params`` object of a ``/generate`` body.
+
+        As SGLang 0.5.22+: unknown keys are refused (a typo must not silently sample with
+        defaults), integers must be integers within int64, floats finite.
+        """
         if data is None:
             return cls()
         if not isinstance(data, dict):
             raise ValueError(f"sampling_params must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            if key in known:
+                continue
+            if key not in SGLANG_ONLY_SAMPLING_KEYS:
+                raise ValueError(
+                    f"unknown field `{key}` in sampling_params; expected one of {sorted(known | set(SGLANG_ONLY_SAMPLING_KEYS))}"
+                )
+            if value is not None and value != SGLANG_ONLY_SAMPLING_KEYS[key]:
+                raise ValueError(f"sampling_params.{key}={value!r} is not implemented by the dev server")
         params = cls()
-        for name, kind in (("temperature", float), ("top_p", float)):
+        for name in ("temperature", "top_p"):
             if data.get(name) is not None:
-                setattr(params, name, _number(data[name], f"sampling_params.{name}", kind))
-        for name in ("top_k", "max_new_tokens", "n"):
+                setattr(params, name, _number(data[name], f"sampling_params.{name}", float))
+        for name in ("top_k", "max_new_tokens", "n", "sampling_seed"):
             if data.get(name) is not None:
                 setattr(params, name, _number(data[name], f"sampling_params.{name}", int))
-        if data.get("sampling_seed") is not None:
-            params.sampling_seed = _number(data["sampling_seed"], "sampling_params.sampling_seed", int)
         for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
             if data.get(name) is not None:
                 if not isinstance(data[name], bool):
@@ -79,25 +117,33 @@ class SamplingParams:
         if data.get("stop_token_ids") is not None:
             ids = data["stop_token_ids"]
             if not isinstance(ids, list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in ids
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= INT64_MAX for i in ids
             ):
-                raise ValueError(f"sampling_params.stop_token_ids must be a list of ints, got {ids!r}")
+                raise ValueError(f"sampling_params.stop_token_ids must be a list of token ids, got {ids!r}")
             params.stop_token_ids = ids
         params.validate()
         return params
 
     def validate(self) -> None:
-        """Range checks, with the field name and the valid range in the message."""
-        if self.temperature < 0:
-            raise ValueError(f"sampling_params.temperature must be >= 0, got {self.temperature}")
+        """Range checks, with the field name and the valid range in the message (SGLang's ranges)."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"sampling_params.temperature must be a non-negative finite number, got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling_params.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"sampling_params.top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"sampling_params.max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.n < 1:
-            raise ValueError(f"sampling_params.n must be >= 1, got {self.n}")
+        if not 0 <= self.max_new_tokens <= INT64_MAX:
+            raise ValueError(
+                f"sampling_params.max_new_tokens must be in [0, 2**63 - 1], got {self.max_new_tokens}"
+            )
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"sampling_params.n must be in [1, {MAX_N}], got {self.n}")
+        if self.sampling_seed is not None and not INT64_MIN <= self.sampling_seed <= INT64_MAX:
+            raise ValueError(
+                f"sampling_params.sampling_seed must be in [-2**63, 2**63 - 1], got {self.sampling_seed}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object sent to a server (``sampling_seed`` only when set, as SGLang rejects null in some versions)."""
@@ -110,9 +156,12 @@ class SamplingParams:
 
 
 def _number(value: Any, name: str, kind: type) -> Any:
+    """``value`` as ``kind``: a finite number; for ``int`` a JSON integer (``2.0`` is refused, as SGLang does)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if kind is int and float(value) != int(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if kind is int and not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return kind(value)
 

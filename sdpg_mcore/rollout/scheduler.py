@@ -143,11 +143,25 @@ class Scheduler:
                     self._resolve(req)
                 self.cohorts = []
 
+    async def _prefill(self, batch: list[GenRequest]) -> None:
+        """Start a cohort; if its prefill fails, retry each request alone so one bad request fails alone."""
+        try:
+            self.cohorts.append(await self.run_on_model(self.engine.prefill, batch))
+            return
+        except Exception as err:
+            if len(batch) == 1:
+                logger.exception("prefill of %s failed", batch[0].rid)
+                batch[0].finish_reason = {"type": "abort", "message": f"engine error: {err}"}
+                self._resolve(batch[0])
+                return
+        for req in batch:
+            await self._prefill([req])
+
     async def _admit_and_step(self) -> None:
         if self._can_admit():
             await asyncio.sleep(self.gather_s)  # let requests sent together land in one cohort
             batch = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
-            self.cohorts.append(await self.run_on_model(self.engine.prefill, batch))
+            await self._prefill(batch)
         for cohort in self._steppable_cohorts():
             for req in await self.run_on_model(self.engine.step, cohort):
                 self._resolve(req)

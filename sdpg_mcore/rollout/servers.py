@@ -13,7 +13,6 @@ the router. A server that never becomes healthy raises :class:`ServerStartError`
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import signal
@@ -21,14 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sdpg_mcore.parallel.spawn import find_free_port
+from sdpg_mcore.rollout import sglang_launch
+from sdpg_mcore.rollout.http import http_json, post_all
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("dev", "sglang")
@@ -51,7 +49,7 @@ class ServerConfig:
     ports: list[int] = field(default_factory=list)
     """One port per server; empty picks free ports."""
     tp_size: int = 1
-    """SGLang tensor parallel size per server."""
+    """SGLang ``--tp-size`` per server (each server then holds ``tp_size`` ranks of a weight-update group)."""
     dp_size: int = 1
     """SGLang data parallel size per server."""
     base_gpu_id: int = 0
@@ -60,6 +58,11 @@ class ServerConfig:
     """SGLang ``--mem-fraction-static`` (share of GPU memory for weights + KV cache)."""
     enable_memory_saver: bool = False
     """SGLang ``--enable-memory-saver``; needed by colocated mode to release memory during training."""
+    deterministic: bool = True
+    """The client sends ``sampling_seed``: launch SGLang with ``--enable-deterministic-inference``
+    (GPU attention backends only; on CPU SGLang cannot, and ignores the seeds)."""
+    weight_sync: str = "disk"
+    """How weights will reach the servers; ``distributed`` refuses ``dp_size > 1`` at start-up."""
     extra_args: list[str] = field(default_factory=list)
     """Appended to every server's command line."""
     env: dict[str, str] = field(default_factory=dict)
@@ -133,25 +136,6 @@ class ManagedProcess:
             return "(no log)"
 
 
-def http_json(
-    url: str, payload: dict[str, Any] | None = None, *, timeout_s: float = 5.0, method: str | None = None
-):
-    """Tiny blocking HTTP helper (stdlib only): returns ``(status, body)``; connection errors raise ``OSError``."""
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            body = resp.read().decode(errors="replace")
-            status = resp.status
-    except urllib.error.HTTPError as err:
-        body, status = err.read().decode(errors="replace"), err.code
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, body
-
-
 class RolloutServers:
     """The running servers (and router) of one training job."""
 
@@ -159,6 +143,7 @@ class RolloutServers:
         self.config = config
         self.log_dir = Path(config.log_dir)
         ports = config.ports or [find_free_port() for _ in range(config.num_servers)]
+        self._python = sglang_launch.sglang_python() if config.backend == "sglang" else sys.executable
         self.servers = [self._server_process(i, port) for i, port in enumerate(ports)]
         self.router: ManagedProcess | None = None
         self._supervisor: threading.Thread | None = None
@@ -169,28 +154,32 @@ class RolloutServers:
     # ---------------------------------------------------------------- commands
     def _server_process(self, index: int, port: int) -> ManagedProcess:
         cfg = self.config
-        if cfg.backend == "dev":
-            cmd = [sys.executable, "-m", "sdpg_mcore.rollout.dev_server"]
-        else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "sglang.launch_server",
-                "--tp-size",
-                str(cfg.tp_size),
-                "--dp-size",
-                str(cfg.dp_size),
-            ]
-            cmd += ["--base-gpu-id", str(cfg.base_gpu_id + index * cfg.tp_size * cfg.dp_size)]
-            if cfg.mem_fraction_static is not None:
-                cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
-            if cfg.enable_memory_saver:
-                cmd += ["--enable-memory-saver"]
-        cmd += ["--model-path", cfg.model_path, "--host", cfg.host, "--port", str(port), *cfg.extra_args]
         env = {**os.environ, **cfg.env}
-        if cfg.backend == "dev":  # importable even when the package runs from a checkout, not installed
+        if cfg.backend == "dev":
+            cmd = [sys.executable, "-m", "sdpg_mcore.rollout.dev_server", "--model-path", cfg.model_path]
+            cmd += ["--host", cfg.host, "--port", str(port)]
+            # importable even when the package runs from a checkout, not installed
             package_root = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        else:
+            import torch
+
+            cmd, extra_env = sglang_launch.sglang_command(
+                python=self._python,
+                model_path=cfg.model_path,
+                host=cfg.host,
+                port=port,
+                index=index,
+                tp_size=cfg.tp_size,
+                dp_size=cfg.dp_size,
+                base_gpu_id=cfg.base_gpu_id,
+                cuda=torch.cuda.is_available(),
+                deterministic=cfg.deterministic,
+                mem_fraction_static=cfg.mem_fraction_static,
+                enable_memory_saver=cfg.enable_memory_saver,
+            )
+            env.update(extra_env)
+        cmd += list(cfg.extra_args)
         log_path = self.log_dir / f"server_{index}.log"
         return ManagedProcess(f"server {index}", cmd, env, log_path, f"http://{cfg.host}:{port}")
 
@@ -225,6 +214,7 @@ class RolloutServers:
             deadline = time.monotonic() + self.config.health_timeout_s
             for server in self.servers:
                 self.wait_healthy(server, deadline)
+            self.facts = sglang_launch.check_servers(self.worker_urls, weight_sync=self.config.weight_sync)
             if self.config.router:
                 self.router = self._router_process()
                 self.router.start()
@@ -356,25 +346,40 @@ class RolloutServers:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # ---------------------------------------------------------------- colocated mode
-    def _post_all(self, path: str, payload: dict[str, Any], timeout_s: float = 120.0) -> None:
-        for server in self.servers:
-            status, body = http_json(f"{server.url}{path}", payload, timeout_s=timeout_s)
-            if status != 200:
-                raise RuntimeError(f"{path} on {server.url}: HTTP {status} {body}")
 
-    def release_memory(self, tags: list[str] | None = None) -> None:
-        """Free server GPU memory for training (``/release_memory_occupation``)."""
-        self._post_all("/release_memory_occupation", {"tags": tags} if tags else {})
+class MemoryOccupation:
+    """Colocated engines' memory (weights, KV cache, CUDA graphs) handed to training and back.
 
-    def resume_memory(self, tags: list[str] | None = None) -> None:
-        self._post_all("/resume_memory_occupation", {"tags": tags} if tags else {})
+    ``release()`` after a rollout (``/release_memory_occupation``), ``resume()`` before the next
+    weight push (``/resume_memory_occupation``); each is a no-op when already in that state, so the
+    trainer may call them unconditionally. SGLang needs ``--enable-memory-saver`` on GPUs for the
+    release to free anything; the call itself works on CPU too.
+    """
+
+    def __init__(self, server_urls: list[str], tags: list[str] | None = None, timeout_s: float = 120.0):
+        self.server_urls = list(server_urls)
+        self.tags = list(tags) if tags else None
+        self.timeout_s = timeout_s
+        self.released = False
+
+    def _call(self, path: str) -> None:
+        post_all(self.server_urls, path, {"tags": self.tags} if self.tags else {}, timeout_s=self.timeout_s)
+
+    def release(self) -> None:
+        if not self.released:
+            self._call("/release_memory_occupation")
+            self.released = True
+
+    def resume(self) -> None:
+        if self.released:
+            self._call("/resume_memory_occupation")
+            self.released = False
 
     @contextmanager
-    def released(self, tags: list[str] | None = None):
-        """Colocated mode: servers hold no memory inside the block (train there), and get it back after."""
-        self.release_memory(tags)
+    def released_during(self):
+        """Inside the block the servers hold no memory; afterwards they have it back."""
+        self.release()
         try:
             yield
         finally:
-            self.resume_memory(tags)
+            self.resume()

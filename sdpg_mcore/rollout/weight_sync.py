@@ -1,4 +1,4 @@
-"""Push trainer weights (HF names, full tensors) to the rollout servers: by disk or by broadcast.
+"""Push trainer weights (HF names, full tensors) to the rollout servers: by disk, broadcast or tensor handles.
 
 The input is an iterable of ``(hf_name, full_tensor)`` per pipeline stage — what
 ``checkpoints_convert.model_io.iter_hf_tensors`` yields on every TP rank of a stage (it all-gathers
@@ -6,19 +6,30 @@ one tensor at a time, so the whole model never sits on one rank). Only the stage
 (TP rank 0, DP rank 0) sends; the other TP ranks pass ``is_source=False`` and merely drive the
 iterator, which keeps their all-gathers in step.
 
-- :class:`DiskWeightSync`: each stage writes ``stage{k}.safetensors`` into a staging directory,
-  one rank publishes it with an atomic rename and calls ``/update_weights_from_disk``.
-- :class:`DistributedWeightSync`: each stage source hosts a weight-update group joined by every
-  server (``/init_weights_update_group``); tensors go out in buckets (default 512 MB, one dtype
-  each): per bucket ONE ``/update_weights_from_distributed`` request listing names/dtypes/shapes,
-  then ONE broadcast of the concatenated flat buffer (``load_format="flattened_bucket"``, the
-  default) or, with ``flatten=False``, the bucket's tensors broadcast back to back with no copies.
+Every backend has the interface of :class:`WeightSync`, driven the same way by the trainer::
 
-Every update sets ``weight_version`` on the servers; :func:`check_weight_versions` verifies it.
+    sync.begin()                                   # one rank, before any stage sends
+    sync.send(named_tensors, version, stage=k)     # each stage's source (others: is_source=False)
+    sync.commit(version)                           # one rank, after every stage sent
+
+- :class:`DiskWeightSync`: each stage writes ``stage{k}.safetensors`` into a staging directory;
+  ``commit`` publishes it with an atomic rename and calls ``/update_weights_from_disk``.
+- :class:`DistributedWeightSync`: each stage source hosts a weight-update group (on a port its own
+  host picks) joined by every TP rank of every server; tensors go out in buckets (default 512 MB,
+  one dtype each): per bucket ONE ``/update_weights_from_distributed`` request, then ONE broadcast of
+  the bucket's bytes (``load_format="flattened_bucket"``) or the tensors back to back.
+- :class:`TensorWeightSync` (colocated engines, same devices as the trainer): per bucket one
+  ``/update_weights_from_tensor`` carrying torch's shared-memory handles, no communicator at all.
+
+SGLang (0.5.21+) only accepts distributed and tensor updates inside ``/begin_weight_update`` …
+``/end_weight_update``; ``commit`` then flushes the radix cache (its KV came from the old weights),
+sets the version with ``/update_weight_version`` and checks it in every server's ``/model_info``.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import os
 import shutil
@@ -31,9 +42,9 @@ from typing import Any
 
 import torch
 
-from sdpg_mcore.rollout.dist_group import WeightUpdateGroup
+from sdpg_mcore.rollout.dist_group import WeightUpdateGroup, host_store, routable_address
+from sdpg_mcore.rollout.http import HTTPCallError, check_all, http_json, post_all
 from sdpg_mcore.rollout.protocol import FLATTENED_BUCKET
-from sdpg_mcore.rollout.servers import http_json
 
 logger = logging.getLogger(__name__)
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -53,7 +64,7 @@ class WeightSyncError(RuntimeError):
 
 @dataclass
 class WeightSyncStats:
-    """What the last push moved and how fast."""
+    """What the last send moved and how fast."""
 
     num_tensors: int = 0
     num_bytes: int = 0
@@ -90,43 +101,115 @@ def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[lis
             yield bucket
 
 
+# ---------------------------------------------------------------------------- versions
+def weight_versions(server_urls: list[str], *, timeout_s: float = 30.0) -> dict[str, str]:
+    """``weight_version`` of every server, from ``GET /model_info`` (SGLang has no ``/get_weight_version``)."""
+    out = {}
+    for url in server_urls:
+        status, body = http_json(f"{url}/model_info", timeout_s=timeout_s)
+        ok = status == 200 and isinstance(body, dict)
+        out[url] = str(body.get("weight_version")) if ok else f"HTTP {status}"
+    return out
+
+
 def check_weight_versions(server_urls: list[str], expected: str, *, timeout_s: float = 30.0) -> None:
     """Raise :class:`WeightSyncError` unless every server reports ``weight_version == expected``."""
-    wrong = {}
-    for url in server_urls:
-        status, body = http_json(f"{url}/get_weight_version", timeout_s=timeout_s)
-        version = body.get("weight_version") if status == 200 and isinstance(body, dict) else f"HTTP {status}"
-        if str(version) != str(expected):
-            wrong[url] = version
+    wrong = {u: v for u, v in weight_versions(server_urls, timeout_s=timeout_s).items() if v != str(expected)}
     if wrong:
         raise WeightSyncError(f"servers report weight_version {wrong}, expected {expected!r}")
 
 
-def _post_all(
-    pool: ThreadPoolExecutor, urls: list[str], path: str, payload: dict[str, Any], timeout_s: float
-):
-    """POST ``payload`` to every URL concurrently; returns futures of ``(status, body)``."""
-    return [pool.submit(http_json, f"{url}{path}", payload, timeout_s=timeout_s) for url in urls]
+def _post(urls: list[str], path: str, payload: dict[str, Any] | None, timeout_s: float, pool=None) -> None:
+    try:
+        post_all(urls, path, payload, timeout_s=timeout_s, pool=pool)
+    except HTTPCallError as err:
+        raise WeightSyncError(str(err)) from None
 
 
-def _check(futures, urls: list[str], path: str) -> None:
-    errors = []
-    for url, fut in zip(urls, futures):
-        status, body = fut.result()
-        if status != 200 or (isinstance(body, dict) and body.get("success") is False):
-            errors.append(f"{url}: HTTP {status} {str(body)[:300]}")
-    if errors:
-        raise WeightSyncError(f"{path} failed on {len(errors)} server(s): " + "; ".join(errors))
+def flush_caches(server_urls: list[str], *, timeout_s: float = 60.0, poll_s: float = 0.2) -> int:
+    """``/flush_cache`` on every server, re-sent while one answers 400 (requests still finishing).
+
+    Returns how many re-sends it took. The client's admin calls and the weight sync share this.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending, resends = list(server_urls), 0
+    while True:
+        results = {u: http_json(f"{u}/flush_cache", {}, timeout_s=timeout_s) for u in pending}
+        pending = [u for u, (status, _) in results.items() if status != 200]
+        if not pending:
+            return resends
+        if any(results[u][0] != 400 for u in pending) or time.monotonic() > deadline:
+            raise WeightSyncError(f"/flush_cache failed: { {u: results[u] for u in pending} }")
+        resends += 1
+        time.sleep(poll_s)
+
+
+class WeightSync:
+    """The interface of every backend (module docstring); sessions, cache and version handled here."""
+
+    #: Whether SGLang wants this kind of update inside a begin/end weight-update session.
+    uses_session = True
+
+    def __init__(self, server_urls: list[str], *, timeout_s: float = 600.0):
+        self.server_urls = list(server_urls)
+        self.timeout_s = timeout_s
+        self.stats = WeightSyncStats()
+
+    def begin(self) -> None:
+        """Open the update on every server (before any stage sends)."""
+        if self.uses_session:
+            _post(self.server_urls, "/begin_weight_update", {}, self.timeout_s)
+
+    def send(
+        self, named_tensors: NamedTensors, version: str, *, stage: int = 0, is_source: bool = True
+    ) -> WeightSyncStats:
+        """Move this stage's tensors (``is_source=False``: only drive the iterator)."""
+        raise NotImplementedError
+
+    def commit(self, version: str) -> None:
+        """After every stage sent: close the session, flush caches, set ``version`` and check it."""
+        if self.uses_session:
+            _post(self.server_urls, "/end_weight_update", {}, self.timeout_s)
+        flush_caches(self.server_urls)
+        _post(self.server_urls, "/update_weight_version", {"new_version": str(version)}, self.timeout_s)
+        check_weight_versions(self.server_urls, str(version))
+
+    def push(self, named_tensors: NamedTensors, version: str) -> WeightSyncStats:
+        """Single stage, single process: begin, send, commit."""
+        self.begin()
+        try:
+            stats = self.send(named_tensors, version)
+        except BaseException:
+            self.abandon()
+            raise
+        self.commit(version)
+        return stats
+
+    def abandon(self) -> None:
+        """After a failed send: close the session on every server (else the next ``begin`` is refused)."""
+        if not self.uses_session:
+            return
+        for url in self.server_urls:
+            try:
+                http_json(f"{url}/end_weight_update", {}, timeout_s=30.0)
+            except OSError as err:
+                logger.warning("end_weight_update on %s after a failed send: %s", url, err)
+
+    def close(self) -> None:
+        """Release what the backend holds (groups, buffers)."""
+
+
+def _drain(named_tensors: NamedTensors) -> WeightSyncStats:
+    for _ in named_tensors:  # keep the TP all-gathers of the iterator in step with the source
+        pass
+    return WeightSyncStats()
 
 
 # ---------------------------------------------------------------------------- disk
-class DiskWeightSync:
-    """Safetensors in a shared directory + ``/update_weights_from_disk``.
+class DiskWeightSync(WeightSync):
+    """Safetensors in a shared directory + ``/update_weights_from_disk`` (no session needed)."""
 
-    Single stage: ``push(named_tensors, version)``. Pipeline stages: every stage source calls
-    ``write_stage(named_tensors, version, stage=k)``, the trainer barriers, then one rank calls
-    ``commit(version)``.
-    """
+    uses_session = False
 
     def __init__(
         self,
@@ -137,12 +220,10 @@ class DiskWeightSync:
         keep_last: int = 2,
         timeout_s: float = 600.0,
     ):
-        self.server_urls = list(server_urls)
+        super().__init__(server_urls, timeout_s=timeout_s)
         self.shared_dir = Path(shared_dir)
         self.hf_config_dir = Path(hf_config_dir) if hf_config_dir is not None else None
         self.keep_last = keep_last
-        self.timeout_s = timeout_s
-        self.stats = WeightSyncStats()
 
     def staging_dir(self, version: str) -> Path:
         return self.shared_dir / f".staging-{version}"
@@ -150,29 +231,30 @@ class DiskWeightSync:
     def published_dir(self, version: str) -> Path:
         return self.shared_dir / f"weights-{version}"
 
-    def write_stage(
+    def send(
         self, named_tensors: NamedTensors, version: str, *, stage: int = 0, is_source: bool = True
-    ) -> int:
-        """Write this stage's tensors to the staging directory (tmp file + rename); return bytes written."""
+    ) -> WeightSyncStats:
+        """Write this stage's tensors to the staging directory (tmp file + rename)."""
         from safetensors.torch import save_file
 
         if not is_source:
-            for _ in named_tensors:  # keep the TP all-gathers of the iterator in step with the source
-                pass
-            return 0
+            return _drain(named_tensors)
+        start = time.perf_counter()
         tensors = {name: t.detach().contiguous().cpu() for name, t in named_tensors}
         staging = self.staging_dir(version)
         staging.mkdir(parents=True, exist_ok=True)
         tmp = staging / f".stage{stage}.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, staging / f"stage{stage}.safetensors")
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.stats = WeightSyncStats(len(tensors), num_bytes, 0, time.perf_counter() - start)
+        return self.stats
 
-    def commit(self, version: str, *, flush_cache: bool = True) -> Path:
+    def commit(self, version: str) -> None:
         """Publish the staging directory atomically, make every server load it, and check the version."""
         staging, final = self.staging_dir(version), self.published_dir(version)
         if not any(staging.glob("stage*.safetensors")):
-            raise WeightSyncError(f"nothing to commit in {staging}: call write_stage on each stage first")
+            raise WeightSyncError(f"nothing to commit in {staging}: call send on each stage first")
         if self.hf_config_dir is not None:
             for name in _HF_SIDE_FILES:
                 if (self.hf_config_dir / name).is_file():
@@ -184,27 +266,12 @@ class DiskWeightSync:
             "model_path": str(final),
             "load_format": "auto",
             "weight_version": str(version),
-            "flush_cache": flush_cache,
+            "flush_cache": True,
         }
-        with ThreadPoolExecutor(max_workers=max(1, len(self.server_urls))) as pool:
-            _check(
-                _post_all(pool, self.server_urls, "/update_weights_from_disk", payload, self.timeout_s),
-                self.server_urls,
-                "/update_weights_from_disk",
-            )
+        _post(self.server_urls, "/update_weights_from_disk", payload, self.timeout_s)
         self.stats.num_requests = len(self.server_urls)
         check_weight_versions(self.server_urls, str(version))
         self._prune(keep=final)
-        return final
-
-    def push(self, named_tensors: NamedTensors, version: str, *, is_source: bool = True) -> WeightSyncStats:
-        """Single-stage sync: write, publish, load, verify."""
-        start = time.perf_counter()
-        num_bytes = self.write_stage(named_tensors, version, is_source=is_source)
-        if is_source:
-            self.commit(version)
-        self.stats = WeightSyncStats(0, num_bytes, len(self.server_urls), time.perf_counter() - start)
-        return self.stats
 
     def _prune(self, keep: Path) -> None:
         published = sorted(self.shared_dir.glob("weights-*"), key=lambda p: p.stat().st_mtime)
@@ -213,58 +280,113 @@ class DiskWeightSync:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------- distributed
-class DistributedWeightSync:
-    """Bucketed broadcast from one pipeline stage's source rank to every server.
+# ---------------------------------------------------------------------------- bucketed senders
+class _BucketSender(WeightSync):
+    """Bucketing, double buffering and one request per bucket; subclasses move the bytes."""
 
-    Per bucket one request; its tensors travel as one flattened broadcast (``flatten``, the default)
-    or as per-tensor broadcasts all in flight at once, received straight into the server's
-    weights. ``server_ranks`` is how many group ranks each server occupies (its TP x DP size for real
-    SGLang, 1 for the dev server). ``stage`` picks the group name and, by default, the port
-    (``master_port + stage``) so every stage has its own group.
+    def __init__(self, server_urls: list[str], *, bucket_bytes: int, timeout_s: float):
+        super().__init__(server_urls, timeout_s=timeout_s)
+        self.bucket_bytes = bucket_bytes
+        self._pool = ThreadPoolExecutor(
+            max_workers=len(self.server_urls) + 2, thread_name_prefix="weight-sync"
+        )
+
+    def send(
+        self, named_tensors: NamedTensors, version: str, *, stage: int = 0, is_source: bool = True
+    ) -> WeightSyncStats:
+        """One request per bucket; while bucket ``k`` is in flight the iterator produces bucket ``k + 1``."""
+        if not is_source:
+            return _drain(named_tensors)
+        self._prepare_send()
+        stats, start = WeightSyncStats(), time.perf_counter()
+        in_flight: _InFlight | None = None
+        for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+            staged = self._stage(bucket, slot=index % 2)
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight = self._start(staged, bucket)
+            stats.num_tensors += len(bucket)
+            stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            stats.num_requests += 1
+        if in_flight is not None:
+            in_flight.wait()
+        stats.seconds = time.perf_counter() - start
+        self.stats = stats
+        return stats
+
+    def _prepare_send(self) -> None:
+        """Before the first bucket (connect a group, ...)."""
+
+    def _stage(self, bucket: list[tuple[str, torch.Tensor]], slot: int) -> Any:
+        raise NotImplementedError
+
+    def _start(self, staged: Any, bucket: list[tuple[str, torch.Tensor]]) -> _InFlight:
+        raise NotImplementedError
+
+    def _mark_broken(self) -> None:
+        """A server refused mid-bucket: local state is out of step with it."""
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------- distributed
+class DistributedWeightSync(_BucketSender):
+    """Bucketed broadcast from one pipeline stage's source rank to every TP rank of every server.
+
+    ``server_tp_sizes[i]`` is how many ranks server ``i`` holds in the group (its ``--tp-size``;
+    rank = rank_offset + tp_rank), so ``world_size = 1 + sum(server_tp_sizes)``.
+    ``master_address`` must be this rank's address as the servers see it (default:
+    :func:`routable_address`); ``master_port=0`` lets this host pick a free port. ``stage`` names
+    the group, so every pipeline stage has its own.
     """
 
     def __init__(
         self,
         server_urls: list[str],
         *,
-        master_address: str = "127.0.0.1",
-        master_port: int,
+        server_tp_sizes: list[int] | None = None,
+        master_address: str | None = None,
+        master_port: int = 0,
         stage: int = 0,
         backend: str = "gloo",
         bucket_bytes: int = 512 << 20,
         flatten: bool = True,
-        server_ranks: int = 1,
         group_prefix: str = "sdpg_weights",
         timeout_s: float = 600.0,
     ):
-        self.server_urls = list(server_urls)
-        self.master_address = master_address
-        self.master_port = master_port + stage
+        super().__init__(server_urls, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        self.server_tp_sizes = list(server_tp_sizes or [1] * len(self.server_urls))
+        if len(self.server_tp_sizes) != len(self.server_urls):
+            raise ValueError(f"server_tp_sizes {self.server_tp_sizes} for {len(self.server_urls)} servers")
+        self.master_address = master_address or routable_address(self.server_urls)
+        self.master_port = master_port
         self.stage = stage
         self.backend = backend
-        self.bucket_bytes = bucket_bytes
         # One big broadcast beats many small ones on both backends: it saves NCCL launches on GPU, and
-        # on gloo it outruns back-to-back broadcasts despite the copy into it (tools/bench_weight_sync.py,
-        # bf16: 2.1-2.8 vs 1.2-2.4 GB/s with one server, 1.2-1.7 vs 0.7 with two).
+        # on gloo it outruns back-to-back broadcasts despite the copy into it (tools/bench_weight_sync.py).
         self.flatten = flatten
-        self.server_ranks = server_ranks
         self.group_name = f"{group_prefix}_pp{stage}"
-        self.timeout_s = timeout_s
         self.group: WeightUpdateGroup | None = None
-        self.stats = WeightSyncStats()
         self._device = "cuda" if backend == "nccl" else "cpu"
         self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self._pool = ThreadPoolExecutor(
-            max_workers=len(self.server_urls) + 2, thread_name_prefix="weight-sync"
-        )
 
     @property
     def world_size(self) -> int:
-        return 1 + self.server_ranks * len(self.server_urls)
+        return 1 + sum(self.server_tp_sizes)
+
+    def rank_offsets(self) -> list[int]:
+        """Group rank of each server's TP rank 0: the trainer is 0, server ``i`` follows the ranks before it."""
+        offsets, next_rank = [], 1
+        for tp in self.server_tp_sizes:
+            offsets.append(next_rank)
+            next_rank += tp
+        return offsets
 
     def connect(self) -> None:
         """Host the group as rank 0 while every server joins it (their HTTP calls run concurrently)."""
+        store = host_store(self.master_address, self.master_port, self.timeout_s)
+        self.master_port = store.port
         futures = [
             self._pool.submit(
                 http_json,
@@ -272,14 +394,14 @@ class DistributedWeightSync:
                 {
                     "master_address": self.master_address,
                     "master_port": self.master_port,
-                    "rank_offset": 1 + i * self.server_ranks,
+                    "rank_offset": offset,
                     "world_size": self.world_size,
                     "group_name": self.group_name,
                     "backend": self.backend,
                 },
                 timeout_s=self.timeout_s,
             )
-            for i, url in enumerate(self.server_urls)
+            for url, offset in zip(self.server_urls, self.rank_offsets())
         ]
         try:
             self.group = WeightUpdateGroup.create(
@@ -290,54 +412,17 @@ class DistributedWeightSync:
                 world_size=self.world_size,
                 group_name=self.group_name,
                 timeout_s=self.timeout_s,
+                store=store,
             )
         finally:
-            _check(futures, self.server_urls, "/init_weights_update_group")
+            _raise_failed(self.server_urls, "/init_weights_update_group", [f.result() for f in futures])
 
-    def push(
-        self,
-        named_tensors: NamedTensors,
-        version: str | None,
-        *,
-        is_source: bool = True,
-        flush_cache: bool = True,
-    ) -> WeightSyncStats:
-        """Send every tensor (one request + one broadcast per bucket), then set ``version`` and check it.
-
-        Double-buffered: while bucket ``k`` is on the wire, the iterator produces (and this rank
-        flattens) bucket ``k + 1``. With pipeline stages pass ``version=None`` on each stage source and
-        call :meth:`commit` on one rank once all stages pushed (the version means "all weights new").
-        """
-        if not is_source:
-            for _ in named_tensors:
-                pass
-            return WeightSyncStats()
+    def _prepare_send(self) -> None:
         if self.group is None:
             self.connect()
-        stats, start = WeightSyncStats(), time.perf_counter()
-        in_flight: _InFlight | None = None
-        for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
-            payload, flat = self._prepare(bucket, slot=index % 2)
-            if in_flight is not None:
-                in_flight.wait()
-            in_flight = self._start(payload, flat, bucket)
-            stats.num_tensors += len(bucket)
-            stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            stats.num_requests += 1
-        if in_flight is not None:
-            in_flight.wait()
-        if version is not None:
-            self.set_version(version, flush_cache=flush_cache)
-        stats.seconds = time.perf_counter() - start
-        self.stats = stats
-        if version is not None:
-            check_weight_versions(self.server_urls, str(version))
-        return stats
 
-    def _prepare(
-        self, bucket: list[tuple[str, torch.Tensor]], slot: int
-    ) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """The request body of ``bucket`` and, when flattened, its tensors copied into buffer ``slot``."""
+    def _stage(self, bucket, slot: int) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The request body of ``bucket`` and, when flattened, its bytes copied into buffer ``slot``."""
         flatten = self.flatten and len(bucket) > 1
         payload: dict[str, Any] = {
             "names": [n for n, _ in bucket],
@@ -350,21 +435,24 @@ class DistributedWeightSync:
             return payload, None
         payload["load_format"] = FLATTENED_BUCKET
         dtype, numel = bucket[0][1].dtype, sum(t.numel() for _, t in bucket)
-        key = (slot, dtype)
-        buffer = self._buffers.get(key)
+        buffer = self._buffers.get((slot, dtype))
         if buffer is None or buffer.numel() < numel:  # reused across buckets and pushes: no page faults
-            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=self._device)
+            buffer = self._buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype, device=self._device)
         flat = buffer[:numel]
         torch.cat([t.detach().reshape(-1) for _, t in bucket], out=flat)
-        return payload, flat
+        return payload, flat.view(torch.uint8)  # SGLang receives a flattened bucket as bytes
 
-    def _start(self, payload: dict[str, Any], flat: torch.Tensor | None, bucket) -> _InFlight:
+    def _start(self, staged, bucket) -> _InFlight:
         """Post the request to every server and start the broadcast in a worker thread."""
-        assert self.group is not None
+        payload, flat = staged
         group, device = self.group, self._device
-        futures = _post_all(
-            self._pool, self.server_urls, "/update_weights_from_distributed", payload, self.timeout_s
-        )
+        assert group is not None
+        futures = [
+            self._pool.submit(
+                http_json, f"{u}/update_weights_from_distributed", payload, timeout_s=self.timeout_s
+            )
+            for u in self.server_urls
+        ]
 
         def broadcast() -> None:
             if flat is not None:
@@ -372,65 +460,146 @@ class DistributedWeightSync:
             else:
                 group.broadcast_many([t.detach().to(device).contiguous() for _, t in bucket], 0)
 
-        return _InFlight(self, futures, self._pool.submit(broadcast))
+        return _InFlight(self, "/update_weights_from_distributed", futures, self._pool.submit(broadcast))
 
     def _mark_broken(self) -> None:
-        self.group = None  # out of step with the servers now; the next push reconnects
-
-    def set_version(self, version: str, *, flush_cache: bool = True) -> None:
-        """Set ``weight_version`` on every server with an empty update (no tensors move)."""
-        payload = {
-            "names": [],
-            "dtypes": [],
-            "shapes": [],
-            "group_name": self.group_name,
-            "weight_version": str(version),
-            "flush_cache": flush_cache,
-        }
-        _check(
-            _post_all(
-                self._pool, self.server_urls, "/update_weights_from_distributed", payload, self.timeout_s
-            ),
-            self.server_urls,
-            "set_version",
-        )
-
-    def commit(self, version: str, *, flush_cache: bool = True) -> None:
-        """After every stage pushed with ``version=None``: set ``version`` on the servers and check it."""
-        self.set_version(version, flush_cache=flush_cache)
-        check_weight_versions(self.server_urls, str(version))
+        self.group = None  # out of step with the servers now; the next send reconnects
 
     def close(self) -> None:
-        """Leave the group on the servers and here."""
+        """Leave the group on the servers (frees its name there) and here."""
         if self.group is not None:
-            futures = _post_all(
-                self._pool,
-                self.server_urls,
-                "/destroy_weights_update_group",
-                {"group_name": self.group_name},
-                30.0,
-            )
-            for fut in futures:
-                fut.result()
+            for url in self.server_urls:
+                try:
+                    http_json(
+                        f"{url}/destroy_weights_update_group", {"group_name": self.group_name}, timeout_s=30
+                    )
+                except OSError as err:
+                    logger.warning("destroy_weights_update_group on %s: %s", url, err)
             self.group.destroy()
             self.group = None
-        self._pool.shutdown(wait=False)
+        super().close()
+
+
+# ---------------------------------------------------------------------------- tensor (colocated)
+def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)``: ForkingPickler + base64.
+
+    Tensors travel as shared-memory handles (CUDA IPC on GPU). On CPU the ``file_system`` sharing
+    strategy must be on (:class:`TensorWeightSync` sets it): with the default ``file_descriptor``
+    strategy the receiver's fd hand-off fails and the SGLang scheduler process dies.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
+
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(named_tensors)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class TensorWeightSync(_BucketSender):
+    """Colocated engines: per bucket one ``/update_weights_from_tensor`` with shared-memory handles.
+
+    What slime and verl do when SGLang shares the trainer's GPUs: no communicator (NCCL refuses two
+    ranks of one communicator on one GPU), the engine maps the trainer's tensors. Each server gets
+    one payload per TP rank (``server_tp_sizes``); every rank maps the same full tensors.
+    """
+
+    def __init__(
+        self,
+        server_urls: list[str],
+        *,
+        server_tp_sizes: list[int] | None = None,
+        bucket_bytes: int = 512 << 20,
+        timeout_s: float = 600.0,
+    ):
+        super().__init__(server_urls, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        self.server_tp_sizes = list(server_tp_sizes or [1] * len(self.server_urls))
+        if not torch.cuda.is_available():
+            torch.multiprocessing.set_sharing_strategy("file_system")
+
+    def _stage(self, bucket, slot: int) -> tuple[list[tuple[str, torch.Tensor]], str]:
+        # Own contiguous copies: they must stay alive (and unchanged) until the servers answered.
+        tensors = [(n, t.detach().contiguous().clone()) for n, t in bucket]
+        return tensors, serialize_named_tensors(tensors)
+
+    def _start(self, staged, bucket) -> _InFlight:
+        tensors, serialized = staged
+        futures = [
+            self._pool.submit(
+                http_json,
+                f"{u}/update_weights_from_tensor",
+                {"serialized_named_tensors": [serialized] * tp, "flush_cache": False},
+                timeout_s=self.timeout_s,
+            )
+            for u, tp in zip(self.server_urls, self.server_tp_sizes)
+        ]
+        return _InFlight(self, "/update_weights_from_tensor", futures, None, keep_alive=tensors)
+
+
+# ---------------------------------------------------------------------------- choosing one
+WEIGHT_SYNC_MODES = ("disk", "distributed", "tensor")
+
+
+def server_tp_sizes(server_urls: list[str]) -> list[int]:
+    """Each server's ``--tp-size`` (its ranks in a weight-update group), from ``/server_info``."""
+    from sdpg_mcore.rollout.sglang_launch import server_facts
+
+    return [server_facts(u).tp_size for u in server_urls]
+
+
+def make_weight_sync(
+    mode: str,
+    server_urls: list[str],
+    *,
+    server_tp_sizes: list[int] | None = None,
+    stage: int = 0,
+    shared_dir: str | Path = "weights",
+    hf_dir: str | Path | None = None,
+    bucket_bytes: int = 512 << 20,
+    backend: str = "gloo",
+) -> WeightSync:
+    """The backend for ``rollout.weight_sync``: ``disk``, ``distributed`` (broadcast) or ``tensor`` (colocated)."""
+    if mode == "disk":
+        return DiskWeightSync(server_urls, shared_dir, hf_dir, keep_last=1)
+    if mode == "distributed":
+        return DistributedWeightSync(
+            server_urls,
+            server_tp_sizes=server_tp_sizes,
+            stage=stage,
+            bucket_bytes=bucket_bytes,
+            backend=backend,
+        )
+    if mode == "tensor":
+        return TensorWeightSync(server_urls, server_tp_sizes=server_tp_sizes, bucket_bytes=bucket_bytes)
+    raise ValueError(f"rollout.weight_sync={mode!r}: choose one of {list(WEIGHT_SYNC_MODES)}")
+
+
+# ---------------------------------------------------------------------------- shared
+def _raise_failed(urls: list[str], path: str, results: list[tuple[int, Any]]) -> None:
+    try:
+        check_all(urls, path, results)
+    except HTTPCallError as err:
+        raise WeightSyncError(str(err)) from None
 
 
 class _InFlight:
-    """A bucket on the wire: the servers' HTTP answers and the local broadcast."""
+    """A bucket on the wire: the servers' HTTP answers and, for broadcasts, the local send."""
 
-    def __init__(self, sync: DistributedWeightSync, futures: list, sent):
-        self.sync, self.futures, self.sent = sync, futures, sent
+    def __init__(self, sync: _BucketSender, path: str, futures: list, sent, keep_alive=None):
+        self.sync, self.path, self.futures, self.sent = sync, path, futures, sent
+        self.keep_alive = keep_alive
 
     def wait(self) -> None:
-        urls, path = self.sync.server_urls, "/update_weights_from_distributed"
+        urls = self.sync.server_urls
         # A server that rejects the request never joins the broadcast: fail now, not at the gloo timeout.
-        while not self.sent.done():
+        while self.sent is not None and not self.sent.done():
             wait([self.sent, *self.futures], return_when=FIRST_COMPLETED)
             refused = [(u, f) for u, f in zip(urls, self.futures) if f.done() and f.result()[0] != 200]
             if refused and not self.sent.done():
                 self.sync._mark_broken()
-                _check([f for _, f in refused], [u for u, _ in refused], path)
-        self.sent.result()
-        _check(self.futures, urls, path)
+                _raise_failed([u for u, _ in refused], self.path, [f.result() for _, f in refused])
+        if self.sent is not None:
+            self.sent.result()
+        _raise_failed(urls, self.path, [f.result() for f in self.futures])
+        self.keep_alive = None

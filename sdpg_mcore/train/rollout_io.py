@@ -33,7 +33,7 @@ class RolloutUnreachableError(RuntimeError):
 
 def check_reachable(urls: Sequence[str], timeout_s: float = 10.0) -> None:
     """Raise :class:`RolloutUnreachableError` for the first URL whose ``/health`` does not answer 200."""
-    from sdpg_mcore.rollout.servers import http_json
+    from sdpg_mcore.rollout.http import http_json
 
     for url in urls:
         try:
@@ -58,7 +58,7 @@ def discover_workers(urls: Sequence[str], timeout_s: float = 10.0) -> list[str]:
     answers ``/workers`` with ``{"workers": [{"url": ..., "is_healthy": ...}, ...], "total": N}``;
     a worker (SGLang or the dev server) answers 404, so it is its own worker.
     """
-    from sdpg_mcore.rollout.servers import http_json
+    from sdpg_mcore.rollout.http import http_json
 
     workers: list[str] = []
     for url in urls:
@@ -114,6 +114,9 @@ class RolloutSession:
             buffer_len=reward.overlong_buffer,
             penalty_factor=reward.overlong_factor,
         )
+        from sdpg_mcore.rollout.servers import MemoryOccupation
+
+        self.memory = MemoryOccupation(worker_urls)
 
     @classmethod
     def start(
@@ -126,10 +129,12 @@ class RolloutSession:
     ) -> RolloutSession:
         """Launch builtin/SGLang servers (behind the router when asked) or check external ones."""
         from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
+        from sdpg_mcore.rollout.sglang_launch import check_servers
 
         if rollout.backend == "external":
             check_reachable(rollout.urls)
             workers = discover_workers(rollout.urls)
+            check_servers(workers, weight_sync=rollout.weight_sync)
             logger.info("external rollout: generation via %s, weight updates to %s", rollout.urls[0], workers)
             return cls(rollout, reward, max_response_length, None, list(rollout.urls), workers)
         servers = RolloutServers(
@@ -141,6 +146,8 @@ class RolloutSession:
                 health_timeout_s=rollout.startup_timeout_s,
                 router=rollout.router,
                 env={"OMP_NUM_THREADS": str(rollout.server_threads)},
+                tp_size=rollout.tp_size,
+                weight_sync=rollout.weight_sync,
             )
         ).start()
         servers.install_signal_handlers()
@@ -228,6 +235,9 @@ class RolloutSession:
             for prompt, sample, reward, acc in group
         ]
         metrics.update({f"rollout/{k}": float(v) for k, v in self.client.metrics.as_dict().items()})
+        metrics.update(_weight_version_metric(sample for group in kept for _, sample, _, _ in group))
+        if r.colocated:  # the engines hand their memory to training until the next weight push
+            self.memory.release()
         return responses, {**metrics, **timer.pop()}
 
     def evaluate(
@@ -243,6 +253,17 @@ class RolloutSession:
         avg = sum(sum(a) for a in accs) / max(1, sum(len(a) for a in accs))
         passed = sum(max(a) > 0 for a in accs) / max(1, len(accs))
         return {f"eval/{name}/avg@{k}": avg, f"eval/{name}/pass@{k}": passed}
+
+
+def _weight_version_metric(samples) -> dict[str, float]:
+    """Which weights sampled this step: step k must see version k-1 (0 = the initial weights)."""
+    versions = {sample.weight_version for sample in samples}
+    if len(versions) != 1:
+        return {}
+    version = versions.pop()
+    if version == "default":
+        return {"rollout/weight_version": 0.0}
+    return {"rollout/weight_version": float(version)} if version.isdigit() else {}
 
 
 def _varied_groups(groups: list[list[tuple]]) -> list[list[tuple]]:
@@ -282,48 +303,48 @@ def broadcast_responses(responses: list[Response] | None, src: int = 0) -> list[
 class WeightPusher:
     """New policy weights to the rollout servers after each step; collective over all ranks.
 
-    ``disk``: every stage's source rank writes its HF tensors, rank 0 publishes the directory and
-    calls ``/update_weights_from_disk``. ``distributed``: every stage's source rank hosts a
-    weight-update group that the servers join once (``/init_weights_update_group``), then streams
-    buckets (``/update_weights_from_distributed``). Other TP ranks only drive the TP all-gathers.
+    One :class:`~sdpg_mcore.rollout.weight_sync.WeightSync` per stage source (disk, distributed or
+    tensor, ``rollout.weight_sync``); rank 0 opens the update, every stage's source sends its part,
+    rank 0 commits the version. Other TP ranks only drive the TP all-gathers. Colocated engines get
+    their memory back (``memory.resume``) before the weights arrive.
     """
 
     def __init__(
         self, mode: str, layout, hf_dir: str, run_dir: Path, server_urls: list[str] | None, bucket_mb: int
     ):
-        from sdpg_mcore.parallel.spawn import find_free_port
-        from sdpg_mcore.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+        from sdpg_mcore.rollout.weight_sync import make_weight_sync, server_tp_sizes
 
         self.layout, self.hf_dir = layout, hf_dir
-        # Each pipeline stage's first TP/DP/CP rank sends; global rank 0 (stage 0's) also publishes.
+        # Each pipeline stage's first TP/DP/CP rank sends; global rank 0 (stage 0's) also commits.
         self.is_source = layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
-        first = dist.get_rank() == 0 if dist.is_initialized() else True
-        box = [(list(server_urls or []), find_free_port() if first else 0)]
+        self.commit_rank = dist.get_rank() == 0 if dist.is_initialized() else True
+        urls = list(server_urls or [])
+        box = [(urls, server_tp_sizes(urls) if self.commit_rank and mode != "disk" else [])]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
-        urls, port = box[0]
-        self.commit_rank = first
-        self.mode = mode
-        if mode == "disk":
-            self.sync = DiskWeightSync(
-                urls if first else [], shared_dir=run_dir / "weights", hf_config_dir=hf_dir, keep_last=1
+        urls, tp_sizes = box[0]
+        self.memory = None
+        self.sync = None
+        if self.is_source or mode == "disk":
+            self.sync = make_weight_sync(
+                mode,
+                urls if (self.is_source or self.commit_rank) else [],
+                server_tp_sizes=tp_sizes,
+                stage=layout.pp_rank,
+                shared_dir=run_dir / "weights",
+                hf_dir=hf_dir,
+                bucket_bytes=bucket_mb << 20,
+                backend="nccl" if torch.cuda.is_available() else "gloo",
             )
-        elif mode == "distributed":
-            self.sync = None
-            if self.is_source:
-                self.sync = DistributedWeightSync(
-                    urls,
-                    master_port=port,
-                    stage=layout.pp_rank,
-                    bucket_bytes=bucket_mb << 20,
-                    backend="nccl" if torch.cuda.is_available() else "gloo",
-                )
-                self.sync.connect()
-        else:
-            raise ValueError(f"rollout.weight_sync={mode!r}: choose disk or distributed")
+
+    def colocate(self, session) -> WeightPusher:
+        """Rank 0 of a colocated run: resume the engines' memory before each push."""
+        if session is not None and session.rollout.colocated:
+            self.memory = session.memory
+        return self
 
     def __call__(self, step: int) -> None:
-        """Every stage's source sends its part, then rank 0 publishes ``step`` as the version, once.
+        """Rank 0 opens the update, every stage's source sends its part, rank 0 publishes ``step``.
 
         The version means "all weights are new", so no stage may set it before the others finished.
         """
@@ -331,24 +352,35 @@ class WeightPusher:
 
         version = str(step)
         tensors = iter_hf_tensors(self._chunks, self.hf_dir)
-        if self.mode == "disk":
-            self.sync.write_stage(tensors, version, stage=self.layout.pp_rank, is_source=self.is_source)
-        elif self.sync is not None:
-            self.sync.push(tensors, None)
-        else:
-            for _ in tensors:  # keep the TP all-gathers in step with the source
-                pass
-        if dist.is_initialized():
-            dist.barrier()
+        if self.commit_rank:
+            if self.memory is not None:
+                self.memory.resume()
+            self.sync.begin()
+        _barrier()
+        try:
+            if self.sync is not None:
+                self.sync.send(tensors, version, stage=self.layout.pp_rank, is_source=self.is_source)
+            else:
+                for _ in tensors:  # keep the TP all-gathers in step with the source
+                    pass
+        except BaseException:
+            if self.commit_rank:
+                self.sync.abandon()
+            raise
+        _barrier()
         if self.commit_rank:
             self.sync.commit(version)
-        if dist.is_initialized():
-            dist.barrier()
+        _barrier()
 
     def bind(self, chunks) -> WeightPusher:
         self._chunks = chunks
         return self
 
     def close(self) -> None:
-        if self.mode == "distributed" and self.sync is not None:
+        if self.sync is not None:
             self.sync.close()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

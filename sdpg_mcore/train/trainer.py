@@ -268,7 +268,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         run_dir,
         session.worker_urls if rank0 else None,
         cfg.rollout.bucket_mb,
-    ).bind(policy.chunks)
+    ).bind(policy.chunks).colocate(session)
     if start:
         weights(start)  # the servers started from the initial weights
     if rank0:

@@ -1,6 +1,14 @@
-"""Shared fixtures: a tiny model directory (with a tokenizer) and two dev servers behind the real router."""
+"""Shared fixtures: a tiny model directory (with a tokenizer), dev servers behind the real router, and
+``contract_server``: ONE server per test module for each of the built-in server and real SGLang.
+
+Real SGLang runs from ``.venv-sglang`` (``tools/setup_sglang_cpu.sh``; the README's test command
+sets it up). Without it the ``sglang`` parameter fails with that hint, unless
+``SDPG_SKIP_REAL_SGLANG=1`` says to skip it on purpose.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -17,17 +25,47 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def start_servers(model_dir, log_dir, num_servers=2, **overrides) -> RolloutServers:
+def start_servers(model_dir, log_dir, num_servers=2, backend="dev", **overrides) -> RolloutServers:
     config = ServerConfig(
         model_path=str(model_dir),
+        backend=backend,
         num_servers=num_servers,
         log_dir=str(log_dir),
-        health_timeout_s=120,
+        health_timeout_s=120 if backend == "dev" else 600,
         env={"OMP_NUM_THREADS": "1"},
-        extra_args=["--num-threads", "1"],
+        extra_args=["--num-threads", "1"] if backend == "dev" else [],
         **overrides,
     )
     return RolloutServers(config).start()
+
+
+def require_real_sglang() -> None:
+    """Fail (or skip, when asked to) unless real SGLang can be launched here."""
+    from sdpg_mcore.rollout.sglang_launch import SGLangServerError, sglang_python
+
+    try:
+        sglang_python()
+    except SGLangServerError as err:
+        if os.environ.get("SDPG_SKIP_REAL_SGLANG") == "1":
+            pytest.skip("SDPG_SKIP_REAL_SGLANG=1: real SGLang tests skipped on purpose")
+        pytest.fail(f"{err} (or set SDPG_SKIP_REAL_SGLANG=1 to skip real-SGLang tests)")
+
+
+@pytest.fixture(scope="module", params=["dev", "sglang"])
+def contract_server(request, tiny_model_dir, tmp_path_factory) -> RolloutServers:
+    """One server without a router: the built-in one, then real SGLang (24-35 s to start on 2 cores)."""
+    if request.param == "sglang":
+        require_real_sglang()
+    group = start_servers(
+        tiny_model_dir,
+        tmp_path_factory.mktemp(f"{request.param}_logs"),
+        num_servers=1,
+        backend=request.param,
+        router=False,
+    )
+    group.backend = request.param
+    yield group
+    group.stop()
 
 
 @pytest.fixture(scope="session")

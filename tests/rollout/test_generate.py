@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from sdpg_mcore.rollout.client import ClientConfig, RolloutClient, logprob_drift
+from sdpg_mcore.rollout.http import http_json
 from sdpg_mcore.rollout.protocol import SamplingParams
-from sdpg_mcore.rollout.servers import http_json
+from sdpg_mcore.rollout.servers import MemoryOccupation
+from sdpg_mcore.rollout.weight_sync import flush_caches
 
 PROMPTS = [[5, 17, 42, 8], [3, 9], [100, 101, 102, 103, 104, 105], [7]]
 
@@ -157,6 +159,12 @@ def test_text_input_and_prompt_logprobs(servers):
         {"input_ids": "abc"},
         {"sampling_params": {}},
         {"input_ids": [[1], [2]], "rid": ["a"]},
+        {"input_ids": [[1], [2]], "rid": ["a", "a"]},
+        {"input_ids": [1, 2], "sampling_params": {"n": 1025}},
+        {"input_ids": [1, 2], "sampling_params": {"n": 0}},
+        {"input_ids": [1, 2], "sampling_params": {"sampling_seed": -(2**63) - 1}},
+        {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2**63}},
+        {"input_ids": [1, 2], "sampling_params": {"min_p": 0.5}},
     ],
 )
 def test_malformed_requests_get_400_and_server_stays_up(servers, body):
@@ -182,12 +190,12 @@ def test_flush_cache_400_while_busy_is_retried(servers):
         while not (await client.get("/get_server_info"))[1]["internal_states"][0]["num_in_flight"]:
             await asyncio.sleep(0.05)
         status, _ = await client.post("/flush_cache")
-        await client.flush_cache(timeout_s=60)
-        return status, await long
+        resends = await asyncio.to_thread(flush_caches, [worker], timeout_s=60)
+        return status, resends, await long
 
-    status, out = client.run(scenario())
+    status, resends, out = client.run(scenario())
     assert status == 400
-    assert client.metrics.num_retries >= 1
+    assert resends >= 1
     assert out["meta_info"]["completion_tokens"] == 150
 
 
@@ -231,15 +239,32 @@ def test_abort_on_cancel_and_pause(servers):
 
 
 def test_release_and_resume_memory(servers):
-    servers.release_memory(["kv_cache", "weights"])
-    try:
+    memory = MemoryOccupation(servers.worker_urls, ["kv_cache", "weights"])
+    with memory.released_during():
+        memory.release()  # idempotent: no second call reaches the servers
         status, out = http_json(f"{servers.worker_urls[0]}/generate", {"input_ids": [1]})
         assert status == 400 and "released" in out["error"]["message"]
-    finally:
-        servers.resume_memory(["kv_cache", "weights"])
+    assert not memory.released
     assert (
         http_json(
             f"{servers.worker_urls[0]}/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}}
         )[0]
         == 200
     )
+
+
+def test_huge_text_is_refused_before_tokenising_and_health_stays_fast(servers):
+    worker = servers.worker_urls[0]
+    start = time.monotonic()
+    status, out = http_json(
+        f"{worker}/generate",
+        {"text": "1+1=" * 2_000_000, "sampling_params": {"max_new_tokens": 1}},
+        timeout_s=60,
+    )
+    assert status == 400 and "cannot fit the context" in out["error"]["message"]
+    assert time.monotonic() - start < 20
+    status, out = http_json(
+        f"{worker}/generate", {"text": "x" * (40 << 20)}, timeout_s=60
+    )  # over the body limit
+    assert status == 413
+    assert http_json(f"{worker}/health")[0] == 200

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sdpg_mcore.models.tiny import save_tiny_hf_model
-from sdpg_mcore.parallel.spawn import find_free_port, spawn_ranks
-from sdpg_mcore.rollout.servers import http_json
+from sdpg_mcore.parallel.spawn import spawn_ranks
+from sdpg_mcore.rollout.http import http_json
 from sdpg_mcore.rollout.weight_sync import (
     DiskWeightSync,
     DistributedWeightSync,
@@ -99,9 +99,7 @@ def test_disk_sync(sync_servers, other_models, tmp_path):
 )
 def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten, seed):
     tensors = hf_tensors(other_models[seed])
-    sync = DistributedWeightSync(
-        sync_servers.worker_urls, master_port=find_free_port(), bucket_bytes=bucket_bytes, flatten=flatten
-    )
+    sync = DistributedWeightSync(sync_servers.worker_urls, bucket_bytes=bucket_bytes, flatten=flatten)
     try:
         stats = sync.push(tensors, f"dist-{seed}")
     finally:
@@ -117,7 +115,7 @@ def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten, see
 
 
 def test_rejected_bucket_fails_fast_not_at_the_timeout(sync_servers):
-    sync = DistributedWeightSync(sync_servers.worker_urls, master_port=find_free_port(), timeout_s=120)
+    sync = DistributedWeightSync(sync_servers.worker_urls, timeout_s=120)
     sync.connect()
     start = time.monotonic()
     with pytest.raises(WeightSyncError, match="unknown weight name"):
@@ -130,7 +128,33 @@ def test_rejected_bucket_fails_fast_not_at_the_timeout(sync_servers):
     assert status == 400 and out["success"] is False
 
 
-def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir, port):
+def test_failed_disk_update_keeps_the_weights(sync_servers, other_models, tmp_path):
+    """All or nothing: a truncated file or a missing weight leaves the served weights as they were.
+
+    (Real SGLang 0.5.23 does not: a truncated safetensors file kills its scheduler process, so this
+    is a property of the built-in server only; DiskWeightSync never publishes a partial file.)
+    """
+    url = sync_servers.worker_urls[0]
+    DiskWeightSync([url], tmp_path / "shared", hf_config_dir=other_models[1]).push(
+        hf_tensors(other_models[1]), "ok"
+    )
+    before = server_greedy([url])
+    good = (other_models[2] / "model.safetensors").read_bytes()
+    truncated, partial = tmp_path / "truncated", tmp_path / "partial"
+    truncated.mkdir()
+    (truncated / "model.safetensors").write_bytes(good[: len(good) // 2])
+    from safetensors.torch import save_file
+
+    partial.mkdir()
+    save_file(dict(hf_tensors(other_models[2])[:3]), str(partial / "model.safetensors"))
+    for path in (truncated, partial, tmp_path / "missing"):
+        status, out = http_json(f"{url}/update_weights_from_disk", {"model_path": str(path)}, timeout_s=60)
+        assert status == 400 and out["success"] is False, out
+        assert server_greedy([url]) == before
+    check_weight_versions([url], "ok")
+
+
+def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -145,7 +169,7 @@ def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir, port):
 
     load_hf_into_model([model], dir_a)
     disk = DiskWeightSync(urls, shared_dir, hf_config_dir=dir_a)
-    disk.write_stage(iter_hf_tensors([model], dir_a), "mcore-disk", stage=stage, is_source=is_source)
+    disk.send(iter_hf_tensors([model], dir_a), "mcore-disk", stage=stage, is_source=is_source)
     dist.barrier()
     if rank == 0:
         disk.commit("mcore-disk")
@@ -153,11 +177,14 @@ def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir, port):
     dist.barrier()
 
     load_hf_into_model([model], dir_b)
-    sync = DistributedWeightSync(urls, master_port=port, stage=stage, bucket_bytes=32 << 10)
-    stats = sync.push(iter_hf_tensors([model], dir_b), None, is_source=is_source)
+    sync = DistributedWeightSync(urls, stage=stage, bucket_bytes=32 << 10)  # each stage: its own host's port
+    if rank == 0:
+        sync.begin()  # one session on every server for all stages
+    dist.barrier()
+    stats = sync.send(iter_hf_tensors([model], dir_b), "mcore-dist", stage=stage, is_source=is_source)
     dist.barrier()
     if rank == 0:
-        sync.commit("mcore-dist")  # sets the version on every server and checks it
+        sync.commit("mcore-dist")  # closes the session, sets the version on every server and checks it
         results["dist"] = server_greedy(urls)
     dist.barrier()
     if is_source:
@@ -173,7 +200,7 @@ def test_sync_from_tp2_pp2_megatron_model(sync_servers, other_models, tmp_path):
     results = spawn_ranks(
         _megatron_sync,
         4,
-        args=(str(other_models[1]), str(other_models[2]), urls, str(tmp_path / "shared"), find_free_port()),
+        args=(str(other_models[1]), str(other_models[2]), urls, str(tmp_path / "shared")),
         timeout_s=300,
     )
     expected_a, expected_b = hf_greedy(other_models[1]), hf_greedy(other_models[2])

@@ -84,7 +84,7 @@ def test_external_router_weight_sync_reaches_the_worker(assets, tmp_path):
             done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr[-3000:]
             assert logged_steps(run_dir) == [1, 2]
-            status, body = http_json(f"{worker}/get_weight_version")
+            status, body = http_json(f"{worker}/model_info")
             assert status == 200 and body["weight_version"] == "2", body
         finally:
             for proc in procs:

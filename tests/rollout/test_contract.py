@@ -1,0 +1,287 @@
+"""The HTTP contract of SDPG.md §7, run unchanged against the built-in server AND real SGLang 0.5.23.
+
+``contract_server`` (conftest) is one server per backend for this whole module. A test that only
+one of them can pass does not belong here: the point is that the built-in server cannot drift from
+what real SGLang does. Tests that change the weights put the original ones back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from sdpg_mcore.models.tiny import save_tiny_hf_model
+from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
+from sdpg_mcore.rollout.http import http_json
+from sdpg_mcore.rollout.protocol import SamplingParams
+from sdpg_mcore.rollout.sglang_launch import check_servers
+from sdpg_mcore.rollout.weight_sync import (
+    DiskWeightSync,
+    DistributedWeightSync,
+    TensorWeightSync,
+    server_tp_sizes,
+    weight_versions,
+)
+
+PROMPTS = [[5, 17, 42, 8], [3, 9, 11], [100, 101]]
+NEW_TOKENS = 6
+#: fp32 on both sides, the same math in another order: ~1e-6 here; the trainer's bound is 1e-4.
+LOGPROB_ATOL = 1e-4
+
+
+def hf_greedy(model_dir) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens and their log-probs (log_softmax of fp32 logits) from ``transformers``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens, logprobs = [], []
+    for prompt in PROMPTS:
+        ids, lps = list(prompt), []
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                logits_V = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+                token = int(logits_V.argmax())
+                lps.append(float(torch.log_softmax(logits_V, -1)[token]))
+                ids.append(token)
+        tokens.append(ids[len(prompt) :])
+        logprobs.append(lps)
+    return tokens, logprobs
+
+
+def server_greedy(url: str) -> tuple[list[list[int]], list[list[float]]]:
+    body = {
+        "input_ids": PROMPTS,
+        "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+        "return_logprob": True,
+    }
+    status, out = http_json(f"{url}/generate", body, timeout_s=120)
+    assert status == 200, out
+    return (
+        [o["output_ids"] for o in out],
+        [[entry[0] for entry in o["meta_info"]["output_token_logprobs"]] for o in out],
+    )
+
+
+def assert_serves(url: str, model_dir) -> None:
+    tokens, logprobs = server_greedy(url)
+    expected_tokens, expected_logprobs = hf_greedy(model_dir)
+    assert tokens == expected_tokens
+    for got, want in zip(logprobs, expected_logprobs):
+        assert max(abs(a - b) for a, b in zip(got, want)) <= LOGPROB_ATOL
+
+
+def raw_post(url: str, body: str) -> tuple[int, str]:
+    """POST a body exactly as given (not via json.dumps): NaN, 1e400 and friends."""
+    req = urllib.request.Request(url, data=body.encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    return save_tiny_hf_model(tmp_path_factory.mktemp("other") / "seed7", arch="qwen3", seed=7)
+
+
+def hf_tensors(model_dir):
+    from safetensors.torch import load_file
+
+    return list(load_file(str(model_dir / "model.safetensors")).items())
+
+
+@pytest.fixture
+def url(contract_server):
+    return contract_server.worker_urls[0]
+
+
+# ---------------------------------------------------------------------------- generation
+def test_generate_shape_and_logprobs_match_transformers(url, tiny_model_dir):
+    status, out = http_json(
+        f"{url}/generate",
+        {
+            "input_ids": PROMPTS[0],
+            "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+            "return_logprob": True,
+        },
+    )
+    assert status == 200, out
+    meta = out["meta_info"]
+    assert len(out["output_ids"]) == 3 and isinstance(out["text"], str)
+    assert meta["finish_reason"]["type"] == "length" and meta["prompt_tokens"] == len(PROMPTS[0])
+    assert [e[1] for e in meta["output_token_logprobs"]] == out["output_ids"]
+    assert all(len(e) == 3 and e[0] <= 0 for e in meta["output_token_logprobs"])
+    assert_serves(url, tiny_model_dir)
+
+
+def test_client_sampling_against_server(url):
+    client = RolloutClient(ClientConfig(url=url, request_timeout_s=120))
+    groups = client.run(
+        client.generate(PROMPTS, SamplingParams(max_new_tokens=4, ignore_eos=True), n=2, seed=3)
+    )
+    assert [len(g) for g in groups] == [2, 2, 2]
+    for group in groups:
+        for sample in group:
+            assert len(sample.output_ids) == 4 == len(sample.rollout_logprobs)
+            assert sample.finish_reason == "length" and all(lp <= 0 for lp in sample.rollout_logprobs)
+
+
+def test_model_info_has_the_weight_version_and_no_get_weight_version(url):
+    assert http_json(f"{url}/get_weight_version")[0] == 404  # gone in SGLang 0.5.21
+    status, info = http_json(f"{url}/model_info")
+    assert status == 200 and isinstance(info["weight_version"], str)
+    status, body = http_json(f"{url}/update_weight_version", {"new_version": "contract-7"})
+    assert status == 200 and body["success"] is True
+    assert weight_versions([url]) == {url: "contract-7"}
+    _, out = http_json(f"{url}/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}})
+    assert out["meta_info"]["weight_version"] == "contract-7"
+
+
+def test_server_reports_a_supported_version(url):
+    (facts,) = check_servers([url], weight_sync="distributed")
+    assert facts.tp_size == 1 and facts.dp_size == 1
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"bogus_key": 1},  # unknown keys are refused (0.5.22+), never silently ignored
+        {"sampling_seed": 2**70},  # outside int64
+        {"max_new_tokens": 1.5},
+        {"top_p": 0},
+        {"top_k": 0},
+        {"temperature": -1},
+    ],
+    ids=["unknown-key", "seed-2**70", "max_new_tokens-1.5", "top_p-0", "top_k-0", "temperature-neg"],
+)
+def test_bad_sampling_params_get_400_and_server_stays_up(url, sampling):
+    status, out = http_json(f"{url}/generate", {"input_ids": [1, 2], "sampling_params": sampling})
+    assert status == 400, out
+    ok = http_json(f"{url}/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}})
+    assert ok[0] == 200
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e400"])
+def test_non_finite_json_numbers_get_400(url, value):
+    for key in ("temperature", "max_new_tokens"):
+        body = f'{{"input_ids": [1, 2], "sampling_params": {{"{key}": {value}}}}}'
+        status, text = raw_post(f"{url}/generate", body)
+        assert status == 400, text
+    assert http_json(f"{url}/health")[0] == 200
+
+
+def test_duplicate_rid_is_refused_while_tracked(url):
+    assert http_json(f"{url}/pause_generation", {"mode": "in_place"})[0] == 200
+    first: dict = {}
+    body = {"input_ids": [1, 2], "rid": "dup-rid-1", "sampling_params": {"max_new_tokens": 2}}
+    thread = threading.Thread(
+        target=lambda: first.update(r=http_json(f"{url}/generate", body, timeout_s=120))
+    )
+    thread.start()
+    try:
+        time.sleep(1.0)  # the paused server now tracks dup-rid-1
+        status, out = http_json(f"{url}/generate", body)
+        assert status == 400 and "Duplicate request ID" in json.dumps(out), out
+    finally:
+        assert http_json(f"{url}/continue_generation", {})[0] == 200
+        thread.join(timeout=120)
+    assert first["r"][0] == 200
+    status, _ = http_json(f"{url}/generate", body)  # finished: the rid is free again
+    assert status == 200
+    status, out = http_json(
+        f"{url}/generate",
+        {"input_ids": [[1], [2]], "rid": ["same", "same"], "sampling_params": {"max_new_tokens": 1}},
+    )
+    assert status == 400 and "Duplicate request ID" in json.dumps(out)
+
+
+def test_client_retries_with_a_fresh_rid(url):
+    """A timed-out attempt is still tracked by the (paused) server: the retry must not reuse its rid."""
+    client = RolloutClient(ClientConfig(url=url, request_timeout_s=2.0, max_retries=4, backoff_s=0.25))
+    assert http_json(f"{url}/pause_generation", {"mode": "in_place"})[0] == 200
+    timer = threading.Timer(3.0, lambda: http_json(f"{url}/continue_generation", {}))
+    timer.start()
+    try:
+        out = client.run(client.generate_raw({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}))
+    finally:
+        timer.join()
+        http_json(f"{url}/continue_generation", {})
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    assert client.metrics.num_retries >= 1 and client.metrics.num_failed == 0
+
+
+# ---------------------------------------------------------------------------- weight updates
+def test_weight_update_session_rules(url):
+    update = {"names": [], "dtypes": [], "shapes": [], "group_name": "none"}
+    status, out = http_json(f"{url}/update_weights_from_distributed", update)
+    assert status == 400 and out["success"] is False and "begin_weight_update" in out["message"]
+    assert http_json(f"{url}/end_weight_update", {})[0] == 400  # no session open
+    assert http_json(f"{url}/begin_weight_update", {})[0] == 200
+    try:
+        assert http_json(f"{url}/begin_weight_update", {})[0] == 400  # one session at a time
+    finally:
+        assert http_json(f"{url}/end_weight_update", {})[0] == 200
+
+
+def _restore(url, tiny_model_dir, tmp_path):
+    DiskWeightSync([url], tmp_path / "restore", hf_config_dir=tiny_model_dir).push(
+        hf_tensors(tiny_model_dir), "restored"
+    )
+    assert_serves(url, tiny_model_dir)
+
+
+def test_disk_sync(url, tiny_model_dir, other_model, tmp_path):
+    try:
+        DiskWeightSync([url], tmp_path / "shared", hf_config_dir=other_model).push(
+            hf_tensors(other_model), "disk-1"
+        )
+        assert weight_versions([url]) == {url: "disk-1"}
+        assert_serves(url, other_model)
+    finally:
+        _restore(url, tiny_model_dir, tmp_path)
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flattened-bucket", "per-tensor"])
+def test_distributed_sync(url, tiny_model_dir, other_model, tmp_path, flatten):
+    sync = DistributedWeightSync(
+        [url], server_tp_sizes=server_tp_sizes([url]), bucket_bytes=64 << 10, flatten=flatten
+    )
+    try:
+        stats = sync.push(hf_tensors(other_model), f"dist-{flatten}")
+        assert 1 < stats.num_requests < stats.num_tensors  # buckets, not one request per tensor
+        assert weight_versions([url]) == {url: f"dist-{flatten}"}
+        assert_serves(url, other_model)
+        sync.push(hf_tensors(tiny_model_dir), "dist-back")  # the group is reused
+        assert_serves(url, tiny_model_dir)
+    finally:
+        sync.close()
+        _restore(url, tiny_model_dir, tmp_path)
+
+
+def test_tensor_sync_colocated_path(url, tiny_model_dir, other_model, tmp_path):
+    sync = TensorWeightSync([url], server_tp_sizes=server_tp_sizes([url]), bucket_bytes=64 << 10)
+    try:
+        stats = sync.push(hf_tensors(other_model), "tensor-1")
+        assert stats.num_requests > 1
+        assert weight_versions([url]) == {url: "tensor-1"}
+        assert_serves(url, other_model)
+    finally:
+        sync.close()
+        _restore(url, tiny_model_dir, tmp_path)
+
+
+def test_release_and_resume_memory(url, tiny_model_dir):
+    from sdpg_mcore.rollout.servers import MemoryOccupation
+
+    memory = MemoryOccupation([url])
+    with memory.released_during():
+        assert memory.released
+    assert_serves(url, tiny_model_dir)

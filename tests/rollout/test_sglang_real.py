@@ -1,0 +1,105 @@
+"""Real SGLang beyond the one-server contract: TP2 servers behind the real router, and the trainer.
+
+Slow (each real server takes 24-35 s to start on 2 cores, TP2 two processes): ``pytest -m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require_real_sglang, start_servers
+from test_contract import assert_serves, hf_tensors
+
+from sdpg_mcore.rollout.http import http_json
+from sdpg_mcore.rollout.sglang_launch import check_servers
+from sdpg_mcore.rollout.weight_sync import DistributedWeightSync, weight_versions
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _train(rank, world_size, overrides):
+    from sdpg_mcore.config import load_config
+    from sdpg_mcore.train.trainer import train
+
+    return train(load_config(REPO / "examples" / "tiny" / "sdpg.yaml", overrides))
+
+
+def test_tp2_servers_behind_router_take_a_broadcast(tiny_model_dir, tmp_path):
+    """Two TP2 servers = 4 ranks of the group (rank = rank_offset + tp_rank), world size 5."""
+    from sdpg_mcore.models.tiny import save_tiny_hf_model
+
+    require_real_sglang()
+    other = save_tiny_hf_model(tmp_path / "other", arch="qwen3", seed=11)
+    servers = start_servers(
+        tiny_model_dir, tmp_path / "logs", num_servers=2, backend="sglang", tp_size=2, router=True
+    )
+    try:
+        urls = servers.worker_urls
+        assert [f.tp_size for f in check_servers(urls, weight_sync="distributed")] == [2, 2]
+        sync = DistributedWeightSync(urls, server_tp_sizes=[2, 2], bucket_bytes=64 << 10)
+        try:
+            assert sync.world_size == 5 and sync.rank_offsets() == [1, 3]
+            sync.push(hf_tensors(other), "tp2-1")
+        finally:
+            sync.close()
+        assert weight_versions(urls) == {u: "tp2-1" for u in urls}
+        for url in urls:
+            assert_serves(url, other)
+        status, out = http_json(
+            f"{servers.url}/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
+        )
+        assert status == 200 and out["meta_info"]["weight_version"] == "tp2-1"
+    finally:
+        servers.stop()
+
+
+@pytest.mark.parametrize(
+    ("weight_sync", "colocated"), [("distributed", False), ("disk", False), ("tensor", True)]
+)
+def test_trainer_on_real_sglang(tmp_path, weight_sync, colocated):
+    """Three SDPG steps with real SGLang: engine and trainer log-probs agree in fp32, versions follow steps.
+
+    ``colocated``: the engine releases its memory after each rollout and resumes it before the push.
+    """
+    from sdpg_mcore.config import load_config
+    from sdpg_mcore.parallel.spawn import spawn_ranks
+
+    require_real_sglang()
+    root = tmp_path / "assets"
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_tiny_model
+
+    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=3, batch_size=4, eval_prompts=2)
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--synthetic", "arithmetic"]
+        + ["--out", str(root / "data"), "--format", "jsonl", "--num-train", "64", "--num-test", "4"],
+        check=True,
+        capture_output=True,
+    )
+    overrides = [
+        f"model.path={root / 'model'}",
+        f"data.train_files=[{root / 'data' / 'train.jsonl'}]",
+        f"trainer.run_dir={tmp_path / 'run'}",
+        "data.batch_prompts=4",
+        "data.mini_batch_prompts=2",
+        "rollout.n=4",
+        "rollout.backend=sglang",
+        f"rollout.weight_sync={weight_sync}",
+        f"rollout.colocated={str(colocated).lower()}",
+        "rollout.startup_timeout_s=600",
+        "trainer.total_steps=3",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]
+    load_config(REPO / "examples" / "tiny" / "sdpg.yaml", overrides)  # bad overrides fail here, not in a rank
+    spawn_ranks(_train, 1, args=(overrides,), timeout_s=900)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["rollout/weight_version"] for r in records] == [0.0, 1.0, 2.0]
+    for record in records:
+        assert record["logprob_mismatch"] <= 1e-4, record["logprob_mismatch"]
