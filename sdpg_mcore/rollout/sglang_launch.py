@@ -183,6 +183,6 @@ def sglang_command(
             _warn_seeds_ignored_on_cpu()
     if mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(mem_fraction_static)]
-    if enable_memory_saver:
+    if enable_memory_saver and cuda:  # torch_memory_saver hooks CUDA allocations; nothing to free on CPU
         cmd += ["--enable-memory-saver"]
     return cmd, env

@@ -148,6 +148,7 @@ class RolloutSession:
                 env={"OMP_NUM_THREADS": str(rollout.server_threads)},
                 tp_size=rollout.tp_size,
                 weight_sync=rollout.weight_sync,
+                enable_memory_saver=rollout.colocated,
             )
         ).start()
         servers.install_signal_handlers()

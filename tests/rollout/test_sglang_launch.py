@@ -56,8 +56,9 @@ def test_gpu_command_line(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cpu_command_line(tmp_path, dtype):
     (tmp_path / "config.json").write_text(json.dumps({"dtype": dtype}))
-    cmd, env = _command(tmp_path, cuda=False)
+    cmd, env = _command(tmp_path, cuda=False, enable_memory_saver=True)
     joined = " ".join(cmd)
+    assert "--enable-memory-saver" not in cmd
     for flag in ("--device cpu", "--attention-backend torch_native", "--disable-cuda-graph", "--tp-size 2"):
         assert flag in joined, flag
     # fp32 checkpoints stay fp32 (SGLang would cast them to fp16 on CPU); others keep SGLang's choice
