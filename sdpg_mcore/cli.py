@@ -46,6 +46,26 @@ def launch_world_size(nproc: int = 0, environ: Mapping[str, str] | None = None) 
     return nproc or resolve_launch_env(environ).world_size
 
 
+def check_model_dir(path: str) -> None:
+    """``model.path`` must be a local Hugging Face model directory (the trainer never downloads one);
+    without this check transformers answers with a misleading Hub repo-id error."""
+    from pathlib import Path
+
+    from sdpg_mcore.config import ConfigError
+
+    model = Path(path)
+    if not model.is_dir():
+        raise ConfigError(
+            f"config key 'model.path': {path!r} is not a directory; give a local Hugging Face model "
+            "directory (config.json, weights, tokenizer), e.g. download it first with "
+            "`huggingface-cli download ORG/NAME --local-dir DIR`"
+        )
+    if not (model / "config.json").is_file():
+        raise ConfigError(
+            f"config key 'model.path': {path!r} has no config.json; it is not a Hugging Face model"
+        )
+
+
 def _rank_main(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
     quiet_warnings()
     from sdpg_mcore.train.trainer import train
@@ -68,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         resolve_world(cfg, launch_world_size(args.nproc))
+        if not args.print_config:
+            check_model_dir(cfg.model.path)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"sdpg-train: error: {err}\n")
     if args.print_config:
@@ -82,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
         spawn_ranks(_rank_main, args.nproc, args=(args.config, args.overrides), timeout_s=7 * 24 * 3600)
         return 0
+    from checkpoints_convert.hf_io import CheckpointError
+    from sdpg_mcore.train.health import NonFiniteError
     from sdpg_mcore.train.trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (CheckpointError, NonFiniteError, ConfigError) as err:  # the message is the whole story
+        parser.exit(1, f"sdpg-train: error: {type(err).__name__}: {err}\n")
     return 0
 
 

@@ -196,6 +196,12 @@ class TrainerConfig:
     """Stop after this step (0 = run to total_steps), e.g. for time-limited jobs; resume continues the run."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk of the fused LM head (peak extra memory is chunk x vocab/tp)."""
+    nonfinite_patience: int = 0
+    """Steps in a row with a non-finite loss or gradient (their updates skipped) before the run stops
+    with an error; 0 stops at the first. Non-finite weights always stop the run at once."""
+    rollout_deadline_s: float = 1800.0
+    """Most seconds one rollout request batch may take, retries included; past it the supervisor
+    restarts stuck or dead servers (re-pushing the weights) and the batch is generated again once."""
 
 
 @dataclass
@@ -525,6 +531,13 @@ def validate(cfg: Config) -> Config:
     )
     _check(tr.stop_at_step >= 0, "trainer.stop_at_step", "must be >= 0")
     _check(tr.logprob_chunk_size >= 1, "trainer.logprob_chunk_size", "must be >= 1")
+    _check(
+        tr.keep_checkpoints >= 0,
+        "trainer.keep_checkpoints",
+        f"must be >= 0 (0 keeps every checkpoint), got {tr.keep_checkpoints}",
+    )
+    _check(tr.nonfinite_patience >= 0, "trainer.nonfinite_patience", "must be >= 0")
+    _check(tr.rollout_deadline_s > 0, "trainer.rollout_deadline_s", "must be > 0 seconds")
     return cfg
 
 
@@ -553,7 +566,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(
                 f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}"

@@ -150,12 +150,17 @@ def initialize_distributed(timeout_minutes: int = 30) -> LaunchEnv:
         backend = "nccl"
     else:
         backend = "gloo"
+    if launch.source == "single" and "MASTER_PORT" not in os.environ:
+        # One process needs no rendezvous: an in-process store binds no port, so runs share a machine.
+        rendezvous = dict(store=dist.HashStore())
+    else:
+        rendezvous = dict(init_method=f"tcp://{launch.master_addr}:{launch.master_port}")
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
         rank=launch.rank,
         world_size=launch.world_size,
         timeout=timedelta(minutes=timeout_minutes),
+        **rendezvous,
     )
     return launch
 

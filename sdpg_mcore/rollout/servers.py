@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdpg_mcore.parallel.lifetime import preexec_die_with_parent
 from sdpg_mcore.parallel.spawn import find_free_port
 from sdpg_mcore.rollout import sglang_launch
 from sdpg_mcore.rollout.http import http_json, post_all
@@ -103,7 +104,12 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== {time.strftime('%H:%M:%S')} start: {' '.join(self.cmd)}\n".encode())
             self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=preexec_die_with_parent(),  # SIGKILL when the trainer dies, even by kill -9
             )
 
     def alive(self) -> bool:

@@ -12,14 +12,17 @@ A checkpoint of step ``k`` is the directory ``CKPT_ROOT/step_{k:08d}``:
   trainer's JSON-able ``extra_state`` (the trainer stores the prompt sampler's position); the beta
   and lambda schedules are functions of the step and need nothing more;
 - ``rng/rank_{r:05d}.pt``: each rank's python / numpy / torch (CPU, CUDA) RNG states and Megatron's
-  tensor-parallel RNG tracker states, read back with ``torch.load(weights_only=True)``.
+  tensor-parallel RNG tracker states, read back with ``torch.load(weights_only=True)``;
+- ``checksums.json``: size and SHA-256 of every other file, verified before anything is loaded
+  (``checkpoint_manifest``), so a damaged or truncated file is refused instead of loaded.
 
 Atomicity: everything is written into ``CKPT_ROOT/.tmp-step_{k:08d}``; after a barrier rank 0
 renames it to ``step_{k:08d}`` and then replaces the ``latest`` pointer file (write a temporary
 file, fsync, ``os.replace``). A crash at any point leaves ``latest`` naming a complete checkpoint;
 leftover ``.tmp-*`` entries are removed by the next save. ``CKPT_ROOT`` must be one directory that
 every rank sees (a shared filesystem on multi-node runs). Resume needs the same layout, model and
-LR schedule; ``CheckpointError`` (a ``ValueError``) names what differs and the fix.
+LR schedule (a constant-LR run may raise ``total_steps``); ``CheckpointError`` (a ``ValueError``)
+names what differs and the fix.
 
 Two quirks of Megatron's distributed optimizer on the torch-Adam path (no Transformer Engine /
 Apex, as on CPU) are handled at load: a never-stepped optimizer has no state to load into, and
@@ -49,6 +52,7 @@ from checkpoints_convert.arch_maps import config_hash
 from checkpoints_convert.convert import ASSETS_DIR, FORMAT_VERSION, METADATA_FILE
 from checkpoints_convert.hf_io import CheckpointError, copy_hf_assets
 from sdpg_mcore.models.builder import unwrap_model
+from sdpg_mcore.train import checkpoint_manifest
 from sdpg_mcore.train.checkpoint_dir import (
     LATEST_FILE,
     TMP_PREFIX,
@@ -174,6 +178,10 @@ def save_checkpoint(
     if rank == 0:
         _write_rank0_files(tmp, step, model_chunks, optimizer, scheduler, hf_dir, extra_json)
     _barrier()
+    entries = checkpoint_manifest.manifest(tmp)
+    if rank == 0:
+        write_file(tmp / checkpoint_manifest.MANIFEST_FILE, checkpoint_manifest.manifest_bytes(entries))
+    _barrier()
 
     if rank == 0:
         commit(tmp, final, root)
@@ -265,12 +273,22 @@ def _check_compatible(path: Path, state: dict[str, Any], model_chunks, optimizer
             f"Build the model from the checkpoint's config ({path / ASSETS_DIR / 'config.json'}) or use a "
             "new checkpoint directory for this model."
         )
-    diffs = _differences(state["scheduler"], scheduler.state_dict(), _SCHEDULER_FIXED)
+    diffs = _differences(state["scheduler"], scheduler.state_dict(), _schedule_keys(state, scheduler))
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} has a different LR schedule ({'; '.join(diffs)}). Resume with the optimizer "
-            "settings of the checkpoint's run (lr, min_lr, warmup, decay style, total steps)."
+            "settings of the checkpoint's run (lr, min_lr, warmup, decay style, total steps); only a "
+            "constant-LR run (optimizer.lr_decay_style=constant) can change trainer.total_steps."
         )
+
+
+def _schedule_keys(state: dict[str, Any], scheduler) -> tuple[str, ...]:
+    """The schedule fields a resume must keep. Under a constant LR the decay length (``total_steps``)
+    changes nothing, so a finished run can be extended; a decaying schedule fixes it."""
+    constant = (
+        state["scheduler"].get("lr_decay_style") == scheduler.state_dict()["lr_decay_style"] == "constant"
+    )
+    return tuple(k for k in _SCHEDULER_FIXED if not (constant and k == "lr_decay_steps"))
 
 
 def _check_hf_config(path: Path, state: dict[str, Any], hf_dir: str | Path) -> None:
@@ -334,6 +352,9 @@ def load_checkpoint(
     rng_path = path / RNG_DIR / f"rank_{_rank():05d}.pt"
     error = None
     try:
+        error = checkpoint_manifest.verify(path)
+        if error is not None:
+            raise error
         state = _read_state(path)
         if hf_dir is not None:
             _check_hf_config(path, state, hf_dir)
@@ -357,7 +378,8 @@ def load_checkpoint(
             unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
         optimizer.load_state_dict(loaded["optimizer"])
         restore_adam_steps(optimizer)
-    scheduler.load_state_dict(state["scheduler"])
+    live_schedule = scheduler.state_dict()
+    scheduler.load_state_dict({**state["scheduler"], "lr_decay_steps": live_schedule["lr_decay_steps"]})
     set_rng_state(torch.load(rng_path, weights_only=True))
     _barrier()
     logger.info("loaded checkpoint %s (step %d)", path, step)

@@ -20,6 +20,7 @@ import torch
 from sdpg_mcore.config import OptimizerConfig
 from sdpg_mcore.models.builder import unwrap_model
 from sdpg_mcore.train.forward import HeadSpec
+from sdpg_mcore.train.health import grads_finite
 
 
 def _finalize_grads(model, num_tokens=None, **kwargs):
@@ -60,6 +61,9 @@ class Policy:
     optimizer: object
     scheduler: object
     head: HeadSpec
+    skipped_updates: int = 0
+    """Updates skipped because a gradient was non-finite on some rank (``train.health`` stops the run
+    after ``trainer.nonfinite_patience`` bad steps in a row)."""
 
     def zero_grad(self) -> None:
         for chunk in self.chunks:
@@ -67,8 +71,14 @@ class Policy:
         self.optimizer.zero_grad()
 
     def optimizer_step(self) -> tuple[float, float]:
-        """Clip, step, advance the LR schedule; returns (grad norm, learning rate used)."""
+        """Clip, step, advance the LR schedule; returns (grad norm, learning rate used).
+
+        A non-finite gradient on any rank skips the update (NaN grad norm, schedule not advanced):
+        Megatron applies it otherwise, except under fp16 loss scaling."""
         lr = self.optimizer.param_groups[0]["lr"]
+        if not grads_finite(self.chunks):
+            self.skipped_updates += 1
+            return float("nan"), float(lr)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError("optimizer step skipped: non-finite gradients")

@@ -14,7 +14,7 @@ stage's source rank writes or sends.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -92,6 +92,7 @@ class RolloutSession:
         servers,
         urls: list[str],
         worker_urls: list[str],
+        deadline_s: float | None = None,
     ):
         from sdpg_mcore.rewards import OverlongConfig, resolve_reward_fn
         from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
@@ -106,8 +107,10 @@ class RolloutSession:
                 worker_urls=worker_urls,
                 max_concurrency=rollout.max_concurrency,
                 request_timeout_s=rollout.request_timeout_s,
+                deadline_s=deadline_s,
             )
         )
+        self.supervisor = None  # set by start() for the servers it launches
         self.reward_fn = resolve_reward_fn(reward.scorer, reward.strict, reward.answer_format)
         self.overlong = OverlongConfig(
             enable=reward.overlong_penalty,
@@ -126,8 +129,14 @@ class RolloutSession:
         model_path: str,
         max_response_length: int,
         run_dir: Path,
+        deadline_s: float | None = None,
     ) -> RolloutSession:
-        """Launch builtin/SGLang servers (behind the router when asked) or check external ones."""
+        """Launch builtin/SGLang servers (behind the router when asked) or check external ones.
+
+        ``deadline_s`` bounds each rollout batch, retries included. Launched servers are supervised
+        (``rollout.supervisor``: a dead or stuck one is restarted with the current weights and the
+        batch generated again) when the weights go through disk, which a restarted server can load.
+        """
         from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
         from sdpg_mcore.rollout.sglang_launch import check_servers
 
@@ -136,7 +145,7 @@ class RolloutSession:
             workers = discover_workers(rollout.urls)
             check_servers(workers, weight_sync=rollout.weight_sync)
             logger.info("external rollout: generation via %s, weight updates to %s", rollout.urls[0], workers)
-            return cls(rollout, reward, max_response_length, None, list(rollout.urls), workers)
+            return cls(rollout, reward, max_response_length, None, list(rollout.urls), workers, deadline_s)
         servers = RolloutServers(
             ServerConfig(
                 model_path=model_path,
@@ -152,7 +161,24 @@ class RolloutSession:
             )
         ).start()
         servers.install_signal_handlers()
-        return cls(rollout, reward, max_response_length, servers, [servers.url], list(servers.worker_urls))
+        session = cls(
+            rollout,
+            reward,
+            max_response_length,
+            servers,
+            [servers.url],
+            list(servers.worker_urls),
+            deadline_s,
+        )
+        if rollout.weight_sync == "disk":
+            from sdpg_mcore.rollout.supervisor import ServerSupervisor
+
+            session.supervisor = ServerSupervisor(servers, run_dir / "weights")
+        return session
+
+    def _rollout(self, rollout: Callable):
+        """``rollout()``, generated again by the supervisor after a dead or stuck server (when supervised)."""
+        return self.supervisor.run(rollout) if self.supervisor is not None else rollout()
 
     def close(self) -> None:
         if self.servers is not None:
@@ -208,8 +234,10 @@ class RolloutSession:
         kept: list[list[tuple]] = []
         for batch_index, prompts in enumerate(prompt_batches):
             ids = [p.student_ids for p in prompts]
-            groups = self.client.run(
-                self.client.generate(ids, sampling, n=r.n, seed=step_seed, batch_index=batch_index)
+            groups = self._rollout(
+                lambda ids=ids, batch_index=batch_index: self.client.run(
+                    self.client.generate(ids, sampling, n=r.n, seed=step_seed, batch_index=batch_index)
+                )
             )
             with timer.phase("score"):
                 batches.append(self._scored(prompts, groups))
@@ -221,6 +249,7 @@ class RolloutSession:
                 break
         metrics = _dynamic_metrics(batches, kept) if r.dynamic_sampling else {}
         kept = kept[: len(batches[0])] or batches[0]
+        kept, metrics["rollout/dropped_aborted"] = _without_aborted(kept, step)
         responses = [
             Response(
                 group=g,
@@ -245,9 +274,11 @@ class RolloutSession:
         self, name: str, prompts: Sequence, k: int, temperature: float, seed: int
     ) -> dict[str, float]:
         """avg@k (mean accuracy over all samples) and pass@k (a problem counts if any sample is right)."""
-        groups = self.client.run(
-            self.client.generate(
-                [p.student_ids for p in prompts], self._sampling(temperature), n=k, seed=seed
+        groups = self._rollout(
+            lambda: self.client.run(
+                self.client.generate(
+                    [p.student_ids for p in prompts], self._sampling(temperature), n=k, seed=seed
+                )
             )
         )
         accs = [[self.score(p, s)[1] for s in group] for p, group in zip(prompts, groups)]
@@ -289,6 +320,24 @@ def _dynamic_metrics(batches: list, kept: list) -> dict[str, float]:
         "dynamic/kept_groups": min(len(kept), len(batches[0])),
         "dynamic/generated_groups": sum(len(b) for b in batches),
     }
+
+
+def _without_aborted(groups: list[list[tuple]], step: int) -> tuple[list[list[tuple]], int]:
+    """The scored groups without their aborted samples (a server aborted them: stopped, restarted or
+    out of memory; their tokens end anywhere and their log-probs may be partial), empty groups dropped."""
+    from sdpg_mcore.rollout.client import RolloutError
+
+    cleaned = [[item for item in group if item[1].finish_reason != "abort"] for group in groups]
+    dropped = sum(map(len, groups)) - sum(map(len, cleaned))
+    cleaned = [group for group in cleaned if group]
+    if not cleaned:
+        raise RolloutError(
+            f"step {step}: every response was aborted by the rollout servers; see their logs under "
+            "RUN_DIR/rollout_logs"
+        )
+    if dropped:
+        logger.warning("step %d: %d aborted response(s) left out of training", step, dropped)
+    return cleaned, dropped
 
 
 def broadcast_responses(responses: list[Response] | None, src: int = 0) -> list[Response]:

@@ -34,8 +34,9 @@ import torch.distributed as dist
 from sdpg_mcore import algo
 from sdpg_mcore.algo.config import TeacherWeights
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
+from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
 from sdpg_mcore.train import checkpoint as ckpt
-from sdpg_mcore.train import mechanism
+from sdpg_mcore.train import health, mechanism
 from sdpg_mcore.train.batch import Response
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, ReferenceWeights, build_policy
@@ -124,6 +125,7 @@ def train(cfg: Config) -> dict[str, float]:
     or the save file appeared (:class:`SaveRequest`); the handler is installed first, so a signal
     during model building is not fatal either.
     """
+    kill_forks_with_parent()  # Megatron's checkpoint writers must not outlive a killed trainer
     save_file = os.environ.get(SAVE_FILE_ENV) or Path(cfg.trainer.run_dir) / "SAVE_AND_EXIT"
     save_request = SaveRequest(Path(save_file))
     try:
@@ -142,10 +144,12 @@ def loop(run: Run) -> dict[str, float]:
     Returns the last step's metrics (complete on rank 0).
     """
     metrics: dict[str, float] = {}
+    guard = health.NonFiniteGuard(run.cfg.trainer.nonfinite_patience)
     for step in run.steps():
         began = time.perf_counter()
         responses, metrics = rollout(run, step)
         metrics.update(run_step(run.step_ctx, step, responses))
+        guard.check(step, metrics, run.policy.skipped_updates)
         metrics.update(sync_weights(run, step))
         seconds = time.perf_counter() - began
         metrics.update(evaluate(run, step))
@@ -178,6 +182,7 @@ def sync_weights(run: Run, step: int) -> dict[str, float]:
     """Push the policy's new weights to the rollout servers (collective), as version ``step``."""
     timer = PhaseTimer()
     with timer.phase("weight_sync"):
+        health.check_weights(run.policy.chunks, step, run.policy.optimizer.param_groups[0]["lr"])
         run.weights(step)
     return timer.pop()
 
@@ -259,7 +264,12 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
     session = None
     if rank0:
         session = RolloutSession.start(
-            cfg.rollout, cfg.reward, cfg.model.path, cfg.data.max_response_length, run_dir
+            cfg.rollout,
+            cfg.reward,
+            cfg.model.path,
+            cfg.data.max_response_length,
+            run_dir,
+            deadline_s=cfg.trainer.rollout_deadline_s,
         )
     weights = WeightPusher(
         cfg.rollout.weight_sync,
@@ -358,7 +368,9 @@ def _resume(cfg: Config, policy: Policy, sampler) -> int:
         return 0
     ckpt_root = Path(cfg.trainer.run_dir) / "checkpoints"
     root, step = (ckpt_root, None) if cfg.trainer.resume == "auto" else _explicit(cfg.trainer.resume)
-    loaded = ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, policy.scheduler, step=step)
+    loaded = ckpt.load_checkpoint(
+        root, policy.chunks, policy.optimizer, policy.scheduler, step=step, hf_dir=cfg.model.path
+    )
     if loaded is None:
         return 0
     sampler.load_state_dict(loaded.extra_state["sampler"])
