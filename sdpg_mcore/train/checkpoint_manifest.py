@@ -85,7 +85,7 @@ def verify(directory: Path) -> CheckpointError | None:
     present = set(_files(directory))
     missing = sorted(set(stored) - present)
     if missing:
-        return CheckpointError(f"checkpoint {directory} is missing {missing[:5]}; {fix}")
+        return CheckpointError(f"checkpoint {directory} is missing {', '.join(missing[:5])}; {fix}")
     for name in _my_share(sorted(stored)):
         size, digest = stored[name]
         actual = (directory / name).stat().st_size

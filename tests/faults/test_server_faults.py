@@ -1,0 +1,74 @@
+"""A rollout server killed or stopped (SIGSTOP) mid-rollout: the supervisor restarts it with the current
+weights and the rollout completes within its deadline plus a restart, not the hour of 600 s x 6 tries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from sdpg_mcore.data.tiny_tokenizer import save_tiny_tokenizer
+from sdpg_mcore.models.tiny import save_tiny_hf_model
+from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
+from sdpg_mcore.rollout.protocol import SamplingParams
+from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig, http_json
+from sdpg_mcore.rollout.supervisor import ServerSupervisor
+
+DEADLINE_S = 20.0
+
+
+@pytest.fixture
+def served(tmp_path):
+    model = save_tiny_hf_model(tmp_path / "model", arch="qwen3", seed=0)
+    save_tiny_tokenizer(model, style="qwen")
+    weights = tmp_path / "weights"
+    shutil.copytree(model, weights / "weights-7")  # what the trainer published last (version 7)
+    servers = RolloutServers(
+        ServerConfig(
+            model_path=str(model), num_servers=1, router=False, log_dir=str(tmp_path / "logs"),
+            health_timeout_s=120, env={"OMP_NUM_THREADS": "1"}, extra_args=["--num-threads", "1"],
+        )
+    ).start()  # fmt: skip
+    yield servers, ServerSupervisor(servers, weights, probe_timeout_s=5.0)
+    servers.stop()
+
+
+def _rollout_with_fault(servers, supervisor, fault: signal.Signals):
+    victim = servers.servers[0]
+    client = RolloutClient(ClientConfig(url=servers.url, deadline_s=DEADLINE_S, backoff_s=0.2, max_retries=2))
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    faulted = []
+
+    async def generate_and_fault():
+        task = asyncio.ensure_future(client.generate([[1, 2, 3]] * 4, params, n=2, seed=0))
+        await asyncio.sleep(0.3)  # requests are in flight
+        if not faulted:
+            os.killpg(victim.proc.pid, fault)
+            faulted.append(victim.proc.pid)
+        return await task
+
+    start = time.monotonic()
+    groups = supervisor.run(lambda: client.run(generate_and_fault()))
+    return groups, time.monotonic() - start, faulted[0]
+
+
+@pytest.mark.slow  # two server restarts on 2 busy cores, ~1 min
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_supervisor_restarts_a_dead_or_stuck_server_with_current_weights(served, fault):
+    servers, supervisor = served
+    groups, elapsed, old_pid = _rollout_with_fault(servers, supervisor, fault)
+    assert [len(g) for g in groups] == [2] * 4
+    assert all(s.finish_reason == "length" and len(s.output_ids) == 64 for g in groups for s in g)
+    assert supervisor.num_restarts == 1 and servers.servers[0].proc.pid != old_pid
+    assert elapsed < DEADLINE_S + 120, elapsed  # deadline + probe + restart, not request_timeout x tries
+    status, body = http_json(f"{servers.servers[0].url}/get_weight_version")
+    assert status == 200 and body["weight_version"] == "7"  # the restarted server got the weights back
+    try:
+        os.kill(old_pid, 0)
+        raise AssertionError("the stuck server was not killed")
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,187 @@
+"""Fault injection against the real trainer, servers and checkpoints (issue 13): each fault ends in the
+promised behaviour, never in a hang, a silent wrong result or a leftover process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpg_mcore.parallel.spawn import spawn_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_tiny_model
+
+    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=3, batch_size=4, eval_prompts=2)
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--synthetic", "arithmetic", "--out",
+         str(root / "data"), "--format", "jsonl", "--num-train", "64", "--num-test", "4"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return root
+
+
+def _cli(assets, run_dir, *extra) -> list[str]:
+    return [
+        sys.executable, "-m", "sdpg_mcore.cli", "--config", str(REPO / "examples/tiny/sdpg.yaml"),
+        f"model.path={assets / 'model'}", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+        f"trainer.run_dir={run_dir}", "data.batch_prompts=4", "data.mini_batch_prompts=2", "rollout.n=2",
+        "logging.progress=false", "logging.tensorboard=false", *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# -- checkpoint bytes ----------------------------------------------------------------------------
+
+
+def _save_and_damage(rank, world_size, hf_dir, root):
+    from sdpg_mcore.parallel import state
+    from sdpg_mcore.train import checkpoint as ckpt
+    from sdpg_mcore.train.checkpoint_state import allocate_distributed_optimizer_state
+    from sdpg_mcore.train.model_setup import OptimSettings, build_policy
+
+    layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
+    optim = OptimSettings(1e-3, 0.0, 0, "constant", 0.0, 0.9, 0.999, 1e-8, 1.0, True)
+    policy = build_policy(
+        hf_dir, layout, dtype=torch.float32, optim=optim, total_updates=4, vocab_size=301, chunk_size=16
+    )
+    allocate_distributed_optimizer_state(policy.optimizer)  # Adam state to save, as after a step
+    path = ckpt.save_checkpoint(root, 1, policy.chunks, policy.optimizer, policy.scheduler, hf_dir=hf_dir)
+    pristine = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    biggest = max((p for p in pristine if p.suffix == ".distcp"), key=lambda p: len(pristine[p]))
+    errors = {}
+    for name, damage in {
+        "overwrite_4k": lambda f: f.write_bytes(f.read_bytes()[:8192] + b"\xff" * 4096 + f.read_bytes()[12288:]),
+        "one_byte": lambda f: f.write_bytes(f.read_bytes()[:100] + bytes([f.read_bytes()[100] ^ 1]) + f.read_bytes()[101:]),
+        "truncated": lambda f: f.write_bytes(f.read_bytes()[:1000]),
+    }.items():  # fmt: skip
+        damage(biggest)
+        with pytest.raises(ckpt.CheckpointError) as err:
+            ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, policy.scheduler)
+        errors[name] = str(err.value)
+        biggest.write_bytes(pristine[biggest])
+    loaded = ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, policy.scheduler)  # intact again
+    state.destroy()
+    return errors, loaded.step, biggest.name
+
+
+def test_damaged_checkpoint_is_refused_with_the_file_named(tmp_path):
+    from sdpg_mcore.models.tiny import save_tiny_hf_model
+
+    hf_dir = str(save_tiny_hf_model(tmp_path / "hf", "qwen3", num_hidden_layers=2, seed=1))
+    errors, step, name = spawn_ranks(_save_and_damage, 1, args=(hf_dir, tmp_path / "ckpt"))[0]
+    assert step == 1
+    for kind in ("overwrite_4k", "one_byte"):
+        assert name in errors[kind] and "does not match its saved SHA-256" in errors[kind], errors[kind]
+    assert name in errors["truncated"] and "has 1000 bytes" in errors["truncated"], errors["truncated"]
+
+
+# -- trainer processes ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a trainer run, ~30 s
+def test_nan_loss_stops_the_run_with_an_error_and_no_checkpoint(assets, tmp_path):
+    run = subprocess.run(
+        _cli(assets, tmp_path / "run", "optimizer.lr=inf", "trainer.total_steps=3", "trainer.save_interval=1"),
+        capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "sdpg-train: error: NonFiniteError: step 1:" in run.stderr
+    assert "optimizer.lr" in run.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing non-finite was saved
+    assert not list((tmp_path / "run").glob("weights/weights-*"))  # nor pushed to the servers
+
+
+@pytest.mark.slow  # two trainer runs, ~1-2 min
+def test_kill9_mid_save_leaves_no_process_and_the_run_restarts_at_once(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _cli(
+        assets, run_dir, "trainer.total_steps=4", "trainer.save_interval=1", "trainer.keep_checkpoints=0"
+    )
+    trainer = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts, children = run_dir / "checkpoints", set()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and trainer.poll() is None:
+        children |= _descendants(trainer.pid)
+        if ckpts.is_dir() and any(p.name.startswith(".tmp-step_") for p in ckpts.iterdir()):
+            break  # a save is under way
+        time.sleep(0.005)
+    assert trainer.poll() is None, "the run ended before a save could be interrupted"
+    children |= _descendants(trainer.pid)
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    assert children, "the trainer should have started servers"
+    give_up = time.monotonic() + 15
+    while time.monotonic() < give_up and any(_alive(p) for p in children):
+        time.sleep(0.2)
+    assert not [p for p in children if _alive(p)], "children outlived the killed trainer"
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4
+
+
+def test_two_single_process_runs_need_no_shared_port(tmp_path):
+    """Each single-process trainer rendezvouses in-process: no fixed port (29500) to collide on."""
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "from sdpg_mcore.parallel import state\n"
+        "state.initialize_distributed(); import torch.distributed as dist\n"
+        "print(dist.get_world_size(), flush=True); sys.stdin.read()\n"
+    )
+    first, second = (
+        subprocess.Popen([sys.executable, "-c", code], env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    )  # fmt: skip
+    try:
+        assert first.stdout.readline().strip() == "1", first.stderr.read()
+        assert second.stdout.readline().strip() == "1", second.stderr.read()
+    finally:
+        for proc in (first, second):
+            proc.kill()
+            proc.wait()
