@@ -74,7 +74,7 @@ def verify(directory: Path) -> CheckpointError | None:
     Not collective: the caller agrees on the outcome across ranks (``checkpoint._agree_on_error``).
     """
     path = directory / MANIFEST_FILE
-    fix = f"load another step (``trainer.resume=<run>/checkpoints/step_N``) or delete {directory}"
+    fix = f"resume from another step (trainer.resume=RUN_DIR/checkpoints/step_N) or delete {directory}"
     try:
         stored = json.loads(path.read_text())["files"]
     except FileNotFoundError:

@@ -371,7 +371,7 @@ def test_crash_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
         and "lr_decay_steps=20 in the checkpoint vs 30" in errors["schedule"]
     )
     assert "missing rng/rank_00000.pt" in errors["rng"]
-    assert f"missing {ckpt.STATE_FILE}" in errors["state"]
+    assert "is missing rng/rank_00000.pt, trainer_state.json" in errors["state"]  # both, from checksums.json
     assert (
         "different model" in errors["model"]
         and "ffn_hidden_size=96 in the checkpoint vs 64 now" in errors["model"]
