@@ -185,3 +185,34 @@ def test_two_single_process_runs_need_no_shared_port(tmp_path):
         for proc in (first, second):
             proc.kill()
             proc.wait()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, override, message",
+    [
+        ("model: {path: x\n", [], "is not valid YAML at line 4, column 1"),
+        (
+            "trainer: {keep_checkpoints: 1}\n",
+            ["trainer.keep_checkpoints=-1"],
+            "'trainer.keep_checkpoints': must be >= 0",
+        ),
+        ("trainer: {nonfinite_patience: -2}\n", [], "'trainer.nonfinite_patience': must be >= 0"),
+        ("model: {path: /does/not/exist}\n", [], "'model.path': '/does/not/exist' is not a directory"),
+    ],
+    ids=["yaml_syntax", "keep_checkpoints", "patience", "model_path"],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, text, override, message):
+    from sdpg_mcore.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    base = "data: {train_files: [a.jsonl], max_prompt_length: 16, max_response_length: 8, micro_batch_tokens: 64,\n"
+    base += "       batch_prompts: 4, mini_batch_prompts: 2}\n"
+    recipe.write_text(base + (f"model: {{path: {tmp_path}}}\n" if "model" not in text else "") + text)
+    with pytest.raises(SystemExit) as err:
+        main(["--config", str(recipe), *override])
+    assert err.value.code == 2
+    out = capsys.readouterr().err
+    assert message in out and "Traceback" not in out, out

@@ -1,0 +1,43 @@
+"""The non-finite guard: bad steps (non-finite loss, skipped updates) stop the run past the patience."""
+
+import math
+
+import pytest
+import torch
+
+from sdpg_mcore.train.health import NonFiniteError, NonFiniteGuard, checked_weight_sync, grads_finite
+
+
+def test_guard_counts_bad_steps_in_a_row_and_stops_past_patience():
+    guard = NonFiniteGuard(patience=1)
+    guard.check(1, {"loss": 0.5, "grad_norm": 1.0}, skipped_updates=0)
+    guard.check(2, {"loss": math.nan}, skipped_updates=0)  # one bad step: tolerated
+    guard.check(3, {"loss": 0.4}, skipped_updates=0)  # a good one resets the count
+    guard.check(4, {"loss": 0.4}, skipped_updates=1)  # an update skipped for a NaN gradient
+    with pytest.raises(
+        NonFiniteError, match=r"step 5: non-finite loss in 2 step\(s\) in a row.*nonfinite_patience=1"
+    ):
+        guard.check(5, {"loss": math.inf}, skipped_updates=1)
+
+
+def test_guard_with_zero_patience_stops_at_the_first_bad_step():
+    with pytest.raises(NonFiniteError, match="step 7: non-finite a gradient on some rank"):
+        NonFiniteGuard(0).check(7, {"loss": 0.1, "grad_norm": 0.2}, skipped_updates=2)
+    with pytest.raises(ValueError, match="nonfinite_patience must be >= 0"):
+        NonFiniteGuard(-1)
+
+
+def test_weight_push_refuses_non_finite_weights_and_grads_are_checked():
+    model = torch.nn.Linear(3, 2)
+    pushed = []
+    sync = checked_weight_sync(pushed.append, [model], lambda: 1e-3)
+    sync(1)
+    model.weight.grad = torch.zeros_like(model.weight)
+    assert grads_finite([model])
+    model.weight.grad[0, 0] = math.nan
+    assert not grads_finite([model])
+    with torch.no_grad():
+        model.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteError, match="step 2: the optimizer update made the weights non-finite"):
+        sync(2)
+    assert pushed == [1]  # the non-finite weights never reached the servers
