@@ -216,3 +216,18 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, text, override, message
     assert err.value.code == 2
     out = capsys.readouterr().err
     assert message in out and "Traceback" not in out, out
+
+
+def test_aborted_samples_are_never_trained_on():
+    from sdpg_mcore.rollout.client import RolloutError, Sample
+    from sdpg_mcore.train.rollout_io import _without_aborted
+
+    def sample(reason):
+        return Sample(0, 0, [1], [2, 3], [-0.1, -0.2], "x", reason, "1")
+
+    kept = [("p0", [sample("stop"), sample("abort")]), ("p1", [sample("abort")]), ("p2", [sample("length")])]
+    cleaned, dropped = _without_aborted(kept, step=3)
+    assert dropped == 2
+    assert [(p, [s.finish_reason for s in g]) for p, g in cleaned] == [("p0", ["stop"]), ("p2", ["length"])]
+    with pytest.raises(RolloutError, match="step 3: every response was aborted"):
+        _without_aborted([("p1", [sample("abort")])], step=3)
