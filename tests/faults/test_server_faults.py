@@ -43,13 +43,18 @@ def _rollout_with_fault(servers, supervisor, fault: signal.Signals):
     client = RolloutClient(
         ClientConfig(url=servers.url, deadline_s=DEADLINE_S, request_timeout_s=DEADLINE_S, backoff_s=0.2)
     )
-    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=120, ignore_eos=True)
     faulted = []
 
     async def generate_and_fault():
-        task = asyncio.ensure_future(client.generate([[1, 2, 3]] * 4, params, n=2, seed=0))
-        await asyncio.sleep(0.3)  # requests are in flight
+        task = asyncio.ensure_future(client.generate([[1, 2, 3]] * 8, params, n=2, seed=0))
         if not faulted:
+            give_up = time.monotonic() + 60
+            while time.monotonic() < give_up:  # fault the server while it decodes this rollout
+                await asyncio.sleep(0.05)
+                _, info = await client.get("/get_server_info", url=victim.url)
+                if info["internal_states"][0]["num_in_flight"] > 0:
+                    break
             os.killpg(victim.proc.pid, fault)
             faulted.append(victim.proc.pid)
         return await task
@@ -65,8 +70,8 @@ def test_supervisor_restarts_a_dead_or_stuck_server_with_current_weights(served,
     servers, supervisor = served
     groups, elapsed, old_pid = _rollout_with_fault(servers, supervisor, fault)
     print(f"{fault.name}: rollout done in {elapsed:.1f} s")
-    assert [len(g) for g in groups] == [2] * 4
-    assert all(s.finish_reason == "length" and len(s.output_ids) == 64 for g in groups for s in g)
+    assert [len(g) for g in groups] == [2] * 8
+    assert all(s.finish_reason == "length" and len(s.output_ids) == 120 for g in groups for s in g)
     assert supervisor.num_restarts == 1 and servers.servers[0].proc.pid != old_pid
     assert elapsed < WATCHDOG_S + 120, elapsed  # watchdog + retries + restart, not 600 s x 6 tries
     status, body = http_json(f"{servers.servers[0].url}/get_weight_version")
