@@ -103,16 +103,34 @@ def _save_and_damage(rank, world_size, hf_dir, root):
         errors[name] = str(err.value)
         biggest.write_bytes(pristine[biggest])
     loaded = ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, policy.scheduler)  # intact again
+    # total_steps 4 -> 8 updates: a constant LR does not depend on it, a decaying one does
+    longer = _schedule(policy.optimizer, "constant", 8)
+    ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, longer)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(root, policy.chunks, policy.optimizer, _schedule(policy.optimizer, "cosine", 8))
+    errors["cosine"] = str(err.value)
     state.destroy()
-    return errors, loaded.step, biggest.name
+    return errors, loaded.step, biggest.name, (longer.lr_decay_steps, longer.num_steps, longer.get_lr({}))
 
 
-def test_damaged_checkpoint_is_refused_with_the_file_named(tmp_path):
+def _schedule(optimizer, style: str, decay_steps: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=1e-3, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=0, lr_decay_steps=decay_steps,
+        lr_decay_style=style, start_wd=0.0, end_wd=0.0, wd_incr_steps=decay_steps, wd_incr_style="constant",
+    )  # fmt: skip
+
+
+def test_damaged_checkpoint_is_refused_and_a_constant_lr_run_can_be_extended(tmp_path):
     from sdpg_mcore.models.tiny import save_tiny_hf_model
 
     hf_dir = str(save_tiny_hf_model(tmp_path / "hf", "qwen3", num_hidden_layers=2, seed=1))
-    errors, step, name = spawn_ranks(_save_and_damage, 1, args=(hf_dir, tmp_path / "ckpt"))[0]
+    errors, step, name, extended = spawn_ranks(_save_and_damage, 1, args=(hf_dir, tmp_path / "ckpt"))[0]
     assert step == 1
+    assert extended == (8, 0, 1e-3)  # the longer run's schedule, at the saved position, same LR
+    assert "lr_decay_style='constant' in the checkpoint vs 'cosine' now" in errors["cosine"]
+    assert "only a constant-LR run (optimizer.lr_decay_style=constant) can change" in errors["cosine"]
     for kind in ("overwrite_4k", "one_byte"):
         assert name in errors[kind] and "does not match its saved SHA-256" in errors[kind], errors[kind]
     assert name in errors["truncated"] and "has 1000 bytes" in errors["truncated"], errors["truncated"]
