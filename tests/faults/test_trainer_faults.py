@@ -122,6 +122,7 @@ def _schedule(optimizer, style: str, decay_steps: int):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # Megatron model + checkpoint, 40 s-3 min; the fast test below checks the same manifest
 def test_damaged_checkpoint_is_refused_and_a_constant_lr_run_can_be_extended(tmp_path):
     from sdpg_mcore.models.tiny import save_tiny_hf_model
 
@@ -134,6 +135,28 @@ def test_damaged_checkpoint_is_refused_and_a_constant_lr_run_can_be_extended(tmp
     for kind in ("overwrite_4k", "one_byte"):
         assert name in errors[kind] and "does not match its saved SHA-256" in errors[kind], errors[kind]
     assert name in errors["truncated"] and "has 1000 bytes" in errors["truncated"], errors["truncated"]
+
+
+def test_manifest_names_the_overwritten_truncated_or_missing_file(tmp_path):
+    from sdpg_mcore.train import checkpoint_manifest as manifest
+
+    ckpt = tmp_path / "step_00000001"
+    (ckpt / "rng").mkdir(parents=True)
+    files = {"__0_0.distcp": bytes(range(256)) * 64, "rng/rank_00000.pt": b"rng", "trainer_state.json": b"{}"}
+    for name, data in files.items():
+        (ckpt / name).write_bytes(data)
+    (ckpt / manifest.MANIFEST_FILE).write_bytes(manifest.manifest_bytes(manifest.manifest(ckpt)))
+    assert manifest.verify(ckpt) is None
+    shard = ckpt / "__0_0.distcp"
+    shard.write_bytes(files["__0_0.distcp"][:8192] + b"\xff" * 4096 + files["__0_0.distcp"][12288:])
+    assert "__0_0.distcp does not match its saved SHA-256" in str(manifest.verify(ckpt))
+    shard.write_bytes(files["__0_0.distcp"][:1000])
+    assert "__0_0.distcp has 1000 bytes, 16384 were saved" in str(manifest.verify(ckpt))
+    shard.write_bytes(files["__0_0.distcp"])
+    (ckpt / "rng/rank_00000.pt").unlink()
+    assert "is missing rng/rank_00000.pt" in str(manifest.verify(ckpt))
+    (ckpt / manifest.MANIFEST_FILE).unlink()
+    assert f"has no {manifest.MANIFEST_FILE}" in str(manifest.verify(ckpt))
 
 
 # -- trainer processes ---------------------------------------------------------------------------
