@@ -61,7 +61,8 @@ class ServerSupervisor:
 
     def run(self, rollout: Callable[[], T]) -> T:
         """``rollout()`` under the watchdog; after a :class:`RolloutError` restart what is broken and
-        run it once more; after a rollout that succeeded despite a kill, restart the killed server."""
+        run it once more; after a rollout that succeeded without a server (a router routed around
+        it), restart that server."""
         try:
             with self._watchdog():
                 result = rollout()
@@ -72,8 +73,8 @@ class ServerSupervisor:
             logger.warning("rollout failed (%s); restarted %s, generating again", err, restarted)
             with self._watchdog():
                 return rollout()
-        if self.killed_stuck:
-            self.recover()
+        if self.killed_stuck or not all(server.alive() for server in self.servers.servers):
+            self.recover()  # the router served the rollout without it: bring it back for the next one
         return result
 
     def recover(self) -> list[str]:
@@ -116,10 +117,8 @@ class ServerSupervisor:
                         "%s (%s) has not answered /health for %.0f s: killing it (it is restarted after "
                         "this rollout)", server.name, server.url, now - last_answer[server.url],
                     )  # fmt: skip
-                    try:
-                        os.killpg(
-                            server.proc.pid, signal.SIGKILL
-                        )  # reaped by recover(), in the caller's thread
+                    try:  # reaped and restarted by recover(), in the caller's thread
+                        os.killpg(server.proc.pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
                     self.killed_stuck.append(server.url)
