@@ -77,13 +77,14 @@ def _alive(pid: int) -> bool:
 
 
 def _save_and_damage(rank, world_size, hf_dir, root):
+    from sdpg_mcore.config import OptimizerConfig
     from sdpg_mcore.parallel import state
     from sdpg_mcore.train import checkpoint as ckpt
     from sdpg_mcore.train.checkpoint_state import allocate_distributed_optimizer_state
-    from sdpg_mcore.train.model_setup import OptimSettings, build_policy
+    from sdpg_mcore.train.model_setup import build_policy
 
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
-    optim = OptimSettings(1e-3, 0.0, 0, "constant", 0.0, 0.9, 0.999, 1e-8, 1.0, True)
+    optim = OptimizerConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.0)
     policy = build_policy(
         hf_dir, layout, dtype=torch.float32, optim=optim, total_updates=4, vocab_size=301, chunk_size=16
     )
@@ -263,12 +264,19 @@ def test_aborted_samples_are_never_trained_on():
     from sdpg_mcore.rollout.client import RolloutError, Sample
     from sdpg_mcore.train.rollout_io import _without_aborted
 
-    def sample(reason):
-        return Sample(0, 0, [1], [2, 3], [-0.1, -0.2], "x", reason, "1")
+    def scored(prompt, reason):  # (prompt, sample, reward, acc), as RolloutSession scores them
+        return (prompt, Sample(0, 0, [1], [2, 3], [-0.1, -0.2], "x", reason, "1"), 1.0, 1.0)
 
-    kept = [("p0", [sample("stop"), sample("abort")]), ("p1", [sample("abort")]), ("p2", [sample("length")])]
-    cleaned, dropped = _without_aborted(kept, step=3)
+    groups = [
+        [scored("p0", "stop"), scored("p0", "abort")],
+        [scored("p1", "abort")],
+        [scored("p2", "length")],
+    ]
+    cleaned, dropped = _without_aborted(groups, step=3)
     assert dropped == 2
-    assert [(p, [s.finish_reason for s in g]) for p, g in cleaned] == [("p0", ["stop"]), ("p2", ["length"])]
+    assert [[(p, s.finish_reason) for p, s, _, _ in g] for g in cleaned] == [
+        [("p0", "stop")],
+        [("p2", "length")],
+    ]
     with pytest.raises(RolloutError, match="step 3: every response was aborted"):
-        _without_aborted([("p1", [sample("abort")])], step=3)
+        _without_aborted([[scored("p1", "abort")]], step=3)
