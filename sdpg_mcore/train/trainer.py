@@ -271,14 +271,18 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
             run_dir,
             deadline_s=cfg.trainer.rollout_deadline_s,
         )
-    weights = WeightPusher(
-        cfg.rollout.weight_sync,
-        layout,
-        cfg.model.path,
-        run_dir,
-        session.worker_urls if rank0 else None,
-        cfg.rollout.bucket_mb,
-    ).bind(policy.chunks).colocate(session)
+    weights = (
+        WeightPusher(
+            cfg.rollout.weight_sync,
+            layout,
+            cfg.model.path,
+            run_dir,
+            session.worker_urls if rank0 else None,
+            cfg.rollout.bucket_mb,
+        )
+        .bind(policy.chunks)
+        .colocate(session)
+    )
     if start:
         weights(start)  # the servers started from the initial weights
     if rank0:
