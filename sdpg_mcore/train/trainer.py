@@ -261,16 +261,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         else None
     )
     start = _resume(cfg, policy, sampler)
-    session = None
-    if rank0:
-        session = RolloutSession.start(
-            cfg.rollout,
-            cfg.reward,
-            cfg.model.path,
-            cfg.data.max_response_length,
-            run_dir,
-            deadline_s=cfg.trainer.rollout_deadline_s,
-        )
+    session = _rollout_session(cfg, run_dir) if rank0 else None
     weights = (
         WeightPusher(
             cfg.rollout.weight_sync,
@@ -317,6 +308,14 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         save_request,
         start,
         evals,
+    )
+
+
+def _rollout_session(cfg: Config, run_dir: Path) -> RolloutSession:
+    """Rank 0's rollout servers (started or reached), client and scorer."""
+    rollout, reward, deadline_s = cfg.rollout, cfg.reward, cfg.trainer.rollout_deadline_s
+    return RolloutSession.start(
+        rollout, reward, cfg.model.path, cfg.data.max_response_length, run_dir, deadline_s=deadline_s
     )
 
 
