@@ -36,6 +36,7 @@ from typing import TypeVar
 
 from sdpg_mcore.rollout.client import RolloutError
 from sdpg_mcore.rollout.servers import RolloutServers, http_json
+from sdpg_mcore.rollout.weight_sync import check_weight_versions
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,4 +154,5 @@ class ServerSupervisor:
             raise RolloutError(
                 f"restarted server {url} could not load {newest}: HTTP {status} {str(body)[:300]}"
             )
+        check_weight_versions([url], version)
         logger.info("restarted server %s loaded weights version %s", url, version)

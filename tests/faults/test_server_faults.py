@@ -15,8 +15,9 @@ from sdpg_mcore.data.tiny_tokenizer import save_tiny_tokenizer
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
 from sdpg_mcore.rollout.protocol import SamplingParams
-from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig, http_json
+from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
 from sdpg_mcore.rollout.supervisor import ServerSupervisor
+from sdpg_mcore.rollout.weight_sync import weight_versions
 
 DEADLINE_S = 600.0  # the default request timeout: the watchdog, not the deadline, must catch a stuck server
 WATCHDOG_S = 15.0
@@ -74,8 +75,8 @@ def test_supervisor_restarts_a_dead_or_stuck_server_with_current_weights(served,
     assert all(s.finish_reason == "length" and len(s.output_ids) == 120 for g in groups for s in g)
     assert supervisor.num_restarts == 1 and servers.servers[0].proc.pid != old_pid
     assert elapsed < WATCHDOG_S + 120, elapsed  # watchdog + retries + restart, not 600 s x 6 tries
-    status, body = http_json(f"{servers.servers[0].url}/get_weight_version")
-    assert status == 200 and body["weight_version"] == "7"  # the restarted server got the weights back
+    url = servers.servers[0].url
+    assert weight_versions([url]) == {url: "7"}  # the restarted server got the weights back
     try:
         os.kill(old_pid, 0)
         raise AssertionError("the stuck server was not killed")
