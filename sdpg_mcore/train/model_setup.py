@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sdpg_mcore.models.builder import unwrap_model
+from sdpg_mcore.models.spec import resolve_use_te
 from sdpg_mcore.train.forward import HeadSpec
 
 
@@ -76,6 +77,11 @@ class Policy:
     scheduler: object
     head: HeadSpec
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives: every tensor of the step goes there."""
+        return next(unwrap_model(self.chunks[0]).parameters()).device
+
     def zero_grad(self) -> None:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -98,12 +104,17 @@ def build_policy(
     dtype: torch.dtype,
     optim: OptimSettings,
     total_updates: int,
-    vocab_size: int,
     chunk_size: int,
+    vocab_size: int | None = None,
     recompute: bool = False,
     sequence_parallel: bool = False,
 ) -> Policy:
-    """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``."""
+    """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``.
+
+    The head normalises over the checkpoint's ``config.vocab_size`` rows, as the HF logits, the
+    built-in engine and SGLang do (not ``len(tokenizer)``, which is often shorter: 151,669 vs
+    151,936 for Qwen3); ``vocab_size``, when given, must equal it.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -113,6 +124,7 @@ def build_policy(
         model_path, layout, dtype=dtype, recompute=recompute, sequence_parallel=sequence_parallel
     )
     config = model.config
+    vocab_size = _checked_vocab_size(model_path, vocab_size)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=optim.distributed
     )
@@ -152,8 +164,21 @@ def build_policy(
         chunk_size=chunk_size,
         tp_group=tp_group,
         sequence_parallel=model.config.sequence_parallel,
+        causal_mask=not resolve_use_te(None),
     )
     return Policy([ddp], optimizer, scheduler, head)
+
+
+def _checked_vocab_size(model_path, vocab_size: int | None) -> int:
+    from sdpg_mcore.models.hf_config import parse_hf_config
+
+    config_vocab = parse_hf_config(str(model_path)).vocab_size
+    if vocab_size is not None and vocab_size != config_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} differs from {model_path}/config.json vocab_size={config_vocab}; the head "
+            "must normalise over the model's rows (leave vocab_size unset)"
+        )
+    return config_vocab
 
 
 class ReferenceWeights:

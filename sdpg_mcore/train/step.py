@@ -3,6 +3,15 @@ updates (teacher pass, fused KL head, algorithm loss, optimizer) -> weight sync.
 
 Everything this function calls is in its own module; what it receives (:class:`StepContext`) is
 explicit values, not the run config. Runs on every rank: rank 0 generates, all ranks train.
+
+Devices: micro-batches are built on the host and moved once (``MicroBatch.to``, pinned and
+non-blocking); advantages and rollout log-probs go over in one pinned copy per step; every tensor
+handed to a collective lives on the model's device (NCCL needs it). Host syncs left, each because
+a host value is really needed: the broadcast of the rollout batch (Python objects); with a KL
+penalty in the reward, one device-to-host copy of the old/ref log-probs per step (the advantages
+are computed on the host from the rewards); one ``.tolist()`` of the four all-reduced loss counts
+per mini-batch (the normalisers are Python numbers); the optimizer's grad-norm / found-inf check
+per mini-batch (Megatron); the metrics reduce once per step. None per micro-batch.
 """
 
 from __future__ import annotations
@@ -74,23 +83,40 @@ def _micro_batches(ctx, responses, groups_of, m: int | None, with_teacher: bool)
         # CP: 2*cp equal chunks per row, and each rank's S/cp divisible by the SP multiple.
         pad_multiple=math.lcm(2 * lay.cp, lay.cp * ctx.pad_multiple) if lay.cp > 1 else ctx.pad_multiple,
     )
-    return [B.shard_for_cp(mb, lay.cp, lay.cp_rank) for mb in mbs]
+    return [B.shard_for_cp(mb, lay.cp, lay.cp_rank).to(ctx.policy.device) for mb in mbs]
+
+
+def step_tokens(per_row: dict[str, dict[int, torch.Tensor]], mb: B.MicroBatch) -> B.StepTokens:
+    """The micro-batch's per-token tensors from the step's per-row values (all on its device)."""
+
+    def rows(key: str) -> torch.Tensor | None:
+        return B.gather_rows(per_row[key], mb) if key in per_row else None
+
+    return B.StepTokens(
+        advantages_N=rows("adv"),
+        old_logprob_N=rows("old"),
+        rollout_logprob_N=rows("rollout"),
+        ref_logprob_N=rows("ref"),
+        teacher_logprob_N=rows("teacher"),
+        stop_token_N=rows("stop"),
+    )
 
 
 def token_inputs(mb, kl_N, logprob_N, entropy_N) -> algo.TokenInputs:
     """The loss inputs of one micro-batch: the head's per-token outputs plus the step's stored tensors."""
+    t = mb.tokens
     return algo.TokenInputs(
         logprob_N=logprob_N,
-        old_logprob_N=mb.inputs["old"],
-        advantages_N=mb.inputs["adv"],
+        old_logprob_N=t.old_logprob_N,
+        advantages_N=t.advantages_N,
         seq_index_N=mb.seq_index_N,
         num_seqs=mb.num_rows,
         kl_N=kl_N,
         entropy_N=entropy_N,
-        ref_logprob_N=mb.inputs.get("ref"),
-        teacher_logprob_N=mb.inputs.get("teacher"),
-        rollout_logprob_N=mb.inputs["rollout"],
-        stop_token_N=mb.inputs["stop"],
+        ref_logprob_N=t.ref_logprob_N,
+        teacher_logprob_N=t.teacher_logprob_N,
+        rollout_logprob_N=t.rollout_logprob_N,
+        stop_token_N=t.stop_token_N,
         seq_loss_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[0],
         seq_response_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[1],
     )
@@ -136,11 +162,7 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
 
     # 4. Group-relative advantages (GRPO: reward minus the k1 penalty when configured); loss ranks only.
     if is_last:
-        per_row["adv"], penalty = _advantages(responses, per_row, needs.kl_in_reward_coef)
-        per_row["rollout"] = {
-            i: torch.tensor(responses[i].rollout_logprobs, dtype=torch.float32) for i in per_row["old"]
-        }
-        per_row["stop"] = {i: B.stop_token_mask(responses[i]) for i in per_row["old"]}
+        penalty = _host_token_values(responses, per_row, needs.kl_in_reward_coef, ctx.policy.device)
         if penalty is not None:
             loss_metrics["reward_kl_penalty"] = penalty
 
@@ -151,16 +173,16 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
         norms = None
         if is_last:
             for mb in mbs:
-                mb.inputs = {k: B.gather_rows(v, mb) for k, v in per_row.items()}
+                mb.tokens = step_tokens(per_row, mb)
             counts = sum(
-                algo.loss_counts(ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows)
+                algo.loss_counts(ctx.algorithm, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows)
                 for mb in mbs
             )
             if lay.cp > 1:  # every CP rank holds the whole micro-batch: count it once
                 counts = counts * float(lay.cp_rank == 0)
                 for mb in mbs:
                     mb.seq_tokens_2S = algo.seq_counts(
-                        ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows
+                        ctx.algorithm, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows
                     )
             dist.all_reduce(counts, group=dp_cp_group)
             norms = algo.normalisers_from_counts(
@@ -217,20 +239,35 @@ def _scatter(values, mbs, responses):
     return None if values is None else B.scatter_rows(values, mbs, responses)
 
 
-def _advantages(responses, per_row, kl_coef: float):
-    """Per-row advantage tensors ``{row: [len]}`` for this rank's rows, and the mean k1 penalty (GRPO)."""
+def _host_token_values(responses, per_row, kl_coef: float, device: torch.device) -> float | None:
+    """Set ``per_row["adv"]``, ``["rollout"]`` and ``["stop"]`` on ``device`` (one pinned copy); the mean
+    k1 penalty when the reward carries a KL term (GRPO), else None.
+
+    Why on the host: rewards and rollout log-probs arrive as Python numbers and the group statistics
+    are a few hundred values; only the KL penalty needs device values (one copy back per step).
+    """
     rows = sorted(per_row["old"])
+    lengths = [len(responses[i].response_ids) for i in rows]
     rewards_B = torch.tensor([responses[i].reward for i in rows], dtype=torch.float32)
     groups_B = torch.tensor([responses[i].group for i in rows], dtype=torch.long)
     penalty = None
     if kl_coef:
-        seq_N = torch.cat([torch.full((len(responses[i].response_ids),), b) for b, i in enumerate(rows)])
-        old_N = torch.cat([per_row["old"][i] for i in rows])
-        ref_N = torch.cat([per_row["ref"][i] for i in rows])
+        seq_N = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+        old_N = torch.cat([per_row["old"][i] for i in rows]).cpu()  # host sync: the reward needs it
+        ref_N = torch.cat([per_row["ref"][i] for i in rows]).cpu()
         rewards_B, k1_B = algo.kl_in_reward(rewards_B, old_N, ref_N, seq_N, coef=kl_coef)
         penalty = float(k1_B.mean())
-    adv_B = algo.grpo_advantages(rewards_B, groups_B)
-    return {i: adv_B[b].expand(len(responses[i].response_ids)).float() for b, i in enumerate(rows)}, penalty
+    adv_B = algo.grpo_advantages(rewards_B, groups_B).float()
+    adv_N = torch.repeat_interleave(adv_B, torch.tensor(lengths))
+    rollout_N = torch.tensor([lp for i in rows for lp in responses[i].rollout_logprobs], dtype=torch.float32)
+    if rollout_N.numel() != adv_N.numel():
+        raise ValueError("rollout_logprobs must hold one log-prob per response token")
+    stop_N = torch.cat([B.stop_token_mask(responses[i]) for i in rows]).float()
+    adv_N, rollout_N, stop_N = B.to_device(torch.stack([adv_N, rollout_N, stop_N]), device)
+    per_row["adv"] = dict(zip(rows, adv_N.split(lengths)))
+    per_row["rollout"] = dict(zip(rows, rollout_N.split(lengths)))
+    per_row["stop"] = dict(zip(rows, (stop_N > 0.5).split(lengths)))
+    return penalty
 
 
 def _from_last_stage(metrics: dict, pp_group) -> dict:

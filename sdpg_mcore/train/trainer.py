@@ -187,7 +187,6 @@ def _train(cfg: Config, save_request: SaveRequest) -> dict[str, float]:
             o.clip_grad,
             o.use_distributed_optimizer,
         ),
-        vocab_size=len(tokenizer),
         chunk_size=cfg.trainer.logprob_chunk_size,
         recompute=cfg.model.recompute_activations,
         sequence_parallel=cfg.parallel.sequence_parallel,

@@ -95,7 +95,9 @@ def _update(policy, mbs, cfg, marks: dict | None = None, tracker: StorageTracker
     from sdpg_mcore.train.step import token_inputs
 
     sdpg = algo.get_algorithm("sdpg")
-    counts = sum(algo.loss_counts(sdpg, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows) for mb in mbs)
+    counts = sum(
+        algo.loss_counts(sdpg, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows) for mb in mbs
+    )
     norms = algo.normalisers_from_counts(
         counts, cfg.loss_agg_mode, mini_batch_rows=sum(mb.num_rows for mb in mbs), dp_size=1
     )
@@ -123,6 +125,7 @@ def _measure(rank, world_size, hf_dir):
     from sdpg_mcore.parallel import state
     from sdpg_mcore.train import batch as B
     from sdpg_mcore.train.model_setup import OptimSettings, build_policy
+    from sdpg_mcore.train.step import step_tokens
 
     torch.manual_seed(0)
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=1)
@@ -147,7 +150,7 @@ def _measure(rank, world_size, hf_dir):
         "adv": {i: torch.full((RESPONSE,), float(i % 2) - 0.5) for i in rows},
     }
     for mb in mbs:
-        mb.inputs = {k: B.gather_rows(v, mb) for k, v in per_row.items()}
+        mb.tokens = step_tokens(per_row, mb)
     cfg = algo.SDPGConfig()
     _update(policy, mbs, cfg)  # warm-up: the optimizer's states now exist
     gc.collect()
