@@ -31,7 +31,6 @@ Autograd through fake CUDA tensors aborts this CPU build, so audits run forward 
 from __future__ import annotations
 
 import traceback
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -60,9 +59,16 @@ class Finding:
 @dataclass
 class AuditLog:
     findings: list[Finding] = field(default_factory=list)
+    ops: int = 0
+    """Device ops dispatched so far: a sync repeated with none in between is one read (``.tolist()``)."""
+    _last: tuple = ()
 
     def add(self, kind: str, what: str) -> None:
-        self.findings.append(Finding(kind, what, _caller()))
+        finding = Finding(kind, what, _caller())
+        key = (kind, what, finding.where, self.ops)
+        if key != self._last:
+            self.findings.append(finding)
+        self._last = key
 
     def of(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
@@ -70,7 +76,19 @@ class AuditLog:
 
 def _caller() -> str:
     """``file:line function`` of the innermost frame in sdpg_mcore / tools / tests, outside this module."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
+    return _innermost_own_frame(traceback.extract_stack()[:-2])
+
+
+def where_raised(err: BaseException) -> str:
+    """Where ``err`` left the repository's own code (and the library frame that raised it)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    last = frames[-1] if frames else None
+    library = f" (raised in {last.filename.rsplit('/', 2)[-1]}:{last.lineno} {last.name})" if last else ""
+    return _innermost_own_frame(frames) + library
+
+
+def _innermost_own_frame(frames) -> str:
+    for frame in reversed(frames):
         name = frame.filename
         if "fake_cuda" in name:
             continue
@@ -119,6 +137,7 @@ class _Dispatch(TorchDispatchMode):
             with self.audit.fake:
                 aten.copy_.default(out, func.overloadpacket(*args, **kwargs))
             return out
+        self.audit.log.ops += func is not aten._local_scalar_dense.default
         handler = self.audit.handlers.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
@@ -129,7 +148,8 @@ class _Dispatch(TorchDispatchMode):
 
 
 class _Indexing(TorchFunctionMode):
-    """Python ``x[...]`` / ``x[...] = v`` / ``pin_memory`` on fake CUDA tensors, as aten ops."""
+    """Tensor methods whose Python bindings hold a CUDA device guard (``x[...]``, ``x[...] = v``,
+    ``contiguous``, ``copy_``, ``out=``), as the aten ops they stand for; ``pin_memory`` as a mark."""
 
     def __init__(self, audit: FakeCuda):
         super().__init__()
@@ -142,10 +162,17 @@ class _Indexing(TorchFunctionMode):
         if func is torch.Tensor.__setitem__ and is_fake_cuda(args[0]):
             return self.audit.setitem(*args)
         if func is torch.Tensor.pin_memory:  # a CPU-only build has no pinned memory: mark instead
-            self.audit.pinned.add(args[0])
+            self.audit.mark_pinned(args[0])
             return args[0]
         if func is torch.Tensor.is_pinned:
-            return args[0] in self.audit.pinned
+            return self.audit.is_pinned(args[0])
+        if func in (torch.Tensor.tolist, torch.Tensor.item) and is_fake_cuda(args[0]):
+            self.audit.sync(f"a device value read on the host (.{func.__name__}())")
+            return torch.ones(args[0].shape, dtype=args[0].dtype).tolist()
+        if func is torch.Tensor.contiguous and is_fake_cuda(args[0]):
+            fmt = args[1] if len(args) > 1 else kwargs.get("memory_format", torch.contiguous_format)
+            x = args[0]
+            return x if x.is_contiguous(memory_format=fmt) else aten.clone.default(x, memory_format=fmt)
         if func is torch.Tensor.copy_ or "out" in kwargs:  # their bindings hold a CUDA device guard
             if any(is_fake_cuda(x) for x in tree_leaves((args, kwargs))):
                 name = "copy_" if func is torch.Tensor.copy_ else func.__name__
@@ -159,7 +186,7 @@ class FakeCuda:
     def __init__(self) -> None:
         self.fake = FakeTensorMode(allow_non_fake_inputs=True)
         self.log = AuditLog()
-        self.pinned: weakref.WeakSet = weakref.WeakSet()
+        self._pinned: set[int] = set()  # storage addresses of host tensors marked pinned
         self.handlers = {
             aten._local_scalar_dense.default: self._scalar,
             aten._to_copy.default: self._to_copy,
@@ -171,6 +198,11 @@ class FakeCuda:
         # ``device="cuda"`` arguments make the argument parser initialise CUDA before any mode sees
         # the call; this build has none, so the audit (only) makes that initialisation a no-op.
         self._lazy_init, torch.cuda._lazy_init = torch.cuda._lazy_init, _no_cuda_init
+        # Torch-function modes below ours (the CPU compatibility layer maps device="cuda" to the
+        # CPU) would turn every device allocation back into a host one: set aside while auditing.
+        self._outer_modes = [
+            torch._C._pop_torch_function_stack() for _ in range(torch._C._len_torch_function_stack())
+        ]
         self._modes[0].__enter__()
         self._modes[1].__enter__()
         return self
@@ -178,6 +210,8 @@ class FakeCuda:
     def __exit__(self, *exc) -> None:
         self._modes[1].__exit__(*exc)
         self._modes[0].__exit__(*exc)
+        for mode in reversed(self._outer_modes):
+            torch._C._push_on_torch_function_stack(mode)
         torch.cuda._lazy_init = self._lazy_init
 
     # -------------------------------------------------------------------- findings
@@ -189,6 +223,13 @@ class FakeCuda:
         raise AuditViolation(f"{what} at {self.log.findings[-1].where}")
 
     # -------------------------------------------------------------------- tensors
+    def mark_pinned(self, x: torch.Tensor) -> None:
+        """Remember ``x``'s storage as pinned host memory (its views are pinned too)."""
+        self._pinned.add(x.untyped_storage().data_ptr())
+
+    def is_pinned(self, x: torch.Tensor) -> bool:
+        return not isinstance(x, FakeTensor) and x.untyped_storage().data_ptr() in self._pinned
+
     def to_fake_cuda(self, x: torch.Tensor) -> FakeTensor:
         """A fake ``cuda:0`` tensor with ``x``'s shape, dtype and strides (no data)."""
         if isinstance(x, FakeTensor):
@@ -201,7 +242,7 @@ class FakeCuda:
         return torch.zeros(x.shape, dtype=x.dtype)
 
     def _scalar(self, x, *args, **kwargs):
-        self.sync("a device value read on the host (.item() / .tolist() / float() / bool())")
+        self.sync("a device value read on the host (float() / int() / bool())")
         return _placeholder(x.dtype)
 
     def _to_copy(self, x, *args, **kwargs):
@@ -227,14 +268,14 @@ class FakeCuda:
                 self._check_upload(src, non_blocking)
             return dst
         if not isinstance(dst, FakeTensor) and is_fake_cuda(src):
-            if not (non_blocking and dst in self.pinned):
+            if not (non_blocking and self.is_pinned(dst)):
                 self.sync(f"device-to-host copy of {tuple(src.shape)} into pageable memory")
             return dst
         with self.fake:
             return aten.copy_.default(dst, src, non_blocking)
 
     def _check_upload(self, x: torch.Tensor, non_blocking: bool) -> None:
-        if not (non_blocking and x in self.pinned):
+        if not (non_blocking and self.is_pinned(x)):
             self.sync(f"synchronous host-to-device copy of {tuple(x.shape)} (pageable or blocking)")
 
     # -------------------------------------------------------------------- indexing

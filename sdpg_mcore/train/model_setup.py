@@ -181,19 +181,61 @@ def _checked_vocab_size(model_path, vocab_size: int | None) -> int:
     return config_vocab
 
 
+class PinnedSwap:
+    """Exchange tensors' contents with one pinned host buffer per dtype, without host syncs.
+
+    Why: the reference pass needs the initial weights in the live parameters for one forward per
+    step. Copying parameter by parameter through pageable memory makes every copy synchronous
+    (the driver stages it); one pinned flat buffer lets every copy be a non-blocking DMA on the
+    current stream. Each exchange goes through a device copy of one tensor at a time (the largest
+    parameter is the extra device memory): ``tmp = p.clone(); p <- host; host <- tmp``, all on one
+    stream, so each copy is ordered after the one before and the host never waits.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self._tensors = tensors
+        self._views: list[torch.Tensor] = []
+        pin = bool(tensors) and tensors[0].device.type == "cuda"
+        sizes: dict[torch.dtype, int] = {}
+        for t in tensors:
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        flat = {}
+        for dtype, numel in sizes.items():
+            buf = torch.empty(numel, dtype=dtype)
+            flat[dtype] = buf.pin_memory() if pin else buf
+        offsets = dict.fromkeys(sizes, 0)
+        with torch.no_grad():
+            for t in tensors:
+                start = offsets[t.dtype]
+                view = flat[t.dtype][start : start + t.numel()].view(t.shape)
+                view.copy_(t.detach(), non_blocking=True)
+                self._views.append(view)
+                offsets[t.dtype] = start + t.numel()
+        self.nbytes = sum(b.numel() * b.element_size() for b in flat.values())
+
+    @torch.no_grad()
+    def exchange(self) -> None:
+        """Host buffer <-> tensors (call twice to restore)."""
+        for t, view in zip(self._tensors, self._views):
+            live = t.detach().clone()
+            t.copy_(view, non_blocking=True)
+            view.copy_(live, non_blocking=True)
+
+
 class ReferenceWeights:
     """The frozen initial policy for ``lp_ref`` (and the opsd teacher).
 
-    ``cpu_swap``: a CPU copy of the initial weights is exchanged with the live weights around the
-    reference pass (no second model in device memory). ``separate_model``: a second, never-trained
-    model stays resident (faster, twice the weight memory).
+    ``cpu_swap``: the initial weights wait in one pinned host buffer (:class:`PinnedSwap`) and are
+    exchanged with the live weights around the reference pass with non-blocking copies (no second
+    model in device memory: the 70B choice). ``separate_model``: a second, never-trained model stays
+    resident (no copies, twice the weight memory; ``tools/plan.py`` says whether it fits).
     """
 
     def __init__(self, policy: Policy, mode: str, model_path, layout, dtype: torch.dtype):
         self.mode = mode
         self._policy = policy
         if mode == "cpu_swap":
-            self._store = [p.detach().to("cpu", copy=True) for p in self._params()]
+            self._swap = PinnedSwap(self._params())
             self._model = None
         elif mode == "separate_model":  # laid out like the policy: the same head reads its outputs
             sp = policy.head.sequence_parallel
@@ -206,21 +248,14 @@ class ReferenceWeights:
     def _params(self) -> list[torch.Tensor]:
         return [p for chunk in self._policy.chunks for p in unwrap_model(chunk).parameters()]
 
-    @torch.no_grad()
-    def _swap(self) -> None:
-        for param, stored in zip(self._params(), self._store):
-            live = param.detach().to("cpu", copy=True)
-            param.copy_(stored.to(param.device))
-            stored.copy_(live)
-
     @contextlib.contextmanager
     def chunks(self) -> Iterator[list]:
         """Model chunks holding the reference weights for the duration of the block."""
         if self._model is not None:
             yield [self._model]
             return
-        self._swap()
+        self._swap.exchange()
         try:
             yield self._policy.chunks
         finally:
-            self._swap()
+            self._swap.exchange()
