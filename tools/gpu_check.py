@@ -171,9 +171,10 @@ def _sdpg_step_rank(rank, world_size, model_dir: str, cpu: bool, vocab: int) -> 
 
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=1)
     optim = OptimSettings(1e-6, 0.0, 0, "constant", 0.1, 0.9, 0.999, 1e-8, 1.0, True)
-    policy = build_policy(
-        model_dir, layout, dtype=torch.bfloat16, optim=optim, total_updates=10, chunk_size=256
-    )
+    policy = build_policy(  # with the 70B recipe's communication settings
+        model_dir, layout, dtype=torch.bfloat16, optim=optim, total_updates=10, chunk_size=256,
+        overlap_grad_reduce=True, overlap_param_gather=True, gradient_accumulation_fusion=True,
+    )  # fmt: skip
     algorithm = algo.get_algorithm("sdpg")
     ctx = StepContext(
         policy=policy,

@@ -52,12 +52,21 @@ def build_model(
     dtype: torch.dtype,
     recompute: bool = False,
     sequence_parallel: bool = False,
+    gradient_accumulation_fusion: bool = False,
 ):
-    """This rank's GPTModel stage with the HF weights loaded (not wrapped)."""
+    """This rank's GPTModel stage with the HF weights loaded (not wrapped).
+
+    ``gradient_accumulation_fusion`` takes effect with the Transformer-Engine spec only (its GEMMs
+    accumulate into ``main_grad``); the local spec has no fused kernel for it.
+    """
     from checkpoints_convert.model_io import load_hf_into_model
     from sdpg_mcore.models.builder import build_gpt_model
 
-    overrides: dict = dict(calculate_per_token_loss=True, sequence_parallel=sequence_parallel)
+    overrides: dict = dict(
+        calculate_per_token_loss=True,
+        sequence_parallel=sequence_parallel,
+        gradient_accumulation_fusion=gradient_accumulation_fusion and resolve_use_te(None),
+    )
     if recompute:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     model = build_gpt_model(str(model_path), params_dtype=dtype, **overrides)
@@ -76,6 +85,8 @@ class Policy:
     optimizer: object
     scheduler: object
     head: HeadSpec
+    overlap_param_gather: bool = False
+    """Updated weights arrive during the next forward (see :meth:`finish_param_sync`)."""
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +97,13 @@ class Policy:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+
+    def finish_param_sync(self) -> None:
+        """Complete the weight all-gather now (weight sync, checkpoints and the reference swap read
+        the weights outside a forward); a no-op unless ``overlap_param_gather``."""
+        if self.overlap_param_gather:
+            for chunk in self.chunks:
+                chunk.start_param_sync(force_sync=True)
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip, step, advance the LR schedule; returns (grad norm, learning rate used)."""
@@ -108,6 +126,9 @@ def build_policy(
     vocab_size: int | None = None,
     recompute: bool = False,
     sequence_parallel: bool = False,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
+    gradient_accumulation_fusion: bool = False,
 ) -> Policy:
     """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``.
 
@@ -121,12 +142,21 @@ def build_policy(
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     model = build_model(
-        model_path, layout, dtype=dtype, recompute=recompute, sequence_parallel=sequence_parallel
+        model_path,
+        layout,
+        dtype=dtype,
+        recompute=recompute,
+        sequence_parallel=sequence_parallel,
+        gradient_accumulation_fusion=gradient_accumulation_fusion,
     )
     config = model.config
     vocab_size = _checked_vocab_size(model_path, vocab_size)
+    overlap_param_gather = overlap_param_gather and optim.distributed
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=optim.distributed
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+        use_distributed_optimizer=optim.distributed,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.no_sync_func = ddp.no_sync
@@ -166,7 +196,7 @@ def build_policy(
         sequence_parallel=model.config.sequence_parallel,
         causal_mask=not resolve_use_te(None),
     )
-    return Policy([ddp], optimizer, scheduler, head)
+    return Policy([ddp], optimizer, scheduler, head, overlap_param_gather)
 
 
 def _checked_vocab_size(model_path, vocab_size: int | None) -> int:

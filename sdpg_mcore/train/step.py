@@ -220,7 +220,8 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
         grad_norms.append(grad_norm)
         lrs.append(lr)
 
-    # 7. New weights to the rollout servers.
+    # 7. New weights to the rollout servers (complete first when the weight all-gather overlaps forwards).
+    ctx.policy.finish_param_sync()
     with timer.phase("weight_sync"):
         sync_weights(step)
 

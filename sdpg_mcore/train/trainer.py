@@ -190,6 +190,9 @@ def _train(cfg: Config, save_request: SaveRequest) -> dict[str, float]:
         chunk_size=cfg.trainer.logprob_chunk_size,
         recompute=cfg.model.recompute_activations,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        gradient_accumulation_fusion=cfg.parallel.gradient_accumulation_fusion,
     )
     frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
     reference = (
