@@ -200,6 +200,26 @@ def layer_activation_bytes_per_token(
     return hidden_wide + rstd + attn + qk_norm + lse + mlp
 
 
+def _kl_head_bytes(shape: ModelShape, tp: int, tokens: int, train: TrainingShape) -> int:
+    """The head's working set for ``tokens`` local tokens (module docstring, "KL head")."""
+    vocab_shard = -(-shape.vocab_size // tp)
+    # Both heads return the output weight's gradient [V/TP, H] in the weight's dtype before DDP adds
+    # it into the fp32 main_grad; it coexists with the head's workspace during the head's backward.
+    weight_grad = vocab_shard * shape.hidden_size * train.activation_bytes
+    hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
+    if train.kl_head == "fused":
+        if train.kl_chunk_tokens is None:
+            workspace = min(FUSED_HEAD_BUDGET_BYTES, 12 * tokens * vocab_shard)
+        else:
+            workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
+        stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
+        input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
+        kl_head = hidden_states + stacked + input_grad + workspace + weight_grad
+    else:
+        kl_head = hidden_states + 16 * tokens * vocab_shard + weight_grad
+    return int(kl_head)
+
+
 def _teacher_state_bytes(shape: ModelShape, layout: Layout, train: TrainingShape) -> int:
     """Teacher response hidden states kept from the teacher pass to the train pass, per rank."""
     if train.mini_batch_responses is None:
@@ -246,21 +266,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     if train.kernels == "local":
         activations += int(in_flight * tokens * 2 * shape.hidden_size * 4 / sp_div)
 
-    vocab_shard = -(-shape.vocab_size // tp)
-    # Both heads return the output weight's gradient [V/TP, H] in the weight's dtype before DDP adds
-    # it into the fp32 main_grad; it coexists with the head's workspace during the head's backward.
-    weight_grad = vocab_shard * shape.hidden_size * train.activation_bytes
-    hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
-    if train.kl_head == "fused":
-        if train.kl_chunk_tokens is None:
-            workspace = min(FUSED_HEAD_BUDGET_BYTES, 12 * tokens * vocab_shard)
-        else:
-            workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
-        stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
-        input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
-        kl_head = hidden_states + stacked + input_grad + workspace + weight_grad
-    else:
-        kl_head = hidden_states + 16 * tokens * vocab_shard + weight_grad
+    kl_head = _kl_head_bytes(shape, tp, tokens, train)
     # The teacher pass runs (forward-only) before the train pass: its one-layer working set is gone
     # when the student's activations and the KL head exist; the response hidden states of every
     # micro-batch of the mini-batch stay (full H: the head gathers sequence-parallel shards).

@@ -138,7 +138,7 @@ def build_policy(
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     model = build_model(
@@ -161,19 +161,7 @@ def build_policy(
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = _finalize_grads
-    opt_config = OptimizerConfig(
-        optimizer="adam",
-        lr=optim.lr,
-        min_lr=optim.min_lr,
-        weight_decay=optim.weight_decay,
-        adam_beta1=optim.beta1,
-        adam_beta2=optim.beta2,
-        adam_eps=optim.eps,
-        clip_grad=optim.clip_grad,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        use_distributed_optimizer=optim.distributed,
-    )
+    opt_config = _optimizer_config(optim, dtype)
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -197,6 +185,24 @@ def build_policy(
         causal_mask=not resolve_use_te(None),
     )
     return Policy([ddp], optimizer, scheduler, head, overlap_param_gather)
+
+
+def _optimizer_config(optim: OptimSettings, dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=optim.distributed,
+    )
 
 
 def _checked_vocab_size(model_path, vocab_size: int | None) -> int:

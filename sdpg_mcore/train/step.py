@@ -136,28 +136,9 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
     with_teacher = needs.teacher_prompt
 
     # 5. Old log-probs (and the rlsd teacher: the step-start policy), reference log-probs (and the opsd teacher).
-    per_row: dict[str, dict[int, torch.Tensor]] = {}
     loss_metrics: dict[str, float] = {}  # filled where the loss is computed (last pipeline stage)
     all_mbs = _micro_batches(ctx, responses, groups_of, None, with_teacher)
-    with timer.phase("old_logprob"):
-        per_row["old"] = _scatter(
-            logprob_pass(chunks, all_mbs, head, temperature=ctx.temperature), all_mbs, responses
-        )
-        if needs.teacher_weights is TeacherWeights.STEP_START_POLICY:
-            lp = logprob_pass(
-                chunks, all_mbs, head, temperature=needs.teacher_temperature or ctx.temperature, teacher=True
-            )
-            per_row["teacher"] = _scatter(lp, all_mbs, responses)
-    if needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
-        with timer.phase("ref_logprob"), ctx.reference.chunks() as ref_chunks:
-            if needs.ref_logprobs:
-                lp = logprob_pass(ref_chunks, all_mbs, head, temperature=ctx.temperature)
-                per_row["ref"] = _scatter(lp, all_mbs, responses)
-            if needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
-                lp = logprob_pass(
-                    ref_chunks, all_mbs, head, temperature=needs.teacher_temperature, teacher=True
-                )
-                per_row["teacher"] = _scatter(lp, all_mbs, responses)
+    per_row = _logprob_passes(ctx, all_mbs, responses, timer)
     is_last = per_row["old"] is not None
 
     # 4. Group-relative advantages (GRPO: reward minus the k1 penalty when configured); loss ranks only.
@@ -170,27 +151,7 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
     sums, grad_norms, lrs = algo.MetricSums(), [], []
     for m in range(len(groups_of(lay.dp_rank))):
         mbs = _micro_batches(ctx, responses, groups_of, m, with_teacher)
-        norms = None
-        if is_last:
-            for mb in mbs:
-                mb.tokens = step_tokens(per_row, mb)
-            counts = sum(
-                algo.loss_counts(ctx.algorithm, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows)
-                for mb in mbs
-            )
-            if lay.cp > 1:  # every CP rank holds the whole micro-batch: count it once
-                counts = counts * float(lay.cp_rank == 0)
-                for mb in mbs:
-                    mb.seq_tokens_2S = algo.seq_counts(
-                        ctx.algorithm, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows
-                    )
-            dist.all_reduce(counts, group=dp_cp_group)
-            norms = algo.normalisers_from_counts(
-                counts,
-                cfg.loss_agg_mode,
-                mini_batch_rows=sum(mb.num_rows for mb in mbs),
-                dp_size=lay.dp * lay.cp,
-            )
+        norms = _attach_tokens(ctx, mbs, per_row, dp_cp_group) if is_last else None
         if needs.teacher_signal is TeacherSignal.FULL_KL:
             with timer.phase("teacher"):
                 hidden = hidden_pass(chunks, mbs, head)
@@ -234,6 +195,51 @@ def run_step(ctx: StepContext, step: int, generate: Callable, sync_weights: Call
         metrics["logprob_mismatch"] = metrics.pop("rollout_mismatch")
     metrics.update(timer.pop())
     return metrics
+
+
+def _logprob_passes(ctx: StepContext, mbs, responses, timer) -> dict[str, dict[int, torch.Tensor] | None]:
+    """Per-row old (and reference / sampled-token teacher) log-probs; values None off the last stage."""
+    needs, head, chunks = ctx.loss_cfg.needs(), ctx.policy.head, ctx.policy.chunks
+    per_row: dict = {}
+    with timer.phase("old_logprob"):
+        per_row["old"] = _scatter(
+            logprob_pass(chunks, mbs, head, temperature=ctx.temperature), mbs, responses
+        )
+        if needs.teacher_weights is TeacherWeights.STEP_START_POLICY:
+            temperature = needs.teacher_temperature or ctx.temperature
+            lp = logprob_pass(chunks, mbs, head, temperature=temperature, teacher=True)
+            per_row["teacher"] = _scatter(lp, mbs, responses)
+    if needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
+        with timer.phase("ref_logprob"), ctx.reference.chunks() as ref_chunks:
+            if needs.ref_logprobs:
+                lp = logprob_pass(ref_chunks, mbs, head, temperature=ctx.temperature)
+                per_row["ref"] = _scatter(lp, mbs, responses)
+            if needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE:
+                lp = logprob_pass(ref_chunks, mbs, head, temperature=needs.teacher_temperature, teacher=True)
+                per_row["teacher"] = _scatter(lp, mbs, responses)
+    return per_row
+
+
+def _attach_tokens(ctx: StepContext, mbs, per_row, dp_cp_group):
+    """Set each micro-batch's per-token tensors; the mini-batch's loss normalisers (one all-reduce of
+    four device counts, then the one host read of the mini-batch)."""
+    lay, cfg = ctx.layout, ctx.loss_cfg
+    for mb in mbs:
+        mb.tokens = step_tokens(per_row, mb)
+    counts = sum(
+        algo.loss_counts(ctx.algorithm, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows)
+        for mb in mbs
+    )
+    if lay.cp > 1:  # every CP rank holds the whole micro-batch: count it once
+        counts = counts * float(lay.cp_rank == 0)
+        for mb in mbs:
+            mb.seq_tokens_2S = algo.seq_counts(
+                ctx.algorithm, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows
+            )
+    dist.all_reduce(counts, group=dp_cp_group)
+    return algo.normalisers_from_counts(
+        counts, cfg.loss_agg_mode, mini_batch_rows=sum(mb.num_rows for mb in mbs), dp_size=lay.dp * lay.cp
+    )
 
 
 def _scatter(values, mbs, responses):
