@@ -11,6 +11,9 @@ fake ``cuda:0`` tensor (``sdpg_mcore.audit.fake_cuda.FakeCuda``). It reports:
   asked. The allowed ones (``ALLOWED_SYNCS``) are those the step documents as needed, and none of
   them may happen per micro-batch.
 
+Before the step, the model is also built the trainer's way with the fake GPU "available"
+(:func:`construction_check`): every parameter and buffer must land on it, as on a real GPU.
+
 Exit 0 only when there is no violation and no other host sync.
 
     python tools/device_audit.py                 # ~30 s on 2 cores
@@ -194,6 +197,7 @@ def run_audit(algorithm_name: str = "sdpg") -> dict:
             Path(tmp) / "m", "qwen3", hidden_size=64, num_hidden_layers=2, vocab_size=vocab,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
         )  # fmt: skip
+        construction = construction_check(model_dir, layout)
         optim = OptimizerConfig(lr=1e-6, lr_warmup_steps=0, weight_decay=0.0, use_distributed_optimizer=False)
         policy = build_policy(
             model_dir,
@@ -244,8 +248,67 @@ def run_audit(algorithm_name: str = "sdpg") -> dict:
     result["violations"] = report["violations"]
     result["host_syncs"] = dict(Counter(report["host_syncs"]))
     result["unexpected_host_syncs"] = {s: n for s, n in result["host_syncs"].items() if not _allowed(s)}
+    result["construction"] = construction
+    result["violations"] = construction["violations"] + result["violations"]
     result["clean"] = not result["violations"] and not result["unexpected_host_syncs"]
     return result
+
+
+def _module_cuda(audit):
+    """``Module.cuda`` for fake tensors: each host parameter and buffer becomes a fake ``cuda:0`` one.
+
+    Why: ``Module._apply`` swaps tensor subclasses with ``swap_tensors``, which a ``FakeTensor`` refuses.
+    """
+
+    def cuda(module, device=None):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.device.type != "cuda":
+                    sub._parameters[name] = torch.nn.Parameter(audit.to_fake_cuda(param), param.requires_grad)
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None and buf.device.type != "cuda":
+                    sub._buffers[name] = audit.to_fake_cuda(buf)
+        return module
+
+    return cuda
+
+
+def construction_check(model_dir, layout) -> dict:
+    """Build this rank's stage the trainer's way (``model_setup.build_model``: ``build_gpt_model`` +
+    the HF weights) with a GPU "available": every parameter, buffer and tensor attribute must land
+    on that one device, as Megatron's layers allocate on ``torch.cuda.current_device()``.
+
+    Why here and not only in the step audit: the step audit moves a CPU-built model to the fake GPU
+    itself, so a builder that leaves modules on the host (torch norms of the local spec) passes it.
+    """
+    from sdpg_mcore.audit.fake_cuda import CUDA, FakeCuda, is_fake_cuda
+    from sdpg_mcore.models.builder import unwrap_model
+    from sdpg_mcore.train.model_setup import build_model
+
+    audit = FakeCuda()
+    patches = [(torch.cuda, "is_available", lambda: True), (torch.cuda, "current_device", lambda: CUDA)]
+    patches += [(torch.nn.Module, "cuda", _module_cuda(audit))]
+    with contextlib.ExitStack() as stack:
+        for owner, name, value in patches:
+            stack.enter_context(_patched(owner, name, value))
+        stack.enter_context(audit)
+        stack.enter_context(torch.no_grad())
+        model = build_model(model_dir, layout, dtype=torch.bfloat16)
+    tensors = {}
+    for prefix, module in unwrap_model(model).named_modules():
+        named = [*module._parameters.items(), *module._buffers.items()]
+        named += [
+            (k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor) and not k.startswith("_")
+        ]
+        tensors.update({f"{prefix}.{k}".lstrip("."): v for k, v in named if v is not None})
+    off = sorted(f"{name} on {t.device}" for name, t in tensors.items() if not is_fake_cuda(t))
+    return {
+        "tensors": len(tensors),
+        "off_device": off,
+        "violations": [f"built model: {len(off)} of {len(tensors)} tensors not on {CUDA}: {off[:4]}"]
+        if off
+        else [],
+    }
 
 
 def _first_line(err: BaseException) -> str:
@@ -264,6 +327,10 @@ def print_report(result: dict) -> None:
     out.write(f"device audit of one {result['algorithm']} step on a fake GPU\n")
     if "stopped_at" in result:
         out.write(f"STOPPED: {result['stopped_at']}\n")
+    built = result.get("construction", {})
+    out.write(
+        f"model construction: {len(built.get('off_device', []))} of {built.get('tensors')} tensors off the GPU\n"
+    )
     out.write(f"violations: {len(result['violations'])}\n")
     for v in result["violations"]:
         out.write(f"  {v}\n")

@@ -41,6 +41,24 @@ def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path):
     assert result["violations"] == [] and result["unexpected_host_syncs"] == {}
     by_site = {sync.rsplit(" ", 1)[-1]: n for sync, n in result["host_syncs"].items()}
     assert by_site == {"normalisers_from_counts": 2, "reduce": 2}
+    # The trainer's model construction (build_model) with a GPU available: all 19 tensors of the
+    # 2-layer Qwen3 stage (norms and qk-norms included) on the device.
+    assert result["construction"]["tensors"] == 19 and result["construction"]["off_device"] == []
+
+
+@pytest.mark.slow
+def test_audit_catches_a_builder_that_leaves_the_norms_on_the_host(tmp_path):
+    """The builder before the GPU run's fix (no ``model.cuda(current_device())``): Megatron's linear
+    layers on the GPU, the local spec's torch RMSNorms on the host — the GPU's first forward died
+    with "weight is on cpu ... _fused_rms_norm". The construction check reports each of them."""
+    prelude = (
+        "from sdpg_mcore.models import builder\nbuilder._on_megatron_device = lambda model, config: model\n"
+    )
+    result = _audit(tmp_path, prelude)
+    assert not result["clean"]
+    off = result["construction"]["off_device"]
+    assert len(off) == 9 and all(name.endswith("layernorm.weight on cpu") for name in off), off
+    assert any("not on cuda:0" in v for v in result["violations"])
 
 
 @pytest.mark.slow
