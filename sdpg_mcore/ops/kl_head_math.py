@@ -244,16 +244,24 @@ def _local_target(
 class Workspace:
     """Reusable buffers in the accumulation dtype, the whole O(chunk) peak: ``logits`` holds the
     stacked ``[student; teacher]`` logits of a block (``[2G, B]``, or ``[G, B]`` without a
-    teacher) so one GEMM computes both, ``aux`` (``[G, B]``) the exponentials or ``dz``."""
+    teacher) so one GEMM computes both, ``aux`` (``[G, B]``) the exponentials or ``dz``.
+
+    With ``plan.fp32_output_gemm`` (CUDA) there is no ``logits`` buffer: the GEMM's own fresh fp32
+    output is the block's logits (the caching allocator hands the same block back each time), which
+    saves a read and a write of every logit against copying it into a buffer."""
 
     def __init__(self, rows: int, cols: int, plan: ChunkPlan, device: torch.device, with_teacher: bool):
         self.stack = 2 if with_teacher else 1
-        self.logits = torch.empty(self.stack * rows * cols, dtype=plan.acc_dtype, device=device)
+        self.logits = None
+        if not plan.fp32_output_gemm:
+            self.logits = torch.empty(self.stack * rows * cols, dtype=plan.acc_dtype, device=device)
         self.aux = torch.empty(rows * cols, dtype=plan.acc_dtype, device=device)
 
-    def views(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[stack * rows, cols]`` logits and ``[rows, cols]`` aux views (a last, smaller block)."""
-        logits = self.logits[: self.stack * rows * cols].view(self.stack * rows, cols)
+    def views(self, rows: int, cols: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``[stack * rows, cols]`` logits (None: the GEMM allocates) and ``[rows, cols]`` aux views."""
+        logits = None
+        if self.logits is not None:
+            logits = self.logits[: self.stack * rows * cols].view(self.stack * rows, cols)
         return logits, self.aux[: rows * cols].view(rows, cols)
 
 
@@ -263,14 +271,24 @@ def stack_hidden(student_GH: torch.Tensor, teacher_GH: torch.Tensor | None) -> t
 
 
 def _stacked_logits(
-    hidden_KH: torch.Tensor, weight_BH: torch.Tensor, num_rows: int, plan: ChunkPlan, out_KB: torch.Tensor
+    hidden_KH: torch.Tensor,
+    weight_BH: torch.Tensor,
+    num_rows: int,
+    plan: ChunkPlan,
+    out_KB: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Tempered ``[student; teacher]`` logits of one block (``num_rows`` tokens each) in one GEMM."""
-    out_KB = out_KB[: hidden_KH.shape[0]]
+    """Tempered ``[student; teacher]`` logits of one block (``num_rows`` tokens each) in one GEMM
+    (into ``out_KB``, or the GEMM's fresh fp32 output when None: ``Workspace``)."""
     teacher_rows = hidden_KH.shape[0] > num_rows
     inv_s, inv_t = plan.inv_temperature, plan.inv_teacher_temperature
     one_scale = not teacher_rows or inv_s == inv_t
-    matmul_into(out_KB, hidden_KH, weight_BH.t(), alpha=inv_s if one_scale else 1.0)
+    if out_KB is None:
+        out_KB = torch.mm(hidden_KH, weight_BH.t(), out_dtype=torch.float32)
+        if one_scale and inv_s != 1.0:
+            out_KB.mul_(inv_s)
+    else:
+        out_KB = out_KB[: hidden_KH.shape[0]]
+        matmul_into(out_KB, hidden_KH, weight_BH.t(), alpha=inv_s if one_scale else 1.0)
     if not one_scale:
         out_KB[:num_rows].mul_(inv_s)
         out_KB[num_rows:].mul_(inv_t)
