@@ -11,7 +11,7 @@ Clusters install their own CUDA torch first; the ranges below then leave it alon
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "torch>=2.6",
+    "torch>=2.8",  # torch.mm(out_dtype=float32) for bf16 operands: the fused head's fp32 logits on CUDA
     "megatron-core==0.16.1",  # newest release that supports Python 3.11
     "transformers>=4.56,<6",
     "tokenizers>=0.21",

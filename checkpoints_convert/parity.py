@@ -62,7 +62,7 @@ def parity_rank(
         and ps.get_tensor_model_parallel_rank() == 0
         and ps.get_data_parallel_rank() == 0
     )
-    return logits_BSV.float().numpy() if keep else None
+    return logits_BSV.float().cpu().numpy() if keep else None
 
 
 @dataclass(frozen=True)

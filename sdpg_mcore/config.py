@@ -61,6 +61,14 @@ class ParallelConfig:
     """Data-parallel size; -1 infers world_size / (tp*pp*cp). A set value must match the world size."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (tp > 1, Transformer-Engine spec): norm/dropout activations split over TP."""
+    overlap_grad_reduce: bool = True
+    """Reduce gradients bucket by bucket during the backward of the last micro-batch (Megatron DDP), not after it."""
+    overlap_param_gather: bool = True
+    """Distributed optimizer: all-gather updated weights bucket by bucket during the next forward instead of
+    inside the optimizer step (forced complete before weight sync and checkpoints). Ignored without it."""
+    gradient_accumulation_fusion: bool = True
+    """Accumulate weight gradients straight into the fp32 main_grad inside the Transformer-Engine GEMMs
+    (no bf16 grad + add per micro-batch). Needs Transformer Engine; ignored without it."""
 
 
 @dataclass

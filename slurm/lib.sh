@@ -289,10 +289,13 @@ sdpg_main() {
   local num_hosts
   num_hosts=$(tr ',' '\n' <<<"$train_hosts" | wc -l)
   sdpg_log "trainer: $TRAIN_TASKS task(s) on $train_hosts"
+  # CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue, so kernels start in issue order and Megatron's
+  # TP/SP communication (and DDP's overlapped reduce / param gather) is scheduled ahead of the compute
+  # that needs it (Megatron-LM and Megatron-Bridge set it for every TP>1 recipe).
   # shellcheck disable=SC2086  # TRAINER_CMD is a command line
   srun --overlap --nodes="$num_hosts" --ntasks="$TRAIN_TASKS" --ntasks-per-node=$((TRAIN_TASKS / num_hosts)) \
     --nodelist="$train_hosts" --kill-on-bad-exit=1 --output="$LOG_DIR/trainer_%t.log" \
-    --export=ALL,SDPG_SAVE_FILE="$SAVE_FILE",WORLD_SIZE="$TRAIN_TASKS" \
+    --export=ALL,SDPG_SAVE_FILE="$SAVE_FILE",WORLD_SIZE="$TRAIN_TASKS",CUDA_DEVICE_MAX_CONNECTIONS=1 \
     ${TRAINER_CMD:-$PYTHON -m sdpg_mcore.cli} --config "$RECIPE" "${overrides[@]}" &
   SDPG_TRAINER_PID=$!
   local rc

@@ -18,6 +18,7 @@ alternating pairs of processes.
     python tools/bench_kl.py                      # CPU shape N=1024 H=128 V=16000 fp32, ~15 s
     python tools/bench_kl.py --shape qwen3-4b     # N=8192, H=2560, V=151,936, bf16 (GPU)
     python tools/bench_kl.py --shape tiny --json /tmp/kl.json
+    python tools/bench_kl.py --shape qwen3-4b --chunk-sizes 147,441,1024   # + a chunk sweep, best_chunk
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def _fused_step(h_s, h_t, weight, targets, upstream, vocab, chunk_size):
     return fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, chunk_size=chunk_size)
 
 
-def run_worker(variant: str, shape: Shape, iters: int, device_name: str) -> dict:
-    """Run one variant in this process and return its measurements."""
+def run_worker(variant: str, shape: Shape, iters: int, device_name: str, sweep: list | None = None) -> dict:
+    """Run one variant in this process and return its measurements (``sweep``: the fused head's
+    peak and time at each of these chunk sizes too, same inputs, same process; on CPU the RSS
+    high-water mark of a process that already ran the head can read low, on CUDA peaks are exact)."""
     import torch
 
     device = torch.device(device_name)
@@ -142,20 +145,39 @@ def run_worker(variant: str, shape: Shape, iters: int, device_name: str) -> dict
         up = torch.randn(3, n, generator=gen).to(device)
         return h_s, h_t, w, tg, up
 
-    def step(inputs, vocab):
+    def step(inputs, vocab, chunk_size):
         h_s, h_t, w, tg, up = inputs
         h_s.grad = w.grad = None
         if variant == "fused":
-            outs = _fused_step(h_s, h_t, w, tg, up, vocab, shape.chunk_size)
+            outs = _fused_step(h_s, h_t, w, tg, up, vocab, chunk_size)
         else:
             outs = _reference_step(h_s, h_t, w, tg, up, vocab)
         sum((o * g).sum() for o, g in zip(outs, up)).backward()
         return outs
 
-    step(make(8, shape.hidden, 300), 300)  # load kernels and thread pools outside the measurement
+    step(
+        make(8, shape.hidden, 300), 300, shape.chunk_size
+    )  # kernels and thread pools outside the measurement
     inputs = make(shape.tokens, shape.hidden, shape.vocab)
+    out = _measure(step, inputs, shape.vocab, shape.chunk_size, iters, device)
+    out["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out["threads"] = torch.get_num_threads()
+    if variant == "fused" and sweep:
+        out["sweep"] = [
+            {"chunk_size": c} | _measure(step, inputs, shape.vocab, c, iters, device) for c in sweep
+        ]
+    if variant == "fused" and device.type == "cuda":
+        out["gemm_probe"] = gemm_probe(inputs[0], inputs[2], shape.vocab, shape.chunk_size)
+    return out
+
+
+def _measure(step, inputs, vocab: int, chunk_size: int | None, iters: int, device) -> dict:
+    """Peak extra bytes of one step, then the median of ``iters`` timed steps."""
+    import torch
+
+    inputs[0].grad = inputs[2].grad = None  # the last run's gradients are not part of the baseline
     with PeakMeter(device) as meter:
-        outs = step(inputs, shape.vocab)
+        outs = step(inputs, vocab, chunk_size)
     summary = [float(o.detach().double().mean()) for o in outs]
     del outs
     times = []
@@ -163,7 +185,7 @@ def run_worker(variant: str, shape: Shape, iters: int, device_name: str) -> dict
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step(inputs, shape.vocab)
+        step(inputs, vocab, chunk_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -172,12 +194,50 @@ def run_worker(variant: str, shape: Shape, iters: int, device_name: str) -> dict
         "seconds": statistics.median(times),
         "all_seconds": times,
         "means": {"kl": summary[0], "logprob": summary[1], "entropy": summary[2]},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
     }
 
 
-def _spawn(variant: str, shape: Shape, iters: int, device: str, threads: int) -> dict:
+def gemm_probe(h_s, weight, vocab: int, chunk_size: int | None, iters: int = 10) -> dict:
+    """TFLOP/s of the head's GEMMs alone (CUDA): the stacked ``[2N, H] x [H, B]`` block GEMM with
+    fp32 output (``torch.mm(out_dtype=float32)``, what the fused head runs) and with bf16 output,
+    and the reference's ``[N, H] x [H, V]`` bf16 GEMM. Tells GEMM speed from elementwise cost."""
+    import torch
+
+    from sdpg_mcore.ops.kl_head_math import plan_chunks
+
+    n = h_s.shape[0]
+    plan = plan_chunks(
+        h_s, h_s, weight, torch.zeros(n, dtype=torch.long, device=h_s.device), vocab_size=vocab,
+        temperature=1.0, teacher_temperature=1.0, chunk_size=chunk_size, tp_size=1, tp_rank=0,
+    )  # fmt: skip
+    stacked = torch.cat([h_s.detach(), h_s.detach()])
+    block = weight.detach()[: plan.block_rows]
+
+    def rate(fn, flops: float) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return flops * iters / (time.perf_counter() - start) / 1e12
+
+    block_flops = 2.0 * stacked.shape[0] * block.shape[0] * h_s.shape[1]
+    return {
+        "block_rows": plan.block_rows,
+        "block_fp32_out_tflops": rate(
+            lambda: torch.mm(stacked, block.t(), out_dtype=torch.float32), block_flops
+        ),
+        "block_bf16_out_tflops": rate(lambda: torch.mm(stacked, block.t()), block_flops),
+        "full_vocab_bf16_tflops": rate(
+            lambda: torch.mm(h_s.detach(), weight.detach()[:vocab].t()), 2.0 * n * vocab * h_s.shape[1]
+        ),
+    }
+
+
+def _spawn(
+    variant: str, shape: Shape, iters: int, device: str, threads: int, sweep: list | None = None
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -187,6 +247,8 @@ def _spawn(variant: str, shape: Shape, iters: int, device: str, threads: int) ->
         json.dumps(dataclasses.asdict(shape)),
     ]
     cmd += ["--iters", str(iters), "--device", device, "--threads", str(threads)]
+    if sweep and variant == "fused":
+        cmd += ["--chunk-sizes", ",".join("none" if c is None else str(c) for c in sweep)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -212,13 +274,20 @@ def _combine(runs: list[dict]) -> dict:
 
 
 def benchmark(
-    shape: Shape, shape_name: str, iters: int, device: str, rounds: int = 1, threads: int = 0
+    shape: Shape,
+    shape_name: str,
+    iters: int,
+    device: str,
+    rounds: int = 1,
+    threads: int = 0,
+    sweep: list | None = None,
 ) -> dict:
-    """Alternate fresh fused / reference processes ``rounds`` times (fair under a shared, noisy CPU)."""
+    """Alternate fresh fused / reference processes ``rounds`` times (fair under a shared, noisy CPU);
+    ``sweep``: chunk sizes also measured in the first fused process (``best_chunk``)."""
     runs: dict[str, list[dict]] = {"fused": [], "reference": []}
-    for _ in range(rounds):
+    for r in range(rounds):
         for variant in runs:
-            runs[variant].append(_spawn(variant, shape, iters, device, threads))
+            runs[variant].append(_spawn(variant, shape, iters, device, threads, sweep if r == 0 else None))
     fused, reference = _combine(runs["fused"]), _combine(runs["reference"])
     result = {
         "shape": {"name": shape_name, **dataclasses.asdict(shape), "padded_vocab": _padded(shape.vocab)},
@@ -229,6 +298,10 @@ def benchmark(
         "time_ratio_best": fused["min_seconds"] / reference["min_seconds"],
         "max_mean_diff": max(abs(fused["means"][k] - reference["means"][k]) for k in fused["means"]),
     }
+    if "sweep" in fused:
+        result["sweep"] = _sweep_table(fused.pop("sweep"), reference, shape)
+        fits = [row for row in result["sweep"] if row["memory_ratio"] >= MIN_MEMORY_RATIO]
+        result["best_chunk"] = min(fits or result["sweep"], key=lambda row: row["seconds"])
     if device.startswith("cuda"):
         fused_flops, ref_flops = _matmul_flops(shape)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in fused["device"]), None)
@@ -239,6 +312,25 @@ def benchmark(
             "device_peak": peak,
         }
     return result
+
+
+MIN_MEMORY_RATIO = 10.0
+"""The fused head must stay at least this many times below the reference's peak (``best_chunk``)."""
+
+
+def _sweep_table(rows: list[dict], reference: dict, shape: Shape) -> list[dict]:
+    fused_flops, _ = _matmul_flops(shape)
+    return [
+        {
+            "chunk_size": row["chunk_size"],
+            "seconds": row["seconds"],
+            "peak_bytes": row["peak_bytes"],
+            "memory_ratio": reference["peak_bytes"] / max(row["peak_bytes"], 1),
+            "time_ratio": row["seconds"] / reference["seconds"],
+            "tflops": fused_flops / row["seconds"] / 1e12,
+        }
+        for row in rows
+    ]
 
 
 def print_table(result: dict) -> None:
@@ -274,12 +366,41 @@ def print_table(result: dict) -> None:
         f"time_ratio (fused/reference) = {result['time_ratio']:.2f} (best {result['time_ratio_best']:.2f})   "
         f"chunk_size = {s['chunk_size']}"
     )
+    for row in result.get("sweep", []):
+        console.print(
+            f"  chunk_size {row['chunk_size']!s:>5}: {row['seconds']:.3f} s  "
+            f"peak {row['peak_bytes'] / 2**20:8.1f} MiB  memory_ratio {row['memory_ratio']:5.1f}  "
+            f"time_ratio {row['time_ratio']:.2f}  {row['tflops']:.0f} TFLOP/s"
+        )
+    if "best_chunk" in result:
+        b = result["best_chunk"]
+        console.print(
+            f"best chunk (memory_ratio >= {MIN_MEMORY_RATIO:.0f}): {b['chunk_size']} ({b['seconds']:.3f} s)"
+        )
+    if "gemm_probe" in result["fused"]:
+        g = result["fused"]["gemm_probe"]
+        console.print(
+            f"GEMMs alone (TFLOP/s): block [2N,H]x[H,{g['block_rows']}] fp32-out "
+            f"{g['block_fp32_out_tflops']:.0f}, bf16-out {g['block_bf16_out_tflops']:.0f}; "
+            f"full-vocab bf16 {g['full_vocab_bf16_tflops']:.0f}"
+        )
     if "tflops" in result:
         t = result["tflops"]
         console.print(
             f"TFLOP/s: fused {t['fused_achieved']:.0f} achieved ({t['fused_useful']:.0f} useful), "
             f"reference {t['reference_achieved']:.0f}; device peak {t['device_peak']}"
         )
+
+
+def _chunk_list(text: str) -> list[int | None]:
+    sizes = [
+        None if part.strip().lower() == "none" else int(part) for part in text.split(",") if part.strip()
+    ]
+    if not sizes or any(c is not None and c < 1 for c in sizes):
+        raise argparse.ArgumentTypeError(
+            f"--chunk-sizes: positive ints or 'none', comma-separated; got {text!r}"
+        )
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="override the shape's dtype (float32, bfloat16, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument(
+        "--chunk-sizes",
+        type=_chunk_list,
+        default=None,
+        help="comma list of fused chunk sizes to sweep ('none' = the default budget), e.g. 147,441,1024; "
+        "measured in one process: peaks exact on CUDA (allocator stats), a lower bound on CPU (RSS)",
+    )
     parser.add_argument("--worker", choices=("fused", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--shape-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -308,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        sys.stdout.write(json.dumps(run_worker(args.worker, shape, args.iters, args.device)) + "\n")
+        result = run_worker(args.worker, shape, args.iters, args.device, args.chunk_sizes)
+        sys.stdout.write(json.dumps(result) + "\n")
         return 0
     if args.device is None:
         import torch
@@ -321,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = dataclasses.replace(shape, chunk_size=args.chunk_size)
     if args.dtype is not None:
         shape = dataclasses.replace(shape, dtype=args.dtype)
-    result = benchmark(shape, args.shape, args.iters, args.device, args.rounds, args.threads)
+    result = benchmark(
+        shape, args.shape, args.iters, args.device, args.rounds, args.threads, args.chunk_sizes
+    )
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

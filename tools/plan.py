@@ -35,7 +35,8 @@ NOTES = {
     "optimizer_states": "fp32 master + Adam m, v, /(DP*CP)",
     "activations": "student fwd saved for bwd, 1F1B in flight",
     "kl_head": "hidden states + logits work (fused: per chunk)",
-    "teacher": "forward-only: final hidden states + one layer",
+    "teacher": "forward-only teacher pass: one layer's working set",
+    "teacher_states": "teacher response states of every micro-batch of a mini-batch (last stage)",
     "reference_model": "resident reference copy (separate_model)",
     "rollout_weights": "colocated SGLang weights",
     "rollout_kv_cache": "colocated SGLang KV cache",
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher-tokens", type=int, help="tokens of the teacher micro-batch (default: micro-batch tokens)"
     )
     p.add_argument("--num-microbatches", type=int, help="micro-batches per step per DP rank (default: >= pp)")
+    p.add_argument(
+        "--mini-batch-responses",
+        type=int,
+        help="responses per mini-batch, all DP ranks (default: the recipe's mini_batch_prompts x rollout.n; "
+        "unset: one micro-batch of teacher states)",
+    )
     p.add_argument(
         "--recompute", choices=("none", "selective", "full"), help="default: the recipe's, else none"
     )
@@ -117,6 +124,7 @@ def apply_recipe(args: argparse.Namespace) -> Path:
         "recompute": "full" if model.get("recompute_activations") else None,
         "kl_chunk_tokens": trainer.get("logprob_chunk_size"),
         "reference_weights": trainer.get("reference_weights"),
+        "mini_batch_responses": _product(data.get("mini_batch_prompts"), section("rollout").get("n")),
     }
     if all(getattr(args, k) is None for k in ("tp", "pp", "cp")):
         defaults.update(tp=par.get("tp"), pp=par.get("pp"), cp=par.get("cp"))
@@ -131,6 +139,10 @@ def apply_recipe(args: argparse.Namespace) -> Path:
     raise ValueError(
         f"recipe {path}: no HF config found at {' or '.join(map(str, candidates))}; pass the model's config.json"
     )
+
+
+def _product(a, b):
+    return a * b if a is not None and b is not None else None
 
 
 def build_training_shape(args: argparse.Namespace) -> TrainingShape:
@@ -155,6 +167,8 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
         num_microbatches=args.num_microbatches,
         rollout=args.rollout,
         reference_weights=args.reference_weights or "cpu_swap",
+        mini_batch_responses=args.mini_batch_responses,
+        response_len=args.max_response_len,
         rollout_kv_seqs=args.rollout_kv_seqs,
         overhead_bytes=int(args.overhead_gb * GIB),
     )

@@ -5,6 +5,8 @@
     logits_BSV = forward_logits(model, tokens_BS)   # full-vocab logits on the last stage, else None
 
 What the builder guarantees (and ``tests/models`` checks against ``transformers``):
+- every parameter and buffer of the stage is on one device: ``torch.cuda.current_device()`` on a
+  GPU (``tools/device_audit.py`` checks this construction on a fake GPU), else the host;
 - the vocabulary is padded to ``padded_vocab_size(vocab, tp)`` rows; logits past the HF vocabulary
   are padding (``forward_logits`` drops them);
 - ``llama3`` rope scaling uses all four HF parameters (GPTModel alone only forwards ``factor``);
@@ -87,6 +89,19 @@ def build_gpt_model(
     )
     if hf.rope_scaling is not None:
         _apply_llama3_rope_scaling(model, hf)
+    return _on_megatron_device(model, config)
+
+
+def _on_megatron_device(model, config):
+    """The whole stage on the device Megatron allocated its own layers on.
+
+    Why: on a GPU (``use_cpu_initialization=False``) Megatron's parallel linear layers and
+    embeddings allocate on ``torch.cuda.current_device()``, but the local spec's torch modules
+    (``torch.nn.RMSNorm`` behind ``WrappedTorchNorm``, the qk-norms) are created on the host.
+    Megatron's own ``get_model`` calls ``model.cuda(torch.cuda.current_device())`` for this reason.
+    """
+    if not config.use_cpu_initialization:
+        model.cuda(torch.cuda.current_device())
     return model
 
 

@@ -63,18 +63,21 @@ def save_tiny_hf_model(
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     **overrides: Any,
 ) -> Path:
     """Build a random-init model of ``arch`` and save it (config.json + model.safetensors) to ``out_dir``.
 
     Weights are drawn with ``seed`` and perturbed away from HF's init for norms (all-ones norms would
-    hide a mis-mapped layernorm in a parity test).
+    hide a mis-mapped layernorm in a parity test). ``device="cuda"`` draws them on the GPU: a
+    model at a real width (hundreds of millions of weights) then takes seconds, not minutes.
     """
     from transformers import AutoModelForCausalLM
 
     config = tiny_hf_config(arch, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:

@@ -4,9 +4,13 @@ Kept apart from the autograd node (``fused_kl_head.py``) so each piece reads on 
 are taken over max-shifted logits in the accumulation dtype (fp32, or fp64 for fp64 inputs), so a
 bf16 model gets fp32 softmax statistics — the reference computes its KL and entropy in bf16.
 
-Matmul precision: on CUDA, bf16/fp16 operands are multiplied with ``out_dtype=float32`` (the logits
-are never rounded to bf16); on CPU, low-precision operands are up-cast to fp32 block by block (the
-CPU path exists for tests and small runs; CPUs rarely have fast bf16 GEMMs).
+Matmul precision, chosen once per call from the device (``ChunkPlan.fp32_output_gemm``), never by
+catching an error: on CUDA, bf16/fp16 operands go to ``torch.mm(..., out_dtype=torch.float32)``
+(cuBLAS accumulates in fp32 and writes fp32: the logits are never rounded to bf16; the overload
+exists from torch 2.8, the floor in ``setup.py``); on CPU, where that overload has no kernel,
+low-precision operands are up-cast to fp32 block by block (the CPU path exists for tests and small
+runs; CPUs rarely have fast bf16 GEMMs). ``addmm``'s ``out=`` form with ``out_dtype`` is avoided:
+CUDA rejected an fp32 ``out`` with bf16 operands (pytorch/pytorch#154086).
 """
 
 from __future__ import annotations
@@ -59,11 +63,14 @@ class ChunkPlan:
     def out_dtype(self) -> torch.dtype:
         return self.acc_dtype
 
+    @property
+    def fp32_output_gemm(self) -> bool:
+        """Low-precision operands multiplied straight into fp32 (CUDA); else operands up-cast (CPU)."""
+        return self.on_cuda and self.in_dtype in _LOW_PRECISION
+
     def as_matmul_operand(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in the dtype the matmuls take on this device (see the module docstring)."""
-        if self.in_dtype in _LOW_PRECISION:
-            return x.to(self.in_dtype if self.on_cuda else torch.float32)
-        return x.to(self.acc_dtype)
+        return x.to(self.in_dtype if self.fp32_output_gemm else self.acc_dtype)
 
     def grad_coefficients(self, grad_kl, grad_logprob, grad_entropy, log_z_s, log_z_t, kl, entropy):
         """Per-token coefficients of ``dz = p_s * (a*log p_s - b*z_t + c) + d * onehot``.
@@ -152,12 +159,7 @@ def plan_chunks(
             raise ValueError(f"{name} must be a positive finite number; got {value!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
-    if num_tokens > 0:
-        low, high = int(targets_N.min()), int(targets_N.max())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(
-                f"targets must lie in [0, vocab_size={vocab_size}); got values in [{low}, {high}]"
-            )
+    _check_targets(targets_N, vocab_size)
 
     acc_dtype = torch.float64 if student_NH.dtype == torch.float64 else torch.float32
     vocab_offset = tp_rank * local_rows
@@ -184,6 +186,19 @@ def plan_chunks(
     )
 
 
+def _check_targets(targets_N: torch.Tensor, vocab_size: int) -> None:
+    """Targets in ``[0, vocab_size)``: a clear error on the host; on an accelerator an asynchronous
+    device assert, so the check costs no host sync (the batch builder's ids come from the engine)."""
+    if targets_N.numel() == 0:
+        return
+    if targets_N.device.type != "cpu":
+        torch._assert_async(((targets_N >= 0) & (targets_N < vocab_size)).all())
+        return
+    low, high = int(targets_N.min()), int(targets_N.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size}); got values in [{low}, {high}]")
+
+
 def matmul_into(
     out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, accumulate: bool = False
 ) -> torch.Tensor:
@@ -191,17 +206,26 @@ def matmul_into(
 
     On CPU a fresh ``[G, B]`` tensor per block costs page faults comparable to the elementwise
     work, so every block reuses the same workspace; ``beta=0`` makes GEMM ignore ``out``'s
-    contents. Low-precision operands with an fp32 ``out`` use ``addmm``'s ``out_dtype`` overload
-    (CUDA): fp32 accumulation and output, the logits are never rounded to bf16.
+    contents. Three dtype cases, each decided by the dtypes alone:
+
+    - operands in ``out``'s dtype: one ``addmm`` into ``out``;
+    - bf16/fp16 operands, fp32 ``out`` (CUDA, ``ChunkPlan.fp32_output_gemm``):
+      ``torch.mm(..., out_dtype=torch.float32)`` — fp32 accumulation and output, the logits are never
+      rounded to bf16 — then one add into ``out`` (a transient ``[G, B]`` fp32 product);
+    - fp32 operands, bf16/fp16 ``out`` (the weight gradient on CPU, where operands are up-cast): the
+      fp32 product rounded once into ``out``, the gradient's own dtype.
     """
-    beta = 1.0 if accumulate else 0.0
     if a.dtype == out.dtype:
-        return torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
-    try:
-        return torch.addmm(out, a, b, out_dtype=out.dtype, beta=beta, alpha=alpha, out=out)
-    except (RuntimeError, TypeError):  # no out_dtype kernel for this device / dtype
-        product = torch.mm(a, b).to(out.dtype)
-        return out.add_(product, alpha=alpha) if accumulate else out.copy_(product).mul_(alpha)
+        return torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, alpha=alpha, out=out)
+    if a.dtype in _LOW_PRECISION and out.dtype == torch.float32 and out.is_cuda:
+        product = torch.mm(a, b, out_dtype=torch.float32)
+    elif a.dtype == torch.float32 and out.dtype in _LOW_PRECISION:
+        product = torch.mm(a, b)
+    else:
+        raise TypeError(f"matmul_into: no GEMM for {a.dtype} operands into {out.dtype} on {out.device}")
+    if accumulate:
+        return out.add_(product, alpha=alpha)
+    return out.copy_(product) if alpha == 1.0 else out.copy_(product.mul_(alpha))
 
 
 def _col(x_C: torch.Tensor) -> torch.Tensor:
@@ -220,16 +244,24 @@ def _local_target(
 class Workspace:
     """Reusable buffers in the accumulation dtype, the whole O(chunk) peak: ``logits`` holds the
     stacked ``[student; teacher]`` logits of a block (``[2G, B]``, or ``[G, B]`` without a
-    teacher) so one GEMM computes both, ``aux`` (``[G, B]``) the exponentials or ``dz``."""
+    teacher) so one GEMM computes both, ``aux`` (``[G, B]``) the exponentials or ``dz``.
+
+    With ``plan.fp32_output_gemm`` (CUDA) there is no ``logits`` buffer: the GEMM's own fresh fp32
+    output is the block's logits (the caching allocator hands the same block back each time), which
+    saves a read and a write of every logit against copying it into a buffer."""
 
     def __init__(self, rows: int, cols: int, plan: ChunkPlan, device: torch.device, with_teacher: bool):
         self.stack = 2 if with_teacher else 1
-        self.logits = torch.empty(self.stack * rows * cols, dtype=plan.acc_dtype, device=device)
+        self.logits = None
+        if not plan.fp32_output_gemm:
+            self.logits = torch.empty(self.stack * rows * cols, dtype=plan.acc_dtype, device=device)
         self.aux = torch.empty(rows * cols, dtype=plan.acc_dtype, device=device)
 
-    def views(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[stack * rows, cols]`` logits and ``[rows, cols]`` aux views (a last, smaller block)."""
-        logits = self.logits[: self.stack * rows * cols].view(self.stack * rows, cols)
+    def views(self, rows: int, cols: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``[stack * rows, cols]`` logits (None: the GEMM allocates) and ``[rows, cols]`` aux views."""
+        logits = None
+        if self.logits is not None:
+            logits = self.logits[: self.stack * rows * cols].view(self.stack * rows, cols)
         return logits, self.aux[: rows * cols].view(rows, cols)
 
 
@@ -239,14 +271,24 @@ def stack_hidden(student_GH: torch.Tensor, teacher_GH: torch.Tensor | None) -> t
 
 
 def _stacked_logits(
-    hidden_KH: torch.Tensor, weight_BH: torch.Tensor, num_rows: int, plan: ChunkPlan, out_KB: torch.Tensor
+    hidden_KH: torch.Tensor,
+    weight_BH: torch.Tensor,
+    num_rows: int,
+    plan: ChunkPlan,
+    out_KB: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Tempered ``[student; teacher]`` logits of one block (``num_rows`` tokens each) in one GEMM."""
-    out_KB = out_KB[: hidden_KH.shape[0]]
+    """Tempered ``[student; teacher]`` logits of one block (``num_rows`` tokens each) in one GEMM
+    (into ``out_KB``, or the GEMM's fresh fp32 output when None: ``Workspace``)."""
     teacher_rows = hidden_KH.shape[0] > num_rows
     inv_s, inv_t = plan.inv_temperature, plan.inv_teacher_temperature
     one_scale = not teacher_rows or inv_s == inv_t
-    matmul_into(out_KB, hidden_KH, weight_BH.t(), alpha=inv_s if one_scale else 1.0)
+    if out_KB is None:
+        out_KB = torch.mm(hidden_KH, weight_BH.t(), out_dtype=torch.float32)
+        if one_scale and inv_s != 1.0:
+            out_KB.mul_(inv_s)
+    else:
+        out_KB = out_KB[: hidden_KH.shape[0]]
+        matmul_into(out_KB, hidden_KH, weight_BH.t(), alpha=inv_s if one_scale else 1.0)
     if not one_scale:
         out_KB[:num_rows].mul_(inv_s)
         out_KB[num_rows:].mul_(inv_t)

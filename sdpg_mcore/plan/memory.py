@@ -19,9 +19,13 @@ Why each term has the form it has:
   materialising reference keeps ``[T, V/TP]`` student and teacher logits in bf16 and three fp32
   temporaries (log-softmax of each, the gradient), i.e. 16 bytes per logit. Both also hold the
   output weight's ``[V/TP, H]`` gradient (weight dtype) until DDP folds it into ``main_grad``.
-- teacher: forward-only, so it keeps only its final hidden states ``[T, H]``; the transient
-  working set of one layer exists only during the teacher pass, before the train pass, so it
-  overlaps the student's activations and the KL head in time with neither.
+- teacher: forward-only; the transient working set of one layer exists only during the teacher
+  pass, before the train pass, so it overlaps the student's activations and the KL head in time
+  with neither.
+- teacher states: the step runs the teacher pass over every micro-batch of a mini-batch before
+  the train pass (``train.step``), so the last stage keeps the response hidden states ``[N, H]``
+  of all of them — every response token of the rank's share of the mini-batch (8.6 GB on the
+  70B recipe's last stage), not one micro-batch's.
 - attention scores (``kernels='local'``): a micro-batch is right-padded rows, so the ``[s, s]``
   scores scale with the row length (at most ``rollout_seq_len``), not the micro-batch's tokens.
 - reference model: ``trainer.reference_weights=separate_model`` keeps a second bf16 copy of the
@@ -33,8 +37,8 @@ Checked (``tests/tools/test_plan.py``) against real Megatron objects on CPU: par
 buffers and distributed-optimizer states after a DDP + ``get_megatron_optimizer`` step (within 1 %),
 and the bytes autograd saves in a ``GPTModel`` forward for the ``local`` kernel profile (TP1 bf16,
 TP2 fp32; within 6 %), and (``tests/tools/test_plan_step_peak.py``) the peak of live tensor bytes
-of one real SDPG micro-batch update (teacher pass, train pass with the fused KL head, optimizer
-step; TP1 bf16, local kernels; within 15 %). Not checkable on CPU: the ``fused`` (TE/flash)
+of one real SDPG mini-batch update of four micro-batches (teacher pass, train pass with the fused KL head, optimizer
+step; TP1 bf16, local kernels; within 5 %, and the teacher states kept between the passes). Not checkable on CPU: the ``fused`` (TE/flash)
 profile, NCCL/CUDA overhead and 1F1B with PP > 1.
 """
 
@@ -98,6 +102,11 @@ class TrainingShape:
     """dedicated (servers on their own GPUs) | colocated (servers share the training GPUs)."""
     reference_weights: str = "cpu_swap"
     """cpu_swap (reference weights in host memory, swapped in) | separate_model (a resident bf16 copy)."""
+    mini_batch_responses: int | None = None
+    """Responses in one mini-batch over all DP ranks (``mini_batch_prompts x n``): the teacher states of
+    all of them are kept until the train pass. None: one micro-batch's tokens (a lower bound)."""
+    response_len: int | None = None
+    """Longest response (``max_response_length``); None: ``rollout_seq_len``."""
     rollout_kv_seqs: int = 16
     """Concurrent sequences a colocated SGLang engine must hold in its KV cache (SGLang sizes the
     cache from ``--mem-fraction-static``; this is the share to reserve for it)."""
@@ -134,6 +143,7 @@ class MemoryEstimate:
     activations: int
     kl_head: int
     teacher: int
+    teacher_states: int
     reference_model: int
     rollout_weights: int
     rollout_kv_cache: int
@@ -190,22 +200,34 @@ def layer_activation_bytes_per_token(
     return hidden_wide + rstd + attn + qk_norm + lse + mlp
 
 
-def _kl_head_bytes(shape: ModelShape, train: TrainingShape, tp: int, tokens: int) -> int:
-    """Peak bytes of the LM head with the KL during the train pass (fused chunks or full logits)."""
+def _kl_head_bytes(shape: ModelShape, tp: int, tokens: int, train: TrainingShape) -> int:
+    """The head's working set for ``tokens`` local tokens (module docstring, "KL head")."""
     vocab_shard = -(-shape.vocab_size // tp)
     # Both heads return the output weight's gradient [V/TP, H] in the weight's dtype before DDP adds
     # it into the fp32 main_grad; it coexists with the head's workspace during the head's backward.
     weight_grad = vocab_shard * shape.hidden_size * train.activation_bytes
     hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
-    if train.kl_head != "fused":
-        return hidden_states + 16 * tokens * vocab_shard + weight_grad
-    if train.kl_chunk_tokens is None:
-        workspace = min(FUSED_HEAD_BUDGET_BYTES, 12 * tokens * vocab_shard)
+    if train.kl_head == "fused":
+        if train.kl_chunk_tokens is None:
+            workspace = min(FUSED_HEAD_BUDGET_BYTES, 12 * tokens * vocab_shard)
+        else:
+            workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
+        stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
+        input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
+        kl_head = hidden_states + stacked + input_grad + workspace + weight_grad
     else:
-        workspace = 12 * min(train.kl_chunk_tokens, tokens) * vocab_shard
-    stacked = 2 * tokens * shape.hidden_size * train.activation_bytes  # [student; teacher] hidden
-    input_grad = 4 * tokens * shape.hidden_size  # fp32 dh accumulated over blocks
-    return hidden_states + stacked + input_grad + workspace + weight_grad
+        kl_head = hidden_states + 16 * tokens * vocab_shard + weight_grad
+    return int(kl_head)
+
+
+def _teacher_state_bytes(shape: ModelShape, layout: Layout, train: TrainingShape) -> int:
+    """Teacher response hidden states kept from the teacher pass to the train pass, per rank."""
+    if train.mini_batch_responses is None:
+        tokens = train.micro_batch_tokens
+    else:
+        responses = -(-train.mini_batch_responses // layout.dp)
+        tokens = responses * (train.response_len or train.rollout_seq_len)
+    return -(-tokens // layout.cp) * shape.hidden_size * train.activation_bytes
 
 
 def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> MemoryEstimate:
@@ -244,13 +266,12 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     if train.kernels == "local":
         activations += int(in_flight * tokens * 2 * shape.hidden_size * 4 / sp_div)
 
-    hidden_states = tokens * shape.hidden_size * train.activation_bytes  # gathered [T, H] for the head
-    kl_head = _kl_head_bytes(shape, train, tp, tokens)
+    kl_head = _kl_head_bytes(shape, tp, tokens, train)
     # The teacher pass runs (forward-only) before the train pass: its one-layer working set is gone
-    # when the student's activations and the KL head exist; only its final hidden states stay.
-    teacher_kept = hidden_states
+    # when the student's activations and the KL head exist; the response hidden states of every
+    # micro-batch of the mini-batch stay (full H: the head gathers sequence-parallel shards).
+    teacher_kept = _teacher_state_bytes(shape, layout, train)
     teacher_transient = teacher_tokens * per_layer
-    teacher = int(teacher_kept + teacher_transient)
 
     rollout_weights = rollout_kv_cache = 0
     if train.rollout == "colocated":
@@ -270,7 +291,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         optimizer_states=optimizer_states,
         activations=activations,
         kl_head=int(kl_head),
-        teacher=teacher,
+        teacher=int(teacher_transient),
+        teacher_states=int(teacher_kept),
         reference_model=reference_model,
         rollout_weights=rollout_weights,
         rollout_kv_cache=rollout_kv_cache,

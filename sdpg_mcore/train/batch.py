@@ -10,14 +10,94 @@ local attention has no packed-sequence support; on CPU and with the local spec p
 layout that keeps RoPE positions right). The student and the teacher rows hold the same response
 tokens after different prompts, so their response positions line up token for token.
 Per-token tensors are flat ``[N]`` in row-major order over the rows' response tokens.
+
+Everything here is built on the host from Python lists: every index a pass needs (where the
+response hidden states sit in the model's ``[S, B, H]`` output, the context-parallel exchange plan)
+is computed here, so the device never has to answer a data-dependent question (no ``nonzero``, no
+boolean-mask gather, no ``.tolist()``) inside the per-micro-batch path. :meth:`MicroBatch.to` is
+the one place a micro-batch goes to the device: pinned host memory, non-blocking copies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+
+def to_device(x_host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x_host`` on ``device``: through pinned memory with a non-blocking copy when that is a GPU.
+
+    Why pinned: a pageable host tensor is first staged by the driver (a synchronous copy); a pinned
+    one is copied by DMA while the host goes on building the next micro-batch. The caching host
+    allocator keeps the pinned block alive until the copy is done, so the host tensor may go.
+    """
+    if x_host.device == device:
+        return x_host
+    if device.type == "cpu":
+        return x_host.to(device)
+    return x_host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class StepTokens:
+    """Per-token tensors the step attaches to a micro-batch (``[N]``, row-major, on its device)."""
+
+    advantages_N: torch.Tensor
+    old_logprob_N: torch.Tensor
+    """Log-probs of the step-start policy (the old-policy pass)."""
+    rollout_logprob_N: torch.Tensor
+    """The rollout engine's log-probs."""
+    ref_logprob_N: torch.Tensor | None = None
+    """Reference-policy log-probs (when the algorithm needs them)."""
+    teacher_logprob_N: torch.Tensor | None = None
+    """Sampled-token teacher log-probs (rlsd / opsd)."""
+    stop_token_N: torch.Tensor | None = None
+    """bool: the token that ended its response (``stop_token_mask``), for ``kl_exclude_eos``."""
+
+    def index(self, index_N: torch.Tensor) -> StepTokens:
+        """The same tensors at ``index_N`` (a context-parallel rank's tokens)."""
+        return StepTokens(**{f.name: _pick(getattr(self, f.name), index_N) for f in fields(self)})
+
+
+def _pick(x_N: torch.Tensor | None, index_N: torch.Tensor) -> torch.Tensor | None:
+    return None if x_N is None else x_N.index_select(0, index_N)
+
+
+@dataclass(frozen=True)
+class CpExchange:
+    """Context parallelism: how the teacher hidden states reach the CP rank predicting each token.
+
+    Built on the host by :func:`shard_for_cp`; ``forward._to_student_ranks`` runs one
+    ``all_to_all_single`` with it and a gather, nothing data-dependent on the device.
+    """
+
+    send_order_N: torch.Tensor
+    """Rows of this rank's teacher states in sending order (by destination rank, then token)."""
+    send_splits: list[int]
+    """Rows sent to each CP rank."""
+    recv_splits: list[int]
+    """Rows received from each CP rank."""
+    gather_index_N: torch.Tensor
+    """Received row of each of this rank's student tokens (``cp_index_N`` order)."""
+
+    def to(self, device: torch.device) -> CpExchange:
+        return replace(
+            self,
+            send_order_N=to_device(self.send_order_N, device),
+            gather_index_N=to_device(self.gather_index_N, device),
+        )
+
+
+def flat_output_index(mask_BT: torch.Tensor) -> torch.Tensor:
+    """Rows of a ``[S * B, H]`` view of the model output at the True positions of ``mask_BT``.
+
+    Row-major over ``(b, t)`` like the per-token tensors; position ``(b, t)`` is row ``t * B + b``
+    of the sequence-major output. Host-side: the device then needs only an ``index_select``.
+    """
+    b_N, t_N = mask_BT.nonzero(as_tuple=True)
+    return t_N * mask_BT.shape[0] + b_N
 
 
 @dataclass
@@ -57,9 +137,9 @@ class MicroBatch:
     """Response tokens, row-major: what the masked positions predict."""
     seq_index_N: torch.Tensor
     """Row (0..B-1) of each response token."""
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-token ``[N]`` tensors of the step, by name: ``adv``, ``old``, ``rollout`` and, when the
-    algorithm needs them, ``ref`` and ``teacher`` (added by the step with ``dataclasses.replace``)."""
+    tokens: StepTokens | None = None
+    """Per-token tensors of the step (advantages, old/rollout/ref/teacher log-probs), on the micro-batch's
+    device; added by the step with ``dataclasses.replace`` after the log-prob passes."""
     teacher_hidden_NH: torch.Tensor | None = None
     """Teacher hidden states of this micro-batch's tokens (sdpg), from the teacher pass; under
     context parallelism only those of this rank's student tokens, in ``cp_index_N`` order."""
@@ -71,14 +151,36 @@ class MicroBatch:
     local row-major order of ``loss_mask_BT`` (None without CP: all of them, in order)."""
     teacher_cp_index_N: torch.Tensor | None = None
     """The same for the teacher rows (their prompts differ, so another subset of the tokens)."""
-    cp_owner_N: torch.Tensor | None = None
-    """Context parallelism: the CP rank whose student rows predict each of the full ``[N]`` tokens."""
-    teacher_cp_owner_N: torch.Tensor | None = None
-    """The same for the teacher rows: where each token's teacher hidden state is computed."""
+    cp_exchange: CpExchange | None = None
+    """Context parallelism: the plan moving teacher states to the ranks predicting their tokens."""
     seq_tokens_2S: torch.Tensor | None = None
     """CP only: global loss-mask and response tokens per row (``algo.seq_counts``), for seq-mean-token-mean."""
     cp_size: int = 1
     """Context-parallel ranks the rows are split over (1 = whole rows here)."""
+    hidden_index_N: torch.Tensor | None = None
+    """Rows of the ``[S * B, H]`` student output predicting the (local) response tokens; built on the
+    host from ``loss_mask_BT`` when None (pass None again when replacing the masks)."""
+    teacher_hidden_index_N: torch.Tensor | None = None
+    """The same for the teacher rows."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_index_N is None:
+            self.hidden_index_N = flat_output_index(self.loss_mask_BT)
+        if self.teacher_hidden_index_N is None:
+            self.teacher_hidden_index_N = flat_output_index(self.teacher_loss_mask_BT)
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """This micro-batch with every tensor on ``device`` (itself when already there)."""
+        if self.input_ids_BT.device == device:
+            return self
+        moved = {
+            f.name: to_device(v, device)
+            for f in fields(self)
+            if isinstance(v := getattr(self, f.name), torch.Tensor)
+        }
+        if self.cp_exchange is not None:
+            moved["cp_exchange"] = self.cp_exchange.to(device)
+        return replace(self, **moved)
 
     @property
     def num_rows(self) -> int:
@@ -138,9 +240,33 @@ def shard_for_cp(mb: MicroBatch, cp: int, cp_rank: int) -> MicroBatch:
         teacher_position_ids_BT=t_pos,
         cp_index_N=index,
         teacher_cp_index_N=t_index,
-        cp_owner_N=owner,
-        teacher_cp_owner_N=t_owner,
+        cp_exchange=_cp_exchange(owner, t_owner, index, t_index, cp, cp_rank),
         cp_size=cp,
+        hidden_index_N=None,  # rebuilt from the local masks
+        teacher_hidden_index_N=None,
+    )
+
+
+def _cp_exchange(owner_N, teacher_owner_N, index_N, teacher_index_N, cp: int, cp_rank: int) -> CpExchange:
+    """Where this rank's teacher states go, and where its student tokens' states come from.
+
+    ``owner_N`` / ``teacher_owner_N``: the CP rank predicting / computing the teacher state of each
+    of the micro-batch's tokens; ``index_N`` / ``teacher_index_N``: this rank's tokens of each kind.
+    Rows travel sorted by (rank, token) both ways, so both sides agree on the order.
+    """
+    num = owner_N.numel()
+    destination = owner_N[teacher_index_N]
+    send_order = torch.argsort(destination * num + teacher_index_N)
+    mine = torch.nonzero(owner_N == cp_rank).squeeze(1)  # ascending tokens
+    source = teacher_owner_N[mine]
+    received_tokens = mine[torch.argsort(source * num + mine)]  # the order they arrive in
+    row_of_token = torch.empty(num, dtype=torch.long)
+    row_of_token[received_tokens] = torch.arange(len(mine))
+    return CpExchange(
+        send_order_N=send_order,
+        send_splits=torch.bincount(destination, minlength=cp).tolist(),
+        recv_splits=torch.bincount(source, minlength=cp).tolist(),
+        gather_index_N=row_of_token[index_N],
     )
 
 

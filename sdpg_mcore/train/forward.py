@@ -64,21 +64,23 @@ def output_weight(model) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
-def causal_mask(seq_len: int) -> torch.Tensor:
-    """``[1, 1, T, T]`` bool, True = masked. Right padding needs nothing more: a real token never
-    attends to a later (pad) position, and pad positions are never read."""
-    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(1)
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, T, T]`` bool, True = masked, built on ``device``. Right padding needs nothing more: a
+    real token never attends to a later (pad) position, and pad positions are never read."""
+    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
 
 
-def response_hidden(
-    output_SBH: torch.Tensor, loss_mask_BT: torch.Tensor, sequence_parallel: bool
-) -> torch.Tensor:
-    """``[N, H]``: the hidden states at the positions predicting response tokens, row-major."""
+def response_hidden(output_SBH: torch.Tensor, index_N: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """``[N, H]``: the hidden states at the positions predicting response tokens, row-major.
+
+    ``index_N`` is the micro-batch's host-built ``hidden_index_N`` (rows of the ``[S * B, H]``
+    view): an ``index_select``, where a boolean-mask gather would wait for the device to count.
+    """
     if sequence_parallel:
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         output_SBH = gather_from_sequence_parallel_region(output_SBH, tensor_parallel_output_grad=False)
-    return output_SBH.transpose(0, 1)[loss_mask_BT]
+    return output_SBH.reshape(-1, output_SBH.shape[-1]).index_select(0, index_N)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class HeadSpec:
     tp_group: object
     """Tensor-parallel group splitting the vocabulary (None for TP1 without torch.distributed)."""
     sequence_parallel: bool = False
+    causal_mask: bool = True
+    """Pass an explicit causal mask to the model (local spec). The Transformer-Engine spec masks by
+    ``attn_mask_type=causal`` inside its kernels, so no ``[T, T]`` mask is built at all."""
 
 
 def _run(
@@ -118,14 +123,14 @@ def _run(
     )
 
 
-def _model_forward(model, mb: MicroBatch, teacher: bool) -> torch.Tensor:
+def _model_forward(model, mb: MicroBatch, teacher: bool, head: HeadSpec) -> torch.Tensor:
     ids_BT = mb.teacher_input_ids_BT if teacher else mb.input_ids_BT
     positions_BT = mb.teacher_position_ids_BT if teacher else mb.position_ids_BT
-    seq_len = ids_BT.shape[1]
+    seq_len, device = ids_BT.shape[1], ids_BT.device
     if positions_BT is None:
-        positions_BT = torch.arange(seq_len).expand(ids_BT.shape[0], seq_len)
+        positions_BT = torch.arange(seq_len, device=device).expand(ids_BT.shape[0], seq_len)
     # Under CP the attention masks by global positions itself (ops.cp_attention); no [T, T] mask.
-    mask = causal_mask(seq_len) if mb.cp_size == 1 else None
+    mask = causal_mask(seq_len, device) if head.causal_mask and mb.cp_size == 1 else None
     with hidden_states_only(model):
         return model(ids_BT, positions_BT, mask)
 
@@ -157,9 +162,9 @@ def local_view(mb: MicroBatch) -> MicroBatch:
         return mb
     return replace(
         mb,
-        targets_N=mb.targets_N[index_N],
-        seq_index_N=mb.seq_index_N[index_N],
-        inputs={k: v[index_N] for k, v in mb.inputs.items()},
+        targets_N=mb.targets_N.index_select(0, index_N),
+        seq_index_N=mb.seq_index_N.index_select(0, index_N),
+        tokens=None if mb.tokens is None else mb.tokens.index(index_N),
     )  # teacher_hidden_NH already holds only this rank's student tokens (hidden_pass)
 
 
@@ -172,26 +177,17 @@ def _to_student_ranks(teacher_local_NH: torch.Tensor, mb: MicroBatch) -> torch.T
     """
     from megatron.core import parallel_state as ps
 
-    group = ps.get_context_parallel_group()
-    me, cp, num = ps.get_context_parallel_rank(), mb.cp_size, mb.num_tokens
-    assert mb.cp_owner_N is not None and mb.teacher_cp_owner_N is not None and mb.cp_index_N is not None
-    sent_tokens = mb.teacher_cp_index_N
-    destination = mb.cp_owner_N[sent_tokens]
-    send_order = torch.argsort(destination * num + sent_tokens)  # by rank, then token
-    mine = torch.nonzero(mb.cp_owner_N == me).squeeze(1)  # ascending tokens
-    source = mb.teacher_cp_owner_N[mine]
-    received_tokens = mine[torch.argsort(source * num + mine)]  # the order they arrive in
-    received = teacher_local_NH.new_empty((len(mine), teacher_local_NH.shape[1]))
+    plan = mb.cp_exchange
+    assert plan is not None
+    received = teacher_local_NH.new_empty((sum(plan.recv_splits), teacher_local_NH.shape[1]))
     dist.all_to_all_single(
         received,
-        teacher_local_NH[send_order].contiguous(),
-        output_split_sizes=torch.bincount(source, minlength=cp).tolist(),
-        input_split_sizes=torch.bincount(destination, minlength=cp).tolist(),
-        group=group,
+        teacher_local_NH.index_select(0, plan.send_order_N),
+        output_split_sizes=plan.recv_splits,
+        input_split_sizes=plan.send_splits,
+        group=ps.get_context_parallel_group(),
     )
-    row_of_token = torch.empty(num, dtype=torch.long)
-    row_of_token[received_tokens] = torch.arange(len(mine))
-    return received[row_of_token[mb.cp_index_N]]
+    return received.index_select(0, plan.gather_index_N)
 
 
 def logprob_pass(
@@ -207,16 +203,16 @@ def logprob_pass(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = _model_forward(model, mb, teacher)
+        output = _model_forward(model, mb, teacher, head)
 
         def collect(output_SBH, non_loss_data=True):
-            mask_BT = mb.teacher_loss_mask_BT if teacher else mb.loss_mask_BT
-            hidden_NH = response_hidden(output_SBH, mask_BT, head.sequence_parallel)
+            rows_N = mb.teacher_hidden_index_N if teacher else mb.hidden_index_N
+            hidden_NH = response_hidden(output_SBH, rows_N, head.sequence_parallel)
             index_N = _local_index(mb, teacher)
             logprob_N, _ = vocab_parallel_logprob_entropy(
                 hidden_NH,
                 output_weight(model),
-                mb.targets_N if index_N is None else mb.targets_N[index_N],
+                mb.targets_N if index_N is None else mb.targets_N.index_select(0, index_N),
                 vocab_size=head.vocab_size,
                 temperature=temperature,
                 chunk_size=head.chunk_size,
@@ -239,10 +235,12 @@ def hidden_pass(model_chunks, micro_batches: list[MicroBatch], head: HeadSpec) -
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = _model_forward(model, mb, teacher=True)
+        output = _model_forward(model, mb, True, head)
 
         def collect(output_SBH, non_loss_data=True):
-            hidden_NH = response_hidden(output_SBH, mb.teacher_loss_mask_BT, head.sequence_parallel).detach()
+            hidden_NH = response_hidden(
+                output_SBH, mb.teacher_hidden_index_N, head.sequence_parallel
+            ).detach()
             return hidden_NH if mb.cp_index_N is None else _to_student_ranks(hidden_NH, mb)
 
         return output, collect
@@ -272,10 +270,10 @@ def train_pass(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = _model_forward(model, mb, teacher=False)
+        output = _model_forward(model, mb, False, head)
 
         def loss_func(output_SBH):
-            hidden_NH = response_hidden(output_SBH, mb.loss_mask_BT, head.sequence_parallel)
+            hidden_NH = response_hidden(output_SBH, mb.hidden_index_N, head.sequence_parallel)
             local = local_view(mb)
             kl_N, logprob_N, entropy_N = fused_kl_head(
                 hidden_NH,
@@ -290,7 +288,7 @@ def train_pass(
             )
             kl_N = kl_N if local.teacher_hidden_NH is not None else None
             loss, metrics = loss_fn(local, kl_N, logprob_N, entropy_N)
-            return loss, torch.ones((), dtype=torch.int), metrics
+            return loss, torch.ones((), dtype=torch.int, device=loss.device), metrics
 
         return output, loss_func
 

@@ -4,6 +4,15 @@ advantages -> one optimizer step per mini-batch (teacher pass, fused KL head, al
 The trainer calls :func:`run_step` between its rollout and weight-sync phases, on every rank, with
 the same responses everywhere. What it receives (:class:`StepContext`) is explicit values, not the
 run config; each stage below is one function.
+
+Devices: micro-batches are built on the host and moved once (``MicroBatch.to``, pinned and
+non-blocking); advantages and rollout log-probs go over in one pinned copy per step; every tensor
+handed to a collective lives on the model's device (NCCL needs it). Host syncs left, each because
+a host value is really needed: with a KL penalty in the reward, one device-to-host copy of the
+old/ref log-probs per step (the advantages are computed on the host from the rewards); one
+``.tolist()`` of the four all-reduced loss counts per mini-batch (the normalisers are Python
+numbers); the optimizer's grad-norm / found-inf check per mini-batch (Megatron); the metrics reduce
+once per step. None per micro-batch. (The trainer's broadcast of the scored batch is another.)
 """
 
 from __future__ import annotations
@@ -81,23 +90,40 @@ def _micro_batches(ctx: StepContext, responses, groups_per_rank: list[list[int]]
         # CP: 2*cp equal chunks per row, and each rank's S/cp divisible by the SP multiple.
         pad_multiple=math.lcm(2 * lay.cp, lay.cp * ctx.pad_multiple) if lay.cp > 1 else ctx.pad_multiple,
     )
-    return [B.shard_for_cp(mb, lay.cp, lay.cp_rank) for mb in mbs]
+    return [B.shard_for_cp(mb, lay.cp, lay.cp_rank).to(ctx.policy.device) for mb in mbs]
+
+
+def step_tokens(per_row: dict[str, dict[int, torch.Tensor]], mb: B.MicroBatch) -> B.StepTokens:
+    """The micro-batch's per-token tensors from the step's per-row values (all on its device)."""
+
+    def rows(key: str) -> torch.Tensor | None:
+        return B.gather_rows(per_row[key], mb) if key in per_row else None
+
+    return B.StepTokens(
+        advantages_N=rows("adv"),
+        old_logprob_N=rows("old"),
+        rollout_logprob_N=rows("rollout"),
+        ref_logprob_N=rows("ref"),
+        teacher_logprob_N=rows("teacher"),
+        stop_token_N=rows("stop"),
+    )
 
 
 def token_inputs(mb, kl_N, logprob_N, entropy_N) -> algo.TokenInputs:
     """The loss inputs of one micro-batch: the head's per-token outputs plus the step's stored tensors."""
+    t = mb.tokens
     return algo.TokenInputs(
         logprob_N=logprob_N,
-        old_logprob_N=mb.inputs["old"],
-        advantages_N=mb.inputs["adv"],
+        old_logprob_N=t.old_logprob_N,
+        advantages_N=t.advantages_N,
         seq_index_N=mb.seq_index_N,
         num_seqs=mb.num_rows,
         kl_N=kl_N,
         entropy_N=entropy_N,
-        ref_logprob_N=mb.inputs.get("ref"),
-        teacher_logprob_N=mb.inputs.get("teacher"),
-        rollout_logprob_N=mb.inputs["rollout"],
-        stop_token_N=mb.inputs["stop"],
+        ref_logprob_N=t.ref_logprob_N,
+        teacher_logprob_N=t.teacher_logprob_N,
+        rollout_logprob_N=t.rollout_logprob_N,
+        stop_token_N=t.stop_token_N,
         seq_loss_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[0],
         seq_response_tokens_S=None if mb.seq_tokens_2S is None else mb.seq_tokens_2S[1],
     )
@@ -115,11 +141,7 @@ def run_step(ctx: StepContext, step: int, responses: list[B.Response]) -> dict[s
     loss_metrics: dict[str, float] = {}  # filled where the loss is computed (last pipeline stage)
     is_last = per_row["old"] is not None
     if is_last:
-        per_row["adv"], penalty = _advantages(responses, per_row, ctx.needs.kl_in_reward_coef)
-        per_row["rollout"] = {
-            i: torch.tensor(responses[i].rollout_logprobs, dtype=torch.float32) for i in per_row["old"]
-        }
-        per_row["stop"] = {i: B.stop_token_mask(responses[i]) for i in per_row["old"]}
+        penalty = _host_token_values(responses, per_row, ctx.needs.kl_in_reward_coef, ctx.policy.device)
         if penalty is not None:
             loss_metrics["reward_kl_penalty"] = penalty
     sums, grad_norms, lrs = algo.MetricSums(), [], []
@@ -166,24 +188,26 @@ def _logprob_passes(ctx: StepContext, responses, mbs, timer: PhaseTimer) -> dict
 
 
 def _with_inputs(ctx: StepContext, mbs: list[B.MicroBatch], per_row: dict) -> list[B.MicroBatch]:
-    """The micro-batches with their per-token inputs (and, under CP, their per-row token counts)."""
+    """The micro-batches with their per-token tensors (and, under CP, their per-row token counts)."""
     out = []
     for mb in mbs:
-        inputs = {k: B.gather_rows(v, mb) for k, v in per_row.items()}
+        tokens = step_tokens(per_row, mb)
         seq_tokens_2S = None
         if ctx.layout.cp > 1:
             seq_tokens_2S = algo.seq_counts(
-                ctx.algorithm, ctx.loss_cfg, inputs["adv"], mb.seq_index_N, mb.num_rows
+                ctx.algorithm, ctx.loss_cfg, tokens.advantages_N, mb.seq_index_N, mb.num_rows
             )
-        out.append(replace(mb, inputs=inputs, seq_tokens_2S=seq_tokens_2S))
+        out.append(replace(mb, tokens=tokens, seq_tokens_2S=seq_tokens_2S))
     return out
 
 
 def _normalisers(ctx: StepContext, mbs: list[B.MicroBatch]) -> algo.LossNormalisers:
-    """The mini-batch's global loss denominators: token and sequence counts all-reduced over DP x CP."""
+    """The mini-batch's global loss denominators: token and sequence counts all-reduced over DP x CP
+    (one all-reduce of four device counts, then the one host read of the mini-batch)."""
     lay, cfg = ctx.layout, ctx.loss_cfg
     counts = sum(
-        algo.loss_counts(ctx.algorithm, cfg, mb.inputs["adv"], mb.seq_index_N, mb.num_rows) for mb in mbs
+        algo.loss_counts(ctx.algorithm, cfg, mb.tokens.advantages_N, mb.seq_index_N, mb.num_rows)
+        for mb in mbs
     )
     if lay.cp > 1:  # every CP rank holds the whole micro-batch: count it once
         counts = counts * float(lay.cp_rank == 0)
@@ -232,20 +256,35 @@ def _scatter(values, mbs, responses):
     return None if values is None else B.scatter_rows(values, mbs, responses)
 
 
-def _advantages(responses, per_row, kl_coef: float):
-    """Per-row advantage tensors ``{row: [len]}`` for this rank's rows, and the mean k1 penalty (GRPO)."""
+def _host_token_values(responses, per_row, kl_coef: float, device: torch.device) -> float | None:
+    """Set ``per_row["adv"]``, ``["rollout"]`` and ``["stop"]`` on ``device`` (one pinned copy); the mean
+    k1 penalty when the reward carries a KL term (GRPO), else None.
+
+    Why on the host: rewards and rollout log-probs arrive as Python numbers and the group statistics
+    are a few hundred values; only the KL penalty needs device values (one copy back per step).
+    """
     rows = sorted(per_row["old"])
+    lengths = [len(responses[i].response_ids) for i in rows]
     rewards_B = torch.tensor([responses[i].reward for i in rows], dtype=torch.float32)
     groups_B = torch.tensor([responses[i].group for i in rows], dtype=torch.long)
     penalty = None
     if kl_coef:
-        seq_N = torch.cat([torch.full((len(responses[i].response_ids),), b) for b, i in enumerate(rows)])
-        old_N = torch.cat([per_row["old"][i] for i in rows])
-        ref_N = torch.cat([per_row["ref"][i] for i in rows])
+        seq_N = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+        old_N = torch.cat([per_row["old"][i] for i in rows]).cpu()  # host sync: the reward needs it
+        ref_N = torch.cat([per_row["ref"][i] for i in rows]).cpu()
         rewards_B, k1_B = algo.kl_in_reward(rewards_B, old_N, ref_N, seq_N, coef=kl_coef)
         penalty = float(k1_B.mean())
-    adv_B = algo.grpo_advantages(rewards_B, groups_B)
-    return {i: adv_B[b].expand(len(responses[i].response_ids)).float() for b, i in enumerate(rows)}, penalty
+    adv_B = algo.grpo_advantages(rewards_B, groups_B).float()
+    adv_N = torch.repeat_interleave(adv_B, torch.tensor(lengths))
+    rollout_N = torch.tensor([lp for i in rows for lp in responses[i].rollout_logprobs], dtype=torch.float32)
+    if rollout_N.numel() != adv_N.numel():
+        raise ValueError("rollout_logprobs must hold one log-prob per response token")
+    stop_N = torch.cat([B.stop_token_mask(responses[i]) for i in rows]).float()
+    adv_N, rollout_N, stop_N = B.to_device(torch.stack([adv_N, rollout_N, stop_N]), device)
+    per_row["adv"] = dict(zip(rows, adv_N.split(lengths)))
+    per_row["rollout"] = dict(zip(rows, rollout_N.split(lengths)))
+    per_row["stop"] = dict(zip(rows, (stop_N > 0.5).split(lengths)))
+    return penalty
 
 
 def _from_last_stage(metrics: dict, pp_group) -> dict:

@@ -179,9 +179,14 @@ def _prompt_batches(run: Run, first: list[int]) -> Iterator[list]:
 
 
 def sync_weights(run: Run, step: int) -> dict[str, float]:
-    """Push the policy's new weights to the rollout servers (collective), as version ``step``."""
+    """Push the policy's new weights to the rollout servers (collective), as version ``step``.
+
+    With ``parallel.overlap_param_gather`` the optimizer's updated shards are all-gathered during the
+    next forward; the push needs them now, so the gather completes first.
+    """
     timer = PhaseTimer()
     with timer.phase("weight_sync"):
+        run.policy.finish_param_sync()
         health.check_weights(run.policy.chunks, step, run.policy.optimizer.param_groups[0]["lr"])
         run.weights(step)
     return timer.pop()
@@ -253,7 +258,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         check_reachable(cfg.rollout.urls)  # fail before minutes of model building
     needs = cfg.algorithm.needs()
     tokenizer, dataset, sampler = _data(cfg, needs.teacher_prompt)
-    policy = _policy(cfg, layout, len(tokenizer))
+    policy = _policy(cfg, layout)
     frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
     reference = (
         ReferenceWeights(policy, cfg.trainer.reference_weights, cfg.model.path, layout, _dtype(cfg))
@@ -350,7 +355,7 @@ def _data(cfg: Config, needs_teacher: bool):
     return tokenizer, dataset, sampler
 
 
-def _policy(cfg: Config, layout, vocab_size: int) -> Policy:
+def _policy(cfg: Config, layout) -> Policy:
     updates_per_step = cfg.data.batch_prompts // cfg.data.mini_batch_prompts
     return build_policy(
         cfg.model.path,
@@ -358,10 +363,12 @@ def _policy(cfg: Config, layout, vocab_size: int) -> Policy:
         dtype=_dtype(cfg),
         total_updates=cfg.trainer.total_steps * updates_per_step,
         optim=cfg.optimizer,
-        vocab_size=vocab_size,
         chunk_size=cfg.trainer.logprob_chunk_size,
         recompute=cfg.model.recompute_activations,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        gradient_accumulation_fusion=cfg.parallel.gradient_accumulation_fusion,
     )
 
 

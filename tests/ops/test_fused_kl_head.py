@@ -179,39 +179,75 @@ def test_bf16_accumulates_in_fp32():
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
-def test_gpu_operand_path_on_cpu(monkeypatch):
-    """The CUDA code path (bf16 matmul operands, fp32 workspaces and dh, bf16 dW) run on CPU.
+def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: int):
+    """Forward and backward of the bf16 head on fake CUDA tensors (shapes and dtypes only, so this
+    CPU build runs the CUDA branch); every GEMM as ``(op, operand dtypes, output dtype, shape)``.
 
-    CPU has no ``out_dtype`` GEMM, so this also exercises the fallback (bf16 products up-cast);
-    the logits are then bf16-rounded, hence the looser tolerance than ``test_bf16_accumulates_in_fp32``.
-    """
-    import dataclasses
-    import importlib
+    Autograd on fake CUDA tensors is not available here, so the backward is called directly."""
+    from types import SimpleNamespace
 
-    module = importlib.import_module("sdpg_mcore.ops.fused_kl_head")  # the package re-exports the function
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    real_plan = module.plan_chunks
-    monkeypatch.setattr(
-        module, "plan_chunks", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), on_cuda=True)
-    )
-    vocab, hidden, num_tokens = 500, 32, 12
-    h_s, h_t, weight, targets, upstream = make_case(
-        num_tokens, hidden, vocab, 512, dtype=torch.bfloat16, scale=0.5
-    )
-    got, got_grads = values_and_grads(
-        lambda: module.fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, temperature=0.9, chunk_size=2),
-        h_s, weight, upstream,
+    from sdpg_mcore.audit.fake_cuda import FakeCuda
+    from sdpg_mcore.ops.fused_kl_head import _FusedKLHead
+    from sdpg_mcore.ops.kl_head_math import plan_chunks
+
+    gemms = []
+
+    class RecordGemms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                operands = [a.dtype for a in args if isinstance(a, torch.Tensor)][-2:]
+                gemms.append((str(func), operands, out.dtype, tuple(out.shape)))
+            return out
+
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    with FakeCuda() as audit, RecordGemms(), torch.no_grad():
+        h_s, h_t = torch.empty(num_tokens, hidden, **bf16), torch.empty(num_tokens, hidden, **bf16)
+        weight = torch.empty(vocab, hidden, **bf16)
+        targets = torch.zeros(num_tokens, dtype=torch.long, device="cuda")
+        plan = plan_chunks(
+            h_s, h_t, weight, targets, vocab_size=vocab, temperature=1.0, teacher_temperature=1.0,
+            chunk_size=chunk_size, tp_size=1, tp_rank=0,
+        )  # fmt: skip
+        assert plan.fp32_output_gemm
+        ctx = SimpleNamespace(set_materialize_grads=lambda _: None, needs_input_grad=(True, False, True))
+        ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
+        outs = _FusedKLHead.forward(ctx, h_s, h_t, weight, targets, plan, None)
+        grads = _FusedKLHead.backward(ctx, *(torch.empty_like(o) for o in outs))
+        assert [o.dtype for o in outs] == [torch.float32] * 3
+        assert grads[0].dtype == grads[2].dtype == torch.bfloat16
+    assert audit.report() == {"violations": [], "host_syncs": []}  # no sync in the head either way
+    return plan, gemms
+
+
+def test_cuda_path_multiplies_bf16_logits_into_fp32():
+    """The path CUDA takes, checked on this CPU build with fake CUDA tensors: every GEMM whose output
+    is logits (``[tokens or 2 x tokens, block rows]``) takes bf16 operands and writes fp32 through
+    ``mm.dtype`` — no logit is ever rounded to bf16; only the weight gradient is written in bf16."""
+    num_tokens, hidden, vocab = 24, 64, 3000
+    plan, gemms = _gemms_on_fake_cuda(num_tokens, hidden, vocab, chunk_size=10)
+    logits = [g for g in gemms if g[3][1] <= plan.block_rows and g[3][0] in (num_tokens, 2 * num_tokens)]
+    assert len(logits) >= 2 * -(-vocab // plan.block_rows)  # forward and backward recompute, every block
+    for op, operands, out_dtype, _ in logits:
+        assert operands == [torch.bfloat16, torch.bfloat16] and out_dtype == torch.float32, (op, operands)
+        assert op == "aten.mm.dtype"
+    bf16_out = [g for g in gemms if g[2] == torch.bfloat16]
+    assert bf16_out and all(g[3][1] == hidden for g in bf16_out)  # dW blocks [B, H] only
+
+
+def test_cpu_path_upcasts_bf16_operands():
+    """On CPU (no ``mm.dtype`` kernel) the plan up-casts bf16 operands to fp32, so the logits are fp32."""
+    from sdpg_mcore.ops.kl_head_math import plan_chunks
+
+    h = torch.zeros(4, 8, dtype=torch.bfloat16)
+    w = torch.zeros(16, 8, dtype=torch.bfloat16)
+    plan = plan_chunks(
+        h, h, w, torch.zeros(4, dtype=torch.long), vocab_size=16, temperature=1.0, teacher_temperature=1.0,
+        chunk_size=None, tp_size=1, tp_rank=0,
     )  # fmt: skip
-    h64, w64 = h_s.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    want, want_grads = values_and_grads(
-        lambda: naive_reference(h64, h_t.double(), w64, targets, vocab, 0.9), h64, w64, upstream
-    )
-    for g, w in zip(got, want):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g.double(), w, rtol=0, atol=0.05)
-    for g, w in zip(got_grads, want_grads):
-        assert g.dtype == torch.bfloat16
-        torch.testing.assert_close(g.double(), w, rtol=0.05, atol=0.05 * w.abs().max().item())
+    assert not plan.fp32_output_gemm and plan.as_matmul_operand(h).dtype == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -348,6 +348,10 @@ def test_cli_reads_a_recipe(tmp_path):
     assert result["layout"] == {"tp": 8, "pp": 2, "cp": 1, "dp": 2}
     assert result["training"]["recompute"] == "full" and result["training"]["micro_batch_tokens"] == 10240
     assert result["proposed"] is False
-    assert plan_cli.main([*common, "--recompute", "none", "--tp", "8", "--pp", "4"]) == 0
+    # The teacher states of every response of the rank's mini-batch share (128 / DP2) x 8192 tokens x H.
+    assert result["per_gpu_bytes"]["teacher_states"] == 64 * 8192 * 8192 * 2
+    # PP4 leaves DP1: one rank keeps all 128 responses' teacher states (16 GiB) and no longer fits.
+    assert plan_cli.main([*common, "--recompute", "none", "--tp", "8", "--pp", "4"]) == 1
     result = json.loads(out.read_text())
     assert result["layout"]["pp"] == 4 and result["training"]["recompute"] == "none"
+    assert result["per_gpu_bytes"]["teacher_states"] == 128 * 8192 * 8192 * 2 and not result["fits"]

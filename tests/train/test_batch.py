@@ -60,9 +60,11 @@ def test_micro_batch_masks_line_up_student_and_teacher():
     assert all(torch.equal(gather_rows(per_row, mb), v) for mb, v in zip(mbs, values))
 
 
-def test_shard_for_cp_owners_cover_every_token_once():
-    """Owner vectors agree with each rank's token indices, and the teacher's longer prompts move some
-    tokens to another CP rank (the case the teacher-state all-to-all exists for)."""
+def test_shard_for_cp_exchange_delivers_every_teacher_state_to_its_student_rank():
+    """Each token is predicted by one CP rank and its teacher state computed on one; the host-built
+    exchange plan, replayed as the all-to-all would run it, hands every rank the teacher state of
+    each of its student tokens in ``cp_index_N`` order. The teacher's longer prompts move some
+    tokens to another rank (the case the all-to-all exists for)."""
     responses = [
         Response(
             group=0,
@@ -76,14 +78,44 @@ def test_shard_for_cp_owners_cover_every_token_once():
     mb = make_micro_batch(responses, [0, 1, 2], pad_id=0, pad_multiple=8)
     cp = 4
     shards = [shard_for_cp(mb, cp, rank) for rank in range(cp)]
-    for owner, index in (("cp_owner_N", "cp_index_N"), ("teacher_cp_owner_N", "teacher_cp_index_N")):
-        owners = getattr(shards[0], owner)
-        assert all(torch.equal(getattr(s, owner), owners) for s in shards)
+    for index in ("cp_index_N", "teacher_cp_index_N"):
         covered = torch.cat([getattr(s, index) for s in shards])
         assert sorted(covered.tolist()) == list(range(mb.num_tokens))
-        for rank, shard in enumerate(shards):
-            assert bool((owners[getattr(shard, index)] == rank).all())
-    assert bool((shards[0].cp_owner_N != shards[0].teacher_cp_owner_N).any())
+    # Each rank's teacher "state" of a token is the token id; send buffers split by destination.
+    sent = [s.teacher_cp_index_N.index_select(0, s.cp_exchange.send_order_N) for s in shards]
+    pieces = [list(torch.split(sent[r], shards[r].cp_exchange.send_splits)) for r in range(cp)]
+    moved = 0
+    for dst, shard in enumerate(shards):
+        received = torch.cat([pieces[src][dst] for src in range(cp)])
+        assert received.numel() == sum(shard.cp_exchange.recv_splits)
+        got = received.index_select(0, shard.cp_exchange.gather_index_N)
+        assert torch.equal(got, shard.cp_index_N)
+        moved += sum(n for src, n in enumerate(shard.cp_exchange.recv_splits) if src != dst)
+    assert moved > 0
+
+
+def test_micro_batch_hidden_index_picks_the_masked_positions_of_the_sequence_major_output():
+    """``hidden_index_N`` rows of the ``[S * B, H]`` output are the boolean-mask positions, row-major."""
+    responses = [
+        Response(
+            group=0,
+            prompt_ids=[5] * p,
+            teacher_prompt_ids=[6] * (p + 2),
+            response_ids=[7] * r,
+            rollout_logprobs=[0.0] * r,
+        )
+        for p, r in [(3, 4), (1, 6)]
+    ]
+    mb = make_micro_batch(responses, [0, 1], pad_id=0)
+    for mask, index in (
+        (mb.loss_mask_BT, mb.hidden_index_N),
+        (mb.teacher_loss_mask_BT, mb.teacher_hidden_index_N),
+    ):
+        b, t = mask.shape
+        output_SBH = torch.randn(t, b, 3)
+        expected = output_SBH.transpose(0, 1)[mask]
+        assert torch.equal(output_SBH.reshape(-1, 3).index_select(0, index), expected)
+    assert mb.to(torch.device("cpu")) is mb
 
 
 def test_stop_token_mask_marks_the_last_token_of_stopped_responses_only():

@@ -1,0 +1,84 @@
+"""``tools/device_audit.py``: one SDPG step on a fake GPU is clean, and the audit sees what it must.
+
+Each audit runs in a fresh interpreter (it owns the process group and patches Megatron for the
+audit's lifetime).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _audit(tmp_path: Path, prelude: str = "") -> dict:
+    out = tmp_path / "audit.json"
+    code = (
+        "import sys; sys.path.insert(0, 'tools'); import device_audit, json\n"
+        f"{prelude}\n"
+        f"r = device_audit.run_audit('sdpg'); open({str(out)!r}, 'w').write(json.dumps(r))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.exists(), proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path):
+    """No device mix, no collective on a host tensor, and the host syncs are the documented ones:
+    the loss normalisers once per mini-batch (2 here) and the metrics reduce once per step."""
+    proc = subprocess.run(
+        [sys.executable, "tools/device_audit.py", "--json", str(tmp_path / "a.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "CLEAN" in proc.stdout and result["clean"] and "stopped_at" not in result
+    assert result["violations"] == [] and result["unexpected_host_syncs"] == {}
+    by_site = {sync.rsplit(" ", 1)[-1]: n for sync, n in result["host_syncs"].items()}
+    assert by_site == {"normalisers_from_counts": 2, "reduce": 2}
+    # The trainer's model construction (build_model) with a GPU available: all 19 tensors of the
+    # 2-layer Qwen3 stage (norms and qk-norms included) on the device.
+    assert result["construction"]["tensors"] == 19 and result["construction"]["off_device"] == []
+
+
+@pytest.mark.slow
+def test_audit_catches_a_builder_that_leaves_the_norms_on_the_host(tmp_path):
+    """The builder before the GPU run's fix (no ``model.cuda(current_device())``): Megatron's linear
+    layers on the GPU, the local spec's torch RMSNorms on the host — the GPU's first forward died
+    with "weight is on cpu ... _fused_rms_norm". The construction check reports each of them."""
+    prelude = (
+        "from sdpg_mcore.models import builder\nbuilder._on_megatron_device = lambda model, config: model\n"
+    )
+    result = _audit(tmp_path, prelude)
+    assert not result["clean"]
+    off = result["construction"]["off_device"]
+    assert len(off) == 9 and all(name.endswith("layernorm.weight on cpu") for name in off), off
+    assert any("not on cuda:0" in v for v in result["violations"])
+
+
+@pytest.mark.slow
+def test_audit_catches_a_micro_batch_left_on_the_host(tmp_path):
+    """The audit is not blind: a micro-batch never moved to the device stops the step with the
+    device mismatch a GPU would raise, at the model call."""
+    result = _audit(
+        tmp_path, "from sdpg_mcore.train.batch import MicroBatch; MicroBatch.to = lambda self, d: self"
+    )
+    assert not result["clean"]
+    assert "FakeTensorDeviceMismatchError" in result["stopped_at"]
+    assert "forward.py" in result["stopped_at"]
+
+
+@pytest.mark.slow
+def test_audit_reports_a_pageable_upload_as_a_host_sync(tmp_path):
+    """A host->device copy from pageable memory is reported (and makes the step not clean)."""
+    prelude = (
+        "import torch\nfrom sdpg_mcore.train import batch\nbatch.to_device = lambda x, device: x.to(device)\n"
+    )
+    result = _audit(tmp_path, prelude)
+    assert not result["clean"] and not result["violations"]
+    assert any("synchronous host-to-device copy" in s for s in result["unexpected_host_syncs"])
