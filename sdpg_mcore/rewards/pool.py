@@ -27,7 +27,6 @@ for a time limit (the scorers) runs inline — the task's own limit already cove
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib
 import logging
 import os
@@ -44,6 +43,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from sdpg_mcore.parallel.lifetime import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 _IN_WORKER = False
@@ -51,7 +52,6 @@ STARTUP_TIMEOUT_S = 120.0
 DEFAULT_TIMEOUT_S = 10.0
 """Default wall-clock limit of one reward call (extraction, normalisation and math-verify together)."""
 _WATCHDOG_INTERVAL_S = 0.5
-_PR_SET_PDEATHSIG = 1
 _DIED = "the reward worker process died (killed, or out of memory)"
 _WORKER_CODE = "import sys; from sdpg_mcore.rewards.pool import worker_main; worker_main(sys.argv[1:])"
 
@@ -76,12 +76,12 @@ class TaskResult:
 
 
 def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
-    """Exit when the pool's process dies, even if a task is stuck (kill -9 of the parent runs no atexit)."""
-    if use_pdeathsig and sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+    """Exit when the pool's process dies, even if a task is stuck (kill -9 of the parent runs no atexit).
+
+    The parent-death signal follows the thread that started us, so a pool created off the main thread
+    relies on the watchdog alone (``use_pdeathsig`` false)."""
+    if use_pdeathsig:
+        die_with_parent()
 
     def watch() -> None:
         while os.getppid() == parent_pid:

@@ -3,8 +3,8 @@
 Every process runs in its own process group with its output in a log file under ``log_dir``;
 ``stop()`` (also run at exit and on SIGTERM/SIGINT once :meth:`RolloutServers.install_signal_handlers`
 was called) terminates each group, then kills what is left. A server that dies is restarted on
-the same port by :meth:`RolloutServers.check` (or the supervisor thread) and re-registered with
-the router. A server that never becomes healthy raises :class:`ServerStartError` naming its log.
+the same port by :meth:`RolloutServers.check` (called by ``rollout.supervisor`` after a failed rollout) and
+re-registered with the router. A server that never becomes healthy raises :class:`ServerStartError` naming its log.
 
     with RolloutServers(ServerConfig(model_path=path, num_servers=2, log_dir=run_dir / "logs")) as servers:
         client = RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls))
@@ -152,8 +152,6 @@ class RolloutServers:
         self._python = sglang_launch.sglang_python() if config.backend == "sglang" else sys.executable
         self.servers = [self._server_process(i, port) for i, port in enumerate(ports)]
         self.router: ManagedProcess | None = None
-        self._supervisor: threading.Thread | None = None
-        self._stop_event = threading.Event()
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -308,27 +306,12 @@ class RolloutServers:
                 restarted.append(server.url)
         return restarted
 
-    def start_supervisor(self, interval_s: float = 2.0) -> None:
-        """Call :meth:`check` every ``interval_s`` in a daemon thread."""
-
-        def loop() -> None:
-            while not self._stop_event.wait(interval_s):
-                try:
-                    self.check()
-                except ServerStartError:
-                    logger.exception("supervisor gave up")
-                    return
-
-        self._supervisor = threading.Thread(target=loop, name="rollout-supervisor", daemon=True)
-        self._supervisor.start()
-
     def stop(self) -> None:
         """Terminate the router and every server (process groups); safe to call twice."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
-        self._stop_event.set()
         for proc in ([self.router] if self.router else []) + self.servers:
             proc.stop()
 
