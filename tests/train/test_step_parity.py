@@ -5,32 +5,12 @@ metrics and every weight's update within the fp32 reordering bound of ``parity_b
 import pytest
 import torch
 from parity_bounds import assert_metric_close, assert_update_close, initial_weights, parity_adam
+from steplib import fixed_responses
 
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.parallel.spawn import spawn_ranks
 
 COMPARED = ("loss", "pg_loss", "kl_mean", "entropy", "regulariser", "grad_norm", "logprob_mismatch")
-
-
-def _responses():
-    from sdpg_mcore.train.batch import Response
-
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(8):  # 4 groups of 2 with different rewards
-        n = 3 + i % 3
-        out.append(
-            Response(
-                group=i // 2,
-                prompt_ids=torch.randint(5, 290, (4 + i % 4,), generator=g).tolist(),
-                teacher_prompt_ids=torch.randint(5, 290, (7 + i % 3,), generator=g).tolist(),
-                response_ids=torch.randint(5, 290, (n,), generator=g).tolist(),
-                rollout_logprobs=(-torch.rand(n, generator=g)).tolist(),
-                reward=float((i * 7) % 3 == 0),
-                acc=float((i * 7) % 3 == 0),
-            )
-        )
-    return out
 
 
 def _one_step(rank, world_size, hf_dir, tp, pp):
@@ -60,7 +40,7 @@ def _one_step(rank, world_size, hf_dir, tp, pp):
         total_steps=4,
         pad_id=0,
     )
-    metrics = run_step(ctx, 1, _responses())
+    metrics = run_step(ctx, 1, fixed_responses())
     from checkpoints_convert.model_io import iter_hf_tensors
 
     weights = {name: t.clone() for name, t in iter_hf_tensors(policy.chunks, hf_dir)}
@@ -122,7 +102,7 @@ def _reference_modes(rank, world_size, hf_dir):
     )
     swap = ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32)
     separate = ReferenceWeights(policy, "separate_model", hf_dir, layout, torch.float32)
-    mbs = build_micro_batches(_responses(), list(range(8)), 64, 0, with_teacher=False)
+    mbs = build_micro_batches(fixed_responses(), list(range(8)), 64, 0, with_teacher=False)
     initial = logprob_pass(policy.chunks, mbs, policy.head, temperature=1.0)
     with torch.no_grad():  # move the live policy away from the reference
         for p in unwrap_model(policy.chunks[0]).parameters():
