@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import torch
@@ -71,6 +71,7 @@ class Policy:
     optimizer: object
     scheduler: object
     head: HeadSpec
+    _: KW_ONLY  # the counters and flags below by name only: a positional flag once landed in a counter
     skipped_updates: int = 0
     """Updates skipped because a gradient was non-finite on some rank (``train.health`` stops the run
     after ``trainer.nonfinite_patience`` bad steps in a row)."""
@@ -179,7 +180,7 @@ def build_policy(
         sequence_parallel=model.config.sequence_parallel,
         causal_mask=not resolve_use_te(None),
     )
-    return Policy([ddp], optimizer, scheduler, head, overlap_param_gather)
+    return Policy([ddp], optimizer, scheduler, head, overlap_param_gather=overlap_param_gather)
 
 
 def _optimizer_config(optim: OptimizerConfig, dtype: torch.dtype):
