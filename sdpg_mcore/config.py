@@ -162,6 +162,10 @@ class RolloutConfig:
     """0: generate a step's responses, then train on them (synchronous). k >= 1: the rollout of the
     next step is generated while this one trains, from weights at most k versions older than the
     trainer's (``train/async_rollout.py``); the loss still uses the trainer's recomputed old log-probs."""
+    async_cpus: list[int] = field(default_factory=list)
+    """CPU cores for rank 0's rollout thread under async_steps (HTTP client, scoring and the reward
+    workers it starts); empty: the trainer process's cores. For a trainer pinned to its own cores,
+    so that this work does not slow training down (e.g. ``tools/bench_async.py`` on 2 cores)."""
 
 
 @dataclass

@@ -80,6 +80,7 @@ def run_mode(args, async_steps: int) -> dict:
         "rollout.backend=external",
         f"rollout.urls=[{url}]",
         f"rollout.async_steps={async_steps}",
+        f"rollout.async_cpus=[{args.server_cpus or ''}]",  # the client thread works beside the server
         "logging.progress=false",
         "logging.tensorboard=false",
         *args.set,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,7 +95,15 @@ class AsyncRollouts:
             self.session.client = RolloutClient(run.session.client.config)
             self.control = RolloutClient(run.session.client.config)
             self.sampler = copy.deepcopy(run.sampler)
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async-rollout")
+            cpus = set(run.cfg.rollout.async_cpus)
+            if cpus - set(range(os.cpu_count() or 1)):
+                raise ValueError(
+                    f"rollout.async_cpus={sorted(cpus)}: this host has CPUs 0-{(os.cpu_count() or 1) - 1}; "
+                    "list some of them, or [] to stay on the trainer's"
+                )
+            self.pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="async-rollout", initializer=_pin, initargs=(cpus,)
+            )
         for step in range(run.start_step + 1, run.start_step + 2 + self.k):
             self._start(step)
 
@@ -174,6 +183,12 @@ class AsyncRollouts:
         ]
         if bad:
             raise RolloutError(f"{path} failed on {len(bad)} worker(s): " + "; ".join(bad))
+
+
+def _pin(cpus: set[int]) -> None:
+    """Run the calling thread (and the processes it starts) on ``cpus``; Linux pins per thread."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 class _StoppableDraws:
