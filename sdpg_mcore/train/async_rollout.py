@@ -21,7 +21,9 @@ in flight stall for exactly the push and keep their KV cache, so a response may 
 newer weights; its rollout log-probs are still the probabilities it was sampled with. Chosen over
 abort-and-resume, which would re-prefill every prompt and partial response in flight and stitch
 partial outputs in the client; the dev server and SGLang (which updates at once while paused) both
-support it.
+support it. These pushes do not flush the servers' caches (SGLang cannot with requests in flight),
+so with SGLang's radix cache on, a prompt seen again may reuse KV entries of older weights; the
+rollout log-probs still record what was sampled.
 
 Data cursor. The thread draws prompts from its own copy of the sampler; when the trainer takes a
 step's rollout, ``run.sampler`` becomes that copy's state after the step's draws (dynamic sampling
@@ -84,6 +86,7 @@ class AsyncRollouts:
         steps = run.steps()
         self.last_step = steps[-1] if len(steps) else run.start_step
         self.version = run.start_step  # the servers hold the start (or resumed) weights
+        run.weights.flush_cache = False  # pushes happen with requests paused in place on the servers
         self.pending: dict[int, _Rollout] = {}
         self._closing = threading.Event()
         if run.rank0:

@@ -381,6 +381,9 @@ class WeightPusher:
             dist.broadcast_object_list(box, src=0)
         urls, tp_sizes = box[0]
         self.memory = None
+        self.flush_cache = True
+        """Servers drop their KV/prefix cache after each push; off while requests sit paused in place
+        during the push (asynchronous rollouts): SGLang cannot flush with requests in flight."""
         self.sync = None
         if self.is_source or mode == "disk":
             self.sync = make_weight_sync(
@@ -426,7 +429,7 @@ class WeightPusher:
             raise
         _barrier()
         if self.commit_rank:
-            self.sync.commit(version)
+            self.sync.commit(version, flush_cache=self.flush_cache)
         _barrier()
 
     def bind(self, chunks) -> WeightPusher:

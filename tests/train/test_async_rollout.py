@@ -99,3 +99,26 @@ def test_resumed_async_run_uses_every_prompt_once(assets, tmp_path):
     ]
     # The rollout in flight at the checkpoint was regenerated from the resumed weights (version `stopped`).
     assert records[stopped]["async/start_lag"] == 0
+
+
+def _train(rank, world_size, overrides):
+    from sdpg_mcore.train.trainer import train
+
+    return train(load_config(RECIPE, overrides))
+
+
+@pytest.mark.slow
+def test_async_with_two_data_parallel_ranks(assets, tmp_path):
+    """Rank 0 generates in the background; both ranks take the same responses and sampler state,
+    and the pushes stay collective (disk sync barriers over both ranks)."""
+    from sdpg_mcore.parallel.spawn import spawn_ranks
+
+    run_dir = tmp_path / "dp2"
+    overrides = launch_overrides(assets, run_dir, "rollout.async_steps=1", "trainer.total_steps=3")
+    spawn_ranks(_train, 2, args=(overrides + ["trainer.save_interval=0"],), timeout_s=900)
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["async/start_lag"] for r in records] == [0, 1, 1]
+    assert all(r["rollout/version_lag_max"] <= 1 for r in records)
+    saved = json.loads((run_dir / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert saved["extra_state"]["sampler"]["position"] == 6
