@@ -122,3 +122,18 @@ def test_async_with_two_data_parallel_ranks(assets, tmp_path):
     assert all(r["rollout/version_lag_max"] <= 1 for r in records)
     saved = json.loads((run_dir / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert saved["extra_state"]["sampler"]["position"] == 6
+
+
+@pytest.mark.slow
+def test_async_dynamic_sampling_cursor_counts_every_drawn_batch(assets, tmp_path):
+    """DAPO dynamic sampling in the background thread draws extra batches; the trainer's cursor moves
+    by exactly the batches each step's rollout drew, so a checkpoint skips none and repeats none."""
+    run_dir = tmp_path / "dyn"
+    extra = ["trainer.total_steps=3", "trainer.save_interval=0", "rollout.dynamic_sampling=true"]
+    extra += ["rollout.max_num_gen_batches=3", "algorithm.name=dapo"]
+    _finish(_launch(assets, run_dir, *extra), run_dir)
+    records = _records(run_dir)
+    drawn = 0
+    for record in records:
+        drawn += 2 * record["dynamic/num_gen_batches"]  # 2 prompts a batch, 32 prompts an epoch
+        assert record["data/epoch"] * 32 + record["data/position"] == drawn, record
