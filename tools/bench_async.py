@@ -36,7 +36,7 @@ def _pinned(cpus: str | None, cmd: list[str]) -> list[str]:
 
 def _start_server(model_dir: Path, cpus: str | None, log_path: Path):
     from sdpg_mcore.parallel.spawn import find_free_port
-    from sdpg_mcore.rollout.servers import http_json
+    from sdpg_mcore.rollout.http import http_json
 
     port = find_free_port()
     cmd = [sys.executable, "-m", "sdpg_mcore.rollout.dev_server", "--model-path", str(model_dir)]
