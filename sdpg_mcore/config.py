@@ -527,9 +527,7 @@ def validate(cfg: Config) -> Config:
         "=distributed cannot be colocated (NCCL refuses two ranks of one communicator on one GPU); "
         "use rollout.weight_sync=tensor or disk",
     )
-    _check(
-        ro.async_steps >= 0, "rollout.async_steps", f"must be 0 (synchronous) or >= 1, got {ro.async_steps}"
-    )
+    _check(ro.async_steps >= 0, "rollout.async_steps", f"must be >= 0 (0: synchronous), got {ro.async_steps}")
     _check(
         not (ro.colocated and ro.async_steps),
         "rollout.async_steps",
