@@ -158,6 +158,14 @@ class RolloutConfig:
     """Most in-flight generate requests per server."""
     server_threads: int = 1
     """Torch threads of each built-in CPU dev server."""
+    async_steps: int = 0
+    """0: generate a step's responses, then train on them (synchronous). k >= 1: the rollout of the
+    next step is generated while this one trains, from weights at most k versions older than the
+    trainer's (``train/async_rollout.py``); the loss still uses the trainer's recomputed old log-probs."""
+    async_cpus: list[int] = field(default_factory=list)
+    """CPU cores for rank 0's rollout thread under async_steps (HTTP client, scoring and the reward
+    workers it starts); empty: the trainer process's cores. For a trainer pinned to its own cores,
+    so that this work does not slow training down (e.g. ``tools/bench_async.py`` on 2 cores)."""
 
 
 @dataclass
@@ -518,6 +526,13 @@ def validate(cfg: Config) -> Config:
         "rollout.weight_sync",
         "=distributed cannot be colocated (NCCL refuses two ranks of one communicator on one GPU); "
         "use rollout.weight_sync=tensor or disk",
+    )
+    _check(ro.async_steps >= 0, "rollout.async_steps", f"must be >= 0 (0: synchronous), got {ro.async_steps}")
+    _check(
+        not (ro.colocated and ro.async_steps),
+        "rollout.async_steps",
+        "needs the rollout servers on their own devices: colocated engines hand their memory to training "
+        "between rollouts; set rollout.colocated=false or rollout.async_steps=0",
     )
     if ro.backend == "external":
         _check(bool(ro.urls), "rollout.urls", "is required when rollout.backend=external")

@@ -97,6 +97,8 @@ class Scheduler:
         try:
             while self.cohorts and not self.paused:
                 await asyncio.sleep(0.005)
+            # Paused in place: let the engine call already running finish before weights change.
+            await self.run_on_model(lambda: None)
             yield
         finally:
             self._updates_waiting -= 1
@@ -163,6 +165,8 @@ class Scheduler:
             batch = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
             await self._prefill(batch)
         for cohort in self._steppable_cohorts():
+            if cohort not in self._steppable_cohorts():  # paused meanwhile: stop at this token
+                continue
             for req in await self.run_on_model(self.engine.step, cohort):
                 self._resolve(req)
             if not cohort.requests:

@@ -166,11 +166,15 @@ class WeightSync:
         """Move this stage's tensors (``is_source=False``: only drive the iterator)."""
         raise NotImplementedError
 
-    def commit(self, version: str) -> None:
-        """After every stage sent: close the session, flush caches, set ``version`` and check it."""
+    def commit(self, version: str, *, flush_cache: bool = True) -> None:
+        """After every stage sent: close the session, flush caches, set ``version`` and check it.
+
+        ``flush_cache=False`` while requests sit paused in place (asynchronous rollouts): a flush
+        would wait for them, and SGLang cannot flush with requests in flight."""
         if self.uses_session:
             _post(self.server_urls, "/end_weight_update", {}, self.timeout_s)
-        flush_caches(self.server_urls)
+        if flush_cache:
+            flush_caches(self.server_urls)
         _post(self.server_urls, "/update_weight_version", {"new_version": str(version)}, self.timeout_s)
         check_weight_versions(self.server_urls, str(version))
 
@@ -250,7 +254,7 @@ class DiskWeightSync(WeightSync):
         self.stats = WeightSyncStats(len(tensors), num_bytes, 0, time.perf_counter() - start)
         return self.stats
 
-    def commit(self, version: str) -> None:
+    def commit(self, version: str, *, flush_cache: bool = True) -> None:
         """Publish the staging directory atomically, make every server load it, and check the version."""
         staging, final = self.staging_dir(version), self.published_dir(version)
         if not any(staging.glob("stage*.safetensors")):
@@ -266,7 +270,7 @@ class DiskWeightSync(WeightSync):
             "model_path": str(final),
             "load_format": "auto",
             "weight_version": str(version),
-            "flush_cache": True,
+            "flush_cache": flush_cache,
         }
         _post(self.server_urls, "/update_weights_from_disk", payload, self.timeout_s)
         self.stats.num_requests = len(self.server_urls)

@@ -120,6 +120,8 @@ class Response:
     """1.0 when the answer is correct."""
     truncated: bool = False
     """Generation hit max_response_length."""
+    weight_version: int = 0
+    """The policy version (trainer step, 0 = initial weights) the server reported generating it with."""
 
 
 @dataclass

@@ -260,6 +260,7 @@ class RolloutSession:
                 reward=reward,
                 acc=acc,
                 truncated=sample.finish_reason == "length",
+                weight_version=policy_version(sample.weight_version),
             )
             for g, group in enumerate(kept)
             for prompt, sample, reward, acc in group
@@ -296,6 +297,12 @@ def _weight_version_metric(samples) -> dict[str, float]:
     if version == "default":
         return {"rollout/weight_version": 0.0}
     return {"rollout/weight_version": float(version)} if version.isdigit() else {}
+
+
+def policy_version(weight_version: str) -> int:
+    """The trainer step whose weights a server reports (``weight_version``): pushes are named by step;
+    a server that never got a push reports its start-up name (SGLang's ``default``), the initial weights."""
+    return int(weight_version) if weight_version.isdigit() else 0
 
 
 def _varied_groups(groups: list[list[tuple]]) -> list[list[tuple]]:
@@ -374,6 +381,9 @@ class WeightPusher:
             dist.broadcast_object_list(box, src=0)
         urls, tp_sizes = box[0]
         self.memory = None
+        self.flush_cache = True
+        """Servers drop their KV/prefix cache after each push; off while requests sit paused in place
+        during the push (asynchronous rollouts): SGLang cannot flush with requests in flight."""
         self.sync = None
         if self.is_source or mode == "disk":
             self.sync = make_weight_sync(
@@ -419,7 +429,7 @@ class WeightPusher:
             raise
         _barrier()
         if self.commit_rank:
-            self.sync.commit(version)
+            self.sync.commit(version, flush_cache=self.flush_cache)
         _barrier()
 
     def bind(self, chunks) -> WeightPusher:

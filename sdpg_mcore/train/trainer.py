@@ -35,8 +35,8 @@ from sdpg_mcore import algo
 from sdpg_mcore.algo.config import TeacherWeights
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
 from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
+from sdpg_mcore.train import async_rollout, health, mechanism
 from sdpg_mcore.train import checkpoint as ckpt
-from sdpg_mcore.train import health, mechanism
 from sdpg_mcore.train.batch import Response
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, ReferenceWeights, build_policy
@@ -145,17 +145,20 @@ def loop(run: Run) -> dict[str, float]:
     """
     metrics: dict[str, float] = {}
     guard = health.NonFiniteGuard(run.cfg.trainer.nonfinite_patience)
-    for step in run.steps():
-        began = time.perf_counter()
-        responses, metrics = rollout(run, step)
-        metrics.update(run_step(run.step_ctx, step, responses))
-        guard.check(step, metrics, run.policy.skipped_updates)
-        metrics.update(sync_weights(run, step))
-        seconds = time.perf_counter() - began
-        metrics.update(evaluate(run, step))
-        log(run, step, metrics, seconds)
-        if save(run, step):
-            break
+    # rollout.async_steps picks the rollout and weight-sync phases: these two, or the overlapped ones
+    # (async_rollout.py) that generate the next steps' rollouts with ``generate`` while this one trains.
+    with async_rollout.phases(run, rollout, sync_weights, generate) as (get_rollout, push_weights):
+        for step in run.steps():
+            began = time.perf_counter()
+            responses, metrics = get_rollout(run, step)
+            metrics.update(run_step(run.step_ctx, step, responses))
+            guard.check(step, metrics, run.policy.skipped_updates)
+            metrics.update(push_weights(run, step))
+            seconds = time.perf_counter() - began
+            metrics.update(evaluate(run, step))
+            log(run, step, metrics, seconds)
+            if save(run, step):
+                break
     return metrics
 
 
@@ -166,16 +169,22 @@ def rollout(run: Run, step: int) -> tuple[list[Response], dict[str, float]]:
         first = run.sampler.next_batch()  # on every rank: the sampler state is checkpointed
         responses, metrics = None, {}
         if run.rank0:
-            responses, metrics = run.session.generate(_prompt_batches(run, first), step, run.cfg.trainer.seed)
+            responses, metrics = generate(run, run.session, run.sampler, first, step)
         responses = broadcast_responses(responses)
-    return responses, {**metrics, **timer.pop()}
+    return responses, {**metrics, **async_rollout.staleness(responses, step), **timer.pop()}
 
 
-def _prompt_batches(run: Run, first: list[int]) -> Iterator[list]:
-    """The step's prompts, then further batches (drawn only when dynamic sampling asks for them)."""
-    yield run.dataset.batch(first)
-    while True:
-        yield run.dataset.batch(run.sampler.next_batch())
+def generate(run: Run, session, sampler, first: list[int], step: int) -> tuple[list[Response], dict]:
+    """Rank 0: step ``step``'s scored responses for the prompts ``first``, more drawn from ``sampler``
+    only when dynamic sampling asks for them. No collective: the asynchronous rollouts call it from
+    their thread with their own session and sampler."""
+
+    def batches() -> Iterator[list]:
+        yield run.dataset.batch(first)
+        while True:
+            yield run.dataset.batch(sampler.next_batch())
+
+    return session.generate(batches(), step, run.cfg.trainer.seed)
 
 
 def sync_weights(run: Run, step: int) -> dict[str, float]:
