@@ -50,6 +50,7 @@ def response_logprobs(
 def _response_logprobs(model, rows, vocab_size: int, temperature: float) -> list[torch.Tensor]:
     """:func:`response_logprobs` with autograd (for :func:`gradient_alignment`)."""
     gpt = unwrap_model(model)
+    device = next(gpt.parameters()).device
     out: list[torch.Tensor] = []
     for start in range(0, len(rows), PROBE_ROWS):
         chunk = rows[start : start + PROBE_ROWS]
@@ -57,8 +58,9 @@ def _response_logprobs(model, rows, vocab_size: int, temperature: float) -> list
         ids_BT = torch.zeros((len(chunk), length), dtype=torch.long)
         for b, (p, r) in enumerate(chunk):
             ids_BT[b, : len(p) + len(r)] = torch.tensor([*p, *r])
-        positions_BT = torch.arange(length).expand(len(chunk), length)
-        logits_BTV = gpt(ids_BT, positions_BT, causal_mask(length))[..., :vocab_size].float()
+        ids_BT = ids_BT.to(device)
+        positions_BT = torch.arange(length, device=device).expand(len(chunk), length)
+        logits_BTV = gpt(ids_BT, positions_BT, causal_mask(length, device))[..., :vocab_size].float()
         for b, (p, r) in enumerate(chunk):
             z_RV = logits_BTV[b, len(p) - 1 : len(p) + len(r) - 1] / temperature
             out.append(torch.log_softmax(z_RV, dim=-1))
