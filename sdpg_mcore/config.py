@@ -484,7 +484,8 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Check value ranges and cross-field consistency (the algorithm checked itself when parsed). Returns ``cfg``."""
+    """Check value ranges and cross-field consistency (the algorithm checked itself when parsed), and
+    resolve the defaults that depend on another section (``algorithm.rollout_is_cap``). Returns ``cfg``."""
     par, data, ro, opt, tr = cfg.parallel, cfg.data, cfg.rollout, cfg.optimizer, cfg.trainer
     for name in ("tp", "pp", "cp"):
         _check(getattr(par, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(par, name)}")
@@ -534,6 +535,8 @@ def validate(cfg: Config) -> Config:
         "needs the rollout servers on their own devices: colocated engines hand their memory to training "
         "between rollouts; set rollout.colocated=false or rollout.async_steps=0",
     )
+    if cfg.algorithm.rollout_is_cap is None:  # the default: correct stale samples, leave the paper recipe
+        cfg.algorithm = dataclasses.replace(cfg.algorithm, rollout_is_cap=2.0 if ro.async_steps else 0.0)
     if ro.backend == "external":
         _check(bool(ro.urls), "rollout.urls", "is required when rollout.backend=external")
         for url in ro.urls:

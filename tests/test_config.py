@@ -125,6 +125,8 @@ def test_algorithm_clip_defaults_come_from_the_algorithm(recipe):
 
 def _other_value(value):
     """A valid value different from a field's default (for the round trip below)."""
+    if value is None:  # rollout_is_cap: resolved from rollout.async_steps unless set
+        return 3.0
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -233,7 +235,8 @@ def test_switching_algorithm_on_the_command_line_leaves_the_recipes_own_keys(tmp
     path.write_text(RECIPE + "algorithm:\n  name: sdpg\n  beta: 0.05\n  loss_agg_mode: seq-mean-token-sum\n")
     with caplog.at_level("WARNING"):
         cfg = load_config(path, ["algorithm.name=grpo"])
-    assert cfg.algorithm == GRPOConfig(loss_agg_mode="seq-mean-token-sum")  # shared keys carry over
+    # Shared keys carry over; rollout_is_cap resolves to off (synchronous rollouts).
+    assert cfg.algorithm == GRPOConfig(loss_agg_mode="seq-mean-token-sum", rollout_is_cap=0.0)
     assert "recipe's sdpg keys beta do not apply to grpo" in caplog.text
 
 

@@ -88,8 +88,19 @@ class PolicyLossConfig:
     """Entropy bonus: ``loss -= entropy_coef * entropy`` (averaged over all response tokens); 0 = off."""
     loss_agg_mode: str = "token-mean"
     """How per-token losses are averaged: one of ``aggregation.LOSS_AGG_MODES``."""
+    rollout_is_cap: float | None = None
+    """Truncated importance weight ``min(pi_old / pi_rollout, cap)`` on each token's policy-gradient
+    term (``policy.rollout_is_weight``): corrects for tokens sampled by other weights than the
+    trainer's old policy (AReaL's decoupled PPO, verl/slime TIS). None (default): 2.0 when rollouts are
+    asynchronous (``rollout.async_steps > 0``, samples up to k versions stale), 0 = off when
+    synchronous (the paper's recipe; the weight is then 1 up to engine/trainer numerics)."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.rollout_is_cap is None or self.rollout_is_cap == 0.0 or self.rollout_is_cap >= 1.0,
+            "rollout_is_cap",
+            f"must be 0 (off) or >= 1 (a cap below 1 would down-weight on-policy tokens), got {self.rollout_is_cap}",
+        )
         _check(0.0 <= self.clip_eps_low < 1.0, "clip_eps_low", f"must be in [0, 1), got {self.clip_eps_low}")
         _check(self.clip_eps_high >= 0.0, "clip_eps_high", f"must be >= 0, got {self.clip_eps_high}")
         _check(self.clip_c > 1.0, "clip_c", f"must be > 1 (dual-clip bound), got {self.clip_c}")

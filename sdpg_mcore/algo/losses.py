@@ -8,7 +8,7 @@ by ``registry.micro_batch_loss``; nothing here knows about micro-batch counts or
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -23,7 +23,14 @@ from sdpg_mcore.algo.config import (
     SDPGConfig,
 )
 from sdpg_mcore.algo.metrics import MetricSums
-from sdpg_mcore.algo.policy import LOG_RATIO_CLAMP, PGTerms, alpha_regulariser, clamp_kl, dual_clip_pg
+from sdpg_mcore.algo.policy import (
+    LOG_RATIO_CLAMP,
+    PGTerms,
+    alpha_regulariser,
+    clamp_kl,
+    dual_clip_pg,
+    rollout_is_weight,
+)
 from sdpg_mcore.algo.schedules import beta_schedule, rlsd_lambda
 
 
@@ -52,7 +59,8 @@ class TokenInputs:
     teacher_logprob_N: Tensor | None = None
     """Teacher log-prob of the sampled token (opsd: frozen reference; rlsd: step-start policy)."""
     rollout_logprob_N: Tensor | None = None
-    """Rollout engine's log-prob of the token, for the ``rollout_mismatch`` metric ``|lp_rollout - lp_old|``."""
+    """Rollout engine's log-prob of the token: the ``rollout_mismatch`` metric ``|lp_rollout - lp_old|``
+    and, with ``rollout_is_cap``, the truncated importance weight of the policy-gradient term."""
     stop_token_N: Tensor | None = None
     """bool: the token that ended its response (a stop token; False on truncated responses), for
     ``kl_exclude_eos``; ``None`` = no token is a stop token."""
@@ -116,8 +124,22 @@ def add_ratio_metrics(metrics: MetricSums, ratio_N: Tensor, inputs: TokenInputs,
     metrics.add_mean("ppo_kl", inputs.old_logprob_N.detach() - inputs.logprob_N.detach(), mask_N)
 
 
-def _pg(inputs: TokenInputs, cfg: PolicyLossConfig, advantages_N: Tensor) -> PGTerms:
-    return dual_clip_pg(
+def rollout_is(
+    inputs: TokenInputs, cfg: PolicyLossConfig, metrics: MetricSums, mask_N: Tensor
+) -> Tensor | float:
+    """The per-token weight of the policy-gradient term (``PolicyLossConfig.rollout_is_cap``; 1 when off)."""
+    if not cfg.rollout_is_cap:
+        return 1.0
+    rollout_N = inputs.require("rollout_logprob_N", "rollout_is_cap", "the rollout engine's log-probs")
+    w_N, capped_N = rollout_is_weight(inputs.old_logprob_N, rollout_N, cfg.rollout_is_cap)
+    metrics.add_mean("rollout_is_weight", w_N, mask_N)
+    metrics.add_mean("rollout_is_capped_frac", capped_N, mask_N)
+    return w_N
+
+
+def _pg(inputs: TokenInputs, cfg: PolicyLossConfig, advantages_N: Tensor, metrics: MetricSums) -> PGTerms:
+    """Dual-clip PPO per token, weighted by :func:`rollout_is`, and its metrics over the response tokens."""
+    terms = dual_clip_pg(
         inputs.logprob_N,
         inputs.old_logprob_N,
         advantages_N,
@@ -125,15 +147,16 @@ def _pg(inputs: TokenInputs, cfg: PolicyLossConfig, advantages_N: Tensor) -> PGT
         eps_high=cfg.clip_eps_high,
         clip_c=cfg.clip_c,
     )
+    terms = replace(terms, loss_N=terms.loss_N * rollout_is(inputs, cfg, metrics, inputs.mask_N))
+    add_pg_metrics(metrics, terms, inputs, inputs.mask_N)
+    return terms
 
 
 def sdpg_loss(inputs: TokenInputs, cfg: SDPGConfig, *, step: int, total_steps: int) -> TokenLoss:
     """``pg + beta(step) * g_t * min(kl, 20) + alpha * R(lp - lp_ref)`` per token (SDPG.md §3)."""
     mask_N = inputs.mask_N
-    terms = _pg(inputs, cfg, inputs.advantages_N)
     metrics = MetricSums()
-    add_pg_metrics(metrics, terms, inputs, mask_N)
-    loss_N = terms.loss_N
+    loss_N = _pg(inputs, cfg, inputs.advantages_N, metrics).loss_N
     beta = beta_schedule(
         cfg.beta,
         step,
@@ -163,11 +186,9 @@ def sdpg_loss(inputs: TokenInputs, cfg: SDPGConfig, *, step: int, total_steps: i
 
 def dapo_loss(inputs: TokenInputs, cfg: DAPOConfig, *, step: int, total_steps: int) -> TokenLoss:
     """Dual-clip PPO only (clip 0.2/0.28, c = 10)."""
-    mask_N = inputs.mask_N
-    terms = _pg(inputs, cfg, inputs.advantages_N)
     metrics = MetricSums()
-    add_pg_metrics(metrics, terms, inputs, mask_N)
-    return TokenLoss(terms.loss_N, mask_N, metrics)
+    terms = _pg(inputs, cfg, inputs.advantages_N, metrics)
+    return TokenLoss(terms.loss_N, inputs.mask_N, metrics)
 
 
 def grpo_loss(inputs: TokenInputs, cfg: GRPOConfig, *, step: int, total_steps: int) -> TokenLoss:
@@ -188,8 +209,11 @@ def opsd_loss(inputs: TokenInputs, cfg: OPSDConfig, *, step: int, total_steps: i
     w_N = torch.nan_to_num(teacher_N.detach() - old_N, nan=0.0).clamp(0.0, cfg.weight_clamp_max)
     log_ratio_N = torch.clamp(inputs.logprob_N - old_N, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     r_N = torch.nan_to_num(torch.exp(log_ratio_N), nan=1.0)
-    loss_N = -w_N * torch.minimum(r_N, torch.clamp(r_N, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high))
     metrics = MetricSums()
+    is_N = rollout_is(inputs, cfg, metrics, mask_N)
+    loss_N = (
+        -w_N * is_N * torch.minimum(r_N, torch.clamp(r_N, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high))
+    )
     metrics.add_mean("pg_loss", loss_N.detach(), mask_N)
     metrics.add_mean("opsd_weight", w_N, mask_N)
     metrics.add_mean("clipfrac_high", r_N.detach() > 1.0 + cfg.clip_eps_high, mask_N)
@@ -214,9 +238,8 @@ def rlsd_loss(inputs: TokenInputs, cfg: RLSDConfig, *, step: int, total_steps: i
     w_N = torch.exp((torch.sign(adv_N) * delta_N).clamp(-20.0, 20.0))
     w_clip_N = w_N.clamp(1.0 - cfg.eps_w, 1.0 + cfg.eps_w)
     adv_t_N = (1.0 - lam) * adv_N + lam * adv_N * w_clip_N
-    terms = _pg(inputs, cfg, adv_t_N)
     metrics = MetricSums()
-    add_pg_metrics(metrics, terms, inputs, mask_N)
+    terms = _pg(inputs, cfg, adv_t_N, metrics)
     metrics.add_mean("rlsd_delta", delta_N, mask_N)
     metrics.add_mean("rlsd_weight", w_N, mask_N)
     metrics.add_mean("rlsd_weight_clipfrac", (w_N < 1.0 - cfg.eps_w) | (w_N > 1.0 + cfg.eps_w), mask_N)

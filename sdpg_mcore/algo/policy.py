@@ -72,6 +72,23 @@ def dual_clip_pg(
     )
 
 
+def rollout_is_weight(old_logprob_N: Tensor, rollout_logprob_N: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """``(min(pi_old / pi_rollout, cap), capped)`` per token, detached: the truncated importance weight
+    of a token sampled by the rollout engine's weights, for the trainer's old policy.
+
+    Why: PPO's ratio is taken against the trainer's recomputed old policy, but the tokens come from
+    the policy that sampled them, one or more versions older under asynchronous rollouts. Weighting
+    each token's PPO term by ``pi_old / pi_rollout`` makes it an estimate under the old policy again
+    (the decoupled objective of AReaL); the cap bounds the variance where the engine gave a token
+    far less probability than the trainer does (truncated IS, as in verl and slime).
+    """
+    log_w_N = torch.clamp(
+        old_logprob_N.detach() - rollout_logprob_N.detach(), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+    )
+    w_N = torch.exp(log_w_N)
+    return torch.clamp(w_N, max=cap), w_N > cap
+
+
 def clamp_kl(kl_N: Tensor, max_kl: float = 20.0) -> Tensor:
     """One-sided per-token clamp ``min(kl, max_kl)``; the gradient is zero where the clamp is active."""
     return torch.clamp(kl_N, max=max_kl)

@@ -290,3 +290,66 @@ def test_fp32_end_to_end_with_fused_kl_head():
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert weight.grad.abs().sum() > 0 and student.grad.abs().sum() > 0
+
+
+def _with_rollout(inp: TokenInputs, rollout_N: torch.Tensor) -> TokenInputs:
+    from dataclasses import replace
+
+    return replace(inp, rollout_logprob_N=rollout_N)
+
+
+@pytest.mark.parametrize(
+    ("name", "cfg"),
+    [
+        ("sdpg", SDPGConfig(beta=0.3, alpha=0.05, rollout_is_cap=2.0)),
+        ("dapo", DAPOConfig(rollout_is_cap=2.0)),
+        ("grpo", GRPOConfig(rollout_is_cap=1.5)),
+        ("rlsd", RLSDConfig(rollout_is_cap=2.0)),
+        ("opsd", OPSDConfig(rollout_is_cap=2.0)),
+    ],
+)
+def test_rollout_is_weights_only_the_policy_gradient_term(name, cfg):
+    """``loss(cap) - loss(off)`` is ``(w - 1) * pg`` token by token, ``w = min(exp(lp_old - lp_rollout), cap)``
+    in fp64; the KL, regulariser and entropy terms are not weighted; the metrics count the capped tokens."""
+    from dataclasses import replace
+
+    base = _inputs()
+    shift_N = torch.linspace(-1.2, 0.9, len(base.logprob_N), dtype=torch.float64)  # a few over the cap
+    inp = _with_rollout(base, base.old_logprob_N + shift_N)
+    w_N = torch.exp(-shift_N).clamp(max=cfg.rollout_is_cap)
+    weighted = _run(name, cfg, inp)
+    plain = _run(name, replace(cfg, rollout_is_cap=0.0), inp)
+    # The policy-gradient term alone, per token; token-mean aggregation is linear in it.
+    pg_cfg = replace(cfg, rollout_is_cap=0.0, **_no_extra_terms(cfg))
+    pg_N = get_algorithm(name).token_loss(inp, pg_cfg, step=3, total_steps=100)
+    mask_N = pg_N.loss_mask_N
+    extra = ((w_N - 1.0) * pg_N.loss_N * mask_N).sum() / mask_N.sum()
+    assert cfg.loss_agg_mode == "token-mean"
+    _assert_same(inp, weighted.loss, plain.loss + extra)
+    m = weighted.metrics.reduce()
+    sel = mask_N.bool()
+    assert m["rollout_is_weight"] == pytest.approx(w_N[sel].mean().item(), rel=1e-12)
+    capped = (torch.exp(-shift_N) > cfg.rollout_is_cap)[sel].double().mean().item()
+    assert 0 < capped < 1 and m["rollout_is_capped_frac"] == pytest.approx(capped, rel=1e-12)
+
+
+def _no_extra_terms(cfg) -> dict:
+    """Config overrides that leave only the policy-gradient term (sdpg's KL and regulariser off)."""
+    return {"beta": 0.0, "alpha": 0.0} if isinstance(cfg, SDPGConfig) else {}
+
+
+def test_rollout_is_cap_default_follows_async_steps_and_rejects_caps_below_one():
+    from sdpg_mcore.algo.config import AlgorithmConfigError
+    from sdpg_mcore.config import Config, validate
+
+    def resolved(async_steps: int, cap=None) -> float:
+        cfg = Config()
+        cfg.model.path, cfg.data.train_files = "m", ["d.jsonl"]
+        cfg.rollout.async_steps = async_steps
+        cfg.algorithm = SDPGConfig(rollout_is_cap=cap)
+        return validate(cfg).algorithm.rollout_is_cap
+
+    assert resolved(0) == 0.0 and resolved(1) == 2.0 and resolved(2) == 2.0
+    assert resolved(1, cap=0.0) == 0.0 and resolved(0, cap=3.0) == 3.0  # explicit values stay
+    with pytest.raises(AlgorithmConfigError, match="rollout_is_cap"):
+        SDPGConfig(rollout_is_cap=0.5)
