@@ -1,6 +1,7 @@
 """Wall time per step, synchronous vs asynchronous rollouts (``rollout.async_steps``), in one run.
 
     python tools/bench_async.py --json async.json                # the tiny example, 40 steps each
+    python tools/bench_async.py --seeds 1 2 3 --json async.json  # accuracy over several seeds
     python tools/bench_async.py --steps 10 --set data.batch_prompts=16
 
 For each mode (``rollout.async_steps=0``, then each ``--async-steps`` value) the tool starts a fresh
@@ -11,6 +12,12 @@ show. It reports the mean ``step_seconds`` (rollout wait + training + weight pus
 after the first (the first has nothing to overlap with), the accuracy over the steps, and
 ``speedup`` = synchronous / asynchronous seconds per step. Without ``taskset`` (or with one core)
 the processes run unpinned and the table says so.
+
+With several ``--seeds`` each seed runs every mode (``trainer.seed``), one after the other, and the
+summary holds the mean over seeds: seconds per step, accuracy over the first and last ten steps, and
+the paired difference async - sync in last-ten accuracy with its standard error over seeds. One
+seed's 40-step accuracy curve moves by several points between seeds (each step scores
+``batch_prompts * n`` samples), so "no worse than synchronous" is read from that difference.
 """
 
 from __future__ import annotations
@@ -63,10 +70,13 @@ def _start_server(model_dir: Path, cpus: str | None, log_path: Path):
     raise RuntimeError(f"dev server not healthy after 600 s; see {log_path}")
 
 
-def run_mode(args, async_steps: int) -> dict:
+def mode_name(async_steps: int) -> str:
+    return "sync" if async_steps == 0 else f"async{async_steps}"
+
+
+def run_mode(args, async_steps: int, seed: int) -> dict:
     """One training run of ``args.steps`` steps against a fresh pinned server; its per-step numbers."""
-    name = "sync" if async_steps == 0 else f"async{async_steps}"
-    run_dir = args.out / name
+    run_dir = args.out / f"seed{seed}" / mode_name(async_steps)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     server, url = _start_server(args.model_dir, args.server_cpus, run_dir / "server.log")
@@ -75,6 +85,7 @@ def run_mode(args, async_steps: int) -> dict:
         f"data.train_files=[{args.data_dir / 'train.jsonl'}]",
         f"trainer.run_dir={run_dir}",
         f"trainer.total_steps={args.steps}",
+        f"trainer.seed={seed}",
         "trainer.save_interval=0",
         "trainer.resume=none",
         "rollout.backend=external",
@@ -97,11 +108,12 @@ def run_mode(args, async_steps: int) -> dict:
         os.killpg(server.pid, 9)
         server.wait()
     if rc != 0:
-        raise RuntimeError(f"{name}: trainer exited {rc}; see {run_dir / 'trainer.log'}")
+        raise RuntimeError(f"{run_dir.name}: trainer exited {rc}; see {run_dir / 'trainer.log'}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     steady = [r["step_seconds"] for r in records[1:]] or [records[0]["step_seconds"]]
     return {
         "async_steps": async_steps,
+        "seed": seed,
         "steps": len(records),
         "step_s": statistics.fmean(steady),
         "step_s_median": statistics.median(steady),
@@ -136,13 +148,41 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def report(results: dict[str, dict], pinning: str) -> dict:
+def _last10(run: dict) -> float:
+    return _mean(run["acc"][-10:])
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One mode over its seeds: means of the per-seed figures, and the mean accuracy curve."""
+    curves = [r["acc"] for r in runs]
+    return {
+        "async_steps": runs[0]["async_steps"],
+        "seeds": [r["seed"] for r in runs],
+        "steps": min(r["steps"] for r in runs),
+        "step_s": _mean([r["step_s"] for r in runs]),
+        "step_s_median": statistics.median([r["step_s_median"] for r in runs]),
+        "acc": [_mean(list(step)) for step in zip(*curves)],
+        "acc_first10": _mean([_mean(r["acc"][:10]) for r in runs]),
+        "acc_last10": _mean([_last10(r) for r in runs]),
+        "version_lag_max": max(r["version_lag_max"] for r in runs),
+        "logprob_mismatch_mean": _mean([r["logprob_mismatch_mean"] for r in runs]),
+    }
+
+
+def report(per_seed: dict[str, list[dict]], pinning: str) -> dict:
+    """``per_seed[mode]`` = that mode's runs in seed order; the summary the table and JSON show."""
+    results = {name: summarise(runs) for name, runs in per_seed.items()}
     sync = results["sync"]
-    out = {"pinning": pinning, "results": results}
     for name, res in results.items():
-        res["acc_first10"], res["acc_last10"] = _mean(res["acc"][:10]), _mean(res["acc"][-10:])
-        if name != "sync":
-            res["speedup"] = sync["step_s"] / res["step_s"]
+        if name == "sync":
+            continue
+        res["speedup"] = sync["step_s"] / res["step_s"]
+        diffs = [_last10(a) - _last10(s) for a, s in zip(per_seed[name], per_seed["sync"])]
+        res["acc_last10_diff"] = _mean(diffs)
+        res["acc_last10_diff_se"] = (
+            statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        )
+    out = {"pinning": pinning, "results": results, "runs": per_seed}
     first_async = next((r for n, r in results.items() if n != "sync"), None)
     if first_async is not None:
         out["speedup"] = first_async["speedup"]
@@ -151,13 +191,23 @@ def report(results: dict[str, dict], pinning: str) -> dict:
 
 def print_table(out: dict) -> None:
     lines = [f"pinning: {out['pinning']}", ""]
-    lines.append(
-        f"{'mode':<8} {'steps':>5} {'s/step':>8} {'median':>8} {'speedup':>8} {'acc 1-10':>9} {'acc last10':>10} {'lag max':>8} {'mismatch':>9}"
-    )
+    header = f"{'mode':<8} {'seed':>5} {'steps':>5} {'s/step':>8} {'median':>8} {'acc 1-10':>9} {'acc last10':>10} {'lag max':>8} {'mismatch':>9}"
+    lines.append(header)
+    for name, runs in out["runs"].items():
+        for r in runs:
+            lines.append(
+                f"{name:<8} {r['seed']:>5} {r['steps']:>5} {r['step_s']:>8.3f} {r['step_s_median']:>8.3f} "
+                f"{_mean(r['acc'][:10]):>9.3f} {_last10(r):>10.3f} {r['version_lag_max']:>8.0f} {r['logprob_mismatch_mean']:>9.2e}"
+            )
+    lines += [
+        "",
+        f"{'mode':<8} {'seeds':>5} {'s/step':>8} {'speedup':>8} {'acc 1-10':>9} {'acc last10':>10} {'last10 async-sync (se)':>24}",
+    ]
     for name, r in out["results"].items():
+        diff = "" if name == "sync" else f"{r['acc_last10_diff']:+.3f} ({r['acc_last10_diff_se']:.3f})"
         lines.append(
-            f"{name:<8} {r['steps']:>5} {r['step_s']:>8.3f} {r['step_s_median']:>8.3f} {r.get('speedup', 1.0):>8.2f} "
-            f"{r['acc_first10']:>9.3f} {r['acc_last10']:>10.3f} {r['version_lag_max']:>8.0f} {r['logprob_mismatch_mean']:>9.2e}"
+            f"{name:<8} {len(r['seeds']):>5} {r['step_s']:>8.3f} {r.get('speedup', 1.0):>8.2f} "
+            f"{r['acc_first10']:>9.3f} {r['acc_last10']:>10.3f} {diff:>24}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
 
@@ -169,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps per mode")
     parser.add_argument(
         "--async-steps", type=int, nargs="+", default=[1], help="async_steps values to compare"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1], help="trainer.seed values; each runs every mode"
     )
     parser.add_argument("--model-dir", type=Path, default=REPO / "examples" / "tiny" / "model")
     parser.add_argument("--data-dir", type=Path, default=REPO / "runs" / "tiny_data")
@@ -183,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 2 and every --async-steps >= 1")
     _assets(args)
     pinning = _pinning(args)
-    results = {"sync": run_mode(args, 0)}
-    for k in args.async_steps:
-        results[f"async{k}"] = run_mode(args, k)
-    out = report(results, pinning)
+    per_seed: dict[str, list[dict]] = {mode_name(k): [] for k in [0, *args.async_steps]}
+    for seed in args.seeds:
+        for k in [0, *args.async_steps]:
+            per_seed[mode_name(k)].append(run_mode(args, k, seed))
+    out = report(per_seed, pinning)
     print_table(out)
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))

@@ -166,9 +166,12 @@ class AsyncRollouts:
 
     def _rollout(self, step: int):
         """On the thread: draw step ``step``'s prompts, generate and score them."""
+        cpu_began = time.thread_time()
         draws = _StoppableDraws(self.sampler, self._closing)
         first = draws.next_batch()
         responses, metrics = self._generate(self.run, self.session, draws, first, step)
+        # CPU the thread spent in the trainer's process (client, scoring): with the GIL, time training lost.
+        metrics = {**metrics, "async/thread_cpu_s": time.thread_time() - cpu_began}
         return responses, metrics, self.sampler.state_dict()
 
     def _control(self, path: str, payload: dict) -> None:
