@@ -111,6 +111,7 @@ class DevServer:
             ("POST", "/end_weight_update", self.end_weight_update),
             ("POST", "/update_weights_from_tensor", self.update_weights_from_tensor),
             ("GET", "/get_loads", self.get_loads),
+            ("GET", "/v1/loads", self.v1_loads),
             ("POST", "/flush_cache", self.flush_cache),
             ("GET", "/flush_cache", self.flush_cache),
             ("POST", "/abort_request", self.abort_request),
@@ -306,7 +307,7 @@ class DevServer:
         body = await _json_body(request)
         if not isinstance(body.get("new_version"), str):
             raise ValueError("/update_weight_version needs new_version (a string)")
-        if body.get("abort_all_requests"):
+        if body.get("abort_all_requests", True):  # SGLang's default: a new version aborts what runs
             self.scheduler.abort(lambda r: True, "Aborted by /update_weight_version")
         self.weight_version = body["new_version"]
         return web.json_response(
@@ -336,6 +337,14 @@ class DevServer:
         return web.json_response(
             {"num_reqs": self.scheduler.num_in_flight, "num_waiting_reqs": len(self.scheduler.pending)}
         )
+
+    async def v1_loads(self, request: web.Request) -> web.Response:
+        """SGLang's ``/v1/loads`` (its core fields): requests decoding vs waiting for admission."""
+        assert self.scheduler is not None
+        waiting = len(self.scheduler.pending)
+        running = self.scheduler.num_in_flight - waiting
+        load = {"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting}
+        return web.json_response({"version": VERSION, "loads": [load]})
 
     # ---------------------------------------------------------------- control
     async def flush_cache(self, request: web.Request) -> web.Response:

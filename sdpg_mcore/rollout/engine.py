@@ -133,7 +133,13 @@ class HFEngine:
             raise ValueError(f"input_ids holds ids outside [0, {self.vocab_size}): {bad[:5]}")
         if len(req.input_ids) >= self.max_context:
             raise ValueError(
-                f"input of {len(req.input_ids)} tokens does not fit the context of {self.max_context}"
+                f"The input ({len(req.input_ids)} tokens) is longer than the model's context length "
+                f"({self.max_context} tokens)."
+            )
+        if len(req.input_ids) + req.params.max_new_tokens > self.max_context:
+            raise ValueError(
+                f"Requested token count exceeds the model's maximum context length of {self.max_context} "
+                f"tokens: {len(req.input_ids)} input + {req.params.max_new_tokens} max_new_tokens"
             )
         if req.params.stop and self.tokenizer is None:
             raise ValueError(
@@ -182,7 +188,7 @@ class HFEngine:
         """
         finished, keep = [], []
         for i, req in enumerate(cohort.requests):
-            if self.sample_into(req, cohort.logits_NV[i], int(cohort.next_position_N[i])):
+            if self.sample_into(req, cohort.logits_NV[i]):
                 finished.append(req)
             else:
                 keep.append(i)
@@ -210,12 +216,17 @@ class HFEngine:
         cohort.logits_NV = out.logits[:, -1].float()
         return finished
 
-    def sample_into(self, req: GenRequest, logits_V: torch.Tensor, position: int) -> bool:
+    def max_output_tokens(self, req: GenRequest) -> int:
+        """``max_new_tokens``, capped as SGLang's scheduler caps it: ``max_req_len - input - 1`` with
+        ``max_req_len = context - 1`` (sglang 0.5.23 ``scheduler.py``), i.e. ``context - 2 - input``."""
+        return max(0, min(req.params.max_new_tokens, self.max_context - 2 - len(req.input_ids)))
+
+    def sample_into(self, req: GenRequest, logits_V: torch.Tensor) -> bool:
         """Append one sampled token to ``req``; set its finish reason and return True when it ends."""
         params = req.params
         if req.abort_message is not None:
             req.finish_reason = finish_reason_abort(req.abort_message)
-        elif len(req.output_ids) >= params.max_new_tokens or position >= self.max_context:
+        elif len(req.output_ids) >= self.max_output_tokens(req):
             req.finish_reason = finish_reason_length(len(req.output_ids))
         else:
             generator = req.generator or self.default_generator

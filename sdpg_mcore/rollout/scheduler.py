@@ -75,7 +75,7 @@ class Scheduler:
             if match(req):
                 self.pending.remove(req)
                 req.abort_message = message
-                self.engine.sample_into(req, None, 0)
+                self.engine.sample_into(req, None)
                 self._resolve(req)
                 count += 1
         for cohort in self.cohorts:

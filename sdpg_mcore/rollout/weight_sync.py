@@ -175,10 +175,12 @@ class WeightSync:
             _post(self.server_urls, "/end_weight_update", {}, self.timeout_s)
         if flush_cache:
             flush_caches(self.server_urls)
-        _post(self.server_urls, "/update_weight_version", {"new_version": str(version)}, self.timeout_s)
+        # SGLang aborts every running request on a version change unless told not to.
+        version_body = {"new_version": str(version), "abort_all_requests": False}
+        _post(self.server_urls, "/update_weight_version", version_body, self.timeout_s)
         check_weight_versions(self.server_urls, str(version))
 
-    def push(self, named_tensors: NamedTensors, version: str) -> WeightSyncStats:
+    def push(self, named_tensors: NamedTensors, version: str, *, flush_cache: bool = True) -> WeightSyncStats:
         """Single stage, single process: begin, send, commit."""
         self.begin()
         try:
@@ -186,7 +188,7 @@ class WeightSync:
         except BaseException:
             self.abandon()
             raise
-        self.commit(version)
+        self.commit(version, flush_cache=flush_cache)
         return stats
 
     def abandon(self) -> None:

@@ -169,6 +169,27 @@ def test_bad_sampling_params_get_400_and_server_stays_up(url, sampling):
     assert ok[0] == 200
 
 
+def test_context_length_limits(url, tiny_model_dir):
+    """SGLang's limits at the context edge (C = max_position_embeddings): input + max_new_tokens > C is
+    refused; up to C is served with at most C - 2 - input new tokens (its scheduler's cap)."""
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    prompt = PROMPTS[0]
+    params = {"max_new_tokens": context - len(prompt), "temperature": 0, "ignore_eos": True}
+    status, out = http_json(
+        f"{url}/generate", {"input_ids": prompt, "sampling_params": params}, timeout_s=300
+    )
+    assert status == 200, out
+    assert len(out["output_ids"]) == context - 2 - len(prompt)
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    too_long = {**params, "max_new_tokens": context - len(prompt) + 1}
+    status, out = http_json(f"{url}/generate", {"input_ids": prompt, "sampling_params": too_long})
+    assert status == 400 and "context length" in json.dumps(out), out
+    status, out = http_json(
+        f"{url}/generate", {"input_ids": [1] * context, "sampling_params": {"max_new_tokens": 0}}
+    )
+    assert status == 400 and "context length" in json.dumps(out), out
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "1e400"])
 def test_non_finite_json_numbers_get_400(url, value):
     for key in ("temperature", "max_new_tokens"):
@@ -285,3 +306,110 @@ def test_release_and_resume_memory(url, tiny_model_dir):
     with memory.released_during():
         assert memory.released
     assert_serves(url, tiny_model_dir)
+
+
+# ---------------------------------------------------------------------------- pushes while paused in place
+def hf_logprobs_switched(
+    old_dir, new_dir, prompt: list[int], output_ids: list[int], switch: int
+) -> list[float]:
+    """Log-probs of ``output_ids`` as a server with a KV cache computes them when the weights change
+    in place before the forward that produces output token ``switch``: the positions processed
+    before the change keep their old-weight keys and values (``switch = len(output_ids)``: no change)."""
+    from transformers import AutoModelForCausalLM
+
+    old, new = (
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (old_dir, new_dir)
+    )
+    ids = prompt + output_ids
+    cut = len(prompt) + switch - 1  # inputs before `cut` ran under the old weights
+    with torch.no_grad():
+        before = old(input_ids=torch.tensor([ids[:cut]]), use_cache=True)
+        logits = [before.logits[0, len(prompt) - 1 :]]
+        if switch < len(output_ids):
+            after = new(input_ids=torch.tensor([ids[cut:-1]]), past_key_values=before.past_key_values)
+            logits.append(after.logits[0])
+    logprobs = torch.log_softmax(torch.cat(logits).double(), dim=-1)
+    return logprobs.gather(1, torch.tensor(output_ids).unsqueeze(1)).squeeze(1).tolist()
+
+
+def _generate_in_background(url: str, body: dict, timeout_s: float = 120.0) -> tuple[threading.Thread, dict]:
+    """POST ``body`` to ``/generate`` on a thread; return once ``/v1/loads`` shows it decoding.
+    The answer lands in ``answer["r"]`` (status, body) when the thread ends."""
+    answer: dict = {}
+    thread = threading.Thread(
+        target=lambda: answer.update(r=http_json(f"{url}/generate", body, timeout_s=300))
+    )
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and thread.is_alive():
+        status, out = http_json(f"{url}/v1/loads")
+        assert status == 200, out
+        if out["loads"][0]["num_running_reqs"] >= 1:
+            return thread, answer
+        time.sleep(0.005)
+    raise AssertionError(f"the request never showed as running in /v1/loads: {answer}")
+
+
+@pytest.mark.parametrize("kind", ["disk", "distributed"])
+def test_push_while_paused_in_place_keeps_the_request_in_flight(
+    url, tiny_model_dir, other_model, tmp_path, kind
+):
+    """Asynchronous rollouts' weight push: ``/pause_generation {"mode": "in_place"}``, push without a
+    cache flush, ``/continue_generation``. The request in flight is neither aborted nor restarted:
+    its first tokens come from the old weights, the rest from the new ones over the old KV cache."""
+    prompt = PROMPTS[0]
+    length = 256 - 2 - len(prompt)  # the tiny model's whole context: long enough to catch it decoding
+    body = {
+        "input_ids": prompt,
+        "sampling_params": {"max_new_tokens": length, "temperature": 0, "ignore_eos": True},
+        "return_logprob": True,
+    }
+    thread = None
+    if kind == "disk":
+        sync = DiskWeightSync([url], tmp_path / "shared", hf_config_dir=other_model)
+    else:
+        sync = DistributedWeightSync([url], server_tp_sizes=server_tp_sizes([url]), bucket_bytes=64 << 10)
+    try:
+        thread, answer = _generate_in_background(url, body)
+        assert http_json(f"{url}/pause_generation", {"mode": "in_place"})[0] == 200
+        try:
+            sync.push(hf_tensors(other_model), f"paused-{kind}", flush_cache=False)
+            loads = http_json(f"{url}/v1/loads")[1]["loads"][0]
+            assert loads["num_running_reqs"] == 1, loads  # the push did not wait for it to finish
+        finally:
+            assert http_json(f"{url}/continue_generation", {})[0] == 200
+        thread.join(timeout=300)
+        status, out = answer["r"]
+        assert status == 200, out
+        meta = out["meta_info"]
+        assert meta["finish_reason"]["type"] == "length", meta["finish_reason"]
+        assert len(out["output_ids"]) == length
+        assert meta["weight_version"] == f"paused-{kind}"
+        served = [entry[0] for entry in meta["output_token_logprobs"]]
+        old_only = hf_logprobs_switched(tiny_model_dir, other_model, prompt, out["output_ids"], length)
+        switch = next(
+            (i for i, (a, b) in enumerate(zip(served, old_only)) if abs(a - b) > LOGPROB_ATOL), length
+        )
+        assert 0 < switch < length, f"switch at {switch}: the push did not land mid-request"
+        mixed = hf_logprobs_switched(tiny_model_dir, other_model, prompt, out["output_ids"], switch)
+        assert max(abs(a - b) for a, b in zip(served, mixed)) <= LOGPROB_ATOL
+    finally:
+        if thread is not None:
+            thread.join(timeout=300)
+        sync.close()
+        _restore(url, tiny_model_dir, tmp_path)
+
+
+@pytest.mark.parametrize(("abort", "finish"), [(None, "abort"), (False, "length")])
+def test_a_new_weight_version_aborts_running_requests_unless_told_not_to(url, abort, finish):
+    """``/update_weight_version`` aborts what runs by default (SGLang); ``WeightSync.commit`` says not to."""
+    body = {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}
+    thread, answer = _generate_in_background(url, body)
+    assert http_json(f"{url}/pause_generation", {"mode": "in_place"})[0] == 200
+    try:
+        update = {"new_version": f"abort-{abort}"} | ({} if abort is None else {"abort_all_requests": abort})
+        assert http_json(f"{url}/update_weight_version", update)[0] == 200
+    finally:
+        assert http_json(f"{url}/continue_generation", {})[0] == 200
+    thread.join(timeout=300)
+    assert answer["r"][1]["meta_info"]["finish_reason"]["type"] == finish, answer["r"]
