@@ -6,7 +6,6 @@ Slow (each real server takes 24-35 s to start on 2 cores, TP2 two processes): ``
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,9 @@ from sdpg_mcore.rollout.sglang_launch import check_servers
 from sdpg_mcore.rollout.weight_sync import DistributedWeightSync, weight_versions
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "train"))
+from launch_testlib import launch_overrides, make_assets  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
@@ -59,47 +61,54 @@ def test_tp2_servers_behind_router_take_a_broadcast(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("weight_sync", "colocated"), [("distributed", False), ("disk", False), ("tensor", True)]
+    ("weight_sync", "colocated", "async_steps", "num_servers"),
+    [
+        ("distributed", False, 0, 1),
+        ("disk", False, 0, 1),
+        ("tensor", True, 0, 1),
+        ("distributed", False, 1, 2),
+    ],
+    ids=["distributed", "disk", "tensor-colocated", "async-distributed-2-servers-router"],
 )
-def test_trainer_on_real_sglang(tmp_path, weight_sync, colocated):
+def test_trainer_on_real_sglang(tmp_path, weight_sync, colocated, async_steps, num_servers):
     """Three SDPG steps with real SGLang: engine and trainer log-probs agree in fp32, versions follow steps.
 
     ``colocated``: the engine releases its memory after each rollout and resumes it before the push.
+    ``async_steps=1`` (two servers behind the router): each step after the first samples weights one
+    version behind the trainer, and no request is lost to the pushes made while it ran.
     """
     from sdpg_mcore.config import load_config
     from sdpg_mcore.parallel.spawn import spawn_ranks
 
     require_real_sglang()
-    root = tmp_path / "assets"
-    sys.path.insert(0, str(REPO / "tools"))
-    import make_tiny_model
-
-    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=3, batch_size=4, eval_prompts=2)
-    subprocess.run(
-        [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--synthetic", "arithmetic"]
-        + ["--out", str(root / "data"), "--format", "jsonl", "--num-train", "64", "--num-test", "4"],
-        check=True,
-        capture_output=True,
-    )
-    overrides = [
-        f"model.path={root / 'model'}",
-        f"data.train_files=[{root / 'data' / 'train.jsonl'}]",
-        f"trainer.run_dir={tmp_path / 'run'}",
+    assets = make_assets(tmp_path / "assets", sft_steps=3, num_train=64)
+    overrides = launch_overrides(
+        assets,
+        tmp_path / "run",
         "data.batch_prompts=4",
         "data.mini_batch_prompts=2",
+        "data.max_response_length=24",
         "rollout.n=4",
         "rollout.backend=sglang",
         f"rollout.weight_sync={weight_sync}",
         f"rollout.colocated={str(colocated).lower()}",
+        f"rollout.async_steps={async_steps}",
+        f"rollout.num_servers={num_servers}",
+        f"rollout.router={str(num_servers > 1).lower()}",
         "rollout.startup_timeout_s=600",
         "trainer.total_steps=3",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-    ]
+    )
     load_config(REPO / "examples" / "tiny" / "sdpg.yaml", overrides)  # bad overrides fail here, not in a rank
     spawn_ranks(_train, 1, args=(overrides,), timeout_s=900)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert [r["rollout/weight_version"] for r in records] == [0.0, 1.0, 2.0]
-    for record in records:
-        assert record["logprob_mismatch"] <= 1e-4, record["logprob_mismatch"]
+    assert all(r["rollout/num_aborted"] == 0 and r["rollout/dropped_aborted"] == 0 for r in records)
+    if not async_steps:
+        assert [r["rollout/weight_version"] for r in records] == [0.0, 1.0, 2.0]
+        for record in records:
+            assert record["logprob_mismatch"] <= 1e-4, record["logprob_mismatch"]
+        return
+    assert [r["async/start_lag"] for r in records] == [0.0, 1.0, 1.0]
+    assert [r["rollout/version_lag_max"] for r in records][1:] == [1.0, 1.0]
+    assert records[0]["logprob_mismatch"] <= 1e-4  # the initial weights on both sides
+    assert all(0 < r["rollout_is_weight"] <= 2.0 for r in records)  # rollout_is_cap's async default

@@ -13,15 +13,25 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "tiny" / "sdpg.yaml"
 
 
-def make_assets(root: Path) -> Path:
-    """A random-init tiny model (no warm start: seconds) and a small arithmetic data set under ``root``."""
+def make_assets(root: Path, *, sft_steps: int = 0, num_train: int = 32) -> Path:
+    """A tiny model (random init, plus ``sft_steps`` warm-start steps: seconds) and a small arithmetic
+    data set of ``num_train`` prompts under ``root``."""
     sys.path.insert(0, str(REPO / "tools"))
     import make_tiny_model
 
-    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=0, batch_size=4, eval_prompts=2)
+    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=sft_steps, batch_size=4, eval_prompts=2)
     subprocess.run(
         [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--synthetic", "arithmetic"]
-        + ["--out", str(root / "data"), "--format", "jsonl", "--num-train", "32", "--num-test", "4"],
+        + [
+            "--out",
+            str(root / "data"),
+            "--format",
+            "jsonl",
+            "--num-train",
+            str(num_train),
+            "--num-test",
+            "4",
+        ],
         check=True,
         capture_output=True,
     )
