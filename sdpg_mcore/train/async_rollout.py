@@ -156,7 +156,9 @@ class AsyncRollouts:
                 # Repeated: a request the thread sends after one abort is caught by the next.
                 self.control.run(self.control.abort(abort_all=True))
                 wait([future], timeout=0.5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.submit(self.session.client.shutdown)  # on its thread, once the rollout there ends
+        self.pool.shutdown(wait=False)
+        self.control.shutdown()
         self.pending.clear()
 
     # ---------------------------------------------------------------- rank 0

@@ -181,6 +181,7 @@ class RolloutSession:
         return self.supervisor.run(rollout) if self.supervisor is not None else rollout()
 
     def close(self) -> None:
+        self.client.shutdown()
         if self.servers is not None:
             self.servers.stop()
 
