@@ -161,7 +161,8 @@ class RolloutConfig:
     async_steps: int = 0
     """0: generate a step's responses, then train on them (synchronous). k >= 1: the rollout of the
     next step is generated while this one trains, from weights at most k versions older than the
-    trainer's (``train/async_rollout.py``); the loss still uses the trainer's recomputed old log-probs."""
+    trainer's (``train/async_rollout.py``); the loss still uses the trainer's recomputed old log-probs
+    and, by default, a truncated importance weight for the staleness (``algorithm.rollout_is_cap``)."""
     async_cpus: list[int] = field(default_factory=list)
     """CPU cores for rank 0's rollout thread under async_steps (HTTP client, scoring and the reward
     workers it starts); empty: the trainer process's cores. For a trainer pinned to its own cores,

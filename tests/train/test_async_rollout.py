@@ -55,12 +55,22 @@ def test_async_steps_must_not_be_negative():
         load_config(RECIPE, ["rollout.async_steps=-1"])
 
 
-def test_async_samples_lag_at_most_one_version(assets, tmp_path):
+@pytest.mark.parametrize(
+    "servers",
+    [
+        pytest.param([], id="one-server"),
+        pytest.param(
+            ["rollout.num_servers=2", "rollout.router=true"], id="two-behind-router", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_async_samples_lag_at_most_one_version(assets, tmp_path, servers):
     """async_steps=1: step 1 samples the initial weights; every later step's samples are at most one
     version behind the trainer, the rollout of step s started from version s - 2, and the trainer's
-    old log-probs are still compared with the rollout's."""
+    old log-probs are still compared with the rollout's. Pauses and pushes reach every worker."""
     run_dir = tmp_path / "run"
-    _finish(_launch(assets, run_dir, "trainer.total_steps=4", "trainer.save_interval=0"), run_dir)
+    extra = ["trainer.total_steps=4", "trainer.save_interval=0", *servers]
+    _finish(_launch(assets, run_dir, *extra), run_dir)
     records = _records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["rollout/version_lag_max"] == 0 and records[0]["async/start_lag"] == 0
