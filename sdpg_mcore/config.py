@@ -484,29 +484,8 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def validate(cfg: Config) -> Config:
-    """Check value ranges and cross-field consistency (the algorithm checked itself when parsed), and
-    resolve the defaults that depend on another section (``algorithm.rollout_is_cap``). Returns ``cfg``."""
-    par, data, ro, opt, tr = cfg.parallel, cfg.data, cfg.rollout, cfg.optimizer, cfg.trainer
-    for name in ("tp", "pp", "cp"):
-        _check(getattr(par, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(par, name)}")
-    _check(par.dp == -1 or par.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (infer), got {par.dp}")
-    _check(bool(cfg.model.path), "model.path", "is required (a Hugging Face model directory)")
-    _check(bool(data.train_files), "data.train_files", "is required (one or more prompt files)")
-    for name in ("max_prompt_length", "max_response_length", "batch_prompts", "mini_batch_prompts"):
-        _check(getattr(data, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(data, name)}")
-    _check(
-        data.batch_prompts % data.mini_batch_prompts == 0,
-        "data.mini_batch_prompts",
-        f"must divide data.batch_prompts={data.batch_prompts}, got {data.mini_batch_prompts}",
-    )
-    longest = data.max_prompt_length + data.max_response_length
-    _check(
-        data.micro_batch_tokens >= longest,
-        "data.micro_batch_tokens",
-        f"must fit one full sequence (max_prompt_length + max_response_length = {longest}), "
-        f"got {data.micro_batch_tokens}",
-    )
+def _check_rollout(ro: RolloutConfig) -> None:
+    """The ``rollout:`` section's ranges and combinations."""
     _check(ro.n >= 1, "rollout.n", f"must be >= 1, got {ro.n}")
     _check(ro.temperature > 0, "rollout.temperature", f"must be > 0, got {ro.temperature}")
     _check(0 < ro.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
@@ -536,14 +515,40 @@ def validate(cfg: Config) -> Config:
         "needs the rollout servers on their own devices: colocated engines hand their memory to training "
         "between rollouts; set rollout.colocated=false or rollout.async_steps=0",
     )
-    if cfg.algorithm.rollout_is_cap is None:  # the default: correct stale samples, leave the paper recipe
-        cfg.algorithm = dataclasses.replace(cfg.algorithm, rollout_is_cap=2.0 if ro.async_steps else 0.0)
     if ro.backend == "external":
         _check(bool(ro.urls), "rollout.urls", "is required when rollout.backend=external")
         for url in ro.urls:
             _check(
                 url.startswith(("http://", "https://")), "rollout.urls", f"{url!r} must start with http://"
             )
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and cross-field consistency (the algorithm checked itself when parsed), and
+    resolve the defaults that depend on another section (``algorithm.rollout_is_cap``). Returns ``cfg``."""
+    par, data, ro, opt, tr = cfg.parallel, cfg.data, cfg.rollout, cfg.optimizer, cfg.trainer
+    for name in ("tp", "pp", "cp"):
+        _check(getattr(par, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(par, name)}")
+    _check(par.dp == -1 or par.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (infer), got {par.dp}")
+    _check(bool(cfg.model.path), "model.path", "is required (a Hugging Face model directory)")
+    _check(bool(data.train_files), "data.train_files", "is required (one or more prompt files)")
+    for name in ("max_prompt_length", "max_response_length", "batch_prompts", "mini_batch_prompts"):
+        _check(getattr(data, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(data, name)}")
+    _check(
+        data.batch_prompts % data.mini_batch_prompts == 0,
+        "data.mini_batch_prompts",
+        f"must divide data.batch_prompts={data.batch_prompts}, got {data.mini_batch_prompts}",
+    )
+    longest = data.max_prompt_length + data.max_response_length
+    _check(
+        data.micro_batch_tokens >= longest,
+        "data.micro_batch_tokens",
+        f"must fit one full sequence (max_prompt_length + max_response_length = {longest}), "
+        f"got {data.micro_batch_tokens}",
+    )
+    _check_rollout(ro)
+    if cfg.algorithm.rollout_is_cap is None:  # the default: correct stale samples, leave the paper recipe
+        cfg.algorithm = dataclasses.replace(cfg.algorithm, rollout_is_cap=2.0 if ro.async_steps else 0.0)
     _check(opt.lr > 0, "optimizer.lr", f"must be > 0, got {opt.lr}")
     _check(opt.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {opt.clip_grad}")
     _check(tr.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {tr.total_steps}")
