@@ -18,6 +18,7 @@ Exit 0 only when there is no violation and no other host sync.
 
     python tools/device_audit.py                 # ~30 s on 2 cores
     python tools/device_audit.py --json audit.json
+    python tools/device_audit.py --teacher-states host   # trainer.teacher_states=host: via pinned host memory
 
 What is faked, and only here: autograd through fake CUDA tensors aborts this torch build, so the
 passes run under ``no_grad``, Megatron's ``backward_step`` only checks devices, and the fused head's
