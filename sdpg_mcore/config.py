@@ -209,6 +209,12 @@ class TrainerConfig:
     """auto: resume from RUN_DIR/checkpoints/latest if present; none: start fresh; or a checkpoint path."""
     reference_weights: Literal["cpu_swap", "separate_model"] = "cpu_swap"
     """Reference policy for lp_ref: weights kept on CPU and swapped in, or a second resident model."""
+    teacher_states: Literal["device", "host"] = "device"
+    """Where sdpg's teacher hidden states wait between the teacher pass and the train pass: device
+    keeps the whole mini-batch's share on the GPU (8 GiB/GPU for the 70B recipe, which fits: 63.5 of
+    80 GiB, so no copies are paid); host moves each micro-batch's to pinned host memory and back
+    (one micro-batch's on the GPU, the mini-batch's share in host RAM per GPU), for layouts where
+    ``tools/plan.py`` says device does not fit."""
     stop_at_step: int = 0
     """Stop after this step (0 = run to total_steps), e.g. for time-limited jobs; resume continues the run."""
     logprob_chunk_size: int = 1024

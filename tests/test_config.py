@@ -85,6 +85,10 @@ def test_unknown_key_in_yaml(tmp_path):
         ("data.micro_batch_tokens=50", "must fit one full sequence"),
         ("rollout.backend=external", "rollout.urls.*required"),
         ("trainer.total_steps=0", "trainer.total_steps.*>= 1"),
+        (
+            "trainer.teacher_states=disk",
+            "config key 'trainer.teacher_states' got 'disk'; choose one of: device, host",
+        ),
     ],
 )
 def test_bad_values_name_the_key(recipe, override, match):

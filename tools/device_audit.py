@@ -18,6 +18,7 @@ Exit 0 only when there is no violation and no other host sync.
 
     python tools/device_audit.py                 # ~30 s on 2 cores
     python tools/device_audit.py --json audit.json
+    python tools/device_audit.py --teacher-states host   # trainer.teacher_states=host: via pinned host memory
 
 What is faked, and only here: autograd through fake CUDA tensors aborts this torch build, so the
 passes run under ``no_grad``, Megatron's ``backward_step`` only checks devices, and the fused head's
@@ -175,8 +176,12 @@ def _policy_for_audit(policy, audit):
     return fake
 
 
-def run_audit(algorithm_name: str = "sdpg") -> dict:
-    """One step under the fake GPU; returns ``{"violations": [...], "host_syncs": [...], ...}``."""
+def run_audit(algorithm_name: str = "sdpg", teacher_states: str = "device") -> dict:
+    """One step under the fake GPU; returns ``{"violations": [...], "host_syncs": [...], ...}``.
+
+    ``teacher_states``: the step's ``trainer.teacher_states`` (host: the teacher states go to pinned
+    host memory and come back per micro-batch; the audit checks both copies are pinned and non-blocking).
+    """
     from megatron.core.pipeline_parallel import schedules
 
     from sdpg_mcore import algo, ops
@@ -210,7 +215,7 @@ def run_audit(algorithm_name: str = "sdpg") -> dict:
         )
     algorithm = algo.get_algorithm(algorithm_name)
     audit = FakeCuda()
-    result: dict = {"algorithm": algorithm_name}
+    result: dict = {"algorithm": algorithm_name, "teacher_states": teacher_states}
     patches = [(schedules, "backward_step", _backward_step_check(audit))]
     patches += [(torch.distributed, name, _checked_collective(audit, name)) for name in COLLECTIVES]
     patches += [(ops, "fused_kl_head", _head_with_backward(audit))]
@@ -228,10 +233,12 @@ def run_audit(algorithm_name: str = "sdpg") -> dict:
             ctx = StepContext(
                 policy=fake_policy, reference=reference, algorithm=algorithm, loss_cfg=algorithm.config_cls(),
                 layout=layout, temperature=1.0, token_budget=96, mini_batch_groups=2, total_steps=2, pad_id=0,
+                teacher_states=teacher_states,
             )  # fmt: skip
             batch = _responses(vocab, prompts=4, n=2)
             run_step(ctx, 1, batch)
             result["micro_batches_per_pass"] = "several (token_budget=96)"
+            result["host_teacher_state_bytes"] = 0 if ctx.host_states is None else ctx.host_states.nbytes
         except AuditViolation as err:
             result["stopped_at"] = str(err)
         except Exception as err:  # a device error the fake GPU raised, as the real one would
@@ -324,7 +331,10 @@ def _allowed(sync: str) -> bool:
 
 def print_report(result: dict) -> None:
     out = sys.stdout
-    out.write(f"device audit of one {result['algorithm']} step on a fake GPU\n")
+    out.write(
+        f"device audit of one {result['algorithm']} step on a fake GPU "
+        f"(teacher states on the {result['teacher_states']})\n"
+    )
     if "stopped_at" in result:
         out.write(f"STOPPED: {result['stopped_at']}\n")
     built = result.get("construction", {})
@@ -346,9 +356,15 @@ def print_report(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithm", default="sdpg", help="algorithm whose step is audited (default sdpg)")
+    parser.add_argument(
+        "--teacher-states",
+        choices=("device", "host"),
+        default="device",
+        help="trainer.teacher_states of the audited step (default device)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    result = run_audit(args.algorithm)
+    result = run_audit(args.algorithm, args.teacher_states)
     print_report(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

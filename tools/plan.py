@@ -7,7 +7,8 @@
 Give ``--tp/--pp/--cp`` to validate a layout (missing ones default to 1); leave them out to get
 the smallest model-parallel layout that fits. Exit status: 0 fits, 1 does not fit, 2 bad input.
 The JSON holds ``num_parameters`` (the HF count), ``num_parameters_megatron`` (vocabulary padded
-to 128*TP), ``fits``, ``layout`` and ``per_gpu_bytes`` by component.
+to 128*TP), ``fits``, ``layout``, ``per_gpu_bytes`` by component and ``advice`` (what would make a
+layout that does not fit fit, e.g. ``trainer.teacher_states=host``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,7 +38,7 @@ NOTES = {
     "activations": "student fwd saved for bwd, 1F1B in flight",
     "kl_head": "hidden states + logits work (fused: per chunk)",
     "teacher": "forward-only teacher pass: one layer's working set",
-    "teacher_states": "teacher response states of every micro-batch of a mini-batch (last stage)",
+    "teacher_states": "teacher response states kept for the train pass (last stage; host: one micro-batch's)",
     "reference_model": "resident reference copy (separate_model)",
     "rollout_weights": "colocated SGLang weights",
     "rollout_kv_cache": "colocated SGLang KV cache",
@@ -95,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the reference policy lives (default: the recipe's trainer.reference_weights, else cpu_swap)",
     )
     p.add_argument(
+        "--teacher-states",
+        choices=("device", "host"),
+        help="where the teacher states wait for the train pass (default: the recipe's trainer.teacher_states, "
+        "else device)",
+    )
+    p.add_argument(
         "--rollout-kv-seqs",
         type=int,
         default=16,
@@ -124,6 +132,7 @@ def apply_recipe(args: argparse.Namespace) -> Path:
         "recompute": "full" if model.get("recompute_activations") else None,
         "kl_chunk_tokens": trainer.get("logprob_chunk_size"),
         "reference_weights": trainer.get("reference_weights"),
+        "teacher_states": trainer.get("teacher_states"),
         "mini_batch_responses": _product(data.get("mini_batch_prompts"), section("rollout").get("n")),
     }
     if all(getattr(args, k) is None for k in ("tp", "pp", "cp")):
@@ -169,15 +178,14 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
         reference_weights=args.reference_weights or "cpu_swap",
         mini_batch_responses=args.mini_batch_responses,
         response_len=args.max_response_len,
+        teacher_states=args.teacher_states or "device",
         rollout_kv_seqs=args.rollout_kv_seqs,
         overhead_bytes=int(args.overhead_gb * GIB),
     )
 
 
-def make_plan(args: argparse.Namespace) -> dict:
-    """The JSON-ready plan for parsed arguments (raises ValueError on bad input)."""
-    shape = ModelShape.from_path(apply_recipe(args))
-    train = build_training_shape(args)
+def _plan(args: argparse.Namespace, shape: ModelShape, train: TrainingShape):
+    """The given layout's plan (``--tp/--pp/--cp``), else the proposed one; and whether it was proposed."""
     world = args.nodes * args.gpus_per_node
     gpu_mem = int(args.gpu_mem_gb * GIB)
     if any(v is not None for v in (args.tp, args.pp, args.cp)):
@@ -185,11 +193,35 @@ def make_plan(args: argparse.Namespace) -> dict:
         mp = tp * pp * cp
         if world % mp:
             raise ValueError(f"tp*pp*cp = {mp} does not divide the {world} GPUs (--nodes x --gpus-per-node)")
-        plan = evaluate(shape, Layout(tp, pp, cp, world // mp), train, args.gpus_per_node, world, gpu_mem)
-        proposed = False
-    else:
-        plan = propose_layout(shape, train, args.gpus_per_node, world, gpu_mem)
-        proposed = True
+        return evaluate(
+            shape, Layout(tp, pp, cp, world // mp), train, args.gpus_per_node, world, gpu_mem
+        ), False
+    return propose_layout(shape, train, args.gpus_per_node, world, gpu_mem), True
+
+
+def advice(args: argparse.Namespace, shape: ModelShape, train: TrainingShape, plan) -> list[str]:
+    """What would make a plan that does not fit fit: the teacher states in pinned host memory."""
+    if plan.fits or plan.problems or train.teacher_states != "device":
+        return []
+    host, _ = _plan(args, shape, replace(train, teacher_states="host"))
+    if not host.fits:
+        return []
+    lay, est = host.layout, host.estimate
+    per_gpu = est.teacher_states_host / GIB
+    return [
+        f"trainer.teacher_states=host fits: TP{lay.tp} PP{lay.pp} CP{lay.cp} DP{lay.dp} at "
+        f"{est.total / GIB:.2f} GiB per GPU (teacher states of one micro-batch on the GPU; the "
+        f"mini-batch's in pinned host memory: {per_gpu:.2f} GiB per GPU, "
+        f"{per_gpu * args.gpus_per_node:.1f} GiB per last-stage node of {args.gpus_per_node} GPUs)"
+    ]
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    """The JSON-ready plan for parsed arguments (raises ValueError on bad input)."""
+    shape = ModelShape.from_path(apply_recipe(args))
+    train = build_training_shape(args)
+    plan, proposed = _plan(args, shape, train)
+    gpu_mem = plan.gpu_mem_bytes
     layout = plan.layout
     return {
         "config": str(args.config),
@@ -200,6 +232,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         "fits": plan.fits,
         "proposed": proposed,
         "problems": plan.problems,
+        "advice": advice(args, shape, train, plan),
         "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp},
         "per_gpu_bytes": plan.estimate.as_dict() if plan.estimate else {},
         "gpu_mem_bytes": gpu_mem,
@@ -211,6 +244,7 @@ def make_plan(args: argparse.Namespace) -> dict:
             "kl_head": train.kl_head,
             "kernels": train.kernels,
             "reference_weights": train.reference_weights,
+            "teacher_states": train.teacher_states,
             "rollout": train.rollout,
         },
     }
@@ -241,9 +275,19 @@ def print_table(result: dict) -> None:
             f"[bold]{per_gpu['total'] / GIB:.2f}[/bold]",
             f"of {result['gpu_mem_bytes'] / GIB:.0f} GiB: {'[green]fits' if result['fits'] else '[red]does not fit'}",
         )
+    host = per_gpu.get("teacher_states_host", 0)
+    if host:
+        nodes = result["cluster"]["gpus_per_node"]
+        table.add_row(
+            "host RAM, pinned",
+            f"{host / GIB:.2f}",
+            f"teacher states (teacher_states=host), not GPU: {host * nodes / GIB:.1f} GiB per last-stage node",
+        )
     console.print(table)
     for problem in result["problems"]:
         console.print(f"[red]invalid layout:[/red] {problem}")
+    for line in result["advice"]:
+        console.print(f"[yellow]advice:[/yellow] {line}")
 
 
 def main(argv: list[str] | None = None) -> int:

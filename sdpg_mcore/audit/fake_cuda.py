@@ -149,7 +149,8 @@ class _Dispatch(TorchDispatchMode):
 
 class _Indexing(TorchFunctionMode):
     """Tensor methods whose Python bindings hold a CUDA device guard (``x[...]``, ``x[...] = v``,
-    ``contiguous``, ``copy_``, ``out=``), as the aten ops they stand for; ``pin_memory`` as a mark."""
+    ``contiguous``, ``copy_``, ``out=``), as the aten ops they stand for; ``pin_memory`` (the method
+    and the factory argument) as a mark."""
 
     def __init__(self, audit: FakeCuda):
         super().__init__()
@@ -164,6 +165,10 @@ class _Indexing(TorchFunctionMode):
         if func is torch.Tensor.pin_memory:  # a CPU-only build has no pinned memory: mark instead
             self.audit.mark_pinned(args[0])
             return args[0]
+        if kwargs.get("pin_memory") is True:  # torch.empty(..., pin_memory=True): the same, allocated plain
+            out = func(*args, **{**kwargs, "pin_memory": False})
+            self.audit.mark_pinned(out)
+            return out
         if func is torch.Tensor.is_pinned:
             return self.audit.is_pinned(args[0])
         if func in (torch.Tensor.tolist, torch.Tensor.item) and is_fake_cuda(args[0]):

@@ -23,9 +23,11 @@ Why each term has the form it has:
   pass, before the train pass, so it overlaps the student's activations and the KL head in time
   with neither.
 - teacher states: the step runs the teacher pass over every micro-batch of a mini-batch before
-  the train pass (``train.step``), so the last stage keeps the response hidden states ``[N, H]``
-  of all of them — every response token of the rank's share of the mini-batch (8.6 GB on the
-  70B recipe's last stage), not one micro-batch's.
+  the train pass (``train.step``), so with ``trainer.teacher_states=device`` the last stage keeps
+  the response hidden states ``[N, H]`` of all of them — every response token of the rank's share
+  of the mini-batch (8.6 GB on the 70B recipe's last stage), not one micro-batch's. With ``host``
+  (``train/teacher_states.py``) the GPU holds one micro-batch's and the share waits in one pinned
+  host buffer of a power-of-two elements (``teacher_states_host``, host RAM, not in ``total``).
 - attention scores (``kernels='local'``): a micro-batch is right-padded rows, so the ``[s, s]``
   scores scale with the row length (at most ``rollout_seq_len``), not the micro-batch's tokens.
 - reference model: ``trainer.reference_weights=separate_model`` keeps a second bf16 copy of the
@@ -58,6 +60,8 @@ KERNEL_PROFILES = ("fused", "local")
 KL_HEAD_MODES = ("fused", "materialised")
 ROLLOUT_MODES = ("dedicated", "colocated")
 REFERENCE_MODES = ("cpu_swap", "separate_model")
+#: ``trainer.teacher_states``; equal to ``sdpg_mcore.train.teacher_states.PLACES`` (a test keeps them in step).
+TEACHER_STATE_PLACES = ("device", "host")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ class TrainingShape:
     all of them are kept until the train pass. None: one micro-batch's tokens (a lower bound)."""
     response_len: int | None = None
     """Longest response (``max_response_length``); None: ``rollout_seq_len``."""
+    teacher_states: str = "device"
+    """device (the mini-batch's teacher states on the GPU) | host (one micro-batch's on the GPU, the
+    mini-batch's in pinned host memory): ``trainer.teacher_states``."""
     rollout_kv_seqs: int = 16
     """Concurrent sequences a colocated SGLang engine must hold in its KV cache (SGLang sizes the
     cache from ``--mem-fraction-static``; this is the share to reserve for it)."""
@@ -126,6 +133,7 @@ class TrainingShape:
             ("rollout", self.rollout, ROLLOUT_MODES),
             ("kernels", self.kernels, KERNEL_PROFILES),
             ("reference_weights", self.reference_weights, REFERENCE_MODES),
+            ("teacher_states", self.teacher_states, TEACHER_STATE_PLACES),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -144,11 +152,14 @@ class MemoryEstimate:
     kl_head: int
     teacher: int
     teacher_states: int
+    """On the GPU: the mini-batch's share (``device``) or one micro-batch's (``host``)."""
     reference_model: int
     rollout_weights: int
     rollout_kv_cache: int
     overhead: int
     total: int
+    teacher_states_host: int = 0
+    """Pinned host bytes per GPU holding the teacher states (``teacher_states=host``); not in ``total``."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -220,14 +231,22 @@ def _kl_head_bytes(shape: ModelShape, tp: int, tokens: int, train: TrainingShape
     return int(kl_head)
 
 
-def _teacher_state_bytes(shape: ModelShape, layout: Layout, train: TrainingShape) -> int:
-    """Teacher response hidden states kept from the teacher pass to the train pass, per rank."""
+def _teacher_state_bytes(shape: ModelShape, layout: Layout, train: TrainingShape) -> tuple[int, int]:
+    """Teacher response hidden states kept from the teacher pass to the train pass, per rank:
+    (bytes on the GPU, bytes of pinned host memory)."""
+    micro_batch = -(-train.micro_batch_tokens // layout.cp)
     if train.mini_batch_responses is None:
-        tokens = train.micro_batch_tokens
+        share = micro_batch
     else:
         responses = -(-train.mini_batch_responses // layout.dp)
-        tokens = responses * (train.response_len or train.rollout_seq_len)
-    return -(-tokens // layout.cp) * shape.hidden_size * train.activation_bytes
+        share = -(-responses * (train.response_len or train.rollout_seq_len) // layout.cp)
+    if train.teacher_states == "device":
+        return share * shape.hidden_size * train.activation_bytes, 0
+    # host: one micro-batch on the GPU at a time; the buffer grows to a power of two elements.
+    buffer = 1 << max(share * shape.hidden_size - 1, 0).bit_length()
+    return min(
+        micro_batch, share
+    ) * shape.hidden_size * train.activation_bytes, buffer * train.activation_bytes
 
 
 def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> MemoryEstimate:
@@ -269,8 +288,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     kl_head = _kl_head_bytes(shape, tp, tokens, train)
     # The teacher pass runs (forward-only) before the train pass: its one-layer working set is gone
     # when the student's activations and the KL head exist; the response hidden states of every
-    # micro-batch of the mini-batch stay (full H: the head gathers sequence-parallel shards).
-    teacher_kept = _teacher_state_bytes(shape, layout, train)
+    # micro-batch of the mini-batch stay (full H: the head gathers sequence-parallel shards), on the
+    # GPU or (host) one micro-batch's at a time.
+    teacher_kept, teacher_host = _teacher_state_bytes(shape, layout, train)
     teacher_transient = teacher_tokens * per_layer
 
     rollout_weights = rollout_kv_cache = 0
@@ -298,4 +318,5 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         rollout_kv_cache=rollout_kv_cache,
         overhead=train.overhead_bytes,
         total=int(max(training_peak, rollout_peak)),
+        teacher_states_host=teacher_host,
     )

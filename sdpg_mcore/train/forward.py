@@ -8,7 +8,8 @@ with this rank's output-layer shard. Full-vocabulary logits never exist.
 
 - :func:`logprob_pass` (forward-only): per-row ``log π(y_t)`` at a temperature (old, ref, teacher
   sampled-token log-probs).
-- :func:`hidden_pass` (forward-only): the teacher's response hidden states per micro-batch (sdpg).
+- :func:`hidden_pass` (forward-only): the teacher's response hidden states per micro-batch (sdpg),
+  kept on the device or handed to a host store (``train/teacher_states.py``).
 - :func:`train_pass`: forward + backward of the algorithm loss; returns the metric sums.
 
 Context parallelism (``shard_for_cp`` micro-batches): each CP rank runs its two load-balanced
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from sdpg_mcore.models.builder import unwrap_model
-from sdpg_mcore.train.batch import MicroBatch
+from sdpg_mcore.train.batch import MicroBatch, to_device
 
 
 @contextlib.contextmanager
@@ -227,10 +228,18 @@ def logprob_pass(
     return list(out) if _is_last_stage() else None
 
 
-def hidden_pass(model_chunks, micro_batches: list[MicroBatch], head: HeadSpec) -> list[torch.Tensor] | None:
+def hidden_pass(
+    model_chunks,
+    micro_batches: list[MicroBatch],
+    head: HeadSpec,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[torch.Tensor] | None:
     """Forward-only teacher pass: response hidden states ``[N, H]`` per micro-batch (last stage), else None.
 
     Under CP only the rows of this rank's student tokens (``[N_local, H]``, ``cp_index_N`` order).
+    ``keep`` (``teacher_states.HostTeacherStates.keep``) takes each micro-batch's states as soon as
+    they exist and returns what to keep instead (their host copy), so the device never holds more
+    than one micro-batch's.
     """
 
     def forward_step(data_iterator, model):
@@ -241,13 +250,24 @@ def hidden_pass(model_chunks, micro_batches: list[MicroBatch], head: HeadSpec) -
             hidden_NH = response_hidden(
                 output_SBH, mb.teacher_hidden_index_N, head.sequence_parallel
             ).detach()
-            return hidden_NH if mb.cp_index_N is None else _to_student_ranks(hidden_NH, mb)
+            hidden_NH = hidden_NH if mb.cp_index_N is None else _to_student_ranks(hidden_NH, mb)
+            return hidden_NH if keep is None else keep(hidden_NH)
 
         return output, collect
 
     with torch.no_grad():
         out = _run(model_chunks, micro_batches, forward_step, forward_only=True, collect=True)
     return list(out) if _is_last_stage() else None
+
+
+def teacher_states_to_device(mb: MicroBatch) -> MicroBatch:
+    """``mb`` with its teacher states on its own device: a non-blocking copy from pinned memory when
+    they were kept on the host (``trainer.teacher_states=host``), else ``mb`` itself. The device copy
+    lives only as long as this micro-batch's forward, loss and backward hold it."""
+    hidden_NH, device = mb.teacher_hidden_NH, mb.input_ids_BT.device
+    if hidden_NH is None or hidden_NH.device == device:
+        return mb
+    return replace(mb, teacher_hidden_NH=to_device(hidden_NH, device))
 
 
 def train_pass(
@@ -262,14 +282,15 @@ def train_pass(
     """Forward + backward of ``loss_fn(mb, kl_N, logprob_N, entropy_N) -> (loss, metric_sums)``.
 
     ``mb.teacher_hidden_NH`` (from :func:`hidden_pass`) feeds the reverse KL; when it is None the
-    KL is None and no teacher matmul runs. Under CP ``loss_fn`` gets :func:`local_view` of the
-    micro-batch (this rank's tokens). Returns the per-micro-batch metric sums on the last stage
-    (empty elsewhere).
+    KL is None and no teacher matmul runs; states kept on the host come to the device just before
+    the micro-batch's student forward (:func:`teacher_states_to_device`). Under CP ``loss_fn`` gets
+    :func:`local_view` of the micro-batch (this rank's tokens). Returns the per-micro-batch metric
+    sums on the last stage (empty elsewhere).
     """
     from sdpg_mcore.ops import fused_kl_head
 
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = teacher_states_to_device(next(data_iterator))
         output = _model_forward(model, mb, False, head)
 
         def loss_func(output_SBH):

@@ -13,6 +13,8 @@ old/ref log-probs per step (the advantages are computed on the host from the rew
 ``.tolist()`` of the four all-reduced loss counts per mini-batch (the normalisers are Python
 numbers); the optimizer's grad-norm / found-inf check per mini-batch (Megatron); the metrics reduce
 once per step. None per micro-batch. (The trainer's broadcast of the scored batch is another.)
+With ``teacher_states="host"`` the teacher states go to pinned host memory and back by non-blocking
+copies on the current stream (``train/teacher_states.py``): no sync either.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sdpg_mcore.algo.config import TeacherSignal, TeacherWeights
 from sdpg_mcore.train import batch as B
 from sdpg_mcore.train.forward import hidden_pass, logprob_pass, train_pass
 from sdpg_mcore.train.metrics_log import PhaseTimer
+from sdpg_mcore.train.teacher_states import HostTeacherStates, host_store, state_rows
 
 
 @dataclass
@@ -48,15 +51,20 @@ class StepContext:
     pad_multiple: int = 1
     """Pad each micro-batch's length to this multiple (TP under sequence parallelism); context
     parallelism adds its own ``2 * cp`` (and ``cp * pad_multiple``) on top."""
+    teacher_states: str = "device"
+    """Where the sdpg teacher states wait for the train pass: device | host (``trainer.teacher_states``)."""
     needs: algo.AlgorithmNeeds = field(init=False)
     """``loss_cfg.needs()``: which passes the step runs."""
     teacher_temperature: float = field(init=False)
     """The teacher's temperature, resolved once: the algorithm's, else the rollout ``temperature``."""
+    host_states: HostTeacherStates | None = field(init=False)
+    """The pinned host buffer of the teacher states (``teacher_states="host"``), reused every mini-batch."""
 
     def __post_init__(self) -> None:
         self.needs = self.loss_cfg.needs()
         t = self.needs.teacher_temperature
         self.teacher_temperature = self.temperature if t is None else t
+        self.host_states = host_store(self.teacher_states)
 
 
 def _collective_groups():
@@ -230,7 +238,7 @@ def _update(ctx: StepContext, step: int, mbs, per_row: dict | None, scalars: dic
         norms = _normalisers(ctx, mbs)
     if ctx.needs.teacher_signal is TeacherSignal.FULL_KL:
         with timer.phase("teacher"):
-            hidden = hidden_pass(chunks, mbs, head)
+            hidden = hidden_pass(chunks, mbs, head, keep=_teacher_keeper(ctx, mbs))
         if hidden is not None:
             mbs = [replace(mb, teacher_hidden_NH=h) for mb, h in zip(mbs, hidden)]
     loss_fn = functools.partial(micro_batch_loss, ctx, norms, step, scalars)
@@ -240,6 +248,14 @@ def _update(ctx: StepContext, step: int, mbs, per_row: dict | None, scalars: dic
         sums = train_pass(chunks, mbs, head, loss_fn, temperature=T, teacher_temperature=teacher_T)
         grad_norm, lr = ctx.policy.optimizer_step()
     return sums, grad_norm, lr
+
+
+def _teacher_keeper(ctx: StepContext, mbs: list[B.MicroBatch]):
+    """Where ``hidden_pass`` leaves each micro-batch's teacher states: the host buffer, or None (the device)."""
+    if ctx.host_states is None:
+        return None
+    ctx.host_states.start(sum(state_rows(mb) for mb in mbs))
+    return ctx.host_states.keep
 
 
 def micro_batch_loss(ctx: StepContext, norms, step: int, scalars: dict, mb, kl_N, logprob_N, entropy_N):

@@ -305,6 +305,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         total_steps=cfg.trainer.total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         pad_multiple=layout.tp if policy.head.sequence_parallel else 1,
+        teacher_states=cfg.trainer.teacher_states,
     )
     evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
     sink, progress = _sinks(cfg, rank0, start)

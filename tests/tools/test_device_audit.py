@@ -16,23 +16,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _audit(tmp_path: Path, prelude: str = "") -> dict:
+def _audit(tmp_path: Path, prelude: str = "", teacher_states: str = "device") -> dict:
     out = tmp_path / "audit.json"
     code = (
         "import sys; sys.path.insert(0, 'tools'); import device_audit, json\n"
         f"{prelude}\n"
-        f"r = device_audit.run_audit('sdpg'); open({str(out)!r}, 'w').write(json.dumps(r))\n"
+        f"r = device_audit.run_audit('sdpg', {teacher_states!r}); open({str(out)!r}, 'w').write(json.dumps(r))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path):
+@pytest.mark.parametrize("teacher_states", ["device", "host"])
+def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path, teacher_states):
     """No device mix, no collective on a host tensor, and the host syncs are the documented ones:
-    the loss normalisers once per mini-batch (2 here) and the metrics reduce once per step."""
+    the loss normalisers once per mini-batch (2 here) and the metrics reduce once per step. With
+    ``trainer.teacher_states=host`` the teacher states' trips to pinned host memory and back add none."""
     proc = subprocess.run(
-        [sys.executable, "tools/device_audit.py", "--json", str(tmp_path / "a.json")],
+        [sys.executable, "tools/device_audit.py", "--teacher-states", teacher_states, "--json", str(tmp_path / "a.json")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     result = json.loads((tmp_path / "a.json").read_text())
@@ -41,6 +43,9 @@ def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path):
     assert result["violations"] == [] and result["unexpected_host_syncs"] == {}
     by_site = {sync.rsplit(" ", 1)[-1]: n for sync, n in result["host_syncs"].items()}
     assert by_site == {"normalisers_from_counts": 2, "reduce": 2}
+    # host: the states really went through the (pinned) buffer: the larger mini-batch's 58 rows of
+    # H=64 bf16, rounded up to a power of two elements.
+    assert result["host_teacher_state_bytes"] == (4096 * 2 if teacher_states == "host" else 0)
     # The trainer's model construction (build_model) with a GPU available: all 19 tensors of the
     # 2-layer Qwen3 stage (norms and qk-norms included) on the device.
     assert result["construction"]["tensors"] == 19 and result["construction"]["off_device"] == []
@@ -82,3 +87,30 @@ def test_audit_reports_a_pageable_upload_as_a_host_sync(tmp_path):
     result = _audit(tmp_path, prelude)
     assert not result["clean"] and not result["violations"]
     assert any("synchronous host-to-device copy" in s for s in result["unexpected_host_syncs"])
+
+
+@pytest.mark.slow
+def test_audit_catches_host_teacher_states_left_on_the_host(tmp_path):
+    """``teacher_states=host`` without the copy back before the student forward: the fused head
+    meets host teacher states next to device student states and stops, as a GPU would."""
+    prelude = "from sdpg_mcore.train import forward\nforward.teacher_states_to_device = lambda mb: mb\n"
+    result = _audit(tmp_path, prelude, teacher_states="host")
+    assert not result["clean"]
+    assert "FakeTensorDeviceMismatchError" in result["stopped_at"]
+    assert "kl_head_math.py" in result["stopped_at"]
+
+
+@pytest.mark.slow
+def test_audit_reports_teacher_states_offloaded_to_pageable_memory(tmp_path):
+    """A host buffer that is not pinned makes every teacher state's device-to-host copy a host sync."""
+    prelude = (
+        "import torch\nfrom sdpg_mcore.train import teacher_states as ts\n"
+        "def _reserve(self, numel, like):\n"
+        "    if self._flat is None or self._flat.numel() < numel:\n"
+        "        self._flat = torch.empty(numel, dtype=like.dtype)\n"
+        "ts.HostTeacherStates._reserve = _reserve\n"
+    )
+    result = _audit(tmp_path, prelude, teacher_states="host")
+    assert not result["clean"] and not result["violations"]
+    unexpected = list(result["unexpected_host_syncs"])
+    assert unexpected and all("into pageable memory" in s and "teacher_states.py" in s for s in unexpected)

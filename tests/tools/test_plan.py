@@ -306,6 +306,32 @@ def test_memory_components_respond_to_options():
         TrainingShape(**base, recompute="some")
 
 
+def test_teacher_states_on_the_host_leave_one_micro_batch_on_the_gpu():
+    """``teacher_states=host``: the GPU line is one micro-batch's states, the mini-batch's share moves
+    to a pinned host buffer of a power-of-two elements, and the peak drops by the difference."""
+    from sdpg_mcore.plan.memory import TEACHER_STATE_PLACES
+    from sdpg_mcore.train.teacher_states import PLACES
+
+    assert TEACHER_STATE_PLACES == PLACES
+    qwen = ModelShape.from_path(REPO / "examples/qwen3_4b/config.json")  # H = 2560
+    base = dict(micro_batch_tokens=8192, teacher_tokens=8192, rollout_seq_len=8192)
+    share = dict(mini_batch_responses=64, response_len=6144)  # 64 / DP4 = 16 responses per rank
+    layout = Layout(tp=2, pp=1, cp=1, dp=4)
+    device = estimate_memory(qwen, layout, TrainingShape(**base, **share))
+    host = estimate_memory(qwen, layout, TrainingShape(**base, **share, teacher_states="host"))
+    assert device.teacher_states == 16 * 6144 * 2560 * 2 and device.teacher_states_host == 0
+    assert host.teacher_states == 8192 * 2560 * 2  # one micro-batch's tokens
+    assert host.teacher_states_host == 2**28 * 2  # 16 x 6144 x 2560 = 251,658,240 elements -> 2^28
+    assert device.total - host.total == device.teacher_states - host.teacher_states
+    cp2 = estimate_memory(
+        qwen, Layout(tp=2, pp=1, cp=2, dp=2), TrainingShape(**base, **share, teacher_states="host")
+    )
+    assert cp2.teacher_states == 4096 * 2560 * 2  # this CP rank's half of a micro-batch
+    assert cp2.teacher_states_host == 2**28 * 2  # 32 responses per DP rank, half of their tokens
+    with pytest.raises(ValueError, match="teacher_states='disk' is not one of device, host"):
+        TrainingShape(**base, teacher_states="disk")
+
+
 def test_cli_json_and_exit_codes(tmp_path, capsys):
     out = tmp_path / "plan.json"
     config = str(REPO / "examples/llama3_70b/config.json")
@@ -355,3 +381,37 @@ def test_cli_reads_a_recipe(tmp_path):
     result = json.loads(out.read_text())
     assert result["layout"]["pp"] == 4 and result["training"]["recompute"] == "none"
     assert result["per_gpu_bytes"]["teacher_states"] == 128 * 8192 * 8192 * 2 and not result["fits"]
+    # ... and the planner says what would fit: the teacher states in pinned host memory.
+    (advice,) = result["advice"]
+    assert advice.startswith("trainer.teacher_states=host fits: TP8 PP4 CP1 DP1 at 68.80 GiB per GPU")
+    assert "16.00 GiB per GPU, 128.0 GiB per last-stage node of 8 GPUs" in advice
+    assert (
+        plan_cli.main([*common, "--recompute", "none", "--tp", "8", "--pp", "4", "--teacher-states", "host"])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["training"]["teacher_states"] == "host" and result["advice"] == []
+    per_gpu = result["per_gpu_bytes"]
+    assert per_gpu["teacher_states"] == 10240 * 8192 * 2 and per_gpu["teacher_states_host"] == 16 * GIB
+    assert per_gpu["total"] == pytest.approx(68.80 * GIB, abs=0.005 * GIB)
+
+
+def test_recipe_teacher_states_reach_the_plan(tmp_path):
+    """``trainer.teacher_states`` in a recipe is planned as such (the command line still wins)."""
+    import shutil
+
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "examples/llama3_70b/recipe.yaml").read_text())
+    recipe["model"].pop("path")  # use the config.json next to the recipe
+    recipe["trainer"]["teacher_states"] = "host"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    shutil.copy(REPO / "examples/llama3_70b/config.json", tmp_path / "config.json")
+    out = tmp_path / "plan.json"
+    common = ["--config", str(tmp_path / "recipe.yaml"), "--nodes", "4", "--json", str(out)]
+    assert plan_cli.main(common) == 0
+    per_gpu = json.loads(out.read_text())["per_gpu_bytes"]
+    assert per_gpu["teacher_states"] == 10240 * 8192 * 2 and per_gpu["teacher_states_host"] == 8 * GIB
+    assert plan_cli.main([*common, "--teacher-states", "device"]) == 0
+    per_gpu = json.loads(out.read_text())["per_gpu_bytes"]
+    assert per_gpu["teacher_states"] == 8 * GIB and per_gpu["teacher_states_host"] == 0

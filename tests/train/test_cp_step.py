@@ -35,7 +35,7 @@ def _responses(short: bool = False):
     return out
 
 
-def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False):
+def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False, teacher_states="device"):
     import torch.distributed as dist
 
     from sdpg_mcore import algo
@@ -61,6 +61,7 @@ def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False):
         total_steps=4,
         pad_id=0,
         pad_multiple=layout.tp if policy.head.sequence_parallel else 1,  # as the trainer sets it
+        teacher_states=teacher_states,
     )
     metrics = run_step(ctx, 1, _responses(short))
     from checkpoints_convert.model_io import iter_hf_tensors
@@ -92,6 +93,17 @@ def test_cp_rank_without_response_tokens(hf_dir):
     results = spawn_ranks(_one_step, 2, args=(hf_dir, 2, "token-mean", 1, 1, True))
     for metrics, weights in results:
         _assert_same(metrics, weights, ref_metrics, ref_weights, hf_dir)
+
+
+@pytest.mark.slow  # two 2-rank steps, ~33 s on 2 busy cores: -m slow
+def test_cp2_teacher_states_on_the_host_change_no_bit(hf_dir):
+    """Under CP each rank keeps its own ``[N_local, H]`` teacher states in the host buffer: the step
+    equals the one that keeps them on the device, bit for bit, on both CP ranks."""
+    device = spawn_ranks(_one_step, 2, args=(hf_dir, 2, "token-mean"))
+    host = spawn_ranks(_one_step, 2, args=(hf_dir, 2, "token-mean", 1, 1, False, "host"))
+    for (m_dev, w_dev), (m_host, w_host) in zip(device, host):
+        assert m_host == m_dev
+        assert set(w_host) == set(w_dev) and all(torch.equal(w_host[k], w_dev[k]) for k in w_dev)
 
 
 @pytest.mark.slow  # 4 ranks, ~1-2 min on 2 busy cores: -m slow

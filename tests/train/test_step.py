@@ -131,3 +131,65 @@ def test_rlsd_step_uses_the_step_start_policy_at_rollout_temperature(hf_dir):
         terms.append(-((1 - lam) * a + lam * a * torch.clamp(w, 0.8, 1.2)))
     assert metrics["rlsd_lambda"] == pytest.approx(lam, rel=1e-12)
     assert metrics["loss"] == pytest.approx(torch.cat(terms).mean().item(), **TOL)
+
+
+def _sdpg_step(rank, world_size, hf_dir, teacher_states):
+    """One sdpg step (2 mini-batches of several micro-batches); metrics, the gradients of every
+    optimizer step and the weights after it."""
+    from sdpg_mcore import algo
+    from sdpg_mcore.models.builder import unwrap_model
+    from sdpg_mcore.parallel import state
+    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
+    from sdpg_mcore.train.step import StepContext, run_step
+
+    torch.manual_seed(0)
+    layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
+    from sdpg_mcore.config import OptimizerConfig
+
+    optim = OptimizerConfig(lr=1e-2, lr_warmup_steps=0, weight_decay=0.0)
+    policy = build_policy(
+        hf_dir, layout, dtype=torch.float32, optim=optim, total_updates=2, vocab_size=301, chunk_size=16
+    )
+    params = list(unwrap_model(policy.chunks[0]).named_parameters())
+    grads, optimizer_step = [], policy.optimizer_step
+
+    def recording_step():
+        grads.append({name: p.main_grad.clone() for name, p in params})
+        return optimizer_step()
+
+    policy.optimizer_step = recording_step
+    ctx = StepContext(
+        policy=policy,
+        reference=ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32),
+        algorithm=algo.get_algorithm("sdpg"),
+        loss_cfg=algo.SDPGConfig(beta=0.05, alpha=1e-2),
+        layout=layout,
+        temperature=T,
+        token_budget=40,
+        mini_batch_groups=2,
+        total_steps=10,
+        pad_id=0,
+        teacher_states=teacher_states,
+    )
+    metrics = run_step(ctx, 1, fixed_responses())
+    host_bytes = 0 if ctx.host_states is None else ctx.host_states.nbytes
+    weights = {name: p.detach().clone() for name, p in params}
+    state.destroy()
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}, grads, weights, host_bytes
+
+
+def test_sdpg_teacher_states_on_the_host_change_no_bit(hf_dir):
+    """``teacher_states=host`` (each micro-batch's teacher states through the host buffer and back)
+    gives the very loss, metrics, gradients of both optimizer steps and weights of ``device``."""
+    device = spawn_ranks(_sdpg_step, 1, args=(hf_dir, "device"))[0]
+    host = spawn_ranks(_sdpg_step, 1, args=(hf_dir, "host"))[0]
+    (m_dev, g_dev, w_dev, bytes_dev), (m_host, g_host, w_host, bytes_host) = device, host
+    assert bytes_dev == 0 and bytes_host > 0  # the host path really ran
+    assert m_host == m_dev and m_dev["num_updates"] == 2 and math.isfinite(m_dev["loss"])
+    assert len(g_host) == len(g_dev) == 2
+    for got, want in zip(g_host, g_dev):
+        assert any(g.abs().max() > 0 for g in want.values())
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+    for name in w_dev:
+        assert torch.equal(w_host[name], w_dev[name]), name
