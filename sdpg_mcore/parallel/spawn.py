@@ -13,6 +13,7 @@ import os
 import pickle
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,32 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
             dist.destroy_process_group()
 
 
+def _next_result(out, procs, name: str, timeout_s: float, results: dict, errors: dict) -> tuple:
+    """The next ``(rank, ok, payload)`` a rank reports. Raises when ``timeout_s`` passes, or at once
+    when a rank has exited without reporting (it died before ``_rank_main`` could: e.g. the child
+    could not import ``fn``'s module, or was killed), instead of waiting out the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return out.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            pass
+        silent = [
+            r for r, p in enumerate(procs) if p.exitcode is not None and r not in results and r not in errors
+        ]
+        if silent and out.empty():
+            codes = {r: procs[r].exitcode for r in silent}
+            raise RuntimeError(
+                f"spawn_ranks: rank(s) {silent} of {name} exited without a result (exit codes {codes}); "
+                "their stderr above says why (e.g. the child could not import the function's module)"
+            )
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"spawn_ranks: {len(procs) - len(results) - len(errors)} rank(s) of {name} gave no "
+                f"result within {timeout_s:.0f}s (deadlock or crash); finished: {sorted(results)}"
+            )
+
+
 def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -80,13 +107,7 @@ def spawn_ranks(
     errors: dict[int, str] = {}
     try:
         for _ in range(world_size):
-            try:
-                rank, ok, payload = out.get(timeout=timeout_s)
-            except queue.Empty:
-                raise RuntimeError(
-                    f"spawn_ranks: {world_size - len(results) - len(errors)} rank(s) of {fn.__name__} gave no "
-                    f"result within {timeout_s:.0f}s (deadlock or crash); finished: {sorted(results)}"
-                ) from None
+            rank, ok, payload = _next_result(out, procs, fn.__name__, timeout_s, results, errors)
             if ok:
                 results[rank] = pickle.loads(payload)
             else:

@@ -19,16 +19,9 @@ from sdpg_mcore.rollout.weight_sync import DistributedWeightSync, weight_version
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "train"))
-from launch_testlib import launch_overrides, make_assets  # noqa: E402
+from launch_testlib import launch_overrides, make_assets, train_rank  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _train(rank, world_size, overrides):
-    from sdpg_mcore.config import load_config
-    from sdpg_mcore.train.trainer import train
-
-    return train(load_config(REPO / "examples" / "tiny" / "sdpg.yaml", overrides))
 
 
 def test_tp2_servers_behind_router_take_a_broadcast(tiny_model_dir, tmp_path):
@@ -99,7 +92,7 @@ def test_trainer_on_real_sglang(tmp_path, weight_sync, colocated, async_steps, n
         "trainer.total_steps=3",
     )
     load_config(REPO / "examples" / "tiny" / "sdpg.yaml", overrides)  # bad overrides fail here, not in a rank
-    spawn_ranks(_train, 1, args=(overrides,), timeout_s=900)
+    spawn_ranks(train_rank, 1, args=(overrides,), timeout_s=900)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["rollout/num_aborted"] == 0 and r["rollout/dropped_aborted"] == 0 for r in records)

@@ -54,6 +54,18 @@ def launch_overrides(assets, run_dir, *extra):
     ]
 
 
+def train_rank(rank, world_size, overrides):
+    """A ``spawn_ranks`` function: the trainer on the tiny recipe with ``overrides``.
+
+    It lives here, not in a test module: a spawned rank unpickles it by importing its module, and a
+    test module's own ``from conftest import ...`` picks whichever ``conftest.py`` comes first on
+    the inherited ``sys.path`` (tests/slurm's in a full run), so the rank died before reporting."""
+    from sdpg_mcore.config import load_config
+    from sdpg_mcore.train.trainer import train
+
+    return train(load_config(RECIPE, overrides))
+
+
 def clean_env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SDPG_"))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):

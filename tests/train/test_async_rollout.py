@@ -6,7 +6,15 @@ import subprocess
 import sys
 
 import pytest
-from launch_testlib import RECIPE, clean_env, launch_overrides, logged_steps, make_assets, wait_for
+from launch_testlib import (
+    RECIPE,
+    clean_env,
+    launch_overrides,
+    logged_steps,
+    make_assets,
+    train_rank,
+    wait_for,
+)
 
 from sdpg_mcore.config import ConfigError, load_config
 from sdpg_mcore.train.async_rollout import staleness
@@ -111,12 +119,6 @@ def test_resumed_async_run_uses_every_prompt_once(assets, tmp_path):
     assert records[stopped]["async/start_lag"] == 0
 
 
-def _train(rank, world_size, overrides):
-    from sdpg_mcore.train.trainer import train
-
-    return train(load_config(RECIPE, overrides))
-
-
 @pytest.mark.slow
 def test_async_with_two_data_parallel_ranks(assets, tmp_path):
     """Rank 0 generates in the background; both ranks take the same responses and sampler state,
@@ -125,7 +127,7 @@ def test_async_with_two_data_parallel_ranks(assets, tmp_path):
 
     run_dir = tmp_path / "dp2"
     overrides = launch_overrides(assets, run_dir, "rollout.async_steps=1", "trainer.total_steps=3")
-    spawn_ranks(_train, 2, args=(overrides + ["trainer.save_interval=0"],), timeout_s=900)
+    spawn_ranks(train_rank, 2, args=(overrides + ["trainer.save_interval=0"],), timeout_s=900)
     records = _records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["async/start_lag"] for r in records] == [0, 1, 1]
