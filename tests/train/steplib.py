@@ -48,3 +48,22 @@ def hf_token_stats(hf_dir, responses, *, teacher: bool, temperature: float):
         lp = logp.gather(1, torch.tensor(r.response_ids)[:, None])[:, 0]
         out.append((lp, -(logp.exp() * logp).sum(-1)))
     return out
+
+
+def step_context(policy, hf_dir, layout, loss_cfg, **fields):
+    """The ``StepContext`` of the step tests: the tiny model's policy, ``loss_cfg``'s algorithm, the
+    reference weights swapped in from ``hf_dir`` when the algorithm reads them, pad id 0, a 40-token
+    budget, two groups per mini-batch; ``fields`` override any of it (temperature, total_steps, ...)."""
+    from sdpg_mcore import algo
+    from sdpg_mcore.train.model_setup import ReferenceWeights
+    from sdpg_mcore.train.step import StepContext
+
+    algorithm = algo.algorithm_of(loss_cfg)
+    needs = loss_cfg.needs()
+    frozen = needs.ref_logprobs or needs.teacher_weights is algo.TeacherWeights.FROZEN_REFERENCE
+    reference = ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32) if frozen else None
+    defaults = dict(temperature=0.9, token_budget=40, mini_batch_groups=2, total_steps=4, pad_id=0)
+    return StepContext(
+        policy=policy, reference=reference, algorithm=algorithm, loss_cfg=loss_cfg, layout=layout,
+        **{**defaults, **fields},
+    )  # fmt: skip

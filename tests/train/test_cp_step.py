@@ -5,6 +5,7 @@ metrics and every weight's update within the fp32 reordering bound of ``parity_b
 import pytest
 import torch
 from parity_bounds import assert_metric_close, assert_update_close, initial_weights, parity_adam
+from steplib import step_context
 
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.parallel.spawn import spawn_ranks
@@ -40,8 +41,8 @@ def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False, t
 
     from sdpg_mcore import algo
     from sdpg_mcore.parallel import state
-    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
-    from sdpg_mcore.train.step import StepContext, run_step
+    from sdpg_mcore.train.model_setup import build_policy
+    from sdpg_mcore.train.step import run_step
 
     torch.manual_seed(0)
     layout = state.initialize_model_parallel(tp=tp, pp=pp, cp=cp, seed=3)
@@ -49,17 +50,12 @@ def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False, t
     policy = build_policy(
         hf_dir, layout, dtype=torch.float32, optim=optim, total_updates=2, vocab_size=301, chunk_size=16
     )
-    ctx = StepContext(
-        policy=policy,
-        reference=ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32),
-        algorithm=algo.get_algorithm("sdpg"),
-        loss_cfg=algo.SDPGConfig(beta=0.05, alpha=1e-2, loss_agg_mode=agg_mode),
-        layout=layout,
-        temperature=0.9,
+    ctx = step_context(
+        policy,
+        hf_dir,
+        layout,
+        algo.SDPGConfig(beta=0.05, alpha=1e-2, loss_agg_mode=agg_mode),
         token_budget=48,
-        mini_batch_groups=2,
-        total_steps=4,
-        pad_id=0,
         pad_multiple=layout.tp if policy.head.sequence_parallel else 1,  # as the trainer sets it
         teacher_states=teacher_states,
     )

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from steplib import fixed_responses, hf_token_stats
+from steplib import fixed_responses, hf_token_stats, step_context
 
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.parallel.spawn import spawn_ranks
@@ -26,8 +26,8 @@ def _run(rank, world_size, hf_dir, name, overrides):
     from sdpg_mcore.config import OptimizerConfig
     from sdpg_mcore.parallel import state
     from sdpg_mcore.train.metrics_log import PhaseTimer
-    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
-    from sdpg_mcore.train.step import StepContext, _logprob_passes, _micro_batches, run_step
+    from sdpg_mcore.train.model_setup import build_policy
+    from sdpg_mcore.train.step import _logprob_passes, _micro_batches, run_step
 
     torch.manual_seed(0)
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
@@ -41,20 +41,8 @@ def _run(rank, world_size, hf_dir, name, overrides):
         chunk_size=16,
     )
     cfg = algo.get_algorithm(name).config_cls(**overrides)
-    needs = cfg.needs()
-    frozen = needs.teacher_weights is algo.TeacherWeights.FROZEN_REFERENCE
-    ctx = StepContext(
-        policy=policy,
-        reference=ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32) if frozen else None,
-        algorithm=algo.get_algorithm(name),
-        loss_cfg=cfg,
-        layout=layout,
-        temperature=T,
-        token_budget=40,
-        mini_batch_groups=4,  # one mini-batch: the loss is computed at the initial weights
-        total_steps=10,
-        pad_id=0,
-    )
+    # One mini-batch: the loss is computed at the initial weights.
+    ctx = step_context(policy, hf_dir, layout, cfg, temperature=T, mini_batch_groups=4, total_steps=10)
     responses = fixed_responses()
     mbs = _micro_batches(ctx, responses, [[0, 1, 2, 3]])
     before = _logprob_passes(ctx, responses, mbs, PhaseTimer())
@@ -139,8 +127,8 @@ def _sdpg_step(rank, world_size, hf_dir, teacher_states):
     from sdpg_mcore import algo
     from sdpg_mcore.models.builder import unwrap_model
     from sdpg_mcore.parallel import state
-    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
-    from sdpg_mcore.train.step import StepContext, run_step
+    from sdpg_mcore.train.model_setup import build_policy
+    from sdpg_mcore.train.step import run_step
 
     torch.manual_seed(0)
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
@@ -158,18 +146,9 @@ def _sdpg_step(rank, world_size, hf_dir, teacher_states):
         return optimizer_step()
 
     policy.optimizer_step = recording_step
-    ctx = StepContext(
-        policy=policy,
-        reference=ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32),
-        algorithm=algo.get_algorithm("sdpg"),
-        loss_cfg=algo.SDPGConfig(beta=0.05, alpha=1e-2),
-        layout=layout,
-        temperature=T,
-        token_budget=40,
-        mini_batch_groups=2,
-        total_steps=10,
-        pad_id=0,
-        teacher_states=teacher_states,
+    cfg = algo.SDPGConfig(beta=0.05, alpha=1e-2)
+    ctx = step_context(
+        policy, hf_dir, layout, cfg, temperature=T, total_steps=10, teacher_states=teacher_states
     )
     metrics = run_step(ctx, 1, fixed_responses())
     host_bytes = 0 if ctx.host_states is None else ctx.host_states.nbytes
