@@ -13,6 +13,7 @@ re-registered with the router. A server that never becomes healthy raises :class
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import signal
@@ -31,6 +32,10 @@ from sdpg_mcore.rollout.http import http_json, post_all
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("dev", "sglang")
+
+
+_BIND_ATTEMPTS = 3
+"""Starts of one server or router on freshly picked ports when a port was taken before the bind."""
 
 
 class ServerStartError(RuntimeError):
@@ -135,6 +140,14 @@ class ManagedProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def port_was_taken(self) -> bool:
+        """Whether its last start died binding a port another process had taken (EADDRINUSE)."""
+        try:
+            last_run = self.log_path.read_text(errors="replace").rsplit("\n==== ", 1)[-1]
+        except OSError:
+            return False
+        return "address already in use" in last_run.lower()
+
     def log_tail(self, num_lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
@@ -216,13 +229,15 @@ class RolloutServers:
             server.start()
         try:
             deadline = time.monotonic() + self.config.health_timeout_s
-            for server in self.servers:
-                self.wait_healthy(server, deadline)
+            for index, server in enumerate(list(self.servers)):
+                repick = None if self.config.ports else functools.partial(self._repick_server, index)
+                self._healthy(server, deadline, repick)
             self.facts = sglang_launch.check_servers(self.worker_urls, weight_sync=self.config.weight_sync)
             if self.config.router:
                 self.router = self._router_process()
                 self.router.start()
-                self.wait_healthy(self.router, time.monotonic() + self.config.health_timeout_s)
+                repick = None if self.config.router_port else self._repick_router
+                self._healthy(self.router, time.monotonic() + self.config.health_timeout_s, repick)
                 self._wait_router_workers(time.monotonic() + self.config.health_timeout_s)
         except BaseException:
             self.stop()
@@ -231,6 +246,34 @@ class RolloutServers:
             "rollout servers up: %s (router %s)", self.worker_urls, self.router.url if self.router else None
         )
         return self
+
+    def _healthy(self, proc: ManagedProcess, deadline: float, repick) -> None:
+        """Wait until ``proc`` is healthy. A port picked here can be taken by another process before
+        the server binds it (``find_free_port`` only finds a port free at that moment): then, when
+        ``repick`` is given (it puts the same process, on new ports, in ``proc``'s place), it is
+        started again, up to ``_BIND_ATTEMPTS`` times in all."""
+        attempts = 1
+        while True:
+            try:
+                self.wait_healthy(proc, deadline)
+                return
+            except ServerStartError:
+                if repick is None or attempts >= _BIND_ATTEMPTS or not proc.port_was_taken():
+                    raise
+            attempts += 1
+            logger.warning(
+                "%s: %s was taken before it could bind; starting it on another port", proc.name, proc.url
+            )
+            proc = repick()
+            proc.start()
+
+    def _repick_server(self, index: int) -> ManagedProcess:
+        self.servers[index] = self._server_process(index, find_free_port())
+        return self.servers[index]
+
+    def _repick_router(self) -> ManagedProcess:
+        self.router = self._router_process()
+        return self.router
 
     def wait_healthy(self, proc: ManagedProcess, deadline: float) -> None:
         """Poll ``/health`` until 200; raise :class:`ServerStartError` if the deadline passes or it exits."""

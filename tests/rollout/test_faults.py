@@ -136,3 +136,31 @@ def test_server_config_rejects_bad_values():
         ServerConfig(model_path="x", backend="vllm")
     with pytest.raises(ValueError, match="ports"):
         ServerConfig(model_path="x", num_servers=2, ports=[1])
+
+
+def test_a_port_taken_before_the_server_binds_is_picked_again(
+    tiny_model_dir, server_factory, tmp_path, monkeypatch
+):
+    """``find_free_port`` only finds a port free at that moment; another process can take it before
+    the server binds (seen when a benchmark ran beside the suite). The server is started again on a
+    new port instead of failing the run."""
+    import socket
+
+    from sdpg_mcore.rollout import servers as servers_module
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    picks, real = iter([taken]), servers_module.find_free_port
+    monkeypatch.setattr(servers_module, "find_free_port", lambda: next(picks, None) or real())
+    try:
+        group = server_factory(tiny_model_dir, tmp_path / "logs", num_servers=1, router=False)
+    finally:
+        blocker.close()
+    try:
+        url = group.worker_urls[0]
+        assert not url.endswith(f":{taken}") and http_json(f"{url}/health")[0] == 200
+        assert "address already in use" in (tmp_path / "logs" / "server_0.log").read_text().lower()
+    finally:
+        group.stop()
