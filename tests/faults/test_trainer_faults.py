@@ -17,21 +17,13 @@ import torch
 from sdpg_mcore.parallel.spawn import spawn_ranks
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "train"))
+from launch_testlib import make_assets  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    sys.path.insert(0, str(REPO / "tools"))
-    import make_tiny_model
-
-    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=3, batch_size=4, eval_prompts=2)
-    subprocess.run(
-        [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--synthetic", "arithmetic", "--out",
-         str(root / "data"), "--format", "jsonl", "--num-train", "64", "--num-test", "4"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return root
+    return make_assets(tmp_path_factory.mktemp("tiny"), sft_steps=3, num_train=64)
 
 
 def _cli(assets, run_dir, *extra) -> list[str]:

@@ -1,11 +1,10 @@
 """The whole trainer on CPU: built-in rollout server over HTTP, Megatron policy, metrics, checkpoints, resume."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch_testlib import make_assets
 
 from sdpg_mcore.config import load_config
 from sdpg_mcore.parallel.spawn import spawn_ranks
@@ -33,30 +32,7 @@ NOISY = ("time/", "step_seconds", "tokens_per_s", "rollout/generate_wall_s", "ro
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    sys.path.insert(0, str(REPO / "tools"))
-    import make_tiny_model
-
-    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=3, batch_size=4, eval_prompts=2)
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "prepare_data.py"),
-            "--synthetic",
-            "arithmetic",
-            "--out",
-            str(root / "data"),
-            "--format",
-            "jsonl",
-            "--num-train",
-            "64",
-            "--num-test",
-            "4",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return root
+    return make_assets(tmp_path_factory.mktemp("tiny"), sft_steps=3, num_train=64)
 
 
 def _train(rank, world_size, overrides):
