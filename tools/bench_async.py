@@ -18,6 +18,13 @@ summary holds the mean over seeds: seconds per step, accuracy over the first and
 the paired difference async - sync in last-ten accuracy with its standard error over seeds. One
 seed's 40-step accuracy curve moves by several points between seeds (each step scores
 ``batch_prompts * n`` samples), so "no worse than synchronous" is read from that difference.
+
+The training accuracy of an asynchronous step comes from weights one version older than the
+synchronous step's, so the tool also evaluates the held-out prompts (``test.jsonl`` of the data
+directory: avg@k over ``--eval-samples`` samples each, every ``--eval-interval`` steps): both modes
+score the same weight versions on the same prompts and sampling seeds, and the summary holds the
+paired difference at each evaluation. Evaluation time is not part of the step time (the trainer
+measures it apart), although in the asynchronous mode it shares the server with the next rollout.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ def run_mode(args, async_steps: int, seed: int) -> dict:
         f"rollout.async_cpus=[{args.server_cpus or ''}]",  # the client thread works beside the server
         "logging.progress=false",
         "logging.tensorboard=false",
+        *_eval_overrides(args),
         *args.set,
     ]
     cmd = [sys.executable, "-m", "sdpg_mcore.cli", "--config", str(RECIPE), *overrides]
@@ -119,9 +127,22 @@ def run_mode(args, async_steps: int, seed: int) -> dict:
         "step_s_median": statistics.median(steady),
         "wall_s": time.perf_counter() - began,
         "acc": [r["acc"] for r in records],
+        "eval": {str(r["step"]): v for r in records for k, v in r.items() if "/avg@" in k},
         "version_lag_max": max(r["rollout/version_lag_max"] for r in records),
         "logprob_mismatch_mean": statistics.fmean(r["logprob_mismatch"] for r in records),
     }
+
+
+def _eval_overrides(args) -> list[str]:
+    """Held-out evaluation every ``--eval-interval`` steps on the data directory's test prompts."""
+    test = args.data_dir / "test.jsonl"
+    if not args.eval_interval or not test.is_file():
+        return ["eval.interval=0"]
+    return [
+        f"eval.files=[{test}]",
+        f"eval.interval={args.eval_interval}",
+        f"eval.n_samples={args.eval_samples}",
+    ]
 
 
 def _pinning(args) -> str:
@@ -148,6 +169,11 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def _se(values: list[float]) -> float:
+    """Standard error of the mean (nan for fewer than two values)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+
 def _last10(run: dict) -> float:
     return _mean(run["acc"][-10:])
 
@@ -155,6 +181,7 @@ def _last10(run: dict) -> float:
 def summarise(runs: list[dict]) -> dict:
     """One mode over its seeds: means of the per-seed figures, and the mean accuracy curve."""
     curves = [r["acc"] for r in runs]
+    eval_steps = sorted(set.intersection(*(set(r.get("eval", {})) for r in runs)), key=int)
     return {
         "async_steps": runs[0]["async_steps"],
         "seeds": [r["seed"] for r in runs],
@@ -164,6 +191,7 @@ def summarise(runs: list[dict]) -> dict:
         "acc": [_mean(list(step)) for step in zip(*curves)],
         "acc_first10": _mean([_mean(r["acc"][:10]) for r in runs]),
         "acc_last10": _mean([_last10(r) for r in runs]),
+        "eval": {step: _mean([r["eval"][step] for r in runs]) for step in eval_steps},
         "version_lag_max": max(r["version_lag_max"] for r in runs),
         "logprob_mismatch_mean": _mean([r["logprob_mismatch_mean"] for r in runs]),
     }
@@ -179,9 +207,14 @@ def report(per_seed: dict[str, list[dict]], pinning: str) -> dict:
         res["speedup"] = sync["step_s"] / res["step_s"]
         diffs = [_last10(a) - _last10(s) for a, s in zip(per_seed[name], per_seed["sync"])]
         res["acc_last10_diff"] = _mean(diffs)
-        res["acc_last10_diff_se"] = (
-            statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-        )
+        res["acc_last10_diff_se"] = _se(diffs)
+        res["eval_diff"], res["eval_diff_se"] = {}, {}
+        for step in res["eval"]:
+            if step in sync["eval"]:
+                eval_diffs = [
+                    a["eval"][step] - s["eval"][step] for a, s in zip(per_seed[name], per_seed["sync"])
+                ]
+                res["eval_diff"][step], res["eval_diff_se"][step] = _mean(eval_diffs), _se(eval_diffs)
     out = {"pinning": pinning, "results": results, "runs": per_seed}
     first_async = next((r for n, r in results.items() if n != "sync"), None)
     if first_async is not None:
@@ -209,6 +242,17 @@ def print_table(out: dict) -> None:
             f"{name:<8} {len(r['seeds']):>5} {r['step_s']:>8.3f} {r.get('speedup', 1.0):>8.2f} "
             f"{r['acc_first10']:>9.3f} {r['acc_last10']:>10.3f} {diff:>24}"
         )
+    steps = list(out["results"]["sync"]["eval"])
+    if steps:  # held-out avg@k of the same weight versions; async - sync (se) beside each
+        lines += ["", f"{'held-out after step':<20}" + "".join(f"{step:>22}" for step in steps)]
+        for name, r in out["results"].items():
+            cells = [f"{r['eval'][step]:.3f}" for step in steps]
+            if name != "sync":
+                cells = [
+                    f"{c} {r['eval_diff'][step]:+.3f} ({r['eval_diff_se'][step]:.3f})"
+                    for c, step in zip(cells, steps)
+                ]
+            lines.append(f"{name:<20}" + "".join(f"{c:>22}" for c in cells))
     sys.stdout.write("\n".join(lines) + "\n")
 
 
@@ -229,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpus", default="1", help="taskset CPU list of the rollout server")
     parser.add_argument("--trainer-cpus", default="0", help="taskset CPU list of the trainer")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the processes")
+    parser.add_argument(
+        "--eval-interval", type=int, default=10, help="held-out evaluation every N steps (0: none)"
+    )
+    parser.add_argument("--eval-samples", type=int, default=32, help="samples per held-out prompt (avg@k)")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for both modes")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
