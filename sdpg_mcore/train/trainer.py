@@ -307,7 +307,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         pad_multiple=layout.tp if policy.head.sequence_parallel else 1,
         teacher_states=cfg.trainer.teacher_states,
     )
-    evals = {Path(f).stem: _prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
+    evals = {Path(f).stem: load_prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
     sink, progress = _sinks(cfg, rank0, start)
     return Run(
         cfg,
@@ -338,7 +338,8 @@ def _dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
 
 
-def _prompts(cfg: Config, files: list[str], tokenizer, needs_teacher: bool):
+def load_prompts(cfg: Config, files: list[str], tokenizer, needs_teacher: bool):
+    """The prompt dataset of ``files`` as the trainer reads it (length policy, chat template, answer format)."""
     from sdpg_mcore.data import PromptConfig, load_prompt_dataset
 
     config = PromptConfig(
@@ -358,7 +359,7 @@ def _data(cfg: Config, needs_teacher: bool):
     from sdpg_mcore.data import PromptSampler
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    dataset = _prompts(cfg, cfg.data.train_files, tokenizer, needs_teacher)
+    dataset = load_prompts(cfg, cfg.data.train_files, tokenizer, needs_teacher)
     sampler = PromptSampler(
         len(dataset), cfg.data.batch_prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle
     )

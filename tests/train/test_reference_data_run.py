@@ -85,11 +85,11 @@ def _train_logged(rank, world_size, overrides, log_path):
 
 def _teacher_prompts(assets, tmp_path, *extra):
     from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
-    from sdpg_mcore.train.trainer import _prompts
+    from sdpg_mcore.train.trainer import load_prompts
 
     cfg = load_config(REPO / "examples" / "tiny" / "sdpg.yaml", _overrides(assets, tmp_path / "x", *extra))
     tokenizer = build_tiny_tokenizer("qwen")  # the tiny model's tokenizer (tools/make_tiny_model.py)
-    return _prompts(cfg, cfg.data.train_files, tokenizer, needs_teacher=True), tokenizer
+    return load_prompts(cfg, cfg.data.train_files, tokenizer, needs_teacher=True), tokenizer
 
 
 @pytest.mark.parametrize("filter_overlong", [True, False])
