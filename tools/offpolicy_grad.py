@@ -141,11 +141,11 @@ def _until_eos(row: list[int], eos: list[int]) -> list[int]:
     return row
 
 
-CORRECTIONS = ("none", "token", "sequence")
-
-
 def term_grads(policy, sampler: Sampler, data: dict, correction: str, cap: float) -> dict[str, torch.Tensor]:
-    """Flat fp64 gradients of the policy-gradient and KL terms (token-mean) at the policy's weights."""
+    """Flat fp64 gradients of the policy-gradient and KL terms (token-mean) at the policy's weights.
+
+    ``correction``: ``none``, ``token`` (the trainer's ``rollout_is_cap``) or ``sequence``; the KL term
+    is never weighted (as in the trainer)."""
     reps, responses, cfg = data["reps"], data["responses"], sampler.cfg.algorithm
     logits = response_logits(policy, [s.student_ids for s in reps], responses, sampler.pad)
     logp_NV = torch.log_softmax(logits / sampler.cfg.rollout.temperature, -1)
@@ -162,11 +162,11 @@ def term_grads(policy, sampler: Sampler, data: dict, correction: str, cap: float
         log_w_S = torch.zeros(len(responses), dtype=torch.float64)
         log_w_S.index_add_(0, seq_N, (lp_N.detach() - data["rollout_lp"]).double())
         pg_N = pg_N * log_w_S.clamp(max=20.0).exp().clamp(max=cap)[seq_N].to(pg_N.dtype)
-    kl_N = sdpg_loss(replace(inputs, advantages_N=torch.zeros_like(lp_N)), replace(cfg, alpha=0.0, rollout_is_cap=0.0),
+    kl_term_N = sdpg_loss(replace(inputs, advantages_N=torch.zeros_like(lp_N)), replace(cfg, alpha=0.0, rollout_is_cap=0.0),
                      step=cfg.beta_warmup_steps + 1, total_steps=10**9).loss_N  # fmt: skip
     params = list(policy.parameters())
     out = {}
-    for name, loss_N in (("pg", pg_N), ("kl", kl_N)):
+    for name, loss_N in (("pg", pg_N), ("kl", kl_term_N)):
         grads = torch.autograd.grad(loss_N.mean(), params, retain_graph=True, allow_unused=True)
         out[name] = torch.cat(
             [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]
