@@ -85,7 +85,13 @@ class Sampler:
         self.cfg, self.tok, self.n = cfg, tokenizer, n
         rw = cfg.reward
         self.scorer = RewardScorer(rw.scorer, strict=rw.strict, answer_format=rw.answer_format, num_workers=0)
-        self.eos = sorted({tokenizer.eos_token_id, *_generation_eos(cfg.model.path)} - {None})
+        from transformers import AutoConfig
+
+        from sdpg_mcore.rollout.engine import eos_token_ids
+
+        self.eos = sorted(
+            eos_token_ids(AutoConfig.from_pretrained(cfg.model.path), tokenizer)
+        )  # the server's
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
     @torch.no_grad()
@@ -128,12 +134,6 @@ class Sampler:
         }
 
 
-def _generation_eos(model_dir: str) -> list[int]:
-    path = Path(model_dir) / "generation_config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:
     for i, t in enumerate(row):
         if t in eos:
@@ -141,34 +141,40 @@ def _until_eos(row: list[int], eos: list[int]) -> list[int]:
     return row
 
 
-def term_grads(policy, sampler: Sampler, data: dict, correction: str, cap: float) -> dict[str, torch.Tensor]:
-    """Flat fp64 gradients of the policy-gradient and KL terms (token-mean) at the policy's weights.
+def term_grads(policy, sampler: Sampler, data: dict, corrections: list[tuple[str, float]]) -> dict:
+    """Flat fp64 gradients at the policy's weights (token-mean), from one forward of ``data``: the KL
+    term's (never weighted, as in the trainer) under ``"kl"``, and the policy-gradient term's under
+    ``("pg", correction, cap)`` for each correction: ``none``, ``token`` (the trainer's
+    ``rollout_is_cap``) or ``sequence``."""
+    from sdpg_mcore.train.mechanism import reverse_kl
 
-    ``correction``: ``none``, ``token`` (the trainer's ``rollout_is_cap``) or ``sequence``; the KL term
-    is never weighted (as in the trainer)."""
     reps, responses, cfg = data["reps"], data["responses"], sampler.cfg.algorithm
     logits = response_logits(policy, [s.student_ids for s in reps], responses, sampler.pad)
     logp_NV = torch.log_softmax(logits / sampler.cfg.rollout.temperature, -1)
     lp_N = logp_NV.gather(1, data["tokens"][:, None])[:, 0]
-    kl_N = (logp_NV.exp() * (logp_NV - data["teacher_logp"])).sum(-1)
     seq_N = torch.cat([torch.full((len(r),), i) for i, r in enumerate(responses)])
     inputs = TokenInputs(
         logprob_N=lp_N, old_logprob_N=lp_N.detach(), advantages_N=data["adv"][seq_N], seq_index_N=seq_N,
-        num_seqs=len(responses), kl_N=kl_N, rollout_logprob_N=data["rollout_lp"],
+        num_seqs=len(responses), kl_N=reverse_kl(logp_NV, data["teacher_logp"]), rollout_logprob_N=data["rollout_lp"],
     )  # fmt: skip
-    pg_cfg = replace(cfg, beta=0.0, alpha=0.0, rollout_is_cap=cap if correction == "token" else 0.0)
-    pg_N = sdpg_loss(inputs, pg_cfg, step=1, total_steps=1).loss_N
-    if correction == "sequence":
-        log_w_S = torch.zeros(len(responses), dtype=torch.float64)
-        log_w_S.index_add_(0, seq_N, (lp_N.detach() - data["rollout_lp"]).double())
-        pg_N = pg_N * log_w_S.clamp(max=20.0).exp().clamp(max=cap)[seq_N].to(pg_N.dtype)
-    kl_term_N = sdpg_loss(replace(inputs, advantages_N=torch.zeros_like(lp_N)), replace(cfg, alpha=0.0, rollout_is_cap=0.0),
-                     step=cfg.beta_warmup_steps + 1, total_steps=10**9).loss_N  # fmt: skip
+    kl_inputs, kl_cfg = (
+        replace(inputs, advantages_N=torch.zeros_like(lp_N)),
+        replace(cfg, alpha=0.0, rollout_is_cap=0.0),
+    )
+    losses = {"kl": sdpg_loss(kl_inputs, kl_cfg, step=cfg.beta_warmup_steps + 1, total_steps=10**9).loss_N}
+    for correction, cap in corrections:
+        pg_cfg = replace(cfg, beta=0.0, alpha=0.0, rollout_is_cap=cap if correction == "token" else 0.0)
+        pg_N = sdpg_loss(inputs, pg_cfg, step=1, total_steps=1).loss_N
+        if correction == "sequence":
+            log_w_S = torch.zeros(len(responses), dtype=torch.float64)
+            log_w_S.index_add_(0, seq_N, (lp_N.detach() - data["rollout_lp"]).double())
+            pg_N = pg_N * log_w_S.clamp(max=20.0).exp().clamp(max=cap)[seq_N].to(pg_N.dtype)
+        losses[("pg", correction, cap)] = pg_N
     params = list(policy.parameters())
     out = {}
-    for name, loss_N in (("pg", pg_N), ("kl", kl_term_N)):
+    for key, loss_N in losses.items():
         grads = torch.autograd.grad(loss_N.mean(), params, retain_graph=True, allow_unused=True)
-        out[name] = torch.cat(
+        out[key] = torch.cat(
             [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]
         ).double()
     return out
@@ -216,22 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         load_model(Path(cfg.model.path), a.behaviour),
     )
     sampler = Sampler(cfg, tok, cfg.rollout.n)
-    rows = [
-        ("pg", "none", 0.0),
-        *[("pg", c, cap) for cap in a.caps for c in ("token", "sequence")],
-        ("kl", "none", 0.0),
-    ]
-    results: dict[str, list[dict]] = {_name(*r): [] for r in rows}
+    corrections = [("none", 0.0), *[(c, cap) for cap in a.caps for c in ("token", "sequence")]]
+    fresh_of = {("pg", *c): ("pg", "none", 0.0) for c in corrections} | {"kl": "kl"}  # fresh: no correction
+    results: dict[str, list[dict]] = {_name(key): [] for key in fresh_of}
     for rep in range(a.repeats):
         picked = [dataset[i] for i in torch.randperm(len(dataset))[: a.prompts].tolist()]
         fresh = [sampler.draw(policy, policy, picked) for _ in range(2)]
         stale = [sampler.draw(behaviour, policy, picked) for _ in range(2)]
-        g_fresh = [term_grads(policy, sampler, d, "none", 0.0) for d in fresh]
-        for term, correction, cap in rows:
-            g_stale = [term_grads(policy, sampler, d, correction, cap)[term] for d in stale]
-            results[_name(term, correction, cap)].append(
-                bias_estimate(g_fresh[0][term], g_fresh[1][term], *g_stale)
-            )
+        g_fresh = [term_grads(policy, sampler, d, [("none", 0.0)]) for d in fresh]
+        g_stale = [term_grads(policy, sampler, d, corrections) for d in stale]
+        for key, fresh_key in fresh_of.items():
+            f1, f2 = (g[fresh_key] for g in g_fresh)
+            results[_name(key)].append(bias_estimate(f1, f2, *(g[key] for g in g_stale)))
         print(f"draw {rep + 1}/{a.repeats} done", file=sys.stderr, flush=True)
     summary = {name: _summarise(runs) for name, runs in results.items()}
     print(f"{'term / correction':<26} {'|grad|':>8} {'bias^2/signal (se)':>22} {'noise/signal':>13}")
@@ -246,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _name(term: str, correction: str, cap: float) -> str:
-    return f"{term} {correction}" + (f" cap {cap:g}" if correction != "none" else "")
+def _name(key) -> str:
+    """``"kl none"``, ``"pg none"``, ``"pg token cap 2"``, ... for a :func:`term_grads` key."""
+    if key == "kl":
+        return "kl none"
+    _, correction, cap = key
+    return f"pg {correction}" + (f" cap {cap:g}" if correction != "none" else "")
 
 
 def _summarise(runs: list[dict]) -> dict[str, float]:

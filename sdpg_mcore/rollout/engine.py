@@ -107,10 +107,7 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval()
         self.tokenizer = _load_tokenizer(self.model_path)
         config = self.model.config
-        eos = getattr(config, "eos_token_id", None)
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos_token_ids: set[int] = eos_token_ids(config, self.tokenizer)
         self.vocab_size: int = config.vocab_size
         self.max_context: int = getattr(config, "max_position_embeddings", 1 << 30)
         self.params_by_name: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
@@ -322,6 +319,15 @@ class HFEngine:
     def _is_tied_alias(self, name: str, seen: set[str]) -> bool:
         param = self.params_by_name[name]
         return any(self.params_by_name[other] is param for other in seen if other in self.params_by_name)
+
+
+def eos_token_ids(config, tokenizer) -> set[int]:
+    """The ids that end a response: the model config's ``eos_token_id`` (one id or a list), else the
+    tokenizer's; empty when neither has one."""
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def _load_tokenizer(model_path: str):
