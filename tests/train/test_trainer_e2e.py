@@ -4,12 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from launch_testlib import make_assets
+from launch_testlib import make_assets, train_rank
 
-from sdpg_mcore.config import load_config
 from sdpg_mcore.parallel.spawn import spawn_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 REQUIRED = (
     "step",
     "tokens_per_s",
@@ -35,12 +33,6 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("tiny"), sft_steps=3, num_train=64)
 
 
-def _train(rank, world_size, overrides):
-    from sdpg_mcore.train.trainer import train
-
-    return train(load_config(REPO / "examples" / "tiny" / "sdpg.yaml", overrides))
-
-
 def _run(assets, run_dir, *extra):
     overrides = [
         f"model.path={assets / 'model'}",
@@ -54,7 +46,7 @@ def _run(assets, run_dir, *extra):
         "trainer.save_interval=1",
         *extra,
     ]
-    spawn_ranks(_train, 1, args=(overrides,), timeout_s=300)
+    spawn_ranks(train_rank, 1, args=(overrides,), timeout_s=300)
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
