@@ -15,9 +15,15 @@ the per-sequence ``min(prod_t pi / pi_b, c)``.
 With each gradient the mean of its two halves, the squared bias ``|E g_stale - E g_fresh|^2`` is
 estimated without the sampling noise as ``|g_s - g_f|^2 - |g_s1 - g_s2|^2 / 4 - |g_f1 - g_f2|^2 / 4``,
 and reported relative to the noise-corrected ``|E g_fresh|^2``, averaged over ``--repeats`` prompt
-draws (mean and standard error). ``--behaviour`` equal to ``--policy`` is the control: every row's
-bias is then zero up to the estimate's noise. ``noise`` is the squared noise of a stale gradient
-from ``2 x prompts x n`` samples relative to the same signal, the price of a correction's variance.
+draws (mean and standard error); ``--advantages fresh-baseline`` replaces the group-normalised
+advantages of all four sets by ``R`` minus the mean reward of a fifth, fresh set, to see how much of
+the bias the group statistics of stale samples add. ``--behaviour`` equal to ``--policy`` is the
+control: every row's bias is then zero up to the estimate's noise. ``along`` splits the bias: the
+stale gradient's length along the fresh one (1: none of the bias shortens or lengthens the step).
+``noise`` is the squared noise of a stale gradient from ``2 x prompts x n`` samples relative to the
+same signal, the price of a correction's variance; ``fresh noise`` the same for fresh samples. A
+training mini-batch of m prompts has ``2 x prompts / m`` times that noise and the same bias, and its
+noise averages out over steps while the bias does not.
 
 Two consecutive versions of a run: train with ``trainer.save_interval=1``, then
 ``tools/convert_hf.py to-hf --mcore RUN/checkpoints/step_0000000V --out DIR`` for each. Sampling and
@@ -128,10 +134,23 @@ class Sampler:
             "reps": reps,
             "responses": responses,
             "tokens": tokens,
+            "rewards": rewards,
+            "groups": groups,
             "adv": grpo_advantages(rewards, groups).float(),
             "rollout_lp": torch.log_softmax(student, -1).gather(1, tokens[:, None])[:, 0],
             "teacher_logp": torch.log_softmax(teacher, -1),
         }
+
+
+def fresh_baseline_advantages(data: dict, baseline: dict, n: int) -> torch.Tensor:
+    """``R - mean reward of the prompt's group in baseline`` (no std), for ``--advantages fresh-baseline``.
+
+    The baseline set is drawn from the policy independently of ``data``, so the advantage of a response
+    does not depend on the other responses of its group: importance weights can then make a stale
+    gradient exactly unbiased, and what the group-normalised advantages add to the bias shows apart."""
+    groups_G = torch.zeros(int(baseline["groups"].max()) + 1, dtype=torch.float64)
+    mean_G = groups_G.index_add(0, baseline["groups"], baseline["rewards"]) / n
+    return (data["rewards"] - mean_G[data["groups"]]).float()
 
 
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:
@@ -181,15 +200,25 @@ def term_grads(policy, sampler: Sampler, data: dict, corrections: list[tuple[str
 
 
 def bias_estimate(f1: torch.Tensor, f2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> dict[str, float]:
-    """Squared bias of the stale gradient and its noise, both relative to the squared fresh signal."""
+    """Squared bias of the stale gradient, its noise and the fresh one's, relative to the squared fresh
+    signal, and ``along``: the stale gradient's length along the fresh one (``<E g_s, E g_f> / |E g_f|^2``,
+    from products of independent halves, so without noise). ``along`` < 1 is a shorter step in the right
+    direction, as from a smaller learning rate; the rest of the bias, ``bias2 - (along - 1)^2``, points
+    elsewhere."""
 
     def sq(x: torch.Tensor) -> float:
         return float(x.dot(x))
 
     noise_f, noise_s = sq(f1 - f2) / 4, sq(s1 - s2) / 4
-    signal = sq((f1 + f2) / 2) - noise_f
+    signal = sq((f1 + f2) / 2) - noise_f  # = f1 . f2
     bias2 = sq((s1 + s2) / 2 - (f1 + f2) / 2) - noise_f - noise_s
-    return {"bias2": bias2 / signal, "noise": noise_s / signal, "signal_norm": max(signal, 0.0) ** 0.5}
+    return {
+        "bias2": bias2 / signal,
+        "along": float((s1 + s2).dot(f1 + f2)) / 4 / signal,
+        "noise": noise_s / signal,
+        "noise_fresh": noise_f / signal,
+        "signal_norm": max(signal, 0.0) ** 0.5,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=256, help="prompts per draw (each sampled n times, 4 sets)")
     p.add_argument("--repeats", type=int, default=5, help="independent prompt draws")
     p.add_argument("--caps", type=float, nargs="+", default=[2.0, 10.0], help="truncation caps to compare")
+    p.add_argument(
+        "--advantages",
+        choices=["group", "fresh-baseline"],
+        default="group",
+        help="group: the recipe's group-normalised advantages; fresh-baseline: R minus the mean reward "
+        "of a fifth, fresh sample set of the prompt (a diagnostic: no advantage couples a group)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
@@ -229,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         picked = [dataset[i] for i in torch.randperm(len(dataset))[: a.prompts].tolist()]
         fresh = [sampler.draw(policy, policy, picked) for _ in range(2)]
         stale = [sampler.draw(behaviour, policy, picked) for _ in range(2)]
+        if a.advantages == "fresh-baseline":
+            baseline = sampler.draw(policy, policy, picked)
+            for d in fresh + stale:
+                d["adv"] = fresh_baseline_advantages(d, baseline, sampler.n)
         g_fresh = [term_grads(policy, sampler, d, [("none", 0.0)]) for d in fresh]
         g_stale = [term_grads(policy, sampler, d, corrections) for d in stale]
         for key, fresh_key in fresh_of.items():
@@ -236,10 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             results[_name(key)].append(bias_estimate(f1, f2, *(g[key] for g in g_stale)))
         print(f"draw {rep + 1}/{a.repeats} done", file=sys.stderr, flush=True)
     summary = {name: _summarise(runs) for name, runs in results.items()}
-    print(f"{'term / correction':<26} {'|grad|':>8} {'bias^2/signal (se)':>22} {'noise/signal':>13}")
+    print(
+        f"{'term / correction':<26} {'|grad|':>8} {'bias^2/signal (se)':>22} {'along (se)':>16} "
+        f"{'noise/signal':>13} {'fresh noise':>12}"
+    )
     for name, s in summary.items():
         print(
-            f"{name:<26} {s['signal_norm']:>8.4f} {s['bias2']:>+13.4f} ({s['bias2_se']:.4f}) {s['noise']:>13.4f}"
+            f"{name:<26} {s['signal_norm']:>8.4f} {s['bias2']:>+13.4f} ({s['bias2_se']:.4f}) "
+            f"{s['along']:>9.3f} ({s['along_se']:.3f}) {s['noise']:>13.4f} {s['noise_fresh']:>12.4f}"
         )
     if a.json is not None:
         a.json.write_text(
@@ -257,13 +301,12 @@ def _name(key) -> str:
 
 
 def _summarise(runs: list[dict]) -> dict[str, float]:
-    bias = [r["bias2"] for r in runs]
-    return {
-        "bias2": statistics.fmean(bias),
-        "bias2_se": statistics.stdev(bias) / len(bias) ** 0.5 if len(bias) > 1 else float("nan"),
-        "noise": statistics.fmean(r["noise"] for r in runs),
-        "signal_norm": statistics.fmean(r["signal_norm"] for r in runs),
-    }
+    """Mean of each number over the draws; standard errors of the bias and of ``along``."""
+    out = {key: statistics.fmean(r[key] for r in runs) for key in runs[0]}
+    for key in ("bias2", "along"):
+        values = [r[key] for r in runs]
+        out[f"{key}_se"] = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return out
 
 
 if __name__ == "__main__":
