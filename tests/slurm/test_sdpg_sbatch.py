@@ -82,14 +82,20 @@ def _release_requeued(slurm, job: str, timeout_s: float = 150.0) -> None:
     """Slurm holds a requeued job for ~2 minutes (BeginTime); start it once the first run has ended.
 
     Released while the node still completes the first run, the new run could be marked FAILED by the
-    first run's late completion message (seen once in ~10 runs), so wait for the node to be idle.
+    first run's late completion message (seen once in ~10 runs), so wait for the node to be idle. And
+    slurmd refuses a launch whose credential was made in the same second as the first run's kill
+    ("Job credential revoked" / "Job N already killed, do not launch batch job": it compares whole
+    seconds; 2 of 8 runs on this machine), so release it only 2 s after the requeue was first seen.
     """
     deadline = time.monotonic() + timeout_s
+    requeued_at = None
     while time.monotonic() < deadline:
         info = slurm.job(job)
         node_state = slurm.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-        if info.fields.get("Restarts") == "1" and info.state == "PENDING" and node_state == "idle":
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        if info.fields.get("Restarts") == "1" and info.state == "PENDING":
+            requeued_at = requeued_at or time.monotonic()
+            if node_state == "idle" and time.monotonic() - requeued_at >= 2.0:
+                slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
         elif info.fields.get("Restarts") == "1" and info.state != "PENDING":
             return
         time.sleep(0.5)
