@@ -169,7 +169,7 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def _se(values: list[float]) -> float:
+def standard_error(values: list[float]) -> float:
     """Standard error of the mean (nan for fewer than two values)."""
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
 
@@ -207,14 +207,15 @@ def report(per_seed: dict[str, list[dict]], pinning: str) -> dict:
         res["speedup"] = sync["step_s"] / res["step_s"]
         diffs = [_last10(a) - _last10(s) for a, s in zip(per_seed[name], per_seed["sync"])]
         res["acc_last10_diff"] = _mean(diffs)
-        res["acc_last10_diff_se"] = _se(diffs)
+        res["acc_last10_diff_se"] = standard_error(diffs)
         res["eval_diff"], res["eval_diff_se"] = {}, {}
         for step in res["eval"]:
             if step in sync["eval"]:
                 eval_diffs = [
                     a["eval"][step] - s["eval"][step] for a, s in zip(per_seed[name], per_seed["sync"])
                 ]
-                res["eval_diff"][step], res["eval_diff_se"][step] = _mean(eval_diffs), _se(eval_diffs)
+                res["eval_diff"][step] = _mean(eval_diffs)
+                res["eval_diff_se"][step] = standard_error(eval_diffs)
     out = {"pinning": pinning, "results": results, "runs": per_seed}
     first_async = next((r for n, r in results.items() if n != "sync"), None)
     if first_async is not None:

@@ -45,6 +45,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_async import standard_error  # noqa: E402
+
 from sdpg_mcore.algo.advantages import grpo_advantages  # noqa: E402
 from sdpg_mcore.algo.config import SDPGConfig  # noqa: E402
 from sdpg_mcore.algo.losses import TokenInputs, sdpg_loss  # noqa: E402
@@ -86,18 +88,16 @@ class Sampler:
     """Rollouts as the trainer sees them: responses, rewards, advantages, rollout log-probs, teacher."""
 
     def __init__(self, cfg, tokenizer, n: int):
+        from transformers import AutoConfig
+
         from sdpg_mcore.rewards.scorer import RewardScorer
+        from sdpg_mcore.rollout.engine import eos_token_ids
 
         self.cfg, self.tok, self.n = cfg, tokenizer, n
         rw = cfg.reward
         self.scorer = RewardScorer(rw.scorer, strict=rw.strict, answer_format=rw.answer_format, num_workers=0)
-        from transformers import AutoConfig
-
-        from sdpg_mcore.rollout.engine import eos_token_ids
-
-        self.eos = sorted(
-            eos_token_ids(AutoConfig.from_pretrained(cfg.model.path), tokenizer)
-        )  # the server's
+        config = AutoConfig.from_pretrained(cfg.model.path)
+        self.eos = sorted(eos_token_ids(config, tokenizer))  # the stop tokens of the dev server
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
     @torch.no_grad()
@@ -181,12 +181,12 @@ def term_grads(policy, sampler: Sampler, data: dict, corrections: list[tuple[str
         replace(cfg, alpha=0.0, rollout_is_cap=0.0),
     )
     losses = {"kl": sdpg_loss(kl_inputs, kl_cfg, step=cfg.beta_warmup_steps + 1, total_steps=10**9).loss_N}
+    log_w_S = torch.zeros(len(responses), dtype=torch.float64)  # log prod_t pi / pi_b per response
+    log_w_S.index_add_(0, seq_N, (lp_N.detach() - data["rollout_lp"]).double())
     for correction, cap in corrections:
         pg_cfg = replace(cfg, beta=0.0, alpha=0.0, rollout_is_cap=cap if correction == "token" else 0.0)
         pg_N = sdpg_loss(inputs, pg_cfg, step=1, total_steps=1).loss_N
         if correction == "sequence":
-            log_w_S = torch.zeros(len(responses), dtype=torch.float64)
-            log_w_S.index_add_(0, seq_N, (lp_N.detach() - data["rollout_lp"]).double())
             pg_N = pg_N * log_w_S.clamp(max=20.0).exp().clamp(max=cap)[seq_N].to(pg_N.dtype)
         losses[("pg", correction, cap)] = pg_N
     params = list(policy.parameters())
@@ -304,8 +304,7 @@ def _summarise(runs: list[dict]) -> dict[str, float]:
     """Mean of each number over the draws; standard errors of the bias and of ``along``."""
     out = {key: statistics.fmean(r[key] for r in runs) for key in runs[0]}
     for key in ("bias2", "along"):
-        values = [r[key] for r in runs]
-        out[f"{key}_se"] = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+        out[f"{key}_se"] = standard_error([r[key] for r in runs])
     return out
 
 

@@ -23,10 +23,10 @@ of the squared norm at versions 6 and 21, against -0.02 +- 0.02 and 0.05 +- 0.02
 weight does no better, a cap of 10 no better and 1.3-1.8x noisier; the KL term on stale states
 needs no weight (0.002 +- 0.005, 0.0006 +- 0.0004). What remains at version 21 (0.05, at right angles
 to the fresh gradient: the stale one's length along it is 1.04 +- 0.04) seems to come from the
-group-normalised advantages, whose mean and std come from the
-stale group: with advantages ``R - mean reward of an independent fresh group`` in both (no std), the
-weighted gradient's bias is -0.008 +- 0.021; importance-weighting the stale group's mean (and std)
-instead makes it larger (0.12; 0.07). Lower caps trade that bias for noise and train worse (cap
+group-normalised advantages, whose mean and std come from the stale group: with advantages
+``R - mean reward of an independent fresh group`` in both (no std), the weighted gradient's bias is
+-0.008 +- 0.021; importance-weighting the stale group's mean (and std) instead makes it larger
+(0.12; 0.07). Lower caps trade that bias for noise and train worse (cap
 1.25: -0.036 +- 0.013, 8 seeds). Learning from one step old samples therefore still costs at a large
 step size: at the tiny recipe's lr 5e-4 async trails by 1.8 +- 0.5 points over steps 31-40 (16
 seeds), at 2.5e-4 by 0.3 (README).
