@@ -1,20 +1,24 @@
-"""Check ``compute_score_strict`` against the SDPG reference's own scoring code on generated responses.
+"""Check ``compute_score_strict`` against the SDPG reference's own scores on generated responses.
 
-The reference (its verl fork, ``verl/utils/reward_score/``) is not part of this repository: copy its
-``__init__.py``, ``math_dapo.py``, ``gsm8k.py`` and ``math_verify.py`` into a directory (the
-``deprecated`` import of ``__init__.py`` may be stubbed) and pass it as ``--reference``. Every case
-is scored by the reference's ``default_compute_score(..., answer_format=F)`` and by ours for both
-formats; results (score, acc, pred — or the exception for an unknown source) must be identical.
+The reference's outcomes (its verl fork's ``default_compute_score``, in both answer formats) come from
+a fixture written by ``tests/make_reference_fixtures.py`` from a checkout of the reference; its code is
+not part of this repository and this tool does not import it. The committed fixture holds 300
+generated cases and the reward tests' listed cases; every case is scored by ours for both formats and
+the results (score, acc, pred — or the exception for an unknown source) must be identical.
 
-    python tools/check_reward_agreement.py --reference /tmp/refscore --cases 6000
-    python tools/check_reward_agreement.py --reference /tmp/refscore --cases 500 --timeout-s 10   # via the worker
+    python tools/check_reward_agreement.py                       # the committed fixture
+    python tools/check_reward_agreement.py --timeout-s 10        # ours via the reward worker
+    # 6,000 generated cases (write the larger fixture with the reference's Python first):
+    PYTHONPATH=. <reference python> tests/make_reference_fixtures.py --reference <checkout> \\
+        --only rewards --cases 6000 --out /tmp/reference_scores_6000.json
+    python tools/check_reward_agreement.py --reference-scores /tmp/reference_scores_6000.json
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
+import hashlib
 import json
 import random
 import sys
@@ -195,15 +199,29 @@ def generate(n: int, seed: int = 0, sources: list[str] | None = None) -> Iterato
         yield data_source, before + body + after, truth
 
 
-def load_reference(directory: Path):
-    init = directory / "__init__.py"
-    spec = importlib.util.spec_from_file_location(
-        "refscore", init, submodule_search_locations=[str(directory)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["refscore"] = module
-    spec.loader.exec_module(module)
-    return module.default_compute_score
+def case_digest(data_source: str, response: str, truth: str) -> str:
+    """A short fingerprint of a generated case: the fixture stores it instead of the long response."""
+    return hashlib.sha256("\x00".join((data_source, response, truth)).encode()).hexdigest()[:16]
+
+
+def fixture_cases(fixture: dict) -> Iterator[tuple[str, str, str, dict]]:
+    """``(data_source, response, truth, reference outcomes by format)`` of every case in a fixture.
+
+    The generated cases are rebuilt with :func:`generate` from the fixture's ``n`` and ``seed`` and
+    checked against its digests, so a changed generator cannot pass against stale outcomes.
+    """
+    for section in ("table", "traps", "correct"):
+        for case in fixture.get(section, []):
+            yield case["data_source"], case["response"], case["truth"], case["reference"]
+    generated = fixture["generated"]
+    cases = generate(generated["n"], generated["seed"], SOURCES + UNKNOWN_SOURCES)
+    for (data_source, response, truth), stored in zip(cases, generated["cases"], strict=True):
+        if case_digest(data_source, response, truth) != stored["digest"]:
+            raise ValueError(
+                "the case generator no longer produces the fixture's cases: regenerate the fixture "
+                "with tests/make_reference_fixtures.py --only rewards"
+            )
+        yield data_source, response, truth, stored["reference"]
 
 
 def _outcome(fn, *args, **kwargs):
@@ -214,38 +232,25 @@ def _outcome(fn, *args, **kwargs):
     return result if isinstance(result, dict) else float(result)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--reference", type=Path, required=True, help="directory with the reference's reward_score files"
-    )
-    parser.add_argument(
-        "--cases", type=int, default=6000, help="generated responses (each scored in both formats)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--timeout-s", type=float, default=None, help="score ours in the reward worker under this limit"
-    )
-    parser.add_argument(
-        "--json", type=Path, default=None, help="write counts and the first disagreements here"
-    )
-    args = parser.parse_args()
-    reference = load_reference(args.reference)
-    cases = list(generate(args.cases, args.seed, SOURCES + UNKNOWN_SOURCES))
+DEFAULT_FIXTURE = (
+    Path(__file__).resolve().parents[1] / "tests" / "rewards" / "fixtures" / "reference_scores.json"
+)
+
+
+def compare(fixture: dict, timeout_s: float | None) -> tuple[dict[str, collections.Counter], list[dict]]:
+    """Counts per ``format/scorer`` (cases, agree, ref_correct) and the first 50 disagreements."""
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     disagreements = []
-    start = time.monotonic()
-    for data_source, response, truth in cases:
+    for data_source, response, truth, reference in fixture_cases(fixture):
         scorer = "unknown" if data_source in UNKNOWN_SOURCES else data_source.split("/")[0]
-        for answer_format in ("answer_colon", "boxed"):
-            ref = _outcome(reference, data_source, response, truth, answer_format=answer_format)
+        for answer_format, ref in reference.items():
             ours = _outcome(
                 compute_score_strict,
                 data_source,
                 response,
                 truth,
                 answer_format=answer_format,
-                timeout_s=args.timeout_s,
+                timeout_s=timeout_s,
             )
             key = f"{answer_format}/{scorer}"
             counts[key]["cases"] += 1
@@ -253,17 +258,34 @@ def main() -> int:
             counts[key]["ref_correct"] += isinstance(ref, dict) and ref["acc"] or ref == 1.0
             if ref != ours and len(disagreements) < 50:
                 disagreements.append(
-                    {
-                        "data_source": data_source,
-                        "response": response,
-                        "truth": truth,
-                        "answer_format": answer_format,
-                        "reference": ref,
-                        "ours": ours,
-                    }
-                )
+                    {"data_source": data_source, "response": response, "truth": truth,
+                     "answer_format": answer_format, "reference": ref, "ours": ours}
+                )  # fmt: skip
+    return counts, disagreements
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--reference-scores", type=Path, default=DEFAULT_FIXTURE,
+        help="the reference's outcomes, written by tests/make_reference_fixtures.py (default: the committed one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout-s", type=float, default=None, help="score ours in the reward worker under this limit"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write counts and the first disagreements here"
+    )
+    args = parser.parse_args()
+    fixture = json.loads(args.reference_scores.read_text())
+    start = time.monotonic()
+    try:
+        counts, disagreements = compare(fixture, args.timeout_s)
+    except ValueError as err:  # a stale fixture: its generated cases are not the generator's any more
+        parser.exit(2, f"error: {args.reference_scores}: {err}\n")
     total = sum(c["cases"] for c in counts.values())
     agree = sum(c["agree"] for c in counts.values())
+    print(f"reference: {fixture['provenance']['repository']} @ {fixture['provenance']['commit'][:12]}")
     print(f"{'format/scorer':38s} {'cases':>6s} {'agree':>6s} {'ref correct':>11s}")
     for key in sorted(counts):
         c = counts[key]
@@ -272,13 +294,9 @@ def main() -> int:
     for d in disagreements[:5]:
         print("DISAGREE", json.dumps(d)[:400])
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"total": total, "agree": agree, "counts": counts, "disagreements": disagreements},
-                indent=1,
-                default=str,
-            )
-        )
+        summary = {"total": total, "agree": agree, "counts": counts, "disagreements": disagreements,
+                   "provenance": fixture["provenance"]}  # fmt: skip
+        args.json.write_text(json.dumps(summary, indent=1, default=str))
     return 0 if agree == total else 1
 
 

@@ -79,6 +79,8 @@ def test_return_values_are_checked():
 
 
 def test_strict_mode_is_the_reference_dispatch(tmp_path):
+    """The strict mode's wiring, on values written by hand; that its scores are the reference's own is
+    checked on every case of ``fixtures/reference_scores.json`` (``tests/tools/test_check_reward_agreement.py``)."""
     from sdpg_mcore.rewards import RewardRequest, RewardScorer, UnknownDataSourceError, compute_score_strict
 
     response, truth = "\\boxed{\\frac12}", "0.5"

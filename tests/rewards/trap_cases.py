@@ -1,7 +1,11 @@
-"""Trap answers the default scorer must reject, beside correct answers it must keep accepting.
+"""The reward tests' cases: the score table, and trap answers beside correct answers.
 
-Each entry is ``(response, ground_truth)``. ``TRAPS`` are wrong final answers that an equivalence
-checker is tempted to accept; ``CORRECT`` are right answers in the notations models actually write.
+``TABLE`` entries are ``(response, ground_truth, default score)``: the default (math-verify) scorer's
+expected score, written by hand; the reference's score of each row is not written here but read from
+``fixtures/reference_scores.json``, which the reference's own scorer produced
+(``tests/make_reference_fixtures.py``). ``TRAPS`` and ``CORRECT`` are ``(response, ground_truth)``:
+``TRAPS`` are wrong final answers that an equivalence checker is tempted to accept; ``CORRECT`` are
+right answers in the notations models actually write.
 """
 
 FILLER = "We work it out step by step. " * 25  # ~725 characters: pushes an early answer out of the tail
@@ -88,4 +92,65 @@ CORRECT = [
     ("\\boxed{7 \\pmod{10}}", "7 \\pmod{10}"),
     ("\\boxed{-\\frac{3}{4}}", "-0.75"),
     ("\\boxed{1.0 \\times 10^{3}}", "1000"),
+]
+
+TABLE = [
+    ("so the answer is \\boxed{42}.", "42", 1),
+    ("\\boxed{41}", "42", -1),
+    ("\\boxed{\\frac12}", "0.5", 1),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", 1),
+    ("\\boxed{\\tfrac{1}{2}}", "\\frac12", 1),
+    ("\\boxed{\\frac{1}{2}}", "\\frac12", 1),
+    ("\\boxed{x = 3}", "3", 1),
+    ("\\boxed{x=3}", "3", 1),
+    ("\\boxed{30^\\circ}", "30", 1),
+    ("\\boxed{30^{\\circ}}", "30", 1),
+    ("\\boxed{5 \\text{ cm}}", "5", 1),
+    ("\\boxed{12 \\text{ dollars}}", "12", 1),
+    ("\\boxed{7 \\text{ students}}", "7", 1),
+    ("\\boxed{3 meters}", "3", 1),
+    ("\\boxed{42.}", "42", 1),
+    ("\\boxed{\\left(1, 2\\right)}", "(1,2)", 1),
+    ("\\boxed{1,\\!000}", "1000", 1),
+    ("\\boxed{1,000}", "1000", 1),
+    ("\\boxed{.5}", "0.5", 1),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", 1),
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", 1),
+    ("\\boxed{2\\pi}", "2\\pi", 1),
+    ("\\boxed{\\pi}", "3.14159", -1),
+    ("\\boxed{\\frac{3}{4}}", "\\frac{4}{3}", -1),
+    ("\\boxed{-7}", "7", -1),
+    ("The answer is 42.", "42", -1),
+    ("no box at all", "42", -1),
+    ("\\boxed{}", "42", -1),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", 1),
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", 1),
+    ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2", 1),
+    ("first \\boxed{1} then \\boxed{2}", "2", 1),
+    ("first \\boxed{2} then \\boxed{1}", "2", -1),
+    ("\\fbox{42}", "42", 1),
+    ("\\boxed 42", "42", 1),
+    ("\\boxed 42 \\text{ or } 43", "42", -1),
+    ("\\boxed{0.1000004}", "0.1", -1),
+    ("\\boxed{7 \\mod 10}", "7", -1),
+    ("\\boxed{42}\n" + "filler " * 100 + "\nAnswer: 2", "42", -1),
+    ("\\boxed{42}\nAnswer: 2", "42", -1),  # the reference takes the box; the final answer is 2
+    ("\\boxed{42", "42", -1),
+    ("Answer: 42", "42", 1),
+    ("answer: \\frac12", "0.5", 1),
+    ("\\boxed{41}\nAnswer: 42", "42", 1),
+    ("\\boxed{" + "9" * 5000 + "}", "9", -1),
+    ("\\boxed{" + "+".join(["x"] * 2000) + "}", "2000x", -1),
+    ("\\boxed{42}" + " filler" * 200, "42", 1),
+    ("\\boxed{\\{1, 2\\}}", "\\{2,1\\}", 1),
+    ("\\boxed{10\\%}", "10", 1),
+    ("\\boxed{\\$5}", "5", 1),
+    ("\\boxed{$5$}", "5", 1),
+    ("\\boxed{\\textbf{(B)}}", "B", 1),
+    ("\\boxed{B}", "B", 1),
+    ("\\boxed{2^{10}}", "1024", 1),
+    ("\\boxed{3.0}", "3", 1),
+    ("\\boxed{\\infty}", "\\infty", 1),
+    ("\\boxed{y = 2x + 1}", "2x+1", 1),
 ]
