@@ -133,8 +133,221 @@ def reward_fixture(reference: Path, num_cases: int = AGREEMENT_CASES) -> dict:
     return fixture
 
 
+LOSS_LENGTHS = [4, 3, 5]  # three responses, padded to 5 tokens
+LOSS_ADVANTAGES = [1.3, -0.8, 0.6]
+LEGACY_LENGTHS = [5, 1, 7, 3, 2, 6, 4, 3]  # one mini-batch of eight responses
+LEGACY_SPLITS = {"1": [list(range(8))], "2": [[0, 1, 2, 3], [4, 5, 6, 7]], "4": [[0, 1], [2, 3], [4, 5], [6, 7]],
+                 "uneven": [[0], [1, 2, 3, 4, 5], [6, 7]]}  # fmt: skip
+
+
+def loss_inputs(seed: int, lengths: list[int], advantages: list[float]) -> dict[str, list]:
+    """Padded ``[B, T]`` fp64 inputs in verl's layout, with the corner cases the losses treat apart.
+
+    A ratio e^2.5 on a positive advantage (upper clip), e^3 on a negative one (dual clip at c = 10),
+    e^-1 (lower clip), two KL values above the clamp of 20, a NaN teacher log-prob; padding holds
+    ordinary values, so a loss that forgets the mask shows.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, width = len(lengths), max(lengths)
+    f64 = {"generator": gen, "dtype": torch.float64}
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(torch.float64)
+    old = -torch.rand(rows, width, **f64) * 4 - 0.1
+    log_ratio = torch.randn(rows, width, **f64) * 0.6
+    kl = torch.rand(rows, width, **f64) * 3
+    if lengths == LOSS_LENGTHS:
+        log_ratio[0, 0], log_ratio[1, 1], log_ratio[2, 0] = 2.5, 3.0, -1.0
+        kl[0, 2], kl[2, 1] = 25.0, 40.0
+    teacher = old + torch.randn(rows, width, **f64)
+    teacher[0, 1] = float("nan")
+    return {
+        "response_mask": mask.tolist(),
+        "old_log_prob": old.tolist(),
+        "log_prob": (old + log_ratio).tolist(),
+        "ref_log_prob": (old + torch.randn(rows, width, **f64) * 0.5).tolist(),
+        "teacher_log_prob": teacher.tolist(),
+        "kl": kl.tolist(),
+        "entropy": (torch.rand(rows, width, **f64) * 2).tolist(),
+        "advantages": (torch.tensor(advantages, dtype=torch.float64)[:, None] * mask).tolist(),
+    }
+
+
+def actor_config(loss_mode: str, clip: tuple[float, float, float | None], **policy_loss):
+    """The reference's actor config: clip ratios low/high/c (None: its default) and its policy_loss fields."""
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
+
+    low, high, c = clip
+    extra = {} if c is None else {"clip_ratio_c": c}
+    return FSDPActorConfig(
+        strategy="fsdp", rollout_n=1, use_dynamic_bsz=True, clip_ratio_low=low, clip_ratio_high=high,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode, **policy_loss), **extra,
+    )  # fmt: skip
+
+
+def reference_loss(loss_mode: str, inputs: dict, clip, policy_loss: dict, rows=None, **call) -> dict:
+    """One call of the reference's registered policy loss: the loss, its gradients, its metrics.
+
+    The SDPG loss gets the KL clamped at 20 and the reference log-probs as ``old_log_prob`` (with the
+    rollout's as ``rollout_log_prob``), as ``dp_actor.update_policy`` passes them.
+    """
+    import torch
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in inputs.items()}
+    if rows is not None:
+        t = {k: v[rows] for k, v in t.items()}
+    log_prob = t["log_prob"].requires_grad_(True)
+    kl = t["kl"].requires_grad_(True)
+    config = actor_config(loss_mode, clip, **policy_loss)
+    args = {"log_prob": log_prob, "advantages": t["advantages"], "response_mask": t["response_mask"],
+            "loss_agg_mode": "token-mean", "config": config, **call}  # fmt: skip
+    if loss_mode == "sdpg":
+        args.update(old_log_prob=t["ref_log_prob"], rollout_log_prob=t["old_log_prob"],
+                    kl_distill_per_token=kl.clamp(max=20.0))  # fmt: skip
+    else:
+        args["old_log_prob"] = t["old_log_prob"]
+    if loss_mode in ("opsd", "rlsd"):
+        args["teacher_log_prob"] = t["teacher_log_prob"]
+    loss, metrics = get_policy_loss_fn(loss_mode)(**args)
+    loss.backward()
+    return {
+        "loss": loss.item(),
+        "grad_log_prob": log_prob.grad.tolist(),
+        "grad_kl": kl.grad.tolist() if loss_mode == "sdpg" else None,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+
+
+def loss_cases(inputs: dict) -> list[dict]:
+    """The reference's losses under the paper scripts' clip settings (``examples/rpg2_trainer``)."""
+    sdpg = {"beta": 0.3, "alpha": 0.05, "beta_warmup_steps": 10}
+    cases = []
+    for kl_mode in ("fkl", "rkl", "ufkl", "urkl"):
+        for gating in (False, True):
+            policy = dict(sdpg, kl_mode=kl_mode, beta_distill_positive_advantage_only=gating)
+            call = {"current_step": 4, "total_steps": 100}
+            cases.append(("sdpg", (0.2, 0.28, 10.0), policy, call))
+    decay = dict(sdpg, kl_mode="urkl", beta_warmup_steps=0, beta_decay_steps=30)
+    cases.append(("sdpg", (0.2, 0.28, 10.0), decay, {"current_step": 80, "total_steps": 100}))
+    cases.append(("vanilla", (0.2, 0.28, 10.0), {}, {}))  # dapo
+    cases.append(("vanilla", (0.2, 0.2, 1000.0), {}, {}))  # grpo
+    cases.append(("opsd", (0.2, 0.2, None), {}, {}))
+    for step in (1, 20, 50, 77):
+        cases.append(("rlsd", (0.2, 0.2, None), {}, {"current_step": step, "total_steps": 100}))
+    out = [
+        {"loss_mode": mode, "clip": list(clip), "policy_loss": policy, "call": call,
+         "reference": reference_loss(mode, inputs, clip, policy, **call)}
+        for mode, clip, policy, call in cases
+    ]  # fmt: skip
+    # opsd on a micro-batch without a positive advantage: its token mean divides by zero tokens.
+    no_positive = [[a * m for m in row] for a, row in zip([-1.0, 0.0, -0.5], inputs["response_mask"])]
+    out.append({"loss_mode": "opsd", "clip": [0.2, 0.2, None], "policy_loss": {}, "call": {},
+                "advantages": no_positive,
+                "reference": reference_loss("opsd", dict(inputs, advantages=no_positive), (0.2, 0.2, None), {})})  # fmt: skip
+    return out
+
+
+def legacy_cases(inputs: dict) -> dict:
+    """Each micro-batch's own token-mean loss (verl's ``agg_loss`` with no global batch info, as the
+    FSDP ``dp_actor`` calls it) and its gradient, for several splits of one mini-batch."""
+    return {
+        name: [
+            {"rows": rows, "reference": reference_loss("vanilla", inputs, (0.2, 0.28, 10.0), {}, rows=rows)}
+            for rows in split
+        ]
+        for name, split in LEGACY_SPLITS.items()
+    }
+
+
+def agg_cases(inputs: dict) -> list[dict]:
+    """``agg_loss`` of the entropy matrix in each of the three modes the project keeps."""
+    import torch
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    mask = torch.tensor(inputs["response_mask"], dtype=torch.float64)
+    mask[1] = 0.0  # a response with no counted token drops out of the sequence means
+    values = torch.tensor(inputs["entropy"], dtype=torch.float64)
+    return [
+        {"mode": mode, "mask": mask.tolist(), "reference": agg_loss(values, mask, mode).item()}
+        for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+    ]
+
+
+def schedule_cases() -> list[dict]:
+    """``_compute_effective_beta`` over warm-up, decay and both, at 1-based steps."""
+    from verl.trainer.ppo.core_algos import _compute_effective_beta
+
+    settings = [(0, 0, 0), (10, 0, 0), (0, 30, 100), (10, 30, 100), (50, 60, 100)]
+    return [
+        {"beta": 0.3, "step": step, "warmup_steps": w, "decay_steps": d, "total_steps": n,
+         "reference": _compute_effective_beta(0.3, step, n, w, d)}
+        for w, d, n in settings for step in (1, 4, 9, 10, 40, 69, 70, 71, 99, 100, 120)
+    ]  # fmt: skip
+
+
+def advantage_cases() -> dict:
+    """verl's GRPO pipeline on outcome rewards: ``apply_kl_penalty`` (k1, fixed coefficient) then
+    ``compute_advantage(GRPO)`` (``ray_trainer.py``), on groups with a singleton and an all-equal one."""
+    import numpy as np
+    import torch
+    from verl import DataProto
+    from verl.trainer.ppo.core_algos import AdvantageEstimator, FixedKLController
+    from verl.trainer.ppo.ray_trainer import apply_kl_penalty, compute_advantage
+
+    lengths = [3, 1, 4, 2, 5, 2, 3, 2]
+    rewards = [1.0, -1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 2.0]
+    groups = ["a", "a", "a", "b", "b", "c", "c", "d"]  # c: all equal; d: a group of one
+    inputs = loss_inputs(7, lengths, [0.0] * len(lengths))
+    mask = torch.tensor(inputs["response_mask"], dtype=torch.float64)
+    scores = torch.zeros_like(mask)
+    scores[torch.arange(len(lengths)), torch.tensor(lengths) - 1] = torch.tensor(rewards, dtype=torch.float64)
+    out = {"lengths": lengths, "rewards": rewards, "groups": groups, "old_log_prob": inputs["old_log_prob"],
+           "ref_log_prob": inputs["ref_log_prob"]}  # fmt: skip
+    for coef in (0.0, 1e-3):
+        data = DataProto.from_dict(
+            tensors={"response_mask": mask, "token_level_scores": scores,
+                     "old_log_probs": torch.tensor(inputs["old_log_prob"], dtype=torch.float64),
+                     "ref_log_prob": torch.tensor(inputs["ref_log_prob"], dtype=torch.float64)},
+            non_tensors={"uid": np.array(groups, dtype=object)},
+        )  # fmt: skip
+        if coef:
+            data, _ = apply_kl_penalty(data, FixedKLController(coef), kl_penalty="kl")
+        else:
+            data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+        data = compute_advantage(data, AdvantageEstimator.GRPO)
+        out[f"kl_coef_{coef}"] = {
+            "token_level_rewards": data.batch["token_level_rewards"].tolist(),
+            "advantages": data.batch["advantages"].tolist(),
+        }
+    return out
+
+
+def algo_fixture(reference: Path) -> dict:
+    inputs = loss_inputs(0, LOSS_LENGTHS, LOSS_ADVANTAGES)
+    legacy_inputs = loss_inputs(1, LEGACY_LENGTHS, [1.1, -0.4, -0.9, 0.7, 0.3, 1.6, -1.2, 0.5])
+    core = "verl/trainer/ppo/core_algos.py"
+    functions = [f"{core}:{name}" for name in (
+        "compute_sdpg_loss", "compute_policy_loss_vanilla", "compute_opsd_loss", "compute_rlsd_loss",
+        "agg_loss", "_compute_effective_beta")] + [
+        "verl/trainer/ppo/ray_trainer.py:apply_kl_penalty", "verl/trainer/ppo/ray_trainer.py:compute_advantage"]  # fmt: skip
+    return {
+        "provenance": provenance(reference, functions, "algo"),
+        "note": "Inputs are padded [B, T] fp64 lists in verl's layout (advantages already times the mask). "
+        "Every loss is the registered policy loss with loss_agg_mode=token-mean and the config in the case.",
+        "inputs": inputs,
+        "losses": loss_cases(inputs),
+        "legacy_inputs": legacy_inputs,
+        "legacy": legacy_cases(legacy_inputs),
+        "agg_loss": agg_cases(inputs),
+        "beta_schedule": schedule_cases(),
+        "grpo_advantages": advantage_cases(),
+    }
+
+
 SECTIONS = {
     "rewards": (reward_fixture, REPO / "tests" / "rewards" / "fixtures" / "reference_scores.json"),
+    "algo": (algo_fixture, REPO / "tests" / "algo" / "fixtures" / "reference_losses.json"),
 }
 
 

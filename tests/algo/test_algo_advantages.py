@@ -71,7 +71,8 @@ def test_dapo_filter_keeps_mixed_groups_and_singletons():
 
 
 def test_kl_in_reward_equals_verl_token_level_penalty():
-    """verl: token scores (reward on the last token) minus coef * k1 per token, summed per response."""
+    """verl's rule written out: token scores (reward on the last token) minus coef * k1 per token, summed
+    per response (the reference's own numbers: ``test_algo_reference.py``)."""
     gen = torch.Generator().manual_seed(1)
     lengths = [3, 1, 4]
     seq_index_N = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))

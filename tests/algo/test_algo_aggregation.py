@@ -53,7 +53,9 @@ def test_split_invariance(name, mode):
         torch.testing.assert_close(grad_k, grad_1, rtol=1e-12, atol=1e-14)
 
 
-def test_legacy_token_mean_depends_on_split_and_matches_reference_formula():
+def test_legacy_token_mean_depends_on_split_and_follows_its_formula():
+    """The formula of ``aggregation.py``'s docstring, written out here; the reference's own numbers for
+    it are in ``test_algo_reference.py``."""
     batch = make_batch()
     cfg = DAPOConfig(loss_agg_mode="token-mean-legacy")
     loss_1, grad_1, _ = run_mini_batch("dapo", cfg, batch, SPLITS[1])
@@ -63,7 +65,7 @@ def test_legacy_token_mean_depends_on_split_and_matches_reference_formula():
     w = batch["w0"]
     for key in (2, 4, "uneven"):
         loss_k, grad_k, _ = run_mini_batch("dapo", cfg, batch, SPLITS[key])
-        want = 0.0  # reference: sum over micro-batches of rows/mini_batch_rows * own token mean
+        want = 0.0  # sum over micro-batches of rows/mini_batch_rows * own token mean
         for seqs in SPLITS[key]:
             inp = micro_inputs(batch, w, seqs)
             pg = run_token_loss(cfg, inp)
