@@ -345,9 +345,143 @@ def algo_fixture(reference: Path) -> dict:
     }
 
 
+PROMPT_RECORDS = 16
+PROMPT_LONG_ROW = 5  # its question is made far longer than the limit
+PROMPT_MAX_LENGTH = 120  # tokens of the tiny tokenizer (sdpg_mcore.data.tiny_tokenizer, style qwen)
+# (max_prompt_length, filter_overlong_prompts): the tests' limit both ways, and a limit its filter passes.
+PROMPT_RUNS = [(PROMPT_MAX_LENGTH, True), (PROMPT_MAX_LENGTH, False), (160, True)]
+
+
+def reference_strings(reference: Path) -> dict[str, str]:
+    """The layout's strings as the reference has them: the sentinel and the two answer-format
+    instructions from ``RLHFDataset`` (code), the teacher-context template from its README (no code of
+    the reference writes it: its data files were made outside the repository)."""
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    readme = (reference / "README.md").read_text()
+    template = readme.split("The teacher context format is:", 1)[1].split("```")[1].strip("\n")
+    return {
+        "sentinel": RLHFDataset.TEACHER_CONTEXT_TOKEN,
+        "answer_colon_instruction": RLHFDataset._ANSWER_COLON_INSTRUCTION,
+        "boxed_instruction": RLHFDataset._BOXED_INSTRUCTION,
+        "context_template": template,
+    }
+
+
+def prompt_records(strings: dict[str, str]) -> list[dict]:
+    """Rows of a parquet in the reference's teacher layout: arithmetic questions with the Answer:-line
+    instruction, then the sentinel, a blank line and the context template with the answer."""
+    import random
+
+    rng = random.Random(0)
+    records = []
+    for i in range(PROMPT_RECORDS):
+        a, b, op = rng.randrange(10), rng.randrange(10), rng.choice("+-")
+        question = f"What is {a} {op} {b}?" + (" and 1" * 150 if i == PROMPT_LONG_ROW else "")
+        answer = str(a + b if op == "+" else a - b)
+        context = strings["context_template"].format(answer=answer)
+        content = f"{question} {strings['answer_colon_instruction']}{strings['sentinel']}\n\n{context}"
+        records.append({
+            "data_source": "math_dapo", "prompt": [{"role": "user", "content": content}], "ability": "MATH",
+            "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
+            "extra_info": {"index": f"dapo-{i}"},
+        })  # fmt: skip
+    return records
+
+
+def reference_dataset(
+    records: list[dict], tokenizer, workdir: Path, limit: int, filter_overlong: bool
+) -> dict:
+    """``RLHFDataset`` on the records (``answer_format=boxed``): which rows it keeps, and for each its
+    actor messages (``raw_prompt``) and its teacher prompt ids (left padding removed)."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    workdir.mkdir(parents=True)
+    path = workdir / "math-dapo-teacher.parquet"
+    pd.DataFrame(records).to_parquet(path)
+    config = OmegaConf.create({
+        "max_prompt_length": limit, "filter_overlong_prompts": filter_overlong,
+        "filter_overlong_prompts_workers": 1, "answer_format": "boxed", "truncation": "left",
+        "apply_chat_template_kwargs": {"enable_thinking": True}, "cache_dir": str(workdir / "cache"),
+    })  # fmt: skip
+    dataset = RLHFDataset([str(path)], tokenizer, config)
+    rows = []
+    for i in range(len(dataset)):
+        row = dataset[i]
+        teacher_ids = row["teacher_input_ids"][row["teacher_attention_mask"].bool()].tolist()
+        rows.append({"index": row["extra_info"]["index"], "raw_prompt": row["raw_prompt"],
+                     "teacher_ids": teacher_ids, "teacher_text": tokenizer.decode(teacher_ids)})  # fmt: skip
+    return {"max_prompt_length": limit, "filter_overlong_prompts": filter_overlong, "rows": rows}
+
+
+def message_cases(strings: dict[str, str]) -> list[dict]:
+    """``RLHFDataset._apply_answer_format`` then ``_split_teacher_context`` (the order ``__getitem__``
+    uses) on message lists, in both answer formats: run on an instance built without ``__init__``
+    (the two methods read only ``answer_format`` and the class's sentinel)."""
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    token, colon = strings["sentinel"], strings["answer_colon_instruction"]
+    cases = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"A{token}B{token}C"},
+         {"role": "assistant", "content": "ok"}, {"role": "user", "content": f"D{token}E"}],
+        [{"role": "user", "content": f"Find x. {colon}{token}\n\nHint: {colon}"}],
+        [{"role": "user", "content": f"Find x. {colon}"}, {"role": "user", "content": f"And y. {colon}{token}ctx"}],
+        [{"role": "user", "content": "No context here."}],
+        [{"role": "assistant", "content": f"x{token}y"}, {"role": "user", "content": f"q{token}c"}],
+        [{"role": "user", "content": f"{token}only context"}],
+    ]  # fmt: skip
+    out = []
+    for messages in cases:
+        for answer_format in ("answer_colon", "boxed"):
+            dataset = RLHFDataset.__new__(RLHFDataset)
+            dataset.answer_format = answer_format
+            actor, teacher = dataset._split_teacher_context(dataset._apply_answer_format(messages))
+            out.append(
+                {"messages": messages, "answer_format": answer_format, "actor": actor, "teacher": teacher}
+            )
+    return out
+
+
+def data_fixture(reference: Path) -> dict:
+    import tempfile
+
+    from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
+
+    strings = reference_strings(reference)
+    records = prompt_records(strings)
+    tokenizer = build_tiny_tokenizer("qwen")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [
+            reference_dataset(records, tokenizer, Path(tmp) / str(i), limit, filter_overlong)
+            for i, (limit, filter_overlong) in enumerate(PROMPT_RUNS)
+        ]
+    functions = [
+        "verl/utils/dataset/rl_dataset.py:RLHFDataset (__init__ with its overlong filter, __getitem__, "
+        "_apply_answer_format, _split_teacher_context)",
+        "verl/utils/dataset/rl_dataset.py:RLHFDataset.TEACHER_CONTEXT_TOKEN, _ANSWER_COLON_INSTRUCTION, "
+        "_BOXED_INSTRUCTION",
+        "README.md: the teacher context format",
+    ]
+    return {
+        "provenance": provenance(reference, functions, "data"),
+        "note": "records: the parquet rows given to RLHFDataset (answer_format=boxed, enable_thinking=True, the tiny qwen tokenizer built by "
+        "sdpg_mcore.data.tiny_tokenizer); runs: what it returned for each max_prompt_length and "
+        "filter_overlong_prompts.",
+        "strings": strings,
+        "max_prompt_length": PROMPT_MAX_LENGTH,
+        "long_row": PROMPT_LONG_ROW,
+        "records": records,
+        "runs": runs,
+        "messages": message_cases(strings),
+    }
+
+
 SECTIONS = {
     "rewards": (reward_fixture, REPO / "tests" / "rewards" / "fixtures" / "reference_scores.json"),
     "algo": (algo_fixture, REPO / "tests" / "algo" / "fixtures" / "reference_losses.json"),
+    "data": (data_fixture, REPO / "tests" / "data" / "fixtures" / "reference_prompts.json"),
 }
 
 

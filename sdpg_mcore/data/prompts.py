@@ -8,10 +8,12 @@ rendered text with ``add_special_tokens=True`` would double it.
 
 Prompts longer than ``max_prompt_length`` are dropped (``overlong="filter"``, the default: counted and
 reported at WARNING), cut (``"truncate"``), or rejected (``"error"``). Truncation cuts the question,
-never what the prompt exists for: the student prompt loses tokens from the left (as the reference)
-and keeps its assistant header; the teacher prompt keeps its privileged context and assistant header
+never what the prompt exists for: the student prompt loses tokens from the left (what the reference's
+scripts ask for with ``data.truncation='left'``; its dataset code leaves the student prompt whole) and
+keeps its assistant header; the teacher prompt keeps its privileged context and assistant header
 whole and loses tokens from the left of the question it shares with the student (the reference cuts
-the teacher from the right, silently dropping the context and the header). With
+the teacher from the right, silently dropping the context and the header; its filter measures the
+raw record, sentinel and teacher context included: ``tests/train/test_reference_data_run.py``). With
 ``answer_format="boxed"`` the reference's Answer:-line instruction is rewritten to the boxed one first. Token ids are stored in one flat int32 buffer so 17k prompts cost megabytes,
 not the ~36 bytes per token of Python int lists; :class:`PromptDataset` builds a
 :class:`~sdpg_mcore.data.records.PromptSample` on access.

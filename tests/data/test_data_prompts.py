@@ -1,4 +1,12 @@
-"""Student and teacher prompts from records: the split, chat templates, length policy and counts."""
+"""Student and teacher prompts from records: the split, chat templates, length policy and counts.
+
+The split and the answer-format rewrite are checked against the reference's own ``RLHFDataset``
+methods on the message lists of ``fixtures/reference_prompts.json`` (written by
+``tests/make_reference_fixtures.py``); the rest against the chat template written out here.
+"""
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +20,10 @@ from sdpg_mcore.data import (
     build_prompt_samples,
 )
 from sdpg_mcore.data.prompts import shared_prefix_length
+from sdpg_mcore.data.records import split_record
 from sdpg_mcore.train.batch import Response, make_micro_batch
+
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "reference_prompts.json").read_text())
 
 QUESTION = "What is 12 + 7? Put the final answer in \\boxed{}."
 CONTEXT = "\n\n" + REFERENCE_CONTEXT_TEMPLATE.format(answer="19")
@@ -76,25 +87,35 @@ def test_response_tokens_are_identical_in_student_and_teacher_sequences(tokenize
     assert prompt.student_ids[-3:] == prompt.teacher_ids[-3:] == tail
 
 
-def test_split_uses_first_message_with_sentinel_and_keeps_the_others(qwen_tokenizer):
+@pytest.mark.parametrize(
+    "case", REFERENCE["messages"], ids=lambda c: f"{c['answer_format']}-{len(c['messages'])}msg"
+)
+def test_split_and_answer_format_are_the_reference_s(case):
+    """``split_record`` against ``RLHFDataset._apply_answer_format`` then ``_split_teacher_context``: the
+    first message with the sentinel is split once (a later sentinel stays in the teacher's text);
+    every message's first Answer:-line instruction is rewritten, also one after the sentinel."""
     rec = record()
-    rec["prompt"] = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "A" + TEACHER_CONTEXT_TOKEN + "B" + TEACHER_CONTEXT_TOKEN + "C"},
-        {"role": "assistant", "content": "ok"},
-        {"role": "user", "content": "D" + TEACHER_CONTEXT_TOKEN + "E"},
-    ]
+    rec["prompt"] = case["messages"]
+    has_context = case["teacher"] is not None
+    fallback = "error" if has_context else "no_teacher_context"
+    student, teacher, has = split_record(
+        rec, "f", 0, answer_format=case["answer_format"], missing_sentinel=fallback
+    )
+    assert (student, has) == (case["actor"], has_context)
+    assert teacher == (case["teacher"] if has_context else case["actor"])  # no context: the student's prompt
+
+
+def test_split_uses_first_message_with_sentinel_and_keeps_the_others(qwen_tokenizer):
+    (case,) = [c for c in REFERENCE["messages"] if len(c["messages"]) == 4 and c["answer_format"] == "boxed"]
+    rec = record()
+    rec["prompt"] = case["messages"]
     (sample,), _ = build_prompt_samples([rec], qwen_tokenizer, PromptConfig(system_prompt="ignored: has one"))
-    expected_student = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "A"},
-        {"role": "assistant", "content": "ok"},
-        {"role": "user", "content": "D" + TEACHER_CONTEXT_TOKEN + "E"},
-    ]
-    expected_teacher = [dict(m) for m in expected_student]
-    expected_teacher[1]["content"] = "AB" + TEACHER_CONTEXT_TOKEN + "C"
-    assert sample.student_ids == template(qwen_tokenizer, expected_student)
-    assert sample.teacher_ids == template(qwen_tokenizer, expected_teacher)
+    assert (
+        case["actor"][1]["content"] == "A"
+        and case["teacher"][1]["content"] == "AB" + TEACHER_CONTEXT_TOKEN + "C"
+    )
+    assert sample.student_ids == template(qwen_tokenizer, case["actor"])
+    assert sample.teacher_ids == template(qwen_tokenizer, case["teacher"])
 
 
 def test_system_prompt_and_template_kwargs_reach_both_prompts(qwen_tokenizer):
@@ -154,7 +175,9 @@ def test_truncate_never_cuts_the_teacher_context_or_the_assistant_header(request
     for rec, sample in zip(mixed_records, samples):
         full_s = template(tok, [{"role": "user", "content": rec["question"]}])
         full_t = template(tok, [{"role": "user", "content": rec["question"] + CONTEXT}])
-        assert sample.student_ids == full_s[-limit:]  # from the left, as the reference
+        assert (
+            sample.student_ids == full_s[-limit:]
+        )  # from the left (the reference scripts' truncation='left')
         assert len(sample.student_ids) <= limit and len(sample.teacher_ids) <= limit
         # The teacher keeps its own part (context + assistant header) whole and a suffix of the question.
         own = len(full_t) - shared_prefix_length(full_s, full_t)

@@ -234,15 +234,19 @@ def test_help_documents_every_option():
         pd_tool.main(["--out", "x"])  # neither --input nor --synthetic
 
 
+REFERENCE_PROMPTS = ROOT / "tests" / "data" / "fixtures" / "reference_prompts.json"
+REFERENCE_STRINGS = json.loads(REFERENCE_PROMPTS.read_text())["strings"]
+
+
 def _reference_layout_file(path):
-    """A parquet in the reference's own layout: one record with its sentinel, one (verl) without."""
-    instruction = ANSWER_COLON_INSTRUCTION
+    """A parquet in the reference's own layout (its sentinel and instruction, from the reference's
+    ``RLHFDataset``: ``tests/data/fixtures/reference_prompts.json``): one record with its sentinel, one
+    (verl) without."""
+    instruction, sentinel = REFERENCE_STRINGS["answer_colon_instruction"], REFERENCE_STRINGS["sentinel"]
     records = [
         {
             "data_source": "math_dapo",
-            "prompt": [
-                {"role": "user", "content": f"Solve 2+2. {instruction}{TEACHER_CONTEXT_TOKEN}\n\nIt is 4."}
-            ],
+            "prompt": [{"role": "user", "content": f"Solve 2+2. {instruction}{sentinel}\n\nIt is 4."}],
             "ability": "MATH",
             "reward_model": {"ground_truth": "4", "style": "rule-lighteval/MATH_v2"},
             "extra_info": {"index": "a-1"},
@@ -274,8 +278,9 @@ def test_reference_layout_input_is_read_as_records(tmp_path, capsys, tokenizer):
     first, second = (list(p) for p in written["prompt"])
     assert first[0]["content"].count(TEACHER_CONTEXT_TOKEN) == 1 and first[0]["content"].endswith("It is 4.")
     assert second[0] == {"role": "system", "content": "Be brief."}
-    assert second[1]["content"].endswith(TEACHER_CONTEXT_TOKEN + "\n\nThe correct answer to this problem is: 7\n"
-                                         "Use this to verify your reasoning, but show your full solution process.")  # fmt: skip
+    # the context the tool adds is the reference README's template (fixture), after a blank line
+    context = REFERENCE_STRINGS["context_template"].format(answer="7")
+    assert second[1]["content"].endswith(REFERENCE_STRINGS["sentinel"] + "\n\n" + context)
     for message in (first[0], second[1]):
         assert ANSWER_COLON_INSTRUCTION not in message["content"]
         assert "\\boxed{42}" in message["content"]
