@@ -478,10 +478,93 @@ def data_fixture(reference: Path) -> dict:
     }
 
 
+KL_VOCAB, KL_HIDDEN = 128, 16
+KL_PROMPTS = {"student": [[0, 0, 5, 9, 17, 3], [0, 0, 0, 8, 8, 2], [11, 4, 19, 6, 7, 1]],
+              "teacher": [[0, 5, 9, 17, 3, 40, 41, 42, 43], [0, 0, 0, 8, 8, 2, 44, 45, 46], [11, 4, 19, 6, 7, 1, 47, 48, 49]]}  # fmt: skip
+KL_RESPONSES = [[21, 22, 23, 24, 25], [26, 27, 28, 0, 0], [29, 30, 31, 32, 0]]  # right-padded with 0
+
+
+class FirstTokenLM:
+    """A toy causal LM for the reference's KL code: ``hidden_t = sum of E[id_s]`` over the real
+    tokens ``s <= t`` and ``logits = hidden @ W.T``, so a response position sees the whole prompt
+    (the teacher's privileged context included). E and W hold multiples of 1/64: the fp32 sums are
+    exact, so the hidden states the bf16 autocast rounds are known exactly."""
+
+    @staticmethod
+    def build(embed_int, head_int):
+        import types
+
+        import torch
+
+        class Module(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding.from_pretrained(embed_int.float() / 64, freeze=False)
+                self.head = torch.nn.Linear(embed_int.shape[1], head_int.shape[0], bias=False)
+                self.head.weight.data = head_int.float() / 64
+
+            def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+                hidden = (self.embed(input_ids) * attention_mask[..., None]).cumsum(dim=1)
+                return types.SimpleNamespace(logits=self.head(hidden))
+
+        return Module()
+
+
+def reference_kl(embed_int, head_int, temperature: float) -> dict:
+    """``DataParallelPPOActor._compute_kl_distill_micro_batch`` (its default bf16 autocast) on the
+    toy model, with the teacher inputs from its ``_build_teacher_inputs_for_sdpg``."""
+    import torch
+    import torch.distributed as dist
+    from verl.workers.actor.dp_actor import DataParallelPPOActor
+    from verl.workers.config import FSDPActorConfig
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, use_dynamic_bsz=True, use_torch_compile=False)
+    actor = DataParallelPPOActor(config, FirstTokenLM.build(embed_int, head_int))
+    student, teacher = (torch.tensor(KL_PROMPTS[k]) for k in ("student", "teacher"))
+    responses = torch.tensor(KL_RESPONSES)
+    response_mask = (responses != 0).long()
+    attention_mask = torch.cat([(student != 0).long(), response_mask], dim=1)
+    actor_inputs = {
+        "input_ids": torch.cat([student, responses], dim=1), "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0), "responses": responses,
+        "response_mask": response_mask,
+    }  # fmt: skip
+    teacher_inputs = actor._build_teacher_inputs_for_sdpg(
+        {"teacher_input_ids": teacher, "teacher_attention_mask": (teacher != 0).long(), **actor_inputs}
+    )
+    log_prob, kl, entropy = actor._compute_kl_distill_micro_batch(actor_inputs, teacher_inputs, temperature)
+    return {"temperature": temperature, "dtype": str(kl.dtype), "kl": kl.float().tolist(),
+            "log_prob": log_prob.float().tolist(), "entropy": entropy.float().tolist()}  # fmt: skip
+
+
+def kl_fixture(reference: Path) -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    embed_int = torch.randint(-24, 25, (KL_VOCAB, KL_HIDDEN), generator=gen)
+    head_int = torch.randint(-48, 49, (KL_VOCAB, KL_HIDDEN), generator=gen)
+    functions = ["verl/workers/actor/dp_actor.py:DataParallelPPOActor._compute_kl_distill_micro_batch",
+                 "verl/workers/actor/dp_actor.py:DataParallelPPOActor._build_teacher_inputs_for_sdpg"]  # fmt: skip
+    return {
+        "provenance": provenance(reference, functions, "kl"),
+        "note": "The toy model: hidden_t = sum of E[id_s] over the real (attention_mask 1) tokens s <= t, "
+        "logits = hidden @ W.T, with E = embed_int / 64 and W = head_int / 64. Prompts left-padded with 0, responses "
+        "right-padded with 0. Outputs are [B, response_length], zero past each response.",
+        "embed_int": embed_int.tolist(),
+        "head_int": head_int.tolist(),
+        "prompts": KL_PROMPTS,
+        "responses": KL_RESPONSES,
+        "runs": [reference_kl(embed_int, head_int, t) for t in (1.0, 0.7)],
+    }
+
+
 SECTIONS = {
     "rewards": (reward_fixture, REPO / "tests" / "rewards" / "fixtures" / "reference_scores.json"),
     "algo": (algo_fixture, REPO / "tests" / "algo" / "fixtures" / "reference_losses.json"),
     "data": (data_fixture, REPO / "tests" / "data" / "fixtures" / "reference_prompts.json"),
+    "kl": (kl_fixture, REPO / "tests" / "ops" / "fixtures" / "reference_kl.json"),
 }
 
 

@@ -156,7 +156,7 @@ def test_bf16_accumulates_in_fp32():
     kl, logprob, entropy = fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, chunk_size=10)
     assert kl.dtype == logprob.dtype == entropy.dtype == torch.float32
     exact = naive_reference(h_s.double(), h_t.double(), weight.double(), targets, vocab)
-    with torch.no_grad():  # the reference implementation's precision: bf16 logits and bf16 softmax math
+    with torch.no_grad():  # the reference's precision, emulated: bf16 logits and softmax (its own numbers: test_kl_head_reference.py)
         log_p_s = torch.log_softmax(h_s @ weight.t(), dim=-1)
         log_p_t = torch.log_softmax(h_t @ weight.t(), dim=-1)
         p_s = log_p_s.exp()
