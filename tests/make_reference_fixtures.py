@@ -5,25 +5,34 @@ written by hand. The reference's code is not part of this repository: this scrip
 checkout named on the command line, runs its functions on the tests' inputs, and writes their outputs
 with the provenance (repository, commit, file and function, package versions, this command) into
 
-- ``tests/rewards/fixtures/reference_scores.json``: ``verl/utils/reward_score/__init__.py``
-  ``default_compute_score`` on the reward table, the trap cases and the generated agreement cases;
-- ``tests/algo/fixtures/reference_losses.json``: ``verl/trainer/ppo/core_algos.py`` losses,
-  ``agg_loss``, the beta schedule, the GRPO advantage and the KL-in-reward on fixed fp64 inputs;
-- ``tests/data/fixtures/reference_prompts.json``: ``verl/utils/dataset/rl_dataset.py``
-  ``RLHFDataset`` on a parquet in the reference's teacher-context layout.
+- ``tests/rewards/fixtures/reference_scores.json`` (``--only rewards``):
+  ``verl/utils/reward_score/__init__.py`` ``default_compute_score`` in both answer formats on the reward
+  table and trap cases (``tests/rewards/trap_cases.py``) and on ``tools/check_reward_agreement.py``'s
+  generated cases;
+- ``tests/algo/fixtures/reference_losses.json`` (``--only algo``): ``verl/trainer/ppo/core_algos.py``'s
+  registered losses, ``agg_loss`` and beta schedule, and ``ray_trainer.py``'s KL-in-reward and GRPO
+  advantage, on fixed fp64 inputs;
+- ``tests/data/fixtures/reference_prompts.json`` (``--only data``): ``verl/utils/dataset/rl_dataset.py``
+  ``RLHFDataset`` on a parquet in the reference's teacher-context layout, and its split and
+  answer-format methods on message lists;
+- ``tests/ops/fixtures/reference_kl.json`` (``--only kl``): ``verl/workers/actor/dp_actor.py``'s
+  per-token KL, log-prob and entropy of SDPG on a toy model.
 
-The reference needs a Python of its own (verl pins ``transformers<5`` and ``numpy<2``)::
+The reference needs a Python of its own (verl pins ``transformers<5``); with the checkout and that
+Python, this command rewrites all four (about a minute on two cores)::
 
     git clone https://github.com/lauyikfung/SDPG /tmp/sdpg_ref
     git -C /tmp/sdpg_ref checkout f71329ee8a69b6778c2083958872ff8ca425ddde
     python3.11 -m venv /tmp/sdpg_ref_venv
-    /tmp/sdpg_ref_venv/bin/pip install torch==2.13.0 "numpy<2" omegaconf codetiming ray pillow \\
-        "tensordict>=0.8,<=0.10,!=0.9.0" "transformers<5" "huggingface-hub<1" "datasets<4.3" \\
-        "math-verify[antlr4_13_2]==0.9.0" pylatexenc pandas pyarrow
+    /tmp/sdpg_ref_venv/bin/pip install torch==2.13.0 omegaconf codetiming ray pillow \\
+        "tensordict>=0.8,<=0.10,!=0.9.0" "transformers<5" "huggingface-hub<1" "datasets<4.3" torchdata \\
+        pydantic peft "math-verify[antlr4_13_2]==0.9.0" pylatexenc pandas pyarrow
     PYTHONPATH=. /tmp/sdpg_ref_venv/bin/python tests/make_reference_fixtures.py --reference /tmp/sdpg_ref
 
-``PYTHONPATH=.`` lets the script build its inputs with this repository's case generators (the reward
-cases, the tiny tokenizer); the outputs come only from the reference's functions.
+``PYTHONPATH=.`` lets the script build its inputs with this repository's case lists and generators
+(the reward cases, the tiny tokenizer); the outputs come only from the reference's functions. A
+toy model or an instance built without ``__init__`` drives a reference method where it needs one;
+nothing of the reference is replaced.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ def load_module(path: Path, name: str):
     return module
 
 
-def provenance(reference: Path, functions: list[str], section: str) -> dict:
+def provenance(reference: Path, functions: list[str], section: str, options: str = "") -> dict:
     commit = subprocess.run(
         ["git", "-C", str(reference), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -77,33 +86,25 @@ def provenance(reference: Path, functions: list[str], section: str) -> dict:
         "commit": commit,
         "functions": functions,
         "command": "PYTHONPATH=. <reference python> tests/make_reference_fixtures.py "
-        f"--reference <checkout of {commit}> --only {section}",
+        f"--reference <checkout of {commit}> --only {section}{options}",
         "python": sys.version.split()[0],
         "packages": versions,
     }
-
-
-def outcome(fn, *args, **kwargs):
-    """The reference's result as JSON: its dict, a float, or the name of the exception it raised."""
-    try:
-        result = fn(*args, **kwargs)
-    except NotImplementedError:
-        return "NotImplementedError"
-    return result if isinstance(result, dict) else float(result)
 
 
 def reward_fixture(reference: Path, num_cases: int = AGREEMENT_CASES) -> dict:
     """``default_compute_score`` in both answer formats on the table, the traps and the generated cases."""
     from verl.utils.reward_score import default_compute_score
 
+    cases = load_module(REPO / "tests" / "rewards" / "trap_cases.py", "trap_cases")
+    tool = load_module(REPO / "tools" / "check_reward_agreement.py", "check_reward_agreement")
+
     def both_formats(data_source: str, response: str, truth: str) -> dict:
         return {
-            fmt: outcome(default_compute_score, data_source, response, truth, answer_format=fmt)
+            fmt: tool.outcome(default_compute_score, data_source, response, truth, answer_format=fmt)
             for fmt in ("answer_colon", "boxed")
         }
 
-    cases = load_module(REPO / "tests" / "rewards" / "trap_cases.py", "trap_cases")
-    tool = load_module(REPO / "tools" / "check_reward_agreement.py", "check_reward_agreement")
     listed = {
         "table": [("math_dapo", r, t) for r, t, _ in cases.TABLE],
         "traps": [("math", r, t) for r, t in cases.TRAPS],
@@ -111,7 +112,10 @@ def reward_fixture(reference: Path, num_cases: int = AGREEMENT_CASES) -> dict:
     }
     fixture = {
         "provenance": provenance(
-            reference, ["verl/utils/reward_score/__init__.py:default_compute_score"], "rewards"
+            reference,
+            ["verl/utils/reward_score/__init__.py:default_compute_score"],
+            "rewards",
+            "" if num_cases == AGREEMENT_CASES else f" --cases {num_cases} --out <path>",
         ),
         "note": "Each case: data_source, response and ground truth (listed cases), or their digest "
         "(generated cases: tools/check_reward_agreement.py generate(n, seed, SOURCES + UNKNOWN_SOURCES)); "

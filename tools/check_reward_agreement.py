@@ -224,7 +224,8 @@ def fixture_cases(fixture: dict) -> Iterator[tuple[str, str, str, dict]]:
         yield data_source, response, truth, stored["reference"]
 
 
-def _outcome(fn, *args, **kwargs):
+def outcome(fn, *args, **kwargs):
+    """A scorer's result as JSON: its dict, a float, or the name of the exception it raised."""
     try:
         result = fn(*args, **kwargs)
     except NotImplementedError:
@@ -244,7 +245,7 @@ def compare(fixture: dict, timeout_s: float | None) -> tuple[dict[str, collectio
     for data_source, response, truth, reference in fixture_cases(fixture):
         scorer = "unknown" if data_source in UNKNOWN_SOURCES else data_source.split("/")[0]
         for answer_format, ref in reference.items():
-            ours = _outcome(
+            ours = outcome(
                 compute_score_strict,
                 data_source,
                 response,
