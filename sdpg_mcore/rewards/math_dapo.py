@@ -8,7 +8,9 @@
 
 Both use the Minerva/Hendrycks string normalisation and give +1 / -1 with ``acc`` and ``pred``. No
 symbolic equivalence, so ``\\frac12`` is not ``0.5`` here. The substitution tables below are the
-reference's data; they must stay byte-identical for the rewards to match.
+reference's data; they must stay byte-identical for the rewards to match. The scores are checked
+against the reference's own outputs (``tests/rewards/fixtures/reference_scores.json``, written from its
+code by ``tests/make_reference_fixtures.py``) by ``tests/tools/test_check_reward_agreement.py``.
 """
 
 from __future__ import annotations

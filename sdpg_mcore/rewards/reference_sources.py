@@ -8,6 +8,7 @@
   including math-verify's own signal-based timeouts (the caller adds the wall-clock limit).
 
 Both keep the reference's 0/1 scale; with group-normalised advantages that is equivalent to ±1.
+Checked against the reference's own outputs with the ``math_dapo`` scorers (``math_dapo.py``).
 """
 
 from __future__ import annotations
