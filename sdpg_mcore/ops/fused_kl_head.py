@@ -38,17 +38,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from sdpg_mcore.ops.kl_head_backends import make_blocks, resolve_backend
 from sdpg_mcore.ops.kl_head_math import (
     ChunkPlan,
     ChunkStats,
-    Workspace,
     all_reduce_state,
-    block_grad_logits,
-    block_state,
-    empty_state,
     finalize,
     matmul_into,
-    merge_states,
     plan_chunks,
     stack_hidden,
 )
@@ -72,15 +68,9 @@ def _all_reduce(tensor: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tenso
     return tensor
 
 
-def _group_forward(hidden_KH, weight_VH, targets_G, plan, workspace, tp_group) -> ChunkStats:
+def _group_forward(hidden_KH, weight_VH, targets_G, plan, blocks, workspace, tp_group) -> ChunkStats:
     """Statistics of one token group: loop over vocabulary blocks, then merge over the TP shards."""
-    state = None
-    for v0 in range(0, plan.real_rows, plan.block_rows):
-        weight_BH = plan.as_matmul_operand(weight_VH[v0 : min(v0 + plan.block_rows, plan.real_rows)])
-        block = block_state(hidden_KH, weight_BH, targets_G, v0, plan, workspace)
-        state = block if state is None else merge_states(state, block)
-    if state is None:
-        state = empty_state(targets_G.shape[0], plan, hidden_KH.device)
+    state = blocks.group_state(hidden_KH, weight_VH, targets_G, plan, workspace)
     if plan.tp_size > 1:
         state = all_reduce_state(state, lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size))
     return finalize(state)
@@ -90,23 +80,23 @@ class _FusedKLHead(torch.autograd.Function):
     """Autograd node for the fused head; see the module docstring for the algorithm."""
 
     @staticmethod
-    def forward(ctx, student_NH, teacher_NH, weight_VH, targets_N, plan: ChunkPlan, tp_group):
+    def forward(ctx, student_NH, teacher_NH, weight_VH, targets_N, plan: ChunkPlan, tp_group, blocks):
         ctx.set_materialize_grads(False)
         num_tokens, device = student_NH.shape[0], student_NH.device
         kl_N = torch.zeros(num_tokens, dtype=plan.acc_dtype, device=device)
         logprob_N, entropy_N, log_z_s_N = (torch.empty_like(kl_N) for _ in range(3))
         log_z_t_N = torch.zeros_like(kl_N)
-        workspace = Workspace(plan.group_tokens, plan.block_rows, plan, device, teacher_NH is not None)
+        workspace = blocks.workspace(plan, device, teacher_NH is not None, backward=False)
         for g0 in range(0, num_tokens, plan.group_tokens):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             teacher_GH = None if teacher_NH is None else plan.as_matmul_operand(teacher_NH[g0:g1])
             hidden_KH = stack_hidden(plan.as_matmul_operand(student_NH[g0:g1]), teacher_GH)
-            stats = _group_forward(hidden_KH, weight_VH, targets_N[g0:g1], plan, workspace, tp_group)
+            stats = _group_forward(hidden_KH, weight_VH, targets_N[g0:g1], plan, blocks, workspace, tp_group)
             logprob_N[g0:g1], entropy_N[g0:g1], log_z_s_N[g0:g1] = stats.logprob, stats.entropy, stats.log_z_s
             if teacher_GH is not None:
                 kl_N[g0:g1], log_z_t_N[g0:g1] = stats.kl, stats.log_z_t
         del workspace
-        ctx.plan, ctx.tp_group, ctx.has_teacher = plan, tp_group, teacher_NH is not None
+        ctx.plan, ctx.tp_group, ctx.blocks, ctx.has_teacher = plan, tp_group, blocks, teacher_NH is not None
         ctx.save_for_backward(
             student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
         )
@@ -118,12 +108,13 @@ class _FusedKLHead(torch.autograd.Function):
             ctx.saved_tensors
         )
         plan: ChunkPlan = ctx.plan
+        blocks = ctx.blocks
         if not ctx.has_teacher:
             grad_kl_N = None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         no_upstream = grad_kl_N is None and grad_logprob_N is None and grad_entropy_N is None
         if no_upstream or not (need_h or need_w):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         num_tokens, device = student_NH.shape[0], student_NH.device
         grad_h_NH = torch.zeros(student_NH.shape, dtype=plan.acc_dtype, device=device)
         grad_w_VH = torch.zeros_like(weight_VH) if need_w else None
@@ -132,28 +123,27 @@ class _FusedKLHead(torch.autograd.Function):
         )
         student_c = plan.as_matmul_operand(student_NH)
         teacher_c = None if grad_kl_N is None else plan.as_matmul_operand(teacher_NH)
-        workspace = Workspace(plan.group_tokens, plan.block_rows, plan, device, teacher_c is not None)
+        workspace = blocks.workspace(plan, device, teacher_c is not None, backward=True)
         for g0 in range(0, num_tokens, plan.group_tokens):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             student_GH = student_c[g0:g1]
             hidden_KH = stack_hidden(student_GH, None if teacher_c is None else teacher_c[g0:g1])
-            coeffs_G = coeffs.rows(g0, g1)
-            for v0 in range(0, plan.real_rows, plan.block_rows):
-                v1 = min(v0 + plan.block_rows, plan.real_rows)
-                weight_BH = plan.as_matmul_operand(weight_VH[v0:v1])
-                dz_GB = block_grad_logits(
-                    hidden_KH, weight_BH, targets_N[g0:g1], v0, coeffs_G, plan, workspace
+            coeffs_G = blocks.coefficients(coeffs.rows(g0, g1))
+            for v0 in plan.blocks():
+                dz_GB, weight_BH = blocks.grad_logits(
+                    hidden_KH, weight_VH, targets_N[g0:g1], v0, coeffs_G, plan, workspace
                 )
                 dz_op = plan.as_matmul_operand(dz_GB)
-                if need_h:
+                if need_h:  # in place: no [N, H] temporary per block where the GEMM can accumulate
                     matmul_into(grad_h_NH[g0:g1], dz_op, weight_BH, accumulate=True)
                 if need_w:  # complete for this block unless tokens were split into groups
-                    matmul_into(grad_w_VH[v0:v1], dz_op.t(), student_GH, accumulate=g0 > 0)
+                    rows = slice(v0, v0 + dz_GB.shape[1])
+                    matmul_into(grad_w_VH[rows], dz_op.t(), student_GH, accumulate=g0 > 0)
         del workspace
         if need_h:
             _all_reduce(grad_h_NH, dist.ReduceOp.SUM, ctx.tp_group, plan.tp_size)
         grad_h = grad_h_NH.to(student_NH.dtype) if need_h else None
-        return grad_h, None, grad_w_VH, None, None, None
+        return grad_h, None, grad_w_VH, None, None, None, None
 
 
 def fused_kl_head(
@@ -167,6 +157,7 @@ def fused_kl_head(
     teacher_temperature: float = 1.0,
     chunk_size: int | None = None,
     tp_group=None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reverse KL(student || teacher), sampled-token log-prob and student entropy per token.
 
@@ -185,6 +176,10 @@ def fused_kl_head(
             docstring). ``None`` fits the buffers in 256 MiB
             (``kl_head_math.DEFAULT_CHUNK_BUDGET_BYTES``).
         tp_group: process group splitting the vocabulary, or ``None`` for a single process.
+        backend: ``torch`` (aten ops per block; the CPU implementation), ``triton`` (cuBLAS GEMMs
+            and two fused Triton kernels per block; CUDA, or CPU under Triton's interpreter), or
+            ``auto``: triton on CUDA when Triton is importable, torch elsewhere
+            (``kl_head_backends``). A ValueError when triton is asked for where it cannot run.
 
     Returns:
         ``kl_N, logprob_N, entropy_N``: float32 (float64 for float64 inputs). Gradients flow to
@@ -208,10 +203,11 @@ def fused_kl_head(
         tp_size=tp_size,
         tp_rank=tp_rank,
     )
+    blocks = make_blocks(resolve_backend(backend, student_hidden.device, student_hidden.dtype))
     teacher = None
     if teacher_hidden is not None:
         teacher = teacher_hidden.detach().to(student_hidden.dtype)
-    return _FusedKLHead.apply(student_hidden, teacher, weight, targets.long(), plan, tp_group)
+    return _FusedKLHead.apply(student_hidden, teacher, weight, targets.long(), plan, tp_group, blocks)
 
 
 def vocab_parallel_logprob_entropy(
@@ -223,6 +219,7 @@ def vocab_parallel_logprob_entropy(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     tp_group=None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log softmax(h W^T / T)[target]`` and the entropy per token, fused and vocab-parallel.
 
@@ -238,5 +235,6 @@ def vocab_parallel_logprob_entropy(
         temperature=temperature,
         chunk_size=chunk_size,
         tp_group=tp_group,
+        backend=backend,
     )
     return logprob_N, entropy_N

@@ -5,12 +5,32 @@ are taken over max-shifted logits in the accumulation dtype (fp32, or fp64 for f
 bf16 model gets fp32 softmax statistics — the reference computes its KL and entropy in bf16.
 
 Matmul precision, chosen once per call from the device (``ChunkPlan.fp32_output_gemm``), never by
-catching an error: on CUDA, bf16/fp16 operands go to ``torch.mm(..., out_dtype=torch.float32)``
-(cuBLAS accumulates in fp32 and writes fp32: the logits are never rounded to bf16; the overload
-exists from torch 2.8, the floor in ``setup.py``); on CPU, where that overload has no kernel,
-low-precision operands are up-cast to fp32 block by block (the CPU path exists for tests and small
-runs; CPUs rarely have fast bf16 GEMMs). ``addmm``'s ``out=`` form with ``out_dtype`` is avoided:
-CUDA rejected an fp32 ``out`` with bf16 operands (pytorch/pytorch#154086).
+catching an error: where ``torch.mm(..., out_dtype=torch.float32)`` has a kernel (CUDA, from torch
+2.8, the floor in ``setup.py``), bf16/fp16 operands go to it (cuBLAS accumulates in fp32 and writes
+fp32: the logits are never rounded to bf16); on CPU, where that overload has no kernel, low-precision
+operands are up-cast to fp32 block by block (the CPU path exists for tests and small runs; CPUs
+rarely have fast bf16 GEMMs). ``dh += dz W`` accumulates in place through ``addmm``'s
+``out_dtype`` form where it takes an fp32 accumulator with bf16 operands (CUDA from torch 2.11:
+pytorch/pytorch#167931; older releases rejected it, #154086), else through a product and an add.
+
+How the plan is chosen (``plan_chunks``), from ``N`` tokens, the shard's ``V_local`` weight rows and
+``chunk_size`` (tokens; ``None``: ``DEFAULT_CHUNK_BUDGET_BYTES``):
+
+1. budget: ``chunk_size * V_local`` elements per ``[tokens, rows]`` workspace buffer;
+2. tokens per group: all ``N`` while the budget still gives every token ``ROW_ALIGN`` rows, else
+   ``budget // ROW_ALIGN`` (each further group costs two more all-reduces in the forward);
+3. rows per block: ``budget // group_tokens`` rounded DOWN to a multiple of ``ROW_ALIGN`` (128), or
+   the whole shard when it fits (a shard of at most 128 rows is one block of its own width). So the
+   fp32 logits of a block lie ``4 * block_rows`` bytes apart row to row and a bf16 ``dz``
+   ``2 * block_rows`` — multiples of 512 and 256 B, aligned for cuBLAS's and Triton's vector loads;
+   at Qwen3's shape (8,192 tokens, 151,936 rows, default budget) 21 x 128 = 2,688 rows instead of
+   the 2,726 (10,904-B fp32 rows) of an unaligned split.
+4. the last block holds what is left of the real rows; the Triton path still multiplies
+   ``gemm_rows`` = that count rounded UP to 128 (the weight's own padding rows, which Megatron keeps
+   to a multiple of ``128 * TP``, or as many rows as the shard has) so its logits keep the aligned
+   width, and masks the columns past the real rows.
+
+Every rank plans from ``V_local``, not from its real rows, so all ranks make the same groups.
 """
 
 from __future__ import annotations
@@ -32,9 +52,32 @@ without TP, i.e. blocks of ~2,700 vocabulary rows for 8,192 tokens — wide enou
 matmuls; the three buffers together are ~1/19 of ONE materialised fp32 ``[8192, 151936]`` tensor."""
 
 _BUFFERS_PER_ELEMENT = 3
-MIN_BLOCK_ROWS = 64
+ROW_ALIGN = 128
+"""Vocabulary blocks are multiples of this many rows (module docstring, "How the plan is chosen")."""
+MIN_BLOCK_ROWS = ROW_ALIGN
 """Thinnest vocabulary block worth a matmul; below it the tokens are split into groups instead."""
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_ADDMM_FP32_ACCUMULATOR = torch.torch_version.TorchVersion(torch.__version__) >= (2, 11)
+"""CUDA's ``addmm(fp32, bf16, bf16, out_dtype=float32, out=fp32)``: accepted from torch 2.11."""
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, device.type.upper())
+
+
+def fp32_output_gemm_on(device: torch.device) -> bool:
+    """``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on ``device``: always on CUDA; on CPU
+    only where a kernel is registered (none in torch 2.13; ``ops.kl_head_traffic`` registers one
+    to replay the CUDA path's ops on CPU)."""
+    return device.type == "cuda" or _has_kernel("aten::mm.dtype", device)
+
+
+def fp32_accumulating_gemm_on(device: torch.device) -> bool:
+    """``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` accumulates bf16 products into an
+    fp32 ``c`` in place on ``device``."""
+    if device.type == "cuda":
+        return _ADDMM_FP32_ACCUMULATOR
+    return _has_kernel("aten::addmm.dtype_out", device)
 
 
 @dataclass(frozen=True)
@@ -45,28 +88,46 @@ class ChunkPlan:
     """Ranks in the tensor-parallel group (1 without a group)."""
     vocab_offset: int
     """Global id of this rank's first weight row (``rank * V_local``)."""
+    local_rows: int
+    """Rows of this shard's weight (``V_local``, padding included)."""
     real_rows: int
     """Rows of this shard below ``vocab_size`` (the rest is Megatron padding)."""
     group_tokens: int
     """Tokens per group: all of them unless that would make vocabulary blocks thinner than
     ``MIN_BLOCK_ROWS`` (then each group costs two more all-reduces in the forward)."""
     block_rows: int
-    """Vocabulary rows per block: ``group_tokens * block_rows <= chunk_size * V_local``."""
+    """Vocabulary rows per block, a multiple of ``ROW_ALIGN`` unless one block holds the whole
+    shard: ``group_tokens * block_rows <= chunk_size * V_local``."""
     inv_temperature: float
     inv_teacher_temperature: float
     in_dtype: torch.dtype
     acc_dtype: torch.dtype
     """Dtype of logits and softmax sums: fp64 for fp64 inputs, else fp32."""
-    on_cuda: bool
+    has_fp32_output_gemm: bool
+    """``fp32_output_gemm_on`` the inputs' device."""
 
     @property
     def out_dtype(self) -> torch.dtype:
         return self.acc_dtype
 
+    def blocks(self) -> range:
+        """First rows of the vocabulary blocks over this shard's real rows."""
+        return range(0, self.real_rows, self.block_rows)
+
+    def block_end(self, start: int) -> int:
+        """One past the last real row of the block starting at ``start``."""
+        return min(start + self.block_rows, self.real_rows)
+
+    def gemm_rows(self, start: int) -> int:
+        """Weight rows the Triton path multiplies for the block at ``start``: its real rows rounded
+        up to ``ROW_ALIGN`` within the shard (aligned logit rows even for a ragged last block)."""
+        real = self.block_end(start) - start
+        return min(-(-real // ROW_ALIGN) * ROW_ALIGN, self.local_rows - start)
+
     @property
     def fp32_output_gemm(self) -> bool:
         """Low-precision operands multiplied straight into fp32 (CUDA); else operands up-cast (CPU)."""
-        return self.on_cuda and self.in_dtype in _LOW_PRECISION
+        return self.has_fp32_output_gemm and self.in_dtype in _LOW_PRECISION
 
     def as_matmul_operand(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in the dtype the matmuls take on this device (see the module docstring)."""
@@ -171,10 +232,11 @@ def plan_chunks(
     budget = chunk_size * width  # elements per workspace buffer
     thinnest = min(MIN_BLOCK_ROWS, width)
     group_tokens = max(1, min(num_tokens, budget // thinnest))
-    block_rows = max(1, min(width, budget // group_tokens))
+    block_rows = _aligned_block_rows(budget // group_tokens, width)
     return ChunkPlan(
         tp_size=tp_size,
         vocab_offset=vocab_offset,
+        local_rows=local_rows,
         real_rows=real_rows,
         group_tokens=group_tokens,
         block_rows=block_rows,
@@ -182,8 +244,16 @@ def plan_chunks(
         inv_teacher_temperature=1.0 / teacher_temperature,
         in_dtype=student_NH.dtype,
         acc_dtype=acc_dtype,
-        on_cuda=student_NH.is_cuda,
+        has_fp32_output_gemm=fp32_output_gemm_on(student_NH.device),
     )
+
+
+def _aligned_block_rows(rows: int, width: int) -> int:
+    """``rows`` rounded down to a multiple of ``ROW_ALIGN`` (at least one), or the whole ``width``
+    when it fits in one block."""
+    if rows >= width or width <= ROW_ALIGN:
+        return max(1, width)
+    return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
 
 
 def _check_targets(targets_N: torch.Tensor, vocab_size: int) -> None:
@@ -209,15 +279,18 @@ def matmul_into(
     contents. Three dtype cases, each decided by the dtypes alone:
 
     - operands in ``out``'s dtype: one ``addmm`` into ``out``;
-    - bf16/fp16 operands, fp32 ``out`` (CUDA, ``ChunkPlan.fp32_output_gemm``):
-      ``torch.mm(..., out_dtype=torch.float32)`` — fp32 accumulation and output, the logits are never
-      rounded to bf16 — then one add into ``out`` (a transient ``[G, B]`` fp32 product);
+    - bf16/fp16 operands, fp32 ``out`` (CUDA, ``ChunkPlan.fp32_output_gemm``): fp32 accumulation
+      and output, the logits are never rounded to bf16. Accumulating (``dh``): one ``addmm`` in
+      place where ``fp32_accumulating_gemm_on``; else ``torch.mm(..., out_dtype=torch.float32)``
+      into a transient fp32 product, then one copy or add into ``out``;
     - fp32 operands, bf16/fp16 ``out`` (the weight gradient on CPU, where operands are up-cast): the
       fp32 product rounded once into ``out``, the gradient's own dtype.
     """
     if a.dtype == out.dtype:
         return torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, alpha=alpha, out=out)
-    if a.dtype in _LOW_PRECISION and out.dtype == torch.float32 and out.is_cuda:
+    if a.dtype in _LOW_PRECISION and out.dtype == torch.float32 and fp32_output_gemm_on(out.device):
+        if accumulate and fp32_accumulating_gemm_on(out.device):
+            return torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
         product = torch.mm(a, b, out_dtype=torch.float32)
     elif a.dtype == torch.float32 and out.dtype in _LOW_PRECISION:
         product = torch.mm(a, b)
@@ -242,32 +315,52 @@ def _local_target(
 
 
 class Workspace:
-    """Reusable buffers in the accumulation dtype, the whole O(chunk) peak: ``logits`` holds the
-    stacked ``[student; teacher]`` logits of a block (``[2G, B]``, or ``[G, B]`` without a
-    teacher) so one GEMM computes both, ``aux`` (``[G, B]``) the exponentials or ``dz``.
+    """Reusable buffers, the whole O(chunk) peak: ``logits`` (accumulation dtype) holds the stacked
+    ``[student; teacher]`` logits of a block (``[2G, B]``, or ``[G, B]`` without a teacher) so one
+    GEMM computes both, ``aux`` (``[G, B]``, ``aux_dtype``; none when ``aux_dtype`` is None) the
+    exponentials or ``dz``.
 
     With ``plan.fp32_output_gemm`` (CUDA) there is no ``logits`` buffer: the GEMM's own fresh fp32
     output is the block's logits (the caching allocator hands the same block back each time), which
     saves a read and a write of every logit against copying it into a buffer."""
 
-    def __init__(self, rows: int, cols: int, plan: ChunkPlan, device: torch.device, with_teacher: bool):
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        plan: ChunkPlan,
+        device: torch.device,
+        with_teacher: bool,
+        aux_dtype: torch.dtype | None,
+    ):
         self.stack = 2 if with_teacher else 1
-        self.logits = None
+        self.logits = self.aux = None
         if not plan.fp32_output_gemm:
             self.logits = torch.empty(self.stack * rows * cols, dtype=plan.acc_dtype, device=device)
-        self.aux = torch.empty(rows * cols, dtype=plan.acc_dtype, device=device)
+        if aux_dtype is not None:
+            self.aux = torch.empty(rows * cols, dtype=aux_dtype, device=device)
 
-    def views(self, rows: int, cols: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def views(self, rows: int, cols: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``[stack * rows, cols]`` logits (None: the GEMM allocates) and ``[rows, cols]`` aux views."""
-        logits = None
+        logits = aux = None
         if self.logits is not None:
             logits = self.logits[: self.stack * rows * cols].view(self.stack * rows, cols)
-        return logits, self.aux[: rows * cols].view(rows, cols)
+        if self.aux is not None:
+            aux = self.aux[: rows * cols].view(rows, cols)
+        return logits, aux
 
 
 def stack_hidden(student_GH: torch.Tensor, teacher_GH: torch.Tensor | None) -> torch.Tensor:
     """``[student; teacher]`` hidden states (``[2G, H]``), the left operand of the stacked GEMM."""
     return student_GH if teacher_GH is None else torch.cat([student_GH, teacher_GH])
+
+
+def raw_logits(hidden_KH: torch.Tensor, weight_BH: torch.Tensor, out_KB: torch.Tensor | None) -> torch.Tensor:
+    """``hidden_KH @ weight_BH^T`` into ``out_KB``, or, when None, the fp32-output GEMM's own fresh
+    tensor (``Workspace``); no temperature (the Triton kernels fold it)."""
+    if out_KB is None:
+        return torch.mm(hidden_KH, weight_BH.t(), out_dtype=torch.float32)
+    return matmul_into(out_KB, hidden_KH, weight_BH.t())
 
 
 def _stacked_logits(
@@ -283,7 +376,7 @@ def _stacked_logits(
     inv_s, inv_t = plan.inv_temperature, plan.inv_teacher_temperature
     one_scale = not teacher_rows or inv_s == inv_t
     if out_KB is None:
-        out_KB = torch.mm(hidden_KH, weight_BH.t(), out_dtype=torch.float32)
+        out_KB = raw_logits(hidden_KH, weight_BH, None)
         if one_scale and inv_s != 1.0:
             out_KB.mul_(inv_s)
     else:

@@ -190,6 +190,7 @@ def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: in
 
     from sdpg_mcore.audit.fake_cuda import FakeCuda
     from sdpg_mcore.ops.fused_kl_head import _FusedKLHead
+    from sdpg_mcore.ops.kl_head_backends import TorchBlocks
     from sdpg_mcore.ops.kl_head_math import plan_chunks
 
     gemms = []
@@ -214,7 +215,7 @@ def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: in
         assert plan.fp32_output_gemm
         ctx = SimpleNamespace(set_materialize_grads=lambda _: None, needs_input_grad=(True, False, True))
         ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
-        outs = _FusedKLHead.forward(ctx, h_s, h_t, weight, targets, plan, None)
+        outs = _FusedKLHead.forward(ctx, h_s, h_t, weight, targets, plan, None, TorchBlocks())
         grads = _FusedKLHead.backward(ctx, *(torch.empty_like(o) for o in outs))
         assert [o.dtype for o in outs] == [torch.float32] * 3
         assert grads[0].dtype == grads[2].dtype == torch.bfloat16
@@ -227,14 +228,21 @@ def test_cuda_path_multiplies_bf16_logits_into_fp32():
     is logits (``[tokens or 2 x tokens, block rows]``) takes bf16 operands and writes fp32 through
     ``mm.dtype`` — no logit is ever rounded to bf16; only the weight gradient is written in bf16."""
     num_tokens, hidden, vocab = 24, 64, 3000
+    from sdpg_mcore.ops.kl_head_math import fp32_accumulating_gemm_on
+
     plan, gemms = _gemms_on_fake_cuda(num_tokens, hidden, vocab, chunk_size=10)
-    logits = [g for g in gemms if g[3][1] <= plan.block_rows and g[3][0] in (num_tokens, 2 * num_tokens)]
-    assert len(logits) >= 2 * -(-vocab // plan.block_rows)  # forward and backward recompute, every block
+    logits = [g for g in gemms if g[3][1] != hidden and g[3][0] in (num_tokens, 2 * num_tokens)]
+    assert len(logits) == 2 * -(-vocab // plan.block_rows)  # forward and backward recompute, every block
     for op, operands, out_dtype, _ in logits:
         assert operands == [torch.bfloat16, torch.bfloat16] and out_dtype == torch.float32, (op, operands)
         assert op == "aten.mm.dtype"
     bf16_out = [g for g in gemms if g[2] == torch.bfloat16]
     assert bf16_out and all(g[3][1] == hidden for g in bf16_out)  # dW blocks [B, H] only
+    grad_h = [g for g in gemms if g[3] == (num_tokens, hidden)]
+    assert len(grad_h) == len(logits) // 2  # dh accumulates in place, one GEMM per block
+    in_place = fp32_accumulating_gemm_on(torch.device("cuda"))  # torch >= 2.11
+    op = "aten.addmm.dtype_out" if in_place else "aten.mm.dtype"
+    assert all(g[:3] == (op, [torch.bfloat16] * 2, torch.float32) for g in grad_h)
 
 
 def test_cpu_path_upcasts_bf16_operands():
