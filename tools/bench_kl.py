@@ -7,7 +7,9 @@ random per-token upstream gradient into the student hidden states and the weight
 * ``reference``: materialises ``[N, V]`` logits for student and teacher in the model dtype,
   ``log_softmax`` / KL / entropy in that dtype (the reference's bf16 KL), log-prob from an fp32
   ``log_softmax`` — autograd keeps every ``[N, V]`` temporary for the backward.
-* ``fused``: ``sdpg_mcore.ops.fused_kl_head`` (chunked, custom backward, fp32 sums).
+* ``fused``: ``sdpg_mcore.ops.fused_kl_head`` (chunked, custom backward, fp32 sums) with the first
+  of ``--backends`` (default ``auto``: triton on CUDA, torch on CPU); ``fused_<backend>`` for each
+  further one (``--backends triton,torch``: the Triton head beside the old torch one).
 
 Each variant runs in a fresh subprocess (clean allocator, honest peak). Peak EXTRA memory is what
 the step adds on top of its inputs (gradients included): on CUDA ``max_memory_allocated``; on CPU
@@ -19,6 +21,14 @@ alternating pairs of processes.
     python tools/bench_kl.py --shape qwen3-4b     # N=8192, H=2560, V=151,936, bf16 (GPU)
     python tools/bench_kl.py --shape tiny --json /tmp/kl.json
     python tools/bench_kl.py --shape qwen3-4b --chunk-sizes 147,441,1024   # + a chunk sweep, best_chunk
+    python tools/bench_kl.py --shape llama70b-tp8 --backends triton,torch  # one TP8 shard, both heads
+
+Two checks of the GPU path that run on a CPU (no timing):
+
+    python tools/bench_kl.py --count --json /tmp/count.json  # launches per vocab block, bytes per
+        # (token, vocab) pair, GEMM FLOPs per N*V*H of both backends (ops.kl_head_traffic), ~30 s
+    python tools/bench_kl.py --compile --json /tmp/compile.json  # both Triton kernels compiled for
+        # sm_90 and sm_80 at the plan's block sizes: registers, spills, shared memory (ops.kl_head_compile)
 """
 
 from __future__ import annotations
@@ -58,7 +68,10 @@ SHAPES = {
     "cpu": Shape(tokens=1024, hidden=128, vocab=16000, dtype="float32", chunk_size=64),
     "tiny": Shape(tokens=64, hidden=16, vocab=1000, dtype="float32", chunk_size=8),
     "qwen3-4b": Shape(tokens=8192, hidden=2560, vocab=151936, dtype="bfloat16", chunk_size=None),
+    # Llama-3.3-70B's output layer as one TP8 rank sees it: 128,256 / 8 rows, H = 8192.
+    "llama70b-tp8": Shape(tokens=8192, hidden=8192, vocab=16032, dtype="bfloat16", chunk_size=None),
 }
+GPU_SHAPES = ("qwen3-4b", "llama70b-tp8")
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name fragment.
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -121,13 +134,15 @@ def _reference_step(h_s, h_t, weight, targets, upstream, vocab):
     return kl.float(), logprob, entropy.float()
 
 
-def _fused_step(h_s, h_t, weight, targets, upstream, vocab, chunk_size):
+def _fused_step(h_s, h_t, weight, targets, upstream, vocab, chunk_size, backend):
     from sdpg_mcore.ops import fused_kl_head
 
-    return fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, chunk_size=chunk_size)
+    return fused_kl_head(h_s, h_t, weight, targets, vocab_size=vocab, chunk_size=chunk_size, backend=backend)
 
 
-def run_worker(variant: str, shape: Shape, iters: int, device_name: str, sweep: list | None = None) -> dict:
+def run_worker(
+    variant: str, shape: Shape, iters: int, device_name: str, sweep: list | None = None, backend: str = "auto"
+) -> dict:
     """Run one variant in this process and return its measurements (``sweep``: the fused head's
     peak and time at each of these chunk sizes too, same inputs, same process; on CPU the RSS
     high-water mark of a process that already ran the head can read low, on CUDA peaks are exact)."""
@@ -149,7 +164,7 @@ def run_worker(variant: str, shape: Shape, iters: int, device_name: str, sweep: 
         h_s, h_t, w, tg, up = inputs
         h_s.grad = w.grad = None
         if variant == "fused":
-            outs = _fused_step(h_s, h_t, w, tg, up, vocab, chunk_size)
+            outs = _fused_step(h_s, h_t, w, tg, up, vocab, chunk_size, backend)
         else:
             outs = _reference_step(h_s, h_t, w, tg, up, vocab)
         sum((o * g).sum() for o, g in zip(outs, up)).backward()
@@ -162,6 +177,10 @@ def run_worker(variant: str, shape: Shape, iters: int, device_name: str, sweep: 
     out = _measure(step, inputs, shape.vocab, shape.chunk_size, iters, device)
     out["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out["threads"] = torch.get_num_threads()
+    if variant == "fused":
+        from sdpg_mcore.ops.kl_head_backends import resolve_backend
+
+        out["backend"] = resolve_backend(backend, device, dtype)
     if variant == "fused" and sweep:
         out["sweep"] = [
             {"chunk_size": c} | _measure(step, inputs, shape.vocab, c, iters, device) for c in sweep
@@ -198,20 +217,24 @@ def _measure(step, inputs, vocab: int, chunk_size: int | None, iters: int, devic
 
 
 def gemm_probe(h_s, weight, vocab: int, chunk_size: int | None, iters: int = 10) -> dict:
-    """TFLOP/s of the head's GEMMs alone (CUDA): the stacked ``[2N, H] x [H, B]`` block GEMM with
-    fp32 output (``torch.mm(out_dtype=float32)``, what the fused head runs) and with bf16 output,
-    and the reference's ``[N, H] x [H, V]`` bf16 GEMM. Tells GEMM speed from elementwise cost."""
+    """TFLOP/s of the head's GEMMs alone (CUDA) at the plan's aligned block width and at the width
+    the plan had before blocks were rounded to 128 rows (``unaligned``): the stacked
+    ``[2N, H] x [H, B]`` logits GEMM with fp32 output (what the head runs) and with bf16 output, the
+    ``dh += dz W_b`` GEMM (bf16 ``dz``, fp32 accumulator) and ``dW_b = dz^T h``; and the reference's
+    ``[N, H] x [H, V]`` bf16 GEMM. Tells GEMM speed from elementwise cost."""
     import torch
 
-    from sdpg_mcore.ops.kl_head_math import plan_chunks
+    from sdpg_mcore.ops.kl_head_math import DEFAULT_CHUNK_BUDGET_BYTES, matmul_into, plan_chunks
 
-    n = h_s.shape[0]
+    n, h = h_s.shape
     plan = plan_chunks(
         h_s, h_s, weight, torch.zeros(n, dtype=torch.long, device=h_s.device), vocab_size=vocab,
         temperature=1.0, teacher_temperature=1.0, chunk_size=chunk_size, tp_size=1, tp_rank=0,
     )  # fmt: skip
-    stacked = torch.cat([h_s.detach(), h_s.detach()])
-    block = weight.detach()[: plan.block_rows]
+    chunk = chunk_size or DEFAULT_CHUNK_BUDGET_BYTES // (3 * plan.local_rows * 4)
+    unaligned = min(plan.local_rows, chunk * plan.local_rows // plan.group_tokens)
+    x = h_s.detach()[: plan.group_tokens]
+    stacked, grad_h = torch.cat([x, x]), torch.zeros(x.shape, dtype=torch.float32, device=x.device)
 
     def rate(fn, flops: float) -> float:
         fn()
@@ -222,15 +245,25 @@ def gemm_probe(h_s, weight, vocab: int, chunk_size: int | None, iters: int = 10)
         torch.cuda.synchronize()
         return flops * iters / (time.perf_counter() - start) / 1e12
 
-    block_flops = 2.0 * stacked.shape[0] * block.shape[0] * h_s.shape[1]
+    def probe(rows: int) -> dict:
+        block = weight.detach()[:rows]
+        dz = torch.randn(x.shape[0], rows, device=x.device).to(x.dtype)
+        flops = 2.0 * x.shape[0] * rows * h
+        return {
+            "block_rows": rows,
+            "logits_fp32_out_tflops": rate(
+                lambda: torch.mm(stacked, block.t(), out_dtype=torch.float32), 2 * flops
+            ),
+            "logits_bf16_out_tflops": rate(lambda: torch.mm(stacked, block.t()), 2 * flops),
+            "grad_h_accumulate_tflops": rate(lambda: matmul_into(grad_h, dz, block, accumulate=True), flops),
+            "grad_w_tflops": rate(lambda: torch.mm(dz.t(), x), flops),
+        }
+
     return {
-        "block_rows": plan.block_rows,
-        "block_fp32_out_tflops": rate(
-            lambda: torch.mm(stacked, block.t(), out_dtype=torch.float32), block_flops
-        ),
-        "block_bf16_out_tflops": rate(lambda: torch.mm(stacked, block.t()), block_flops),
+        "aligned": probe(plan.block_rows),
+        "unaligned": probe(unaligned),
         "full_vocab_bf16_tflops": rate(
-            lambda: torch.mm(h_s.detach(), weight.detach()[:vocab].t()), 2.0 * n * vocab * h_s.shape[1]
+            lambda: torch.mm(x, weight.detach()[:vocab].t()), 2.0 * x.shape[0] * vocab * h
         ),
     }
 
@@ -238,16 +271,12 @@ def gemm_probe(h_s, weight, vocab: int, chunk_size: int | None, iters: int = 10)
 def _spawn(
     variant: str, shape: Shape, iters: int, device: str, threads: int, sweep: list | None = None
 ) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        variant,
-        "--shape-json",
-        json.dumps(dataclasses.asdict(shape)),
-    ]
+    """One worker process; ``variant`` is ``reference`` or ``fused:<backend>``."""
+    kind, _, backend = variant.partition(":")
+    cmd = [sys.executable, __file__, "--worker", kind, "--shape-json", json.dumps(dataclasses.asdict(shape))]
     cmd += ["--iters", str(iters), "--device", device, "--threads", str(threads)]
-    if sweep and variant == "fused":
+    cmd += ["--backends", backend or "auto"]
+    if sweep and kind == "fused":
         cmd += ["--chunk-sizes", ",".join("none" if c is None else str(c) for c in sweep)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     if proc.returncode != 0:
@@ -281,23 +310,27 @@ def benchmark(
     rounds: int = 1,
     threads: int = 0,
     sweep: list | None = None,
+    backends: tuple[str, ...] = ("auto",),
 ) -> dict:
     """Alternate fresh fused / reference processes ``rounds`` times (fair under a shared, noisy CPU);
-    ``sweep``: chunk sizes also measured in the first fused process (``best_chunk``)."""
-    runs: dict[str, list[dict]] = {"fused": [], "reference": []}
+    ``sweep``: chunk sizes also measured in the first fused process (``best_chunk``). The first of
+    ``backends`` is ``fused``, each further one ``fused_<backend>``, all against one reference."""
+    names = ["fused"] + [f"fused_{b}" for b in backends[1:]]
+    variants = dict(zip(names, (f"fused:{b}" for b in backends))) | {"reference": "reference"}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(rounds):
-        for variant in runs:
-            runs[variant].append(_spawn(variant, shape, iters, device, threads, sweep if r == 0 else None))
-    fused, reference = _combine(runs["fused"]), _combine(runs["reference"])
+        for name, variant in variants.items():
+            first = r == 0 and name == "fused"
+            runs[name].append(_spawn(variant, shape, iters, device, threads, sweep if first else None))
+    combined = {name: _combine(rs) for name, rs in runs.items()}
+    fused, reference = combined["fused"], combined["reference"]
     result = {
         "shape": {"name": shape_name, **dataclasses.asdict(shape), "padded_vocab": _padded(shape.vocab)},
-        "fused": fused,
-        "reference": reference,
-        "memory_ratio": reference["peak_bytes"] / max(fused["peak_bytes"], 1),
-        "time_ratio": fused["seconds"] / reference["seconds"],
-        "time_ratio_best": fused["min_seconds"] / reference["min_seconds"],
-        "max_mean_diff": max(abs(fused["means"][k] - reference["means"][k]) for k in fused["means"]),
+        **combined,
+        **_ratios(fused, reference, ""),
     }
+    for name in names[1:]:
+        result |= _ratios(combined[name], reference, f"_{name}")
     if "sweep" in fused:
         result["sweep"] = _sweep_table(fused.pop("sweep"), reference, shape)
         fits = [row for row in result["sweep"] if row["memory_ratio"] >= MIN_MEMORY_RATIO]
@@ -312,6 +345,16 @@ def benchmark(
             "device_peak": peak,
         }
     return result
+
+
+def _ratios(fused: dict, reference: dict, suffix: str) -> dict:
+    """Memory and time of one fused variant against the reference (keys end in ``suffix``)."""
+    return {
+        f"memory_ratio{suffix}": reference["peak_bytes"] / max(fused["peak_bytes"], 1),
+        f"time_ratio{suffix}": fused["seconds"] / reference["seconds"],
+        f"time_ratio_best{suffix}": fused["min_seconds"] / reference["min_seconds"],
+        f"max_mean_diff{suffix}": max(abs(fused["means"][k] - reference["means"][k]) for k in fused["means"]),
+    }
 
 
 MIN_MEMORY_RATIO = 10.0
@@ -351,21 +394,25 @@ def print_table(result: dict) -> None:
         "mean entropy",
     ):
         table.add_column(col, justify="right")
-    for name in ("fused", "reference"):
+    names = [k for k in result if k.startswith("fused") and isinstance(result[k], dict)] + ["reference"]
+    for name in names:
         r = result[name]
         m = r["means"]
+        label = f"{name} ({r['backend']})" if "backend" in r else name
         table.add_row(
-            name, f"{r['peak_bytes'] / 2**20:.1f}", f"{r['seconds']:.3f}", f"{r['min_seconds']:.3f}",
+            label, f"{r['peak_bytes'] / 2**20:.1f}", f"{r['seconds']:.3f}", f"{r['min_seconds']:.3f}",
             f"{m['kl']:.5f}", f"{m['logprob']:.5f}", f"{m['entropy']:.5f}",
         )  # fmt: skip
     console = Console()
     console.print(table)
     console.print(f"CPU threads per worker: {result['fused']['threads']}")
-    console.print(
-        f"memory_ratio (reference/fused) = {result['memory_ratio']:.2f}   "
-        f"time_ratio (fused/reference) = {result['time_ratio']:.2f} (best {result['time_ratio_best']:.2f})   "
-        f"chunk_size = {s['chunk_size']}"
-    )
+    for name in names[:-1]:
+        suffix = "" if name == "fused" else f"_{name}"
+        console.print(
+            f"{name}: memory_ratio (reference/fused) = {result['memory_ratio' + suffix]:.2f}   "
+            f"time_ratio (fused/reference) = {result['time_ratio' + suffix]:.2f} "
+            f"(best {result['time_ratio_best' + suffix]:.2f})   chunk_size = {s['chunk_size']}"
+        )
     for row in result.get("sweep", []):
         console.print(
             f"  chunk_size {row['chunk_size']!s:>5}: {row['seconds']:.3f} s  "
@@ -379,11 +426,14 @@ def print_table(result: dict) -> None:
         )
     if "gemm_probe" in result["fused"]:
         g = result["fused"]["gemm_probe"]
-        console.print(
-            f"GEMMs alone (TFLOP/s): block [2N,H]x[H,{g['block_rows']}] fp32-out "
-            f"{g['block_fp32_out_tflops']:.0f}, bf16-out {g['block_bf16_out_tflops']:.0f}; "
-            f"full-vocab bf16 {g['full_vocab_bf16_tflops']:.0f}"
-        )
+        for kind in ("aligned", "unaligned"):
+            p = g[kind]
+            console.print(
+                f"GEMMs alone (TFLOP/s), {kind} blocks of {p['block_rows']} rows: logits fp32-out "
+                f"{p['logits_fp32_out_tflops']:.0f} (bf16-out {p['logits_bf16_out_tflops']:.0f}), "
+                f"dh += dz W {p['grad_h_accumulate_tflops']:.0f}, dW {p['grad_w_tflops']:.0f}"
+            )
+        console.print(f"full-vocab bf16 GEMM: {g['full_vocab_bf16_tflops']:.0f} TFLOP/s")
     if "tflops" in result:
         t = result["tflops"]
         console.print(
@@ -403,8 +453,11 @@ def _chunk_list(text: str) -> list[int | None]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu", help="problem size (default: cpu)")
     parser.add_argument("--chunk-size", type=int, default=None, help="override the shape's fused chunk size")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per process (median)")
@@ -426,8 +479,30 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of fused chunk sizes to sweep ('none' = the default budget), e.g. 147,441,1024; "
         "measured in one process: peaks exact on CUDA (allocator stats), a lower bound on CPU (RSS)",
     )
+    parser.add_argument(
+        "--backends",
+        type=_backend_list,
+        default=("auto",),
+        help="fused-head backends, comma-separated (auto, torch, triton): the first is 'fused', each "
+        "further one 'fused_<backend>' (default auto: triton on CUDA, torch on CPU)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--count", action="store_true", help="count the GPU path's launches and bytes on CPU")
+    mode.add_argument("--compile", action="store_true", help="compile the Triton kernels for sm_90/sm_80")
     parser.add_argument("--worker", choices=("fused", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--shape-json", help=argparse.SUPPRESS)
+    return parser
+
+
+def _backend_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names or any(n not in ("auto", "torch", "triton") for n in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"--backends: distinct names of auto, torch, triton; got {text!r}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.worker:
         sys.path.insert(0, str(REPO_ROOT))
@@ -436,28 +511,139 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        result = run_worker(args.worker, shape, args.iters, args.device, args.chunk_sizes)
+        result = run_worker(args.worker, shape, args.iters, args.device, args.chunk_sizes, args.backends[0])
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
+    if args.count or args.compile:
+        result = count_gpu_path() if args.count else compile_gpu_kernels()
+    else:
+        result = _run_benchmark(parser, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _run_benchmark(parser: argparse.ArgumentParser, args) -> dict:
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = SHAPES[args.shape]
-    if args.shape == "qwen3-4b" and not args.device.startswith("cuda"):
-        parser.error("--shape qwen3-4b needs a GPU: the reference variant materialises ~30 GB of logits")
+    if args.shape in GPU_SHAPES and not args.device.startswith("cuda"):
+        parser.error(f"--shape {args.shape} needs a GPU: the reference variant materialises GBs of logits")
     if args.chunk_size is not None:
         shape = dataclasses.replace(shape, chunk_size=args.chunk_size)
     if args.dtype is not None:
         shape = dataclasses.replace(shape, dtype=args.dtype)
     result = benchmark(
-        shape, args.shape, args.iters, args.device, args.rounds, args.threads, args.chunk_sizes
+        shape, args.shape, args.iters, args.device, args.rounds, args.threads, args.chunk_sizes, args.backends
     )
     print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return result
+
+
+# ------------------------------------------------------------------ checks of the GPU path on CPU
+def count_gpu_path() -> dict:
+    """``--count``: both backends' GPU op sequence run on CPU (Triton under its interpreter)."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported (below)
+    from sdpg_mcore.ops.kl_head_traffic import COUNT_SHAPES, count_head
+
+    result = {backend: count_head(backend) for backend in ("triton", "torch")}
+    _print_count(result, COUNT_SHAPES)
+    return result
+
+
+def _print_count(result: dict, shapes) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result["triton"]["shape"]
+    table = Table(
+        title=f"fused KL head, GPU path counted on CPU (bf16, N={s['tokens']} H={s['hidden']}, "
+        f"blocks of {s['block_rows']} rows; launches per block from {len(shapes)} calls of 4 and 8 blocks)"
+    )
+    rows = [
+        ("launches per vocab block", "launches_per_block", "{:.1f}"),
+        ("  of them Triton kernels", "triton_launches_per_block", "{:.1f}"),
+        ("launches per call (fixed)", "launches_per_call", "{:.0f}"),
+        ("bytes per (token, vocab) pair", "bytes_per_pair", "{:.1f}"),
+        ("  Triton loads + stores", "kernel_bytes_per_pair", "{:.1f}"),
+        ("  aten ops (GEMM outputs, dz operands, ...)", "aten_bytes_per_pair", "{:.1f}"),
+        ("other bytes ([N, H], [V, H], [N]) per pair", "other_bytes_per_pair", "{:.1f}"),
+        ("GEMM FLOPs / (N V H)", "gemm_flops_per_nvh", "{:.2f}"),
+    ]
+    table.add_column("")
+    for backend in result:
+        table.add_column(backend, justify="right")
+    for label, key, fmt in rows:
+        table.add_row(label, *(fmt.format(result[b][key]) for b in result))
+    Console(width=120).print(table)
+
+
+def compile_gpu_kernels() -> dict:
+    """``--compile``: every Triton kernel variant compiled for sm_90 and sm_80 at the block widths the
+    plan uses for the GPU shapes (and, for contrast, the unaligned width the plan used before)."""
+    from sdpg_mcore.ops.kl_head_compile import compile_kernels
+
+    result = {"targets": []}
+    for name in GPU_SHAPES:
+        aligned, unaligned = _plan_rows(SHAPES[name])
+        for arch in (90, 80):
+            result["targets"].append({"shape": name, "arch": f"sm_{arch}", "block_rows": aligned,
+                                      "kernels": compile_kernels(arch, aligned)})  # fmt: skip
+        result["targets"].append({"shape": name, "arch": "sm_90", "block_rows": unaligned, "unaligned": True,
+                                  "kernels": compile_kernels(90, unaligned, aligned=False)})  # fmt: skip
+    _print_compile(result)
+    return result
+
+
+def _plan_rows(shape: Shape) -> tuple[int, int]:
+    """The plan's block rows for ``shape`` and the unaligned width of the split before it."""
+    import torch
+
+    from sdpg_mcore.ops.kl_head_math import DEFAULT_CHUNK_BUDGET_BYTES, plan_chunks
+
+    hidden = torch.zeros(1, dtype=torch.bfloat16).expand(shape.tokens, shape.hidden)  # shapes only
+    weight = torch.zeros(1, dtype=torch.bfloat16).expand(_padded(shape.vocab), shape.hidden)
+    plan = plan_chunks(
+        hidden, hidden, weight, torch.zeros(shape.tokens, dtype=torch.long), vocab_size=shape.vocab,
+        temperature=1.0, teacher_temperature=1.0, chunk_size=shape.chunk_size, tp_size=1, tp_rank=0,
+    )  # fmt: skip
+    chunk = shape.chunk_size or DEFAULT_CHUNK_BUDGET_BYTES // (3 * plan.local_rows * 4)
+    return plan.block_rows, min(plan.local_rows, chunk * plan.local_rows // plan.group_tokens)
+
+
+def _print_compile(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title="Triton kernels of the fused KL head compiled without a GPU (bf16 dz, one token per program)"
+    )
+    for col in (
+        "shape",
+        "arch",
+        "block rows",
+        "kernel",
+        "tile",
+        "regs",
+        "spill B",
+        "smem B",
+        "v4 / scalar loads",
+    ):
+        table.add_column(col, justify="right")
+    for target in result["targets"]:
+        rows = f"{target['block_rows']}" + (" unaligned" if target.get("unaligned") else "")
+        for k in target["kernels"]:
+            table.add_row(
+                target["shape"], target["arch"], rows, k["kernel"], str(k["tile"]), str(k["registers"]),
+                str(k["spill_bytes"]), str(k["shared_bytes"]),
+                f"{k['global_loads_v4']} / {k['global_loads_scalar']}",
+            )  # fmt: skip
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ def _variants(dz_dtype: str) -> list[tuple[str, object, dict, dict]]:
            "inv_teacher_temp": "fp32"}  # fmt: skip
     out = []
     for teacher in (True, False):
-        out.append((f"block_state(teacher={teacher})", K.block_state_kernel, fwd, {"HAS_TEACHER": teacher}))
+        tag = "+teacher" if teacher else ""
+        out.append((f"block_state{tag}", K.block_state_kernel, fwd, {"HAS_TEACHER": teacher}))
         for onehot in (True, False):
-            name = f"block_grad(teacher={teacher}, onehot={onehot})"
+            name = f"block_grad{tag}" + ("+onehot" if onehot else "")
             out.append((name, K.block_grad_kernel, bwd, {"HAS_TEACHER": teacher, "HAS_ONEHOT": onehot}))
     return out
 

@@ -19,7 +19,15 @@ except ImportError as err:  # the fallback: the torch path of every op that has 
     triton = tl = None
     IMPORT_ERROR = err
 
-__all__ = ["IMPORT_ERROR", "can_run", "interpreting", "tl", "triton", "unavailable_reason"]
+__all__ = [
+    "IMPORT_ERROR",
+    "can_run",
+    "interpreter_module",
+    "interpreting",
+    "tl",
+    "triton",
+    "unavailable_reason",
+]
 
 
 def interpreting() -> bool:
@@ -42,3 +50,15 @@ def unavailable_reason(device: torch.device) -> str | None:
 def can_run(device: torch.device) -> bool:
     """Triton is importable and can run kernels on ``device``."""
     return unavailable_reason(device) is None
+
+
+def interpreter_module():
+    """Triton's interpreter (``triton.runtime.interpreter``), for counting its loads and stores
+    (``ops.kl_head_traffic``)."""
+    if not interpreting():
+        raise RuntimeError(
+            "Triton's interpreter is off: set TRITON_INTERPRET=1 before the kernels are imported"
+        )
+    import triton.runtime.interpreter as interpreter
+
+    return interpreter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,56 @@ def test_bench_kl_chunk_sweep_reports_each_size_and_the_best(tmp_path):
     assert "best chunk" in proc.stdout
     bad = subprocess.run([*cmd, "--chunk-sizes", "0,4"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--chunk-sizes" in bad.stderr
+
+
+def _clean_env() -> dict:
+    """This process's environment without TRITON_INTERPRET (tests/ops sets it for its own tests)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_count_measures_the_gpu_path_of_both_backends(tmp_path):
+    """``--count``: the Triton path launches at most 8 kernels per vocabulary block and moves at
+    most 40 bytes per (token, vocab) pair (the issue's floor), far below the torch path, with the
+    same GEMM FLOPs (12 N V H: forward, recomputed logits, dh, dW; the Triton path's aligned ragged
+    last block adds its 48 padding rows of 2,048)."""
+    out = tmp_path / "count.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_kl.py", "--count", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=_clean_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "launches per vocab block" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result) == {"triton", "torch"}
+    triton, torch_path = result["triton"], result["torch"]
+    assert triton["launches_per_block"] <= 8 and triton["triton_launches_per_block"] == 2
+    assert triton["bytes_per_pair"] <= 40
+    assert torch_path["launches_per_block"] > 5 * triton["launches_per_block"]
+    assert torch_path["bytes_per_pair"] > 3 * triton["bytes_per_pair"]
+    assert torch_path["gemm_flops_per_nvh"] == 12.0
+    assert triton["gemm_flops_per_nvh"] == 12.0 * 2048 / 2000
+
+
+def test_compile_builds_both_kernels_for_hopper_and_ampere(tmp_path):
+    """``--compile``: every kernel variant compiles for sm_90 and sm_80 at the plan's block widths,
+    without spills; aligned blocks get 128-bit loads, the old unaligned width none."""
+    out = tmp_path / "compile.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_kl.py", "--compile", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=_clean_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    targets = json.loads(out.read_text())["targets"]
+    assert {(t["shape"], t["arch"]) for t in targets if not t.get("unaligned")} == {
+        (shape, arch) for shape in ("qwen3-4b", "llama70b-tp8") for arch in ("sm_90", "sm_80")
+    }
+    for target in targets:
+        assert len(target["kernels"]) == 6  # forward and backward, with and without teacher / one-hot
+        assert target["block_rows"] % 128 == 0 or target.get("unaligned")
+        for kernel in target["kernels"]:
+            assert kernel["spill_bytes"] == 0 and kernel["stack_bytes"] == 0
+            assert 0 < kernel["registers"] <= 64  # 4 warps/program: registers never limit occupancy
+            if target.get("unaligned"):
+                assert kernel["global_loads_v4"] == 0
+            else:
+                assert kernel["global_loads_v4"] >= 2
