@@ -66,6 +66,24 @@ def check_model_dir(path: str) -> None:
         )
 
 
+def check_head_backend(name: str) -> None:
+    """``trainer.logprob_backend=triton`` must be able to run on this machine's training device (a
+    GPU, or CPU under Triton's interpreter); else a ConfigError before anything starts."""
+    if name != "triton":
+        return
+    import torch
+
+    from sdpg_mcore.config import ConfigError
+    from sdpg_mcore.ops.triton_support import unavailable_reason
+
+    reason = unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if reason:
+        raise ConfigError(
+            f"config key 'trainer.logprob_backend': triton cannot run here: {reason}; "
+            "set trainer.logprob_backend=auto (triton where it can run, else torch) or torch"
+        )
+
+
 def _rank_main(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
     quiet_warnings()
     from sdpg_mcore.train.trainer import train
@@ -89,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         resolve_world(cfg, launch_world_size(args.nproc))
         if not args.print_config:
+            check_head_backend(cfg.trainer.logprob_backend)
             check_model_dir(cfg.model.path)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"sdpg-train: error: {err}\n")

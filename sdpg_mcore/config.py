@@ -219,6 +219,10 @@ class TrainerConfig:
     """Stop after this step (0 = run to total_steps), e.g. for time-limited jobs; resume continues the run."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk of the fused LM head (peak extra memory is chunk x vocab/tp)."""
+    logprob_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Kernels of the fused LM head: triton (cuBLAS GEMMs and two fused Triton kernels per vocabulary
+    block; needs a GPU and the triton package, checked at start-up), torch (aten ops per block, the
+    CPU implementation), or auto: triton on a GPU when triton is importable, else torch."""
     nonfinite_patience: int = 0
     """Steps in a row with a non-finite loss or gradient (their updates skipped) before the run stops
     with an error; 0 stops at the first. Non-finite weights always stop the run at once."""

@@ -89,3 +89,26 @@ def test_cli_rejects_bad_algorithm_values_before_any_set_up(recipe, capsys, over
     assert err.value.code == 2
     assert message in capsys.readouterr().err
     assert not dist.is_initialized()
+
+
+def test_cli_rejects_a_bad_head_backend(recipe, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--config", recipe, "trainer.logprob_backend=cuda"])
+    assert err.value.code == 2
+    assert "config key 'trainer.logprob_backend' got 'cuda'; choose one of: auto, torch, triton" in (
+        capsys.readouterr().err
+    )
+
+
+def test_cli_rejects_triton_where_it_cannot_run(recipe, capsys, monkeypatch):
+    """A machine without the triton package (the optional extra not installed)."""
+    from sdpg_mcore.ops import triton_support
+
+    monkeypatch.setattr(triton_support, "triton", None)
+    monkeypatch.setattr(triton_support, "IMPORT_ERROR", ImportError("No module named 'triton'"))
+    with pytest.raises(SystemExit) as err:
+        main(["--config", recipe, "trainer.logprob_backend=triton"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "config key 'trainer.logprob_backend': triton cannot run here" in msg
+    assert "pip install 'sdpg_mcore[triton]'" in msg and "set trainer.logprob_backend=auto" in msg

@@ -98,6 +98,8 @@ class HeadSpec:
     causal_mask: bool = True
     """Pass an explicit causal mask to the model (local spec). The Transformer-Engine spec masks by
     ``attn_mask_type=causal`` inside its kernels, so no ``[T, T]`` mask is built at all."""
+    backend: str = "auto"
+    """The fused head's kernels (``trainer.logprob_backend``): auto, torch or triton."""
 
 
 def _run(
@@ -218,6 +220,7 @@ def logprob_pass(
                 temperature=temperature,
                 chunk_size=head.chunk_size,
                 tp_group=head.tp_group,
+                backend=head.backend,
             )
             return _to_full(logprob_N.float(), mb, teacher)
 
@@ -306,6 +309,7 @@ def train_pass(
                 teacher_temperature=teacher_temperature,
                 chunk_size=head.chunk_size,
                 tp_group=head.tp_group,
+                backend=head.backend,
             )
             kl_N = kl_N if local.teacher_hidden_NH is not None else None
             loss, metrics = loss_fn(local, kl_N, logprob_N, entropy_N)

@@ -125,8 +125,11 @@ def build_policy(
     overlap_grad_reduce: bool = False,
     overlap_param_gather: bool = False,
     gradient_accumulation_fusion: bool = False,
+    head_backend: str = "auto",
 ) -> Policy:
     """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``.
+
+    ``head_backend``: the fused head's kernels (``trainer.logprob_backend``).
 
     The head normalises over the checkpoint's ``config.vocab_size`` rows, as the HF logits, the
     built-in engine and SGLang do (not ``len(tokenizer)``, which is often shorter: 151,669 vs
@@ -179,6 +182,7 @@ def build_policy(
         tp_group=tp_group,
         sequence_parallel=model.config.sequence_parallel,
         causal_mask=not resolve_use_te(None),
+        backend=head_backend,
     )
     return Policy([ddp], optimizer, scheduler, head, overlap_param_gather=overlap_param_gather)
 

@@ -375,6 +375,7 @@ def _policy(cfg: Config, layout) -> Policy:
         total_updates=cfg.trainer.total_steps * updates_per_step,
         optim=cfg.optimizer,
         chunk_size=cfg.trainer.logprob_chunk_size,
+        head_backend=cfg.trainer.logprob_backend,
         recompute=cfg.model.recompute_activations,
         sequence_parallel=cfg.parallel.sequence_parallel,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
