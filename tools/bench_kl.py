@@ -141,7 +141,13 @@ def _fused_step(h_s, h_t, weight, targets, upstream, vocab, chunk_size, backend)
 
 
 def run_worker(
-    variant: str, shape: Shape, iters: int, device_name: str, sweep: list | None = None, backend: str = "auto"
+    variant: str,
+    shape: Shape,
+    iters: int,
+    device_name: str,
+    sweep: list | None = None,
+    backend: str = "auto",
+    profile: bool = False,
 ) -> dict:
     """Run one variant in this process and return its measurements (``sweep``: the fused head's
     peak and time at each of these chunk sizes too, same inputs, same process; on CPU the RSS
@@ -187,6 +193,10 @@ def run_worker(
         ]
     if variant == "fused" and device.type == "cuda":
         out["gemm_probe"] = gemm_probe(inputs[0], inputs[2], shape.vocab, shape.chunk_size)
+    if profile:
+        from sdpg_mcore.audit.head_check import kernel_table
+
+        out["profile"] = kernel_table(lambda: step(inputs, shape.vocab, shape.chunk_size))
     return out
 
 
@@ -269,13 +279,19 @@ def gemm_probe(h_s, weight, vocab: int, chunk_size: int | None, iters: int = 10)
 
 
 def _spawn(
-    variant: str, shape: Shape, iters: int, device: str, threads: int, sweep: list | None = None
+    variant: str,
+    shape: Shape,
+    iters: int,
+    device: str,
+    threads: int,
+    sweep: list | None = None,
+    profile: bool = False,
 ) -> dict:
     """One worker process; ``variant`` is ``reference`` or ``fused:<backend>``."""
     kind, _, backend = variant.partition(":")
     cmd = [sys.executable, __file__, "--worker", kind, "--shape-json", json.dumps(dataclasses.asdict(shape))]
     cmd += ["--iters", str(iters), "--device", device, "--threads", str(threads)]
-    cmd += ["--backends", backend or "auto"]
+    cmd += ["--backends", backend or "auto"] + (["--profile"] if profile else [])
     if sweep and kind == "fused":
         cmd += ["--chunk-sizes", ",".join("none" if c is None else str(c) for c in sweep)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
@@ -311,6 +327,7 @@ def benchmark(
     threads: int = 0,
     sweep: list | None = None,
     backends: tuple[str, ...] = ("auto",),
+    profile: bool = False,
 ) -> dict:
     """Alternate fresh fused / reference processes ``rounds`` times (fair under a shared, noisy CPU);
     ``sweep``: chunk sizes also measured in the first fused process (``best_chunk``). The first of
@@ -321,7 +338,9 @@ def benchmark(
     for r in range(rounds):
         for name, variant in variants.items():
             first = r == 0 and name == "fused"
-            runs[name].append(_spawn(variant, shape, iters, device, threads, sweep if first else None))
+            runs[name].append(
+                _spawn(variant, shape, iters, device, threads, sweep if first else None, profile and r == 0)
+            )
     combined = {name: _combine(rs) for name, rs in runs.items()}
     fused, reference = combined["fused"], combined["reference"]
     result = {
@@ -434,6 +453,11 @@ def print_table(result: dict) -> None:
                 f"dh += dz W {p['grad_h_accumulate_tflops']:.0f}, dW {p['grad_w_tflops']:.0f}"
             )
         console.print(f"full-vocab bf16 GEMM: {g['full_vocab_bf16_tflops']:.0f} TFLOP/s")
+    for name in names:
+        for row in result[name].get("profile", {}).get("kernels", [])[:6]:
+            console.print(
+                f"  {name} kernel: {row['total_us']:10.0f} us  x{row['calls']:<4} {row['name'][:90]}"
+            )
     if "tflops" in result:
         t = result["tflops"]
         console.print(
@@ -486,6 +510,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fused-head backends, comma-separated (auto, torch, triton): the first is 'fused', each "
         "further one 'fused_<backend>' (default auto: triton on CUDA, torch on CPU)",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="each variant's torch.profiler kernel table for one step"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--count", action="store_true", help="count the GPU path's launches and bytes on CPU")
     mode.add_argument("--compile", action="store_true", help="compile the Triton kernels for sm_90/sm_80")
@@ -511,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        result = run_worker(args.worker, shape, args.iters, args.device, args.chunk_sizes, args.backends[0])
+        result = run_worker(
+            args.worker, shape, args.iters, args.device, args.chunk_sizes, args.backends[0], args.profile
+        )
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
     if args.count or args.compile:
@@ -537,8 +566,9 @@ def _run_benchmark(parser: argparse.ArgumentParser, args) -> dict:
     if args.dtype is not None:
         shape = dataclasses.replace(shape, dtype=args.dtype)
     result = benchmark(
-        shape, args.shape, args.iters, args.device, args.rounds, args.threads, args.chunk_sizes, args.backends
-    )
+        shape, args.shape, args.iters, args.device, args.rounds, args.threads, args.chunk_sizes,
+        args.backends, args.profile,
+    )  # fmt: skip
     print_table(result)
     return result
 

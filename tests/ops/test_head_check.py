@@ -1,0 +1,54 @@
+"""The GPU check's fp64 accuracy check (``audit.head_check``) can fail: a fixed tolerance that the
+real heads pass and a head with bf16-rounded logits fails, by orders of magnitude."""
+
+from __future__ import annotations
+
+from sdpg_mcore.audit.head_check import (
+    HEAD_TOL_CPU,
+    HEAD_TOL_GPU,
+    bf16_logit_head,
+    check_head_fp64,
+    fp64_reference,
+    head_fp64_report,
+    head_inputs,
+)
+from sdpg_mcore.ops import fused_kl_head
+
+
+def _head(backend):
+    def head(student, teacher, weight, targets, vocab_size):
+        return fused_kl_head(student, teacher, weight, targets, vocab_size=vocab_size, backend=backend)
+
+    return head
+
+
+def test_real_heads_pass_and_the_bf16_logit_head_fails():
+    """The stage's own report at the ``--cpu`` shape (64 tokens, H = 64, 4,096 rows): both backends
+    within 1e-5 of fp64, the control off by ~1e-2 (7e-3 to 1.2e-2), over 50x even the GPU shape's 1e-4."""
+    heads = {"triton": _head("triton"), "torch": _head("torch")}
+    report = head_fp64_report(heads, 64, 64, 4096, "cpu", HEAD_TOL_CPU)
+    assert report["ok"]
+    for result in report["heads"].values():
+        assert result["ok"] and result["tol"] == HEAD_TOL_CPU
+        assert max(result["max_abs_err"].values()) <= HEAD_TOL_CPU
+    control = report["control_bf16_logits"]
+    assert not control["ok"] and min(control["max_abs_err"].values()) > 50 * HEAD_TOL_GPU
+    assert report["diagnostics"]["logit_delta"] < 1e-5  # the fp32 GEMM itself is far inside
+
+
+def test_the_tolerance_does_not_move_with_the_head():
+    """A head that is off by a small, logit-sized error fails at the same fixed tolerance."""
+    inputs = head_inputs(32, 64, 2048, "cpu", seed=1)
+    reference = fp64_reference(*inputs, chunk=32)
+    exact = check_head_fp64(_head("torch"), inputs, reference, 2048, HEAD_TOL_CPU)
+
+    def shifted(student, teacher, weight, targets, vocab_size):  # every target logit 1e-4 too high
+        kl, logprob, entropy = fused_kl_head(student, teacher, weight, targets, vocab_size=vocab_size)
+        return kl, logprob + 1e-4, entropy
+
+    wrong = check_head_fp64(shifted, inputs, reference, 2048, HEAD_TOL_CPU)
+    control = check_head_fp64(bf16_logit_head, inputs, reference, 2048, HEAD_TOL_CPU)
+    assert exact["ok"] and not wrong["ok"] and not control["ok"]
+    assert exact["tol"] == wrong["tol"] == control["tol"] == HEAD_TOL_CPU
+    assert wrong["max_abs_err"]["logprob"] > HEAD_TOL_CPU >= wrong["max_abs_err"]["kl"]
+    assert exact["dtypes"] == ["torch.float32"] * 3
