@@ -1,6 +1,6 @@
 """Fused vocab-parallel LM head: reverse KL to a teacher, sampled-token log-prob and entropy.
 
-SDPG (SDPG.md §3, §6) needs, at every response token, the full-vocabulary reverse KL between the
+SDPG needs, at every response token, the full-vocabulary reverse KL between the
 student ``softmax(h_s W^T / T)`` and the teacher ``softmax(h_t W^T / T_t)`` (same weight, no grad),
 plus the sampled-token log-prob and the student entropy. Materialising ``[N, V]`` logits for both
 costs ~2.5 GB per bf16 copy at 8,192 tokens x 151,936 words, and several fp32 temporaries more.
@@ -12,19 +12,23 @@ This module never builds ``[N, V]``:
   max-shifted softmax statistics (``kl_head_math.HeadState``) in fp32 (fp64 for fp64 inputs),
   merged exactly across blocks, then across the tensor-parallel shards with ONE ``MAX``
   all-reduce of the stacked ``(m_s, m_t)`` and ONE ``SUM`` all-reduce of the stacked
-  ``(S_s, H_num, KL_num, S_t, z_target)`` per call (SDPG.md §6). Only the inputs and four
+  ``(S_s, H_num, KL_num, S_t, z_target)`` per call. Only the inputs and four
   per-token scalars (both log-partition functions, kl, entropy) are saved.
 * backward: the same blocks; per block the logits of all tokens are recomputed, ``dz`` is formed
   from the saved per-token scalars, so each block's weight gradient ``dW_b = dz^T h`` is complete in
   one matmul (no fp32 ``[V, H]`` accumulator), while ``dh += dz W_b`` accumulates into ``[N, H]``,
   summed over the tensor-parallel group once at the end.
-* tokens are split into groups only when blocks would otherwise be thinner than
-  ``MIN_BLOCK_ROWS`` (huge ``N`` or tiny ``chunk_size``); each group then has its own two
-  all-reduces. Every rank plans from ``V_local`` (not its real rows), so all ranks agree.
+* blocks are multiples of 128 rows; tokens are split into groups only when blocks would otherwise
+  be thinner than ``MIN_BLOCK_ROWS`` (huge ``N`` or tiny ``chunk_size``); each group then has its
+  own two all-reduces (``kl_head_math``: how the plan is chosen).
+* the per-block work has two implementations (``backend``, ``kl_head_backends``): ``triton`` runs a
+  cuBLAS GEMM and ONE fused Triton kernel per block each way (``kl_head_kernels``), ``torch`` the
+  same arithmetic as aten ops (the CPU implementation and the kernels' reference).
 
 Cost: 6 ``N x V x H`` matmuls with a teacher (forward 2, backward recompute 2, gradients 2) against
-4 for a materialising implementation; in exchange no ``[N, V]`` tensor and about 12 + 5 in-place
-elementwise passes over each logit, instead of the dozens of a materialising autograd graph.
+4 for a materialising implementation; in exchange no ``[N, V]`` tensor. Per vocabulary block the
+triton path launches 6 kernels and moves ~39 bytes per (token, vocab) pair, the torch path 82 and
+130 (``python tools/bench_kl.py --count``: measured on CPU, Triton under its interpreter).
 
 Megatron pads the vocabulary to a multiple of ``128 * TP``; padding is always the tail of the global
 vocabulary, so each rank simply uses the prefix ``W[:V_real_local]`` of its shard and padded rows

@@ -52,9 +52,17 @@ def test_bench_kl_chunk_sweep_reports_each_size_and_the_best(tmp_path):
     assert bad.returncode == 2 and "--chunk-sizes" in bad.stderr
 
 
-def _clean_env() -> dict:
-    """This process's environment without TRITON_INTERPRET (tests/ops sets it for its own tests)."""
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _check_of_the_gpu_path(flag: str, tmp_path) -> tuple[dict, str]:
+    """``bench_kl.py --count`` or ``--compile``: its JSON and table, in an environment without
+    TRITON_INTERPRET (tests/ops sets it for its own tests; the tool decides for itself)."""
+    out = tmp_path / "out.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_kl.py", flag, "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stdout
 
 
 def test_count_measures_the_gpu_path_of_both_backends(tmp_path):
@@ -62,14 +70,8 @@ def test_count_measures_the_gpu_path_of_both_backends(tmp_path):
     most 40 bytes per (token, vocab) pair (the issue's floor), far below the torch path, with the
     same GEMM FLOPs (12 N V H: forward, recomputed logits, dh, dW; the Triton path's aligned ragged
     last block adds its 48 padding rows of 2,048)."""
-    out = tmp_path / "count.json"
-    proc = subprocess.run(
-        [sys.executable, "tools/bench_kl.py", "--count", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=_clean_env(),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "launches per vocab block" in proc.stdout
-    result = json.loads(out.read_text())
+    result, table = _check_of_the_gpu_path("--count", tmp_path)
+    assert "launches per vocab block" in table
     assert set(result) == {"triton", "torch"}
     triton, torch_path = result["triton"], result["torch"]
     assert triton["launches_per_block"] <= 8 and triton["triton_launches_per_block"] == 2
@@ -83,13 +85,9 @@ def test_count_measures_the_gpu_path_of_both_backends(tmp_path):
 def test_compile_builds_both_kernels_for_hopper_and_ampere(tmp_path):
     """``--compile``: every kernel variant compiles for sm_90 and sm_80 at the plan's block widths,
     without spills; aligned blocks get 128-bit loads, the old unaligned width none."""
-    out = tmp_path / "compile.json"
-    proc = subprocess.run(
-        [sys.executable, "tools/bench_kl.py", "--compile", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=_clean_env(),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    targets = json.loads(out.read_text())["targets"]
+    result, table = _check_of_the_gpu_path("--compile", tmp_path)
+    assert "block_state+teacher" in table
+    targets = result["targets"]
     assert {(t["shape"], t["arch"]) for t in targets if not t.get("unaligned")} == {
         (shape, arch) for shape in ("qwen3-4b", "llama70b-tp8") for arch in ("sm_90", "sm_80")
     }
