@@ -125,10 +125,10 @@ def _head_with_backward(audit):
 
     real = head_module.fused_kl_head
 
-    def apply(student, teacher, weight, targets, plan, tp_group):
+    def apply(student, teacher, weight, targets, plan, tp_group, blocks):
         ctx = SimpleNamespace(set_materialize_grads=lambda _: None, needs_input_grad=(True, False, True))
         ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
-        outs = _FusedKLHead.forward(ctx, student, teacher, weight, targets, plan, tp_group)
+        outs = _FusedKLHead.forward(ctx, student, teacher, weight, targets, plan, tp_group, blocks)
         _FusedKLHead.backward(ctx, *(torch.ones_like(o) for o in outs))
         return outs
 
@@ -137,6 +137,29 @@ def _head_with_backward(audit):
             return real(*args, **kwargs)
 
     return head
+
+
+def _kernel_launch_checks(audit) -> list:
+    """Patches for the fused head's Triton launches (when Triton imports, ``auto`` picks them on the
+    fake GPU): every tensor argument must be on the GPU; the kernels themselves do not run (fake
+    tensors hold no data)."""
+    from sdpg_mcore.ops.triton_support import triton
+
+    if triton is None:
+        return []
+    from sdpg_mcore.audit.fake_cuda import is_fake_cuda
+    from sdpg_mcore.ops import kl_head_kernels
+
+    def checked(name):
+        def launch(*args):
+            audit.triton_launches = getattr(audit, "triton_launches", 0) + 1
+            host = [tuple(t.shape) for t in args if isinstance(t, torch.Tensor) and not is_fake_cuda(t)]
+            if host:
+                audit.violation(f"Triton {name} on host tensors {host}")
+
+        return launch
+
+    return [(kl_head_kernels, name, checked(name)) for name in ("launch_block_state", "launch_block_grad")]
 
 
 @contextlib.contextmanager
@@ -176,7 +199,9 @@ def _policy_for_audit(policy, audit):
     return fake
 
 
-def run_audit(algorithm_name: str = "sdpg", teacher_states: str = "device") -> dict:
+def run_audit(
+    algorithm_name: str = "sdpg", teacher_states: str = "device", head_backend: str = "auto"
+) -> dict:
     """One step under the fake GPU; returns ``{"violations": [...], "host_syncs": [...], ...}``.
 
     ``teacher_states``: the step's ``trainer.teacher_states`` (host: the teacher states go to pinned
@@ -212,13 +237,18 @@ def run_audit(algorithm_name: str = "sdpg", teacher_states: str = "device") -> d
             total_updates=2,
             chunk_size=8,
             vocab_size=vocab,
+            head_backend=head_backend,
         )
     algorithm = algo.get_algorithm(algorithm_name)
     audit = FakeCuda()
-    result: dict = {"algorithm": algorithm_name, "teacher_states": teacher_states}
+    result: dict = {
+        "algorithm": algorithm_name,
+        "teacher_states": teacher_states,
+        "head_backend": head_backend,
+    }
     patches = [(schedules, "backward_step", _backward_step_check(audit))]
     patches += [(torch.distributed, name, _checked_collective(audit, name)) for name in COLLECTIVES]
-    patches += [(ops, "fused_kl_head", _head_with_backward(audit))]
+    patches += [(ops, "fused_kl_head", _head_with_backward(audit))] + _kernel_launch_checks(audit)
     patches += [(torch.cuda, "current_device", lambda: CUDA)]  # Megatron allocates there: the fake GPU
     with contextlib.ExitStack() as stack:
         for owner, name, value in patches:
@@ -239,6 +269,7 @@ def run_audit(algorithm_name: str = "sdpg", teacher_states: str = "device") -> d
             run_step(ctx, 1, batch)
             result["micro_batches_per_pass"] = "several (token_budget=96)"
             result["host_teacher_state_bytes"] = 0 if ctx.host_states is None else ctx.host_states.nbytes
+            result["triton_launches"] = getattr(audit, "triton_launches", 0)
         except AuditViolation as err:
             result["stopped_at"] = str(err)
         except Exception as err:  # a device error the fake GPU raised, as the real one would
@@ -362,9 +393,15 @@ def main(argv: list[str] | None = None) -> int:
         default="device",
         help="trainer.teacher_states of the audited step (default device)",
     )
+    parser.add_argument(
+        "--head-backend",
+        choices=("auto", "torch", "triton"),
+        default="auto",
+        help="trainer.logprob_backend of the audited step (default auto: triton when it imports)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    result = run_audit(args.algorithm, args.teacher_states)
+    result = run_audit(args.algorithm, args.teacher_states, args.head_backend)
     print_report(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

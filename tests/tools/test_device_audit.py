@@ -28,13 +28,15 @@ def _audit(tmp_path: Path, prelude: str = "", teacher_states: str = "device") ->
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("teacher_states", ["device", "host"])
-def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path, teacher_states):
+@pytest.mark.parametrize("teacher_states,head_backend", [("device", "triton"), ("host", "torch")])
+def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path, teacher_states, head_backend):
     """No device mix, no collective on a host tensor, and the host syncs are the documented ones:
     the loss normalisers once per mini-batch (2 here) and the metrics reduce once per step. With
-    ``trainer.teacher_states=host`` the teacher states' trips to pinned host memory and back add none."""
+    ``trainer.teacher_states=host`` the teacher states' trips to pinned host memory and back add none.
+    Both heads: the Triton one's launches get GPU tensors only (its kernels cannot run on fake ones)."""
     proc = subprocess.run(
-        [sys.executable, "tools/device_audit.py", "--teacher-states", teacher_states, "--json", str(tmp_path / "a.json")],
+        [sys.executable, "tools/device_audit.py", "--teacher-states", teacher_states, "--head-backend",
+         head_backend, "--json", str(tmp_path / "a.json")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     result = json.loads((tmp_path / "a.json").read_text())
@@ -46,6 +48,7 @@ def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path, tea
     # host: the states really went through the (pinned) buffer: the larger mini-batch's 58 rows of
     # H=64 bf16, rounded up to a power of two elements.
     assert result["host_teacher_state_bytes"] == (4096 * 2 if teacher_states == "host" else 0)
+    assert (result["triton_launches"] > 0) == (head_backend == "triton")  # each head really ran
     # The trainer's model construction (build_model) with a GPU available: all 19 tensors of the
     # 2-layer Qwen3 stage (norms and qk-norms included) on the device.
     assert result["construction"]["tensors"] == 19 and result["construction"]["off_device"] == []
