@@ -125,10 +125,10 @@ def _head_with_backward(audit):
 
     real = head_module.fused_kl_head
 
-    def apply(student, teacher, weight, targets, plan, tp_group, blocks):
+    def apply(student, teacher, weight, targets, plan, tp_group, path):
         ctx = SimpleNamespace(set_materialize_grads=lambda _: None, needs_input_grad=(True, False, True))
         ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
-        outs = _FusedKLHead.forward(ctx, student, teacher, weight, targets, plan, tp_group, blocks)
+        outs = _FusedKLHead.forward(ctx, student, teacher, weight, targets, plan, tp_group, path)
         _FusedKLHead.backward(ctx, *(torch.ones_like(o) for o in outs))
         return outs
 

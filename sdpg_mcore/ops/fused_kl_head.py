@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sdpg_mcore.ops.kl_head_backends import make_blocks, resolve_backend
+from sdpg_mcore.ops.kl_head_backends import make_path, resolve_backend
 from sdpg_mcore.ops.kl_head_math import (
     ChunkPlan,
     ChunkStats,
@@ -72,9 +72,9 @@ def _all_reduce(tensor: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tenso
     return tensor
 
 
-def _group_forward(hidden_KH, weight_VH, targets_G, plan, blocks, workspace, tp_group) -> ChunkStats:
+def _group_forward(hidden_KH, weight_VH, targets_G, plan, path, workspace, tp_group) -> ChunkStats:
     """Statistics of one token group: loop over vocabulary blocks, then merge over the TP shards."""
-    state = blocks.group_state(hidden_KH, weight_VH, targets_G, plan, workspace)
+    state = path.group_state(hidden_KH, weight_VH, targets_G, plan, workspace)
     if plan.tp_size > 1:
         state = all_reduce_state(state, lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size))
     return finalize(state)
@@ -84,23 +84,23 @@ class _FusedKLHead(torch.autograd.Function):
     """Autograd node for the fused head; see the module docstring for the algorithm."""
 
     @staticmethod
-    def forward(ctx, student_NH, teacher_NH, weight_VH, targets_N, plan: ChunkPlan, tp_group, blocks):
+    def forward(ctx, student_NH, teacher_NH, weight_VH, targets_N, plan: ChunkPlan, tp_group, path):
         ctx.set_materialize_grads(False)
         num_tokens, device = student_NH.shape[0], student_NH.device
         kl_N = torch.zeros(num_tokens, dtype=plan.acc_dtype, device=device)
         logprob_N, entropy_N, log_z_s_N = (torch.empty_like(kl_N) for _ in range(3))
         log_z_t_N = torch.zeros_like(kl_N)
-        workspace = blocks.workspace(plan, device, teacher_NH is not None, backward=False)
+        workspace = path.workspace(plan, device, teacher_NH is not None, backward=False)
         for g0 in range(0, num_tokens, plan.group_tokens):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             teacher_GH = None if teacher_NH is None else plan.as_matmul_operand(teacher_NH[g0:g1])
             hidden_KH = stack_hidden(plan.as_matmul_operand(student_NH[g0:g1]), teacher_GH)
-            stats = _group_forward(hidden_KH, weight_VH, targets_N[g0:g1], plan, blocks, workspace, tp_group)
+            stats = _group_forward(hidden_KH, weight_VH, targets_N[g0:g1], plan, path, workspace, tp_group)
             logprob_N[g0:g1], entropy_N[g0:g1], log_z_s_N[g0:g1] = stats.logprob, stats.entropy, stats.log_z_s
             if teacher_GH is not None:
                 kl_N[g0:g1], log_z_t_N[g0:g1] = stats.kl, stats.log_z_t
         del workspace
-        ctx.plan, ctx.tp_group, ctx.blocks, ctx.has_teacher = plan, tp_group, blocks, teacher_NH is not None
+        ctx.plan, ctx.tp_group, ctx.path, ctx.has_teacher = plan, tp_group, path, teacher_NH is not None
         ctx.save_for_backward(
             student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
         )
@@ -112,7 +112,7 @@ class _FusedKLHead(torch.autograd.Function):
             ctx.saved_tensors
         )
         plan: ChunkPlan = ctx.plan
-        blocks = ctx.blocks
+        path = ctx.path
         if not ctx.has_teacher:
             grad_kl_N = None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
@@ -127,14 +127,14 @@ class _FusedKLHead(torch.autograd.Function):
         )
         student_c = plan.as_matmul_operand(student_NH)
         teacher_c = None if grad_kl_N is None else plan.as_matmul_operand(teacher_NH)
-        workspace = blocks.workspace(plan, device, teacher_c is not None, backward=True)
+        workspace = path.workspace(plan, device, teacher_c is not None, backward=True)
         for g0 in range(0, num_tokens, plan.group_tokens):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             student_GH = student_c[g0:g1]
             hidden_KH = stack_hidden(student_GH, None if teacher_c is None else teacher_c[g0:g1])
-            coeffs_G = blocks.coefficients(coeffs.rows(g0, g1))
+            coeffs_G = path.coefficients(coeffs.rows(g0, g1))
             for v0 in plan.blocks():
-                dz_GB, weight_BH = blocks.grad_logits(
+                dz_GB, weight_BH = path.grad_logits(
                     hidden_KH, weight_VH, targets_N[g0:g1], v0, coeffs_G, plan, workspace
                 )
                 dz_op = plan.as_matmul_operand(dz_GB)
@@ -207,11 +207,11 @@ def fused_kl_head(
         tp_size=tp_size,
         tp_rank=tp_rank,
     )
-    blocks = make_blocks(resolve_backend(backend, student_hidden.device, student_hidden.dtype))
+    path = make_path(resolve_backend(backend, student_hidden.device, student_hidden.dtype))
     teacher = None
     if teacher_hidden is not None:
         teacher = teacher_hidden.detach().to(student_hidden.dtype)
-    return _FusedKLHead.apply(student_hidden, teacher, weight, targets.long(), plan, tp_group, blocks)
+    return _FusedKLHead.apply(student_hidden, teacher, weight, targets.long(), plan, tp_group, path)
 
 
 def vocab_parallel_logprob_entropy(

@@ -1,9 +1,9 @@
 """The fused head's per-block work in two implementations behind one interface.
 
-* ``torch`` (:class:`TorchBlocks`): per block a GEMM and ~20 aten elementwise passes and ~50 tiny
-  per-token ops (``kl_head_math``). The CPU implementation, and the reference the kernels are
-  tested against.
-* ``triton`` (:class:`TritonBlocks`): per block a cuBLAS GEMM of the raw stacked logits and ONE
+* ``torch`` (:class:`TorchPath`): per block the GEMMs and ~80 aten ops, most of them elementwise
+  passes over the block's logits or tiny per-token merges (``kl_head_math``). The CPU
+  implementation, and the reference the kernels are tested against.
+* ``triton`` (:class:`TritonPath`): per block a cuBLAS GEMM of the raw stacked logits and ONE
   Triton kernel each way (``kl_head_kernels``): the forward kernel folds the block into the running
   fp32 state in place, the backward kernel writes ``dz`` in the GEMM operand's dtype.
 
@@ -52,12 +52,12 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return "triton"
 
 
-def make_blocks(backend: str) -> TorchBlocks | TritonBlocks:
-    """The block implementation of a resolved backend (``resolve_backend``)."""
-    return TritonBlocks() if backend == "triton" else TorchBlocks()
+def make_path(backend: str) -> TorchPath | TritonPath:
+    """The per-block implementation of a resolved backend (``resolve_backend``)."""
+    return TritonPath() if backend == "triton" else TorchPath()
 
 
-class TorchBlocks:
+class TorchPath:
     """Aten ops per block (``kl_head_math.block_state`` / ``block_grad_logits``)."""
 
     name = "torch"
@@ -85,7 +85,7 @@ class TorchBlocks:
         return block_grad_logits(hidden_KH, weight_BH, targets_G, v0, coeffs, plan, workspace), weight_BH
 
 
-class TritonBlocks:
+class TritonPath:
     """A cuBLAS GEMM and one Triton kernel per block each way (``kl_head_kernels``)."""
 
     name = "triton"
@@ -122,6 +122,7 @@ class TritonBlocks:
             self.kernels.launch_block_state(
                 logits_KW, num_rows, state_7G, targets_G, first_id, num_cols, temps
             )
+            del logits_KW  # on CUDA a fresh GEMM output: free it before the next block's exists
         return HeadState(*state_7G.unbind(0))
 
     def coefficients(self, coeffs_G: GradCoefficients) -> tuple[torch.Tensor, bool]:

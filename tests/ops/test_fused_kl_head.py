@@ -154,7 +154,7 @@ def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: in
 
     from sdpg_mcore.audit.fake_cuda import FakeCuda
     from sdpg_mcore.ops.fused_kl_head import _FusedKLHead
-    from sdpg_mcore.ops.kl_head_backends import TorchBlocks
+    from sdpg_mcore.ops.kl_head_backends import TorchPath
     from sdpg_mcore.ops.kl_head_math import plan_chunks
 
     gemms = []
@@ -179,7 +179,7 @@ def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: in
         assert plan.fp32_output_gemm
         ctx = SimpleNamespace(set_materialize_grads=lambda _: None, needs_input_grad=(True, False, True))
         ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
-        outs = _FusedKLHead.forward(ctx, h_s, h_t, weight, targets, plan, None, TorchBlocks())
+        outs = _FusedKLHead.forward(ctx, h_s, h_t, weight, targets, plan, None, TorchPath())
         grads = _FusedKLHead.backward(ctx, *(torch.empty_like(o) for o in outs))
         assert [o.dtype for o in outs] == [torch.float32] * 3
         assert grads[0].dtype == grads[2].dtype == torch.bfloat16
