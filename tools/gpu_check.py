@@ -102,8 +102,10 @@ def _head(backend: str):
     """``fused_kl_head`` with one backend, in ``audit.head_check``'s calling convention."""
     from sdpg_mcore.ops import fused_kl_head
 
-    def head(student, teacher, weight, targets, vocab_size):
-        return fused_kl_head(student, teacher, weight, targets, vocab_size=vocab_size, backend=backend)
+    def head(student, teacher, weight, targets, vocab_size, **kwargs):
+        return fused_kl_head(
+            student, teacher, weight, targets, vocab_size=vocab_size, backend=backend, **kwargs
+        )
 
     return head
 

@@ -98,6 +98,39 @@ def check_head_fp64(head: Head, inputs, reference, vocab_size: int, tol: float) 
     }
 
 
+GRAD_TOL = 1e-5
+"""Gradients of fp32 inputs at H = 64 against fp64, relative to their largest entry."""
+
+
+def check_head_grads(head: Head, device: str, n: int = 64, h: int = 64, v: int = 4096) -> dict:
+    """Gradients of ``student_hidden`` and ``weight`` from fp32 inputs against a materialised fp64
+    autograd reference (temperatures 0.7 / 1.3, random upstream gradients on all three outputs):
+    ok when both are within ``GRAD_TOL`` of fp64 relative to their largest entry."""
+    g = torch.Generator(device=device).manual_seed(1)
+    student = torch.randn(n, h, device=device, generator=g, dtype=torch.float64) * 0.3
+    teacher = student + 0.1 * torch.randn(n, h, device=device, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, device=device, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), device=device, generator=g)
+    upstream = torch.randn(3, n, device=device, generator=g, dtype=torch.float64)
+    s32, w32 = (x.float().requires_grad_() for x in (student, weight))
+    got = head(s32, teacher.float(), w32, targets, v, temperature=0.7, teacher_temperature=1.3)
+    torch.autograd.backward([o.double() for o in got], list(upstream))
+    s64, w64 = (x.requires_grad_() for x in (student, weight))
+    log_s = torch.log_softmax(s64 @ w64.t() / 0.7, -1)
+    log_t = torch.log_softmax(teacher @ w64.detach().t() / 1.3, -1)
+    want = (
+        (log_s.exp() * (log_s - log_t)).sum(-1),
+        log_s.gather(1, targets[:, None])[:, 0],
+        -(log_s.exp() * log_s).sum(-1),
+    )
+    torch.autograd.backward(list(want), list(upstream))
+    errors = {
+        name: float((a.grad.double() - b.grad).abs().max() / b.grad.abs().max())
+        for name, a, b in (("student_hidden", s32, s64), ("weight", w32, w64))
+    }
+    return {"max_rel_err": errors, "tol": GRAD_TOL, "ok": all(e <= GRAD_TOL for e in errors.values())}
+
+
 def kernel_table(fn: Callable[[], object], rows: int = 15) -> dict:
     """One call of ``fn`` under ``torch.profiler``: the ``rows`` costliest GPU kernels (on CPU: ops)
     by self time (name, calls, total microseconds) and the profiler's own text table."""
@@ -120,22 +153,58 @@ def kernel_table(fn: Callable[[], object], rows: int = 15) -> dict:
 
 
 def head_fp64_report(heads: dict[str, Head], n: int, h: int, v: int, device: str, tol: float) -> dict:
-    """Every head in ``heads`` and the bf16-logit control against fp64 on one input: ok when all
-    heads pass and the control fails (the check can fail); plus the diagnostics that explain the
-    margin (``logit_diagnostics``)."""
+    """Every head in ``heads`` and the bf16-logit control against fp64 on one input, and each head's
+    gradients from fp32 inputs (``check_head_grads``): ok when all heads pass and the control fails
+    (the check can fail); plus the diagnostics that explain the margin (``logit_diagnostics``)."""
     inputs = head_inputs(n, h, v, device)
     reference = fp64_reference(*inputs, chunk=256)
     results = {name: check_head_fp64(head, inputs, reference, v, tol) for name, head in heads.items()}
+    for name, head in heads.items():
+        results[name]["grads"] = check_head_grads(head, device)
+        results[name]["ok"] = results[name]["ok"] and results[name]["grads"]["ok"]
     control = check_head_fp64(bf16_logit_head, inputs, reference, v, tol)
+    gemms = gemm_capabilities(torch.device(device))
     return {
         "shape": {"tokens": n, "hidden": h, "vocab": v},
         "tol": tol,
         "heads": results,
         "control_bf16_logits": control,
         "diagnostics": logit_diagnostics(inputs, reference, v, rows=min(n, 256)),
+        "gemm_capabilities": gemms,
         "kl_mean": float(reference[0].mean()),
-        "ok": all(r["ok"] for r in results.values()) and not control["ok"],
+        "ok": all(r["ok"] for r in results.values()) and not control["ok"] and gemms["ok"],
     }
+
+
+def gemm_capabilities(device: torch.device) -> dict:
+    """What the head assumes of this torch build's mixed-precision GEMMs on ``device``
+    (``kl_head_math.fp32_output_gemm_on`` / ``fp32_accumulating_gemm_on``) against what the ops
+    do on small operands: ok when every assumption holds (an op assumed absent may exist)."""
+    from sdpg_mcore.ops.kl_head_math import fp32_accumulating_gemm_on, fp32_output_gemm_on
+
+    a = torch.randn(8, 16, device=device).bfloat16()
+    b = torch.randn(16, 8, device=device).bfloat16()
+    want = a.double() @ b.double()
+
+    def accumulate():
+        ones = torch.ones(8, 8, device=device)
+        return torch.addmm(ones, a, b, out_dtype=torch.float32, out=ones) - 1
+
+    found = {}
+    for name, op in (
+        ("mm_fp32_out", lambda: torch.mm(a, b, out_dtype=torch.float32)),
+        ("addmm_fp32_accumulator", accumulate),
+    ):
+        try:  # a probe: an error here is an answer, not a failure
+            found[name] = bool((op().double() - want).abs().max() < 1e-4)
+        except (RuntimeError, NotImplementedError) as err:
+            found[name] = f"no: {str(err).splitlines()[0][:200]}"
+    assumed = {
+        "mm_fp32_out": fp32_output_gemm_on(device),
+        "addmm_fp32_accumulator": fp32_accumulating_gemm_on(device),
+    }
+    ok = all(found[name] is True for name, yes in assumed.items() if yes)
+    return {"assumed": assumed, "found": found, "ok": ok}
 
 
 # ------------------------------------------------------------------------ diagnostics (no verdict)

@@ -10,8 +10,9 @@ catching an error: where ``torch.mm(..., out_dtype=torch.float32)`` has a kernel
 fp32: the logits are never rounded to bf16); on CPU, where that overload has no kernel, low-precision
 operands are up-cast to fp32 block by block (the CPU path exists for tests and small runs; CPUs
 rarely have fast bf16 GEMMs). ``dh += dz W`` accumulates in place through ``addmm``'s
-``out_dtype`` form where it takes an fp32 accumulator with bf16 operands (CUDA from torch 2.11:
-pytorch/pytorch#167931; older releases rejected it, #154086), else through a product and an add.
+``out_dtype`` form where it takes an fp32 accumulator with bf16 operands (CUDA, assumed from torch
+2.11: pytorch/pytorch#167931 allowed it, older releases rejected it, #154086; the GPU check's
+``head_fp64`` stage probes it), else through a product and an add.
 
 How the plan is chosen (``plan_chunks``), from ``N`` tokens, the shard's ``V_local`` weight rows and
 ``chunk_size`` (tokens; ``None``: ``DEFAULT_CHUNK_BUDGET_BYTES``):
@@ -58,7 +59,8 @@ MIN_BLOCK_ROWS = ROW_ALIGN
 """Thinnest vocabulary block worth a matmul; below it the tokens are split into groups instead."""
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _ADDMM_FP32_ACCUMULATOR = torch.torch_version.TorchVersion(torch.__version__) >= (2, 11)
-"""CUDA's ``addmm(fp32, bf16, bf16, out_dtype=float32, out=fp32)``: accepted from torch 2.11."""
+"""CUDA's ``addmm(fp32, bf16, bf16, out_dtype=float32, out=fp32)``: assumed accepted from torch 2.11
+(``audit.head_check.gemm_capabilities`` checks the assumption on a GPU)."""
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:

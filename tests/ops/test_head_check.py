@@ -3,6 +3,8 @@ real heads pass and a head with bf16-rounded logits fails, by orders of magnitud
 
 from __future__ import annotations
 
+import torch
+
 from sdpg_mcore.audit.head_check import (
     HEAD_TOL_CPU,
     HEAD_TOL_GPU,
@@ -16,8 +18,10 @@ from sdpg_mcore.ops import fused_kl_head
 
 
 def _head(backend):
-    def head(student, teacher, weight, targets, vocab_size):
-        return fused_kl_head(student, teacher, weight, targets, vocab_size=vocab_size, backend=backend)
+    def head(student, teacher, weight, targets, vocab_size, **kwargs):
+        return fused_kl_head(
+            student, teacher, weight, targets, vocab_size=vocab_size, backend=backend, **kwargs
+        )
 
     return head
 
@@ -31,6 +35,7 @@ def test_real_heads_pass_and_the_bf16_logit_head_fails():
     for result in report["heads"].values():
         assert result["ok"] and result["tol"] == HEAD_TOL_CPU
         assert max(result["max_abs_err"].values()) <= HEAD_TOL_CPU
+        assert result["grads"]["ok"] and max(result["grads"]["max_rel_err"].values()) <= 1e-5
     control = report["control_bf16_logits"]
     assert not control["ok"] and min(control["max_abs_err"].values()) > 50 * HEAD_TOL_GPU
     assert report["diagnostics"]["logit_delta"] < 1e-5  # the fp32 GEMM itself is far inside
@@ -52,3 +57,35 @@ def test_the_tolerance_does_not_move_with_the_head():
     assert exact["tol"] == wrong["tol"] == control["tol"] == HEAD_TOL_CPU
     assert wrong["max_abs_err"]["logprob"] > HEAD_TOL_CPU >= wrong["max_abs_err"]["kl"]
     assert exact["dtypes"] == ["torch.float32"] * 3
+
+
+def test_gemm_capabilities_hold_the_heads_assumptions_to_the_ops():
+    """The GPU check probes the mixed-precision GEMMs the head assumes (on CPU: none, and none
+    found; with the CUDA GEMMs registered for CPU, both assumed and both found)."""
+    from sdpg_mcore.audit.head_check import gemm_capabilities
+    from sdpg_mcore.ops.kl_head_traffic import cuda_gemms_on_cpu
+
+    cpu = torch.device("cpu")
+    plain = gemm_capabilities(cpu)
+    assert plain["ok"] and not any(plain["assumed"].values())
+    assert all(str(v).startswith("no: ") for v in plain["found"].values())
+    with cuda_gemms_on_cpu():
+        registered = gemm_capabilities(cpu)
+    assert registered == {
+        "assumed": dict.fromkeys(plain["assumed"], True),
+        "found": dict.fromkeys(plain["found"], True),
+        "ok": True,
+    }
+
+
+def test_grad_check_fails_a_head_with_a_wrong_temperature():
+    """A head that differentiates at T = 0.75 instead of 0.7 misses the fp64 gradients by far more
+    than the 1e-5 the real head meets."""
+    from sdpg_mcore.audit.head_check import GRAD_TOL, check_head_grads
+
+    def wrong(*args, **kwargs):
+        return fused_kl_head(*args[:4], vocab_size=args[4], **(kwargs | {"temperature": 0.75}))
+
+    assert check_head_grads(_head("torch"), "cpu")["ok"]
+    result = check_head_grads(wrong, "cpu")
+    assert not result["ok"] and min(result["max_rel_err"].values()) > 100 * GRAD_TOL
