@@ -98,27 +98,15 @@ def stage_env(cpu: bool) -> dict:
     return out
 
 
-def _head(backend: str):
-    """``fused_kl_head`` with one backend, in ``audit.head_check``'s calling convention."""
-    from sdpg_mcore.ops import fused_kl_head
-
-    def head(student, teacher, weight, targets, vocab_size, **kwargs):
-        return fused_kl_head(
-            student, teacher, weight, targets, vocab_size=vocab_size, backend=backend, **kwargs
-        )
-
-    return head
-
-
 def stage_head_fp64(cpu: bool) -> dict:
     """Both heads (triton: compiled on the GPU, under the interpreter with ``--cpu``; torch) and a
     bf16-logit control against fp64 with a fixed tolerance (``audit.head_check``)."""
     if cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
-    from sdpg_mcore.audit.head_check import HEAD_TOL_CPU, HEAD_TOL_GPU, head_fp64_report
+    from sdpg_mcore.audit.head_check import HEAD_TOL_CPU, HEAD_TOL_GPU, fused_head, head_fp64_report
 
     n, h, v = (64, 64, 4096) if cpu else (2048, 2560, 151936)
-    heads = {backend: _head(backend) for backend in ("triton", "torch")}
+    heads = {backend: fused_head(backend) for backend in ("triton", "torch")}
     progress(f"head_fp64: {n} tokens, H={h}, V={v}; heads {', '.join(heads)} and the bf16-logit control")
     return head_fp64_report(heads, n, h, v, _device(cpu), HEAD_TOL_CPU if cpu else HEAD_TOL_GPU)
 

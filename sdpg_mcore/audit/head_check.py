@@ -31,6 +31,18 @@ may reach ~2e-4 in the worst case; the one H200 run measured 4.1e-5 (README), a 
 Head = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def fused_head(backend: str) -> Head:
+    """``ops.fused_kl_head`` with one backend, in this module's calling convention."""
+    from sdpg_mcore.ops import fused_kl_head
+
+    def head(student, teacher, weight, targets, vocab_size, **kwargs):
+        return fused_kl_head(
+            student, teacher, weight, targets, vocab_size=vocab_size, backend=backend, **kwargs
+        )
+
+    return head
+
+
 def head_inputs(n: int, h: int, v: int, device: str, seed: int = 0):
     """bf16 student/teacher hidden states, weight (logits ~ N(0, 4)) and targets."""
     g = torch.Generator(device=device).manual_seed(seed)

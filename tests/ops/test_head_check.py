@@ -11,25 +11,17 @@ from sdpg_mcore.audit.head_check import (
     bf16_logit_head,
     check_head_fp64,
     fp64_reference,
+    fused_head,
     head_fp64_report,
     head_inputs,
 )
 from sdpg_mcore.ops import fused_kl_head
 
 
-def _head(backend):
-    def head(student, teacher, weight, targets, vocab_size, **kwargs):
-        return fused_kl_head(
-            student, teacher, weight, targets, vocab_size=vocab_size, backend=backend, **kwargs
-        )
-
-    return head
-
-
 def test_real_heads_pass_and_the_bf16_logit_head_fails():
     """The stage's own report at the ``--cpu`` shape (64 tokens, H = 64, 4,096 rows): both backends
     within 1e-5 of fp64, the control off by ~1e-2 (7e-3 to 1.2e-2), over 50x even the GPU shape's 1e-4."""
-    heads = {"triton": _head("triton"), "torch": _head("torch")}
+    heads = {"triton": fused_head("triton"), "torch": fused_head("torch")}
     report = head_fp64_report(heads, 64, 64, 4096, "cpu", HEAD_TOL_CPU)
     assert report["ok"]
     for result in report["heads"].values():
@@ -45,7 +37,7 @@ def test_the_tolerance_does_not_move_with_the_head():
     """A head that is off by a small, logit-sized error fails at the same fixed tolerance."""
     inputs = head_inputs(32, 64, 2048, "cpu", seed=1)
     reference = fp64_reference(*inputs, chunk=32)
-    exact = check_head_fp64(_head("torch"), inputs, reference, 2048, HEAD_TOL_CPU)
+    exact = check_head_fp64(fused_head("torch"), inputs, reference, 2048, HEAD_TOL_CPU)
 
     def shifted(student, teacher, weight, targets, vocab_size):  # every target logit 1e-4 too high
         kl, logprob, entropy = fused_kl_head(student, teacher, weight, targets, vocab_size=vocab_size)
@@ -86,6 +78,6 @@ def test_grad_check_fails_a_head_with_a_wrong_temperature():
     def wrong(*args, **kwargs):
         return fused_kl_head(*args[:4], vocab_size=args[4], **(kwargs | {"temperature": 0.75}))
 
-    assert check_head_grads(_head("torch"), "cpu")["ok"]
+    assert check_head_grads(fused_head("torch"), "cpu")["ok"]
     result = check_head_grads(wrong, "cpu")
     assert not result["ok"] and min(result["max_rel_err"].values()) > 100 * GRAD_TOL
