@@ -77,24 +77,23 @@ def compile_kernels(arch: int, block_rows: int, dtype: str = "bfloat16", aligned
     """
     if interpreting():
         raise RuntimeError("compile_kernels needs real JIT kernels: run it without TRITON_INTERPRET=1")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from sdpg_mcore.ops import kl_head_kernels as K
+
+    gpu_target, ast_source = triton.backends.compiler.GPUTarget, triton.compiler.ASTSource
 
     tile = K.tile_cols(block_rows)
     strides = {"logits_stride", "teacher_offset", "dz_stride", "width", "out_cols"} if aligned else set()
     results = []
     for name, kernel, signature, flags in _variants(_DTYPES[dtype]):
         constexprs = {**flags, "ROWS": 1, "TILE": tile}
-        source = ASTSource(
+        source = ast_source(
             kernel,
             {**signature, **dict.fromkeys(constexprs, "constexpr")},
             constexprs=constexprs,
             attrs=_aligned_attrs(kernel, signature, strides),
         )
         options = {"num_warps": K.NUM_WARPS, "enable_fp_fusion": True}
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = triton.compile(source, target=gpu_target("cuda", arch, 32), options=options)
         ptx = compiled.asm["ptx"]
         usage = resource_usage(compiled.asm["cubin"])
         results.append(
