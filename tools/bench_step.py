@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoConfig
 
             args.vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-        head_fraction = lm_head_flops_fraction(ModelShape.from_path(Path(model_dir) / "config.json"))
+        model_config = json.loads((Path(model_dir) / "config.json").read_text())
+        head_fraction = lm_head_flops_fraction(ModelShape.from_hf_config(model_config))
         results = spawn_ranks(_bench_both, 1, args=(model_dir, vars(args)), timeout_s=3600)[0]
     ratio_t = results["sdpg"]["step_s"] / results["grpo"]["step_s"]
     ratio_m = results["sdpg"]["peak_extra_mb"] / max(results["grpo"]["peak_extra_mb"], 1e-9)
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_target": TIME_TARGET,
         "memory_target": MEMORY_TARGET,
         "lm_head_flops_fraction": head_fraction,
+        "model_config": model_config,  # for tools/plan.py --against-bench
         "shape": {
             k: getattr(args, k)
             for k in (
@@ -253,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                 "response_len",
                 "context_len",
                 "bf16",
+                "mini_batch_prompts",
+                "token_budget",
+                "chunk_size",
             )
         },
     }

@@ -1,14 +1,22 @@
 #!/usr/bin/env python
-"""Plan a run before queueing it: exact parameter count, per-GPU memory by component, TP/PP/CP/DP.
+"""Plan a run before queueing it: exact parameter count, per-GPU memory by component, TP/PP/CP/DP,
+and (``--time``) the predicted step time by phase, (``--search``) the fitting layouts fastest first.
 
     python tools/plan.py --config examples/llama3_70b/config.json --nodes 4 --gpus-per-node 8 \\
         --gpu-mem-gb 80 --max-prompt-len 2048 --max-response-len 8192 --json plan.json
+    python tools/plan.py --config examples/llama3_70b/recipe.yaml --nodes 8 --time --search --json plan.json
+    python tools/plan.py --config examples/llama3_70b/recipe.yaml --nodes 8 --scale 64,128,256,512,1024
+    python tools/plan.py --validate                  # the model against published runs
+    python tools/plan.py --against-bench step.json   # ... and against tools/bench_step.py on this CPU
 
 Give ``--tp/--pp/--cp`` to validate a layout (missing ones default to 1); leave them out to get
 the smallest model-parallel layout that fits. Exit status: 0 fits, 1 does not fit, 2 bad input.
 The JSON holds ``num_parameters`` (the HF count), ``num_parameters_megatron`` (vocabulary padded
 to 128*TP), ``fits``, ``layout``, ``per_gpu_bytes`` by component and ``advice`` (what would make a
-layout that does not fit fit, e.g. ``trainer.teacher_states=host``).
+layout that does not fit fit, e.g. ``trainer.teacher_states=host``); with ``--time`` also ``time``
+(``total_s``, ``phases``, ``tokens_per_s_per_gpu``, ``details``, ``assumed``), with ``--search``
+``search`` (every fitting layout, fastest first) and ``why``, with ``--scale`` ``scaling``.
+--nodes counts the trainer's nodes; a dedicated rollout adds ``--rollout-nodes`` more.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from sdpg_mcore.plan import (
     padded_vocab_size,
     propose_layout,
 )  # noqa: E402
+from sdpg_mcore.plan.hardware import HARDWARE, hardware  # noqa: E402
+from sdpg_mcore.plan.recipe_time import Assumptions  # noqa: E402
+from sdpg_mcore.plan.time_report import TimeRequest, time_report  # noqa: E402
 
 NOTES = {
     "parameters": "bf16 weights, busiest pipeline stage, /TP",
@@ -50,7 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config",
-        required=True,
         help="HF config.json, a model directory holding one, or a YAML recipe (its model.path's config.json, "
         "else the config.json next to it; the recipe also gives lengths, layout and recompute)",
     )
@@ -110,7 +120,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overhead-gb", type=float, default=3.0, help="CUDA context + NCCL + fragmentation, GiB")
     p.add_argument("--json", dest="json_out", help="write the plan as JSON here")
+    _time_args(p.add_argument_group("step time (sdpg_mcore/plan/step_time.py)"))
     return p.parse_args(argv)
+
+
+def _time_args(g) -> None:
+    g.add_argument("--time", action="store_true", help="predict the planned layout's step time, phase by phase")
+    g.add_argument("--search", action="store_true", help="rank every fitting layout by predicted step time")
+    g.add_argument("--scale", help="what-if: comma-separated total GPU counts (trainer + rollout), e.g. 64,128")
+    g.add_argument("--hardware", default="h100", choices=sorted(HARDWARE), help="device model (default h100)")
+    g.add_argument("--rollout-nodes", type=int, default=2, help="dedicated rollout nodes (default 2, as slurm/sdpg_70b.sh)")
+    g.add_argument("--rollout-tp", type=int, default=8, help="GPUs per rollout engine (default 8)")
+    g.add_argument("--mean-prompt-len", type=float, help="assumed mean prompt tokens (default: max / 8)")
+    g.add_argument("--mean-response-len", type=float, help="assumed mean response tokens (default: max / 3)")
+    g.add_argument("--teacher-extra-len", type=float, default=64.0, help="assumed SDPG teacher context tokens")
+    g.add_argument("--truncated", type=float, default=0.02, help="assumed share of responses hitting the cap")
+    g.add_argument(
+        "--head-bytes", type=float, help="train head's elementwise bytes per (token, vocab) pair (today 144)"
+    )
+    g.add_argument("--validate", action="store_true", help="predict the published runs and compare; then exit")
+    g.add_argument("--calibrate-cpu", action="store_true", help="measure this CPU's rates; then exit")
+    g.add_argument("--against-bench", help="tools/bench_step.py JSON: predicted vs measured ratios on this CPU")
 
 
 def apply_recipe(args: argparse.Namespace) -> Path:
@@ -216,14 +246,50 @@ def advice(args: argparse.Namespace, shape: ModelShape, train: TrainingShape, pl
     ]
 
 
+def _time_request(args: argparse.Namespace) -> TimeRequest:
+    assume = Assumptions(
+        mean_prompt_len=args.mean_prompt_len,
+        mean_response_len=args.mean_response_len,
+        teacher_extra_len=args.teacher_extra_len,
+        truncated=args.truncated,
+        head_bytes=args.head_bytes,
+    )
+    scale = tuple(int(g) for g in args.scale.split(",")) if args.scale else ()
+    return TimeRequest(
+        hardware=hardware(args.hardware),
+        gpus_per_node=args.gpus_per_node,
+        rollout_nodes=args.rollout_nodes,
+        rollout_tp=args.rollout_tp,
+        colocated=args.rollout == "colocated",
+        assume=assume,
+        search=args.search,
+        scale=scale,
+    )
+
+
+def _recipe(args: argparse.Namespace) -> dict:
+    path = Path(args.config)
+    if path.suffix not in (".yaml", ".yml"):
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
 def make_plan(args: argparse.Namespace) -> dict:
     """The JSON-ready plan for parsed arguments (raises ValueError on bad input)."""
+    if not args.config:
+        raise ValueError("--config is required (an HF config.json, a model directory or a recipe)")
     shape = ModelShape.from_path(apply_recipe(args))
     train = build_training_shape(args)
     plan, proposed = _plan(args, shape, train)
+    timing = {}
+    if args.time or args.search or args.scale:
+        timing = time_report(shape, train, plan, _recipe(args), _time_request(args))
     gpu_mem = plan.gpu_mem_bytes
     layout = plan.layout
     return {
+        **timing,
         "config": str(args.config),
         "model_type": shape.model_type,
         "num_parameters": shape.num_hf_parameters(),
@@ -290,9 +356,109 @@ def print_table(result: dict) -> None:
         console.print(f"[yellow]advice:[/yellow] {line}")
 
 
+def _phase_table(title: str, step: dict):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    for name, seconds in step["phases"].items():
+        table.add_row(name, f"{seconds:.2f}", f"{seconds / step['total_s']:.0%}")
+    table.add_row("[bold]step[/bold]", f"[bold]{step['total_s']:.2f}[/bold]", "")
+    table.add_row("tokens/s/GPU", f"{step['tokens_per_s_per_gpu']:.0f}", f"{step['gpus']} GPUs")
+    for name, seconds in step["details"].items():
+        table.add_row(f"  ({name})", f"{seconds:.2f}", "")
+    return table
+
+
+def _layout_label(entry: dict) -> str:
+    lay = entry["layout"]
+    return f"TP{lay['tp']} PP{lay['pp']} CP{lay['cp']} DP{lay['dp']}"
+
+
+def print_time(result: dict) -> None:
+    """The phase table (--time), the ranking (--search) and the scaling what-if (--scale)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "time" in result:
+        t = result["time"]
+        console.print(_phase_table(f"predicted step on {t['hardware']}", t))
+        console.print(f"assumed: {json.dumps({k: v for k, v in t['assumed'].items() if k != 'rollout'})}")
+    if "search" in result:
+        table = Table(title="fitting layouts, fastest first")
+        for column in ("layout", "step s", "GiB/GPU", "phases (s)"):
+            table.add_column(column)
+        for entry in result["search"]:
+            phases = " ".join(f"{k}={v:.1f}" for k, v in entry["phases"].items())
+            table.add_row(_layout_label(entry), f"{entry['total_s']:.1f}", f"{entry['peak_gib']:.1f}", phases)
+        console.print(table)
+        for line in result["why"]:
+            console.print(f"why: {line}")
+    if "scaling" in result:
+        table = Table(title="scaling what-if (fastest split and layout per size)")
+        for column in ("GPUs", "trainer+rollout nodes", "layout", "step s", "speed-up", "generation", "train", "bubble", "dp comm", "sync"):
+            table.add_column(column, justify="right")
+        base = result["scaling"][0]
+        for e in result["scaling"]:
+            d, ph = e["details"], e["phases"]
+            table.add_row(
+                str(e["gpus"]), f"{e['trainer_nodes']}+{e['rollout_nodes']}", _layout_label(e),
+                f"{e['total_s']:.1f}", f"{base['total_s'] / e['total_s']:.2f}x", f"{ph.get('generation', 0):.1f}",
+                f"{ph.get('train', 0):.1f}", f"{d['pipeline_bubble']:.1f}", f"{d['dp_comm']:.1f}",
+                f"{ph.get('weight_sync', 0):.1f}",
+            )
+        console.print(table)
+
+
+def side_command(args: argparse.Namespace) -> int:
+    """--validate, --calibrate-cpu, --against-bench: the model's checks, no memory plan."""
+    from sdpg_mcore.plan.bench_agreement import Agreement, agreement
+    from sdpg_mcore.plan.calibrate import calibrate_cpu
+    from sdpg_mcore.plan.published import validate
+
+    out: dict = {}
+    if args.validate:
+        out["validation"] = [
+            {
+                "run": c.run_id,
+                "checked": c.checked,
+                "total_s": [c.predicted.total, c.published["total_s"]],
+                "total_error": c.total_error,
+                "phases": {k: [p, q, p / q - 1] for k, (p, q) in c.phases.items()},
+                "predicted_phases": c.predicted.phases,
+            }
+            for c in validate()
+        ]
+        for v in out["validation"]:
+            phases = ", ".join(f"{k} {p:.1f}/{q:.0f} ({e:+.0%})" for k, (p, q, e) in v["phases"].items())
+            sys.stdout.write(
+                f"{v['run']}: {v['total_s'][0]:.1f} s predicted / {v['total_s'][1]:.1f} published "
+                f"({v['total_error']:+.1%}){'' if v['checked'] else ' [not asserted]'}  {phases}\n"
+            )
+    if args.calibrate_cpu or args.against_bench:
+        cpu = calibrate_cpu()
+        out["cpu"] = {k: getattr(cpu, k) for k in ("peak_flops", "memory_bytes_per_s", "pageable_copy_bytes_per_s")}
+        sys.stdout.write(f"cpu: {json.dumps(out['cpu'])}\n")
+    if args.against_bench:
+        agree = agreement(json.loads(Path(args.against_bench).read_text()), cpu)
+        for name in ("teacher_over_train", "sdpg_over_grpo"):
+            pred, meas = getattr(agree, name)
+            out[name] = {"predicted": pred, "measured": meas, "error": Agreement.error((pred, meas))}
+            sys.stdout.write(f"{name}: predicted {pred:.3f}, measured {meas:.3f} ({Agreement.error((pred, meas)):+.1%})\n")
+        out["phases"] = {"predicted": agree.predicted, "measured": agree.measured}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.validate or args.calibrate_cpu or args.against_bench:
+            return side_command(args)
         result = make_plan(args)
     except ValueError as err:
         sys.stderr.write(f"plan.py: {err}\n")
@@ -300,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
+    print_time(result)
     if result["problems"]:
         return 2
     return 0 if result["fits"] else 1

@@ -1,0 +1,214 @@
+"""What one RL step asks of the machine, split into the three things that set its time.
+
+- :class:`Workload`: the data of a step (prompts x responses, their lengths, which passes the
+  algorithm needs, how many optimizer steps) — layout-independent.
+- :class:`TrainSettings`: how the trainer runs it (micro-batch token budgets, recompute, sequence
+  parallelism, communication overlap).
+- :class:`Rollout`: where generation runs (own GPUs or the trainer's, engine size, KV memory).
+- :class:`Implementation`: behaviours of the framework that cost time, as named inputs: the LM head's
+  matmuls and elementwise bytes per (token, vocabulary) pair, how reference weights are swapped in,
+  how new weights reach the engines. :data:`SDPG_MCORE` is this project; the published runs the model
+  is checked against ran NeMo-RL (``published_runs.json`` says what it does and where that is read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from sdpg_mcore.plan.lengths import ResponseLengths
+
+RECOMPUTE = ("none", "selective", "full")
+REFERENCE_SWAPS = ("pinned_exchange", "pinned_copy", "resident")
+WEIGHT_SYNCS = ("broadcast", "colocated_tensor", "colocated_gather", "disk")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One step: ``prompts x n`` responses, then ``mini_batches`` optimizer steps on them."""
+
+    prompts: int
+    n: int
+    prompt_len: float
+    """Mean prompt tokens (the student's)."""
+    lengths: ResponseLengths
+    teacher_extra_len: float = 0.0
+    """Mean extra tokens of the teacher prompt (SDPG's privileged context)."""
+    teacher_pass: bool = False
+    """SDPG: a forward-only teacher pass per mini-batch and the teacher's logits in the train head."""
+    reference_pass: bool = True
+    """Reference log-probs of the frozen initial policy (a KL term or penalty)."""
+    mini_batches: int = 1
+    """Optimizer steps per step (``batch_prompts / mini_batch_prompts``)."""
+
+    def __post_init__(self) -> None:
+        if min(self.prompts, self.n, self.mini_batches) < 1:
+            raise ValueError("prompts, n and mini_batches must be >= 1")
+        if self.prompts % self.mini_batches:
+            raise ValueError(f"mini_batches={self.mini_batches} must divide prompts={self.prompts}")
+
+    @property
+    def responses(self) -> int:
+        return self.prompts * self.n
+
+    def rows_per_rank(self, dp: int, whole_groups: bool) -> float:
+        """Responses one DP rank trains on per mini-batch (the busiest rank)."""
+        groups = self.prompts // self.mini_batches
+        if whole_groups:
+            return -(-groups // dp) * self.n
+        return groups * self.n / dp
+
+    @property
+    def row_len(self) -> float:
+        """Mean tokens of one student row (prompt + response)."""
+        return self.prompt_len + self.lengths.mean
+
+    @property
+    def tokens(self) -> float:
+        """Prompt + response tokens of the step (NeMo-RL's ``total_num_tokens``)."""
+        return self.responses * self.row_len
+
+    def attended_context(self, extra_prompt: float = 0.0) -> float:
+        """Mean keys a token attends to in causal rows of ``prompt + extra + response`` tokens:
+        ``E[s^2] / (2 E[s])`` over the row lengths ``s``."""
+        p = self.prompt_len + extra_prompt
+        mean, square = self.lengths.mean, self.lengths.mean_square()
+        return (p * p + 2 * p * mean + square) / (2 * (p + mean))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the trainer runs the passes (a recipe's ``parallel`` / ``data`` / ``model`` settings)."""
+
+    micro_batch_tokens: int
+    """Token budget of one train micro-batch per DP rank (before CP)."""
+    logprob_micro_batch_tokens: int | None = None
+    """Token budget of the forward-only log-prob passes; None: ``micro_batch_tokens``."""
+    recompute: str = "none"
+    """none | selective | full (full: the backward recomputes every layer's forward)."""
+    sequence_parallel: bool = True
+    overlap_grad_reduce: bool = True
+    """The DP gradient reduce runs during the last micro-batch's backward."""
+    overlap_param_gather: bool = True
+    """The distributed optimizer's weight all-gather runs during the next forward."""
+    teacher_states_host: bool = False
+    """``trainer.teacher_states=host``: teacher states go to pinned host memory and back."""
+
+    def __post_init__(self) -> None:
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        if self.micro_batch_tokens < 1:
+            raise ValueError("micro_batch_tokens must be >= 1")
+
+    @property
+    def logprob_tokens(self) -> int:
+        return self.logprob_micro_batch_tokens or self.micro_batch_tokens
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The inference engines: ``gpus`` of them in engines of ``tp`` GPUs each."""
+
+    gpus: int
+    """GPUs that generate (for a colocated rollout: the trainer's own)."""
+    tp: int = 8
+    colocated: bool = False
+    """Engines share the trainer's GPUs: generation and training take turns."""
+    kv_memory_fraction: float = 0.85
+    """Share of a GPU's memory the engine takes for weights + KV cache (SGLang ``mem_fraction_static``,
+    vLLM ``gpu_memory_utilization``)."""
+    max_running: int = 1024
+    """Most sequences an engine decodes at once (``max_running_requests`` / ``max_num_seqs``)."""
+    async_steps: int = 0
+    """>= 1: the next step's rollout is generated while this one trains (one-step off-policy)."""
+    bucket_bytes: int = 512 << 20
+    """Bucket of the weight broadcast (``rollout.bucket_mb``)."""
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1 or self.tp < 1 or self.gpus % self.tp:
+            raise ValueError(f"rollout GPUs ({self.gpus}) must be a positive multiple of the engine TP ({self.tp})")
+
+    @property
+    def engines(self) -> int:
+        return self.gpus // self.tp
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """Framework behaviours that cost time (module docstring)."""
+
+    name: str
+    head_matmuls_train: int
+    """``N x V x H`` matmuls of the train pass's head without a teacher."""
+    head_matmuls_teacher: int
+    """Extra ``N x V x H`` matmuls a teacher adds to the train pass's head."""
+    head_bytes_train: float
+    """Elementwise bytes per (student token, vocabulary) pair of the train pass's head, no teacher."""
+    head_bytes_teacher: float
+    """Extra elementwise bytes per (student token, vocabulary) pair a teacher adds to the train head."""
+    head_bytes_logprob: float
+    """Elementwise bytes per (token, vocabulary) pair of a forward-only log-prob pass."""
+    head_all_positions: bool
+    """The head runs at every position (materialised logits), not only where a response token is predicted."""
+    reference_swap: str
+    """pinned_exchange (one pinned buffer, both directions at once) | pinned_copy (three one-way copies:
+    the live weights out, the reference in, the live ones back) | resident (a second model in device
+    memory, no copies)."""
+    weight_sync: str
+    """broadcast (NCCL to engines on their own GPUs) | colocated_tensor (tensor handles, same GPUs) |
+    colocated_gather (every GPU gathers the whole model, tensor by tensor, then hands it over) | disk."""
+    offload_training_state: bool = False
+    """Colocated: optimizer states and weights leave the GPU (pageable copies) before generation."""
+    grad_bytes: int = 4
+    """Bytes per gradient element reduced over DP (Megatron ``grad_reduce_in_fp32``: 4)."""
+    whole_groups: bool = True
+    """DP ranks take whole prompt groups (``train/batch.py dp_groups``): a mini-batch of ``g`` groups
+    gives each rank ``ceil(g / dp)`` of them, so DP beyond ``g`` leaves ranks idle. False: responses
+    are spread evenly."""
+
+    def __post_init__(self) -> None:
+        if self.reference_swap not in REFERENCE_SWAPS:
+            raise ValueError(f"reference_swap={self.reference_swap!r} is not one of {', '.join(REFERENCE_SWAPS)}")
+        if self.weight_sync not in WEIGHT_SYNCS:
+            raise ValueError(f"weight_sync={self.weight_sync!r} is not one of {', '.join(WEIGHT_SYNCS)}")
+
+
+#: The fused head's elementwise bytes per (student token, vocabulary) pair, counted from its in-place
+#: fp32 passes (``sdpg_mcore/ops/kl_head_math.py``): a block's forward without a teacher writes the GEMM
+#: output, reads it for the max, shifts, exponentiates, sums, multiplies and sums again (44 B); the
+#: backward recomputes the logits, shifts, exponentiates and forms ``dz`` (40 B). A teacher adds its own
+#: rows to both (44 + 16 B). 84 + 60 = 144 B per pair today; the Triton kernels being written bring it
+#: to 34-40 B: plan with them by ``--head-bytes 40``.
+FUSED_HEAD_BYTES_TRAIN = 84.0
+FUSED_HEAD_BYTES_TEACHER = 60.0
+#: A forward-only log-prob block without a teacher (``kl_head_math.block_state``): 44 B per pair.
+FUSED_HEAD_BYTES_LOGPROB = 44.0
+
+SDPG_MCORE = Implementation(
+    name="sdpg_mcore",
+    head_matmuls_train=4,  # forward 1, backward: recompute 1, dh 1, dW 1
+    head_matmuls_teacher=2,  # the teacher's logits in the forward and in the backward's recompute
+    head_bytes_train=FUSED_HEAD_BYTES_TRAIN,
+    head_bytes_teacher=FUSED_HEAD_BYTES_TEACHER,
+    head_bytes_logprob=FUSED_HEAD_BYTES_LOGPROB,
+    head_all_positions=False,
+    reference_swap="pinned_exchange",
+    weight_sync="broadcast",
+)
+
+
+def with_head_bytes(impl: Implementation, train_with_teacher: float) -> Implementation:
+    """``impl`` with the train head's bytes per pair (student + teacher) set to ``train_with_teacher``,
+    split between student and teacher rows as today's head splits them."""
+    share = impl.head_bytes_train / (impl.head_bytes_train + impl.head_bytes_teacher)
+    return replace(
+        impl, head_bytes_train=share * train_with_teacher, head_bytes_teacher=(1 - share) * train_with_teacher
+    )
+
+
+def with_sync(impl: Implementation, rollout: Rollout, weight_sync: str) -> Implementation:
+    """``impl`` with a recipe's ``rollout.weight_sync`` (``distributed`` -> broadcast, ``tensor`` ->
+    colocated_tensor; a colocated rollout cannot broadcast)."""
+    mode = {"distributed": "broadcast", "tensor": "colocated_tensor"}.get(weight_sync, weight_sync)
+    if rollout.colocated and mode == "broadcast":
+        mode = "colocated_tensor"
+    return replace(impl, weight_sync=mode)
