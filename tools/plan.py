@@ -125,22 +125,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _time_args(g) -> None:
-    g.add_argument("--time", action="store_true", help="predict the planned layout's step time, phase by phase")
+    g.add_argument(
+        "--time", action="store_true", help="predict the planned layout's step time, phase by phase"
+    )
     g.add_argument("--search", action="store_true", help="rank every fitting layout by predicted step time")
-    g.add_argument("--scale", help="what-if: comma-separated total GPU counts (trainer + rollout), e.g. 64,128")
+    g.add_argument(
+        "--scale", help="what-if: comma-separated total GPU counts (trainer + rollout), e.g. 64,128"
+    )
     g.add_argument("--hardware", default="h100", choices=sorted(HARDWARE), help="device model (default h100)")
-    g.add_argument("--rollout-nodes", type=int, default=2, help="dedicated rollout nodes (default 2, as slurm/sdpg_70b.sh)")
+    g.add_argument(
+        "--rollout-nodes",
+        type=int,
+        default=2,
+        help="dedicated rollout nodes (default 2, as slurm/sdpg_70b.sh)",
+    )
     g.add_argument("--rollout-tp", type=int, default=8, help="GPUs per rollout engine (default 8)")
     g.add_argument("--mean-prompt-len", type=float, help="assumed mean prompt tokens (default: max / 8)")
     g.add_argument("--mean-response-len", type=float, help="assumed mean response tokens (default: max / 3)")
-    g.add_argument("--teacher-extra-len", type=float, default=64.0, help="assumed SDPG teacher context tokens")
+    g.add_argument(
+        "--teacher-extra-len", type=float, default=64.0, help="assumed SDPG teacher context tokens"
+    )
     g.add_argument("--truncated", type=float, default=0.02, help="assumed share of responses hitting the cap")
     g.add_argument(
         "--head-bytes", type=float, help="train head's elementwise bytes per (token, vocab) pair (today 144)"
     )
-    g.add_argument("--validate", action="store_true", help="predict the published runs and compare; then exit")
+    g.add_argument(
+        "--validate", action="store_true", help="predict the published runs and compare; then exit"
+    )
     g.add_argument("--calibrate-cpu", action="store_true", help="measure this CPU's rates; then exit")
-    g.add_argument("--against-bench", help="tools/bench_step.py JSON: predicted vs measured ratios on this CPU")
+    g.add_argument(
+        "--against-bench", help="tools/bench_step.py JSON: predicted vs measured ratios on this CPU"
+    )
 
 
 def apply_recipe(args: argparse.Namespace) -> Path:
@@ -399,15 +414,32 @@ def print_time(result: dict) -> None:
             console.print(f"why: {line}")
     if "scaling" in result:
         table = Table(title="scaling what-if (fastest split and layout per size)")
-        for column in ("GPUs", "trainer+rollout nodes", "layout", "step s", "speed-up", "generation", "train", "bubble", "dp comm", "sync"):
+        for column in (
+            "GPUs",
+            "trainer+rollout nodes",
+            "layout",
+            "step s",
+            "speed-up",
+            "generation",
+            "train",
+            "bubble",
+            "dp comm",
+            "sync",
+        ):
             table.add_column(column, justify="right")
         base = result["scaling"][0]
         for e in result["scaling"]:
             d, ph = e["details"], e["phases"]
             table.add_row(
-                str(e["gpus"]), f"{e['trainer_nodes']}+{e['rollout_nodes']}", _layout_label(e),
-                f"{e['total_s']:.1f}", f"{base['total_s'] / e['total_s']:.2f}x", f"{ph.get('generation', 0):.1f}",
-                f"{ph.get('train', 0):.1f}", f"{d['pipeline_bubble']:.1f}", f"{d['dp_comm']:.1f}",
+                str(e["gpus"]),
+                f"{e['trainer_nodes']}+{e['rollout_nodes']}",
+                _layout_label(e),
+                f"{e['total_s']:.1f}",
+                f"{base['total_s'] / e['total_s']:.2f}x",
+                f"{ph.get('generation', 0):.1f}",
+                f"{ph.get('train', 0):.1f}",
+                f"{d['pipeline_bubble']:.1f}",
+                f"{d['dp_comm']:.1f}",
                 f"{ph.get('weight_sync', 0):.1f}",
             )
         console.print(table)
@@ -440,14 +472,18 @@ def side_command(args: argparse.Namespace) -> int:
             )
     if args.calibrate_cpu or args.against_bench:
         cpu = calibrate_cpu()
-        out["cpu"] = {k: getattr(cpu, k) for k in ("peak_flops", "memory_bytes_per_s", "pageable_copy_bytes_per_s")}
+        out["cpu"] = {
+            k: getattr(cpu, k) for k in ("peak_flops", "memory_bytes_per_s", "pageable_copy_bytes_per_s")
+        }
         sys.stdout.write(f"cpu: {json.dumps(out['cpu'])}\n")
     if args.against_bench:
         agree = agreement(json.loads(Path(args.against_bench).read_text()), cpu)
         for name in ("teacher_over_train", "sdpg_over_grpo"):
             pred, meas = getattr(agree, name)
             out[name] = {"predicted": pred, "measured": meas, "error": Agreement.error((pred, meas))}
-            sys.stdout.write(f"{name}: predicted {pred:.3f}, measured {meas:.3f} ({Agreement.error((pred, meas)):+.1%})\n")
+            sys.stdout.write(
+                f"{name}: predicted {pred:.3f}, measured {meas:.3f} ({Agreement.error((pred, meas)):+.1%})\n"
+            )
         out["phases"] = {"predicted": agree.predicted, "measured": agree.measured}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")

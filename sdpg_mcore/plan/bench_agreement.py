@@ -45,7 +45,13 @@ def _predict(report: dict, hw: Hardware, sdpg: bool) -> StepTime:
     machine = Machine(hw, EFFICIENCY, gpus_per_node=1)
     # bench_step runs no rollout and no weight sync: a one-device "engine" whose time is dropped below
     step = predict_step(
-        ModelShape.from_hf_config(shape_cfg), LAYOUT, work, settings, Rollout(gpus=1, tp=1), SDPG_MCORE, machine
+        ModelShape.from_hf_config(shape_cfg),
+        LAYOUT,
+        work,
+        settings,
+        Rollout(gpus=1, tp=1),
+        SDPG_MCORE,
+        machine,
     )
     trainer = {k: v for k, v in step.phases.items() if k not in ("generation", "weight_sync")}
     return replace(step, phases=trainer)
@@ -71,9 +77,16 @@ def agreement(report: dict, hw: Hardware) -> Agreement:
     """Compare ``bench_step.py``'s JSON ``report`` with the model on ``hw`` (a calibrated cpu)."""
     sdpg, grpo = _predict(report, hw, True), _predict(report, hw, False)
     res = report["results"]
-    update = {name: step.phases["train"] + step.phases.get("optimizer", 0.0) for name, step in (("sdpg", sdpg), ("grpo", grpo))}
+    update = {
+        name: step.phases["train"] + step.phases.get("optimizer", 0.0)
+        for name, step in (("sdpg", sdpg), ("grpo", grpo))
+    }
     predicted = {
-        name: {**{k: v for k, v in step.phases.items() if k not in ("train", "optimizer")}, "update": update[name], "step": step.total}
+        name: {
+            **{k: v for k, v in step.phases.items() if k not in ("train", "optimizer")},
+            "update": update[name],
+            "step": step.total,
+        }
         for name, step in (("sdpg", sdpg), ("grpo", grpo))
     }
     measured = {name: {**res[name]["phases_s"], "step": res[name]["step_s"]} for name in ("sdpg", "grpo")}

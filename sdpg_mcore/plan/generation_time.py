@@ -118,7 +118,11 @@ def generation_time(shape: ModelShape, work: Workload, rollout: Rollout, m: Mach
         alive = lengths.survival(t)
         any_alive = 1 - (1 - alive) ** work.responses
         running = max(1.0, concurrency * alive)
-        tail += any_alive * min(stride, lengths.cap - t) * decode_step(engine, rollout.tp, m, running, work.prompt_len + t)
+        tail += (
+            any_alive
+            * min(stride, lengths.cap - t)
+            * decode_step(engine, rollout.tp, m, running, work.prompt_len + t)
+        )
         t += stride
     return GenerationTime(
         prefill=prefill,

@@ -110,7 +110,9 @@ def scaling(
         for rollout_nodes in _splits(nodes):
             rollout = replace(timing.rollout, gpus=rollout_nodes * per_node, colocated=False)
             variant = replace(timing, rollout=rollout)
-            ranked = rank_layouts(shape, train, variant, machine, (nodes - rollout_nodes) * per_node, gpu_mem_bytes)
+            ranked = rank_layouts(
+                shape, train, variant, machine, (nodes - rollout_nodes) * per_node, gpu_mem_bytes
+            )
             if ranked and (best is None or ranked[0].step.total < best[2].step.total):
                 best = (nodes - rollout_nodes, rollout_nodes, ranked[0])
         if best is None:

@@ -45,7 +45,9 @@ class PublishedRun:
     check: bool = True
 
     def predict(self) -> StepTime:
-        return predict_step(self.shape, self.layout, self.work, self.settings, self.rollout, self.impl, self.machine)
+        return predict_step(
+            self.shape, self.layout, self.work, self.settings, self.rollout, self.impl, self.machine
+        )
 
 
 def _implementation(data: dict, name: str, overrides: dict) -> Implementation:

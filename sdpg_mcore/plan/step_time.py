@@ -130,7 +130,12 @@ def train_specs(
 
 
 def trainer_passes(
-    shape: ModelShape, layout: Layout, work: Workload, settings: TrainSettings, impl: Implementation, m: Machine
+    shape: ModelShape,
+    layout: Layout,
+    work: Workload,
+    settings: TrainSettings,
+    impl: Implementation,
+    m: Machine,
 ) -> TrainerPasses:
     """Log-prob pass, and per mini-batch teacher + train passes and the optimizer step, times ``mini_batches``."""
     old = pass_time(shape, layout, logprob_spec(work, layout, settings, impl), m)
@@ -144,11 +149,11 @@ def trainer_passes(
         layout,
         m,
         grad_bytes=impl.grad_bytes,
-        hide_reduce_s=per_mb * 2 / passes if settings.overlap_grad_reduce else 0.0,
+        hide_reduce_s=per_mb * (passes - 1) / passes if settings.overlap_grad_reduce else 0.0,  # its backward
         hide_gather_s=per_mb / passes if settings.overlap_param_gather else 0.0,
     )
     copy = 0.0
-    if teacher_spec and settings.teacher_states_host:  # [N, H] bf16 out after the teacher pass, back before train
+    if teacher_spec and settings.teacher_states_host:  # [N, H] bf16 out after teacher, back before train
         states = train_spec.head_tokens / layout.cp * shape.hidden_size * 2
         copy = 2 * states / (m.hw.host_link_bytes_per_s * m.eff.link)
     k = work.mini_batches
@@ -199,7 +204,9 @@ def predict_step(
     if rollout.colocated and impl.offload_training_state:
         phases["state_offload"], phases["state_onload"] = offload_time(shape, layout, m)
     busy = sum(phases.values())
-    phases["generation"] = max(0.0, gen.total - busy) if rollout.async_steps and not rollout.colocated else gen.total
+    phases["generation"] = (
+        max(0.0, gen.total - busy) if rollout.async_steps and not rollout.colocated else gen.total
+    )
     bubble = passes.old.bubble * (2 if work.reference_pass else 1) + passes.train.bubble
     heads = passes.old.head * (2 if work.reference_pass else 1) + passes.train.head
     tp = passes.old.tp_comm * (2 if work.reference_pass else 1) + passes.train.tp_comm

@@ -79,16 +79,16 @@ def _ranked_dict(r: Ranked) -> dict:
     }
 
 
-def time_report(
-    shape: ModelShape, train: TrainingShape, plan: Plan, recipe: dict, req: TimeRequest
-) -> dict:
+def time_report(shape: ModelShape, train: TrainingShape, plan: Plan, recipe: dict, req: TimeRequest) -> dict:
     """``{"time": ..., "search": [...], "why": [...], "scaling": [...]}`` as requested (module docstring)."""
     world = plan.layout.world_size
     timing = timing_inputs(recipe, train, world, req)
     machine = Machine(req.hardware, EFFICIENCY, req.gpus_per_node)
     out: dict = {}
     if plan.valid:
-        step = predict_step(shape, plan.layout, timing.work, timing.settings, timing.rollout, timing.impl, machine)
+        step = predict_step(
+            shape, plan.layout, timing.work, timing.settings, timing.rollout, timing.impl, machine
+        )
         out["time"] = {**step_dict(step), "hardware": req.hardware.name, "assumed": timing.assumed}
     if req.search:
         ranked = rank_layouts(shape, train, timing, machine, world, plan.gpu_mem_bytes)
@@ -106,4 +106,3 @@ def time_report(
             for p in points
         ]
     return out
-

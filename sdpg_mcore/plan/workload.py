@@ -125,7 +125,9 @@ class Rollout:
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.tp < 1 or self.gpus % self.tp:
-            raise ValueError(f"rollout GPUs ({self.gpus}) must be a positive multiple of the engine TP ({self.tp})")
+            raise ValueError(
+                f"rollout GPUs ({self.gpus}) must be a positive multiple of the engine TP ({self.tp})"
+            )
 
     @property
     def engines(self) -> int:
@@ -167,7 +169,9 @@ class Implementation:
 
     def __post_init__(self) -> None:
         if self.reference_swap not in REFERENCE_SWAPS:
-            raise ValueError(f"reference_swap={self.reference_swap!r} is not one of {', '.join(REFERENCE_SWAPS)}")
+            raise ValueError(
+                f"reference_swap={self.reference_swap!r} is not one of {', '.join(REFERENCE_SWAPS)}"
+            )
         if self.weight_sync not in WEIGHT_SYNCS:
             raise ValueError(f"weight_sync={self.weight_sync!r} is not one of {', '.join(WEIGHT_SYNCS)}")
 

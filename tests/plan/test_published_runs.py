@@ -71,4 +71,12 @@ def test_the_rerun_shares_the_configuration_and_is_reported_not_asserted():
 def test_data_file_is_valid_json_with_a_phase_map():
     data = json.loads(DATA.read_text())
     mapped = {p for phases in data["phase_map"].values() for p in phases}
-    assert mapped <= {"generation", "old_logprob", "ref_logprob", "train", "optimizer", "weight_sync", "state_offload"}
+    assert mapped <= {
+        "generation",
+        "old_logprob",
+        "ref_logprob",
+        "train",
+        "optimizer",
+        "weight_sync",
+        "state_offload",
+    }

@@ -25,7 +25,9 @@ from sdpg_mcore.plan.workload import SDPG_MCORE, Rollout, TrainSettings, Workloa
 REPO = Path(__file__).resolve().parents[2]
 SHAPE_70B = ModelShape.from_path(REPO / "examples/llama3_70b/config.json")
 H100 = Machine(HARDWARE["h100"], EFFICIENCY, 8)
-IDEAL = Machine(HARDWARE["h100"], Efficiency(gemm=1, memory=1, link=1, collective_latency_s=0, decode_step_s=0), 8)
+IDEAL = Machine(
+    HARDWARE["h100"], Efficiency(gemm=1, memory=1, link=1, collective_latency_s=0, decode_step_s=0), 8
+)
 SETTINGS = TrainSettings(micro_batch_tokens=10240, recompute="full", sequence_parallel=True)
 
 
@@ -44,7 +46,9 @@ def sdpg_work(mean: float = 2731, cap: int = 8192) -> Workload:
 
 def step(layout: Layout, rollout_gpus: int, work: Workload | None = None, machine: Machine = H100):
     work = work or sdpg_work()
-    return predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(gpus=rollout_gpus, tp=8), SDPG_MCORE, machine)
+    return predict_step(
+        SHAPE_70B, layout, work, SETTINGS, Rollout(gpus=rollout_gpus, tp=8), SDPG_MCORE, machine
+    )
 
 
 def test_more_gpus_for_the_same_batch_is_faster_but_not_superlinear():
@@ -72,7 +76,9 @@ def test_longer_responses_take_longer_generation():
     rollout = Rollout(gpus=16, tp=8)
     times = [generation_time(SHAPE_70B, sdpg_work(mean), rollout, H100).total for mean in (500, 1500, 2731)]
     assert times == sorted(times) and times[0] < times[-1]
-    capped = [generation_time(SHAPE_70B, sdpg_work(1000, cap), rollout, H100).total for cap in (2048, 4096, 8192)]
+    capped = [
+        generation_time(SHAPE_70B, sdpg_work(1000, cap), rollout, H100).total for cap in (2048, 4096, 8192)
+    ]
     assert capped == sorted(capped) and capped[0] < capped[-1]
 
 
@@ -105,7 +111,9 @@ def test_pipeline_bubble_is_pp_minus_one_micro_batch_slots():
         assert t.bubble == pytest.approx((pp - 1) * (t.compute + t.pp_p2p) / 16)
 
 
-@pytest.mark.parametrize("layout", [Layout(8, 2, 1, 4), Layout(4, 4, 1, 4), Layout(8, 1, 2, 4), Layout(2, 8, 4, 1)])
+@pytest.mark.parametrize(
+    "layout", [Layout(8, 2, 1, 4), Layout(4, 4, 1, 4), Layout(8, 1, 2, 4), Layout(2, 8, 4, 1)]
+)
 def test_no_pass_runs_above_peak_flops(layout):
     """Model FLOPs of the train pass (forward, backward, recompute) over its time never exceed the peak."""
     work = sdpg_work()
@@ -159,10 +167,16 @@ def test_response_lengths_keep_their_mean():
 def test_async_rollout_hides_generation_behind_training():
     work, layout = sdpg_work(), Layout(tp=8, pp=2, dp=4)
     sync = step(layout, 16, work)
-    overlapped = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8, async_steps=1), SDPG_MCORE, H100)
+    overlapped = predict_step(
+        SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8, async_steps=1), SDPG_MCORE, H100
+    )
     busy = sum(v for k, v in sync.phases.items() if k != "generation")
-    assert overlapped.phases.get("generation", 0.0) == pytest.approx(max(0.0, sync.phases["generation"] - busy))
-    assert overlapped.total == pytest.approx(max(sync.total - sync.phases["generation"], sync.phases["generation"]))
+    assert overlapped.phases.get("generation", 0.0) == pytest.approx(
+        max(0.0, sync.phases["generation"] - busy)
+    )
+    assert overlapped.total == pytest.approx(
+        max(sync.total - sync.phases["generation"], sync.phases["generation"])
+    )
 
 
 def test_bad_inputs_name_the_field():
