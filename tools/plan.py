@@ -121,7 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead-gb", type=float, default=3.0, help="CUDA context + NCCL + fragmentation, GiB")
     p.add_argument("--json", dest="json_out", help="write the plan as JSON here")
     _time_args(p.add_argument_group("step time (sdpg_mcore/plan/step_time.py)"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cli_layout = {a for a in ("tp", "pp", "cp") if getattr(args, a) is not None}  # before the recipe's
+    return args
 
 
 def _time_args(g) -> None:
@@ -279,7 +281,13 @@ def _time_request(args: argparse.Namespace) -> TimeRequest:
         assume=assume,
         search=args.search,
         scale=scale,
+        scale_model_parallel=_given_model_parallel(args),
     )
+
+
+def _given_model_parallel(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """(tp, pp, cp) given on the command line (not from a recipe): --scale then keeps it."""
+    return (args.tp or 1, args.pp or 1, args.cp or 1) if args.cli_layout else None
 
 
 def _recipe(args: argparse.Namespace) -> dict:
@@ -384,6 +392,14 @@ def _phase_table(title: str, step: dict):
     table.add_row("tokens/s/GPU", f"{step['tokens_per_s_per_gpu']:.0f}", f"{step['gpus']} GPUs")
     for name, seconds in step["details"].items():
         table.add_row(f"  ({name})", f"{seconds:.2f}", "")
+    gen = step.get("generation")
+    if gen:
+        table.add_row(
+            "  (decode)",
+            f"{gen['decode_s']:.2f}",
+            f"{gen['sequences_per_engine']:.0f} seqs/engine{' (KV-bound)' if gen['kv_limited'] else ''}, "
+            f"longest {gen['longest_response_tokens']:.0f} tokens",
+        )
     return table
 
 
@@ -397,7 +413,7 @@ def print_time(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 140))
     if "time" in result:
         t = result["time"]
         console.print(_phase_table(f"predicted step on {t['hardware']}", t))

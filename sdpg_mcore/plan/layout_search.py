@@ -2,8 +2,8 @@
 
 :func:`rank_layouts` predicts the step time of every valid TP/PP/CP/DP layout whose memory plan fits
 and sorts them; :func:`why_best` names the phases that separate the winner from the runners-up.
-:func:`scaling` grows a recipe's cluster node by node: for each size it tries every split between
-trainer and rollout nodes and every fitting trainer layout, and keeps the fastest.
+:func:`scaling` grows a recipe's cluster: for each size it tries splits between trainer and rollout
+nodes and every fitting trainer layout (or only DP, for a fixed TP/PP/CP), and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ def rank_layouts(
     machine: Machine,
     world: int,
     gpu_mem_bytes: int,
+    model_parallel: tuple[int, int, int] | None = None,
 ) -> list[Ranked]:
-    """Every layout of ``world`` trainer GPUs that fits, fastest first (memory peak breaks ties)."""
+    """Every layout of ``world`` trainer GPUs that fits, fastest first (memory peak breaks ties);
+    only those of ``model_parallel = (tp, pp, cp)`` when given."""
     out = []
     for layout in candidate_layouts(shape, machine.gpus_per_node, world):
+        if model_parallel and (layout.tp, layout.pp, layout.cp) != model_parallel:
+            continue
         plan = evaluate(shape, layout, train, machine.gpus_per_node, world, gpu_mem_bytes)
         if not plan.fits:
             continue
@@ -100,8 +104,10 @@ def scaling(
     machine: Machine,
     gpu_mem_bytes: int,
     total_gpus: list[int],
+    model_parallel: tuple[int, int, int] | None = None,
 ) -> list[ScalePoint]:
-    """For each cluster size: the split (dedicated rollout nodes) and trainer layout with the shortest step."""
+    """For each cluster size: the split (dedicated rollout nodes) and trainer layout with the shortest
+    step; with ``model_parallel = (tp, pp, cp)`` only DP and the split change (a recipe's own shape)."""
     per_node = machine.gpus_per_node
     points = []
     for gpus in total_gpus:
@@ -110,12 +116,11 @@ def scaling(
         for rollout_nodes in _splits(nodes):
             rollout = replace(timing.rollout, gpus=rollout_nodes * per_node, colocated=False)
             variant = replace(timing, rollout=rollout)
-            ranked = rank_layouts(
-                shape, train, variant, machine, (nodes - rollout_nodes) * per_node, gpu_mem_bytes
-            )
+            world = (nodes - rollout_nodes) * per_node
+            ranked = rank_layouts(shape, train, variant, machine, world, gpu_mem_bytes, model_parallel)
             if ranked and (best is None or ranked[0].step.total < best[2].step.total):
                 best = (nodes - rollout_nodes, rollout_nodes, ranked[0])
         if best is None:
-            raise ValueError(f"no trainer layout fits on {gpus} GPUs with a dedicated rollout")
+            raise ValueError(f"--scale: no trainer layout fits on {gpus} GPUs with a dedicated rollout")
         points.append(ScalePoint(gpus=gpus, trainer_nodes=best[0], rollout_nodes=best[1], best=best[2]))
     return points

@@ -11,8 +11,9 @@
 Colocated frameworks that move the training state off the GPU for generation add ``state_offload`` and
 ``state_onload``. With ``rollout.async_steps >= 1`` the next step's rollout is generated while this one
 trains, so ``generation`` is only what sticks out beyond the trainer's work. Every phase is on the
-critical path of the slowest rank; the total is their sum. ``details`` breaks the trainer's phases into
-pipeline bubble, tensor/context-parallel communication, LM head and reference swap.
+critical path of the slowest rank; the total is their sum. ``details`` (seconds) says where the
+trainer's phases go: pipeline bubble, tensor-parallel and data-parallel communication, LM head,
+reference swap; ``generation_total`` is the whole generation even where an async rollout hides it.
 
     step = predict_step(shape, layout, work, settings, rollout, SDPG_MCORE, Machine(hw, EFFICIENCY, 8))
     step.total, step.phases, step.tokens_per_s_per_gpu
@@ -51,6 +52,8 @@ class StepTime:
     generation: GenerationTime | None = None
     gpus: int = 1
     tokens: float = 0.0
+    train_micro_batches: int = 0
+    """Train-pass micro-batches per DP rank over the step's mini-batches."""
 
     @property
     def total(self) -> float:
@@ -68,6 +71,7 @@ class StepTime:
             "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "details": dict(self.details),
             "gpus": self.gpus,
+            "train_micro_batches": self.train_micro_batches,
         }
 
 
@@ -219,8 +223,14 @@ def predict_step(
         "dp_comm": passes.dp_comm,
         "lm_head": heads,
         "reference_swap": swap,
-        "train_micro_batches": float(passes.train.micro_batches),
     }
     gpus = layout.world_size + (0 if rollout.colocated else rollout.gpus)
     ordered = {name: phases[name] for name in PHASES if phases.get(name)}
-    return StepTime(phases=ordered, details=details, generation=gen, gpus=gpus, tokens=work.tokens)
+    return StepTime(
+        phases=ordered,
+        details=details,
+        generation=gen,
+        gpus=gpus,
+        tokens=work.tokens,
+        train_micro_batches=passes.train.micro_batches,
+    )

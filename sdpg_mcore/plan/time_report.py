@@ -34,6 +34,8 @@ class TimeRequest:
     assume: Assumptions = field(default_factory=Assumptions)
     search: bool = False
     scale: tuple[int, ...] = ()
+    scale_model_parallel: tuple[int, int, int] | None = None
+    """Keep this (tp, pp, cp) while scaling (``--tp/--pp/--cp`` given); None: search every layout."""
 
 
 def timing_inputs(recipe: dict, train: TrainingShape, world: int, req: TimeRequest) -> RecipeTiming:
@@ -95,7 +97,9 @@ def time_report(shape: ModelShape, train: TrainingShape, plan: Plan, recipe: dic
         out["search"] = [_ranked_dict(r) for r in ranked]
         out["why"] = why_best(ranked)
     if req.scale:
-        points = scaling(shape, train, timing, machine, plan.gpu_mem_bytes, list(req.scale))
+        points = scaling(
+            shape, train, timing, machine, plan.gpu_mem_bytes, list(req.scale), req.scale_model_parallel
+        )
         out["scaling"] = [
             {
                 "gpus": p.gpus,
