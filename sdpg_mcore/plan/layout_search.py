@@ -57,16 +57,26 @@ def rank_layouts(
     return sorted(out, key=lambda r: (r.step.total, r.plan.estimate.total))
 
 
-def why_best(ranked: list[Ranked], others: int = 2) -> list[str]:
-    """One line per runner-up: how much slower and the phases (and causes) that make the difference."""
+def why_best(ranked: list[Ranked], others: int = 2, planned=None) -> list[str]:
+    """One line per runner-up (and for the ``planned`` layout, wherever it ranks): how much slower and
+    the phases (and causes) that make the difference."""
     if len(ranked) < 2:
         return []
     best, lines = ranked[0], []
-    for other in ranked[1 : 1 + others]:
+    compared = ranked[1 : 1 + others]
+    where = [i for i, r in enumerate(ranked) if r.plan.layout == planned]
+    if where and where[0] > others:
+        compared.append(ranked[where[0]])
+    for other in compared:
         deltas = _differences(other.step, best.step)
         parts = ", ".join(f"{name} {delta:+.1f} s" for name, delta in deltas[:3])
+        rank = (
+            f" (#{ranked.index(other) + 1} of {len(ranked)}, the planned layout)"
+            if other.plan.layout == planned
+            else ""
+        )
         lines.append(
-            f"{best.label} beats {other.label} by {other.step.total - best.step.total:.1f} s: "
+            f"{best.label} beats {other.label}{rank} by {other.step.total - best.step.total:.1f} s: "
             f"{other.label} spends {parts}"
         )
     return lines

@@ -95,7 +95,7 @@ def time_report(shape: ModelShape, train: TrainingShape, plan: Plan, recipe: dic
     if req.search:
         ranked = rank_layouts(shape, train, timing, machine, world, plan.gpu_mem_bytes)
         out["search"] = [_ranked_dict(r) for r in ranked]
-        out["why"] = why_best(ranked)
+        out["why"] = why_best(ranked, planned=plan.layout)
     if req.scale:
         points = scaling(
             shape, train, timing, machine, plan.gpu_mem_bytes, list(req.scale), req.scale_model_parallel
