@@ -93,7 +93,7 @@ def logprob_spec(work: Workload, layout: Layout, settings: TrainSettings, impl: 
     head = work.row_len if impl.head_all_positions else work.lengths.mean
     return PassSpec(
         tokens=rows * work.row_len,
-        budget=settings.logprob_tokens,
+        budget=_student_budget(settings.logprob_tokens, work),
         context=work.attended_context(),
         head_tokens=rows * head,
         head_matmuls=1,
@@ -101,21 +101,25 @@ def logprob_spec(work: Workload, layout: Layout, settings: TrainSettings, impl: 
     )
 
 
+def _student_budget(budget: int, work: Workload) -> int:
+    """Student tokens per micro-batch when rows are planned on the (longer) teacher rows, as the step
+    plans them for SDPG: the budget times student / teacher row length."""
+    teacher_row = work.row_len + (work.teacher_extra_len if work.teacher_pass else 0.0)
+    return max(1, int(budget * work.row_len / teacher_row))
+
+
 def train_specs(
     work: Workload, layout: Layout, settings: TrainSettings, impl: Implementation
 ) -> tuple[PassSpec, PassSpec | None]:
-    """(train pass, teacher pass or None) of one mini-batch on a DP rank.
-
-    Micro-batches are planned on the longer of the student and teacher rows, so both passes run as many.
-    """
+    """(train pass, teacher pass or None) of one mini-batch on a DP rank; micro-batches are planned on
+    the longer of the student and teacher rows, so both passes run as many."""
     rows = work.rows_per_rank(layout.dp, impl.whole_groups)
     teacher_row = work.row_len + (work.teacher_extra_len if work.teacher_pass else 0.0)
-    budget = settings.micro_batch_tokens * work.row_len / teacher_row
     head = work.row_len if impl.head_all_positions else work.lengths.mean
     teach = work.teacher_pass
     train = PassSpec(
         tokens=rows * work.row_len,
-        budget=max(1, int(budget)),
+        budget=_student_budget(settings.micro_batch_tokens, work),
         context=work.attended_context(),
         head_tokens=rows * head,
         head_matmuls=impl.head_matmuls_train + (impl.head_matmuls_teacher if teach else 0),
