@@ -38,14 +38,21 @@ class TimeRequest:
     """Keep this (tp, pp, cp) while scaling (``--tp/--pp/--cp`` given); None: search every layout."""
 
 
-def timing_inputs(recipe: dict, train: TrainingShape, world: int, req: TimeRequest) -> RecipeTiming:
-    """The recipe's step on this cluster (caps, budget and recompute as the memory plan resolved them)."""
-    gpus = world if req.colocated else req.rollout_nodes * req.gpus_per_node
+def timing_inputs(recipe: dict, train: TrainingShape, plan: Plan, req: TimeRequest) -> RecipeTiming:
+    """The recipe's step on this cluster (caps, budget and recompute as the memory plan resolved them).
+
+    A colocated engine gets what the trainer leaves: the GPU less the training state that stays
+    resident while it generates (weights, gradients, optimizer states, reference copy, overhead).
+    """
+    gpus = plan.layout.world_size if req.colocated else req.rollout_nodes * req.gpus_per_node
     if gpus < 1:
         raise ValueError("--rollout-nodes must be >= 1 for a dedicated rollout (or use --rollout colocated)")
-    rollout = Rollout(
-        gpus=gpus, tp=req.rollout_tp, colocated=req.colocated, kv_memory_fraction=req.kv_memory_fraction
-    )
+    fraction = req.kv_memory_fraction
+    if req.colocated and plan.estimate is not None:
+        est = plan.estimate
+        resident = est.parameters + est.gradients + est.optimizer_states + est.reference_model + est.overhead
+        fraction = max(0.0, min(fraction, (plan.gpu_mem_bytes - resident) / req.hardware.memory_bytes))
+    rollout = Rollout(gpus=gpus, tp=req.rollout_tp, colocated=req.colocated, kv_memory_fraction=fraction)
     prompt_len = train.rollout_seq_len - (train.response_len or 0)
     return recipe_timing(
         recipe,
@@ -84,7 +91,7 @@ def _ranked_dict(r: Ranked) -> dict:
 def time_report(shape: ModelShape, train: TrainingShape, plan: Plan, recipe: dict, req: TimeRequest) -> dict:
     """``{"time": ..., "search": [...], "why": [...], "scaling": [...]}`` as requested (module docstring)."""
     world = plan.layout.world_size
-    timing = timing_inputs(recipe, train, world, req)
+    timing = timing_inputs(recipe, train, plan, req)
     machine = Machine(req.hardware, EFFICIENCY, req.gpus_per_node)
     out: dict = {}
     if plan.valid:
