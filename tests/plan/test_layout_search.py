@@ -95,3 +95,24 @@ def test_predict_is_deterministic_and_cached_generation_is_shared():
     a = predict_step(SHAPE, layout, TIMING.work, TIMING.settings, TIMING.rollout, TIMING.impl, MACHINE)
     b = predict_step(SHAPE, layout, TIMING.work, TIMING.settings, TIMING.rollout, TIMING.impl, MACHINE)
     assert a.phases == b.phases and a.generation is b.generation
+
+
+def test_a_colocated_engine_gets_what_the_resident_training_state_leaves():
+    from sdpg_mcore.plan.hardware import hardware
+    from sdpg_mcore.plan.layout import evaluate
+    from sdpg_mcore.plan.time_report import TimeRequest, time_report
+
+    recipe = yaml.safe_load((REPO / "examples/qwen3_4b/recipe.yaml").read_text())
+    shape = ModelShape.from_path(REPO / "examples/qwen3_4b/config.json")
+    train = TrainingShape(
+        micro_batch_tokens=6144, teacher_tokens=6144, rollout_seq_len=6144, response_len=4096
+    )
+    plan = evaluate(shape, Layout(1, 1, 1, 8), train, 8, 8, 80 * GIB)
+    req = TimeRequest(hardware("h100"), gpus_per_node=8, rollout_nodes=0, rollout_tp=1, colocated=True)
+    out = time_report(shape, train, plan, recipe, req)
+    est = plan.estimate
+    resident = est.parameters + est.gradients + est.optimizer_states + est.reference_model + est.overhead
+    rollout = out["time"]["assumed"]["rollout"]
+    assert rollout["colocated"] and rollout["gpus"] == 8
+    assert rollout["kv_memory_fraction"] == pytest.approx((80 * GIB - resident) / 80e9)
+    assert out["time"]["gpus"] == 8 and "state_offload" not in out["time"]["phases"]
