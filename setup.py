@@ -51,6 +51,7 @@ setup(
     packages=find_packages(
         include=["sdpg_mcore", "sdpg_mcore.*", "checkpoints_convert", "checkpoints_convert.*"]
     ),
+    package_data={"sdpg_mcore.plan": ["published_runs.json"]},  # the step-time model's validation data
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["sdpg-train=sdpg_mcore.cli:main"]},
