@@ -5,10 +5,11 @@
     python tools/bench_algos.py --out runs/b algorithm.beta=0.2                        # any trainer override
 
 The task (examples/tiny/bench_algos.yaml): one-digit ``a + b`` / ``a - b`` with the answer in
-``\\boxed{}``. The model is the tiny Qwen3 of ``tools/make_tiny_model.py``, warm-started once (shared by
-every run) mostly on *teacher* prompts, which state the answer: it learns the response format and to
-read the context, not the arithmetic, so the student starts near 10 % accuracy and the teacher near
-90 % — most GRPO groups are all wrong, and the self-teacher knows what the student does not.
+``\\boxed{}`` (``sdpg_mcore.data.arithmetic``). The model is the tiny Qwen3 of ``tools/make_tiny_model.py``
+(``sdpg_mcore.train.warm_start``), warm-started once (shared by every run) mostly on *teacher*
+prompts, which state the answer: it learns the response format and to read the context, not the
+arithmetic, so the student starts near 10 % accuracy and the teacher near 90 % — most GRPO groups are
+all wrong, and the self-teacher knows what the student does not.
 Held-out prompts are a separate sample of the same distribution (the problem space has 200 members,
 so the training prompts cover it: "held-out" means unseen prompts, not unseen problems).
 
@@ -27,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import resource
 import signal
 import subprocess
@@ -36,16 +36,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_tiny_model import arithmetic_problem, make_tiny_model, worked_response  # noqa: E402
-
-from sdpg_mcore.data.records import REFERENCE_CONTEXT_TEMPLATE, TEACHER_CONTEXT_TOKEN  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "tiny" / "bench_algos.yaml"
 ALGOS = ("sdpg", "grpo", "opsd", "rlsd")
-INSTRUCTION = "{question} Please reason step by step, and put your final answer within \\boxed{{}}."
 HELDOUT = "heldout"
 #: Mechanism metrics drawn and tabulated (key under ``mech/heldout/``, title).
 MECH = (
@@ -59,44 +53,6 @@ MECH = (
     ("kl_grad_cos_student", "cos(KL grad, student -log p(correct) grad)"),
     ("kl_grad_cos_teacher", "cos(KL grad, teacher -log p(correct) grad)"),
 )
-
-
-def task_record(question: str, answer: str, index: int, split: str) -> dict:
-    """One SDPG record (tools/prepare_data.py's shape) plus the worked reference response for the probe."""
-    content = (
-        INSTRUCTION.format(question=question)
-        + TEACHER_CONTEXT_TOKEN
-        + "\n\n"
-        + REFERENCE_CONTEXT_TEMPLATE.format(answer=answer)
-    )
-    return {
-        "data_source": "math_dapo",
-        "prompt": [{"role": "user", "content": content}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": answer},
-        "extra_info": {
-            "index": index,
-            "split": split,
-            "question": question,
-            "answer": answer,
-            "reference_response": worked_response(question, answer),
-        },
-    }
-
-
-def write_task(
-    out: Path, num_train: int, num_heldout: int, max_operand: int, seed: int = 1234
-) -> dict[str, Path]:
-    """Train and held-out JSON-lines files (separate seeded samples of the one-digit task)."""
-    paths = {}
-    for split, num, offset in (("train", num_train, 0), (HELDOUT, num_heldout, 1)):
-        rng = random.Random(seed + offset)
-        records = [task_record(*arithmetic_problem(rng, max_operand), i, split) for i in range(num)]
-        path = out / f"{split}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        paths[split] = path
-    return paths
 
 
 def run_dir(out: Path, algo: str, seed: int) -> Path:
@@ -370,15 +326,19 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] warm start (once, shared by every run)", flush=True)
         import torch
 
-        torch.set_num_threads(1)  # make_tiny_model is bit-exact single-threaded
-        make_tiny_model(
+        from sdpg_mcore.train.warm_start import warm_start_tiny_model
+
+        torch.set_num_threads(1)  # the warm start is bit-exact single-threaded
+        warm_start_tiny_model(
             out / "model",
             sft_steps=args.sft_steps,
             teacher_fraction=args.teacher_fraction,
             max_operand=args.max_operand,
         )
     warm = json.loads(warm_path.read_text())
-    write_task(out / "data", num_train=2048, num_heldout=args.num_heldout, max_operand=args.max_operand)
+    from sdpg_mcore.data.arithmetic import write_arithmetic_task
+
+    write_arithmetic_task(out / "data", {"train": 2048, HELDOUT: args.num_heldout}, args.max_operand)
     jobs = [(a, s) for s in seeds for a in algos]
     walls = run_all(out, jobs, args, args.overrides)
     k = 8

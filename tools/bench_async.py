@@ -41,6 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without install
+
+from sdpg_mcore.bench.async_runs import last10_accuracy, mean_or_nan, mode_name, report  # noqa: E402
+
 RECIPE = REPO / "examples" / "tiny" / "sdpg.yaml"
 
 
@@ -75,10 +78,6 @@ def _start_server(model_dir: Path, cpus: str | None, log_path: Path):
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"dev server not healthy after 600 s; see {log_path}")
-
-
-def mode_name(async_steps: int) -> str:
-    return "sync" if async_steps == 0 else f"async{async_steps}"
 
 
 def run_mode(args, async_steps: int, seed: int) -> dict:
@@ -165,64 +164,6 @@ def _assets(args) -> None:
         subprocess.run(cmd, check=True)
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
-
-
-def standard_error(values: list[float]) -> float:
-    """Standard error of the mean (nan for fewer than two values)."""
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-
-
-def _last10(run: dict) -> float:
-    return _mean(run["acc"][-10:])
-
-
-def summarise(runs: list[dict]) -> dict:
-    """One mode over its seeds: means of the per-seed figures, and the mean accuracy curve."""
-    curves = [r["acc"] for r in runs]
-    eval_steps = sorted(set.intersection(*(set(r.get("eval", {})) for r in runs)), key=int)
-    return {
-        "async_steps": runs[0]["async_steps"],
-        "seeds": [r["seed"] for r in runs],
-        "steps": min(r["steps"] for r in runs),
-        "step_s": _mean([r["step_s"] for r in runs]),
-        "step_s_median": statistics.median([r["step_s_median"] for r in runs]),
-        "acc": [_mean(list(step)) for step in zip(*curves)],
-        "acc_first10": _mean([_mean(r["acc"][:10]) for r in runs]),
-        "acc_last10": _mean([_last10(r) for r in runs]),
-        "eval": {step: _mean([r["eval"][step] for r in runs]) for step in eval_steps},
-        "version_lag_max": max(r["version_lag_max"] for r in runs),
-        "logprob_mismatch_mean": _mean([r["logprob_mismatch_mean"] for r in runs]),
-    }
-
-
-def report(per_seed: dict[str, list[dict]], pinning: str) -> dict:
-    """``per_seed[mode]`` = that mode's runs in seed order; the summary the table and JSON show."""
-    results = {name: summarise(runs) for name, runs in per_seed.items()}
-    sync = results["sync"]
-    for name, res in results.items():
-        if name == "sync":
-            continue
-        res["speedup"] = sync["step_s"] / res["step_s"]
-        diffs = [_last10(a) - _last10(s) for a, s in zip(per_seed[name], per_seed["sync"])]
-        res["acc_last10_diff"] = _mean(diffs)
-        res["acc_last10_diff_se"] = standard_error(diffs)
-        res["eval_diff"], res["eval_diff_se"] = {}, {}
-        for step in res["eval"]:
-            if step in sync["eval"]:
-                eval_diffs = [
-                    a["eval"][step] - s["eval"][step] for a, s in zip(per_seed[name], per_seed["sync"])
-                ]
-                res["eval_diff"][step] = _mean(eval_diffs)
-                res["eval_diff_se"][step] = standard_error(eval_diffs)
-    out = {"pinning": pinning, "results": results, "runs": per_seed}
-    first_async = next((r for n, r in results.items() if n != "sync"), None)
-    if first_async is not None:
-        out["speedup"] = first_async["speedup"]
-    return out
-
-
 def print_table(out: dict) -> None:
     lines = [f"pinning: {out['pinning']}", ""]
     header = f"{'mode':<8} {'seed':>5} {'steps':>5} {'s/step':>8} {'median':>8} {'acc 1-10':>9} {'acc last10':>10} {'lag max':>8} {'mismatch':>9}"
@@ -231,7 +172,7 @@ def print_table(out: dict) -> None:
         for r in runs:
             lines.append(
                 f"{name:<8} {r['seed']:>5} {r['steps']:>5} {r['step_s']:>8.3f} {r['step_s_median']:>8.3f} "
-                f"{_mean(r['acc'][:10]):>9.3f} {_last10(r):>10.3f} {r['version_lag_max']:>8.0f} {r['logprob_mismatch_mean']:>9.2e}"
+                f"{mean_or_nan(r['acc'][:10]):>9.3f} {last10_accuracy(r):>10.3f} {r['version_lag_max']:>8.0f} {r['logprob_mismatch_mean']:>9.2e}"
             )
     lines += [
         "",

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from sdpg_mcore.bench.memory import peak_extra_bytes  # noqa: E402
+
 TIME_TARGET, MEMORY_TARGET = 1.4, 1.2
 ALGORITHMS = ("grpo", "sdpg")
 
@@ -58,45 +60,6 @@ def lm_head_flops_fraction(shape) -> float:
     extra work (the teacher's logits in the fused KL head) lands, so what sets the SDPG/GRPO ratio."""
     head = shape.vocab_size * shape.hidden_size
     return head / (head + shape.num_layers * shape.layer_sharded_parameters())
-
-
-def _peak_extra_bytes(fn) -> tuple[int, str]:
-    """Peak live tensor bytes during one ``fn()``, above the level at its start, and how it was measured.
-
-    GPU: ``torch.cuda.max_memory_allocated()`` minus the level before. CPU: the same quantity summed
-    from the profiler's allocation and free events, so it is exact and blind to the C allocator's
-    caching (the resident set size it replaces moved by +-50% between identical runs). The profiler
-    only knows the size of blocks allocated while it runs, so it watches one call before the
-    measured one too: what that call leaves behind and the measured call frees is counted.
-    """
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, "cuda_max_allocated"
-    from torch._C._autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-        with record_function("measured_call"):
-            fn()
-    events = prof.profiler.kineto_results.events()
-    (measured,) = [e for e in events if e.name() == "measured_call"]
-    begin, end = measured.start_ns(), measured.start_ns() + measured.duration_ns()
-    live, start_level, peak = 0, None, 0
-    memory = [e for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
-    for event in sorted(memory, key=lambda e: e.start_ns()):
-        if event.start_ns() >= begin and start_level is None:
-            start_level = peak = live
-        if event.start_ns() > end:
-            break
-        live += event.nbytes()
-        if start_level is not None:
-            peak = max(peak, live)
-    return peak - (start_level if start_level is not None else live), "cpu_tensor_bytes"
 
 
 def _step_context(algo_name: str, model_dir: str, layout, args: argparse.Namespace):
@@ -168,7 +131,7 @@ def _bench_both(rank, world_size, model_dir: str, args_dict: dict) -> dict:
                     phases[name].setdefault(k[5:], []).append(v)
     results = {}
     for name in ALGORITHMS:  # more steps each, measured alone (the profiler would slow a timed one)
-        peak, kind = _peak_extra_bytes(lambda name=name: step(name))
+        peak, kind = peak_extra_bytes(lambda name=name: step(name))
         results[name] = {
             "step_s": statistics.median(times[name]),
             "phases_s": {k: statistics.median(v) for k, v in phases[name].items()},

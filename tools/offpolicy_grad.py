@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -45,11 +44,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_async import standard_error  # noqa: E402
-
 from sdpg_mcore.algo.advantages import grpo_advantages  # noqa: E402
 from sdpg_mcore.algo.config import SDPGConfig  # noqa: E402
 from sdpg_mcore.algo.losses import TokenInputs, sdpg_loss  # noqa: E402
+from sdpg_mcore.bench.offpolicy import bias_estimate, fresh_baseline_advantages, summarise_draws  # noqa: E402
 
 
 def load_model(model_dir: Path, weights_dir: Path):
@@ -142,17 +140,6 @@ class Sampler:
         }
 
 
-def fresh_baseline_advantages(data: dict, baseline: dict, n: int) -> torch.Tensor:
-    """``R - mean reward of the prompt's group in baseline`` (no std), for ``--advantages fresh-baseline``.
-
-    The baseline set is drawn from the policy independently of ``data``, so the advantage of a response
-    does not depend on the other responses of its group: importance weights can then make a stale
-    gradient exactly unbiased, and what the group-normalised advantages add to the bias shows apart."""
-    groups_G = torch.zeros(int(baseline["groups"].max()) + 1, dtype=torch.float64)
-    mean_G = groups_G.index_add(0, baseline["groups"], baseline["rewards"]) / n
-    return (data["rewards"] - mean_G[data["groups"]]).float()
-
-
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:
     for i, t in enumerate(row):
         if t in eos:
@@ -197,28 +184,6 @@ def term_grads(policy, sampler: Sampler, data: dict, corrections: list[tuple[str
             [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]
         ).double()
     return out
-
-
-def bias_estimate(f1: torch.Tensor, f2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> dict[str, float]:
-    """Squared bias of the stale gradient, its noise and the fresh one's, relative to the squared fresh
-    signal, and ``along``: the stale gradient's length along the fresh one (``<E g_s, E g_f> / |E g_f|^2``,
-    from products of independent halves, so without noise). ``along`` < 1 is a shorter step in the right
-    direction, as from a smaller learning rate; the rest of the bias, ``bias2 - (along - 1)^2``, points
-    elsewhere."""
-
-    def sq(x: torch.Tensor) -> float:
-        return float(x.dot(x))
-
-    noise_f, noise_s = sq(f1 - f2) / 4, sq(s1 - s2) / 4
-    signal = sq((f1 + f2) / 2) - noise_f  # = f1 . f2
-    bias2 = sq((s1 + s2) / 2 - (f1 + f2) / 2) - noise_f - noise_s
-    return {
-        "bias2": bias2 / signal,
-        "along": float((s1 + s2).dot(f1 + f2)) / 4 / signal,
-        "noise": noise_s / signal,
-        "noise_fresh": noise_f / signal,
-        "signal_norm": max(signal, 0.0) ** 0.5,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             f1, f2 = (g[fresh_key] for g in g_fresh)
             results[_name(key)].append(bias_estimate(f1, f2, *(g[key] for g in g_stale)))
         print(f"draw {rep + 1}/{a.repeats} done", file=sys.stderr, flush=True)
-    summary = {name: _summarise(runs) for name, runs in results.items()}
+    summary = {name: summarise_draws(runs) for name, runs in results.items()}
     print(
         f"{'term / correction':<26} {'|grad|':>8} {'bias^2/signal (se)':>22} {'along (se)':>16} "
         f"{'noise/signal':>13} {'fresh noise':>12}"
@@ -298,14 +263,6 @@ def _name(key) -> str:
         return "kl none"
     _, correction, cap = key
     return f"pg {correction}" + (f" cap {cap:g}" if correction != "none" else "")
-
-
-def _summarise(runs: list[dict]) -> dict[str, float]:
-    """Mean of each number over the draws; standard errors of the bias and of ``along``."""
-    out = {key: statistics.fmean(r[key] for r in runs) for key in runs[0]}
-    for key in ("bias2", "along"):
-        out[f"{key}_se"] = standard_error([r[key] for r in runs])
-    return out
 
 
 if __name__ == "__main__":

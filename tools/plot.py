@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
 #: (metric key, panel title) in drawing order.
 PANELS = (
     ("reward_mean", "reward"),
@@ -52,19 +54,6 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average over ``window`` points (1 = raw), so early points are not shifted."""
-    if window <= 1:
-        return list(values)
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
 def summarize(records: list[dict], window: int) -> dict[str, float | int | None]:
     """Mean of each panel metric over the first and the last ``window`` steps."""
     summary: dict[str, float | int | None] = {"steps": len(records)}
@@ -84,6 +73,8 @@ def plot_runs(runs: dict[str, list[dict]], out: Path, smooth_window: int = 1) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sdpg_mcore.bench.stats import trailing_mean
+
     panels = [(k, t) for k, t in PANELS if any(series(r, k)[1] for r in runs.values())]
     if not panels:
         raise ValueError(f"none of {', '.join(k for k, _ in PANELS)} was logged by {', '.join(runs)}")
@@ -92,7 +83,7 @@ def plot_runs(runs: dict[str, list[dict]], out: Path, smooth_window: int = 1) ->
         for label, records in runs.items():
             steps, values = series(records, key)
             if values:
-                ax.plot(steps, smooth(values, smooth_window), label=label, linewidth=1.5)
+                ax.plot(steps, trailing_mean(values, smooth_window), label=label, linewidth=1.5)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

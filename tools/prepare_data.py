@@ -35,7 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from sdpg_mcore.data.arithmetic import arithmetic_problem  # noqa: E402
 from sdpg_mcore.data.records import (  # noqa: E402
+    DEFAULT_INSTRUCTION_TEMPLATE,
     REFERENCE_CONTEXT_TEMPLATE,
     TEACHER_CONTEXT_TOKEN,
     DataError,
@@ -43,7 +45,6 @@ from sdpg_mcore.data.records import (  # noqa: E402
     validate_messages,
 )
 
-DEFAULT_INSTRUCTION = "{question} Please reason step by step, and put your final answer within \\boxed{{}}."
 RAW_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
@@ -147,21 +148,6 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def _evaluate(operands: list[int], operators: list[str]) -> int:
-    """Integer value with the usual precedence (``*`` before ``+``/``-``), without ``eval``."""
-    terms, signs = [operands[0]], []
-    for op, value in zip(operators, operands[1:]):
-        if op == "*":
-            terms[-1] *= value
-        else:
-            terms.append(value)
-            signs.append(op)
-    total = terms[0]
-    for sign, term in zip(signs, terms[1:]):
-        total = total + term if sign == "+" else total - term
-    return total
-
-
 def synthetic_arithmetic(
     num: int, rng: random.Random, num_operands: int = 2, max_digits: int = 1, operators: str = "+-"
 ) -> list[dict[str, str]]:
@@ -172,14 +158,9 @@ def synthetic_arithmetic(
         raise ValueError(f"--max-digits={max_digits}: must lie in [1, 6]")
     if not operators or set(operators) - set("+-*"):
         raise ValueError(f"--operators={operators!r}: use a non-empty subset of '+-*'")
-    high = 10**max_digits - 1
-    pairs = []
-    for _ in range(num):
-        operands = [rng.randint(0, high) for _ in range(num_operands)]
-        ops = [rng.choice(operators) for _ in range(num_operands - 1)]
-        expression = str(operands[0]) + "".join(f" {op} {value}" for op, value in zip(ops, operands[1:]))
-        pairs.append({"question": f"What is {expression}?", "answer": str(_evaluate(operands, ops))})
-    return pairs
+    options = dict(num_operands=num_operands, max_operand=10**max_digits - 1, operators=operators)
+    problems = (arithmetic_problem(rng, **options) for _ in range(num))
+    return [{"question": question, "answer": answer} for question, answer in problems]
 
 
 def _with_context(messages: list[dict[str, Any]], context: str, keep: bool) -> list[dict[str, Any]]:
@@ -360,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fmt = p.add_argument_group("record format")
     fmt.add_argument(
-        "--instruction-template", default=DEFAULT_INSTRUCTION, help="student text; {question} is replaced"
+        "--instruction-template",
+        default=DEFAULT_INSTRUCTION_TEMPLATE,
+        help="student text; {question} is replaced",
     )
     fmt.add_argument(
         "--context-template",

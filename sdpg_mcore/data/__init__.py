@@ -18,6 +18,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "sdpg_mcore.data.arithmetic": [
+        "arithmetic_problem",
+        "arithmetic_record",
+        "worked_response",
+        "write_arithmetic_task",
+    ],
     "sdpg_mcore.data.loading": ["load_record_file", "load_records"],
     "sdpg_mcore.data.prompts": [
         "PromptConfig",
@@ -30,6 +36,7 @@ _EXPORTS = {
     "sdpg_mcore.data.records": [
         "ANSWER_COLON_INSTRUCTION",
         "BOXED_INSTRUCTION",
+        "DEFAULT_INSTRUCTION_TEMPLATE",
         "REFERENCE_CONTEXT_TEMPLATE",
         "TEACHER_CONTEXT_TOKEN",
         "DataError",

@@ -27,6 +27,12 @@ REFERENCE_CONTEXT_TEMPLATE = (
     "Use this to verify your reasoning, but show your full solution process."
 )
 
+#: The default student instruction (``{question}`` is the problem): the wording of Qwen's math prompts,
+#: which the tiny tokenizer knows and the boxed scorers read.
+DEFAULT_INSTRUCTION_TEMPLATE = (
+    "{question} Please reason step by step, and put your final answer within \\boxed{{}}."
+)
+
 #: The reference's answer-format instructions (DAPO-Math prompts carry the first); ``answer_format=boxed``
 #: swaps it for the second at load time, as the reference's dataset does.
 ANSWER_COLON_INSTRUCTION = (

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_testlib import make_assets
 
 from sdpg_mcore.parallel.spawn import spawn_ranks
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "train"))
-from launch_testlib import make_assets  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +201,7 @@ def test_kill9_mid_save_leaves_no_process_and_the_run_restarts_at_once(assets, t
 def test_two_single_process_runs_need_no_shared_port(tmp_path):
     """Each single-process trainer rendezvouses in-process: no fixed port (29500) to collide on."""
     code = (
-        f"import os, sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "import sys\n"
         "from sdpg_mcore.parallel import state\n"
         "state.initialize_distributed(); import torch.distributed as dist\n"
         "print(dist.get_world_size(), flush=True); sys.stdin.read()\n"

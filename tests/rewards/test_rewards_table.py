@@ -9,10 +9,10 @@ final answer); the tests below list it rather than hide it.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from trap_cases import CORRECT, TABLE, TRAPS
 
 from sdpg_mcore.rewards import (
     boxed_score,
@@ -21,9 +21,6 @@ from sdpg_mcore.rewards import (
     resolve_reward_fn,
     score_math_answer,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from trap_cases import CORRECT, TABLE, TRAPS  # noqa: E402
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "reference_scores.json").read_text())
 REGENERATE = "regenerate it: see tests/make_reference_fixtures.py (--only rewards)"

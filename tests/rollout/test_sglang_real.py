@@ -6,11 +6,11 @@ Slow (each real server takes 24-35 s to start on 2 cores, TP2 two processes): ``
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import require_real_sglang, start_servers
+from launch_testlib import launch_overrides, make_assets, train_rank
 from test_contract import assert_serves, hf_tensors
 
 from sdpg_mcore.rollout.http import http_json
@@ -18,8 +18,6 @@ from sdpg_mcore.rollout.sglang_launch import check_servers
 from sdpg_mcore.rollout.weight_sync import DistributedWeightSync, weight_versions
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "train"))
-from launch_testlib import launch_overrides, make_assets, train_rank  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

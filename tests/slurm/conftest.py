@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from local_slurm import LocalSlurm, SlurmUnavailable  # noqa: E402
+from local_slurm import LocalSlurm, SlurmUnavailable
 
 
 @pytest.fixture(scope="session")

@@ -1,47 +1,22 @@
-"""tools/bench_algos.py: the task files load as SDPG prompts, and the summary is the seeds' mean ± std."""
+"""tools/bench_algos.py: the summary of finished runs is the seeds' mean ± std (table, JSON, figure).
+
+The task files are ``sdpg_mcore.data.arithmetic``'s (tests/data/test_data_arithmetic.py)."""
 
 import json
 import math
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import bench_algos  # noqa: E402
-
-
-def test_task_records_split_into_student_and_teacher_prompts(tmp_path):
-    from sdpg_mcore.data import PromptConfig, load_prompt_dataset
-    from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
-
-    paths = bench_algos.write_task(tmp_path, num_train=20, num_heldout=6, max_operand=4)
-    tok = build_tiny_tokenizer("qwen")
-    data = load_prompt_dataset([str(paths["heldout"])], tok, PromptConfig(max_prompt_length=96))
-    assert len(data) == 6
-    for i in range(len(data)):
-        p = data.batch([i])[0]
-        question, answer = p.extra_info["question"], p.extra_info["answer"]
-        a, op, b = question.removeprefix("What is ").removesuffix("?").split()
-        assert 0 <= int(a) <= 4 and 0 <= int(b) <= 4
-        assert int(answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-        assert p.ground_truth == answer
-        assert p.extra_info["reference_response"].endswith(f"\\boxed{{{answer}}}.")
-        student, teacher = tok.decode(p.student_ids), tok.decode(p.teacher_ids)
-        assert f"The correct answer to this problem is: {answer}" in teacher
-        assert "correct answer" not in student and teacher.startswith(student.split("<|im_end|>")[0])
-    train = [json.loads(x) for x in paths["train"].read_text().splitlines()]
-    held = [json.loads(x) for x in paths["heldout"].read_text().splitlines()]
-    assert len(train) == 20 and [r["extra_info"]["question"] for r in train[:6]] != [
-        r["extra_info"]["question"] for r in held
-    ]
+TOOL = REPO / "tools" / "bench_algos.py"
 
 
 def _fake_run(out, algo, seed, accs, interval=5):
-    rdir = bench_algos.run_dir(out, algo, seed)
+    rdir = out / "runs" / f"{algo}_s{seed}"  # where the tool keeps each run
     rdir.mkdir(parents=True)
     rows = []
     for i, acc in enumerate(accs):
@@ -64,7 +39,13 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     for algo, accs in finals.items():
         for seed, final in enumerate(accs):
             _fake_run(tmp_path, algo, seed, [0.1, 0.05 * seed, final])
-    summary = bench_algos.summarize(tmp_path, ["sdpg", "grpo"], [0, 1, 2], k=8)
+    json_path = tmp_path / "bench.json"
+    json_path.write_text("{}")  # --report-only rewrites a finished bench's summary
+    cmd = [sys.executable, str(TOOL), "--out", str(tmp_path), "--algos", "sdpg,grpo", "--seeds", "0,1,2"]
+    proc = subprocess.run([*cmd, "--report-only", "--json", str(json_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(json_path.read_text())
+    summary = result["algos"]
     for algo, accs in finals.items():
         e = summary[algo]
         assert e["final_acc"] == accs
@@ -74,11 +55,11 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
         assert math.isnan(e["final_kl_incorrect_mean"])  # never logged
         assert e["seeds"]["2"]["curve"]["step"] == [5, 10, 15]
         assert e["seeds"]["2"]["curve"]["acc"] == [0.1, 0.1, accs[2]]
-    g = bench_algos.goal(summary)
+    g = result["goal"]
     assert g["sdpg_minus_grpo"] == pytest.approx(0.4) and g["sdpg_worst_seed"] == 0.5 and g["met"]
-    table = bench_algos.table(summary, 3)
+    table = proc.stdout
     assert "| sdpg | 0.600 ± 0.100 |" in table and "| grpo | 0.200 ± 0.100 |" in table
-    bench_algos.plot(summary, tmp_path / "bench.png")
+    assert "mean ± std over 3 seeds" in table
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
@@ -88,7 +69,7 @@ def test_bench_end_to_end_two_algorithms(tmp_path):
     import subprocess
 
     out = tmp_path / "b"
-    cmd = [sys.executable, str(REPO / "tools" / "bench_algos.py"), "--out", str(out), "--algos", "sdpg,grpo"]
+    cmd = [sys.executable, str(TOOL), "--out", str(out), "--algos", "sdpg,grpo"]
     cmd += ["--seeds", "0", "--steps", "2", "--sft-steps", "20", "--num-heldout", "4", "eval.interval=2"]
     subprocess.run(cmd, check=True, cwd=REPO, timeout=900, capture_output=True)
     result = json.loads((out / "bench.json").read_text())

@@ -1,51 +1,25 @@
+"""tools/make_tiny_model.py: the command makes a loadable model and prints its measurements."""
+
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import make_tiny_model as mtm  # noqa: E402
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_tiny_model.py"
 
 
-def test_makes_loadable_deterministic_model(tmp_path):
-    torch.set_num_threads(1)
-    a = mtm.make_tiny_model(tmp_path / "a", seed=3, sft_steps=4, batch_size=4, eval_prompts=4)
-    b = mtm.make_tiny_model(tmp_path / "b", seed=3, sft_steps=4, batch_size=4, eval_prompts=4)
-    for key in ("student_acc_t1", "teacher_acc_t1", "final_sft_loss"):
-        assert a[key] == b[key]
-    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["model_type"] == "qwen3" and config["eos_token_id"] is not None
-    assert json.loads((tmp_path / "a" / "warmstart.json").read_text())["sft_steps"] == 4
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
-    assert len(tok) <= model.config.vocab_size
-    prompt = mtm.render(tok, "What is 2 + 3?", None)
-    assert prompt.endswith("<|im_start|>assistant\n") and "\\boxed{}" in prompt
-    assert "The correct answer to this problem is: 5" in mtm.render(tok, "What is 2 + 3?", "5")
-
-
-def test_batch_labels_cover_only_the_response():
-    import random
-
-    from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer("qwen")
-    ids, mask, labels = mtm.sft_batch(tok, random.Random(0), 3, teacher_fraction=0.0)
-    for row in range(3):
-        target = tok.decode(labels[row][labels[row] >= 0])
-        assert target.startswith(tuple("0123456789")) and target.endswith("}.<|im_end|>")
-        assert mask[row].sum() == (ids[row] != tok.pad_token_id).sum()
-
-
-def test_boxed_answer():
-    assert mtm.boxed_answer("3 + 4 = 7. The answer is \\boxed{7}.") == "7"
-    assert mtm.boxed_answer("\\boxed{1} then \\boxed{-2}") == "-2"
-    assert mtm.boxed_answer("no box") is None
+def test_cli_writes_the_model_and_prints_its_measurements(tmp_path):
+    out = tmp_path / "m"
+    cmd = [sys.executable, str(TOOL), "--out", str(out), "--sft-steps", "2", "--batch-size", "2"]
+    proc = subprocess.run(
+        [*cmd, "--eval-prompts", "2", "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["sft_steps"] == 2 and 0.0 <= stats["student_acc_t1"] <= 1.0
+    assert stats == {**json.loads((out / "warmstart.json").read_text())}
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    help_text = subprocess.run(
+        [sys.executable, str(TOOL), "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--teacher-fraction" in help_text.stdout

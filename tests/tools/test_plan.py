@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,9 +26,17 @@ from sdpg_mcore.plan import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
 
-import plan as plan_cli  # noqa: E402  (tools/plan.py)
+
+def run_plan(argv: list[str]) -> int:
+    """``tools/plan.py`` as a command: its exit status; its output goes to this test's (``capsys``)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plan.py"), *argv], capture_output=True, text=True, timeout=300
+    )
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return proc.returncode
+
 
 VARIANTS = [
     ("llama", {}),
@@ -336,7 +345,7 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     out = tmp_path / "plan.json"
     config = str(REPO / "examples/llama3_70b/config.json")
     common = ["--config", config, "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--json", str(out)]
-    assert plan_cli.main([*common, "--nodes", "4", "--max-response-len", "8192"]) == 0
+    assert run_plan([*common, "--nodes", "4", "--max-response-len", "8192"]) == 0
     result = json.loads(out.read_text())
     assert result["num_parameters"] == 70_553_706_496
     assert result["fits"] is True
@@ -344,12 +353,12 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     assert result["per_gpu_bytes"]["total"] <= 80 * GIB
     assert "peak" in capsys.readouterr().out
 
-    assert plan_cli.main([*common, "--nodes", "1", "--tp", "8"]) == 1
+    assert run_plan([*common, "--nodes", "1", "--tp", "8"]) == 1
     assert json.loads(out.read_text())["fits"] is False
-    assert plan_cli.main([*common, "--nodes", "2", "--tp", "16"]) == 2  # TP across nodes
-    assert plan_cli.main([*common, "--nodes", "1", "--tp", "3"]) == 2  # does not divide 8 GPUs
+    assert run_plan([*common, "--nodes", "2", "--tp", "16"]) == 2  # TP across nodes
+    assert run_plan([*common, "--nodes", "1", "--tp", "3"]) == 2  # does not divide 8 GPUs
     assert "does not divide" in capsys.readouterr().err
-    assert plan_cli.main(["--config", str(tmp_path / "missing.json")]) == 2
+    assert run_plan(["--config", str(tmp_path / "missing.json")]) == 2
 
 
 def test_cli_reads_a_recipe(tmp_path):
@@ -368,7 +377,7 @@ def test_cli_reads_a_recipe(tmp_path):
         "--json",
         str(out),
     ]
-    assert plan_cli.main(common) == 0
+    assert run_plan(common) == 0
     result = json.loads(out.read_text())
     assert result["num_parameters"] == 70_553_706_496  # from examples/llama3_70b/config.json
     assert result["layout"] == {"tp": 8, "pp": 2, "cp": 1, "dp": 2}
@@ -377,7 +386,7 @@ def test_cli_reads_a_recipe(tmp_path):
     # The teacher states of every response of the rank's mini-batch share (128 / DP2) x 8192 tokens x H.
     assert result["per_gpu_bytes"]["teacher_states"] == 64 * 8192 * 8192 * 2
     # PP4 leaves DP1: one rank keeps all 128 responses' teacher states (16 GiB) and no longer fits.
-    assert plan_cli.main([*common, "--recompute", "none", "--tp", "8", "--pp", "4"]) == 1
+    assert run_plan([*common, "--recompute", "none", "--tp", "8", "--pp", "4"]) == 1
     result = json.loads(out.read_text())
     assert result["layout"]["pp"] == 4 and result["training"]["recompute"] == "none"
     assert result["per_gpu_bytes"]["teacher_states"] == 128 * 8192 * 8192 * 2 and not result["fits"]
@@ -386,8 +395,7 @@ def test_cli_reads_a_recipe(tmp_path):
     assert advice.startswith("trainer.teacher_states=host fits: TP8 PP4 CP1 DP1 at 68.80 GiB per GPU")
     assert "16.00 GiB per GPU, 128.0 GiB per last-stage node of 8 GPUs" in advice
     assert (
-        plan_cli.main([*common, "--recompute", "none", "--tp", "8", "--pp", "4", "--teacher-states", "host"])
-        == 0
+        run_plan([*common, "--recompute", "none", "--tp", "8", "--pp", "4", "--teacher-states", "host"]) == 0
     )
     result = json.loads(out.read_text())
     assert result["training"]["teacher_states"] == "host" and result["advice"] == []
@@ -409,9 +417,9 @@ def test_recipe_teacher_states_reach_the_plan(tmp_path):
     shutil.copy(REPO / "examples/llama3_70b/config.json", tmp_path / "config.json")
     out = tmp_path / "plan.json"
     common = ["--config", str(tmp_path / "recipe.yaml"), "--nodes", "4", "--json", str(out)]
-    assert plan_cli.main(common) == 0
+    assert run_plan(common) == 0
     per_gpu = json.loads(out.read_text())["per_gpu_bytes"]
     assert per_gpu["teacher_states"] == 10240 * 8192 * 2 and per_gpu["teacher_states_host"] == 8 * GIB
-    assert plan_cli.main([*common, "--teacher-states", "device"]) == 0
+    assert run_plan([*common, "--teacher-states", "device"]) == 0
     per_gpu = json.loads(out.read_text())["per_gpu_bytes"]
     assert per_gpu["teacher_states"] == 8 * GIB and per_gpu["teacher_states_host"] == 0

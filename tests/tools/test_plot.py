@@ -1,3 +1,5 @@
+"""tools/plot.py: figure, table and JSON summary of runs (the smoothing: tests/bench/test_bench_stats.py)."""
+
 import json
 import subprocess
 import sys
@@ -6,8 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import plot  # noqa: E402
+TOOL = ROOT / "tools" / "plot.py"
 
 
 def _write_run(path: Path, slope: float, steps: int = 20) -> Path:
@@ -37,7 +38,7 @@ def test_plot_two_runs_writes_png_and_table(tmp_path):
     b = _write_run(tmp_path / "grpo", 0.0)
     out = tmp_path / "cmp.png"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "plot.py"), str(a), str(b), "--out", str(out), "--smooth", "3"],
+        [sys.executable, str(TOOL), str(a), str(b), "--out", str(out), "--smooth", "3"],
         capture_output=True,
         text=True,
         check=True,
@@ -46,23 +47,21 @@ def test_plot_two_runs_writes_png_and_table(tmp_path):
     assert "sdpg" in proc.stdout and "grpo" in proc.stdout and "acc_last" in proc.stdout
 
 
-def test_summary_first_vs_last(tmp_path, capsys):
+def test_summary_first_vs_last(tmp_path):
     run = _write_run(tmp_path / "r", 0.02)
-    assert plot.main([str(run), "--json", "--window", "10"]) == 0
-    data = json.loads(capsys.readouterr().out)["runs"]["r"]
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(run), "--json", "--window", "10"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)["runs"]["r"]
     assert data["steps"] == 20
     assert data["acc_first"] == pytest.approx(0.2 + 0.02 * 5.5)
     assert data["acc_last"] == pytest.approx(0.2 + 0.02 * 15.5)
 
 
-def test_smooth_is_trailing_mean():
-    assert plot.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert plot.smooth([1.0, 2.0], 1) == [1.0, 2.0]
-
-
 def test_missing_run_is_a_clear_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "plot.py"), str(tmp_path / "nope")],
+        [sys.executable, str(TOOL), str(tmp_path / "nope")],
         capture_output=True,
         text=True,
     )

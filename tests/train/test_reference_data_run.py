@@ -93,7 +93,7 @@ def _teacher_prompts(assets, tmp_path, *extra):
     from sdpg_mcore.train.trainer import load_prompts
 
     cfg = load_config(REPO / "examples" / "tiny" / "sdpg.yaml", _overrides(assets, tmp_path / "x", *extra))
-    tokenizer = build_tiny_tokenizer("qwen")  # the tiny model's tokenizer (tools/make_tiny_model.py)
+    tokenizer = build_tiny_tokenizer("qwen")  # the tiny model's tokenizer (sdpg_mcore.train.warm_start)
     return load_prompts(cfg, cfg.data.train_files, tokenizer, needs_teacher=True), tokenizer
 
 
@@ -156,10 +156,9 @@ def _compare_with_the_reference(dataset, tok, filter_overlong: bool) -> None:
 
 @pytest.mark.slow
 def test_tiny_run_drops_and_reports_the_overlong_prompt(assets, tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import make_tiny_model
+    from sdpg_mcore.train.warm_start import warm_start_tiny_model
 
-    make_tiny_model.make_tiny_model(assets / "model", seed=0, sft_steps=3, batch_size=4, eval_prompts=2)
+    warm_start_tiny_model(assets / "model", seed=0, sft_steps=3, batch_size=4, eval_prompts=2)
     log = tmp_path / "warnings.log"
     spawn_ranks(_train_logged, 1, args=(_overrides(assets, tmp_path / "run", "trainer.total_steps=2"), str(log)),
                 timeout_s=300)  # fmt: skip

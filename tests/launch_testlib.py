@@ -1,4 +1,7 @@
-"""Helpers for tests that launch the trainer as a real process: tiny assets, overrides, env, waits."""
+"""Helpers for tests that launch the trainer as a real process: tiny assets, overrides, env, waits.
+
+Shared by the test directories (train, faults, rollout, tools): pytest puts ``tests/`` on the import
+path (``pythonpath`` in pyproject.toml), so every test imports it by name."""
 
 import json
 import os
@@ -9,17 +12,16 @@ from pathlib import Path
 
 from sdpg_mcore.parallel.spawn import find_free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "tiny" / "sdpg.yaml"
 
 
 def make_assets(root: Path, *, sft_steps: int = 0, num_train: int = 32) -> Path:
     """A tiny model (random init, plus ``sft_steps`` warm-start steps: seconds) and a small arithmetic
     data set of ``num_train`` prompts under ``root``."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import make_tiny_model
+    from sdpg_mcore.train.warm_start import warm_start_tiny_model
 
-    make_tiny_model.make_tiny_model(root / "model", seed=0, sft_steps=sft_steps, batch_size=4, eval_prompts=2)
+    warm_start_tiny_model(root / "model", seed=0, sft_steps=sft_steps, batch_size=4, eval_prompts=2)
     subprocess.run(
         [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--synthetic", "arithmetic"]
         + [

@@ -1,0 +1,19 @@
+"""Statistics of benchmark results."""
+
+import math
+import statistics
+
+import pytest
+
+from sdpg_mcore.bench.stats import standard_error, trailing_mean
+
+
+def test_smooth_is_trailing_mean():
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert trailing_mean([1.0, 2.0], 1) == [1.0, 2.0]
+
+
+def test_standard_error_of_the_mean():
+    values = [0.1, 0.4, 0.2, 0.7]
+    assert standard_error(values) == pytest.approx(statistics.stdev(values) / 2)
+    assert math.isnan(standard_error([0.3]))
