@@ -34,25 +34,13 @@ ALGORITHMS = ("grpo", "sdpg")
 
 
 def _batch(args):
-    from sdpg_mcore.train.batch import Response
+    """The fixed scored batch both algorithms train on: ``--prompts`` groups of ``--n``."""
+    from sdpg_mcore.audit.synthetic import synthetic_responses
 
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(args.prompts * args.n):
-        prompt = torch.randint(5, args.vocab - 1, (args.prompt_len,), generator=g).tolist()
-        context = torch.randint(5, args.vocab - 1, (args.context_len,), generator=g).tolist()
-        out.append(
-            Response(
-                group=i // args.n,
-                prompt_ids=prompt,
-                teacher_prompt_ids=prompt + context,
-                response_ids=torch.randint(5, args.vocab - 1, (args.response_len,), generator=g).tolist(),
-                rollout_logprobs=[-1.0] * args.response_len,
-                reward=float(i % 3 == 0),
-                acc=float(i % 3 == 0),
-            )
-        )
-    return out
+    return synthetic_responses(
+        args.prompts, args.n, vocab_size=args.vocab - 1, prompt_len=args.prompt_len,
+        context_len=args.context_len, response_len=args.response_len,
+    )  # fmt: skip
 
 
 def lm_head_flops_fraction(shape) -> float:
@@ -63,10 +51,11 @@ def lm_head_flops_fraction(shape) -> float:
 
 
 def _step_context(algo_name: str, model_dir: str, layout, args: argparse.Namespace):
+    """A fresh policy of ``model_dir`` and the trainer's step context for ``algo_name``'s defaults."""
     from sdpg_mcore import algo
+    from sdpg_mcore.audit.synthetic import synthetic_step_context
     from sdpg_mcore.config import OptimizerConfig
-    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
-    from sdpg_mcore.train.step import StepContext
+    from sdpg_mcore.train.model_setup import build_policy
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -80,19 +69,10 @@ def _step_context(algo_name: str, model_dir: str, layout, args: argparse.Namespa
         vocab_size=args.vocab,
         chunk_size=args.chunk_size,
     )
-    algorithm = algo.get_algorithm(algo_name)
-    return StepContext(
-        policy=policy,
-        reference=ReferenceWeights(policy, "cpu_swap", model_dir, layout, dtype),
-        algorithm=algorithm,
-        loss_cfg=algorithm.config_cls(),
-        layout=layout,
-        temperature=1.0,
-        token_budget=args.token_budget,
-        mini_batch_groups=args.mini_batch_prompts,
-        total_steps=100,
-        pad_id=0,
-    )
+    return synthetic_step_context(
+        policy, layout, algo.get_algorithm(algo_name).config_cls(), reference_dir=model_dir,
+        token_budget=args.token_budget, mini_batch_groups=args.mini_batch_prompts, total_steps=100,
+    )  # fmt: skip
 
 
 def _bench_both(rank, world_size, model_dir: str, args_dict: dict) -> dict:
@@ -142,7 +122,23 @@ def _bench_both(rank, world_size, model_dir: str, args_dict: dict) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+SHAPE_KEYS = (
+    "hidden",
+    "layers",
+    "vocab",
+    "prompts",
+    "n",
+    "prompt_len",
+    "response_len",
+    "context_len",
+    "bf16",
+    "mini_batch_prompts",
+    "token_budget",
+    "chunk_size",
+)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -166,68 +162,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one step of each algorithm)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this path")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _model_dir(args: argparse.Namespace, tmp: str) -> str:
+    """``--model``, whose vocabulary then sets ``args.vocab``; else a random tiny Qwen3 of the given sizes."""
+    if args.model is not None:
+        from transformers import AutoConfig
+
+        args.vocab = AutoConfig.from_pretrained(args.model).vocab_size
+        return args.model
     from sdpg_mcore.models.tiny import save_tiny_hf_model
-    from sdpg_mcore.parallel.spawn import spawn_ranks
-    from sdpg_mcore.plan.shape import ModelShape
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            heads = max(2, args.hidden // 32)
-            model_dir = str(
-                save_tiny_hf_model(
-                    Path(tmp) / "m",
-                    "qwen3",
-                    hidden_size=args.hidden,
-                    num_hidden_layers=args.layers,
-                    vocab_size=args.vocab,
-                    num_attention_heads=heads,
-                    num_key_value_heads=max(1, heads // 2),
-                    head_dim=32,
-                    intermediate_size=3 * args.hidden,
-                )
-            )
-        else:
-            from transformers import AutoConfig
+    heads = max(2, args.hidden // 32)
+    return str(
+        save_tiny_hf_model(
+            Path(tmp) / "m",
+            "qwen3",
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            vocab_size=args.vocab,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=32,
+            intermediate_size=3 * args.hidden,
+        )
+    )
 
-            args.vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-        model_config = json.loads((Path(model_dir) / "config.json").read_text())
-        head_fraction = lm_head_flops_fraction(ModelShape.from_hf_config(model_config))
-        results = spawn_ranks(_bench_both, 1, args=(model_dir, vars(args)), timeout_s=3600)[0]
-    ratio_t = results["sdpg"]["step_s"] / results["grpo"]["step_s"]
-    ratio_m = results["sdpg"]["peak_extra_mb"] / max(results["grpo"]["peak_extra_mb"], 1e-9)
-    report = {
-        "results": results,
-        "time_ratio": ratio_t,
-        "memory_ratio": ratio_m,
-        "time_target": TIME_TARGET,
-        "memory_target": MEMORY_TARGET,
-        "lm_head_flops_fraction": head_fraction,
-        "model_config": model_config,  # for tools/plan.py --against-bench
-        "shape": {
-            k: getattr(args, k)
-            for k in (
-                "hidden",
-                "layers",
-                "vocab",
-                "prompts",
-                "n",
-                "prompt_len",
-                "response_len",
-                "context_len",
-                "bf16",
-                "mini_batch_prompts",
-                "token_budget",
-                "chunk_size",
-            )
-        },
-    }
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+def _print_table(report: dict) -> None:
+    results, ratio_t, ratio_m = report["results"], report["time_ratio"], report["memory_ratio"]
     phases = sorted({p for r in results.values() for p in r["phases_s"]})
-    sys.stdout.write(f"LM head: {head_fraction:.1%} of the per-token matmul FLOPs\n")
+    sys.stdout.write(f"LM head: {report['lm_head_flops_fraction']:.1%} of the per-token matmul FLOPs\n")
     sys.stdout.write(f"{'':14}{'grpo':>12}{'sdpg':>12}{'ratio':>10}\n")
     g, s = results["grpo"], results["sdpg"]
     sys.stdout.write(
@@ -240,6 +206,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{'peak MB':14}{g['peak_extra_mb']:12.1f}{s['peak_extra_mb']:12.1f}{ratio_m:10.2f}  target <= {MEMORY_TARGET}"
         f"  ({g['memory_kind']})\n"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    from sdpg_mcore.parallel.spawn import spawn_ranks
+    from sdpg_mcore.plan.shape import ModelShape
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = _model_dir(args, tmp)
+        model_config = json.loads((Path(model_dir) / "config.json").read_text())
+        head_fraction = lm_head_flops_fraction(ModelShape.from_hf_config(model_config))
+        results = spawn_ranks(_bench_both, 1, args=(model_dir, vars(args)), timeout_s=3600)[0]
+    report = {
+        "results": results,
+        "time_ratio": results["sdpg"]["step_s"] / results["grpo"]["step_s"],
+        "memory_ratio": results["sdpg"]["peak_extra_mb"] / max(results["grpo"]["peak_extra_mb"], 1e-9),
+        "time_target": TIME_TARGET,
+        "memory_target": MEMORY_TARGET,
+        "lm_head_flops_fraction": head_fraction,
+        "model_config": model_config,  # for tools/plan.py --against-bench
+        "shape": {k: getattr(args, k) for k in SHAPE_KEYS},
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    _print_table(report)
     return 0
 
 

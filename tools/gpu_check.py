@@ -111,31 +111,21 @@ def stage_head_fp64(cpu: bool) -> dict:
     return head_fp64_report(heads, n, h, v, _device(cpu), HEAD_TOL_CPU if cpu else HEAD_TOL_GPU)
 
 
-def _step_responses(vocab: int, tokenizer_len: int, prompts: int, n: int, lengths: tuple[int, int, int]):
-    import torch
-
-    from sdpg_mcore.train.batch import Response
+def _step_responses(vocab: int, lengths: tuple[int, int, int]) -> list:
+    """4 groups of 4 synthetic responses (``sdpg_mcore.audit.synthetic``): prompts below a tokenizer
+    300 ids shorter than ``vocab``, each response's last id the config's last row."""
+    from sdpg_mcore.audit.synthetic import synthetic_responses
 
     prompt_len, context_len, response_len = lengths
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(prompts * n):
-        prompt = torch.randint(5, tokenizer_len, (prompt_len,), generator=g).tolist()
-        context = torch.randint(5, tokenizer_len, (context_len,), generator=g).tolist()
-        response = torch.randint(5, vocab, (response_len,), generator=g).tolist()
-        response[-1] = vocab - 1  # a row past the tokenizer: the head must normalise over config rows
-        out.append(
-            Response(
-                group=i // n,
-                prompt_ids=prompt,
-                teacher_prompt_ids=prompt + context,
-                response_ids=response,
-                rollout_logprobs=[-1.0] * response_len,
-                reward=float(i % 3 == 0),
-                acc=float(i % 3 == 0),
-            )
-        )
-    return out
+    batch = synthetic_responses(
+        4, 4, vocab_size=vocab, prompt_vocab_size=vocab - 300, prompt_len=prompt_len,
+        context_len=context_len, response_len=response_len,
+    )  # fmt: skip
+    for response in batch:
+        response.response_ids[-1] = (
+            vocab - 1
+        )  # a row past the tokenizer: the head must normalise over config rows
+    return batch
 
 
 def _sdpg_step_run(model_dir: str, cpu: bool, vocab: int) -> dict:
@@ -144,11 +134,12 @@ def _sdpg_step_run(model_dir: str, cpu: bool, vocab: int) -> dict:
     import torch
 
     from sdpg_mcore import algo
+    from sdpg_mcore.audit.synthetic import synthetic_step_context
     from sdpg_mcore.config import OptimizerConfig
     from sdpg_mcore.parallel import state
     from sdpg_mcore.parallel.spawn import find_free_port
-    from sdpg_mcore.train.model_setup import ReferenceWeights, build_policy
-    from sdpg_mcore.train.step import StepContext, run_step
+    from sdpg_mcore.train.model_setup import build_policy
+    from sdpg_mcore.train.step import run_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0", WORLD_SIZE="1")
     os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -161,24 +152,14 @@ def _sdpg_step_run(model_dir: str, cpu: bool, vocab: int) -> dict:
         overlap_grad_reduce=True, overlap_param_gather=True, gradient_accumulation_fusion=True,
     )  # fmt: skip
     progress(f"policy built on {policy.device}")
-    algorithm = algo.get_algorithm("sdpg")
-    reference = ReferenceWeights(policy, "cpu_swap", model_dir, layout, torch.bfloat16)
+    ctx = synthetic_step_context(  # the trainer's rule: the reference weights through pinned host memory
+        policy, layout, algo.SDPGConfig(), reference_dir=model_dir, token_budget=2048 if cpu else 8192,
+        mini_batch_groups=2, total_steps=10,
+    )  # fmt: skip
     _sync(cpu)
     progress("reference weights in pinned host memory")
-    ctx = StepContext(
-        policy=policy,
-        reference=reference,
-        algorithm=algorithm,
-        loss_cfg=algorithm.config_cls(),
-        layout=layout,
-        temperature=1.0,
-        token_budget=2048 if cpu else 8192,
-        mini_batch_groups=2,
-        total_steps=10,
-        pad_id=0,
-    )
     lengths = (16, 8, 24) if cpu else (128, 64, 512)
-    batch = _step_responses(vocab, vocab - 300, prompts=4, n=4, lengths=lengths)
+    batch = _step_responses(vocab, lengths)
     out = {"device": str(policy.device), "head_causal_mask": policy.head.causal_mask, "steps": []}
     for step in (1, 2):
         if not cpu:

@@ -19,7 +19,7 @@ CPU build aborts on a few paths. :class:`FakeCuda` is a hybrid built around that
   is translated into the equivalent ``aten`` view / index ops.
 
 Autograd through fake CUDA tensors aborts this CPU build, so audits run forward passes under
-``torch.no_grad()`` and call backward formulas directly (see ``tools/device_audit.py``).
+``torch.no_grad()`` and call backward formulas directly (see ``sdpg_mcore.audit.fake_step``).
 
     audit = FakeCuda()
     with audit:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sdpg_mcore.algo.config import TeacherWeights
 from sdpg_mcore.config import OptimizerConfig
 from sdpg_mcore.models.builder import unwrap_model
 from sdpg_mcore.models.spec import resolve_use_te
@@ -268,7 +269,7 @@ class ReferenceWeights:
     resident (no copies, twice the weight memory; ``tools/plan.py`` says whether it fits).
     """
 
-    def __init__(self, policy: Policy, mode: str, model_path, layout, dtype: torch.dtype):
+    def __init__(self, policy: Policy, mode: str, model_path, layout, dtype: torch.dtype | None):
         self.mode = mode
         self._policy = policy
         if mode == "cpu_swap":
@@ -296,3 +297,13 @@ class ReferenceWeights:
             yield self._policy.chunks
         finally:
             self._swap.exchange()
+
+
+def reference_weights(
+    policy: Policy, needs, mode: str, model_path, layout, dtype: torch.dtype | None
+) -> ReferenceWeights | None:
+    """The frozen initial policy when the algorithm reads it (``needs``: its ``AlgorithmNeeds``): for
+    reference log-probs or as the frozen-reference teacher; None otherwise. ``model_path`` and
+    ``dtype`` build the ``separate_model`` copy (unused by ``cpu_swap``)."""
+    frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
+    return ReferenceWeights(policy, mode, model_path, layout, dtype) if frozen else None

@@ -48,9 +48,10 @@ class StepContext:
     mini_batch_groups: int
     total_steps: int
     pad_id: int
-    pad_multiple: int = 1
-    """Pad each micro-batch's length to this multiple (TP under sequence parallelism); context
-    parallelism adds its own ``2 * cp`` (and ``cp * pad_multiple``) on top."""
+    pad_multiple: int | None = None
+    """Pad each micro-batch's length to this multiple; None: the policy's own (TP when its head runs
+    under sequence parallelism, else 1). Context parallelism adds its own ``2 * cp`` (and
+    ``cp * pad_multiple``) on top."""
     teacher_states: str = "device"
     """Where the sdpg teacher states wait for the train pass: device | host (``trainer.teacher_states``)."""
     needs: algo.AlgorithmNeeds = field(init=False)
@@ -61,6 +62,8 @@ class StepContext:
     """The pinned host buffer of the teacher states (``teacher_states="host"``), reused every mini-batch."""
 
     def __post_init__(self) -> None:
+        if self.pad_multiple is None:  # the sequence-parallel head splits each row across TP ranks
+            self.pad_multiple = self.layout.tp if self.policy.head.sequence_parallel else 1
         self.needs = self.loss_cfg.needs()
         t = self.needs.teacher_temperature
         self.teacher_temperature = self.temperature if t is None else t

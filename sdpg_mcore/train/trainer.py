@@ -32,14 +32,13 @@ import torch
 import torch.distributed as dist
 
 from sdpg_mcore import algo
-from sdpg_mcore.algo.config import TeacherWeights
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
 from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
 from sdpg_mcore.train import async_rollout, health, mechanism
 from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.batch import Response
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
-from sdpg_mcore.train.model_setup import Policy, ReferenceWeights, build_policy
+from sdpg_mcore.train.model_setup import Policy, build_policy, reference_weights
 from sdpg_mcore.train.progress import StepProgress, setup_logging
 from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses, check_reachable
 from sdpg_mcore.train.step import StepContext, run_step
@@ -268,11 +267,8 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
     needs = cfg.algorithm.needs()
     tokenizer, dataset, sampler = _data(cfg, needs.teacher_prompt)
     policy = _policy(cfg, layout)
-    frozen = needs.ref_logprobs or needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
-    reference = (
-        ReferenceWeights(policy, cfg.trainer.reference_weights, cfg.model.path, layout, _dtype(cfg))
-        if frozen
-        else None
+    reference = reference_weights(
+        policy, needs, cfg.trainer.reference_weights, cfg.model.path, layout, _dtype(cfg)
     )
     start = _resume(cfg, policy, sampler)
     session = _rollout_session(cfg, run_dir) if rank0 else None
@@ -304,7 +300,6 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         mini_batch_groups=cfg.data.mini_batch_prompts,
         total_steps=cfg.trainer.total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        pad_multiple=layout.tp if policy.head.sequence_parallel else 1,
         teacher_states=cfg.trainer.teacher_states,
     )
     evals = {Path(f).stem: load_prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}

@@ -1,4 +1,5 @@
-"""``tools/device_audit.py``: one SDPG step on a fake GPU is clean, and the audit sees what it must.
+"""``tools/device_audit.py`` (``sdpg_mcore.audit.device_audit``): one SDPG step on a fake GPU is clean,
+and the audit sees what it must.
 
 Each audit runs in a fresh interpreter (it owns the process group and patches Megatron for the
 audit's lifetime).
@@ -19,9 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 def _audit(tmp_path: Path, prelude: str = "", teacher_states: str = "device") -> dict:
     out = tmp_path / "audit.json"
     code = (
-        "import sys; sys.path.insert(0, 'tools'); import device_audit, json\n"
+        "import json\nfrom sdpg_mcore.audit.device_audit import run_audit\n"
         f"{prelude}\n"
-        f"r = device_audit.run_audit('sdpg', {teacher_states!r}); open({str(out)!r}, 'w').write(json.dumps(r))\n"
+        f"r = run_audit('sdpg', {teacher_states!r}); open({str(out)!r}, 'w').write(json.dumps(r))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-3000:]

@@ -1,28 +1,18 @@
-"""Shared pieces of the step-level tests: a fixed scored batch and an fp64 Hugging Face reference."""
+"""Shared pieces of the step-level tests: a fixed scored batch and the step context (both from the
+package's one builder, ``sdpg_mcore.audit.synthetic``), and an fp64 Hugging Face reference."""
 
 import torch
 
 
 def fixed_responses():
-    """8 responses in 4 groups of 2 (rewards [1,0], [0,1], [0,0], [1,0]), student and teacher prompts."""
-    from sdpg_mcore.train.batch import Response
+    """8 responses in 4 groups of 2 (rewards [1,0], [0,1], [0,0], [1,0]), student and teacher prompts,
+    rollout log-probs that differ from the trainer's; token ids in [5, 290) of the tiny model's 301."""
+    from sdpg_mcore.audit.synthetic import synthetic_responses
 
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(8):
-        n = 3 + i % 3
-        out.append(
-            Response(
-                group=i // 2,
-                prompt_ids=torch.randint(5, 290, (4 + i % 4,), generator=g).tolist(),
-                teacher_prompt_ids=torch.randint(5, 290, (7 + i % 3,), generator=g).tolist(),
-                response_ids=torch.randint(5, 290, (n,), generator=g).tolist(),
-                rollout_logprobs=(-torch.rand(n, generator=g)).tolist(),
-                reward=float((i * 7) % 3 == 0),
-                acc=float((i * 7) % 3 == 0),
-            )
-        )
-    return out
+    return synthetic_responses(
+        4, 2, vocab_size=290, prompt_len=(4, 5, 6, 7), context_len=(7, 8, 9), response_len=(3, 4, 5),
+        random_logprobs=True,
+    )  # fmt: skip
 
 
 def hf_log_softmax(hf_dir, responses, *, teacher: bool, temperature: float):
@@ -51,19 +41,11 @@ def hf_token_stats(hf_dir, responses, *, teacher: bool, temperature: float):
 
 
 def step_context(policy, hf_dir, layout, loss_cfg, **fields):
-    """The ``StepContext`` of the step tests: the tiny model's policy, ``loss_cfg``'s algorithm, the
-    reference weights swapped in from ``hf_dir`` when the algorithm reads them, pad id 0, a 40-token
-    budget, two groups per mini-batch; ``fields`` override any of it (temperature, total_steps, ...)."""
-    from sdpg_mcore import algo
-    from sdpg_mcore.train.model_setup import ReferenceWeights
-    from sdpg_mcore.train.step import StepContext
+    """The ``StepContext`` of the step tests (the trainer's, ``sdpg_mcore.audit.synthetic``): the tiny
+    model's policy, ``loss_cfg``'s algorithm, the reference weights of ``hf_dir`` when the algorithm
+    reads them, pad id 0, a 40-token budget, two groups per mini-batch; ``fields`` override any of it
+    (temperature, total_steps, ...)."""
+    from sdpg_mcore.audit.synthetic import synthetic_step_context
 
-    algorithm = algo.algorithm_of(loss_cfg)
-    needs = loss_cfg.needs()
-    frozen = needs.ref_logprobs or needs.teacher_weights is algo.TeacherWeights.FROZEN_REFERENCE
-    reference = ReferenceWeights(policy, "cpu_swap", hf_dir, layout, torch.float32) if frozen else None
     defaults = dict(temperature=0.9, token_budget=40, mini_batch_groups=2, total_steps=4, pad_id=0)
-    return StepContext(
-        policy=policy, reference=reference, algorithm=algorithm, loss_cfg=loss_cfg, layout=layout,
-        **{**defaults, **fields},
-    )  # fmt: skip
+    return synthetic_step_context(policy, layout, loss_cfg, reference_dir=hf_dir, **{**defaults, **fields})

@@ -56,7 +56,6 @@ def _one_step(rank, world_size, hf_dir, cp, agg_mode, tp=1, pp=1, short=False, t
         layout,
         algo.SDPGConfig(beta=0.05, alpha=1e-2, loss_agg_mode=agg_mode),
         token_budget=48,
-        pad_multiple=layout.tp if policy.head.sequence_parallel else 1,  # as the trainer sets it
         teacher_states=teacher_states,
     )
     metrics = run_step(ctx, 1, _responses(short))
