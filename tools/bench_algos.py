@@ -282,7 +282,7 @@ def report(out: Path, json_path: Path, algos: list[str], seeds: list[int]) -> in
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -309,19 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only re-summarize the finished runs under --out (keeps the JSON's wall and CPU time)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value trainer overrides for every run")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # -> run_all stops its runs first
-    began = time.perf_counter()
-    out = args.out.resolve()
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    unknown = sorted(set(algos) - set(ALGOS) - {"dapo"})
-    if unknown:
-        parser.error(f"--algos: unknown {unknown}; choose from {ALGOS + ('dapo',)}")
-    json_path = args.json or out / "bench.json"
-    if args.report_only:
-        return report(out, json_path, algos, seeds)
-    warm_path = out / "model" / "warmstart.json"
+    return parser
+
+
+def _warm_start(out: Path, args: argparse.Namespace) -> dict:
+    """The shared warm-started model under ``OUT/model`` (made once); its measurements."""
     if not (out / "model" / "model.safetensors").exists():
         print("[bench] warm start (once, shared by every run)", flush=True)
         import torch
@@ -335,7 +327,24 @@ def main(argv: list[str] | None = None) -> int:
             teacher_fraction=args.teacher_fraction,
             max_operand=args.max_operand,
         )
-    warm = json.loads(warm_path.read_text())
+    return json.loads((out / "model" / "warmstart.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # -> run_all stops its runs first
+    began = time.perf_counter()
+    out = args.out.resolve()
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    unknown = sorted(set(algos) - set(ALGOS) - {"dapo"})
+    if unknown:
+        parser.error(f"--algos: unknown {unknown}; choose from {ALGOS + ('dapo',)}")
+    json_path = args.json or out / "bench.json"
+    if args.report_only:
+        return report(out, json_path, algos, seeds)
+    warm = _warm_start(out, args)
     from sdpg_mcore.data.arithmetic import write_arithmetic_task
 
     write_arithmetic_task(out / "data", {"train": 2048, HELDOUT: args.num_heldout}, args.max_operand)
