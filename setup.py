@@ -23,22 +23,24 @@ INSTALL_REQUIRES = [
     "psutil>=5.9",  # dist_checkpointing hangs on save without it
     "math-verify>=0.7",
     "aiohttp>=3.9",
-    "requests>=2.31",
     "sglang-router>=0.2",  # the real router; pure Rust/Python wheel, runs without torch
     "matplotlib>=3.8",
-    "wandb>=0.18",  # metrics sink; offline mode when there is no API key
     "numpy>=1.26",
 ]
 
 TRITON = "triton>=3.3"  # the fused KL head's kernels; tested with 3.9.0 (interpreter and sm_90/sm_80 builds)
+# Optional metrics sink: train/metrics_log.py imports it in one place and skips wandb when it is missing;
+# offline mode when there is no API key.
+WANDB = ["wandb>=0.18"]
 
 EXTRAS = {
-    # triton in dev: the kernels' tests run on CPU under Triton's interpreter (~290 MB wheel, ~30 s)
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", TRITON],
+    # triton in dev: the kernels' tests run on CPU under Triton's interpreter (~290 MB wheel, ~30 s);
+    # wandb in dev: the tests run it offline
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", TRITON, *WANDB],
     "triton": [TRITON],  # CUDA torch wheels bring it already
     "sglang": ["sglang>=0.5.21", "sglang-router>=0.2"],  # weight-update sessions; checked at start-up
     "te": ["transformer-engine[pytorch]>=2.0"],
-    "wandb": ["wandb>=0.18"],
+    "wandb": WANDB,
 }
 
 setup(

@@ -86,10 +86,6 @@ def register_reward(name: str, fn: RewardFn, *, prefix: bool = False) -> None:
     (_BY_PREFIX if prefix else _BY_NAME)[name] = fn
 
 
-def registered_rewards() -> list[str]:
-    return sorted(_BY_NAME) + sorted(f"{p}*" for p in _BY_PREFIX)
-
-
 def _registered(data_source: str) -> RewardFn | None:
     if data_source in _BY_NAME:
         return _BY_NAME[data_source]

@@ -18,7 +18,6 @@ from sdpg_mcore.rollout.client import (
     RolloutError,
     RolloutMetrics,
     Sample,
-    logprob_drift,
 )
 from sdpg_mcore.rollout.protocol import SamplingParams
 from sdpg_mcore.rollout.servers import MemoryOccupation, RolloutServers, ServerConfig, ServerStartError
@@ -52,6 +51,5 @@ __all__ = [
     "WeightSync",
     "WeightSyncError",
     "check_weight_versions",
-    "logprob_drift",
     "make_weight_sync",
 ]

@@ -100,17 +100,6 @@ class RolloutMetrics:
         return {**asdict(self), "output_tokens_per_s": self.output_tokens_per_s}
 
 
-def logprob_drift(rollout: Sequence[Sequence[float]], trainer: Sequence[Sequence[float]]) -> dict[str, float]:
-    """Per-token |rollout log-prob - trainer log-prob| over all responses: the engine/trainer mismatch
-    to log every step (mean and max; SDPG.md §7). Lists are aligned per response, token by token."""
-    if len(rollout) != len(trainer) or any(len(a) != len(b) for a, b in zip(rollout, trainer)):
-        raise ValueError("rollout and trainer log-probs must have the same number of responses and tokens")
-    diffs = [abs(a - b) for ra, tb in zip(rollout, trainer) for a, b in zip(ra, tb)]
-    if not diffs:
-        return {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0}
-    return {"logprob_diff_mean": sum(diffs) / len(diffs), "logprob_diff_max": max(diffs)}
-
-
 def sample_seed(seed: int, prompt_index: int, sample_index: int, batch_index: int = 0) -> int:
     """A per-sample ``sampling_seed`` that depends only on its coordinates, never on scheduling."""
     return (seed * 1_000_003 + batch_index * 7_919_993 + prompt_index * 1_009 + sample_index) % (1 << 62)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from sdpg_mcore import algo
 from sdpg_mcore.algo.config import TeacherSignal, TeacherWeights
-from sdpg_mcore.train import batch as B
+from sdpg_mcore.train import batch as batching
 from sdpg_mcore.train.forward import hidden_pass, logprob_pass, train_pass
 from sdpg_mcore.train.metrics_log import PhaseTimer
 from sdpg_mcore.train.teacher_states import HostTeacherStates, host_store, state_rows
@@ -79,19 +79,21 @@ def _collective_groups():
 def _plan_count(ctx: StepContext, responses, groups_per_rank: list[list[int]], with_teacher: bool) -> int:
     """Micro-batches every DP rank runs: the most any rank needs (all compute the same plans)."""
     return max(
-        B.num_micro_batches(
-            responses, B.rows_of_groups(responses, g), ctx.token_budget, with_teacher=with_teacher
+        batching.num_micro_batches(
+            responses, batching.rows_of_groups(responses, g), ctx.token_budget, with_teacher=with_teacher
         )
         for g in groups_per_rank
     )
 
 
-def _micro_batches(ctx: StepContext, responses, groups_per_rank: list[list[int]]) -> list[B.MicroBatch]:
+def _micro_batches(
+    ctx: StepContext, responses, groups_per_rank: list[list[int]]
+) -> list[batching.MicroBatch]:
     """This rank's micro-batches over its groups (``groups_per_rank[dp_rank]``), equal in count on all DP ranks."""
     lay, with_teacher = ctx.layout, ctx.needs.teacher_prompt
     count = _plan_count(ctx, responses, groups_per_rank, with_teacher)
-    rows = B.rows_of_groups(responses, groups_per_rank[lay.dp_rank])
-    mbs = B.build_micro_batches(
+    rows = batching.rows_of_groups(responses, groups_per_rank[lay.dp_rank])
+    mbs = batching.build_micro_batches(
         responses,
         rows,
         ctx.token_budget,
@@ -101,16 +103,16 @@ def _micro_batches(ctx: StepContext, responses, groups_per_rank: list[list[int]]
         # CP: 2*cp equal chunks per row, and each rank's S/cp divisible by the SP multiple.
         pad_multiple=math.lcm(2 * lay.cp, lay.cp * ctx.pad_multiple) if lay.cp > 1 else ctx.pad_multiple,
     )
-    return [B.shard_for_cp(mb, lay.cp, lay.cp_rank).to(ctx.policy.device) for mb in mbs]
+    return [batching.shard_for_cp(mb, lay.cp, lay.cp_rank).to(ctx.policy.device) for mb in mbs]
 
 
-def step_tokens(per_row: dict[str, dict[int, torch.Tensor]], mb: B.MicroBatch) -> B.StepTokens:
+def step_tokens(per_row: dict[str, dict[int, torch.Tensor]], mb: batching.MicroBatch) -> batching.StepTokens:
     """The micro-batch's per-token tensors from the step's per-row values (all on its device)."""
 
     def rows(key: str) -> torch.Tensor | None:
-        return B.gather_rows(per_row[key], mb) if key in per_row else None
+        return batching.gather_rows(per_row[key], mb) if key in per_row else None
 
-    return B.StepTokens(
+    return batching.StepTokens(
         advantages_N=rows("adv"),
         old_logprob_N=rows("old"),
         rollout_logprob_N=rows("rollout"),
@@ -140,13 +142,13 @@ def token_inputs(mb, kl_N, logprob_N, entropy_N) -> algo.TokenInputs:
     )
 
 
-def run_step(ctx: StepContext, step: int, responses: list[B.Response]) -> dict[str, float]:
+def run_step(ctx: StepContext, step: int, responses: list[batching.Response]) -> dict[str, float]:
     """Train one step on ``responses`` (the same on every rank); returns its metrics (complete on rank 0)."""
     timer, lay = PhaseTimer(), ctx.layout
     dp_cp_group, pp_group = _collective_groups()
     num_groups = max(r.group for r in responses) + 1
     # plans[rank][m]: the groups DP rank ``rank`` trains on in mini-batch m.
-    plans = [B.dp_groups(num_groups, lay.dp, rank, ctx.mini_batch_groups) for rank in range(lay.dp)]
+    plans = [batching.dp_groups(num_groups, lay.dp, rank, ctx.mini_batch_groups) for rank in range(lay.dp)]
     all_mbs = _micro_batches(ctx, responses, [[g for mini in p for g in mini] for p in plans])
     per_row = _logprob_passes(ctx, responses, all_mbs, timer)
     loss_metrics: dict[str, float] = {}  # filled where the loss is computed (last pipeline stage)
@@ -198,7 +200,9 @@ def _logprob_passes(ctx: StepContext, responses, mbs, timer: PhaseTimer) -> dict
     return per_row
 
 
-def _with_inputs(ctx: StepContext, mbs: list[B.MicroBatch], per_row: dict) -> list[B.MicroBatch]:
+def _with_inputs(
+    ctx: StepContext, mbs: list[batching.MicroBatch], per_row: dict
+) -> list[batching.MicroBatch]:
     """The micro-batches with their per-token tensors (and, under CP, their per-row token counts)."""
     out = []
     for mb in mbs:
@@ -212,7 +216,7 @@ def _with_inputs(ctx: StepContext, mbs: list[B.MicroBatch], per_row: dict) -> li
     return out
 
 
-def _normalisers(ctx: StepContext, mbs: list[B.MicroBatch]) -> algo.LossNormalisers:
+def _normalisers(ctx: StepContext, mbs: list[batching.MicroBatch]) -> algo.LossNormalisers:
     """The mini-batch's global loss denominators: token and sequence counts all-reduced over DP x CP
     (one all-reduce of four device counts, then the one host read of the mini-batch)."""
     lay, cfg = ctx.layout, ctx.loss_cfg
@@ -253,7 +257,7 @@ def _update(ctx: StepContext, step: int, mbs, per_row: dict | None, scalars: dic
     return sums, grad_norm, lr
 
 
-def _teacher_keeper(ctx: StepContext, mbs: list[B.MicroBatch]):
+def _teacher_keeper(ctx: StepContext, mbs: list[batching.MicroBatch]):
     """Where ``hidden_pass`` leaves each micro-batch's teacher states: the host buffer, or None (the device)."""
     if ctx.host_states is None:
         return None
@@ -272,7 +276,7 @@ def micro_batch_loss(ctx: StepContext, norms, step: int, scalars: dict, mb, kl_N
 
 
 def _scatter(values, mbs, responses):
-    return None if values is None else B.scatter_rows(values, mbs, responses)
+    return None if values is None else batching.scatter_rows(values, mbs, responses)
 
 
 def _host_token_values(responses, per_row, kl_coef: float, device: torch.device) -> float | None:
@@ -298,8 +302,8 @@ def _host_token_values(responses, per_row, kl_coef: float, device: torch.device)
     rollout_N = torch.tensor([lp for i in rows for lp in responses[i].rollout_logprobs], dtype=torch.float32)
     if rollout_N.numel() != adv_N.numel():
         raise ValueError("rollout_logprobs must hold one log-prob per response token")
-    stop_N = torch.cat([B.stop_token_mask(responses[i]) for i in rows]).float()
-    adv_N, rollout_N, stop_N = B.to_device(torch.stack([adv_N, rollout_N, stop_N]), device)
+    stop_N = torch.cat([batching.stop_token_mask(responses[i]) for i in rows]).float()
+    adv_N, rollout_N, stop_N = batching.to_device(torch.stack([adv_N, rollout_N, stop_N]), device)
     per_row["adv"] = dict(zip(rows, adv_N.split(lengths)))
     per_row["rollout"] = dict(zip(rows, rollout_N.split(lengths)))
     per_row["stop"] = dict(zip(rows, (stop_N > 0.5).split(lengths)))

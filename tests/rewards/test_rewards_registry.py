@@ -6,8 +6,8 @@ from sdpg_mcore.rewards import (
     RewardFunctionError,
     compute_score,
     load_reward_fn,
+    math_dapo_score,
     register_reward,
-    registered_rewards,
     resolve_reward_fn,
     reward_fn_for,
 )
@@ -29,7 +29,7 @@ def test_dispatch_exact_prefix_default():
     assert calls == [("unit_test_source", {"k": 1}), ("unit_test_prefix_v2", None)]
     assert reward_fn_for("never_registered") is reward_fn_for("math")
     assert reward_fn_for("openai/gsm8k") is gsm8k_score
-    assert "unit_test_prefix*" in registered_rewards() and "math_strict" in registered_rewards()
+    assert reward_fn_for("unit_test_prefix") is custom and reward_fn_for("math_strict") is math_dapo_score
     assert resolve_reward_fn(None).func is compute_score and resolve_reward_fn("auto").func is compute_score
 
 

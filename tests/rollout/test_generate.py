@@ -8,11 +8,32 @@ import time
 import pytest
 import torch
 
-from sdpg_mcore.rollout.client import ClientConfig, RolloutClient, logprob_drift
+from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
 from sdpg_mcore.rollout.http import http_json
 from sdpg_mcore.rollout.protocol import SamplingParams
 from sdpg_mcore.rollout.servers import MemoryOccupation
 from sdpg_mcore.rollout.weight_sync import flush_caches
+
+
+def logprob_drift(rollout: list[list[float]], trainer: list[list[float]]) -> dict[str, float]:
+    """Per-token |rollout log-prob - reference log-prob| over all responses (mean and max); the lists are
+    aligned per response, token by token. (The trainer logs its own per-step ``logprob_mismatch``.)"""
+    if len(rollout) != len(trainer) or any(len(a) != len(b) for a, b in zip(rollout, trainer)):
+        raise ValueError("rollout and trainer log-probs must have the same number of responses and tokens")
+    diffs = [abs(a - b) for ra, tb in zip(rollout, trainer) for a, b in zip(ra, tb)]
+    if not diffs:
+        return {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0}
+    return {"logprob_diff_mean": sum(diffs) / len(diffs), "logprob_diff_max": max(diffs)}
+
+
+def test_logprob_drift():
+    assert logprob_drift([[-1.0, -2.0]], [[-1.5, -2.0]]) == {
+        "logprob_diff_mean": 0.25,
+        "logprob_diff_max": 0.5,
+    }
+    with pytest.raises(ValueError, match="same number"):
+        logprob_drift([[-1.0]], [[-1.0, -2.0]])
+
 
 PROMPTS = [[5, 17, 42, 8], [3, 9], [100, 101, 102, 103, 104, 105], [7]]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sdpg_mcore.rollout.client import logprob_drift, sample_seed
+from sdpg_mcore.rollout.client import sample_seed
 from sdpg_mcore.rollout.engine import sample_token
 from sdpg_mcore.rollout.protocol import SamplingParams, parse_dtype_name
 
@@ -73,12 +73,3 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_seed_depends_only_on_coordinates():
     assert sample_seed(3, 1, 2) == sample_seed(3, 1, 2)
     assert len({sample_seed(3, i, j, b) for i in range(4) for j in range(4) for b in range(3)}) == 48
-
-
-def test_logprob_drift():
-    assert logprob_drift([[-1.0, -2.0]], [[-1.5, -2.0]]) == {
-        "logprob_diff_mean": 0.25,
-        "logprob_diff_max": 0.5,
-    }
-    with pytest.raises(ValueError, match="same number"):
-        logprob_drift([[-1.0]], [[-1.0, -2.0]])
