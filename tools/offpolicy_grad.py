@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run from a checkout without install
 
 from sdpg_mcore.algo.advantages import grpo_advantages  # noqa: E402
 from sdpg_mcore.algo.config import SDPGConfig  # noqa: E402
