@@ -25,6 +25,8 @@ def test_recipe_validates_and_scripts_parse():
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # the README's first command learns: .ci/run runs it after the default suite
+@pytest.mark.timeout(1200)  # the run's own limit below, not the suite's 600 s
 def test_tiny_example_accuracy_rises(tmp_path):
     """End to end as a new user runs it (fresh model and data): acc(last 10) >= acc(first 10) + 0.1, KL > 0."""
     env = {

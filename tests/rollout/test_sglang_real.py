@@ -61,6 +61,7 @@ def test_tp2_servers_behind_router_take_a_broadcast(tiny_model_dir, tmp_path):
     ],
     ids=["distributed", "disk", "tensor-colocated", "async-distributed-2-servers-router"],
 )
+@pytest.mark.ci  # the trainer against the engine users run: .ci/run runs it after the default suite
 def test_trainer_on_real_sglang(tmp_path, weight_sync, colocated, async_steps, num_servers):
     """Three SDPG steps with real SGLang: engine and trainer log-probs agree in fp32, versions follow steps.
 

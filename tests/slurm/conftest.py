@@ -1,11 +1,13 @@
-"""Session-wide local Slurm cluster (see local_slurm.py); skipped, with the reason, only where it cannot start."""
+"""Session-wide local Slurm cluster (see local_slurm.py). Where it cannot start the Slurm tests skip,
+with the reason, except under CI (``local_slurm.ci_requires_slurm``): there they fail."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
-from local_slurm import LocalSlurm, SlurmUnavailable
+from local_slurm import LocalSlurm, SlurmUnavailable, ci_requires_slurm
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +16,8 @@ def local_slurm():
         cluster = LocalSlurm.start()
     except SlurmUnavailable as err:
         reason = f"local Slurm cannot start here: {err}"
+        if ci_requires_slurm():
+            pytest.fail(f"{reason} (CI={os.environ['CI']}: the Slurm tests must run in CI)", pytrace=False)
         sys.stderr.write(f"\n[tests/slurm] SKIP: {reason}\n")
         pytest.skip(reason)
     yield cluster

@@ -47,6 +47,12 @@ class SlurmUnavailable(RuntimeError):
     """Slurm cannot run here (not root, packages cannot be installed, daemons do not start)."""
 
 
+def ci_requires_slurm(environ=os.environ) -> bool:
+    """Whether the Slurm tests must run rather than skip: under CI (``CI`` = true, 1 or yes; ``.ci/run``
+    sets it), so that a CI machine where Slurm cannot start fails them instead of passing by skipping."""
+    return environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """What ``scontrol show job`` says about a finished (or still running) job."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import textwrap
 
+from local_slurm import ci_requires_slurm
+
 
 def test_sbatch_srun_two_tasks_and_exit_code(local_slurm, tmp_path):
     script = tmp_path / "job.sh"
@@ -42,3 +44,17 @@ def test_oversized_request_fails_at_submit(local_slurm, tmp_path):
         assert "node" in str(err).lower()
     else:
         raise AssertionError("sbatch --nodes=2 on a one-node cluster should be refused")
+
+
+def test_ci_requires_slurm_rather_than_a_skip():
+    """``.ci/run`` sets CI=true: there the fixture fails when Slurm cannot start; elsewhere it skips."""
+    assert (
+        ci_requires_slurm({"CI": "true"})
+        and ci_requires_slurm({"CI": "1"})
+        and ci_requires_slurm({"CI": "YES"})
+    )
+    assert (
+        not ci_requires_slurm({})
+        and not ci_requires_slurm({"CI": "false"})
+        and not ci_requires_slurm({"CI": ""})
+    )

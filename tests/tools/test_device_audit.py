@@ -55,7 +55,6 @@ def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path, tea
     assert result["construction"]["tensors"] == 19 and result["construction"]["off_device"] == []
 
 
-@pytest.mark.slow
 def test_audit_catches_a_builder_that_leaves_the_norms_on_the_host(tmp_path):
     """The builder before the GPU run's fix (no ``model.cuda(current_device())``): Megatron's linear
     layers on the GPU, the local spec's torch RMSNorms on the host — the GPU's first forward died
@@ -70,7 +69,6 @@ def test_audit_catches_a_builder_that_leaves_the_norms_on_the_host(tmp_path):
     assert any("not on cuda:0" in v for v in result["violations"])
 
 
-@pytest.mark.slow
 def test_audit_catches_a_micro_batch_left_on_the_host(tmp_path):
     """The audit is not blind: a micro-batch never moved to the device stops the step with the
     device mismatch a GPU would raise, at the model call."""
@@ -82,7 +80,6 @@ def test_audit_catches_a_micro_batch_left_on_the_host(tmp_path):
     assert "forward.py" in result["stopped_at"]
 
 
-@pytest.mark.slow
 def test_audit_reports_a_pageable_upload_as_a_host_sync(tmp_path):
     """A host->device copy from pageable memory is reported (and makes the step not clean)."""
     prelude = (
@@ -93,7 +90,6 @@ def test_audit_reports_a_pageable_upload_as_a_host_sync(tmp_path):
     assert any("synchronous host-to-device copy" in s for s in result["unexpected_host_syncs"])
 
 
-@pytest.mark.slow
 def test_audit_catches_host_teacher_states_left_on_the_host(tmp_path):
     """``teacher_states=host`` without the copy back before the student forward: the fused head
     meets host teacher states next to device student states and stops, as a GPU would."""
@@ -104,7 +100,6 @@ def test_audit_catches_host_teacher_states_left_on_the_host(tmp_path):
     assert "kl_head_math.py" in result["stopped_at"]
 
 
-@pytest.mark.slow
 def test_audit_reports_teacher_states_offloaded_to_pageable_memory(tmp_path):
     """A host buffer that is not pinned makes every teacher state's device-to-host copy a host sync."""
     prelude = (

@@ -56,8 +56,8 @@ def reference(hf_dir):
         (2, 1, 2),
         (1, 2, 2),
         (1, 1, 2),
-        pytest.param(2, 2, 4, marks=pytest.mark.slow),
-    ],  # 4 ranks: ~35 s, -m slow
+        (2, 2, 4),
+    ],  # 4 ranks: ~35 s
     ids=["tp2", "pp2", "dp2", "tp2pp2"],
 )
 def test_step_matches_tp1(hf_dir, reference, tp, pp, world):
