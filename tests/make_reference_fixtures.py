@@ -7,7 +7,7 @@ with the provenance (repository, commit, file and function, package versions, th
 
 - ``tests/rewards/fixtures/reference_scores.json`` (``--only rewards``):
   ``verl/utils/reward_score/__init__.py`` ``default_compute_score`` in both answer formats on the reward
-  table and trap cases (``tests/rewards/trap_cases.py``) and on ``tools/check_reward_agreement.py``'s
+  table and trap cases (``tests/rewards/trap_cases.py``) and on ``sdpg_mcore/rewards/agreement.py``'s
   generated cases;
 - ``tests/algo/fixtures/reference_losses.json`` (``--only algo``): ``verl/trainer/ppo/core_algos.py``'s
   registered losses, ``agg_loss`` and beta schedule, and ``ray_trainer.py``'s KL-in-reward and GRPO
@@ -58,13 +58,13 @@ PACKAGES = (
     "latex2sympy2_extended",
 )
 
-# The generated agreement cases: tools/check_reward_agreement.py's generator, this many (--cases), this seed.
+# The generated agreement cases: sdpg_mcore/rewards/agreement.py's generator, this many (--cases), this seed.
 AGREEMENT_CASES = 300
 AGREEMENT_SEED = 0
 
 
 def load_module(path: Path, name: str):
-    """Import one file of this repository by path (the tests' case lists, the tool's generator)."""
+    """Import one file of this repository by path (the tests' case lists, the agreement generator)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -97,7 +97,7 @@ def reward_fixture(reference: Path, num_cases: int = AGREEMENT_CASES) -> dict:
     from verl.utils.reward_score import default_compute_score
 
     cases = load_module(REPO / "tests" / "rewards" / "trap_cases.py", "trap_cases")
-    tool = load_module(REPO / "tools" / "check_reward_agreement.py", "check_reward_agreement")
+    tool = load_module(REPO / "sdpg_mcore" / "rewards" / "agreement.py", "agreement")
 
     def both_formats(data_source: str, response: str, truth: str) -> dict:
         return {
@@ -118,7 +118,7 @@ def reward_fixture(reference: Path, num_cases: int = AGREEMENT_CASES) -> dict:
             "" if num_cases == AGREEMENT_CASES else f" --cases {num_cases} --out <path>",
         ),
         "note": "Each case: data_source, response and ground truth (listed cases), or their digest "
-        "(generated cases: tools/check_reward_agreement.py generate(n, seed, SOURCES + UNKNOWN_SOURCES)); "
+        "(generated cases: sdpg_mcore/rewards/agreement.py generate(n, seed, SOURCES + UNKNOWN_SOURCES)); "
         "the reference's outcome per answer_format.",
     }
     for name, triples in listed.items():

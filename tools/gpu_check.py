@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run from a checkout without install
 
 TOTAL_BUDGET_S = 470.0
 """Whole check by default (``--budget-s``; the shell wrapper passes what is left of its 480 s after

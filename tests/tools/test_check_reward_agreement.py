@@ -1,4 +1,4 @@
-"""tools/check_reward_agreement.py: its case generator, and ours against the reference's own scores.
+"""tools/check_reward_agreement.py: the case generator (``sdpg_mcore.rewards.agreement``), and ours against the reference's own scores.
 
 The reference's outcomes are the committed fixture ``tests/rewards/fixtures/reference_scores.json``,
 written by ``tests/make_reference_fixtures.py`` from a checkout of the reference (its code is not in
@@ -11,9 +11,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from sdpg_mcore.rewards import agreement as tool
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import check_reward_agreement as tool  # noqa: E402
 
 TOOL = ROOT / "tools" / "check_reward_agreement.py"
 FIXTURE = ROOT / "tests" / "rewards" / "fixtures" / "reference_scores.json"

@@ -14,7 +14,6 @@ answer_format rewrite and its boxed scorer (``reward.strict``) run end to end.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
