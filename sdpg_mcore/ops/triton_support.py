@@ -55,6 +55,10 @@ def can_run(device: torch.device) -> bool:
 def interpreter_module():
     """Triton's interpreter (``triton.runtime.interpreter``), for counting its loads and stores
     (``ops.kl_head_traffic``)."""
+    if triton is None:
+        raise RuntimeError(
+            f"the triton package is not importable ({IMPORT_ERROR}); pip install 'sdpg_mcore[triton]'"
+        )
     if not interpreting():
         raise RuntimeError(
             "Triton's interpreter is off: set TRITON_INTERPRET=1 before the kernels are imported"
