@@ -1,5 +1,5 @@
 #!/bin/bash
-# SDPG paper recipe (SDPG.md §4): Qwen3-4B on one node of 8 GPUs; trainer on all 8 (DP8) and
+# SDPG paper recipe (sdpg_mcore/algo/README.md): Qwen3-4B on one node of 8 GPUs; trainer on all 8 (DP8) and
 # SGLang colocated on the same GPUs (8 servers, TP1, memory saver on) behind the router.
 #
 #   sbatch slurm/sdpg_qwen3_4b.sh                              # from the repository root

@@ -12,7 +12,7 @@ An ``--input`` file in the reference/verl layout (a ``prompt`` column of chat me
 unless the record already has one. ``--answer-format boxed`` applies the reference's instruction
 rewrite (Answer: line -> ``\\boxed{}``) to the written prompts.
 
-Each output record (SDPG.md §4)::
+Each output record (``sdpg_mcore/data/README.md``)::
 
     {"data_source": ..., "prompt": [{"role": "user",
       "content": "<instruction(question)>[TEACHER_CONTEXT_TOKEN]<separator><context(answer)>"}],

@@ -1,4 +1,4 @@
-"""Pure loss library of SDPG.md §2-§5: advantages, policy losses, schedules, aggregation, metrics.
+"""Pure loss library of SDPG and its baselines (``algo/README.md``): advantages, policy losses, schedules, aggregation, metrics.
 
 Tensors in, tensors out; no process groups (``MetricSums.reduce`` takes one from the caller).
 The trainer picks an algorithm from the registry and calls ``micro_batch_loss`` per micro-batch;

@@ -1,6 +1,6 @@
 """Sequence-level advantages: GRPO group normalisation, DAPO group filter, GRPO's KL-in-reward.
 
-SDPG.md §2 steps 3-4 and §5 (`grpo`). Everything here works on one value per response
+The algorithm's steps 3-4 and the `grpo` baseline (``algo/README.md``). Everything here works on one value per response
 (`rewards_B`, `group_index_B`: which prompt group each response belongs to) and is pure torch,
 so the trainer calls it once per step on the whole batch, before any micro-batching.
 
@@ -82,7 +82,7 @@ def broadcast_to_tokens(values_B: Tensor, seq_index_N: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class GroupFilter:
-    """Which responses DAPO dynamic sampling keeps (SDPG.md §2 step 3)."""
+    """Which responses DAPO dynamic sampling keeps (step 3 of the algorithm, ``algo/README.md``)."""
 
     keep_B: Tensor
     """bool [B]: response belongs to a kept group."""

@@ -1,4 +1,4 @@
-"""Loss aggregation (`loss_agg_mode`, SDPG.md §3) that does not depend on how a mini-batch is split.
+"""Loss aggregation (`loss_agg_mode`, ``algo/README.md``) that does not depend on how a mini-batch is split.
 
 Convention (the one thing the trainer must get right):
 

@@ -1,4 +1,4 @@
-"""Per-token policy-loss building blocks of SDPG.md §3: dual-clip PPO, the KL clamp, the alpha modes.
+"""Per-token policy-loss building blocks of SDPG's loss (``algo/README.md``): dual-clip PPO, the KL clamp, the alpha modes.
 
 All functions take flat per-token tensors ``[N]`` (the response tokens of a micro-batch) and return
 per-token tensors; aggregation over tokens lives in ``aggregation.py``. Gradients flow through
@@ -48,7 +48,7 @@ def dual_clip_pg(
     eps_high: float,
     clip_c: float,
 ) -> PGTerms:
-    """Dual-clip PPO per token (DAPO clip-higher + dual clip, SDPG.md §3).
+    """Dual-clip PPO per token (DAPO clip-higher + dual clip).
 
     ``pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``, then ``min(pg, -A c)`` where ``A < 0``
     so a huge ratio on a negative-advantage token cannot blow up the loss. ``clip_c = 1000`` is

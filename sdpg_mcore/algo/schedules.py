@@ -1,4 +1,4 @@
-"""Step-dependent coefficients: SDPG's beta schedule (SDPG.md §3) and RLSD's lambda (§5).
+"""Step-dependent coefficients: SDPG's beta schedule and RLSD's lambda (``algo/README.md``).
 
 Both take the 1-based global step (the first optimizer step of training is step 1) and return a
 plain float, so the trainer calls them once per step and logs the value.

@@ -1,6 +1,6 @@
 """Prompt data for SDPG: record loading, the teacher-context split, chat templates, sampling.
 
-See SDPG.md §4. The trainer's entry points:
+The record format is in ``data/README.md``. The trainer's entry points:
 
     dataset = load_prompt_dataset(paths, tokenizer, PromptConfig(max_prompt_length=2048))
     sampler = PromptSampler(len(dataset), batch_size=128, seed=0)

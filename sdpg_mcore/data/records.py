@@ -8,7 +8,7 @@ A record (one row of a parquet / JSON-lines file, as in the reference SDPG data)
      "extra_info": {...}}
 
 The first message whose content contains the sentinel is split there: the student sees the text
-before it, the teacher sees before + after joined with no separator (SDPG.md §4). Validation errors
+before it, the teacher sees before + after joined with no separator, as the reference's data does. Validation errors
 are :class:`DataError` and name the file, the record and the field.
 """
 

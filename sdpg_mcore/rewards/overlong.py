@@ -2,7 +2,7 @@
 
 ``penalty = min(0, -(length - (max_response_length - buffer_len)) / buffer_len * factor)`` — 0 up to
 ``max_response_length - buffer_len`` tokens, then falling linearly to ``-factor`` at the limit (as
-verl's DAPO reward manager). Added to the verifier reward. Off in the paper recipe (SDPG.md §4).
+verl's DAPO reward manager). Added to the verifier reward. Off in the paper recipe.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The SGLang HTTP contract (SDPG.md §7) as typed values, shared by the client and the dev server.
+"""The SGLang HTTP contract (``rollout/README.md``) as typed values, shared by the client and the dev server.
 
 Both sides parse and emit the same JSON shapes through this module, so a field renamed here is
 renamed everywhere. Parsing raises ``ValueError`` naming the offending field; the dev server turns

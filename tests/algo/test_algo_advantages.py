@@ -40,7 +40,7 @@ def test_grpo_group_of_one_and_all_equal_group():
     assert adv[1:4].tolist() == [0.0, 0.0, 0.0]  # all-equal group: exactly zero
     std = torch.std(torch.tensor([1.0, -1.0], dtype=torch.float64)).item()
     assert adv[4].item() == pytest.approx(1.0 / (std + 1e-6), rel=1e-14)
-    # +1/-1 and 1/0 rewards give the same advantages (SDPG.md §4)
+    # +1/-1 and 1/0 rewards give the same advantages (the paper recipe's rewards)
     torch.testing.assert_close(grpo_advantages((rewards + 1) / 2, groups)[4:], adv[4:], rtol=1e-5, atol=0)
 
 

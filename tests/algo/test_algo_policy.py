@@ -75,7 +75,7 @@ def test_kl_clamp_is_one_sided_with_zero_gradient_where_active():
     assert kl.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
-_ALPHA_REF = {  # (R(logw), dR/dlogw) written from SDPG.md §3 with w = exp(logw)
+_ALPHA_REF = {  # (R(logw), dR/dlogw) written from the R definitions in algo/README.md, with w = exp(logw)
     "fkl": (lambda x: 1 / math.exp(x), lambda x: -1 / math.exp(x)),
     "rkl": (lambda x: 0.5 * (x + 1) ** 2, lambda x: x + 1),
     "ufkl": (lambda x: 1 / math.exp(x) + x, lambda x: 1 - 1 / math.exp(x)),

@@ -1,4 +1,4 @@
-"""Beta schedule (SDPG.md §3) and RLSD lambda (§5) at their edge steps."""
+"""Beta schedule and RLSD lambda (algo/README.md) at their edge steps."""
 
 import pytest
 

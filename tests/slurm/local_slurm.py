@@ -11,7 +11,6 @@ side on their own ports. Every client command and every job needs ``SLURM_CONF``
 
 ``python tests/slurm/local_slurm.py`` starts a cluster, prints its ``SLURM_CONF`` and waits for
 Ctrl-C (handy for trying ``slurm/*.sh`` by hand).
-Facts behind each setting: /work/shared/LOCAL_SLURM.md (measured on this kind of machine).
 """
 
 from __future__ import annotations
