@@ -76,7 +76,8 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     """Training prompt files (parquet, jsonl or HF dataset dirs) with student/teacher prompts (SDPG.md §4)."""
     max_prompt_length: int = 2048
-    """Longest prompt in tokens; student prompts are cut from the left, teacher prompts from the right."""
+    """Longest student and teacher prompt in tokens (after the chat template); longer prompts are dropped
+    or cut as ``filter_overlong_prompts`` says."""
     max_response_length: int = 4096
     """Longest generated response in tokens (``max_new_tokens`` of the rollout)."""
     batch_prompts: int = 128
