@@ -74,7 +74,8 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Training prompt files (parquet, jsonl or HF dataset dirs) with student/teacher prompts (SDPG.md §4)."""
+    """Training prompt files (parquet, jsonl or HF dataset dirs) with student/teacher prompts
+    (``sdpg_mcore/data/README.md``)."""
     max_prompt_length: int = 2048
     """Longest student and teacher prompt in tokens (after the chat template); longer prompts are dropped
     or cut as ``filter_overlong_prompts`` says."""
