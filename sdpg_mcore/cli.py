@@ -6,7 +6,9 @@
     sdpg-train --config examples/tiny/sdpg.yaml --nproc 2 parallel.tp=2      # local CPU ranks, no torchrun
 
 The config is validated once, here, before any process group or model exists: a wrong key or
-value fails in a second with a message that names it and lists the valid choices.
+value fails in a second with a message that names it and lists the valid choices. So does what
+the node must offer (:func:`check_node`): Transformer-Engine for ``model.transformer_impl=te``, and
+GPUs of their own for launched SGLang servers unless ``rollout.colocated``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def launch_world_size(nproc: int = 0, environ: Mapping[str, str] | None = None) 
     from sdpg_mcore.parallel.state import resolve_launch_env
 
     return nproc or resolve_launch_env(environ).world_size
+
+
+def _launch_local_world_size() -> int:
+    """The trainer's ranks on this node, from torchrun's or Slurm's variables (1 without a launcher)."""
+    from sdpg_mcore.parallel.state import resolve_launch_env
+
+    return resolve_launch_env().local_world_size
 
 
 def check_model_dir(path: str) -> None:
@@ -84,6 +93,26 @@ def check_head_backend(name: str) -> None:
         )
 
 
+def check_node(cfg, local_world_size: int, gpu_count: int | None = None) -> None:
+    """Refuse a run this node cannot host, before start-up (``ConfigError`` naming the keys).
+
+    ``model.transformer_impl=te`` needs Transformer-Engine to import on a GPU; ``rollout.backend=sglang``
+    servers must not land on a GPU one of the trainer's ``local_world_size`` ranks on this node uses,
+    unless ``rollout.colocated`` (``rollout/placement.py``). ``gpu_count``: the node's GPUs (default:
+    what CUDA shows).
+    """
+    from sdpg_mcore.models.spec import TransformerImplError, resolve_transformer_impl
+    from sdpg_mcore.rollout.placement import PlacementError
+    from sdpg_mcore.train.rollout_io import server_placement
+
+    try:
+        server_placement(cfg.rollout, local_world_size, gpu_count)
+        if cfg.model.transformer_impl == "te":
+            resolve_transformer_impl("te")
+    except (TransformerImplError, PlacementError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def _rank_main(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
     quiet_warnings()
     from sdpg_mcore.train.trainer import train
@@ -109,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.print_config:
             check_head_backend(cfg.trainer.logprob_backend)
             check_model_dir(cfg.model.path)
+            check_node(cfg, args.nproc or _launch_local_world_size())
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"sdpg-train: error: {err}\n")
     if args.print_config:

@@ -47,6 +47,11 @@ class ModelConfig:
     """Parameter and activation dtype of the trainer's model (fp32 master weights live in the optimizer)."""
     recompute_activations: bool = False
     """Recompute each transformer layer in backward (Megatron full recompute) to save activation memory."""
+    transformer_impl: Literal["auto", "te", "local"] = "auto"
+    """Transformer layer implementation: te (Transformer-Engine fused layers and flash attention; the
+    run stops at start-up, naming this key, when TE is missing or broken), local (Megatron's torch
+    layers: ``[s, s]`` attention scores, for CPU and debugging), auto (te when it imports on a GPU,
+    else local, logged)."""
 
 
 @dataclass
@@ -146,6 +151,15 @@ class RolloutConfig:
     tp_size: int = 1
     """Tensor-parallel size of each launched SGLang server (``--tp-size``); it then holds that many
     ranks of the weight-update group."""
+    base_gpu_id: int | None = None
+    """backend=sglang on GPUs: first GPU (as the trainer's rank 0 sees its node) of the servers it
+    launches there; server i uses the ``tp_size`` GPUs from ``base_gpu_id + i * tp_size``. None: the
+    GPUs after the trainer's own on that node (GPU 0 when colocated). Start-up refuses GPUs a
+    trainer rank uses unless ``colocated`` (``rollout/placement.py``)."""
+    mem_fraction_static: float | None = None
+    """SGLang ``--mem-fraction-static`` of launched servers: the share of each GPU's memory for weights
+    and KV cache. None: SGLang's own default on GPUs of their own, 0.5 when colocated (the trainer's
+    residue and SGLang's activations share the rest; ``tools/plan.py`` checks it fits)."""
     colocated: bool = False
     """The engines share the trainer's devices: they release their memory after each rollout and
     resume it before the weight push (needs weight_sync=disk or tensor: NCCL refuses two ranks of
@@ -520,6 +534,16 @@ def _check_rollout(ro: RolloutConfig) -> None:
         "=distributed cannot be colocated (NCCL refuses two ranks of one communicator on one GPU); "
         "use rollout.weight_sync=tensor or disk",
     )
+    _check(
+        ro.base_gpu_id is None or ro.base_gpu_id >= 0,
+        "rollout.base_gpu_id",
+        f"must be >= 0 or null (after the trainer's GPUs), got {ro.base_gpu_id}",
+    )
+    _check(
+        ro.mem_fraction_static is None or 0 < ro.mem_fraction_static < 1,
+        "rollout.mem_fraction_static",
+        f"must be in (0, 1) or null (SGLang's default), got {ro.mem_fraction_static}",
+    )
     _check(ro.async_steps >= 0, "rollout.async_steps", f"must be >= 0 (0: synchronous), got {ro.async_steps}")
     _check(
         not (ro.colocated and ro.async_steps),
@@ -572,6 +596,12 @@ def validate(cfg: Config) -> Config:
         "eval.mechanism",
         f"needs parallel.tp = pp = cp = 1 (the probe runs the model on rank 0 alone), got "
         f"tp={par.tp} pp={par.pp} cp={par.cp}; set eval.mechanism=false",
+    )
+    _check(
+        not (cfg.eval.mechanism and ro.colocated),
+        "eval.mechanism",
+        "runs the policy during evaluation, when colocated engines hold the GPU memory; set "
+        "eval.mechanism=false or rollout.colocated=false",
     )
     _check(tr.stop_at_step >= 0, "trainer.stop_at_step", "must be >= 0")
     _check(tr.logprob_chunk_size >= 1, "trainer.logprob_chunk_size", "must be >= 1")

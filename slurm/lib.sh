@@ -10,7 +10,8 @@
 #   MODEL_PATH        HF model directory (servers load it; the trainer gets model.path=...)
 #   RUN_DIR           trainer.run_dir; logs go to $RUN_DIR/logs/job_$SLURM_JOB_ID/
 #   GPUS_PER_NODE     GPUs (DRY_RUN: CPU "slots") per node; one trainer task per GPU
-#   ROLLOUT_MODE      dedicated (servers on their own nodes) | colocated (servers share training GPUs)
+#   ROLLOUT_MODE      dedicated (servers on their own nodes) | colocated (servers share training GPUs;
+#                     the trainer gets rollout.colocated=true and hands them its memory between phases)
 #   ROLLOUT_NODES     dedicated only: how many of the job's nodes (the last ones) run servers
 #   ROLLOUT_TP        GPUs per rollout server; GPUS_PER_NODE / ROLLOUT_TP servers per rollout node
 #   SERVER_BASE_PORT  first server port on each node (server i on a node uses BASE + i)
@@ -128,6 +129,25 @@ sdpg_print_roles() {
   done
   if [ "${USE_ROUTER:-1}" = 1 ]; then echo "router: ${ROLLOUT_URLS}"; fi
   echo "trainer rollout.urls: ${ROLLOUT_URLS}"
+  if [ "${ROLLOUT_MODE:-dedicated}" = colocated ]; then
+    echo "gpus: servers share the trainer's GPUs (rollout.colocated=true: memory handed over between phases)"
+  else
+    echo "gpus: servers on their own nodes (${SERVER_HOSTS[*]}), none on a trainer GPU"
+  fi
+}
+
+# Prints the trainer's key=value overrides for the roles, one per line: where the rollout servers are
+# and whether they share the trainer's GPUs. Colocated servers get weights from disk: a distributed
+# (NCCL) group refuses two ranks on one GPU, and tensor handles need every server to see the sending
+# rank's GPU, which each server's own CUDA_VISIBLE_DEVICES hides. TRAINER_OVERRIDES come later and win.
+sdpg_trainer_overrides() {
+  printf '%s\n' "trainer.run_dir=$RUN_DIR" "model.path=$MODEL_PATH" "rollout.backend=external" \
+    "rollout.urls=[$ROLLOUT_URLS]"
+  if [ "${ROLLOUT_MODE:-dedicated}" = colocated ]; then
+    printf '%s\n' "rollout.colocated=true" "rollout.weight_sync=disk"
+  else
+    printf '%s\n' "rollout.colocated=false"
+  fi
 }
 
 # ---- background components ----------------------------------------------------------------------
@@ -252,7 +272,9 @@ sdpg_main() {
   fi
   [ -n "${MODEL_PATH:-}" ] || sdpg_die 2 "MODEL_PATH is not set (HF model directory for servers and trainer)"
   if [ "${ROLLOUT_MODE:-dedicated}" = colocated ]; then
-    SGLANG_MEM_FRACTION=${SGLANG_MEM_FRACTION:-0.35}
+    # The trainer's default for colocated servers (rollout/placement.py COLOCATED_MEM_FRACTION): it
+    # offloads its state while they generate, so its residue and SGLang's activations share the rest.
+    SGLANG_MEM_FRACTION=${SGLANG_MEM_FRACTION:-0.5}
     SGLANG_ARGS=${SGLANG_ARGS:---enable-memory-saver}
   fi
   # shellcheck disable=SC2016  # expanded later, by the bash that runs each server
@@ -280,8 +302,8 @@ sdpg_main() {
     sdpg_wait_healthy router "$ROLLOUT_URLS" "${SDPG_BG_PIDS[-1]}" "$LOG_DIR/router.log" "$deadline"
   fi
 
-  local overrides=("trainer.run_dir=$RUN_DIR" "model.path=$MODEL_PATH" "rollout.backend=external"
-    "rollout.urls=[$ROLLOUT_URLS]")
+  local overrides
+  mapfile -t overrides < <(sdpg_trainer_overrides)
   # shellcheck disable=SC2206  # word splitting of the override lists is intended
   overrides+=(${DRY_RUN_TRAINER_OVERRIDES:-} ${TRAINER_OVERRIDES:-})
   local train_hosts

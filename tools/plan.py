@@ -51,8 +51,8 @@ NOTES = {
     "teacher": "forward-only teacher pass: one layer's working set",
     "teacher_states": "teacher response states kept for the train pass (last stage; host: one micro-batch's)",
     "reference_model": "resident reference copy (separate_model)",
-    "rollout_weights": "colocated SGLang weights",
-    "rollout_kv_cache": "colocated SGLang KV cache",
+    "rollout_weights": "colocated SGLang weights (generation and weight-push phases)",
+    "rollout_kv_cache": "colocated SGLang KV cache (generation phase)",
     "overhead": "CUDA context, NCCL, fragmentation",
 }
 
@@ -92,15 +92,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kernels",
         choices=("fused", "local"),
-        default="fused",
-        help="fused: Transformer Engine + flash attention; local: Megatron's local spec (no TE, unfused ops)",
+        help="fused: Transformer Engine + flash attention; local: Megatron's local spec (no TE, unfused ops); "
+        "default: local for a recipe's model.transformer_impl=local, else fused",
     )
     p.add_argument(
         "--kl-chunk-tokens",
         type=int,
         help="default: the recipe's logprob_chunk_size, else the head's 256 MiB budget",
     )
-    p.add_argument("--rollout", choices=("dedicated", "colocated"), default="dedicated")
+    p.add_argument(
+        "--rollout",
+        choices=("dedicated", "colocated"),
+        help="servers on their own GPUs or sharing the trainer's (default: the recipe's rollout.colocated, "
+        "else dedicated)",
+    )
     p.add_argument(
         "--reference-weights",
         choices=("cpu_swap", "separate_model"),
@@ -181,6 +186,8 @@ def apply_recipe(args: argparse.Namespace) -> Path:
         "reference_weights": trainer.get("reference_weights"),
         "teacher_states": trainer.get("teacher_states"),
         "mini_batch_responses": _product(data.get("mini_batch_prompts"), section("rollout").get("n")),
+        "kernels": "local" if model.get("transformer_impl") == "local" else None,
+        "rollout": "colocated" if section("rollout").get("colocated") else None,
     }
     if all(getattr(args, k) is None for k in ("tp", "pp", "cp")):
         defaults.update(tp=par.get("tp"), pp=par.get("pp"), cp=par.get("cp"))
@@ -218,10 +225,10 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
         rollout_seq_len=seq_len,
         recompute=args.recompute,
         kl_head=args.kl_head,
-        kernels=args.kernels,
+        kernels=args.kernels or "fused",
         kl_chunk_tokens=args.kl_chunk_tokens,
         num_microbatches=args.num_microbatches,
-        rollout=args.rollout,
+        rollout=args.rollout or "dedicated",
         reference_weights=args.reference_weights or "cpu_swap",
         mini_batch_responses=args.mini_batch_responses,
         response_len=args.max_response_len,
@@ -364,6 +371,8 @@ def print_table(result: dict) -> None:
             f"[bold]{per_gpu['total'] / GIB:.2f}[/bold]",
             f"of {result['gpu_mem_bytes'] / GIB:.0f} GiB: {'[green]fits' if result['fits'] else '[red]does not fit'}",
         )
+    for phase, peak in (per_gpu.get("phase_peaks") or {}).items():
+        table.add_row(f"  {phase} phase", f"{peak / GIB:.2f}", "colocated: trainer and engines take turns")
     host = per_gpu.get("teacher_states_host", 0)
     if host:
         nodes = result["cluster"]["gpus_per_node"]

@@ -1,18 +1,24 @@
 """``HFModelConfig`` -> Megatron ``TransformerConfig`` and layer spec (TE or local): the one place
 that decides which implementation the transformer layers use.
 
-Transformer-Engine is imported here and nowhere else in ``models/``: its spec is used when TE
-imports (GPU clusters), the local spec otherwise (CPU, tests). With context parallelism the local
-spec's core attention is replaced by ``sdpg_mcore.ops.cp_attention.ContextParallelAttention``
-(Megatron's local ``DotProductAttention`` refuses CP > 1).
+Transformer-Engine is imported here and nowhere else in ``models/``. ``model.transformer_impl``
+picks the spec (:func:`resolve_transformer_impl`): ``te`` demands it and stops the run at start-up,
+naming the key and the import error, when TE is missing or broken (at 70B the local spec
+materialises ``[s, s]`` attention scores: an OOM hours later otherwise); ``local`` never uses it;
+``auto`` uses it when it imports on a GPU and says so, with the reason when it does not. With
+context parallelism the local spec's core attention is replaced by
+``sdpg_mcore.ops.cp_attention.ContextParallelAttention`` (Megatron's local ``DotProductAttention``
+refuses CP > 1).
 
-    config = transformer_config(hf, tp=2, pp=1, cp=1, params_dtype=torch.bfloat16)
-    spec = layer_spec(hf, use_te=None, cp=1)
+    use_te = resolve_transformer_impl("te")          # TransformerImplError without a working TE
+    config = transformer_config(hf, tp=2, pp=1, cp=1, params_dtype=torch.bfloat16, use_te=use_te)
+    spec = layer_spec(hf, use_te=use_te, cp=1)
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 import torch
@@ -20,16 +26,66 @@ import torch.nn.functional as F
 
 from sdpg_mcore.models.hf_config import HFModelConfig
 
+logger = logging.getLogger(__name__)
+
+TRANSFORMER_IMPLS = ("auto", "te", "local")
+"""``model.transformer_impl`` choices."""
+
+
+class TransformerImplError(ValueError):
+    """``model.transformer_impl=te`` where Transformer-Engine cannot run; the message names the key."""
+
+
+def te_status() -> tuple[bool, str]:
+    """Whether the Transformer-Engine spec can run here, and what was found (its version, or why not)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible (Transformer-Engine runs on GPUs only)"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, "transformer_engine is not installed"
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # a broken install (ABI or CUDA mismatch) raises anything at import
+        return False, f"import transformer_engine.pytorch failed: {type(err).__name__}: {err}"
+    return True, f"transformer_engine {getattr(transformer_engine, '__version__', '?')}"
+
 
 def te_available() -> bool:
     """Whether Transformer-Engine can be imported (and a GPU exists to run it)."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+    return te_status()[0]
+
+
+def resolve_transformer_impl(impl: str) -> bool:
+    """Whether the layers use Transformer-Engine for ``model.transformer_impl=impl``; logs the choice.
+
+    Raises :class:`TransformerImplError` for ``te`` without a working Transformer-Engine (the
+    message names the key, the import error and the fix) and for an unknown value.
+    """
+    if impl not in TRANSFORMER_IMPLS:
+        raise TransformerImplError(
+            f"config key 'model.transformer_impl' got {impl!r}; choose one of: {', '.join(TRANSFORMER_IMPLS)}"
+        )
+    if impl == "local":
+        logger.info("transformer layers: Megatron local spec (model.transformer_impl=local)")
         return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # a broken TE install (ABI mismatch) must not stop the local fallback
-        return False
-    return True
+    usable, found = te_status()
+    if impl == "te" and not usable:
+        raise TransformerImplError(
+            f"config key 'model.transformer_impl' is te, but Transformer-Engine cannot run here: {found}. "
+            "Install it for this torch and CUDA (pip install -e '.[te]' in the checkout), or set "
+            "model.transformer_impl=auto (local spec as fallback) or local"
+        )
+    if usable:
+        logger.info(
+            "transformer layers: Transformer-Engine spec (%s; model.transformer_impl=%s)", found, impl
+        )
+    else:
+        logger.warning(
+            "transformer layers: Megatron local spec (model.transformer_impl=auto: %s); attention "
+            "materialises [s, s] scores; set model.transformer_impl=te to require Transformer-Engine",
+            found,
+        )
+    return usable
 
 
 def resolve_use_te(use_te: bool | None) -> bool:

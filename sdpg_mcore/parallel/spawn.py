@@ -1,8 +1,10 @@
-"""Run a function on N local CPU ranks joined in a real gloo process group.
+"""Run a function on N local ranks joined in a real process group: gloo on CPU, NCCL on GPUs.
 
 Tests and tools (``tools/check_parity.py`` run without torchrun) use this to get real
 ``torch.distributed`` groups on one machine. Each rank is a fresh ``spawn`` process, so the
-function and its arguments must be picklable (a module-level function).
+function and its arguments must be picklable (a module-level function). The ranks are bound as
+the trainer binds them (``state.device_binding``): with CUDA, rank r sets ``cuda:r`` before its
+NCCL group exists, so ``--tp 2 --pp 2`` puts four ranks on four GPUs, not all on ``cuda:0``.
 
     results = spawn_ranks(my_fn, world_size=4, args=(x,))   # results[rank] = my_fn(rank, 4, x)
 """
@@ -29,6 +31,10 @@ def find_free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, out) -> None:
+    from datetime import timedelta
+
+    from sdpg_mcore.parallel.state import device_binding, init_process_group, visible_gpu_count
+
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -41,7 +47,10 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        binding = device_binding(rank, visible_gpu_count())  # every spawned rank is local: LOCAL_RANK = rank
+        init_process_group(
+            binding, rank=rank, world_size=world_size, timeout=timedelta(minutes=30), init_method="env://"
+        )
         result = fn(rank, world_size, *args)
         # Plain pickle copies tensor storage into the bytes; the queue's own pickler would pass a
         # shared-memory handle that dies with this process before the parent reads it.
@@ -79,6 +88,22 @@ def _next_result(out, procs, name: str, timeout_s: float, results: dict, errors:
             )
 
 
+def _gpu_count() -> int:
+    from sdpg_mcore.parallel.state import visible_gpu_count
+
+    return visible_gpu_count()
+
+
+def check_gpus_for_ranks(world_size: int, gpu_count: int) -> None:
+    """``ValueError`` when ``world_size`` local NCCL ranks would share ``gpu_count`` GPUs (none: gloo, fine)."""
+    if 0 < gpu_count < world_size:
+        raise ValueError(
+            f"spawn_ranks: {world_size} ranks on a machine that shows {gpu_count} GPU(s); NCCL needs one "
+            f"GPU per rank (two ranks of one group on a GPU fail to initialise): run at most {gpu_count} "
+            "ranks here, or on more GPUs (CUDA_VISIBLE_DEVICES)"
+        )
+
+
 def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -87,12 +112,15 @@ def spawn_ranks(
     env: dict[str, str] | None = None,
     timeout_s: float = 600.0,
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank.
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return the results by rank.
 
-    ``torch.distributed`` is already initialised (gloo, env://) when ``fn`` starts. A rank that
-    raises makes this raise ``RuntimeError`` with that rank's traceback; ranks still running
-    after ``timeout_s`` are killed, so a deadlocked collective fails the caller instead of hanging.
+    ``torch.distributed`` is already initialised (env://; gloo on CPU, NCCL with ``cuda:rank`` set
+    on GPUs) when ``fn`` starts. A rank that raises makes this raise ``RuntimeError`` with that
+    rank's traceback; ranks still running after ``timeout_s`` are killed, so a deadlocked collective
+    fails the caller instead of hanging. On a GPU machine with fewer GPUs than ranks it raises
+    ``ValueError`` before starting any (NCCL cannot run two ranks of a group on one GPU).
     """
+    check_gpus_for_ranks(world_size, _gpu_count())
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = find_free_port()

@@ -48,6 +48,19 @@ class LaunchEnv:
     """Rendezvous port (MASTER_PORT, else derived from SLURM_JOB_ID so jobs sharing a node differ)."""
     source: str
     """Which launcher the values came from: "torchrun", "slurm" or "single"."""
+    local_world_size: int = 1
+    """Ranks on this node (LOCAL_WORLD_SIZE, or this node's entry of SLURM_TASKS_PER_NODE): with the
+    local rank, which of the node's GPUs the trainer uses (``device_binding``)."""
+
+
+@dataclass(frozen=True)
+class DeviceBinding:
+    """The ``torch.distributed`` backend of one rank and the CUDA device it binds to."""
+
+    backend: str
+    """``nccl`` whenever the node shows a GPU, else ``gloo``."""
+    device_index: int | None
+    """``cuda:device_index`` for the rank's tensors and its NCCL communicators; None on the host."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,29 @@ def _int_env(environ: Mapping[str, str], key: str) -> int:
         raise ValueError(f"environment variable {key}={environ[key]!r} is not an integer") from None
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's task count from ``SLURM_TASKS_PER_NODE`` (``"8(x4)"``, ``"2(x3),1"``), node ``node_id``."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={tasks_per_node!r} is not Slurm's count(xN),... form")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise ValueError(f"SLURM_NODEID={node_id} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
+    return counts[node_id]
+
+
+def _local_world_size(env: Mapping[str, str], source: str, world_size: int) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, Slurm's count for this node, else every rank."""
+    if source == "torchrun" and "LOCAL_WORLD_SIZE" in env:
+        return _int_env(env, "LOCAL_WORLD_SIZE")
+    if source == "slurm" and "SLURM_TASKS_PER_NODE" in env:
+        node_id = _int_env(env, "SLURM_NODEID") if "SLURM_NODEID" in env else 0
+        return slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"], node_id)
+    return world_size
+
+
 def resolve_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read rank, world size and rendezvous address from torchrun, Slurm, or neither (one process).
 
@@ -130,33 +166,73 @@ def resolve_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_MASTER_PORT
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size} (check the {source} launch)")
-    return LaunchEnv(rank, world_size, local_rank, addr, port, source)
+    local_world_size = _local_world_size(env, source, world_size)
+    return LaunchEnv(rank, world_size, local_rank, addr, port, source, local_world_size)
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_binding(local_rank: int, gpu_count: int) -> DeviceBinding:
+    """NCCL on ``cuda:(local_rank % gpu_count)`` whenever the node shows a GPU; gloo on the host otherwise.
+
+    Pure, so the choice is tested for any node on a CPU machine. The modulo: a launcher that gives
+    each task its own GPU (Slurm ``--gpus-per-task=1``, a per-task ``CUDA_VISIBLE_DEVICES``) shows
+    every rank one device, index 0; a launcher that shows the node's GPUs to every rank
+    (torchrun, ``srun --gpus-per-node``) puts local rank r on GPU r.
+    """
+    if local_rank < 0 or gpu_count < 0:
+        raise ValueError(f"local_rank={local_rank} and gpu_count={gpu_count} must be >= 0")
+    if gpu_count == 0:
+        return DeviceBinding("gloo", None)
+    return DeviceBinding("nccl", local_rank % gpu_count)
+
+
+def init_process_group(
+    binding: DeviceBinding, *, rank: int, world_size: int, timeout: timedelta, **rendezvous
+) -> None:
+    """Bind this process to its GPU (``set_device`` before any CUDA work or communicator), then create
+    the default process group on ``binding.backend``.
+
+    Every NCCL rank must know its device before the first collective: without ``set_device`` each
+    one initialises its communicators (and ``barrier``'s tensor) on ``cuda:0``, so all ranks of a
+    node share GPU 0. ``device_id`` also binds the group to that device up front.
+    """
+    device = None
+    if binding.device_index is not None:
+        torch.cuda.set_device(binding.device_index)
+        device = torch.device("cuda", binding.device_index)
+    dist.init_process_group(
+        binding.backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device, **rendezvous
+    )
 
 
 def initialize_distributed(timeout_minutes: int = 30) -> LaunchEnv:
-    """Initialise ``torch.distributed`` (nccl on GPU, gloo on CPU), or reuse it if already up.
+    """Initialise ``torch.distributed`` (``device_binding``: nccl on a GPU, gloo on CPU), or reuse it.
 
-    On GPU the process binds to ``cuda:LOCAL_RANK`` before the process group is created.
+    Either way the process is bound to its GPU: a group made by another launcher (``spawn_ranks``,
+    a tool's own set-up) still gets ``set_device(local_rank)``, so no rank falls back to ``cuda:0``.
     """
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", rank)))
+        binding = device_binding(local_rank, visible_gpu_count())
+        if binding.device_index is not None:
+            torch.cuda.set_device(binding.device_index)
         addr = os.environ.get("MASTER_ADDR", "")
         port = int(os.environ.get("MASTER_PORT", "0") or 0)
-        return LaunchEnv(rank, world_size, local_rank, addr, port, "existing")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return LaunchEnv(rank, world_size, local_rank, addr, port, "existing", local_world)
     launch = resolve_launch_env()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        backend = "gloo"
     if launch.source == "single" and "MASTER_PORT" not in os.environ:
         # One process needs no rendezvous: an in-process store binds no port, so runs share a machine.
         rendezvous = dict(store=dist.HashStore())
     else:
         rendezvous = dict(init_method=f"tcp://{launch.master_addr}:{launch.master_port}")
-    dist.init_process_group(
-        backend,
+    init_process_group(
+        device_binding(launch.local_rank, visible_gpu_count()),
         rank=launch.rank,
         world_size=launch.world_size,
         timeout=timedelta(minutes=timeout_minutes),

@@ -32,8 +32,12 @@ Why each term has the form it has:
   scores scale with the row length (at most ``rollout_seq_len``), not the micro-batch's tokens.
 - reference model: ``trainer.reference_weights=separate_model`` keeps a second bf16 copy of the
   weights resident for the reference log-probs; ``cpu_swap`` (the default) keeps it in host memory.
-- rollout (colocated only): SGLang's weights and KV cache live next to the training state during
-  generation; activations are gone then, so the peak is the larger of the two phases.
+- rollout (colocated only): the engines and the trainer take turns (``train/colocate.py``), so the
+  peak is the largest of three phases, each with the engines' own CUDA context and activations
+  (``engine_overhead_bytes``): training (the whole training state; the released engines keep only
+  that residue), the weight push (the trainer's weights, its gradients and optimizer states
+  offloaded, beside the engines' weights; no KV cache yet) and generation (the trainer fully
+  offloaded to its CUDA context and NCCL buffers, the engines' weights and KV cache).
 
 Checked (``tests/tools/test_plan.py``) against real Megatron objects on CPU: parameters, fp32 grad
 buffers and distributed-optimizer states after a DDP + ``get_megatron_optimizer`` step (within 1 %),
@@ -125,6 +129,9 @@ class TrainingShape:
     scores) — what runs on CPU, and on GPUs without Transformer Engine."""
     overhead_bytes: int = 3 * GIB
     """CUDA context, NCCL communicators and allocator fragmentation."""
+    engine_overhead_bytes: int = 2 * GIB
+    """Colocated engines beside the trainer: their CUDA context and generation activations (all that
+    is left of them while released)."""
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -160,6 +167,9 @@ class MemoryEstimate:
     total: int
     teacher_states_host: int = 0
     """Pinned host bytes per GPU holding the teacher states (``teacher_states=host``); not in ``total``."""
+    phase_peaks: dict[str, int] | None = None
+    """Colocated: the peak of each phase (``training``, ``weight_push``, ``generation``); ``total`` is
+    the largest. None for dedicated servers (one phase: training)."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -304,7 +314,11 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     reference_model = parameters if train.reference_weights == "separate_model" else 0
     static = parameters + gradients + optimizer_states + reference_model + train.overhead_bytes
     training_peak = static + teacher_kept + max(activations + kl_head, teacher_transient)
-    rollout_peak = static + rollout_weights + rollout_kv_cache
+    phases = None
+    if train.rollout == "colocated":
+        phases = _colocated_phases(
+            training_peak, parameters + reference_model, rollout_weights, rollout_kv_cache, train
+        )
     return MemoryEstimate(
         parameters=parameters,
         gradients=gradients,
@@ -317,6 +331,20 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         rollout_weights=rollout_weights,
         rollout_kv_cache=rollout_kv_cache,
         overhead=train.overhead_bytes,
-        total=int(max(training_peak, rollout_peak)),
+        total=int(max(phases.values()) if phases else training_peak),
         teacher_states_host=teacher_host,
+        phase_peaks=phases,
     )
+
+
+def _colocated_phases(
+    training_peak: int, trainer_weights: int, rollout_weights: int, kv_cache: int, train: TrainingShape
+) -> dict[str, int]:
+    """Per-GPU peak of each colocated phase (module docstring, "rollout"); ``trainer_weights``
+    includes a resident reference model (offloaded with the weights)."""
+    engines = train.engine_overhead_bytes
+    return {
+        "training": int(training_peak + engines),
+        "weight_push": int(trainer_weights + train.overhead_bytes + rollout_weights + engines),
+        "generation": int(train.overhead_bytes + rollout_weights + kv_cache + engines),
+    }

@@ -29,6 +29,7 @@ from sdpg_mcore.parallel.lifetime import preexec_die_with_parent
 from sdpg_mcore.parallel.spawn import find_free_port
 from sdpg_mcore.rollout import sglang_launch
 from sdpg_mcore.rollout.http import http_json, post_all
+from sdpg_mcore.rollout.protocol import MEMORY_TAGS
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("dev", "sglang")
@@ -181,6 +182,7 @@ class RolloutServers:
         else:
             import torch
 
+            env = {**sglang_launch.server_environment(dict(os.environ)), **cfg.env}
             cmd, extra_env = sglang_launch.sglang_command(
                 python=self._python,
                 model_path=cfg.model_path,
@@ -383,29 +385,36 @@ class MemoryOccupation:
     """Colocated engines' memory (weights, KV cache, CUDA graphs) handed to training and back.
 
     ``release()`` after a rollout (``/release_memory_occupation``), ``resume()`` before the next
-    weight push (``/resume_memory_occupation``); each is a no-op when already in that state, so the
-    trainer may call them unconditionally. SGLang needs ``--enable-memory-saver`` on GPUs for the
-    release to free anything; the call itself works on CPU too.
+    weight push (``/resume_memory_occupation``); both take SGLang's memory ``tags`` (``weights``,
+    ``kv_cache``, ``cuda_graph``; default all), so the weights can come back before the KV cache.
+    Each is a no-op for tags already in that state. SGLang needs ``--enable-memory-saver`` on GPUs
+    for the release to free anything; the call itself works on CPU too.
     """
 
     def __init__(self, server_urls: list[str], tags: list[str] | None = None, timeout_s: float = 120.0):
         self.server_urls = list(server_urls)
-        self.tags = list(tags) if tags else None
+        self.tags = list(tags) if tags else list(MEMORY_TAGS)
         self.timeout_s = timeout_s
-        self.released = False
+        self.released_tags: set[str] = set()
 
-    def _call(self, path: str) -> None:
-        post_all(self.server_urls, path, {"tags": self.tags} if self.tags else {}, timeout_s=self.timeout_s)
+    @property
+    def released(self) -> bool:
+        return bool(self.released_tags)
 
-    def release(self) -> None:
-        if not self.released:
-            self._call("/release_memory_occupation")
-            self.released = True
+    def _call(self, path: str, tags: list[str]) -> None:
+        post_all(self.server_urls, path, {"tags": tags}, timeout_s=self.timeout_s)
 
-    def resume(self) -> None:
-        if self.released:
-            self._call("/resume_memory_occupation")
-            self.released = False
+    def release(self, tags: list[str] | None = None) -> None:
+        todo = [t for t in (tags or self.tags) if t not in self.released_tags]
+        if todo:
+            self._call("/release_memory_occupation", todo)
+            self.released_tags |= set(todo)
+
+    def resume(self, tags: list[str] | None = None) -> None:
+        todo = [t for t in (tags or self.tags) if t in self.released_tags]
+        if todo:
+            self._call("/resume_memory_occupation", todo)
+            self.released_tags -= set(todo)
 
     @contextmanager
     def released_during(self):

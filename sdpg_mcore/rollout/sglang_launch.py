@@ -186,3 +186,33 @@ def sglang_command(
     if enable_memory_saver and cuda:  # torch_memory_saver hooks CUDA allocations; nothing to free on CPU
         cmd += ["--enable-memory-saver"]
     return cmd, env
+
+
+TRAINER_ONLY_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+)
+"""Variables a launched SGLang server must not inherit from the trainer rank that starts it: the
+trainer's rendezvous (SGLang's CPU path takes ``MASTER_ADDR``/``MASTER_PORT`` for its own store when
+set, and would meet the trainer's), the thread cap torchrun and ``spawn_ranks`` put on each rank
+(``OMP_NUM_THREADS=1``; SGLang binds its own CPU threads), and the trainer's one-queue CUDA setting
+(SGLang sets its own ``CUDA_DEVICE_MAX_CONNECTIONS``). ``TORCHELASTIC_*`` go too."""
+
+
+def server_environment(parent: dict[str, str]) -> dict[str, str]:
+    """The environment of a launched SGLang server: ``parent`` without :data:`TRAINER_ONLY_ENV` and
+    torchrun's ``TORCHELASTIC_*`` (``CUDA_VISIBLE_DEVICES`` stays: ``--base-gpu-id`` counts in it)."""
+    return {
+        k: v for k, v in parent.items() if k not in TRAINER_ONLY_ENV and not k.startswith("TORCHELASTIC_")
+    }

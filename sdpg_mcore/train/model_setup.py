@@ -40,23 +40,26 @@ def build_model(
     recompute: bool = False,
     sequence_parallel: bool = False,
     gradient_accumulation_fusion: bool = False,
+    use_te: bool | None = None,
 ):
     """This rank's GPTModel stage with the HF weights loaded (not wrapped).
 
-    ``gradient_accumulation_fusion`` takes effect with the Transformer-Engine spec only (its GEMMs
-    accumulate into ``main_grad``); the local spec has no fused kernel for it.
+    ``use_te``: the Transformer-Engine spec (``models.spec.resolve_transformer_impl``; None: TE when
+    it imports). ``gradient_accumulation_fusion`` takes effect with the Transformer-Engine spec only
+    (its GEMMs accumulate into ``main_grad``); the local spec has no fused kernel for it.
     """
     from checkpoints_convert.model_io import load_hf_into_model
     from sdpg_mcore.models.builder import build_gpt_model
 
+    use_te = resolve_use_te(use_te)
     overrides: dict = dict(
         calculate_per_token_loss=True,
         sequence_parallel=sequence_parallel,
-        gradient_accumulation_fusion=gradient_accumulation_fusion and resolve_use_te(None),
+        gradient_accumulation_fusion=gradient_accumulation_fusion and use_te,
     )
     if recompute:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    model = build_gpt_model(str(model_path), params_dtype=dtype, **overrides)
+    model = build_gpt_model(str(model_path), params_dtype=dtype, use_te=use_te, **overrides)
     # Micro-batches differ in rows and length; PP stages then exchange shapes before each tensor.
     # Set after construction: the config's MoE check rejects it for the (unused) allgather dispatcher.
     model.config.variable_seq_lengths = True
@@ -78,6 +81,8 @@ class Policy:
     after ``trainer.nonfinite_patience`` bad steps in a row)."""
     overlap_param_gather: bool = False
     """Updated weights arrive during the next forward (see :meth:`finish_param_sync`)."""
+    use_te: bool = False
+    """The layers use the Transformer-Engine spec (a resident reference model is built the same way)."""
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +132,7 @@ def build_policy(
     overlap_param_gather: bool = False,
     gradient_accumulation_fusion: bool = False,
     head_backend: str = "auto",
+    use_te: bool | None = None,
 ) -> Policy:
     """Model + Megatron DDP + ``get_megatron_optimizer`` + ``OptimizerParamScheduler``.
 
@@ -141,6 +147,7 @@ def build_policy(
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    use_te = resolve_use_te(use_te)
     model = build_model(
         model_path,
         layout,
@@ -148,6 +155,7 @@ def build_policy(
         recompute=recompute,
         sequence_parallel=sequence_parallel,
         gradient_accumulation_fusion=gradient_accumulation_fusion,
+        use_te=use_te,
     )
     config = model.config
     vocab_size = _checked_vocab_size(model_path, vocab_size)
@@ -182,10 +190,10 @@ def build_policy(
         chunk_size=chunk_size,
         tp_group=tp_group,
         sequence_parallel=model.config.sequence_parallel,
-        causal_mask=not resolve_use_te(None),
+        causal_mask=not use_te,
         backend=head_backend,
     )
-    return Policy([ddp], optimizer, scheduler, head, overlap_param_gather=overlap_param_gather)
+    return Policy([ddp], optimizer, scheduler, head, overlap_param_gather=overlap_param_gather, use_te=use_te)
 
 
 def _optimizer_config(optim: OptimizerConfig, dtype: torch.dtype):
@@ -277,11 +285,18 @@ class ReferenceWeights:
             self._model = None
         elif mode == "separate_model":  # laid out like the policy: the same head reads its outputs
             sp = policy.head.sequence_parallel
-            self._model = build_model(model_path, layout, dtype=dtype, sequence_parallel=sp).eval()
+            self._model = build_model(
+                model_path, layout, dtype=dtype, sequence_parallel=sp, use_te=policy.use_te
+            ).eval()
             for p in self._model.parameters():
                 p.requires_grad_(False)
         else:
             raise ValueError(f"trainer.reference_weights={mode!r}: choose cpu_swap or separate_model")
+
+    @property
+    def model(self):
+        """The resident reference model (``separate_model``), else None."""
+        return self._model
 
     def _params(self) -> list[torch.Tensor]:
         return [p for chunk in self._policy.chunks for p in unwrap_model(chunk).parameters()]

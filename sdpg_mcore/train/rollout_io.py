@@ -130,14 +130,17 @@ class RolloutSession:
         max_response_length: int,
         run_dir: Path,
         deadline_s: float | None = None,
+        local_world_size: int = 1,
     ) -> RolloutSession:
         """Launch builtin/SGLang servers (behind the router when asked) or check external ones.
 
-        ``deadline_s`` bounds each rollout batch, retries included. Launched servers are supervised
+        ``local_world_size``: the trainer's ranks on this node, whose GPUs launched SGLang servers
+        stay off unless colocated (:func:`server_placement`). ``deadline_s`` bounds each rollout
+        batch, retries included. Launched servers are supervised
         (``rollout.supervisor``: a dead or stuck one is restarted with the current weights and the
         batch generated again) when the weights go through disk, which a restarted server can load.
         """
-        from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
+        from sdpg_mcore.rollout.servers import RolloutServers
         from sdpg_mcore.rollout.sglang_launch import check_servers
 
         if rollout.backend == "external":
@@ -147,18 +150,7 @@ class RolloutSession:
             logger.info("external rollout: generation via %s, weight updates to %s", rollout.urls[0], workers)
             return cls(rollout, reward, max_response_length, None, list(rollout.urls), workers, deadline_s)
         servers = RolloutServers(
-            ServerConfig(
-                model_path=model_path,
-                backend="dev" if rollout.backend == "builtin" else "sglang",
-                num_servers=rollout.num_servers,
-                log_dir=str(run_dir / "rollout_logs"),
-                health_timeout_s=rollout.startup_timeout_s,
-                router=rollout.router,
-                env={"OMP_NUM_THREADS": str(rollout.server_threads)},
-                tp_size=rollout.tp_size,
-                weight_sync=rollout.weight_sync,
-                enable_memory_saver=rollout.colocated,
-            )
+            launched_server_config(rollout, model_path, run_dir / "rollout_logs", local_world_size)
         ).start()
         servers.install_signal_handlers()
         session = cls(
@@ -268,8 +260,6 @@ class RolloutSession:
         ]
         metrics.update({f"rollout/{k}": float(v) for k, v in self.client.metrics.as_dict().items()})
         metrics.update(_weight_version_metric(sample for group in kept for _, sample, _, _ in group))
-        if r.colocated:  # the engines hand their memory to training until the next weight push
-            self.memory.release()
         return responses, {**metrics, **timer.pop()}
 
     def evaluate(
@@ -287,6 +277,56 @@ class RolloutSession:
         avg = sum(sum(a) for a in accs) / max(1, sum(len(a) for a in accs))
         passed = sum(max(a) > 0 for a in accs) / max(1, len(accs))
         return {f"eval/{name}/avg@{k}": avg, f"eval/{name}/pass@{k}": passed}
+
+
+def launched_server_config(rollout: RolloutConfig, model_path: str, log_dir: Path, local_world_size: int):
+    """The ``ServerConfig`` of the servers the trainer launches: the built-in server or SGLang, on
+    GPUs of their own (:func:`server_placement`) unless colocated, with their own environment."""
+    from sdpg_mcore.rollout.servers import ServerConfig
+
+    placement = server_placement(rollout, local_world_size)
+    return ServerConfig(
+        model_path=model_path,
+        backend="dev" if rollout.backend == "builtin" else "sglang",
+        num_servers=rollout.num_servers,
+        log_dir=str(log_dir),
+        health_timeout_s=rollout.startup_timeout_s,
+        router=rollout.router,
+        env=builtin_server_env(rollout),
+        tp_size=rollout.tp_size,
+        base_gpu_id=placement.base_gpu_id if placement else 0,
+        mem_fraction_static=placement.mem_fraction_static if placement else rollout.mem_fraction_static,
+        weight_sync=rollout.weight_sync,
+        enable_memory_saver=rollout.colocated,
+    )
+
+
+def builtin_server_env(rollout: RolloutConfig) -> dict[str, str]:
+    """Extra environment of launched servers: the built-in server's torch threads
+    (``rollout.server_threads``); nothing for SGLang, which binds its own CPU threads (and gets the
+    trainer's environment without the trainer's launcher and thread settings,
+    ``sglang_launch.server_environment``)."""
+    return {"OMP_NUM_THREADS": str(rollout.server_threads)} if rollout.backend == "builtin" else {}
+
+
+def server_placement(rollout: RolloutConfig, local_world_size: int, gpu_count: int | None = None):
+    """Where launched SGLang servers go on this node's GPUs (``rollout/placement.py``); None without
+    GPUs or for the built-in and external backends. Raises ``PlacementError`` naming the keys."""
+    from sdpg_mcore.parallel.state import visible_gpu_count
+    from sdpg_mcore.rollout.placement import place_servers
+
+    gpu_count = visible_gpu_count() if gpu_count is None else gpu_count
+    if rollout.backend != "sglang" or gpu_count == 0:
+        return None
+    return place_servers(
+        num_servers=rollout.num_servers,
+        tp_size=rollout.tp_size,
+        base_gpu_id=rollout.base_gpu_id,
+        colocated=rollout.colocated,
+        local_world_size=local_world_size,
+        gpu_count=gpu_count,
+        mem_fraction_static=rollout.mem_fraction_static,
+    )
 
 
 def _weight_version_metric(samples) -> dict[str, float]:
@@ -364,7 +404,7 @@ class WeightPusher:
     One :class:`~sdpg_mcore.rollout.weight_sync.WeightSync` per stage source (disk, distributed or
     tensor, ``rollout.weight_sync``); rank 0 opens the update, every stage's source sends its part,
     rank 0 commits the version. Other TP ranks only drive the TP all-gathers. Colocated engines get
-    their memory back (``memory.resume``) before the weights arrive.
+    their weights' memory back before a push (``train/colocate.py`` runs it between the turns).
     """
 
     def __init__(
@@ -381,7 +421,6 @@ class WeightPusher:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
         urls, tp_sizes = box[0]
-        self.memory = None
         self.flush_cache = True
         """Servers drop their KV/prefix cache after each push; off while requests sit paused in place
         during the push (asynchronous rollouts): SGLang cannot flush with requests in flight."""
@@ -398,12 +437,6 @@ class WeightPusher:
                 backend="nccl" if torch.cuda.is_available() else "gloo",
             )
 
-    def colocate(self, session) -> WeightPusher:
-        """Rank 0 of a colocated run: resume the engines' memory before each push."""
-        if session is not None and session.rollout.colocated:
-            self.memory = session.memory
-        return self
-
     def __call__(self, step: int) -> None:
         """Rank 0 opens the update, every stage's source sends its part, rank 0 publishes ``step``.
 
@@ -414,8 +447,6 @@ class WeightPusher:
         version = str(step)
         tensors = iter_hf_tensors(self._chunks, self.hf_dir)
         if self.commit_rank:
-            if self.memory is not None:
-                self.memory.resume()
             self.sync.begin()
         _barrier()
         try:

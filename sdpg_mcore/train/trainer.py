@@ -33,14 +33,16 @@ import torch.distributed as dist
 
 from sdpg_mcore import algo
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
+from sdpg_mcore.models.spec import resolve_transformer_impl
 from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
 from sdpg_mcore.train import async_rollout, health, mechanism
 from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.batch import Response
+from sdpg_mcore.train.colocate import Colocation, TrainerOffload
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, build_policy, reference_weights
 from sdpg_mcore.train.progress import StepProgress, setup_logging
-from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses, check_reachable
+from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses
 from sdpg_mcore.train.step import StepContext, run_step
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class Run:
     step_ctx: StepContext
     session: RolloutSession | None  # rank 0 only
     weights: WeightPusher
+    colocation: Colocation
     sink: MetricsLogger
     progress: StepProgress
     save_request: SaveRequest
@@ -165,11 +168,14 @@ def rollout(run: Run, step: int) -> tuple[list[Response], dict[str, float]]:
     """This step's prompts; rank 0 generates and scores them; every rank returns the scored responses."""
     timer = PhaseTimer()
     with timer.phase("rollout"):
+        # Colocated engines released for a checkpoint need the memory and step - 1's weights again.
+        run.colocation.before_generation(lambda: run.weights(step - 1))
         first = run.sampler.next_batch()  # on every rank: the sampler state is checkpointed
         responses, metrics = None, {}
         if run.rank0:
             responses, metrics = generate(run, run.session, run.sampler, first, step)
         responses = broadcast_responses(responses)
+        run.colocation.to_training()  # colocated: the engines hand the memory back for the step
     return responses, {**metrics, **async_rollout.staleness(responses, step), **timer.pop()}
 
 
@@ -190,13 +196,14 @@ def sync_weights(run: Run, step: int) -> dict[str, float]:
     """Push the policy's new weights to the rollout servers (collective), as version ``step``.
 
     With ``parallel.overlap_param_gather`` the optimizer's updated shards are all-gathered during the
-    next forward; the push needs them now, so the gather completes first.
+    next forward; the push needs them now, so the gather completes first. Colocated, the memory
+    goes to the engines around the push (``train/colocate.py``).
     """
     timer = PhaseTimer()
     with timer.phase("weight_sync"):
         run.policy.finish_param_sync()
         health.check_weights(run.policy.chunks, step, run.policy.optimizer.param_groups[0]["lr"])
-        run.weights(step)
+        run.colocation.sync(lambda: run.weights(step))
     return timer.pop()
 
 
@@ -229,6 +236,7 @@ def save(run: Run, step: int) -> bool:
     tr = run.cfg.trainer
     stop = run.save_request.requested()
     if stop or step == tr.total_steps or (tr.save_interval and step % tr.save_interval == 0):
+        run.colocation.to_training()  # the checkpoint reads the trainer's state
         path = ckpt.save_checkpoint(
             Path(tr.run_dir) / "checkpoints",
             step,
@@ -255,6 +263,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
 
     env = state.initialize_distributed()
     resolve_world(cfg, env.world_size)
+    use_te = resolve_transformer_impl(cfg.model.transformer_impl)
     layout = state.initialize_model_parallel(
         cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.trainer.seed
     )
@@ -262,30 +271,27 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
     setup_logging(cfg.logging.level, rank=dist.get_rank())
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.trainer.run_dir)
-    if rank0 and cfg.rollout.backend == "external":
-        check_reachable(cfg.rollout.urls)  # fail before minutes of model building
+    # External servers are checked (and, colocated, told to release their memory) before minutes of
+    # model building; launched ones start after it.
+    session = _rollout_session(cfg, run_dir, env.local_world_size) if _external_first(cfg, rank0) else None
     needs = cfg.algorithm.needs()
     tokenizer, dataset, sampler = _data(cfg, needs.teacher_prompt)
-    policy = _policy(cfg, layout)
+    policy = _policy(cfg, layout, use_te)
     reference = reference_weights(
         policy, needs, cfg.trainer.reference_weights, cfg.model.path, layout, _dtype(cfg)
     )
     start = _resume(cfg, policy, sampler)
-    session = _rollout_session(cfg, run_dir) if rank0 else None
-    weights = (
-        WeightPusher(
-            cfg.rollout.weight_sync,
-            layout,
-            cfg.model.path,
-            run_dir,
-            session.worker_urls if rank0 else None,
-            cfg.rollout.bucket_mb,
-        )
-        .bind(policy.chunks)
-        .colocate(session)
-    )
-    if start:
-        weights(start)  # the servers started from the initial weights
+    session, colocation = _start_rollout(cfg, env, rank0, session, policy, reference)
+    weights = WeightPusher(
+        cfg.rollout.weight_sync,
+        layout,
+        cfg.model.path,
+        run_dir,
+        session.worker_urls if rank0 else None,
+        cfg.rollout.bucket_mb,
+    ).bind(policy.chunks)
+    if start:  # the servers started from the initial weights
+        colocation.sync(lambda: weights(start))
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -313,6 +319,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         step_ctx,
         session,
         weights,
+        colocation,
         sink,
         progress,
         save_request,
@@ -321,12 +328,46 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
     )
 
 
-def _rollout_session(cfg: Config, run_dir: Path) -> RolloutSession:
+def _rollout_session(cfg: Config, run_dir: Path, local_world_size: int) -> RolloutSession:
     """Rank 0's rollout servers (started or reached), client and scorer."""
     rollout, reward, deadline_s = cfg.rollout, cfg.reward, cfg.trainer.rollout_deadline_s
     return RolloutSession.start(
-        rollout, reward, cfg.model.path, cfg.data.max_response_length, run_dir, deadline_s=deadline_s
+        rollout,
+        reward,
+        cfg.model.path,
+        cfg.data.max_response_length,
+        run_dir,
+        deadline_s=deadline_s,
+        local_world_size=local_world_size,
     )
+
+
+def _external_first(cfg: Config, rank0: bool) -> bool:
+    return rank0 and cfg.rollout.backend == "external"
+
+
+def _start_rollout(cfg: Config, env, rank0: bool, session, policy: Policy, reference) -> tuple:
+    """Rank 0's rollout session (``session``: the external one, already reached) and the
+    turn-taking with colocated engines (``train/colocate.py``; a pass-through when the servers have
+    GPUs of their own). Launched colocated engines start while the trainer is offloaded and then
+    hold the initial weights; external ones were started first and release their memory now, so
+    the first rollout pushes the weights."""
+    run_dir = Path(cfg.trainer.run_dir)
+    if not cfg.rollout.colocated:
+        if cfg.rollout.backend != "external" and rank0:
+            session = _rollout_session(cfg, run_dir, env.local_world_size)
+        return session, Colocation(None)
+    resident = [reference.model] if reference is not None and reference.model is not None else []
+    colocation = Colocation(TrainerOffload(policy.chunks, policy.optimizer, policy.device, resident))
+    if cfg.rollout.backend == "external":
+        colocation.engines = session.memory if rank0 else None
+        colocation.hand_back()
+        return session, colocation
+    session = colocation.start_engines(
+        lambda: _rollout_session(cfg, run_dir, env.local_world_size) if rank0 else None
+    )
+    colocation.engines = session.memory if rank0 else None
+    return session, colocation
 
 
 def _dtype(cfg: Config) -> torch.dtype:
@@ -361,11 +402,12 @@ def _data(cfg: Config, needs_teacher: bool):
     return tokenizer, dataset, sampler
 
 
-def _policy(cfg: Config, layout) -> Policy:
+def _policy(cfg: Config, layout, use_te: bool) -> Policy:
     updates_per_step = cfg.data.batch_prompts // cfg.data.mini_batch_prompts
     return build_policy(
         cfg.model.path,
         layout,
+        use_te=use_te,
         dtype=_dtype(cfg),
         total_updates=cfg.trainer.total_steps * updates_per_step,
         optim=cfg.optimizer,

@@ -149,6 +149,8 @@ def test_cpu_shim_rotary_matches_reference(is_neox):
         (["rollout.colocated=true", "rollout.weight_sync=distributed"], "rollout.weight_sync"),
         (["rollout.tp_size=2"], "rollout.tp_size"),  # the builtin server is TP1
         (["rollout.tp_size=0", "rollout.backend=sglang"], "rollout.tp_size"),
+        (["rollout.base_gpu_id=-1"], "rollout.base_gpu_id"),
+        (["rollout.mem_fraction_static=1.5"], "rollout.mem_fraction_static"),
     ],
 )
 def test_rollout_config_errors_name_the_key(overrides, key):
@@ -161,3 +163,40 @@ def test_rollout_config_errors_name_the_key(overrides, key):
         load_config(recipe, overrides)
     cfg = load_config(recipe, ["rollout.colocated=true", "rollout.weight_sync=tensor"])
     assert cfg.rollout.colocated and cfg.rollout.weight_sync == "tensor"
+
+
+def test_launched_sglang_gets_its_own_gpus_and_no_trainer_settings(tmp_path, monkeypatch):
+    """The trainer's launch of SGLang on a simulated 8-GPU node with 4 trainer ranks: the servers'
+    command lines carry the placement (``--base-gpu-id`` 4 and 6, the memory fraction) and their
+    environment none of the trainer's launcher or thread settings; the built-in server keeps its threads."""
+    from sdpg_mcore.audit.simulated_node import simulated_gpus
+    from sdpg_mcore.config import RolloutConfig
+    from sdpg_mcore.rollout.servers import RolloutServers
+    from sdpg_mcore.train.rollout_io import launched_server_config
+
+    for key, value in {
+        "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500", "OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "TORCHELASTIC_RUN_ID": "x", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SDPG_SGLANG_PYTHON", "py")
+    rollout = RolloutConfig(backend="sglang", num_servers=2, tp_size=2, mem_fraction_static=0.6)
+    with simulated_gpus(8):
+        config = launched_server_config(rollout, str(tmp_path), tmp_path / "logs", local_world_size=4)
+        servers = RolloutServers(config).servers
+    commands = [" ".join(s.cmd) for s in servers]
+    assert "--base-gpu-id 4" in commands[0] and "--base-gpu-id 6" in commands[1]
+    assert all("--mem-fraction-static 0.6" in c for c in commands)
+    for server in servers:
+        leaked = {k for k in server.env if k in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                 "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+                                                 "CUDA_DEVICE_MAX_CONNECTIONS"} or k.startswith("TORCHELASTIC_")}  # fmt: skip
+        assert leaked == set()
+        assert server.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"  # --base-gpu-id counts in it
+    builtin = launched_server_config(RolloutConfig(server_threads=2), str(tmp_path), tmp_path / "logs", 1)
+    assert builtin.env == {"OMP_NUM_THREADS": "2"} and builtin.backend == "dev"
+    colocated = RolloutConfig(backend="sglang", colocated=True, weight_sync="tensor")
+    with simulated_gpus(8):
+        shared = launched_server_config(colocated, str(tmp_path), tmp_path / "logs", local_world_size=8)
+    assert shared.base_gpu_id == 0 and shared.mem_fraction_static == 0.5 and shared.enable_memory_saver

@@ -80,3 +80,29 @@ def test_node_list_outside_slurm_and_fake_nodes_guard():
         env={"SLURM_JOB_NODELIST": "real1", "SDPG_FAKE_NODES": "3", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2 and "only allowed with DRY_RUN=1" in proc.stderr
+
+
+def _overrides(mode: str) -> list[str]:
+    script = (
+        f"source {LIB}; NODES=(n1 n2); sdpg_plan_roles && sdpg_print_roles >&2 && "
+        "RUN_DIR=/r MODEL_PATH=/m sdpg_trainer_overrides"
+    )
+    env = {"PATH": "/usr/bin:/bin", "GPUS_PER_NODE": "8", "ROLLOUT_TP": "8", "ROLLOUT_MODE": mode}
+    proc = subprocess.run(
+        ["bash", "-c", script], env={**env, "ROLLOUT_NODES": "1"}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines(), proc.stderr
+
+
+def test_trainer_is_told_whether_the_servers_share_its_gpus():
+    """Colocated servers: the trainer hands them its memory (rollout.colocated=true) and sends weights
+    through disk (a distributed group refuses two ranks on one GPU; each server sees only its own
+    GPUs, so tensor handles from the sending rank's GPU cannot reach it). Dedicated: own nodes."""
+    colocated, roles = _overrides("colocated")
+    assert colocated[-2:] == ["rollout.colocated=true", "rollout.weight_sync=disk"]
+    assert "servers share the trainer's GPUs" in roles
+    dedicated, roles = _overrides("dedicated")
+    assert dedicated[-1] == "rollout.colocated=false" and "rollout.weight_sync=disk" not in dedicated
+    assert "gpus: servers on their own nodes (n2), none on a trainer GPU" in roles
+    assert dedicated[:3] == ["trainer.run_dir=/r", "model.path=/m", "rollout.backend=external"]

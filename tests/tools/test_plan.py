@@ -423,3 +423,50 @@ def test_recipe_teacher_states_reach_the_plan(tmp_path):
     assert run_plan([*common, "--teacher-states", "device"]) == 0
     per_gpu = json.loads(out.read_text())["per_gpu_bytes"]
     assert per_gpu["teacher_states"] == 8 * GIB and per_gpu["teacher_states_host"] == 0
+
+
+def test_colocated_peak_is_the_largest_of_the_three_turns():
+    """Colocated engines and the trainer take turns (train/colocate.py): training holds the whole
+    training state beside the released engines' residue; the weight push only the trainer's weights
+    and the engines' weights; generation only the trainer's residue, the engines' weights and KV."""
+    qwen = ModelShape.from_path(REPO / "examples/qwen3_4b/config.json")
+    base = dict(micro_batch_tokens=8192, teacher_tokens=8192, rollout_seq_len=8192)
+    layout = Layout(tp=1, pp=1, cp=1, dp=8)
+    dedicated = estimate_memory(qwen, layout, TrainingShape(**base))
+    colocated = estimate_memory(qwen, layout, TrainingShape(**base, rollout="colocated", rollout_kv_seqs=64))
+    engines, overhead = 2 * GIB, 3 * GIB
+    assert dedicated.phase_peaks is None
+    assert colocated.phase_peaks == {
+        "training": dedicated.total + engines,
+        "weight_push": colocated.parameters + overhead + colocated.rollout_weights + engines,
+        "generation": overhead + colocated.rollout_weights + colocated.rollout_kv_cache + engines,
+    }
+    assert colocated.total == max(colocated.phase_peaks.values())
+    # Without the offload, the generation turn would hold the whole training state as well.
+    static = colocated.parameters + colocated.gradients + colocated.optimizer_states + overhead
+    assert (
+        colocated.phase_peaks["generation"] < static + colocated.rollout_weights + colocated.rollout_kv_cache
+    )
+    separate = estimate_memory(
+        qwen, layout, TrainingShape(**base, rollout="colocated", reference_weights="separate_model")
+    )
+    assert separate.phase_peaks["weight_push"] - colocated.phase_peaks["weight_push"] == colocated.parameters
+
+
+def test_plan_reads_colocation_and_the_layer_spec_from_the_recipe(tmp_path):
+    import shutil
+
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "examples/qwen3_4b/recipe.yaml").read_text())
+    recipe["rollout"]["colocated"] = True
+    recipe["model"]["transformer_impl"] = "local"
+    recipe["model"].pop("path", None)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    shutil.copy(REPO / "examples/qwen3_4b/config.json", tmp_path / "config.json")
+    result = plan_cli.make_plan(
+        plan_cli.parse_args(["--config", str(path), "--nodes", "1", "--gpus-per-node", "8"])
+    )
+    assert result["training"]["rollout"] == "colocated" and result["training"]["kernels"] == "local"
+    assert set(result["per_gpu_bytes"]["phase_peaks"]) == {"training", "weight_push", "generation"}
