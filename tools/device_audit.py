@@ -3,7 +3,8 @@
 Runs the trainer's step (``train.step.run_step``: old and reference log-prob passes, teacher pass,
 train pass with the fused head, the head's backward, the mini-batch all-reduces) with every model
 parameter a fake ``cuda:0`` tensor, after building the model the trainer's way with the fake GPU
-"available" (``sdpg_mcore.audit.device_audit`` has the details). Prints the violations (host meets
+"available", then the colocated turn (``train/colocate.py`` offloads the trainer's device state and
+brings it back; ``sdpg_mcore.audit.device_audit`` has the details). Prints the violations (host meets
 device, collectives on host tensors, data-dependent device shapes) and every host sync with the line
 that asked; ``!`` marks one the step does not need. Exit 0 only when there is no violation and no
 such host sync.
@@ -37,6 +38,11 @@ def print_report(result: dict) -> None:
     out.write(
         f"model construction: {len(built.get('off_device', []))} of {built.get('tensors')} tensors off the GPU\n"
     )
+    colocated = result.get("colocated")
+    if colocated:
+        out.write(
+            f"colocated turn: {colocated['offloaded_bytes']:,} bytes offloaded and restored on the GPU\n"
+        )
     out.write(f"violations: {len(result['violations'])}\n")
     for v in result["violations"]:
         out.write(f"  {v}\n")

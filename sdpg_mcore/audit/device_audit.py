@@ -14,6 +14,9 @@ in, and why: ``sdpg_mcore.audit.fake_step``). The report holds:
 
 Before the step, the model is also built the trainer's way with the fake GPU "available"
 (``sdpg_mcore.audit.construction``): every parameter and buffer must land on it, as on a real GPU.
+After it, the colocated turn (``sdpg_mcore.audit.colocated``): ``train/colocate.py`` offloads the
+trainer's device state to pinned host memory and brings it back; every storage must be freed and come
+back on the GPU, through pinned non-blocking copies (any other copy is a host sync).
 Clean means no violation and no other host sync. The audit owns the process group and patches
 Megatron while it runs: one audit per process.
 
@@ -92,6 +95,7 @@ def _fake_gpu_step(audit: FakeCuda, policy, layout, algorithm_name: str, teacher
     """One step of ``algorithm_name`` with the policy on the fake GPU (several micro-batches: 96
     tokens each); fills ``result`` and returns the host syncs of the set-up (None if it stopped there)."""
     from sdpg_mcore import algo
+    from sdpg_mcore.audit.colocated import colocated_check
     from sdpg_mcore.audit.synthetic import synthetic_responses, synthetic_step_context
     from sdpg_mcore.train.step import run_step
 
@@ -114,6 +118,7 @@ def _fake_gpu_step(audit: FakeCuda, policy, layout, algorithm_name: str, teacher
             )
             run_step(ctx, 1, batch)
             result["micro_batches_per_pass"] = "several (token_budget=96)"
+            result["colocated"] = colocated_check(fake_policy, audit)
             result["host_teacher_state_bytes"] = 0 if ctx.host_states is None else ctx.host_states.nbytes
             result["triton_launches"] = getattr(audit, "triton_launches", 0)
         except AuditViolation as err:

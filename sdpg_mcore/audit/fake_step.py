@@ -141,10 +141,16 @@ def step_patches(audit: FakeCuda) -> list[tuple[object, str, object]]:
     from megatron.core.pipeline_parallel import schedules
 
     from sdpg_mcore import ops
+    from sdpg_mcore.audit.colocated import NoStream
     from sdpg_mcore.audit.fake_cuda import CUDA
 
     patches = [(schedules, "backward_step", backward_step_check(audit))]
     patches += [(torch.distributed, name, checked_collective(audit, name)) for name in COLLECTIVES]
     patches += [(ops, "fused_kl_head", head_with_backward())] + kernel_launch_checks(audit)
     patches += [(torch.cuda, "current_device", lambda: CUDA)]  # Megatron allocates there: the fake GPU
+    # The colocated offload's stream sync and cache release: runtime calls that move no data.
+    patches += [
+        (torch.cuda, "current_stream", lambda *_: NoStream()),
+        (torch.cuda, "empty_cache", lambda: None),
+    ]
     return patches

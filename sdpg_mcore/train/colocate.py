@@ -51,12 +51,14 @@ GROUPS = ("params", "grads", "optimizer")
 
 
 class _Storages:
-    """Distinct storages of some tensors on one device, freed and restored together."""
+    """Distinct storages of some tensors on one device, freed and restored together. Each storage
+    comes with one tensor of it, through which its bytes are read and written (so the copies are
+    ordinary tensor copies: the fake-GPU audit checks them)."""
 
-    def __init__(self, storages: list[torch.UntypedStorage], keep_contents: bool):
-        self.storages = storages
+    def __init__(self, owners: list[torch.Tensor], keep_contents: bool):
+        self.owners = owners
         self.keep_contents = keep_contents
-        self.sizes = [s.nbytes() for s in storages]
+        self.sizes = [t.untyped_storage().nbytes() for t in owners]
         self.host: list[torch.Tensor] = []
 
     @property
@@ -67,20 +69,20 @@ class _Storages:
         """Copy the contents (if kept) to pinned host buffers, then free every storage."""
         if self.keep_contents:
             self.host = []
-            for storage, size in zip(self.storages, self.sizes):
+            for owner, size in zip(self.owners, self.sizes):
                 buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-                buffer.copy_(_bytes_of(storage, size), non_blocking=pin)
+                buffer.copy_(_bytes_of(owner, size), non_blocking=pin)
                 self.host.append(buffer)
         if pin:  # the copies must finish before the memory is handed to another process
             torch.cuda.current_stream().synchronize()
-        for storage in self.storages:
-            storage.resize_(0)
+        for owner in self.owners:
+            owner.untyped_storage().resize_(0)
 
     def reload(self, pin: bool) -> None:
         """Allocate every storage again at its old size; copy the contents back (or zero them)."""
-        for index, (storage, size) in enumerate(zip(self.storages, self.sizes)):
-            storage.resize_(size)
-            data = _bytes_of(storage, size)
+        for index, (owner, size) in enumerate(zip(self.owners, self.sizes)):
+            owner.untyped_storage().resize_(size)
+            data = _bytes_of(owner, size)
             if self.keep_contents:
                 data.copy_(self.host[index], non_blocking=pin)
             else:
@@ -88,25 +90,34 @@ class _Storages:
         self.host = []
 
 
-def _bytes_of(storage: torch.UntypedStorage, size: int) -> torch.Tensor:
-    """A ``uint8`` tensor over all ``size`` bytes of ``storage``."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (size,))
+def _bytes_of(owner: torch.Tensor, size: int) -> torch.Tensor:
+    """A ``uint8`` tensor over all ``size`` bytes of ``owner``'s storage, on its device."""
+    return owner.new_empty(0, dtype=torch.uint8).set_(owner.untyped_storage(), 0, (size,))
 
 
 def _distinct_storages(tensors: Iterable[torch.Tensor], device: torch.device, exclude: set[int]):
-    """The storages of ``tensors`` on ``device``'s type, each once, without those in ``exclude``
-    (storage data pointers); ``exclude`` grows by the ones returned."""
+    """One tensor per distinct storage of ``tensors`` on ``device``'s type, without the storages in
+    ``exclude``; ``exclude`` grows by the ones returned. A storage is known by its C++ object
+    (``_cdata``: shared by every view, kept across a resize; a fake tensor's has no data pointer)."""
     out = []
     for t in tensors:
         if t is None or t.device.type != device.type:
             continue
         storage = t.untyped_storage()
-        key = storage.data_ptr()
+        key = storage._cdata
         if storage.nbytes() == 0 or key in exclude:
             continue
         exclude.add(key)
-        out.append(storage)
+        out.append(t)
     return out
+
+
+def _ddp_buffers(chunk) -> list:
+    """Megatron DDP's parameter-and-gradient buffers of a chunk (none for a bare model)."""
+    buffers = getattr(chunk, "buffers", None)
+    if not isinstance(buffers, list):  # a bare module: ``buffers`` is nn.Module's method
+        return []
+    return [*buffers, *getattr(chunk, "expert_parallel_buffers", [])]
 
 
 def _inner_optimizers(optimizer) -> list:
@@ -123,7 +134,7 @@ def trainer_tensors(
     the main weights' ``.grad``), ``optimizer`` (the main weights and every optimizer state tensor)."""
     models = [unwrap_model(c) for c in chunks] + list(extra_models or [])
     params = [p for model in models for p in model.parameters()]
-    grads = [b.grad_data for c in chunks for b in [*c.buffers, *getattr(c, "expert_parallel_buffers", [])]]
+    grads = [b.grad_data for c in chunks for b in _ddp_buffers(c)]
     grads += [getattr(p, "main_grad", None) for p in params]
     states = []
     for inner in _inner_optimizers(optimizer):
@@ -165,7 +176,7 @@ class TrainerOffload:
             torch.cuda.empty_cache()  # give the freed blocks back to the driver, for the engines
         return freed
 
-    def _owned(self) -> dict[str, list[torch.UntypedStorage]]:
+    def _owned(self) -> dict[str, list[torch.Tensor]]:
         """Each group's distinct storages on the device, each storage in the first group that names it:
         fp32 main weights of the optimizer that are the model's own (fp32 models, fp32 norm weights
         under the distributed optimizer) stay with the weights; fp32 gradients viewed by the main
@@ -176,7 +187,7 @@ class TrainerOffload:
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes each group holds on the device now (0 for an offloaded group)."""
-        return {g: sum(s.nbytes() for s in storages) for g, storages in self._owned().items()}
+        return {g: sum(t.untyped_storage().nbytes() for t in owners) for g, owners in self._owned().items()}
 
     @torch.no_grad()
     def reload(self) -> int:

@@ -53,6 +53,9 @@ def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path, tea
     # The trainer's model construction (build_model) with a GPU available: all 19 tensors of the
     # 2-layer Qwen3 stage (norms and qk-norms included) on the device.
     assert result["construction"]["tensors"] == 19 and result["construction"]["off_device"] == []
+    # The colocated turn (train/colocate.py) freed and restored every weight on the fake GPU through
+    # pinned non-blocking copies (no host sync above): the bf16 weights of the 2-layer stage.
+    assert result["colocated"]["offloaded_bytes"] == result["colocated"]["restored_bytes"] > 200_000
 
 
 def test_audit_catches_a_builder_that_leaves_the_norms_on_the_host(tmp_path):
@@ -113,3 +116,25 @@ def test_audit_reports_teacher_states_offloaded_to_pageable_memory(tmp_path):
     assert not result["clean"] and not result["violations"]
     unexpected = list(result["unexpected_host_syncs"])
     assert unexpected and all("into pageable memory" in s and "teacher_states.py" in s for s in unexpected)
+
+
+@pytest.mark.slow
+def test_audit_reports_a_colocated_offload_through_pageable_memory(tmp_path):
+    """train/colocate.py with plain (pageable) host buffers: each copy out and back is a host sync."""
+    prelude = (
+        "from sdpg_mcore.train import colocate\noffload = colocate._Storages.offload\n"
+        "colocate._Storages.offload = lambda self, pin: offload(self, False)\n"
+    )
+    result = _audit(tmp_path, prelude)
+    assert not result["clean"] and not result["violations"]
+    unexpected = list(result["unexpected_host_syncs"])
+    assert any("into pageable memory" in s and "colocate.py" in s for s in unexpected), unexpected
+    assert any("synchronous host-to-device copy" in s and "colocate.py" in s for s in unexpected), unexpected
+
+
+@pytest.mark.slow
+def test_audit_catches_a_colocated_reload_that_leaves_storages_empty(tmp_path):
+    prelude = "from sdpg_mcore.train import colocate\ncolocate._Storages.reload = lambda self, pin: None\n"
+    result = _audit(tmp_path, prelude)
+    assert not result["clean"]
+    assert any("colocated reload restored" in v for v in result["violations"]), result["violations"]

@@ -103,3 +103,19 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_variance(assets, tmp_pat
 def test_distributed_weight_sync(assets, tmp_path):
     records = _run(assets, tmp_path / "nccl", "trainer.total_steps=2", "rollout.weight_sync=distributed")
     assert records[1]["logprob_mismatch"] < 1e-4 and records[1]["time/weight_sync"] > 0
+
+
+def test_colocated_run_trains_exactly_as_a_dedicated_one(assets, tmp_path):
+    """rollout.colocated=true on the built-in server: the trainer offloads its state while the engine
+    generates and takes it back to train (train/colocate.py), a checkpoint every step sends the engine
+    back and pushes the weights again before the next rollout. Every metric equals a run whose server
+    keeps its memory: the offload and the extra pushes change no bit."""
+    steps = ("trainer.total_steps=2", "trainer.save_interval=1")
+    dedicated = _run(assets, tmp_path / "dedicated", *steps)
+    colocated = _run(assets, tmp_path / "colocated", *steps, "rollout.colocated=true")
+    assert [r["step"] for r in colocated] == [1, 2]
+    assert colocated[1]["logprob_mismatch"] < 1e-4  # step 2 sampled the weights pushed after step 1
+    for a, b in zip(dedicated, colocated):
+        same = {k: v for k, v in a.items() if not k.startswith(NOISY)}
+        assert same == {k: b[k] for k in same}, a["step"]
+    assert (tmp_path / "colocated" / "checkpoints" / "latest").read_text().strip().endswith("2")
