@@ -186,6 +186,26 @@ def test_dry_run_end_to_end(local_slurm, tmp_path, assets):
     assert {"step_00000001", "step_00000002"} <= {p.name for p in (run / "checkpoints").iterdir()}
 
 
+@pytest.mark.slow
+def test_dry_run_colocated_end_to_end(local_slurm, tmp_path, assets):
+    """sdpg_qwen3_4b.sh's default colocated mode with the real trainer: the servers, started before
+    it, release their memory while it builds its model (rollout.colocated=true from the script),
+    get it back with the weights before each rollout, and the run completes with checkpoints."""
+    job, out = _submit(local_slurm, tmp_path, assets, REPO / "slurm" / "sdpg_qwen3_4b.sh", USE_ROUTER="0")
+    info = local_slurm.wait(job, timeout_s=900)
+    logs = sorted((tmp_path / "run" / "logs").glob("job_*/*.log"))
+    detail = out.read_text() + "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), detail
+    assert "rollout: colocated" in out.read_text() and "servers share the trainer's GPUs" in out.read_text()
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [m["step"] for m in metrics] == [1, 2], metrics
+    # Step 2 sampled the weights pushed after step 1 (disk, as the script sets for colocated servers).
+    assert metrics[1]["logprob_mismatch"] < 1e-4 and metrics[1]["rollout/weight_version"] == 1.0
+    config = (run / "config.yaml").read_text()
+    assert "colocated: true" in config and "weight_sync: disk" in config
+
+
 @pytest.mark.parametrize("script", ["sdpg_70b.sh", pytest.param("sdpg_qwen3_4b.sh", marks=pytest.mark.slow)])
 def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets, script):
     """DRY_RUN's servers (built-in dev server) behind the real sglang_router, queried by a stand-in trainer.
