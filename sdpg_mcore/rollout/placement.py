@@ -74,7 +74,7 @@ def place_servers(
     if base_gpu_id is None:
         base_gpu_id = 0 if colocated else (max(trainer) + 1 if trainer else 0)
     if base_gpu_id + needed > gpu_count:
-        free = [g for g in range(gpu_count) if g not in trainer]
+        free = _free_gpus(trainer, gpu_count)
         raise PlacementError(
             f"rollout.num_servers={num_servers} x rollout.tp_size={tp_size} servers need GPUs "
             f"{base_gpu_id}..{base_gpu_id + needed - 1} (rollout.base_gpu_id={base_gpu_id}), but this node "
@@ -94,11 +94,15 @@ def place_servers(
     return ServerPlacement(base_gpu_id, servers, trainer, fraction)
 
 
+def _free_gpus(trainer: tuple[int, ...], gpu_count: int) -> list[int]:
+    return [g for g in range(gpu_count) if g not in trainer]
+
+
 def _refuse_shared(servers, trainer: tuple[int, ...], base_gpu_id: int, gpu_count: int) -> None:
     for index, gpus in enumerate(servers):
         shared = sorted(set(gpus) & set(trainer))
         if shared:
-            free = [g for g in range(gpu_count) if g not in trainer]
+            free = _free_gpus(trainer, gpu_count)
             raise PlacementError(
                 f"rollout server {index} would run on GPU(s) {shared}, which trainer rank(s) on this "
                 f"node use (the trainer uses GPUs {list(trainer)} of {gpu_count}; "
