@@ -254,13 +254,6 @@ class Colocation:
         self.state = "generating"
         return session
 
-    def hand_back(self) -> None:
-        """Engines that started before the trainer (external servers) release their memory before
-        the trainer allocates its own; state ``training``, so the first rollout pushes the weights."""
-        if self.enabled:
-            self._engines("release")
-            self.state = "training"
-
     def sync(self, push: Callable[[], None]) -> None:
         """The weight-sync phase (after the step, every rank): ``push`` the new weights; colocated,
         the memory goes to the engines on the way (``training`` -> ``generating``)."""
@@ -293,6 +286,16 @@ class Colocation:
         self.offload.reload()
         self._record("trainer_reload")
         self.state = "training"
+
+
+def release_before_start(engines) -> None:
+    """Engines that started before the trainer (external servers, started by the Slurm script) release
+    their memory before the trainer allocates its own; collective (rank 0 holds ``engines``). The
+    trainer then starts in ``training``, and the first rollout pushes the weights."""
+    _barrier()
+    if engines is not None:
+        engines.release()
+    _barrier()
 
 
 def _barrier() -> None:

@@ -38,7 +38,7 @@ from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
 from sdpg_mcore.train import async_rollout, health, mechanism
 from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.batch import Response
-from sdpg_mcore.train.colocate import Colocation, TrainerOffload
+from sdpg_mcore.train.colocate import Colocation, TrainerOffload, release_before_start
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, build_policy, reference_weights
 from sdpg_mcore.train.progress import StepProgress, setup_logging
@@ -274,6 +274,8 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
     # External servers are checked (and, colocated, told to release their memory) before minutes of
     # model building; launched ones start after it.
     session = _rollout_session(cfg, run_dir, env.local_world_size) if _external_first(cfg, rank0) else None
+    if cfg.rollout.colocated and cfg.rollout.backend == "external":  # they release before the model exists
+        release_before_start(session.memory if rank0 else None)
     needs = cfg.algorithm.needs()
     tokenizer, dataset, sampler = _data(cfg, needs.teacher_prompt)
     policy = _policy(cfg, layout, use_te)
@@ -350,8 +352,8 @@ def _start_rollout(cfg: Config, env, rank0: bool, session, policy: Policy, refer
     """Rank 0's rollout session (``session``: the external one, already reached) and the
     turn-taking with colocated engines (``train/colocate.py``; a pass-through when the servers have
     GPUs of their own). Launched colocated engines start while the trainer is offloaded and then
-    hold the initial weights; external ones were started first and release their memory now, so
-    the first rollout pushes the weights."""
+    hold the initial weights; external ones were started first and released their memory before the
+    model was built (``release_before_start``), so the first rollout pushes the weights."""
     run_dir = Path(cfg.trainer.run_dir)
     if not cfg.rollout.colocated:
         if cfg.rollout.backend != "external" and rank0:
@@ -359,9 +361,8 @@ def _start_rollout(cfg: Config, env, rank0: bool, session, policy: Policy, refer
         return session, Colocation(None)
     resident = [reference.model] if reference is not None and reference.model is not None else []
     colocation = Colocation(TrainerOffload(policy.chunks, policy.optimizer, policy.device, resident))
-    if cfg.rollout.backend == "external":
+    if cfg.rollout.backend == "external":  # released at set-up: the first rollout pushes the weights
         colocation.engines = session.memory if rank0 else None
-        colocation.hand_back()
         return session, colocation
     session = colocation.start_engines(
         lambda: _rollout_session(cfg, run_dir, env.local_world_size) if rank0 else None

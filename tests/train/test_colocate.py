@@ -110,7 +110,7 @@ def _order_rank(rank, world_size, hf_dir, url):
     from sdpg_mcore.parallel import state
     from sdpg_mcore.rollout.http import http_json
     from sdpg_mcore.rollout.servers import MemoryOccupation
-    from sdpg_mcore.train.colocate import Colocation, TrainerOffload
+    from sdpg_mcore.train.colocate import Colocation, TrainerOffload, release_before_start
 
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
     policy = _policy(hf_dir, layout, torch.bfloat16, True)  # fp32 main weights of their own
@@ -126,8 +126,8 @@ def _order_rank(rank, world_size, hf_dir, url):
         return {group: nbytes > 0 for group, nbytes in offload.resident_bytes().items()}
 
     seen = {}
-    colocation.hand_back()
-    seen["after_hand_back"] = (server_released(), resident())
+    release_before_start(engines)  # external engines, started first, release before the trainer's turn
+    seen["after_release_before_start"] = (server_released(), resident())
 
     def push():  # what the weight push sees: the engines' weights back, the trainer's weights still there
         seen["during_push"] = (server_released(), resident())
@@ -157,7 +157,10 @@ def test_turns_with_a_real_dev_server_never_overlap(hf_dir, tmp_path):
         results = spawn_ranks(_order_rank, 2, args=(hf_dir, servers.worker_urls[0]))
     everything = ["cuda_graph", "kv_cache", "weights"]
     for seen in results:
-        assert seen["after_hand_back"] == (everything, {"params": True, "grads": True, "optimizer": True})
+        assert seen["after_release_before_start"] == (
+            everything,
+            {"params": True, "grads": True, "optimizer": True},
+        )
         assert seen["during_push"] == (
             ["cuda_graph", "kv_cache"],
             {"params": True, "grads": False, "optimizer": False},
@@ -169,7 +172,6 @@ def test_turns_with_a_real_dev_server_never_overlap(hf_dir, tmp_path):
             "training",
         )
         assert seen["events"] == [
-            "engines_release:all",
             "trainer_offload:grads,optimizer",
             "engines_resume:weights",
             "pushed",
