@@ -235,7 +235,7 @@ sdpg_dry_run_assets() {
   fi
   MODEL_PATH="$dir/model"
   DRY_RUN_TRAINER_OVERRIDES="data.train_files=[$dir/data/train.jsonl] eval.files=[] \
-model.dtype=float32 model.recompute_activations=false parallel.tp=1 parallel.pp=1 parallel.cp=1 parallel.dp=-1 \
+model.dtype=float32 model.recompute_activations=false model.transformer_impl=auto parallel.tp=1 parallel.pp=1 parallel.cp=1 parallel.dp=-1 \
 parallel.sequence_parallel=false data.max_prompt_length=96 data.max_response_length=24 data.batch_prompts=2 \
 data.mini_batch_prompts=2 data.micro_batch_tokens=256 rollout.n=2 rollout.weight_sync=disk \
 rollout.request_timeout_s=120 trainer.total_steps=${DRY_RUN_STEPS:-2} trainer.save_interval=1 \
