@@ -35,6 +35,7 @@ their storages are empty (a read is an invalid memory access, as with verl's off
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
@@ -200,11 +201,6 @@ class TrainerOffload:
                 restored += part.nbytes
         return restored
 
-    @property
-    def groups(self) -> list[str]:
-        """The groups offloaded now."""
-        return [g for g in GROUPS if g in self.offloaded]
-
 
 class Colocation:
     """Which side holds the GPUs' memory: ``training`` or ``generating`` (module docstring).
@@ -218,8 +214,8 @@ class Colocation:
         self.offload = offload
         self.engines = engines
         self.state = state
-        self.events: list[str] = []
-        """What happened, in order (``trainer_offload:grads,optimizer``, ``engines_resume:weights``, ...)."""
+        self.events: deque[str] = deque(maxlen=64)
+        """The latest turns, in order (``trainer_offload:grads,optimizer``, ``engines_resume:weights``, ...)."""
 
     @property
     def enabled(self) -> bool:
@@ -260,7 +256,7 @@ class Colocation:
         if not self.enabled:
             push()
             return
-        self.to_training()  # no-op after a rollout; the engines' weights are stale after a release
+        self.to_training()  # a no-op after a rollout; at a resumed start the engines hand back first
         self._to_generating(push)
 
     def before_generation(self, push: Callable[[], None]) -> None:

@@ -137,7 +137,7 @@ def _order_rank(rank, world_size, hf_dir, url):
     colocation.to_training()
     seen["after_to_training"] = (server_released(), resident(), colocation.state)
     colocation.before_generation(push)  # after a checkpoint: generating again, with a push
-    seen["events"] = colocation.events
+    seen["events"] = list(colocation.events)
     state.destroy()
     return seen
 

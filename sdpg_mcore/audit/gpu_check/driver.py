@@ -62,8 +62,10 @@ def spawn_stage(name: str, command: list[str], limit_s: float, log, out_dir: Pat
     result = _run_stage_process(name, command, limit_s, log, out_dir)
     if out_dir is not None:
         partial = out_dir / f"{name}.partial.json"
-        if not result.get("ok") and partial.exists():
-            result["partial"] = json.loads(partial.read_text())
+        if partial.exists():  # kept in the result of a stage that did not finish well
+            if not result.get("ok"):
+                result["partial"] = json.loads(partial.read_text())
+            partial.unlink()
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
