@@ -210,7 +210,7 @@ def predict_step(
         "weight_sync": sync.total,
     }
     if rollout.colocated and impl.offload_training_state:
-        phases["state_offload"], phases["state_onload"] = offload_time(shape, layout, m)
+        phases["state_offload"], phases["state_onload"] = offload_time(shape, layout, m, impl.offload_pinned)
     busy = sum(phases.values())
     phases["generation"] = (
         max(0.0, gen.total - busy) if rollout.async_steps and not rollout.colocated else gen.total

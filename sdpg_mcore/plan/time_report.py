@@ -41,16 +41,16 @@ class TimeRequest:
 def timing_inputs(recipe: dict, train: TrainingShape, plan: Plan, req: TimeRequest) -> RecipeTiming:
     """The recipe's step on this cluster (caps, budget and recompute as the memory plan resolved them).
 
-    A colocated engine gets what the trainer leaves: the GPU less the training state that stays
-    resident while it generates (weights, gradients, optimizer states, reference copy, overhead).
+    A colocated engine gets what the trainer leaves while it generates: the trainer offloads its
+    weights, gradients, optimizer states and reference copy (``train/colocate.py``), so the GPU less
+    the trainer's overhead (CUDA context, NCCL buffers) and the engines' own.
     """
     gpus = plan.layout.world_size if req.colocated else req.rollout_nodes * req.gpus_per_node
     if gpus < 1:
         raise ValueError("--rollout-nodes must be >= 1 for a dedicated rollout (or use --rollout colocated)")
     fraction = req.kv_memory_fraction
     if req.colocated and plan.estimate is not None:
-        est = plan.estimate
-        resident = est.parameters + est.gradients + est.optimizer_states + est.reference_model + est.overhead
+        resident = plan.estimate.overhead + train.engine_overhead_bytes
         fraction = max(0.0, min(fraction, (plan.gpu_mem_bytes - resident) / req.hardware.memory_bytes))
     rollout = Rollout(gpus=gpus, tp=req.rollout_tp, colocated=req.colocated, kv_memory_fraction=fraction)
     prompt_len = train.rollout_seq_len - (train.response_len or 0)

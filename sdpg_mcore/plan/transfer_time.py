@@ -101,13 +101,16 @@ def training_state_bytes(shape: ModelShape, layout: Layout) -> tuple[float, floa
     return OPTIMIZER_STATE_BYTES * params / (layout.dp * layout.cp), BF16 * params
 
 
-def offload_time(shape: ModelShape, layout: Layout, m: Machine) -> tuple[float, float]:
+def offload_time(
+    shape: ModelShape, layout: Layout, m: Machine, pinned_optimizer: bool = False
+) -> tuple[float, float]:
     """(out, back): the training state to host memory before generation and back to the GPU before the
     trainer's passes. NeMo-RL's ``offload_before_refit`` frees the gradient buffers and moves the
     optimizer state with ``.to("cpu")`` (fresh pageable memory each step, ``.to("cuda")`` back);
     Megatron's ``offload_to_cpu`` copies the weights into a pinned buffer it keeps
-    (``param_and_grad_buffer.py``)."""
+    (``param_and_grad_buffer.py``). ``pinned_optimizer``: the optimizer states go through pinned
+    buffers too (sdpg_mcore's ``train/colocate.py``)."""
     optimizer, weights = training_state_bytes(shape, layout)
     pinned = m.hw.host_link_bytes_per_s * m.eff.link
-    seconds = optimizer / m.hw.pageable_copy_bytes_per_s + weights / pinned
+    seconds = optimizer / (pinned if pinned_optimizer else m.hw.pageable_copy_bytes_per_s) + weights / pinned
     return seconds, seconds

@@ -159,7 +159,10 @@ class Implementation:
     """broadcast (NCCL to engines on their own GPUs) | colocated_tensor (tensor handles, same GPUs) |
     colocated_gather (every GPU gathers the whole model, tensor by tensor, then hands it over) | disk."""
     offload_training_state: bool = False
-    """Colocated: optimizer states and weights leave the GPU (pageable copies) before generation."""
+    """Colocated: optimizer states and weights leave the GPU before generation (and gradients are freed)."""
+    offload_pinned: bool = False
+    """The offload copies through pinned host buffers (sdpg_mcore's ``train/colocate.py``), not into
+    fresh pageable memory (NeMo-RL's ``.to("cpu")`` of the optimizer states)."""
     grad_bytes: int = 4
     """Bytes per gradient element reduced over DP (Megatron ``grad_reduce_in_fp32``: 4)."""
     whole_groups: bool = True
@@ -197,6 +200,8 @@ SDPG_MCORE = Implementation(
     head_all_positions=False,
     reference_swap="pinned_exchange",
     weight_sync="broadcast",
+    offload_training_state=True,  # colocated only (train/colocate.py): generation gets the GPU
+    offload_pinned=True,
 )
 
 

@@ -97,7 +97,9 @@ def test_predict_is_deterministic_and_cached_generation_is_shared():
     assert a.phases == b.phases and a.generation is b.generation
 
 
-def test_a_colocated_engine_gets_what_the_resident_training_state_leaves():
+def test_a_colocated_engine_gets_what_the_offloaded_trainer_leaves():
+    """The trainer offloads its state while colocated engines generate (train/colocate.py): they get
+    the GPU less its overhead and theirs, and the step pays the offload and the reload."""
     from sdpg_mcore.plan.hardware import hardware
     from sdpg_mcore.plan.layout import evaluate
     from sdpg_mcore.plan.time_report import TimeRequest, time_report
@@ -110,9 +112,9 @@ def test_a_colocated_engine_gets_what_the_resident_training_state_leaves():
     plan = evaluate(shape, Layout(1, 1, 1, 8), train, 8, 8, 80 * GIB)
     req = TimeRequest(hardware("h100"), gpus_per_node=8, rollout_nodes=0, rollout_tp=1, colocated=True)
     out = time_report(shape, train, plan, recipe, req)
-    est = plan.estimate
-    resident = est.parameters + est.gradients + est.optimizer_states + est.reference_model + est.overhead
+    resident = plan.estimate.overhead + train.engine_overhead_bytes
     rollout = out["time"]["assumed"]["rollout"]
     assert rollout["colocated"] and rollout["gpus"] == 8
-    assert rollout["kv_memory_fraction"] == pytest.approx((80 * GIB - resident) / 80e9)
-    assert out["time"]["gpus"] == 8 and "state_offload" not in out["time"]["phases"]
+    assert rollout["kv_memory_fraction"] == pytest.approx(min(0.85, (80 * GIB - resident) / 80e9))
+    phases = out["time"]["phases"]
+    assert out["time"]["gpus"] == 8 and phases["state_offload"] > 0 and phases["state_onload"] > 0
