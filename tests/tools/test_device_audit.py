@@ -118,7 +118,6 @@ def test_audit_reports_teacher_states_offloaded_to_pageable_memory(tmp_path):
     assert unexpected and all("into pageable memory" in s and "teacher_states.py" in s for s in unexpected)
 
 
-@pytest.mark.slow
 def test_audit_reports_a_colocated_offload_through_pageable_memory(tmp_path):
     """train/colocate.py with plain (pageable) host buffers: each copy out and back is a host sync."""
     prelude = (
@@ -132,7 +131,6 @@ def test_audit_reports_a_colocated_offload_through_pageable_memory(tmp_path):
     assert any("synchronous host-to-device copy" in s and "colocate.py" in s for s in unexpected), unexpected
 
 
-@pytest.mark.slow
 def test_audit_catches_a_colocated_reload_that_leaves_storages_empty(tmp_path):
     prelude = "from sdpg_mcore.train import colocate\ncolocate._Storages.reload = lambda self, pin: None\n"
     result = _audit(tmp_path, prelude)
