@@ -10,7 +10,7 @@
   the planner, and the colocated offload.
 - ``llama70b_layer``: one SDPG step at Llama-3.3-70B's layer shape, two layers, TE spec when present.
 - ``head_fp64``: both fused heads against fp64 at a fixed tolerance (``audit.head_check``).
-- ``parity``: Megatron vs ``transformers`` logits at the README's 1e-4.
+- ``parity``: Megatron vs ``transformers`` logits at 1e-4, the bound the parity tests hold (``checkpoints_convert/README.md``).
 - ``bench_kl``: ``tools/bench_kl.py`` with kernel tables, last.
 - ``driver``: each stage in its own process and time limit, its JSON to ``$OUT`` as it finishes.
 """

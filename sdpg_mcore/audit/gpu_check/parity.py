@@ -1,5 +1,5 @@
 """Stage ``parity``: Megatron vs ``transformers`` fp32 logits on tiny Llama and Qwen3 models, through
-``tools/check_parity.py`` at :data:`PARITY_TOL` (the README's bound), each in its own process, with the
+``tools/check_parity.py`` at :data:`PARITY_TOL` (the parity tests' bound), each in its own process, with the
 layer spec the trainer would pick (Transformer-Engine when it imports)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from sdpg_mcore.audit.gpu_check import common
 
 PARITY_TOL = 1e-4
-"""Largest max |logit difference| (fp32): the bound the README promises and the CPU tests hold."""
+"""Largest max |logit difference| (fp32): the bound the CPU parity tests hold (``checkpoints_convert/README.md``)."""
 
 
 def check(hf_dir: str, *, mcore: str | None = None, timeout_s: float = 120.0) -> dict:
