@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sdpg_mcore.audit.gpu_check import common, driver, nccl, step_checks
+from sdpg_mcore.audit.gpu_check import bench_kl, common, driver, nccl, step_checks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,6 +30,18 @@ def test_step_judgements_fail_on_broken_inputs():
     assert "freed only" in step_checks.judge_offload(2**30, 2**29, True)[0]
     assert "bit for bit" in step_checks.judge_offload(2**30, 2**30, False)[0]
     assert step_checks.judge_offload(0, 0, True) == ["colocated offload moved nothing"]
+
+
+def test_bench_kl_judgement_fails_a_head_that_materialises_the_logits():
+    """The one GPU run's Qwen3-4B figures pass (15.6x below the reference); a fused head whose peak
+    is near the reference's (the ``[N, V]`` logits built after all) fails, and so does a missing ratio."""
+    assert bench_kl.judge({"memory_ratio": 15.6, "memory_ratio_fused_torch": 12.0}) == []
+    problems = bench_kl.judge({"memory_ratio": 15.6, "memory_ratio_fused_torch": 1.3})
+    assert problems == [
+        "memory_ratio_fused_torch = 1.30 < 10: the fused head's peak is near the materialising reference's"
+    ]
+    assert bench_kl.judge({"memory_ratio": float("nan")})  # a broken measurement is not a pass
+    assert bench_kl.judge({}) == ["bench_kl report has no memory_ratio"]
 
 
 def test_nccl_stage_on_two_gloo_ranks_and_the_old_binding_fails():
