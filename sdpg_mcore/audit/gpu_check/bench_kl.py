@@ -3,10 +3,13 @@ reference, each with its ``torch.profiler`` kernel table and the GEMMs alone at 
 unaligned block width, at the Qwen3-4B shape (with a chunk sweep, :data:`KL_SWEEP`) and one
 Llama-3.3-70B TP8 shard; with ``--cpu`` the tiny shape, Triton under its interpreter. Last in the
 check: a benchmark finds slowness, not wrong results, and gets what time is left. Its one fixed limit
-(:func:`judge`, GPU shapes only): each fused head's peak extra memory at least
-:data:`MIN_MEMORY_RATIO` times below the materialising reference's (the one GPU run measured 15.6x at
-the Qwen3-4B shape); a head that built ``[tokens, vocab]`` logits would be near 1x. Time is reported,
-not judged (that run's fused head was 2.58x slower: a finding, not a wrong result)."""
+(:func:`judge`, at :data:`JUDGED_SHAPE` on the GPU): each fused head's peak extra memory at least
+:data:`MIN_MEMORY_RATIO` times below the materialising reference's (the one GPU run measured 15.6x
+there); a head that built ``[tokens, vocab]`` logits would be near 1x. Not at the 70B TP8 shard: its
+16,032 vocabulary columns make the logits no larger than the weight and hidden gradients both
+variants hold, so the ratio is small by construction (about 3x by that run's bytes per logit).
+Time is reported, not judged (that run's fused head was 2.58x slower: a finding, not a wrong
+result)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ KL_SWEEP = "147,441,1024,2048"
 ``best_chunk`` is the fastest that keeps the peak at least 10x below the materialising reference's."""
 
 
+JUDGED_SHAPE = "qwen3-4b"
+"""The ``bench_kl.py`` shape held to :data:`MIN_MEMORY_RATIO` (module docstring)."""
 MIN_MEMORY_RATIO = 10.0
 """Smallest reference / fused peak extra memory at a GPU shape, per fused head (``tools/bench_kl.py``'s
 own floor for ``best_chunk``)."""
@@ -63,7 +68,7 @@ def run(cpu: bool) -> dict:
             if not report.exists():
                 return {"ok": False, "error": (proc.stdout + proc.stderr)[-3000:]}
             out[args[1]] = json.loads(report.read_text()) | {"table": proc.stdout[-3000:]}
-            problems = [] if cpu else judge(out[args[1]])  # the CPU shape's peaks are resident-set noise
+            problems = judge(out[args[1]]) if args[1] == JUDGED_SHAPE else []
             out.setdefault("problems", []).extend(f"{args[1]}: {p}" for p in problems)
             out["ok"] = out["ok"] and proc.returncode == 0 and not problems
             common.save_partial(out)
