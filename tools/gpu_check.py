@@ -1,7 +1,8 @@
 """The prepared GPU check (run through ``tools/gpu_check.sh``): one machine, one GPU, within 8 minutes.
 
 Stages (``sdpg_mcore.audit.gpu_check``, one module each), in this order, each held to fixed limits
-that can fail (each shown failing on a broken input in ``tests/audit/test_gpu_check.py``):
+that can fail (each shown failing on a broken input in ``tests/audit/test_gpu_check.py``, the
+head's in ``tests/ops/test_head_check.py``):
 ``env`` (versions, the layer spec and why, the device binding), ``nccl`` (the trainer's process
 groups on every visible GPU), ``sdpg_step`` (two SDPG steps of a Qwen3-width model against an fp64
 ``transformers`` reference, the planner, the colocated offload, a step after it), ``llama70b_layer``

@@ -465,8 +465,8 @@ def test_plan_reads_colocation_and_the_layer_spec_from_the_recipe(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     shutil.copy(REPO / "examples/qwen3_4b/config.json", tmp_path / "config.json")
-    result = plan_cli.make_plan(
-        plan_cli.parse_args(["--config", str(path), "--nodes", "1", "--gpus-per-node", "8"])
-    )
+    out = tmp_path / "plan.json"
+    run_plan(["--config", str(path), "--nodes", "1", "--gpus-per-node", "8", "--json", str(out)])
+    result = json.loads(out.read_text())
     assert result["training"]["rollout"] == "colocated" and result["training"]["kernels"] == "local"
     assert set(result["per_gpu_bytes"]["phase_peaks"]) == {"training", "weight_push", "generation"}
