@@ -217,6 +217,14 @@ class TrainerConfig:
     80 GiB, so no copies are paid); host moves each micro-batch's to pinned host memory and back
     (one micro-batch's on the GPU, the mini-batch's share in host RAM per GPU), for layouts where
     ``tools/plan.py`` says device does not fit."""
+    ema_weights: Literal["device", "host"] = "host"
+    """Where the EMA teacher's fp32 average of the weights lives (``algorithm.teacher=ema``;
+    ``train/ema_weights.py``): device keeps it on the GPU (4 bytes per parameter of the rank, no
+    copies); host keeps it in pinned host memory and streams it through the GPU one parameter at a
+    time (8 bytes per parameter over PCIe per optimizer step and per teacher pass), for models whose
+    average does not fit beside the training state (the 70B recipe: 16.4 GiB more per GPU, peak 85.5 of
+    80 GiB: ``tools/plan.py --config examples/llama3_70b/recipe.yaml --nodes 4 --teacher ema
+    --ema-weights device``). ``tools/plan.py`` counts either and advises host when device does not fit."""
     stop_at_step: int = 0
     """Stop after this step (0 = run to total_steps), e.g. for time-limited jobs; resume continues the run."""
     logprob_chunk_size: int = 1024

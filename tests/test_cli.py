@@ -30,6 +30,13 @@ def test_cli_rejects_world_size_mismatch(recipe, capsys):
     )
 
 
+def test_cli_rejects_a_bad_teacher_decay_naming_the_key(recipe, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--config", recipe, "algorithm.teacher=ema", "algorithm.teacher_ema_decay=1.5"])
+    assert err.value.code == 2
+    assert "config key 'algorithm.teacher_ema_decay': must be in (0, 1)" in capsys.readouterr().err
+
+
 def test_cli_rejects_unknown_key(recipe, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--config", recipe, "trainer.totl_steps=3"])

@@ -48,13 +48,20 @@ NOTES = {
     "optimizer_states": "fp32 master + Adam m, v, /(DP*CP)",
     "activations": "student fwd saved for bwd, 1F1B in flight",
     "kl_head": "hidden states + logits work (fused: per chunk)",
-    "teacher": "forward-only teacher pass: one layer's working set",
+    "teacher": "forward-only teacher pass: one layer's working set (+ live weights parked, ema on device)",
     "teacher_states": "teacher response states kept for the train pass (last stage; host: one micro-batch's)",
     "reference_model": "resident reference copy (separate_model)",
+    "teacher_weights": "teacher=ema/initial: fp32 EMA (ema_weights=device) + teacher output-layer copy",
     "rollout_weights": "colocated SGLang weights",
     "rollout_kv_cache": "colocated SGLang KV cache",
     "overhead": "CUDA context, NCCL, fragmentation",
 }
+
+#: Pinned host memory lines of the table: (per-GPU bytes key, what, whose node).
+HOST_LINES = (
+    ("teacher_states_host", "teacher states (teacher_states=host)", "last-stage node"),
+    ("teacher_weights_host", "EMA teacher (ema_weights=host) + parked weights", "node"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,6 +118,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("device", "host"),
         help="where the teacher states wait for the train pass (default: the recipe's trainer.teacher_states, "
         "else device)",
+    )
+    p.add_argument(
+        "--teacher",
+        choices=("policy", "ema", "initial"),
+        help="weights of the sdpg teacher pass (default: the recipe's algorithm.teacher, else policy)",
+    )
+    p.add_argument(
+        "--ema-weights",
+        choices=("device", "host"),
+        help="teacher=ema: where the fp32 average lives (default: the recipe's trainer.ema_weights, else host)",
     )
     p.add_argument(
         "--rollout-kv-seqs",
@@ -180,6 +197,8 @@ def apply_recipe(args: argparse.Namespace) -> Path:
         "kl_chunk_tokens": trainer.get("logprob_chunk_size"),
         "reference_weights": trainer.get("reference_weights"),
         "teacher_states": trainer.get("teacher_states"),
+        "teacher": section("algorithm").get("teacher"),
+        "ema_weights": trainer.get("ema_weights"),
         "mini_batch_responses": _product(data.get("mini_batch_prompts"), section("rollout").get("n")),
     }
     if all(getattr(args, k) is None for k in ("tp", "pp", "cp")):
@@ -226,6 +245,8 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
         mini_batch_responses=args.mini_batch_responses,
         response_len=args.max_response_len,
         teacher_states=args.teacher_states or "device",
+        teacher=args.teacher or "policy",
+        ema_weights=args.ema_weights or "host",
         rollout_kv_seqs=args.rollout_kv_seqs,
         overhead_bytes=int(args.overhead_gb * GIB),
     )
@@ -247,8 +268,21 @@ def _plan(args: argparse.Namespace, shape: ModelShape, train: TrainingShape):
 
 
 def advice(args: argparse.Namespace, shape: ModelShape, train: TrainingShape, plan) -> list[str]:
-    """What would make a plan that does not fit fit: the teacher states in pinned host memory."""
-    if plan.fits or plan.problems or train.teacher_states != "device":
+    """What would make a plan that does not fit fit: the EMA teacher's average, else the teacher
+    states, in pinned host memory."""
+    if plan.fits or plan.problems:
+        return []
+    if train.teacher == "ema" and train.ema_weights == "device":
+        host, _ = _plan(args, shape, replace(train, ema_weights="host"))
+        if host.fits:
+            lay, per_gpu = host.layout, host.estimate.teacher_weights_host / GIB
+            return [
+                f"trainer.ema_weights=host fits: TP{lay.tp} PP{lay.pp} CP{lay.cp} DP{lay.dp} at "
+                f"{host.estimate.total / GIB:.2f} GiB per GPU (the EMA teacher's fp32 average and the parked "
+                f"weights in pinned host memory: {per_gpu:.2f} GiB per GPU, "
+                f"{per_gpu * args.gpus_per_node:.1f} GiB per node of {args.gpus_per_node} GPUs)"
+            ]
+    if train.teacher_states != "device":
         return []
     host, _ = _plan(args, shape, replace(train, teacher_states="host"))
     if not host.fits:
@@ -334,6 +368,8 @@ def make_plan(args: argparse.Namespace) -> dict:
             "kernels": train.kernels,
             "reference_weights": train.reference_weights,
             "teacher_states": train.teacher_states,
+            "teacher": train.teacher,
+            "ema_weights": train.ema_weights,
             "rollout": train.rollout,
         },
     }
@@ -364,14 +400,12 @@ def print_table(result: dict) -> None:
             f"[bold]{per_gpu['total'] / GIB:.2f}[/bold]",
             f"of {result['gpu_mem_bytes'] / GIB:.0f} GiB: {'[green]fits' if result['fits'] else '[red]does not fit'}",
         )
-    host = per_gpu.get("teacher_states_host", 0)
-    if host:
-        nodes = result["cluster"]["gpus_per_node"]
-        table.add_row(
-            "host RAM, pinned",
-            f"{host / GIB:.2f}",
-            f"teacher states (teacher_states=host), not GPU: {host * nodes / GIB:.1f} GiB per last-stage node",
-        )
+    gpus_per_node = result["cluster"]["gpus_per_node"]
+    for key, what, node in HOST_LINES:
+        host = per_gpu.get(key, 0)
+        if host:
+            per_node = f"{host * gpus_per_node / GIB:.1f} GiB per {node}"
+            table.add_row("host RAM, pinned", f"{host / GIB:.2f}", f"{what}, not GPU: {per_node}")
     console.print(table)
     for problem in result["problems"]:
         console.print(f"[red]invalid layout:[/red] {problem}")

@@ -101,6 +101,10 @@ def recipe_timing(
         overlap_grad_reduce=bool(par.get("overlap_grad_reduce", True)),
         overlap_param_gather=bool(par.get("overlap_param_gather", True)),
         teacher_states_host=trainer.get("teacher_states") == "host",
+        teacher_weights=str((recipe.get("algorithm") or {}).get("teacher", "policy"))
+        if teacher
+        else "policy",
+        ema_weights_host=trainer.get("ema_weights", "host") == "host",
     )
     rollout = replace(
         rollout, async_steps=int(ro.get("async_steps", 0)), bucket_bytes=int(ro.get("bucket_mb", 512)) << 20

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from sdpg_mcore.plan.lengths import ResponseLengths
 
 RECOMPUTE = ("none", "selective", "full")
+TEACHER_WEIGHTS = ("policy", "ema", "initial")
 REFERENCE_SWAPS = ("pinned_exchange", "pinned_copy", "resident")
 WEIGHT_SYNCS = ("broadcast", "colocated_tensor", "colocated_gather", "disk")
 
@@ -92,12 +93,21 @@ class TrainSettings:
     """The distributed optimizer's weight all-gather runs during the next forward."""
     teacher_states_host: bool = False
     """``trainer.teacher_states=host``: teacher states go to pinned host memory and back."""
+    teacher_weights: str = "policy"
+    """sdpg's ``algorithm.teacher``: policy | ema | initial. ema and initial swap other weights in
+    for every teacher pass, ema also updates its average after every optimizer step."""
+    ema_weights_host: bool = True
+    """``trainer.ema_weights=host``: the EMA's fp32 average in pinned host memory (else on the GPU)."""
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
         if self.micro_batch_tokens < 1:
             raise ValueError("micro_batch_tokens must be >= 1")
+        if self.teacher_weights not in TEACHER_WEIGHTS:
+            raise ValueError(
+                f"teacher_weights={self.teacher_weights!r} is not one of {', '.join(TEACHER_WEIGHTS)}"
+            )
 
     @property
     def logprob_tokens(self) -> int:

@@ -37,6 +37,7 @@ from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
 from sdpg_mcore.train import async_rollout, health, mechanism
 from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.batch import Response
+from sdpg_mcore.train.ema_weights import EMAWeights, ema_teacher
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, build_policy, reference_weights
 from sdpg_mcore.train.progress import StepProgress, setup_logging
@@ -238,6 +239,7 @@ def save(run: Run, step: int) -> bool:
             hf_dir=run.cfg.model.path,
             extra_state={"sampler": run.sampler.state_dict()},
             keep_last=tr.keep_checkpoints or None,
+            teacher_ema=run.step_ctx.ema,
         )
     if stop:
         logger.info("save requested (SIGUSR1 or %s): saved %s; exiting", run.save_request.save_file, path)
@@ -270,7 +272,8 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
     reference = reference_weights(
         policy, needs, cfg.trainer.reference_weights, cfg.model.path, layout, _dtype(cfg)
     )
-    start = _resume(cfg, policy, sampler)
+    ema = ema_teacher(policy, needs, cfg.trainer.ema_weights)  # _resume loads a checkpoint's average
+    start = _resume(cfg, policy, sampler, ema)
     session = _rollout_session(cfg, run_dir) if rank0 else None
     weights = (
         WeightPusher(
@@ -301,6 +304,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         total_steps=cfg.trainer.total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         teacher_states=cfg.trainer.teacher_states,
+        ema=ema,
     )
     evals = {Path(f).stem: load_prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
     sink, progress = _sinks(cfg, rank0, start)
@@ -379,14 +383,21 @@ def _policy(cfg: Config, layout) -> Policy:
     )
 
 
-def _resume(cfg: Config, policy: Policy, sampler) -> int:
-    """Load the checkpoint ``trainer.resume`` names (auto: the latest, if any); returns its step (0: fresh)."""
+def _resume(cfg: Config, policy: Policy, sampler, ema: EMAWeights | None) -> int:
+    """Load the checkpoint ``trainer.resume`` names (auto: the latest, if any), with the EMA teacher's
+    average when there is one; returns its step (0: fresh)."""
     if cfg.trainer.resume == "none":
         return 0
     ckpt_root = Path(cfg.trainer.run_dir) / "checkpoints"
     root, step = (ckpt_root, None) if cfg.trainer.resume == "auto" else _explicit(cfg.trainer.resume)
     loaded = ckpt.load_checkpoint(
-        root, policy.chunks, policy.optimizer, policy.scheduler, step=step, hf_dir=cfg.model.path
+        root,
+        policy.chunks,
+        policy.optimizer,
+        policy.scheduler,
+        step=step,
+        hf_dir=cfg.model.path,
+        teacher_ema=ema,
     )
     if loaded is None:
         return 0
