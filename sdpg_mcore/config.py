@@ -13,7 +13,7 @@ the other keys parse straight into its typed config (``algo/config.py``), checke
     cfg = load_config("examples/tiny/sdpg.yaml", ["trainer.total_steps=20", "algorithm.name=grpo"])
     cfg.trainer.total_steps  # 20
 
-Defaults are the paper recipe of SDPG.md (Qwen3-4B, 128 prompts x 8 samples, mini-batch 16 prompts).
+Defaults are the paper's recipe (``algo/README.md``; Qwen3-4B, 128 prompts x 8 samples, mini-batch 16 prompts).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class RolloutConfig:
     n: int = 8
     """Responses generated per prompt (the GRPO group size)."""
     temperature: float = 1.0
-    """Sampling temperature; also the temperature of the trainer's log-probs (SDPG.md §3)."""
+    """Sampling temperature; also the temperature of the trainer's log-probs (``algo/README.md``)."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1.0 = off)."""
     top_k: int = -1
@@ -637,7 +637,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _switch_algorithm(data: dict[str, Any], recipe: dict[str, Any]) -> None:
-    """``algorithm.name=X`` on the command line switches a recipe to X (SDPG.md §5: one switch).
+    """``algorithm.name=X`` on the command line switches a recipe to X (one switch, ``algo/README.md``).
 
     The recipe's algorithm keys that X has no field for (e.g. sdpg's beta under grpo) are not
     carried over, and a warning names them; keys given as overrides are always kept and checked.

@@ -1,4 +1,4 @@
-"""Typed settings of each algorithm (SDPG.md §3, §5) and what each one asks of the trainer.
+"""Typed settings of each algorithm (``algo/README.md``) and what each one asks of the trainer.
 
 Every algorithm has a frozen config dataclass whose defaults are the paper / reference settings,
 and ``needs()`` that returns :class:`AlgorithmNeeds`: which extra forward passes the trainer must
@@ -79,7 +79,7 @@ class AlgorithmNeeds:
     teacher_temperature: float | None
     """Temperature of the teacher logits; ``None`` means the rollout temperature (resolved once, by the step)."""
     teacher_prompt: bool
-    """The teacher sees the privileged-context prompt (data must carry it, SDPG.md §4)."""
+    """The teacher sees the privileged-context prompt (data must carry it, ``data/README.md``)."""
     ref_logprobs: bool
     """``ref_logprob_N`` from the frozen initial policy, at rollout temperature."""
     kl_in_reward_coef: float
@@ -132,7 +132,7 @@ class PolicyLossConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SDPGConfig(PolicyLossConfig):
-    """SDPG (SDPG.md §3): dual-clip PPO + beta * reverse KL to the self-teacher + alpha * R(logw)."""
+    """SDPG (``algo/README.md``): dual-clip PPO + beta * reverse KL to the self-teacher + alpha * R(logw)."""
 
     beta: float = 1e-3
     """Weight of the per-token reverse KL to the teacher (paper script; the reference yaml says 1e-4)."""
@@ -209,7 +209,7 @@ class SDPGConfig(PolicyLossConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class DAPOConfig(PolicyLossConfig):
-    """DAPO (SDPG.md §5): the §3 dual-clip PPO loss without the beta and alpha terms."""
+    """DAPO (``algo/README.md``, the baselines): the §3 dual-clip PPO loss without the beta and alpha terms."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,7 +235,7 @@ class GRPOConfig(PolicyLossConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class OPSDConfig(PolicyLossConfig):
-    """OPSD (SDPG.md §5): teacher-weighted clipped ratio on responses with A > 0, frozen-reference teacher."""
+    """OPSD (``algo/README.md``, the baselines): teacher-weighted clipped ratio on responses with A > 0, frozen-reference teacher."""
 
     clip_eps_high: float = 0.2
     """Upper clip of ``min(r, clamp(r, 1 - eps_low, 1 + eps_high))``."""
@@ -271,7 +271,7 @@ class OPSDConfig(PolicyLossConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class RLSDConfig(PolicyLossConfig):
-    """RLSD (SDPG.md §5): GRPO advantages re-weighted per token by the step-start self-teacher."""
+    """RLSD (``algo/README.md``, the baselines): GRPO advantages re-weighted per token by the step-start self-teacher."""
 
     clip_eps_high: float = 0.2
     """Symmetric clip."""

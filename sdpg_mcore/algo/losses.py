@@ -1,4 +1,4 @@
-"""Per-token losses of the five algorithms: sdpg (SDPG.md §3), grpo, dapo, opsd, rlsd (§5).
+"""Per-token losses of the five algorithms: sdpg, grpo, dapo, opsd, rlsd (``algo/README.md``).
 
 Each loss function maps one micro-batch's per-token inputs (:class:`TokenInputs`, flat ``[N]``
 over its response tokens) to a per-token loss, the mask of tokens that the loss averages over,
@@ -153,7 +153,7 @@ def _pg(inputs: TokenInputs, cfg: PolicyLossConfig, advantages_N: Tensor, metric
 
 
 def sdpg_loss(inputs: TokenInputs, cfg: SDPGConfig, *, step: int, total_steps: int) -> TokenLoss:
-    """``pg + beta(step) * g_t * [SG(rho_t)] * min(kl, 20) + alpha * R(lp - lp_ref)`` per token (SDPG.md §3).
+    """``pg + beta(step) * g_t * [SG(rho_t)] * min(kl, 20) + alpha * R(lp - lp_ref)`` per token (``algo/README.md``).
 
     ``SG(rho_t)`` only with ``cfg.distill_is_ratio`` — where the paper and the reference code differ.
     The paper (Appendix A.3) writes the distillation term as an expectation over the current
@@ -213,7 +213,7 @@ def grpo_loss(inputs: TokenInputs, cfg: GRPOConfig, *, step: int, total_steps: i
 
 
 def opsd_loss(inputs: TokenInputs, cfg: OPSDConfig, *, step: int, total_steps: int) -> TokenLoss:
-    """``-w * min(r, clamp(r, 1 - eps_low, 1 + eps_high))`` on responses with A > 0 (SDPG.md §5).
+    """``-w * min(r, clamp(r, 1 - eps_low, 1 + eps_high))`` on responses with A > 0 (``algo/README.md``, the baselines).
 
     ``w = clamp(nan_to_num(lp_teacher - lp_old), 0, 20)`` (no grad) and
     ``r = nan_to_num(exp(clamp(lp - lp_old, ±20)), 1)``. Tokens outside the gate contribute exactly 0
@@ -241,7 +241,7 @@ def opsd_loss(inputs: TokenInputs, cfg: OPSDConfig, *, step: int, total_steps: i
 
 
 def rlsd_loss(inputs: TokenInputs, cfg: RLSDConfig, *, step: int, total_steps: int) -> TokenLoss:
-    """Dual-clip PPO (0.2/0.2, c = 3) on RLSD's per-token advantage ``A_t`` (SDPG.md §5).
+    """Dual-clip PPO (0.2/0.2, c = 3) on RLSD's per-token advantage ``A_t`` (``algo/README.md``, the baselines).
 
     ``δ = clamp(nan_to_num(lp_teacher - lp_old), ±20)``, ``w = exp(clamp(sign(A) δ, ±20))``,
     ``A_t = (1 - λ) A + λ A clamp(w, 1 - eps_w, 1 + eps_w)``; the dual clip applies where ``A_t < 0``.

@@ -1,5 +1,6 @@
-"""One training step on a scored batch, as SDPG.md §2 steps 4-6: old/ref/teacher log-probs ->
-advantages -> one optimizer step per mini-batch (teacher pass, fused KL head, algorithm loss).
+"""One training step on a scored batch, steps 5-6 of the algorithm (``algo/README.md``):
+old/ref/teacher log-probs -> advantages -> one optimizer step per mini-batch (teacher pass, fused KL
+head, algorithm loss).
 
 The trainer calls :func:`run_step` between its rollout and weight-sync phases, on every rank, with
 the same responses everywhere. What it receives (:class:`StepContext`) is explicit values, not the

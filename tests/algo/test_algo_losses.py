@@ -1,4 +1,4 @@
-"""The five algorithms' losses vs per-token fp64 references written from SDPG.md §3/§5, incl. gradients."""
+"""The five algorithms' losses vs per-token fp64 references written from ``sdpg_mcore/algo/README.md``, incl. gradients."""
 
 import dataclasses
 import math
