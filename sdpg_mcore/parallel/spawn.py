@@ -46,8 +46,8 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
         # Plain pickle copies tensor storage into the bytes; the queue's own pickler would pass a
         # shared-memory handle that dies with this process before the parent reads it.
         out.put((rank, True, pickle.dumps(result)))
-    except BaseException:  # report every failure to the parent, which re-raises it
-        out.put((rank, False, traceback.format_exc()))
+    except BaseException as err:  # report every failure to the parent, which re-raises it
+        out.put((rank, False, (f"{type(err).__name__}: {err}", traceback.format_exc())))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -121,6 +121,15 @@ def spawn_ranks(
                 proc.kill()
                 proc.join()
     if errors:
-        rank = min(errors)
-        raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{errors[rank]}")
+        raise RanksFailed(fn.__name__, errors)
     return [results[rank] for rank in range(world_size)]
+
+
+class RanksFailed(RuntimeError):
+    """Ranks of :func:`spawn_ranks` raised; ``errors`` maps each to ``(Type: message, traceback)``.
+    The message shows the lowest failing rank's traceback."""
+
+    def __init__(self, name: str, errors: dict[int, tuple[str, str]]):
+        rank = min(errors)
+        super().__init__(f"rank {rank} of {name} failed:\n{errors[rank][1]}")
+        self.errors = dict(errors)

@@ -32,7 +32,11 @@ def test_server_killed_mid_rollout_is_retried_then_restarted(tiny_model_dir, tmp
         deadline_s = 90.0
         client = RolloutClient(
             ClientConfig(
-                url=servers.url, worker_urls=servers.worker_urls, deadline_s=deadline_s, backoff_s=0.2
+                url=servers.url,
+                worker_urls=servers.worker_urls,
+                deadline_s=deadline_s,
+                backoff_s=0.2,
+                api_key=servers.api_key,
             )
         )
         victim = servers.servers[0]
@@ -47,6 +51,7 @@ def test_server_killed_mid_rollout_is_retried_then_restarted(tiny_model_dir, tmp
             while time.monotonic() < give_up:  # kill the victim while it decodes requests of this rollout
                 await asyncio.sleep(0.05)
                 _, info = await client.get("/get_server_info", url=victim.url)
+                assert isinstance(info, dict), info
                 if info["internal_states"][0]["num_in_flight"] > 0:
                     killed_with_in_flight.append(info["internal_states"][0]["num_in_flight"])
                     break
@@ -66,9 +71,11 @@ def test_server_killed_mid_rollout_is_retried_then_restarted(tiny_model_dir, tmp
         assert servers.check() == [victim.url]
         assert victim.alive() and victim.restarts == 1
         assert http_json(f"{victim.url}/health")[0] == 200
-        workers = http_json(f"{servers.url}/workers")[1]["workers"]
+        workers = http_json(f"{servers.url}/workers", api_key=servers.api_key)[1]["workers"]
         assert victim.url in [w["url"] for w in workers]
-        client2 = RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls))
+        client2 = RolloutClient(
+            ClientConfig(url=servers.url, worker_urls=servers.worker_urls, api_key=servers.api_key)
+        )
         groups = client2.run(client2.generate([[4, 5]], SamplingParams(max_new_tokens=3), n=4))
         assert all(len(s.output_ids) == 3 for s in groups[0])
     finally:
