@@ -82,14 +82,16 @@ class ServerSupervisor:
 
     # ---------------------------------------------------------------- recovery
     def recover(self, *, probe: bool = True) -> list[str]:
-        """Restart dead servers and bring each back; the restarted URLs. ``probe``: first kill the live
-        ones that do not answer ``/health`` (after a failed request; not before every push, where a
-        server busy loading weights may answer late)."""
+        """Restart dead servers and bring each back; the restarted URLs. A server whose port refuses
+        connections is dying (a killed process closes its sockets before it exits): it is finished
+        off first. ``probe``: so is a live one that does not answer ``/health`` in time (after a failed
+        request; not before every push, where a server busy loading weights may answer late)."""
         with self._lock:
-            for server in self.servers.servers if probe else []:
-                if server.alive() and not self._answers(server.url):
+            for server in self.servers.servers:
+                answer = self._health(server.url) if server.alive() else "ok"
+                if answer == "refused" or (probe and answer == "silent"):
                     logger.warning(
-                        "%s (%s) is alive but does not answer /health: killing it", server.name, server.url
+                        "%s (%s) does not answer /health (%s): killing it", server.name, server.url, answer
                     )
                     server.stop(timeout_s=5.0)
             self.killed_stuck.clear()
@@ -212,8 +214,14 @@ class ServerSupervisor:
                     last_answer[server.url] = now
 
     def _answers(self, url: str) -> bool:
+        return self._health(url) == "ok"
+
+    def _health(self, url: str) -> str:
+        """``ok``, ``refused`` (nothing listens: the process is gone or going) or ``silent`` (no
+        answer in ``probe_timeout_s``, or not 200)."""
         try:
             status, _ = http_json(f"{url}/health", timeout_s=self.probe_timeout_s)
-        except OSError:
-            return False
-        return status == 200
+        except OSError as err:
+            refused = isinstance(getattr(err, "reason", err), ConnectionRefusedError)
+            return "refused" if refused else "silent"
+        return "ok" if status == 200 else "silent"

@@ -523,6 +523,8 @@ class WeightPusher:
             if self.memory is not None:
                 self.memory.resume()
             error = _failure(self.sync.begin)
+            if error:
+                self.sync.abandon()  # the servers where it began, else their next begin is refused
         error = _from_rank0(error)
         if error:
             return error

@@ -196,7 +196,10 @@ def test_kill_during_evaluation_waits_for_pushed_weights(backend, models, tmp_pa
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["disk", "distributed", "tensor"])
+@pytest.mark.parametrize(
+    "mode",
+    ["disk", "distributed", pytest.param("tensor", marks=pytest.mark.slow)],  # tensor: distributed's path, ~70 s
+)
 def test_kill_during_weight_push(backend, mode, models, tmp_path):
     """Two servers behind the router: one dies in the middle of the push. Disk: it is restarted and
     loads the just-published weights, the push completes without being made again. Distributed and

@@ -273,11 +273,11 @@ def test_context_length_limits(url, key, tiny_model_dir):
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "1e400"])
 def test_non_finite_json_numbers_get_400(url, key, value):
-    for key in ("temperature", "max_new_tokens"):
-        body = f'{{"input_ids": [1, 2], "sampling_params": {{"{key}": {value}}}}}'
+    for field in ("temperature", "max_new_tokens"):
+        body = f'{{"input_ids": [1, 2], "sampling_params": {{"{field}": {value}}}}}'
         status, text = raw_post(f"{url}/generate", body, key)
         assert status == 400, text
-    assert http_json(f"{url}/health", api_key=key)[0] == 200
+    assert http_json(f"{url}/health")[0] == 200
 
 
 def test_duplicate_rid_is_refused_while_tracked(url, key):
