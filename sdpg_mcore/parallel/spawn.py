@@ -79,6 +79,19 @@ def _next_result(out, procs, name: str, timeout_s: float, results: dict, errors:
             )
 
 
+def _more_errors(out, errors: dict, grace_s: float = 2.0) -> None:
+    """After a first error: those other ranks report within ``grace_s`` (ranks often fail together,
+    and each failure deserves its line); the ranks still running are then killed."""
+    deadline = time.monotonic() + grace_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            rank, ok, payload = out.get(timeout=left)
+        except queue.Empty:
+            return
+        if not ok:
+            errors[rank] = payload
+
+
 def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -90,8 +103,9 @@ def spawn_ranks(
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank.
 
     ``torch.distributed`` is already initialised (gloo, env://) when ``fn`` starts. A rank that
-    raises makes this raise ``RuntimeError`` with that rank's traceback; ranks still running
-    after ``timeout_s`` are killed, so a deadlocked collective fails the caller instead of hanging.
+    raises makes this raise :class:`RanksFailed` (a ``RuntimeError``) with the error of every rank
+    that failed with it; ranks still running after ``timeout_s`` are killed, so a deadlocked
+    collective fails the caller instead of hanging.
     """
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -112,7 +126,7 @@ def spawn_ranks(
                 results[rank] = pickle.loads(payload)
             else:
                 errors[rank] = payload
-            if errors:
+                _more_errors(out, errors)
                 break
     finally:
         for proc in procs:

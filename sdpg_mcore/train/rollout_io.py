@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from sdpg_mcore.config import RewardConfig, RolloutConfig
 from sdpg_mcore.train.batch import Response
+from sdpg_mcore.train.health import all_ranks_true
 from sdpg_mcore.train.metrics_log import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -535,7 +536,7 @@ class WeightPusher:
             )
         for _ in tensors:  # the rest after a failed send, all of it on a rank without a sync: the
             pass  # TP all-gathers of the iterator must stay in step on every rank
-        if not _all_ranks_ok(not error):
+        if not all_ranks_true(not error):
             if self.commit_rank:
                 self.sync.abandon()
             return error or "a weight send failed on another rank"
@@ -625,14 +626,3 @@ def _from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _all_ranks_ok(ok: bool) -> bool:
-    """Whether ``ok`` holds on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return ok
-    flag = torch.tensor([int(ok)], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())

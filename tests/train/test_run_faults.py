@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from launch_testlib import RECIPE, clean_env, launch_overrides, logged_steps, make_assets, wait_for
 
@@ -28,48 +29,26 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("run_faults"), sft_steps=3, num_train=64)
 
 
-def children(pid: int) -> dict[int, list[int]]:
-    """The process table as parent -> children (from /proc)."""
-    table: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            table.setdefault(ppid, []).append(int(entry.name))
-    return table
-
-
-def descendants(pid: int) -> set[int]:
-    table, found, todo = children(pid), set(), [pid]
-    while todo:
-        for child in table.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
+def alive(process: psutil.Process) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
-def cmdline(pid: int) -> str:
+def cmdline(process: psutil.Process) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(process.cmdline())
+    except psutil.Error:
         return ""
 
 
 def servers_of(trainer_pid: int) -> list[int]:
     """The rollout servers the trainer runs (process group leaders)."""
     return sorted(
-        p
-        for p in descendants(trainer_pid)
-        if any(m in cmdline(p) for m in SERVER_MARKERS) and os.getpgid(p) == p
+        p.pid
+        for p in psutil.Process(trainer_pid).children(recursive=True)
+        if any(m in cmdline(p) for m in SERVER_MARKERS) and os.getpgid(p.pid) == p.pid
     )
 
 
@@ -146,12 +125,9 @@ def test_builtin_server_killed_at_a_random_moment(assets, tmp_path, mode):
 def test_sglang_server_killed_at_a_random_moment(assets, tmp_path, async_steps):
     """Real SGLang, two servers behind the router, distributed sync: the killed server comes back into
     the update group; engine and trainer log-probs still agree (1e-4) on every synchronous step."""
-    from sdpg_mcore.rollout.sglang_launch import SGLangServerError, sglang_python
+    from sdpg_mcore.rollout.sglang_launch import sglang_python
 
-    try:
-        sglang_python()
-    except SGLangServerError as err:
-        pytest.fail(str(err))
+    sglang_python()  # raises naming the setup command when real SGLang is missing
     seed = int(os.environ.get("SDPG_FAULT_SEED", random.randrange(1 << 30)))
     run_dir = tmp_path / "run"
     extra = ["trainer.total_steps=5", "trainer.save_interval=0", f"rollout.async_steps={async_steps}"]
@@ -176,21 +152,21 @@ def test_kill9_of_the_trainer_leaves_no_process(assets, tmp_path):
     extra = ["trainer.total_steps=40", "trainer.save_interval=1", "rollout.async_steps=1"]
     extra += ["rollout.num_servers=2", "rollout.router=true"]
     trainer = launch(assets, run_dir, *extra)
-    started: set[int] = set()
+    started: set[psutil.Process] = set()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and trainer.poll() is None:
-        started |= descendants(trainer.pid)
+        started |= set(psutil.Process(trainer.pid).children(recursive=True))
         if (run_dir / "checkpoints" / "latest").exists() and len(logged_steps(run_dir)) >= 2:
             break
         time.sleep(0.2)
     assert trainer.poll() is None, (run_dir.parent / "run.console").read_text()[-3000:]
-    started |= descendants(trainer.pid)
-    spawned = [p for p in started if "multiprocessing.spawn" in cmdline(p) or "spawn_main" in cmdline(p)]
-    assert spawned, "no spawned child (Megatron's Manager) to check"
+    started |= set(psutil.Process(trainer.pid).children(recursive=True))
+    assert any("spawn_main" in cmdline(p) for p in started), "no spawned child (Megatron's Manager) to check"
     os.kill(trainer.pid, signal.SIGKILL)
     trainer.wait()
     time.sleep(5.0)
-    survivors = {p: cmdline(p)[:120] for p in started if alive(p)}
-    for pid in survivors:
-        os.kill(pid, signal.SIGKILL)
+    survivors = {p.pid: cmdline(p)[:120] for p in started if alive(p)}
+    for process in started:
+        if alive(process):
+            process.kill()
     assert not survivors, survivors
