@@ -191,8 +191,10 @@ class RolloutServers:
         self._python = sglang_launch.sglang_python() if config.backend == "sglang" else sys.executable
         self.servers = [self._server_process(i, port) for i, port in enumerate(ports)]
         self.router: ManagedProcess | None = None
-        self._lock = threading.Lock()
-        self._stopped = False
+        self._restart_lock = threading.Lock()  # one restart at a time, from any thread
+        self.starting: set[str] = set()
+        """Servers being restarted: not healthy yet, and no watchdog's to kill for not answering."""
+        self._stopped = threading.Event()  # set by stop(), which must never wait for a restart
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-launcher")
 
     # ---------------------------------------------------------------- commands
@@ -395,29 +397,41 @@ class RolloutServers:
 
     def restart_dead(self) -> list[str]:
         """Restart the servers that died (same port) and return their URLs. Each is out of the router
-        until :meth:`register_with_router`: it serves the start-up weights, not the current ones."""
+        until :meth:`register_with_router`: it serves the start-up weights, not the current ones. A
+        server that dies again while it starts is started again, ``max_restarts`` times in all."""
         restarted = []
-        with self._lock:
-            if self._stopped:
+        with self._restart_lock:
+            if self._stopped.is_set():
                 return []
             for server in self.servers:
-                if server.alive():
-                    continue
-                if server.restarts >= self.config.max_restarts:
-                    raise ServerStartError(
-                        f"{server.name} ({server.url}) died {server.restarts + 1} times; see {server.log_path}"
-                    )
-                logger.warning(
-                    "%s (%s) died (exit code %s); restarting it",
-                    server.name, server.url, server.proc.returncode if server.proc else None,
-                )  # fmt: skip
-                if self.router is not None and self.router.alive():
-                    self.deregister_from_router(server.url)
-                server.restarts += 1
+                if not server.alive():
+                    if self.router is not None and self.router.alive():
+                        self.deregister_from_router(server.url)
+                    self._restart(server)
+                    restarted.append(server.url)
+        return restarted
+
+    def _restart(self, server: ManagedProcess) -> None:
+        while True:
+            if server.restarts >= self.config.max_restarts:
+                raise ServerStartError(
+                    f"{server.name} ({server.url}) died {server.restarts + 1} times; see {server.log_path}"
+                )
+            logger.warning(
+                "%s (%s) died (exit code %s); restarting it",
+                server.name, server.url, server.proc.returncode if server.proc else None,
+            )  # fmt: skip
+            server.restarts += 1
+            self.starting.add(server.url)
+            try:
                 self._spawn(server)
                 self.wait_healthy(server, time.monotonic() + self.config.health_timeout_s)
-                restarted.append(server.url)
-        return restarted
+                return
+            except ServerStartError:
+                if server.alive() or self._stopped.is_set():  # not healthy in time, or being stopped
+                    raise
+            finally:
+                self.starting.discard(server.url)
 
     def check(self) -> list[str]:
         """Restart dead servers and put them straight back behind the router (the start-up weights
@@ -428,11 +442,11 @@ class RolloutServers:
         return restarted
 
     def stop(self) -> None:
-        """Terminate the router and every server (process groups); safe to call twice."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
+        """Terminate the router and every server (process groups); safe to call twice, and from a
+        signal handler while a restart is under way (the restart then fails: its server is gone)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
         for proc in ([self.router] if self.router else []) + self.servers:
             proc.stop()
         self._launcher.shutdown(wait=False)

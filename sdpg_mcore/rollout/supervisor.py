@@ -81,17 +81,20 @@ class ServerSupervisor:
         self._lock = threading.RLock()  # one recovery at a time, from any thread (client, rollout thread)
 
     # ---------------------------------------------------------------- recovery
-    def recover(self, *, probe: bool = True) -> list[str]:
+    def recover(self) -> list[str]:
         """Restart dead servers and bring each back; the restarted URLs. A server whose port refuses
         connections is dying (a killed process closes its sockets before it exits): it is finished
-        off first. ``probe``: so is a live one that does not answer ``/health`` in time (after a failed
-        request; not before every push, where a server busy loading weights may answer late)."""
+        off first. A live server that is slow to answer is left alone: under load SGLang's /health
+        (a one-token generation) can take long; the watchdog kills one silent for ``watchdog_s``."""
         with self._lock:
             for server in self.servers.servers:
-                answer = self._health(server.url) if server.alive() else "ok"
-                if answer == "refused" or (probe and answer == "silent"):
+                if (
+                    server.alive()
+                    and server.url not in self.servers.starting
+                    and self._health(server.url) == "refused"
+                ):
                     logger.warning(
-                        "%s (%s) does not answer /health (%s): killing it", server.name, server.url, answer
+                        "%s (%s) refuses connections: killing what is left of it", server.name, server.url
                     )
                     server.stop(timeout_s=5.0)
             self.killed_stuck.clear()
@@ -199,7 +202,7 @@ class ServerSupervisor:
         while not stop.wait(interval):
             for server in self.servers.servers:
                 now = time.monotonic()
-                if not server.alive() or self._answers(server.url):
+                if not server.alive() or server.url in self.servers.starting or self._answers(server.url):
                     last_answer[server.url] = now
                 elif now - last_answer[server.url] > self.watchdog_s:
                     logger.warning(

@@ -512,7 +512,7 @@ class WeightPusher:
         successful push (a restart here or by the client, or a failed attempt)."""
         changed = attempt > 1
         if self.supervisor is not None:
-            self.supervisor.recover(probe=False)
+            self.supervisor.recover()
             changed = changed or self.supervisor.num_restarts != self._restarts_seen
             self._restarts_seen = self.supervisor.num_restarts
         return bool(_from_rank0(changed))
@@ -555,7 +555,7 @@ class WeightPusher:
 
         if self.supervisor is None or not isinstance(self.sync, DiskWeightSync):
             return False
-        if not self.supervisor.recover(probe=False):
+        if not self.supervisor.recover():
             return False
         try:
             check_weight_versions(self.sync.server_urls, version, api_key=self.sync.api_key)

@@ -52,6 +52,31 @@ def servers_of(trainer_pid: int) -> list[int]:
     )
 
 
+def option(process: psutil.Process, name: str) -> str:
+    args = process.cmdline()
+    return args[args.index(name) + 1]
+
+
+def assert_keyed(trainer_pid: int, run_dir: Path) -> None:
+    """The servers and the router the trainer started refuse requests without the run's key (401)
+    and serve those with it; the key is on none of their command lines."""
+    from sdpg_mcore.rollout.http import http_json
+
+    key = (run_dir / "secrets" / "rollout_api_key").read_text().strip()
+    processes = psutil.Process(trainer_pid).children(recursive=True)
+    urls = [f"http://127.0.0.1:{option(p, '--port')}" for p in processes if "launch_router" in cmdline(p)]
+    urls += [f"http://127.0.0.1:{option(p, '--port')}" for p in processes if p.pid in servers_of(trainer_pid)]
+    assert len(urls) == 3, urls  # the router and two servers
+    body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}
+    for url in urls:
+        assert http_json(f"{url}/generate", body, timeout_s=120)[0] == 401, url
+        assert http_json(f"{url}/generate", body, timeout_s=120, api_key=key)[0] == 200, url
+    for url in urls[1:]:
+        for path, payload in (("/update_weights_from_disk", {"model_path": "/x"}), ("/pause_generation", {})):
+            assert http_json(f"{url}{path}", payload, timeout_s=60)[0] == 401, (url, path)
+    assert not [p.pid for p in processes if key in cmdline(p)]
+
+
 def launch(assets, run_dir: Path, *extra: str) -> subprocess.Popen:
     overrides = launch_overrides(assets, run_dir, *extra)
     log = open(run_dir.parent / f"{run_dir.name}.console", "w")
@@ -134,6 +159,8 @@ def test_sglang_server_killed_at_a_random_moment(assets, tmp_path, async_steps):
     extra += ["rollout.backend=sglang", "rollout.num_servers=2", "rollout.router=true"]
     extra += ["rollout.weight_sync=distributed", "rollout.startup_timeout_s=900", "rollout.n=4"]
     trainer = launch(assets, run_dir, *extra)
+    wait_for(lambda: logged_steps(run_dir) or trainer.poll() is not None, 1200, "the first step")
+    assert_keyed(trainer.pid, run_dir)
     kill_a_server_at_random(trainer, run_dir, seed, window_s=20.0)
     console = finish(trainer, run_dir, timeout_s=1800)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
