@@ -24,6 +24,13 @@ Every backend has the interface of :class:`WeightSync`, driven the same way by t
 SGLang (0.5.21+) only accepts distributed and tensor updates inside ``/begin_weight_update`` …
 ``/end_weight_update``; ``commit`` then flushes the radix cache (its KV came from the old weights),
 sets the version with ``/update_weight_version`` and checks it in every server's ``/model_info``.
+
+Failures. Every call carries the run's key (``api_key``). A server that refuses, or dies (its request
+gets no answer), fails the send at once, not at the group's timeout: :class:`WeightSyncError` names
+it in ``urls``. The broadcast group is then dropped here (its connections close, so a server still
+waiting in a broadcast fails instead of waiting out the timeout); ``reset`` frees its name on the
+servers, and the next send forms a new group, under a new name, with every server. Restarting a dead
+server and pushing again is the caller's (``train/rollout_io.py``: ``WeightPusher``).
 """
 
 from __future__ import annotations
