@@ -12,7 +12,7 @@
 - ``supervisor``: restarts a dead or stuck server, gives it the current weights, re-sends what it lost.
 - ``http``: the one blocking HTTP helper (admin calls, launcher, weight sync).
 - ``dev_server`` (+ ``engine``, ``scheduler``): ``python -m sdpg_mcore.rollout.dev_server``.
-- ``protocol``: the JSON shapes of SDPG.md §7; ``dist_group``: the side process group for broadcasts.
+- ``protocol``: the JSON shapes of SGLang's HTTP API; ``dist_group``: the side process group for broadcasts.
 """
 
 from sdpg_mcore.rollout.client import (

@@ -1,4 +1,4 @@
-"""Async rollout client for the SGLang HTTP contract (SDPG.md §7), pointed at a router or one server.
+"""Async rollout client for the SGLang HTTP contract (``protocol.py``), pointed at a router or one server.
 
 Token ids in, token ids and rollout log-probs out. Each sample is one ``/generate`` request, so the
 router spreads a group over workers and a failed request is re-sent alone (with backoff; the

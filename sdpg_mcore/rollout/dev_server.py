@@ -1,4 +1,4 @@
-"""Built-in SGLang-compatible server for CPU: the endpoints of SDPG.md §7 over a ``transformers`` model.
+"""Built-in SGLang-compatible server for CPU: the endpoints of ``protocol.py`` over a ``transformers`` model.
 
 Where SGLang cannot run (CPU, CI) this server stands in for it, so the rollout client, the real
 ``sglang-router`` and weight sync are exercised over real HTTP. Responses have SGLang's shapes;

@@ -1,4 +1,4 @@
-"""The HTTP contract of SDPG.md §7, run unchanged against the built-in server AND real SGLang 0.5.23.
+"""The HTTP contract (``rollout/protocol.py``), run unchanged against the built-in server AND real SGLang 0.5.23.
 
 ``contract_server`` (conftest) is one server per backend for this whole module. A test that only
 one of them can pass does not belong here: the point is that the built-in server cannot drift from
@@ -15,6 +15,7 @@ import urllib.request
 import psutil
 import pytest
 import torch
+from auth_testlib import GENERATE, SERVER_ROUTES, answers_without_the_key
 
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
@@ -111,42 +112,17 @@ def key(contract_server):
 
 
 # ---------------------------------------------------------------------------- the API key
-#: Every route the trainer calls, with a body it would send. All but the probes want the key.
-KEYED_ROUTES = [
-    ("POST", "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}),
-    ("GET", "/model_info", None),
-    ("GET", "/server_info", None),
-    ("GET", "/v1/loads", None),
-    ("POST", "/update_weights_from_disk", {"model_path": "/nonexistent"}),
-    ("POST", "/init_weights_update_group", {}),
-    ("POST", "/destroy_weights_update_group", {"group_name": "none"}),
-    ("POST", "/update_weights_from_distributed", {}),
-    ("POST", "/update_weights_from_tensor", {}),
-    ("POST", "/begin_weight_update", {}),
-    ("POST", "/end_weight_update", {}),
-    ("POST", "/update_weight_version", {"new_version": "stolen"}),
-    ("POST", "/pause_generation", {"mode": "in_place"}),
-    ("POST", "/continue_generation", {}),
-    ("POST", "/flush_cache", {}),
-    ("POST", "/abort_request", {"rid": "none"}),
-    ("POST", "/release_memory_occupation", {}),
-    ("POST", "/resume_memory_occupation", {}),
-    ("GET", "/no_such_route", None),
-]
-
-
 def test_every_route_but_the_probes_wants_the_key(url, key, contract_server):
     """No key or a wrong one: 401 ``{"error": "Unauthorized"}`` from both servers, before the route
     runs (the weight version stays); ``/health*`` answer anyone. The key is on no command line."""
     version = weight_versions([url], api_key=key)[url]
-    for method, path, body in KEYED_ROUTES:
-        for wrong in (None, "not-the-key", key[:-1]):
-            status, out = http_json(f"{url}{path}", body, method=method, api_key=wrong, timeout_s=30)
-            assert (status, out) == (401, {"error": "Unauthorized"}), (path, wrong, status, out)
+    answers = answers_without_the_key(url, SERVER_ROUTES, key)
+    wrong = {sent: answer for sent, answer in answers.items() if answer != (401, {"error": "Unauthorized"})}
+    assert len(answers) == 3 * len(SERVER_ROUTES) and not wrong, wrong
     assert weight_versions([url], api_key=key)[url] == version
     for path in ("/health", "/health_generate"):
         assert http_json(f"{url}{path}", timeout_s=60)[0] == 200, path
-    status, _ = http_json(f"{url}/generate", KEYED_ROUTES[0][2], api_key=key)
+    status, _ = http_json(f"{url}/generate", GENERATE, api_key=key)
     assert status == 200
     server = contract_server.servers[0]
     tree = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]

@@ -16,6 +16,7 @@ from sdpg_mcore.rollout.client import ClientConfig, RolloutClient, RolloutError
 from sdpg_mcore.rollout.http import http_json
 from sdpg_mcore.rollout.protocol import SamplingParams
 from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig, ServerStartError
+from sdpg_mcore.rollout.sglang_launch import sglang_python
 
 
 def _pid_alive(pid: int) -> bool:
@@ -171,3 +172,45 @@ def test_a_port_taken_before_the_server_binds_is_picked_again(
         assert "address already in use" in (tmp_path / "logs" / "server_0.log").read_text().lower()
     finally:
         group.stop()
+
+
+@pytest.mark.parametrize("backend", ["dev", pytest.param("sglang", marks=pytest.mark.slow)])
+def test_kill9_of_the_launcher_takes_every_server_process_with_it(tiny_model_dir, tmp_path, backend):
+    """``kill -9`` of the process that launched the servers and the router: 5 s later none of their
+    processes is alive, SGLang's scheduler and detokenizer included (SGLang does not make them die
+    with its own main process; ``sglang_entry`` does)."""
+    import psutil
+
+    if backend == "sglang":
+        sglang_python()  # raises naming the setup command when real SGLang is missing
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
+        servers = RolloutServers(ServerConfig(model_path={str(tiny_model_dir)!r}, log_dir={str(tmp_path / "logs")!r},
+                                              backend={backend!r}, router=True, health_timeout_s=900,
+                                              env={{"OMP_NUM_THREADS": "1"}}))
+        servers.start()
+        open({str(ready)!r}, "w").write("up")
+        time.sleep(3600)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 900
+        while not ready.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, "launcher died or timed out"
+            time.sleep(0.2)
+        started = psutil.Process(parent.pid).children(recursive=True)
+        assert len(started) >= (4 if backend == "sglang" else 2)  # server (+ scheduler, detokenizer), router
+        parent.kill()
+        parent.wait()
+        time.sleep(5.0)
+        survivors = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for process in survivors:
+            process.kill()
+        assert not survivors, [" ".join(p.cmdline())[:100] for p in survivors]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
