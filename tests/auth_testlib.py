@@ -30,12 +30,12 @@ SERVER_ROUTES = [
 ]
 
 #: sglang-router's routes that reach the workers or change which workers it routes to (a worker
-#: added by a stranger would read every rollout). Its probes and ``/get_server_info`` (worker
-#: counts) stay open.
+#: added by a stranger would read every rollout): it refuses them itself (401, empty body). Its
+#: probes and ``/get_server_info`` (worker counts) stay open; ``/get_model_info`` it passes on to a
+#: worker without a key, which refuses it (the router answers 401 or, from SGLang workers, 503).
 ROUTER_ROUTES = [
     ("POST", "/generate", GENERATE),
     ("POST", "/v1/completions", {"model": "m", "prompt": "a", "max_tokens": 1}),
-    ("GET", "/get_model_info", None),
     ("GET", "/get_loads", None),
     ("POST", "/flush_cache", {}),
     ("GET", "/workers", None),

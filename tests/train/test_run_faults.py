@@ -90,6 +90,7 @@ def assert_keyed(trainer_pid: int, run_dir: Path) -> None:
         }
     wrong = {sent: answer for sent, answer in answers.items() if answer[0] != 401}
     assert len(answers) == 3 * (len(ROUTER_ROUTES) + 2 * len(SERVER_ROUTES)) and not wrong, wrong
+    assert http_json(f"{router}/get_model_info", timeout_s=60)[0] in (401, 503)  # a worker refused it
     keyed = [(router, "GET", "/workers"), (router, "GET", "/get_loads")]
     keyed += [(s, "GET", path) for s in servers for path in ("/model_info", "/server_info", "/v1/loads")]
     for base, method, path in keyed:
