@@ -174,6 +174,7 @@ def test_a_port_taken_before_the_server_binds_is_picked_again(
         group.stop()
 
 
+@pytest.mark.timeout(1200)  # real SGLang: its start-up deadline below
 @pytest.mark.parametrize("backend", ["dev", pytest.param("sglang", marks=pytest.mark.slow)])
 def test_kill9_of_the_launcher_takes_every_server_process_with_it(tiny_model_dir, tmp_path, backend):
     """``kill -9`` of the process that launched the servers and the router: 5 s later none of their

@@ -206,6 +206,7 @@ def test_builtin_server_killed_at_a_random_moment(assets, tmp_path, mode):
 
 
 @pytest.mark.slow  # two real SGLang servers and a restart: 4-10 min on 2 busy cores
+@pytest.mark.timeout(2400)  # the run's own limits below, not the suite's 600 s
 @pytest.mark.parametrize("async_steps", [0, 1], ids=["sync", "async"])
 def test_sglang_server_killed_at_a_random_moment(assets, tmp_path, async_steps):
     """Real SGLang, two servers behind the router, distributed sync: the killed server comes back into
