@@ -7,6 +7,7 @@ The moment is random but printed with its seed (``pytest -s``) so that a failure
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -91,12 +92,18 @@ def assert_keyed(trainer_pid: int, run_dir: Path) -> None:
     wrong = {sent: answer for sent, answer in answers.items() if answer[0] != 401}
     assert len(answers) == 3 * (len(ROUTER_ROUTES) + 2 * len(SERVER_ROUTES)) and not wrong, wrong
     assert http_json(f"{router}/get_model_info", timeout_s=60)[0] in (401, 503)  # a worker refused it
-    keyed = [(router, "GET", "/workers"), (router, "GET", "/get_loads")]
-    keyed += [(s, "GET", path) for s in servers for path in ("/model_info", "/server_info", "/v1/loads")]
-    for base, method, path in keyed:
-        assert http_json(f"{base}{path}", method=method, api_key=key, timeout_s=120)[0] == 200, (base, path)
-    for base in (router, *servers):
-        assert http_json(f"{base}/generate", GENERATE, timeout_s=120, api_key=key)[0] == 200, base
+    keyed = [(router, "GET", "/workers", None), (router, "GET", "/get_loads", None)]
+    keyed += [
+        (s, "GET", path, None) for s in servers for path in ("/model_info", "/server_info", "/v1/loads")
+    ]
+    keyed += [(base, "POST", "/generate", GENERATE) for base in (router, *servers)]
+    for base, method, path, body in keyed:
+        # The router answers 503 while it counts its workers unhealthy: SGLang on loaded cores can
+        # answer its health probes late. The run's own client retries then; so does this check.
+        served = functools.partial(
+            http_json, f"{base}{path}", body, method=method, api_key=key, timeout_s=120
+        )
+        wait_for(lambda served=served: served()[0] == 200, 300, f"{method} {base}{path} with the key")
     assert not [p.pid for p in processes if key in cmdline(p)]
 
 
