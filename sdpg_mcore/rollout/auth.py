@@ -13,9 +13,10 @@ of route: a second key would separate nothing.
 
 Where the key travels (never on a command line, which ``/proc`` shows to every user):
 
-- launched servers and the router get the file's path; SGLang and sglang-router only take a key on
-  their command line, so ``sglang_entry/sdpg_keyed_main.py`` reads the file and hands the key to
-  them inside their own process, with their log records redacted;
+- launched servers and the router get the file's path. sglang-router 0.3.2 takes a key only on its
+  command line (``--api-key``); SGLang 0.5.23 also from its ``--config`` YAML file, from no
+  environment variable, and it logs every option at start-up. So ``sglang_entry/sdpg_keyed_main.py``
+  reads the file and hands the key to both inside their own process, with their logs redacted;
 - ``rollout.backend=external`` reads it from ``rollout.api_key_file`` (this format, or SGLang's
   ``--config`` YAML with an ``api-key`` entry).
 
