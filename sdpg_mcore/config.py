@@ -124,6 +124,11 @@ class RolloutConfig:
     external: servers are already running at ``urls``."""
     urls: list[str] = field(default_factory=list)
     """Server (or router) base URLs for backend=external, e.g. ``http://node1:30000``."""
+    api_key_file: str = ""
+    """backend=external: file (mode 0600) with the servers' API key, sent with every request as
+    ``Authorization: Bearer``: the key alone on one line, or SGLang's ``--config`` YAML with an
+    ``api-key`` entry. Empty: no key (anyone who reaches the servers can replace the weights).
+    Launched servers (builtin, sglang) always get a fresh key per run, in RUN_DIR/secrets/."""
     num_servers: int = 1
     """Servers to start for builtin/sglang backends."""
     router: bool = False
@@ -541,6 +546,25 @@ def _check_rollout(ro: RolloutConfig) -> None:
             _check(
                 url.startswith(("http://", "https://")), "rollout.urls", f"{url!r} must start with http://"
             )
+    _check_api_key_file(ro)
+
+
+def _check_api_key_file(ro: RolloutConfig) -> None:
+    """``rollout.api_key_file``: only for external servers, and a file only its owner can read."""
+    if not ro.api_key_file:
+        return
+    _check(
+        ro.backend == "external",
+        "rollout.api_key_file",
+        f"is for rollout.backend=external; the trainer gives the {ro.backend} servers it launches a "
+        "fresh key per run (RUN_DIR/secrets/rollout_api_key): remove the key",
+    )
+    from sdpg_mcore.rollout.auth import ApiKeyError, read_key_file
+
+    try:
+        read_key_file(ro.api_key_file)
+    except ApiKeyError as err:
+        raise ConfigError(f"config key 'rollout.api_key_file': {err}") from None
 
 
 def validate(cfg: Config) -> Config:

@@ -35,7 +35,7 @@ class NonFiniteError(FloatingPointError):
     """Training produced NaN or inf; the message names the step, what was non-finite and the fix."""
 
 
-def _all_ranks_true(flag: bool) -> bool:
+def all_ranks_true(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (a MIN all-reduce; local value without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
@@ -56,12 +56,12 @@ def grads_finite(chunks) -> bool:
     for chunk in chunks:
         for param in unwrap_model(chunk).parameters():
             grads.append(getattr(param, "main_grad", param.grad))
-    return _all_ranks_true(_finite(grads))
+    return all_ranks_true(_finite(grads))
 
 
 def params_finite(chunks) -> bool:
     """Whether every weight is finite on every rank; collective."""
-    return _all_ranks_true(_finite(p.detach() for c in chunks for p in unwrap_model(c).parameters()))
+    return all_ranks_true(_finite(p.detach() for c in chunks for p in unwrap_model(c).parameters()))
 
 
 def check_weights(chunks, step: int, lr: float) -> None:
@@ -90,7 +90,7 @@ class NonFiniteGuard:
         skipped = skipped_updates - self._skipped_before
         self._skipped_before = skipped_updates
         bad = [k for k in WATCHED if k in metrics and not _finite_number(metrics[k])]
-        if not _all_ranks_true(not bad and skipped == 0):
+        if not all_ranks_true(not bad and skipped == 0):
             self.bad_in_a_row += 1
             what = ", ".join(bad) or "a gradient on some rank"
             logger.warning(

@@ -19,6 +19,7 @@ rollout session and the policy builder, and explicit values to the step.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -33,15 +34,22 @@ import torch.distributed as dist
 
 from sdpg_mcore import algo
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
-from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
+from sdpg_mcore.parallel.lifetime import kill_children_with_parent
 from sdpg_mcore.train import async_rollout, health, mechanism
 from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.batch import Response
 from sdpg_mcore.train.ema_weights import EMAWeights, ema_teacher
+from sdpg_mcore.train.failure import rank_log_path
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, build_policy, reference_weights
 from sdpg_mcore.train.progress import StepProgress, setup_logging
-from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses, check_reachable
+from sdpg_mcore.train.rollout_io import (
+    RolloutSession,
+    WeightPusher,
+    broadcast_responses,
+    check_reachable,
+    served,
+)
 from sdpg_mcore.train.step import StepContext, run_step
 
 logger = logging.getLogger(__name__)
@@ -125,7 +133,7 @@ def train(cfg: Config) -> dict[str, float]:
     or the save file appeared (:class:`SaveRequest`); the handler is installed first, so a signal
     during model building is not fatal either.
     """
-    kill_forks_with_parent()  # Megatron's checkpoint writers must not outlive a killed trainer
+    kill_children_with_parent()  # Megatron's checkpoint writers must not outlive a killed trainer
     save_file = os.environ.get(SAVE_FILE_ENV) or Path(cfg.trainer.run_dir) / "SAVE_AND_EXIT"
     save_request = SaveRequest(Path(save_file))
     try:
@@ -163,13 +171,20 @@ def loop(run: Run) -> dict[str, float]:
 
 
 def rollout(run: Run, step: int) -> tuple[list[Response], dict[str, float]]:
-    """This step's prompts; rank 0 generates and scores them; every rank returns the scored responses."""
+    """This step's prompts; rank 0 generates and scores them; every rank returns the scored responses.
+
+    When restarted servers wait for weights that only every rank can push, they get them and rank 0
+    generates again, drawing the same prompts (``served``)."""
     timer = PhaseTimer()
     with timer.phase("rollout"):
         first = run.sampler.next_batch()  # on every rank: the sampler state is checkpointed
-        responses, metrics = None, {}
-        if run.rank0:
-            responses, metrics = generate(run, run.session, run.sampler, first, step)
+        after_first = copy.deepcopy(run.sampler.state_dict())
+
+        def produce():
+            run.sampler.load_state_dict(after_first)  # dynamic sampling draws again from here
+            return generate(run, run.session, run.sampler, first, step)
+
+        responses, metrics = served(run.weights, run.rank0, produce) or (None, {})
         responses = broadcast_responses(responses)
     return responses, {**metrics, **async_rollout.staleness(responses, step), **timer.pop()}
 
@@ -202,10 +217,16 @@ def sync_weights(run: Run, step: int) -> dict[str, float]:
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
-    """avg@k and pass@k per held-out file, every ``eval.interval`` steps and after the last (rank 0)."""
+    """avg@k and pass@k per held-out file, every ``eval.interval`` steps and after the last (rank 0
+    evaluates; every rank takes part when restarted servers need the weights pushed: ``served``)."""
     ev, total = run.cfg.eval, run.cfg.trainer.total_steps
-    if not (run.rank0 and ev.interval and (step % ev.interval == 0 or step == total)):
+    if not (ev.interval and ev.files and (step % ev.interval == 0 or step == total)):
         return {}
+    return served(run.weights, run.rank0, lambda: _evaluate_files(run, step)) or {}
+
+
+def _evaluate_files(run: Run, step: int) -> dict[str, float]:
+    ev = run.cfg.eval
     out: dict[str, float] = {}
     for name, dataset in run.evals.items():
         count = len(dataset) if not ev.max_prompts else min(ev.max_prompts, len(dataset))
@@ -261,7 +282,9 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.trainer.seed
     )
     rank0 = dist.get_rank() == 0
-    setup_logging(cfg.logging.level, rank=dist.get_rank())
+    setup_logging(
+        cfg.logging.level, rank=dist.get_rank(), log_file=rank_log_path(cfg.trainer.run_dir, dist.get_rank())
+    )
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.trainer.run_dir)
     if rank0 and cfg.rollout.backend == "external":
@@ -283,9 +306,11 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
             run_dir,
             session.worker_urls if rank0 else None,
             cfg.rollout.bucket_mb,
+            api_key=session.api_key if rank0 else None,
         )
         .bind(policy.chunks)
         .colocate(session)
+        .supervise(session)
     )
     if start:
         weights(start)  # the servers started from the initial weights

@@ -32,19 +32,21 @@ def test_tp2_servers_behind_router_take_a_broadcast(tiny_model_dir, tmp_path):
         tiny_model_dir, tmp_path / "logs", num_servers=2, backend="sglang", tp_size=2, router=True
     )
     try:
-        urls = servers.worker_urls
-        assert [f.tp_size for f in check_servers(urls, weight_sync="distributed")] == [2, 2]
-        sync = DistributedWeightSync(urls, server_tp_sizes=[2, 2], bucket_bytes=64 << 10)
+        urls, key = servers.worker_urls, servers.api_key
+        assert [f.tp_size for f in check_servers(urls, weight_sync="distributed", api_key=key)] == [2, 2]
+        sync = DistributedWeightSync(urls, server_tp_sizes=[2, 2], bucket_bytes=64 << 10, api_key=key)
         try:
             assert sync.world_size == 5 and sync.rank_offsets() == [1, 3]
             sync.push(hf_tensors(other), "tp2-1")
         finally:
             sync.close()
-        assert weight_versions(urls) == {u: "tp2-1" for u in urls}
+        assert weight_versions(urls, api_key=key) == {u: "tp2-1" for u in urls}
         for url in urls:
-            assert_serves(url, other)
+            assert_serves(url, other, key)
         status, out = http_json(
-            f"{servers.url}/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
+            f"{servers.url}/generate",
+            {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}},
+            api_key=key,
         )
         assert status == 200 and out["meta_info"]["weight_version"] == "tp2-1"
     finally:
