@@ -146,6 +146,12 @@ def scaling_limits(p: dict) -> tuple:
     )  # fmt: skip
 
 
+def head_bytes(backend: str) -> tuple[str, str]:
+    """The train pass's bytes per pair with a teacher, and a log-prob pass's."""
+    head = FUSED_HEAD_BYTES[backend]
+    return f"{head.train + head.teacher:g}", f"{head.logprob:g}"
+
+
 def validation(p: dict) -> dict:
     return {row["run"]: row for row in p["validation"]}
 
@@ -227,8 +233,10 @@ FIGURES = [
            "all-gathers/reduce-scatters {} s of all passes, pipeline bubble {} s, LM head {} s), optimizer {} s, "
            "weight sync {} s", "70b 8 nodes", step_70b),
     Figure(L70, "The recipe's default 4 + 2 nodes: {} s.", "70b 4 nodes", lambda p: f"{p['time']['total_s']:.0f}"),
-    Figure(L70, "with `--logprob-backend torch` (130 and 40 B) it takes {} s and the step {} s.", "70b 8 nodes, torch head",
-           lambda p: (f"{p['time']['details']['lm_head']:.1f}", f"{p['time']['total_s']:.0f}")),
+    Figure(L70, "runs on a GPU ({} B per (token, vocabulary) pair in training, {} B in a log-prob pass", None,
+           lambda: head_bytes("triton")),
+    Figure(L70, "with `--logprob-backend torch` ({} and {} B) it takes {} s and the step {} s.", "70b 8 nodes, torch head",
+           lambda p: (*head_bytes("torch"), f"{p['time']['details']['lm_head']:.1f}", f"{p['time']['total_s']:.0f}")),
     Figure(L70, "`--time --search` ranks the {} layouts that fit on 8 nodes: the fastest ones ({}, {}, {}: {}–{} s) are "
            "within {} % of each other — less than the model's error, so measure before switching — and beat the "
            "recipe's TP8 PP2 (#{}, {} s) by avoiding most of its exposed tensor-parallel traffic (−{} s), at the price "
