@@ -166,7 +166,15 @@ def _time_args(g) -> None:
     )
     g.add_argument("--truncated", type=float, default=0.02, help="assumed share of responses hitting the cap")
     g.add_argument(
-        "--head-bytes", type=float, help="train head's elementwise bytes per (token, vocab) pair (today 144)"
+        "--logprob-backend",
+        choices=("auto", "torch", "triton"),
+        help="the fused head's kernels (default: the recipe's trainer.logprob_backend, else auto: triton on a GPU)",
+    )
+    g.add_argument(
+        "--head-bytes",
+        type=float,
+        help="train head's elementwise bytes per (token, vocab) pair, student + teacher (default: the "
+        "recipe's trainer.logprob_backend on a GPU: auto/triton 38, torch 130)",
     )
     g.add_argument(
         "--validate", action="store_true", help="predict the published runs and compare; then exit"
@@ -325,12 +333,15 @@ def _given_model_parallel(args: argparse.Namespace) -> tuple[int, int, int] | No
 
 
 def _recipe(args: argparse.Namespace) -> dict:
-    path = Path(args.config)
-    if path.suffix not in (".yaml", ".yml"):
-        return {}
-    import yaml
+    """The recipe (empty for an HF config) with ``--logprob-backend`` over its ``trainer.logprob_backend``."""
+    recipe = {}
+    if Path(args.config).suffix in (".yaml", ".yml"):
+        import yaml
 
-    return yaml.safe_load(path.read_text()) or {}
+        recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+    if args.logprob_backend:
+        recipe["trainer"] = {**(recipe.get("trainer") or {}), "logprob_backend": args.logprob_backend}
+    return recipe
 
 
 def make_plan(args: argparse.Namespace) -> dict:

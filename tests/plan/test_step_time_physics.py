@@ -132,16 +132,18 @@ def test_decode_never_reads_faster_than_hbm():
 
 
 def test_head_bytes_are_a_named_input():
-    """Fewer elementwise bytes per (token, vocabulary) pair: the train pass shrinks by exactly their
-    memory time on the last stage."""
+    """More elementwise bytes per (token, vocabulary) pair (``--head-bytes``, e.g. the torch path's
+    130 against the Triton kernels' 38): the train pass grows by exactly their memory time on the
+    last stage."""
     layout, work = Layout(tp=8, pp=2, dp=4), sdpg_work()
-    today = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), SDPG_MCORE, H100)
-    triton = with_head_bytes(SDPG_MCORE, 40.0)
-    fast = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), triton, H100)
-    assert triton.head_bytes_train + triton.head_bytes_teacher == pytest.approx(40.0)
+    triton = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), SDPG_MCORE, H100)
+    torch_bytes = with_head_bytes(SDPG_MCORE, 130.0)
+    slow = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), torch_bytes, H100)
+    assert SDPG_MCORE.head_bytes_train + SDPG_MCORE.head_bytes_teacher == 38.0
+    assert torch_bytes.head_bytes_train + torch_bytes.head_bytes_teacher == pytest.approx(130.0)
     pairs = work.rows_per_rank(4, True) * work.mini_batches * work.lengths.mean * 129024 / 8
-    saved = pairs * (144 - 40) / (HARDWARE["h100"].memory_bytes_per_s * EFFICIENCY.memory)
-    assert today.phases["train"] - fast.phases["train"] == pytest.approx(saved, rel=1e-6)
+    added = pairs * (130 - 38) / (HARDWARE["h100"].memory_bytes_per_s * EFFICIENCY.memory)
+    assert slow.phases["train"] - triton.phases["train"] == pytest.approx(added, rel=1e-6)
 
 
 def test_sdpg_costs_a_teacher_pass_and_two_head_matmuls_more_than_grpo():
