@@ -188,6 +188,7 @@ def assert_key_only_in_its_file(run_dir: Path) -> None:
     assert found == [str(key_file)], found
 
 
+@pytest.mark.timeout(1200)  # 90-250 s on 2 cores; at load 70 it finished its 8 steps past 600 s
 @pytest.mark.parametrize(
     "mode", [pytest.param("sync", marks=pytest.mark.slow), "async"], ids=["sync", "async"]
 )
