@@ -103,6 +103,8 @@ def test_trainer_on_real_sglang(tmp_path, weight_sync, colocated, async_steps, n
             assert record["logprob_mismatch"] <= 1e-4, record["logprob_mismatch"]
         return
     assert [r["async/start_lag"] for r in records] == [0.0, 1.0, 1.0]
-    assert [r["rollout/version_lag_max"] for r in records][1:] == [1.0, 1.0]
+    # A request still running at the next push reports the version it finished with (lag 0), so the
+    # lag of a request is at most async_steps, not exactly it (start_lag above is exact).
+    assert all(0.0 <= r["rollout/version_lag_max"] <= 1.0 for r in records[1:])
     assert records[0]["logprob_mismatch"] <= 1e-4  # the initial weights on both sides
     assert all(0 < r["rollout_is_weight"] <= 2.0 for r in records)  # rollout_is_cap's async default
