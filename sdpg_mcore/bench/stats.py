@@ -1,4 +1,5 @@
-"""Small statistics of benchmark results: the standard error over seeds, a trailing mean for curves."""
+"""Small statistics of benchmark results: the standard error over seeds, paired differences between
+methods run on the same seeds, a trailing mean for curves."""
 
 from __future__ import annotations
 
@@ -21,3 +22,17 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
     return out
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """``a - b`` seed by seed (the same seeds, in the same order): per-seed list, mean, standard error,
+    and whether every seed is positive."""
+    if len(a) != len(b):
+        raise ValueError(f"paired lists differ in length: {len(a)} vs {len(b)} seeds")
+    diffs = [x - y for x, y in zip(a, b)]
+    return {
+        "per_seed": diffs,
+        "mean": sum(diffs) / len(diffs) if diffs else float("nan"),
+        "se": standard_error(diffs),
+        "all_positive": bool(diffs) and all(d > 0 for d in diffs),
+    }
