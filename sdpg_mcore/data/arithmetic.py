@@ -20,6 +20,7 @@ the held-out problems (never trained on, nor in the warm start) and a sample of 
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,5 +172,8 @@ def write_split_task(
         records = [arithmetic_record(*problem_of(t), i, name) for i, t in enumerate(triples)]
         paths[name] = out / f"{name}.jsonl"
         paths[name].parent.mkdir(parents=True, exist_ok=True)
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+        # Atomic: a benchmark rewrites the files while runs of another invocation may be reading them.
+        tmp = paths[name].with_name(f".{name}.jsonl.{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, paths[name])
     return paths
