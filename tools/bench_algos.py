@@ -447,10 +447,12 @@ def grid(out: Path, algos: list[str], args: argparse.Namespace) -> int:
                 f"[grid] {algo}: {tuned['algos'][algo]['chosen']} (train reward {pick.train_reward:.3f})",
                 flush=True,
             )
-    tuned.update(
-        rule=f"highest mean training reward (reward_mean) over the last {args.grid_window} of {args.grid_steps} "
-        f"steps, seed {args.grid_seed}, evaluation off",
-        command=" ".join(["bench_algos.py", *sys.argv[1:]]),
+    command = " ".join(["bench_algos.py", *sys.argv[1:]])
+    for algo in algos:
+        tuned["algos"][algo]["command"] = command
+    tuned["rule"] = (
+        f"highest mean training reward (reward_mean) over the last {args.grid_window} of {args.grid_steps} "
+        f"steps, seed {args.grid_seed}, evaluation off"
     )
     args.tuned.parent.mkdir(parents=True, exist_ok=True)
     args.tuned.write_text(json.dumps(tuned, indent=1) + "\n")
