@@ -1,6 +1,6 @@
 """SDPG vs DAPO, GRPO, OPSD, RLSD and guarded SDPG in miniature: equal tuning, unseen problems, several seeds.
 
-    python tools/bench_algos.py --grid --out runs/bench_grid          # 6 x 4 tuning runs -> the tuned JSON
+    python tools/bench_algos.py --grid --out runs/bench_grid          # 6 x 4 tuning runs of 20 steps -> the tuned JSON
     python tools/bench_algos.py --out runs/bench_algos --seeds 1,2,3,4,5 --json runs/bench_algos/bench.json
     python tools/bench_algos.py --out /tmp/b --algos sdpg,dapo --seeds 1 --steps 5     # smoke run
     python tools/bench_algos.py --out runs/b algorithm.kl_clamp=10    # any trainer override, every run
@@ -356,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tuned", type=Path, default=TUNED, help="chosen settings (written by --grid)")
     parser.add_argument("--grid", action="store_true", help="tune: run each method's grid, write --tuned")
     parser.add_argument("--grid-seed", type=int, default=0, help="the grid's one seed (not a benchmark seed)")
-    parser.add_argument("--grid-steps", type=int, default=30, help="training steps per grid run")
+    parser.add_argument("--grid-steps", type=int, default=20, help="training steps per grid run")
     parser.add_argument(
         "--grid-window", type=int, default=10, help="last steps whose training reward decides"
     )
