@@ -3,6 +3,7 @@ methods run on the same seeds, a trailing mean for curves."""
 
 from __future__ import annotations
 
+import math
 import statistics
 
 
@@ -25,14 +26,17 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict:
-    """``a - b`` seed by seed (the same seeds, in the same order): per-seed list, mean, standard error,
-    and whether every seed is positive."""
+    """``a - b`` seed by seed (the same seeds, in the same order): per-seed list, and over the seeds
+    where both are measured (not nan) the count, mean and standard error; ``all_positive`` only when
+    every seed is measured and positive."""
     if len(a) != len(b):
         raise ValueError(f"paired lists differ in length: {len(a)} vs {len(b)} seeds")
     diffs = [x - y for x, y in zip(a, b)]
+    measured = [d for d in diffs if not math.isnan(d)]
     return {
         "per_seed": diffs,
-        "mean": sum(diffs) / len(diffs) if diffs else float("nan"),
-        "se": standard_error(diffs),
-        "all_positive": bool(diffs) and all(d > 0 for d in diffs),
+        "num_paired": len(measured),
+        "mean": sum(measured) / len(measured) if measured else float("nan"),
+        "se": standard_error(measured),
+        "all_positive": bool(diffs) and len(measured) == len(diffs) and all(d > 0 for d in diffs),
     }

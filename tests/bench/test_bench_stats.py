@@ -26,5 +26,8 @@ def test_paired_difference_is_per_seed():
     assert d["se"] == pytest.approx(statistics.stdev([0.3, 0.1, -0.1]) / math.sqrt(3))
     assert not d["all_positive"]
     assert paired_difference([0.2], [0.1])["all_positive"]
+    partial = paired_difference([0.5, math.nan, 0.4], [0.2, 0.1, 0.2])  # a seed not run: left out
+    assert partial["num_paired"] == 2 and partial["mean"] == pytest.approx(0.25)
+    assert not partial["all_positive"] and math.isnan(partial["per_seed"][1])
     with pytest.raises(ValueError, match="length"):
         paired_difference([0.1, 0.2], [0.1])
