@@ -27,8 +27,11 @@ from sdpg_mcore.models.builder import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-#: Metrics whose non-finite value marks a bad step (what the loss and the update are made of).
-WATCHED = ("loss", "pg_loss", "kl_mean", "grad_norm")
+#: Metrics whose non-finite value marks a bad step: the loss (a total, so a NaN in any token's policy or
+#: KL term reaches it) and the update's norm. Per-token means such as ``pg_loss`` and ``kl_mean`` are not
+#: watched: they are NaN when they have no token, e.g. OPSD's positive-advantage gate in a step where
+#: no group holds a right answer, and the loss is then a finite 0.
+WATCHED = ("loss", "grad_norm")
 
 
 class NonFiniteError(FloatingPointError):
