@@ -18,13 +18,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from launch_testlib import require_real_sglang
 
 from sdpg_mcore.config import RewardConfig, RolloutConfig
 from sdpg_mcore.data.tiny_tokenizer import save_tiny_tokenizer
 from sdpg_mcore.models.tiny import save_tiny_hf_model
 from sdpg_mcore.rollout.http import http_json
 from sdpg_mcore.rollout.protocol import SamplingParams
-from sdpg_mcore.rollout.sglang_launch import sglang_python
 from sdpg_mcore.rollout.weight_sync import weight_versions
 from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, served
 
@@ -82,13 +82,6 @@ def start_session(backend: str, model_dir, run_dir, *, weight_sync: str, num_ser
     if backend == "sglang":
         require_real_sglang()
     return RolloutSession.start(rollout, RewardConfig(), str(model_dir), NEW_TOKENS, run_dir)
-
-
-def require_real_sglang() -> None:
-    """Real SGLang must be there (``sglang_python`` raises naming the setup), unless skipped on purpose."""
-    if os.environ.get("SDPG_SKIP_REAL_SGLANG") == "1":
-        pytest.skip("SDPG_SKIP_REAL_SGLANG=1: real SGLang tests skipped on purpose")
-    sglang_python()
 
 
 def make_pusher(session: RolloutSession, mode: str, run_dir, hf_dir, tensors) -> WeightPusher:

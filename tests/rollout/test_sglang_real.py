@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import require_real_sglang, start_servers
-from launch_testlib import launch_overrides, make_assets, train_rank
+from conftest import start_servers
+from launch_testlib import launch_overrides, make_assets, require_real_sglang, train_rank
 from test_contract import assert_serves, hf_tensors
 
 from sdpg_mcore.rollout.http import http_json
