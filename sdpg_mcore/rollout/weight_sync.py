@@ -27,9 +27,9 @@ sets the version with ``/update_weight_version`` and checks it in every server's
 
 Failures. Every call carries the run's key (``api_key``). A server that refuses, or dies (its request
 gets no answer), fails the send at once, not at the group's timeout: :class:`WeightSyncError` names
-it in ``urls``. The broadcast group is then dropped here (its connections close, so a server still
-waiting in a broadcast fails instead of waiting out the timeout); ``reset`` frees its name on the
-servers, and the next send forms a new group, under a new name, with every server. Restarting a dead
+it in ``urls``. The broadcast group is then dropped here (NCCL aborts it; a gloo broadcast cannot be
+aborted, so its daemon thread ends at the group's timeout and drops it then, while the caller goes
+on); ``reset`` frees its name on the servers, and the next send forms a new group, under a new name, with every server. Restarting a dead
 server and pushing again is the caller's (``train/rollout_io.py``: ``WeightPusher``).
 """
 
@@ -42,14 +42,14 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdpg_mcore.rollout.dist_group import WeightUpdateGroup, host_store, routable_address
+from sdpg_mcore.rollout.dist_group import WeightUpdateGroup, host_store, routable_address, start_collective
 from sdpg_mcore.rollout.http import HTTPCallError, answer, check_all, post_all
 from sdpg_mcore.rollout.protocol import FLATTENED_BUCKET
 
@@ -326,9 +326,8 @@ class _BucketSender(WeightSync):
     def __init__(self, server_urls: list[str], *, bucket_bytes: int, timeout_s: float, api_key: str | None):
         super().__init__(server_urls, timeout_s=timeout_s, api_key=api_key)
         self.bucket_bytes = bucket_bytes
-        self._pool = ThreadPoolExecutor(
-            max_workers=len(self.server_urls) + 2, thread_name_prefix="weight-sync"
-        )
+        # One HTTP call per server in flight (collectives run in threads of their own).
+        self._pool = ThreadPoolExecutor(max_workers=len(self.server_urls), thread_name_prefix="weight-sync")
 
     def send(
         self, named_tensors: NamedTensors, version: str, *, stage: int = 0, is_source: bool = True
@@ -413,6 +412,8 @@ class DistributedWeightSync(_BucketSender):
         self._stale_names: list[str] = []
         self._device = "cuda" if backend == "nccl" else "cpu"
         self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._collective: Future | None = None
+        """The last broadcast (or group forming) started: a dropped group outlives it (see ``destroy``)."""
 
     @property
     def world_size(self) -> int:
@@ -445,9 +446,11 @@ class DistributedWeightSync(_BucketSender):
             self._submit(self._pool, url, "/init_weights_update_group", {**init, "rank_offset": offset})
             for url, offset in zip(self.server_urls, self.rank_offsets())
         ]
-        created = self._pool.submit(
-            WeightUpdateGroup.create, self.backend, self.master_address, self.master_port, rank=0,
-            world_size=self.world_size, group_name=self.group_name, timeout_s=self.timeout_s, store=store,
+        created = self._collective = start_collective(
+            lambda: WeightUpdateGroup.create(
+                self.backend, init["master_address"], init["master_port"], rank=0,
+                world_size=init["world_size"], group_name=init["group_name"], timeout_s=self.timeout_s, store=store,
+            )
         )  # fmt: skip
         try:
             _InFlight(self, "/init_weights_update_group", futures, created).wait()
@@ -505,15 +508,16 @@ class DistributedWeightSync(_BucketSender):
             else:
                 group.broadcast_many([t.detach().to(device).contiguous() for _, t in bucket], 0)
 
-        return _InFlight(self, "/update_weights_from_distributed", futures, self._pool.submit(broadcast))
+        self._collective = start_collective(broadcast)
+        return _InFlight(self, "/update_weights_from_distributed", futures, self._collective)
 
     def _mark_broken(self) -> None:
-        """Out of step with the servers: drop the group here (its connections close, so a server
-        still waiting in a broadcast fails instead of waiting out the timeout); the next send forms a
-        new one under a new name (:meth:`reset` also frees the old name on the servers)."""
+        """Out of step with the servers: drop the group here, without waiting for a broadcast the
+        servers never joined (:meth:`WeightUpdateGroup.destroy`); the next send forms a new one under
+        a new name (:meth:`reset` also frees the old name on the servers)."""
         if self.group is not None:
             self._stale_names.append(self.group_name)
-            self.group.destroy()
+            self.group.destroy(after=self._collective)
             self.group = None
             self.generation += 1
 
@@ -534,7 +538,7 @@ class DistributedWeightSync(_BucketSender):
         """Leave the group on the servers (frees its name there) and here."""
         if self.group is not None:
             self._destroy_on_servers(self.group_name)
-            self.group.destroy()
+            self.group.destroy(after=self._collective)
             self.group = None
         super().close()
 
