@@ -114,10 +114,55 @@ def check_node(cfg, local_world_size: int, gpu_count: int | None = None) -> None
 
 
 def _rank_main(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
+    """One ``--nproc`` rank: its traceback goes to its log file; the parent prints the one line."""
     quiet_warnings()
+    from sdpg_mcore.train.failure import record_failure
     from sdpg_mcore.train.trainer import train
 
-    return train(load_config(config_path, overrides))
+    cfg = load_config(config_path, overrides)
+    try:
+        return train(cfg)
+    except Exception as err:
+        record_failure(err, cfg.trainer.run_dir, rank)
+        raise
+
+
+def _spawned(nproc: int, config: str, overrides: list[str], run_dir: str) -> int:
+    """``--nproc`` local ranks (without torchrun); one line per failing rank, exit code 1."""
+    from sdpg_mcore.parallel.lifetime import kill_children_with_parent
+    from sdpg_mcore.parallel.spawn import RanksFailed, spawn_ranks
+    from sdpg_mcore.train.failure import failure_line, rank_log_path
+
+    kill_children_with_parent()  # the ranks die with this process, even by kill -9
+    try:
+        spawn_ranks(_rank_main, nproc, args=(config, overrides), timeout_s=7 * 24 * 3600)
+    except RanksFailed as failed:
+        for rank, (summary, _) in sorted(failed.errors.items()):
+            line = failure_line(summary.splitlines()[0], rank, rank_log_path(run_dir, rank))
+            sys.stderr.write(f"sdpg-train: error: {line}\n")
+        return 1
+    return 0
+
+
+def _single(cfg) -> int:
+    """This process is one rank (alone, or one of torchrun's / srun's); one line if it fails."""
+    from checkpoints_convert.hf_io import CheckpointError
+    from sdpg_mcore.parallel.state import resolve_launch_env
+    from sdpg_mcore.train.failure import failure_line, record_failure, summary
+    from sdpg_mcore.train.health import NonFiniteError
+    from sdpg_mcore.train.trainer import train
+
+    try:
+        train(cfg)
+    except Exception as err:
+        rank = resolve_launch_env().rank
+        if isinstance(err, (CheckpointError, NonFiniteError, ConfigError)):  # the message is the whole story
+            line = f"{type(err).__name__}: {err}"
+        else:
+            line = failure_line(summary(err), rank, record_failure(err, cfg.trainer.run_dir, rank))
+        sys.stderr.write(f"sdpg-train: error: {line}\n")
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,19 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
     if args.nproc > 1:
-        from sdpg_mcore.parallel.spawn import spawn_ranks
-
-        spawn_ranks(_rank_main, args.nproc, args=(args.config, args.overrides), timeout_s=7 * 24 * 3600)
-        return 0
-    from checkpoints_convert.hf_io import CheckpointError
-    from sdpg_mcore.train.health import NonFiniteError
-    from sdpg_mcore.train.trainer import train
-
-    try:
-        train(cfg)
-    except (CheckpointError, NonFiniteError, ConfigError) as err:  # the message is the whole story
-        parser.exit(1, f"sdpg-train: error: {type(err).__name__}: {err}\n")
-    return 0
+        return _spawned(args.nproc, args.config, args.overrides, cfg.trainer.run_dir)
+    return _single(cfg)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ the other keys parse straight into its typed config (``algo/config.py``), checke
     cfg = load_config("examples/tiny/sdpg.yaml", ["trainer.total_steps=20", "algorithm.name=grpo"])
     cfg.trainer.total_steps  # 20
 
-Defaults are the paper recipe of SDPG.md (Qwen3-4B, 128 prompts x 8 samples, mini-batch 16 prompts).
+Defaults are the paper's recipe (``algo/README.md``; Qwen3-4B, 128 prompts x 8 samples, mini-batch 16 prompts).
 """
 
 from __future__ import annotations
@@ -129,6 +129,11 @@ class RolloutConfig:
     external: servers are already running at ``urls``."""
     urls: list[str] = field(default_factory=list)
     """Server (or router) base URLs for backend=external, e.g. ``http://node1:30000``."""
+    api_key_file: str = ""
+    """backend=external: file (mode 0600) with the servers' API key, sent with every request as
+    ``Authorization: Bearer``: the key alone on one line, or SGLang's ``--config`` YAML with an
+    ``api-key`` entry. Empty: no key (anyone who reaches the servers can replace the weights).
+    Launched servers (builtin, sglang) always get a fresh key per run, in RUN_DIR/secrets/."""
     num_servers: int = 1
     """Servers to start for builtin/sglang backends."""
     router: bool = False
@@ -136,7 +141,7 @@ class RolloutConfig:
     n: int = 8
     """Responses generated per prompt (the GRPO group size)."""
     temperature: float = 1.0
-    """Sampling temperature; also the temperature of the trainer's log-probs (SDPG.md §3)."""
+    """Sampling temperature; also the temperature of the trainer's log-probs (``algo/README.md``)."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1.0 = off)."""
     top_k: int = -1
@@ -231,6 +236,14 @@ class TrainerConfig:
     80 GiB, so no copies are paid); host moves each micro-batch's to pinned host memory and back
     (one micro-batch's on the GPU, the mini-batch's share in host RAM per GPU), for layouts where
     ``tools/plan.py`` says device does not fit."""
+    ema_weights: Literal["device", "host"] = "host"
+    """Where the EMA teacher's fp32 average of the weights lives (``algorithm.teacher=ema``;
+    ``train/ema_weights.py``): device keeps it on the GPU (4 bytes per parameter of the rank, no
+    copies); host keeps it in pinned host memory and streams it through the GPU one parameter at a
+    time (8 bytes per parameter over PCIe per optimizer step and per teacher pass), for models whose
+    average does not fit beside the training state (the 70B recipe: 16.4 GiB more per GPU, peak 85.5 of
+    80 GiB: ``tools/plan.py --config examples/llama3_70b/recipe.yaml --nodes 4 --teacher ema
+    --ema-weights device``). ``tools/plan.py`` counts either and advises host when device does not fit."""
     stop_at_step: int = 0
     """Stop after this step (0 = run to total_steps), e.g. for time-limited jobs; resume continues the run."""
     logprob_chunk_size: int = 1024
@@ -557,6 +570,25 @@ def _check_rollout(ro: RolloutConfig) -> None:
             _check(
                 url.startswith(("http://", "https://")), "rollout.urls", f"{url!r} must start with http://"
             )
+    _check_api_key_file(ro)
+
+
+def _check_api_key_file(ro: RolloutConfig) -> None:
+    """``rollout.api_key_file``: only for external servers, and a file only its owner can read."""
+    if not ro.api_key_file:
+        return
+    _check(
+        ro.backend == "external",
+        "rollout.api_key_file",
+        f"is for rollout.backend=external; the trainer gives the {ro.backend} servers it launches a "
+        "fresh key per run (RUN_DIR/secrets/rollout_api_key): remove the key",
+    )
+    from sdpg_mcore.rollout.auth import ApiKeyError, read_key_file
+
+    try:
+        read_key_file(ro.api_key_file)
+    except ApiKeyError as err:
+        raise ConfigError(f"config key 'rollout.api_key_file': {err}") from None
 
 
 def validate(cfg: Config) -> Config:
@@ -659,7 +691,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _switch_algorithm(data: dict[str, Any], recipe: dict[str, Any]) -> None:
-    """``algorithm.name=X`` on the command line switches a recipe to X (SDPG.md §5: one switch).
+    """``algorithm.name=X`` on the command line switches a recipe to X (one switch, ``algo/README.md``).
 
     The recipe's algorithm keys that X has no field for (e.g. sdpg's beta under grpo) are not
     carried over, and a warning names them; keys given as overrides are always kept and checked.

@@ -20,8 +20,10 @@
 #                     exporter takes ROUTER_METRICS_PORT, default ROUTER_PORT + 1)
 #   HEALTH_TIMEOUT    seconds for every server (and the router) to answer /health, else exit 3
 #   SERVER_CMD        command of one server, run by bash with SDPG_SERVER_PORT, SDPG_SERVER_HOST,
-#                     SDPG_MODEL_PATH and CUDA_VISIBLE_DEVICES set (default: SGLang, or the
-#                     built-in dev server under DRY_RUN)
+#                     SDPG_SERVER_BIND, SDPG_API_KEY_FILE, SDPG_MODEL_PATH and CUDA_VISIBLE_DEVICES
+#                     set (default: SGLang, or the built-in dev server under DRY_RUN)
+#   SERVER_BIND       address the servers and the router listen on when the job spans hosts
+#                     (default 0.0.0.0); a job on one host always uses 127.0.0.1
 #   TRAINER_CMD       trainer command; recipe and key=value overrides are appended
 #   TRAINER_OVERRIDES extra key=value overrides (space separated) for the trainer
 #   PYTHON            Python interpreter (default: python3)
@@ -31,6 +33,22 @@
 #
 # Exit codes: 0 done (or requeued), 2 bad settings, 3 a rollout server or the router did not come
 # up, anything else: the trainer's exit code.
+#
+# Security. Every job makes a fresh API key (256 bits, $RUN_DIR/secrets/rollout_api_key_job_<id>,
+# mode 0600 in a 0700 directory: it must be on a file system all the job's nodes share). Servers and
+# the router read it from that file (SGLang and the router through
+# sdpg_mcore/rollout/sglang_entry/sdpg_keyed_main.py: they only take a key on their command line,
+# which every user of a node can read in /proc); the trainer gets rollout.api_key_file. What the
+# network still reaches when the job spans hosts (bound to SERVER_BIND, 0.0.0.0 by default):
+#   - servers (SERVER_BASE_PORT + i) and router (ROUTER_PORT): everything needs the key except
+#     /health*, /ready* and /metrics* (SGLang leaves probes and metrics open), which tell a caller
+#     the server is up and how loaded it is, nothing about prompts or weights;
+#   - the router's Prometheus exporter (ROUTER_METRICS_PORT): metrics, no key;
+#   - with rollout.weight_sync=distributed, the trainer's weight-update rendezvous (a torch TCPStore
+#     on a free port of trainer rank 0's node) and the NCCL/gloo connections the servers open to it:
+#     torch.distributed has no authentication, so keep the job's nodes on a network only trusted
+#     users reach (as for the trainer's own NCCL traffic); disk sync opens nothing.
+# A job on one host binds 127.0.0.1 and reaches everything through loopback.
 
 SDPG_BG_PIDS=()
 SDPG_BG_NAMES=()
@@ -63,8 +81,9 @@ sdpg_node_list() {
 }
 
 # Splits NODES (array) into trainer nodes, server slots and the router; sets:
-#   TRAIN_NODES (array), MASTER_ADDR, SERVER_HOSTS/SERVER_PORTS/SERVER_GPUS (arrays, one per server),
-#   ROUTER_HOST, ROLLOUT_URLS (what the trainer is given), TRAIN_TASKS (one per training GPU).
+#   TRAIN_NODES (array), MASTER_ADDR, SERVER_HOSTS/SERVER_PORTS/SERVER_GPUS/SERVER_URLS (arrays, one
+#   per server; the host is where srun starts it, the URL how it is reached), ROUTER_HOST,
+#   SERVER_BIND, ROLLOUT_URLS (what the trainer is given), TRAIN_TASKS (one per training GPU).
 sdpg_plan_roles() {
   local num_nodes=${#NODES[@]}
   local gpn=${GPUS_PER_NODE:?GPUS_PER_NODE must be set}
@@ -110,13 +129,25 @@ sdpg_plan_roles() {
     SERVER_PORTS+=($((base + n)))
   done
   ROUTER_HOST=${rollout_nodes[0]}
-  if [ "${USE_ROUTER:-1}" = 1 ]; then
-    ROLLOUT_URLS="http://${ROUTER_HOST}:${ROUTER_PORT:-30100}"
+  # One host: everything on loopback, where no other machine reaches it; else by the hosts' names.
+  local num_hosts
+  num_hosts=$(printf '%s\n' "${TRAIN_NODES[@]}" "${rollout_nodes[@]}" | sort -u | wc -l)
+  SERVER_ADDRS=()
+  if ((num_hosts == 1)); then
+    SERVER_BIND=127.0.0.1
+    ROUTER_ADDR=127.0.0.1
+    for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do SERVER_ADDRS+=(127.0.0.1); done
   else
-    ROLLOUT_URLS=""
-    for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do
-      ROLLOUT_URLS+="${ROLLOUT_URLS:+,}http://${SERVER_HOSTS[i]}:${SERVER_PORTS[i]}"
-    done
+    SERVER_BIND=${SERVER_BIND:-0.0.0.0}
+    ROUTER_ADDR=$ROUTER_HOST
+    SERVER_ADDRS=("${SERVER_HOSTS[@]}")
+  fi
+  SERVER_URLS=()
+  for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do SERVER_URLS+=("http://${SERVER_ADDRS[i]}:${SERVER_PORTS[i]}"); done
+  if [ "${USE_ROUTER:-1}" = 1 ]; then
+    ROLLOUT_URLS="http://${ROUTER_ADDR}:${ROUTER_PORT:-30100}"
+  else
+    ROLLOUT_URLS=$(IFS=,; echo "${SERVER_URLS[*]}")
   fi
 }
 
@@ -125,9 +156,10 @@ sdpg_print_roles() {
   echo "nodes: ${#NODES[@]} (${NODES[*]}); rollout: ${ROLLOUT_MODE:-dedicated}"
   echo "trainer: ${#TRAIN_NODES[@]} node(s) (${TRAIN_NODES[*]}) x ${GPUS_PER_NODE} tasks = ${TRAIN_TASKS} ranks; master ${MASTER_ADDR}:${MASTER_PORT:-?}"
   for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do
-    echo "server $i: http://${SERVER_HOSTS[i]}:${SERVER_PORTS[i]} gpus=${SERVER_GPUS[i]}"
+    echo "server $i: ${SERVER_URLS[i]} on ${SERVER_HOSTS[i]} gpus=${SERVER_GPUS[i]}"
   done
   if [ "${USE_ROUTER:-1}" = 1 ]; then echo "router: ${ROLLOUT_URLS}"; fi
+  echo "servers listen on: ${SERVER_BIND}"
   echo "trainer rollout.urls: ${ROLLOUT_URLS}"
   if [ "${ROLLOUT_MODE:-dedicated}" = colocated ]; then
     echo "gpus: servers share the trainer's GPUs (rollout.colocated=true: memory handed over between phases)"
@@ -142,7 +174,7 @@ sdpg_print_roles() {
 # rank's GPU, which each server's own CUDA_VISIBLE_DEVICES hides. TRAINER_OVERRIDES come later and win.
 sdpg_trainer_overrides() {
   printf '%s\n' "trainer.run_dir=$RUN_DIR" "model.path=$MODEL_PATH" "rollout.backend=external" \
-    "rollout.urls=[$ROLLOUT_URLS]"
+    "rollout.urls=[$ROLLOUT_URLS]" "rollout.api_key_file=$SDPG_API_KEY_FILE"
   if [ "${ROLLOUT_MODE:-dedicated}" = colocated ]; then
     printf '%s\n' "rollout.colocated=true" "rollout.weight_sync=disk"
   else
@@ -220,6 +252,19 @@ sdpg_on_usr1() {
   if [ -n "$SDPG_TRAINER_PID" ]; then kill -USR1 "$SDPG_TRAINER_PID" 2>/dev/null; fi
 }
 
+# sdpg_new_key FILE: a fresh random key in FILE (mode 0600, its directory 0700), never on a command line.
+sdpg_new_key() {
+  local file=$1
+  local dir
+  dir=$(dirname "$file")
+  (
+    umask 077
+    mkdir -p "$dir" && chmod 700 "$dir" || exit 1
+    od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$file.tmp.$$" && echo >>"$file.tmp.$$" &&
+      mv -f "$file.tmp.$$" "$file"
+  ) || sdpg_die 2 "cannot write the API key file $file"
+}
+
 # ---- dry run assets --------------------------------------------------------------------------------
 sdpg_dry_run_assets() {
   local dir=${DRY_RUN_ASSETS:-$RUN_DIR/dryrun_assets}
@@ -268,7 +313,7 @@ sdpg_main() {
   if [ "${DRY_RUN:-0}" = 1 ]; then
     sdpg_dry_run_assets
     # shellcheck disable=SC2016  # expanded later, by the bash that runs each server
-    SERVER_CMD=${SERVER_CMD:-'exec "$PYTHON" -m sdpg_mcore.rollout.dev_server --model-path "$SDPG_MODEL_PATH" --host 0.0.0.0 --port "$SDPG_SERVER_PORT" --num-threads 1'}
+    SERVER_CMD=${SERVER_CMD:-'exec "$PYTHON" -m sdpg_mcore.rollout.dev_server --model-path "$SDPG_MODEL_PATH" --host "$SDPG_SERVER_BIND" --port "$SDPG_SERVER_PORT" --api-key-file "$SDPG_API_KEY_FILE" --num-threads 1'}
   fi
   [ -n "${MODEL_PATH:-}" ] || sdpg_die 2 "MODEL_PATH is not set (HF model directory for servers and trainer)"
   if [ "${ROLLOUT_MODE:-dedicated}" = colocated ]; then
@@ -278,9 +323,12 @@ sdpg_main() {
     SGLANG_ARGS=${SGLANG_ARGS:---enable-memory-saver}
   fi
   # shellcheck disable=SC2016  # expanded later, by the bash that runs each server
-  SERVER_CMD=${SERVER_CMD:-'exec "$PYTHON" -m sglang.launch_server --model-path "$SDPG_MODEL_PATH" --host 0.0.0.0 --port "$SDPG_SERVER_PORT" --tp-size "$ROLLOUT_TP" --mem-fraction-static "$SGLANG_MEM_FRACTION" $SGLANG_ARGS'}
+  SERVER_CMD=${SERVER_CMD:-'exec "$PYTHON" "$SDPG_KEYED_MAIN" --api-key-file "$SDPG_API_KEY_FILE" -m sglang.launch_server --model-path "$SDPG_MODEL_PATH" --host "$SDPG_SERVER_BIND" --port "$SDPG_SERVER_PORT" --tp-size "$ROLLOUT_TP" --mem-fraction-static "$SGLANG_MEM_FRACTION" $SGLANG_ARGS'}
+  SDPG_API_KEY_FILE="$RUN_DIR/secrets/rollout_api_key_job_${SLURM_JOB_ID:-local}"
+  sdpg_new_key "$SDPG_API_KEY_FILE"
   export PYTHON ROLLOUT_TP SDPG_MODEL_PATH="$MODEL_PATH" SGLANG_MEM_FRACTION="${SGLANG_MEM_FRACTION:-0.85}" \
-    SGLANG_ARGS="${SGLANG_ARGS:-}"
+    SGLANG_ARGS="${SGLANG_ARGS:-}" SDPG_API_KEY_FILE SDPG_SERVER_BIND="$SERVER_BIND" \
+    SDPG_KEYED_MAIN="$SDPG_ROOT/sdpg_mcore/rollout/sglang_entry/sdpg_keyed_main.py"
 
   local deadline=$(($(date +%s) + ${HEALTH_TIMEOUT:-900}))
   local i
@@ -290,15 +338,14 @@ sdpg_main() {
       SDPG_SERVER_PORT="${SERVER_PORTS[i]}" bash -c "$SERVER_CMD"
   done
   for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do
-    sdpg_wait_healthy "rollout server $i" "http://${SERVER_HOSTS[i]}:${SERVER_PORTS[i]}" \
+    sdpg_wait_healthy "rollout server $i" "${SERVER_URLS[i]}" \
       "${SDPG_BG_PIDS[i]}" "$LOG_DIR/server_$i.log" "$deadline"
   done
   if [ "${USE_ROUTER:-1}" = 1 ]; then
-    local workers=()
-    for ((i = 0; i < ${#SERVER_HOSTS[@]}; i++)); do workers+=("http://${SERVER_HOSTS[i]}:${SERVER_PORTS[i]}"); done
     sdpg_start_bg router "$LOG_DIR/router.log" sdpg_on_host "$ROUTER_HOST" \
-      "$PYTHON" -m sglang_router.launch_router --host 0.0.0.0 --port "${ROUTER_PORT:-30100}" \
-      --prometheus-port "${ROUTER_METRICS_PORT:-$((${ROUTER_PORT:-30100} + 1))}" --policy "${ROUTER_POLICY:-cache_aware}" --worker-urls "${workers[@]}"
+      "$PYTHON" "$SDPG_KEYED_MAIN" --api-key-file "$SDPG_API_KEY_FILE" -m sglang_router.launch_router \
+      --host "$SERVER_BIND" --port "${ROUTER_PORT:-30100}" --prometheus-host "$SERVER_BIND" \
+      --prometheus-port "${ROUTER_METRICS_PORT:-$((${ROUTER_PORT:-30100} + 1))}" --policy "${ROUTER_POLICY:-cache_aware}" --worker-urls "${SERVER_URLS[@]}"
     sdpg_wait_healthy router "$ROLLOUT_URLS" "${SDPG_BG_PIDS[-1]}" "$LOG_DIR/router.log" "$deadline"
   fi
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sdpg_mcore.parallel.spawn import find_free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,3 +96,15 @@ def logged_steps(run_dir: Path) -> list[int]:
     if not path.is_file():
         return []
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def require_real_sglang() -> None:
+    """Fail (or skip, when asked to) unless real SGLang can be launched here."""
+    from sdpg_mcore.rollout.sglang_launch import SGLangServerError, sglang_python
+
+    try:
+        sglang_python()
+    except SGLangServerError as err:
+        if os.environ.get("SDPG_SKIP_REAL_SGLANG") == "1":
+            pytest.skip("SDPG_SKIP_REAL_SGLANG=1: real SGLang tests skipped on purpose")
+        pytest.fail(f"{err} (or set SDPG_SKIP_REAL_SGLANG=1 to skip real-SGLang tests)")

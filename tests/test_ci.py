@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Each breaks the code on purpose, or runs it end to end against the real thing: a check that stopped
 #: seeing anything would show here. Node id -> how many tests it must collect.
 IN_DEFAULT_SUITE = {
-    "tests/tools/test_device_audit.py": 9,  # the clean step (device, host) and the audit's 7 mutants
+    "tests/tools/test_device_audit.py": 12,  # the clean step (device, host; EMA and initial teachers), 7 mutants
     "tests/train/test_step_parity.py::test_step_matches_tp1[tp2pp2]": 1,  # TP2 x PP2 on 4 gloo ranks
 }
 IN_CI_STEP = {

@@ -1,5 +1,9 @@
 """sdpg-train (cli.py): the config is validated for the launch's world before anything starts (exit 2)."""
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,13 @@ def test_cli_rejects_world_size_mismatch(recipe, capsys):
     assert (
         "world size 3 is not divisible by parallel.tp x parallel.pp x parallel.cp" in capsys.readouterr().err
     )
+
+
+def test_cli_rejects_a_bad_teacher_decay_naming_the_key(recipe, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--config", recipe, "algorithm.teacher=ema", "algorithm.teacher_ema_decay=1.5"])
+    assert err.value.code == 2
+    assert "config key 'algorithm.teacher_ema_decay': must be in (0, 1)" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_key(recipe, capsys):
@@ -112,3 +123,32 @@ def test_cli_rejects_triton_where_it_cannot_run(recipe, capsys, monkeypatch):
     msg = capsys.readouterr().err
     assert "config key 'trainer.logprob_backend': triton cannot run here" in msg
     assert "pip install 'sdpg_mcore[triton]'" in msg and "set trainer.logprob_backend=auto" in msg
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["one-process", "nproc-2"])
+def test_a_failed_rank_is_one_line_and_its_traceback_is_in_its_log(tmp_path, nproc):
+    """Rank 0 cannot reach the external server (rank 1, with ``--nproc 2``, fails on the stand-in
+    model): each failing rank gets one console line naming it and its host, no traceback there; the
+    traceback is in RUN_DIR/logs/rank_<r>.log."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sdpg_mcore.cli", "--config", str(TINY), f"model.path={model}"]
+    cmd += [f"trainer.run_dir={run_dir}", "rollout.backend=external", "rollout.urls=[http://127.0.0.1:1]"]
+    cmd += ["--nproc", str(nproc)] if nproc else []
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sdpg-train: error:")]
+    assert lines and lines[0].startswith(
+        "sdpg-train: error: RolloutUnreachableError: rollout server http://127.0.0.1:1 is unreachable"
+    ), done.stderr[-3000:]
+    for line in lines:
+        rank = int(line.split("(rank ")[1].split()[0])
+        log = run_dir / "logs" / f"rank_{rank}.log"
+        assert line.endswith(f"(rank {rank} on {socket.gethostname()}; traceback in {log})"), line
+        assert "Traceback (most recent call last)" in log.read_text()

@@ -89,6 +89,10 @@ def test_unknown_key_in_yaml(tmp_path):
             "trainer.teacher_states=disk",
             "config key 'trainer.teacher_states' got 'disk'; choose one of: device, host",
         ),
+        (
+            "trainer.ema_weights=gpu",
+            "config key 'trainer.ema_weights' got 'gpu'; choose one of: device, host",
+        ),
     ],
 )
 def test_bad_values_name_the_key(recipe, override, match):
@@ -137,7 +141,7 @@ def _other_value(value):
         return value + 3
     if isinstance(value, float):
         return value * 0.5 if value else 0.25
-    return {"urkl": "fkl", "token-mean": "seq-mean-token-sum"}[value]
+    return {"urkl": "fkl", "token-mean": "seq-mean-token-sum", "policy": "ema"}[value]
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -218,6 +222,21 @@ def test_config_choices_are_the_registries(recipe):
             r"'algorithm.lambda_decay_steps': must be >= 0",
         ),
         (["algorithm.name=rlsd", "algorithm.eps_w=1"], r"'algorithm.eps_w': must be in \[0, 1\)"),
+        (
+            ["algorithm.teacher=frozen"],
+            r"'algorithm.teacher': got 'frozen'; choose one of: policy, ema, initial",
+        ),
+        (["algorithm.teacher_ema_decay=1"], r"'algorithm.teacher_ema_decay': must be in \(0, 1\)"),
+        (["algorithm.teacher_ema_decay=0"], r"'algorithm.teacher_ema_decay': must be in \(0, 1\)"),
+        (
+            ["algorithm.name=grpo", "algorithm.teacher=ema"],
+            r"'algorithm.teacher' is not an option of algorithm.name=grpo \(only of sdpg\)",
+        ),
+        (
+            ["algorithm.name=rlsd", "algorithm.distill_is_ratio=true"],
+            r"'algorithm.distill_is_ratio' is not an option of algorithm.name=rlsd \(only of sdpg\)",
+        ),
+        (["algorithm.distill_is_ratio=sometimes"], r"'algorithm.distill_is_ratio' expects true or false"),
         (["algorithm.bta=1"], r"'algorithm.bta' is unknown; did you mean 'algorithm.beta'"),
         (["algorithm.beta.x=1"], r"algorithm options are values, not sections"),
     ],

@@ -1,24 +1,31 @@
-"""SDPG vs GRPO vs OPSD vs RLSD in miniature: same model, data and step budget, several seeds, one go.
+"""SDPG vs DAPO, GRPO, OPSD, RLSD and guarded SDPG in miniature: equal tuning, unseen problems, several seeds.
 
-    python tools/bench_algos.py --out runs/bench_algos --json runs/bench_algos/bench.json   # 4 x 5 runs
-    python tools/bench_algos.py --out /tmp/b --algos sdpg,grpo --seeds 0 --steps 5     # smoke run
-    python tools/bench_algos.py --out runs/b algorithm.beta=0.2                        # any trainer override
+    python tools/bench_algos.py --grid --out runs/bench_grid          # 6 x 4 tuning runs of 20 steps -> the tuned JSON
+    python tools/bench_algos.py --out runs/bench_algos --seeds 1,2,3,4,5 --json runs/bench_algos/bench.json
+    python tools/bench_algos.py --out /tmp/b --algos sdpg,dapo --seeds 1 --steps 5     # smoke run
+    python tools/bench_algos.py --out runs/b algorithm.kl_clamp=10    # any trainer override, every run
 
-The task (examples/tiny/bench_algos.yaml): one-digit ``a + b`` / ``a - b`` with the answer in
-``\\boxed{}`` (``sdpg_mcore.data.arithmetic``). The model is the tiny Qwen3 of ``tools/make_tiny_model.py``
-(``sdpg_mcore.train.warm_start``), warm-started once (shared by every run) mostly on *teacher*
-prompts, which state the answer: it learns the response format and to read the context, not the
-arithmetic, so the student starts near 10 % accuracy and the teacher near 90 % — most GRPO groups are
-all wrong, and the self-teacher knows what the student does not.
-Held-out prompts are a separate sample of the same distribution (the problem space has 200 members,
-so the training prompts cover it: "held-out" means unseen prompts, not unseen problems).
+The task (``sdpg_mcore.data.arithmetic``): ``a + b`` / ``a - b``, operands 0-9 (200 problems), the answer
+in ``\\boxed{}``. Each seed holds out its own seeded quarter of the problems (50): the training data and
+the warm start draw only from the other 150, so accuracy on the held-out ones (``final_acc``) measures
+what the student learned to *solve*; ``final_acc_seen`` is accuracy on 50 training problems. The model
+is the tiny Qwen3 of ``sdpg_mcore.train.warm_start``, warm-started per seed (its own split, data and
+SFT seed; cached, shared by every algorithm of that seed) on *teacher* prompts only, which state the
+answer: it learns the response format and to read the context, not the arithmetic, so the student
+starts near chance and the teacher near 100 % — most GRPO groups are all wrong, and the self-teacher
+knows what the student does not.
+
+Tuning is equal (``sdpg_mcore.bench.tuning``): ``--grid`` runs every method at 2 learning rates x 2
+values of its own main coefficient on one seed (``--grid-seed``, not a benchmark seed), with
+evaluation off, chooses each method's point on training reward alone and writes ``--tuned``
+(default ``examples/tiny/bench_algos_tuned.json``); a benchmark run reads the chosen settings there.
 
 Each (algorithm, seed) is one ``sdpg_mcore.cli`` run in its own process (``--jobs`` at a time, one
-thread each, its own rendezvous port), evaluated every ``eval.interval`` steps with the mechanism
-probe (``sdpg_mcore/train/mechanism.py``). The seed sets the rollout sampling, the prompt order and
-torch's seed; the warm-started model is the same for every run. Finished runs are reused when the
+thread each, its own rendezvous port), evaluated every ``eval.interval`` steps on both problem sets
+with the mechanism probe (``sdpg_mcore/train/mechanism.py``). Finished runs are reused when the
 command is repeated with the same ``--out``. Writes ``OUT/bench.json`` (or ``--json``), the figure
-``OUT/bench.png`` (mean ± std over seeds), and prints a table (mean ± std over seeds).
+``OUT/bench.png`` (curves, mean ± s.e. over seeds) and prints a table (mean ± s.e. over seeds) and the
+paired differences of SDPG and guarded SDPG over DAPO.
 """
 
 from __future__ import annotations
@@ -33,18 +40,22 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from sdpg_mcore.bench.stats import paired_difference, standard_error  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "tiny" / "bench_algos.yaml"
-ALGOS = ("sdpg", "grpo", "opsd", "rlsd")
-HELDOUT = "heldout"
-#: Mechanism metrics drawn and tabulated (key under ``mech/heldout/``, title).
+TUNED = ROOT / "examples" / "tiny" / "bench_algos_tuned.json"
+HELDOUT, SEEN = "heldout", "seen"
+K = 8  # eval.n_samples of the recipe: the avg@k read from the metrics
+#: Mechanism metrics on the held-out problems, drawn and tabulated (key under ``mech/heldout/``, title).
 MECH = (
-    ("student_acc", "held-out accuracy (student)"),
-    ("teacher_acc", "held-out accuracy (teacher prompt)"),
+    ("student_acc", "unseen problems: accuracy (student)"),
+    ("teacher_acc", "unseen problems: accuracy (teacher prompt)"),
     ("all_wrong_share", "share of all-wrong groups"),
     ("student_logp_ref", "log p(correct response), student"),
     ("teacher_logp_ref", "log p(correct response), teacher"),
@@ -57,6 +68,11 @@ MECH = (
 
 def run_dir(out: Path, algo: str, seed: int) -> Path:
     return out / "runs" / f"{algo}_s{seed}"
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    """The seed's warm-started model (``model/``) and task files (``data/``)."""
+    return out / "seeds" / f"s{seed}"
 
 
 def load_metrics(path: Path) -> list[dict]:
@@ -75,32 +91,50 @@ def finished(rdir: Path, steps: int) -> bool:
     return any(r.get("step") == steps for r in load_metrics(rdir / "metrics.jsonl"))
 
 
-def launch(out: Path, algo: str, seed: int, args, overrides: list[str]) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Job:
+    """One trainer run: which method, on which seed's model and data, with which overrides."""
+
+    name: str
+    """Benchmark method name (``tuning.BENCH_ALGOS``)."""
+    seed: int
+    rdir: Path
+    steps: int
+    overrides: tuple[str, ...]
+    """The method's own and tuned settings, then the command line's."""
+    evaluate: bool
+    """Give the run the held-out and seen problem files (off for grid runs: they never see held-out)."""
+
+
+def launch(out: Path, job: Job, config: Path) -> subprocess.Popen:
     """One trainer process (one thread, a free rendezvous port); output in RUN_DIR/train.log."""
+    from sdpg_mcore.bench.tuning import BENCH_ALGOS
     from sdpg_mcore.parallel.spawn import find_free_port
 
-    rdir = run_dir(out, algo, seed)
-    rdir.mkdir(parents=True, exist_ok=True)
+    job.rdir.mkdir(parents=True, exist_ok=True)
+    data = seed_dir(out, job.seed) / "data"
+    evals = [f"eval.files=[{data / (HELDOUT + '.jsonl')},{data / (SEEN + '.jsonl')}]"]
     cmd = [
         sys.executable,
         "-m",
         "sdpg_mcore.cli",
         "--config",
-        str(args.config),
-        f"model.path={out / 'model'}",
-        f"data.train_files=[{out / 'data' / 'train.jsonl'}]",
-        f"eval.files=[{out / 'data' / (HELDOUT + '.jsonl')}]",
-        f"trainer.run_dir={rdir}",
-        f"trainer.total_steps={args.steps}",
-        f"trainer.seed={seed}",
-        f"data.seed={seed}",
-        f"algorithm.name={algo}",
+        str(config),
+        f"model.path={seed_dir(out, job.seed) / 'model'}",
+        f"data.train_files=[{data / 'train.jsonl'}]",
+        *(evals if job.evaluate else ["eval.files=[]", "eval.interval=0"]),
+        f"trainer.run_dir={job.rdir}",
+        f"trainer.total_steps={job.steps}",
+        f"trainer.seed={job.seed}",
+        f"data.seed={job.seed}",
+        f"algorithm.name={BENCH_ALGOS[job.name][0]}",
         "trainer.resume=none",
-        *overrides,
+        *job.overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(find_free_port())}
-    (rdir / "metrics.jsonl").unlink(missing_ok=True)
-    log = open(rdir / "train.log", "w")  # noqa: SIM115 - closed by the child's exit
+    (job.rdir / "metrics.jsonl").unlink(missing_ok=True)
+    (job.rdir / "command.json").write_text(json.dumps(cmd[3:], indent=1) + "\n")
+    log = open(job.rdir / "train.log", "w")  # noqa: SIM115 - closed by the child's exit
     # Own session: stopping the bench stops the run's whole process group, rollout server included.
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -120,94 +154,101 @@ def stop_all(running: dict) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_all(out: Path, jobs: list[tuple[str, int]], args, overrides: list[str]) -> dict[str, float]:
-    """Run the (algo, seed) jobs ``args.jobs`` at a time; returns wall seconds per job."""
-    pending = [j for j in jobs if not finished(run_dir(out, *j), args.steps)]
-    running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
+def run_all(out: Path, jobs: list[Job], args) -> dict[str, float]:
+    """Run the jobs ``args.jobs`` at a time (finished ones are reused); returns wall seconds per job."""
+    pending = [j for j in jobs if not finished(j.rdir, j.steps)]
+    running: dict[Job, tuple[subprocess.Popen, float]] = {}
     walls: dict[str, float] = {}
-    retries: dict[tuple[str, int], int] = {}
+    retries: dict[Job, int] = {}
     try:
-        _drive(out, pending, running, walls, retries, args, overrides)
+        _drive(out, pending, running, walls, retries, args)
     except BaseException:  # an error or Ctrl-C: leave no trainer or server behind
         stop_all(running)
         raise
     return walls
 
 
-def _drive(out, pending, running, walls, retries, args, overrides) -> None:
+def _drive(out, pending, running, walls, retries, args) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             job = pending.pop(0)
-            running[job] = (launch(out, *job, args, overrides), time.perf_counter())
-            print(f"[bench] started {job[0]} seed {job[1]}", flush=True)
+            running[job] = (launch(out, job, args.config), time.perf_counter())
+            print(f"[bench] started {job.rdir.name}", flush=True)
         time.sleep(1.0)
         for job, (proc, began) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[job]
-            walls[f"{job[0]}_s{job[1]}"] = round(time.perf_counter() - began, 1)
+            walls[job.rdir.name] = round(time.perf_counter() - began, 1)
             status = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}"
-            print(
-                f"[bench] {status}: {job[0]} seed {job[1]} in {walls[f'{job[0]}_s{job[1]}']} s "
-                f"(log {run_dir(out, *job) / 'train.log'})",
-                flush=True,
-            )
+            log = job.rdir / "train.log"
+            print(f"[bench] {status}: {job.rdir.name} in {walls[job.rdir.name]} s (log {log})", flush=True)
             if proc.returncode != 0:
                 # A run can lose a race for a port to another process on the machine: retry it.
                 retries[job] = retries.get(job, 0) + 1
                 if retries[job] <= args.retries:
-                    log = run_dir(out, *job) / "train.log"
                     log.rename(log.with_name(f"train.failed{retries[job]}.log"))
                     pending.insert(0, job)
                     continue
-                raise RuntimeError(f"run {job} failed; see {run_dir(out, *job) / 'train.log'}")
+                raise RuntimeError(f"run {job.rdir.name} failed; see {log}")
 
 
-def curves(rows: list[dict], k: int) -> dict[str, list]:
-    """Per-evaluation series: steps, held-out accuracy and every mechanism metric."""
-    evals = [r for r in rows if f"eval/{HELDOUT}/avg@{k}" in r]
+def curves(rows: list[dict]) -> dict[str, list]:
+    """Per-evaluation series: steps, accuracy on unseen and on seen problems, the held-out probe's
+    metrics, the seen problems' teacher accuracy; per training step the reward and the KL."""
+    evals = [r for r in rows if f"eval/{HELDOUT}/avg@{K}" in r]
     out: dict[str, list] = {"step": [r["step"] for r in evals]}
-    out["acc"] = [r[f"eval/{HELDOUT}/avg@{k}"] for r in evals]
+    out["acc"] = [r[f"eval/{HELDOUT}/avg@{K}"] for r in evals]
+    out["acc_seen"] = [r.get(f"eval/{SEEN}/avg@{K}", math.nan) for r in evals]
+    out["teacher_acc_seen"] = [r.get(f"mech/{SEEN}/teacher_acc", math.nan) for r in evals]
     for key, _ in MECH:
         out[key] = [r.get(f"mech/{HELDOUT}/{key}", math.nan) for r in evals]
-    out["train_acc"] = [r.get("acc") for r in rows]
-    out["train_kl_mean"] = [r.get("kl_mean") for r in rows]
+    out["train_reward"] = [r.get("reward_mean") for r in rows if "reward_mean" in r]
+    out["train_kl_mean"] = [r.get("kl_mean") for r in rows if "reward_mean" in r]
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+FINAL_KEYS = ("acc", "acc_seen", "teacher_acc_seen", *(m for m, _ in MECH))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return math.nan, math.nan
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return mean, math.sqrt(var)
+    return sum(vals) / len(vals), standard_error(vals)
 
 
-def summarize(out: Path, algos: list[str], seeds: list[int], k: int) -> dict:
+def summarize(out: Path, algos: list[str], seeds: list[int]) -> dict:
+    """Per method: ``final_acc`` / ``final_acc_seen`` over seeds, mean ± s.e. of every final metric,
+    and per seed the curves."""
     result: dict = {}
     for algo in algos:
         per_seed = {}
         for seed in seeds:
-            c = curves(load_metrics(run_dir(out, algo, seed) / "metrics.jsonl"), k)
-            final = {key: c[key][-1] if c[key] else math.nan for key in ("acc", *(m for m, _ in MECH))}
-            per_seed[str(seed)] = {"final_acc": final["acc"], "final": final, "curve": c}
-        entry = {"final_acc": [per_seed[str(s)]["final_acc"] for s in seeds], "seeds": per_seed}
-        for key in ("acc", *(m for m, _ in MECH)):
-            mean, std = mean_std([per_seed[str(s)]["final"][key] for s in seeds])
-            entry[f"final_{key}_mean"], entry[f"final_{key}_std"] = mean, std
+            c = curves(load_metrics(run_dir(out, algo, seed) / "metrics.jsonl"))
+            final = {key: c[key][-1] if c[key] else math.nan for key in FINAL_KEYS}
+            per_seed[str(seed)] = {"final": final, "curve": c}
+        entry = {
+            "final_acc": [per_seed[str(s)]["final"]["acc"] for s in seeds],
+            "final_acc_seen": [per_seed[str(s)]["final"]["acc_seen"] for s in seeds],
+            "seeds": per_seed,
+        }
+        for key in FINAL_KEYS:
+            mean, se = mean_se([per_seed[str(s)]["final"][key] for s in seeds])
+            entry[f"final_{key}_mean"], entry[f"final_{key}_se"] = mean, se
         result[algo] = entry
     return result
 
 
 def plot(summary: dict, out_png: Path) -> None:
-    """Mean ± std over seeds against the step, one panel per metric, one line per algorithm."""
+    """Mean ± s.e. over seeds against the step, one panel per metric, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("acc", "held-out accuracy")] + [m for m in MECH if m[0] != "student_acc"]
+    panels = [("acc", "unseen problems: accuracy"), ("acc_seen", "training problems: accuracy")]
+    panels += [m for m in MECH if m[0] != "student_acc"]
     ncols = 3
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
@@ -217,12 +258,12 @@ def plot(summary: dict, out_png: Path) -> None:
             if not runs:
                 continue
             steps = runs[0]["step"]
-            stats = [mean_std([r[key][i] for r in runs if i < len(r[key])]) for i in range(len(steps))]
+            stats = [mean_se([r[key][i] for r in runs if i < len(r[key])]) for i in range(len(steps))]
             mean = [m for m, _ in stats]
-            std = [s for _, s in stats]
+            se = [0.0 if math.isnan(s) else s for _, s in stats]
             ax.plot(steps, mean, label=algo, linewidth=1.6)
             ax.fill_between(
-                steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.18
+                steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.18
             )
         ax.set_title(title, fontsize="medium")
         ax.set_xlabel("step")
@@ -238,70 +279,91 @@ def plot(summary: dict, out_png: Path) -> None:
 
 def table(summary: dict, seeds: int) -> str:
     cols = [
-        ("acc", "held-out acc"),
-        ("teacher_acc", "teacher acc"),
+        ("acc", "unseen acc"),
+        ("acc_seen", "seen acc"),
+        ("teacher_acc", "teacher acc (unseen)"),
         ("all_wrong_share", "all-wrong groups"),
-        ("student_logp_ref", "log p(correct)"),
         ("kl_incorrect", "KL wrong"),
         ("kl_correct", "KL right"),
         ("kl_grad_cos_student", "cos(KL grad, student correct)"),
     ]
     lines = [
-        f"| algorithm (final, mean ± std over {seeds} seeds) | " + " | ".join(t for _, t in cols) + " |",
+        f"| method (final, mean ± s.e. over {seeds} seeds) | " + " | ".join(t for _, t in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
     ]
     for algo, e in summary.items():
-        cells = [f"{e[f'final_{k}_mean']:.3f} ± {e[f'final_{k}_std']:.3f}" for k, _ in cols]
+        cells = [f"{e[f'final_{k}_mean']:.3f} ± {e[f'final_{k}_se']:.3f}" for k, _ in cols]
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def goal(summary: dict) -> dict | None:
-    """The issue's bar: SDPG's mean final accuracy >= GRPO's + 0.05, and SDPG's worst seed above GRPO's mean."""
-    if "sdpg" not in summary or "grpo" not in summary:
-        return None
-    sdpg, grpo = summary["sdpg"], summary["grpo"]
-    margin = sdpg["final_acc_mean"] - grpo["final_acc_mean"]
-    worst = min(sdpg["final_acc"])
-    return {
-        "sdpg_minus_grpo": margin,
-        "sdpg_worst_seed": worst,
-        "grpo_mean": grpo["final_acc_mean"],
-        "met": bool(margin >= 0.05 and worst > grpo["final_acc_mean"]),
-    }
+def comparisons(summary: dict) -> dict:
+    """Paired over seeds, on unseen and on seen problems: each SDPG variant minus DAPO (its KL term),
+    minus GRPO; the issue's goal: guarded SDPG - DAPO >= 0.05 on unseen problems, every seed positive."""
+    out: dict = {}
+    for name in [a for a in summary if a.startswith("sdpg")]:
+        for base in ("dapo", "grpo"):
+            if base in summary:
+                out[f"{name}_minus_{base}"] = {
+                    split: paired_difference(summary[name][key], summary[base][key])
+                    for split, key in (("unseen", "final_acc"), ("seen", "final_acc_seen"))
+                }
+    guarded = out.get("sdpg_guarded_minus_dapo")
+    if guarded:
+        unseen = guarded["unseen"]
+        out["goal_met"] = bool(unseen["mean"] >= 0.05 and unseen["all_positive"])
+    return out
 
 
-def report(out: Path, json_path: Path, algos: list[str], seeds: list[int]) -> int:
-    """Rewrite ``json_path``'s summary, figure and table from the runs on disk (after a code change)."""
-    result = json.loads(json_path.read_text())
-    result["algos"] = summarize(out, algos, seeds, k=8)
-    result["goal"] = goal(result["algos"])
+def comparison_lines(comp: dict) -> str:
+    lines = []
+    for name, splits in comp.items():
+        if isinstance(splits, dict):
+            for split, d in splits.items():
+                seeds = ", ".join(f"{x:+.3f}" for x in d["per_seed"])
+                lines.append(f"{name} ({split}): {d['mean']:+.3f} ± {d['se']:.3f} s.e. [{seeds}]")
+    if "goal_met" in comp:
+        lines.append(f"goal (guarded SDPG - DAPO >= 0.05 on unseen, every seed positive): {comp['goal_met']}")
+    return "\n".join(lines)
+
+
+def write_result(out: Path, json_path: Path, result: dict, algos: list[str], seeds: list[int]) -> None:
+    """Summary, paired comparisons, figure and table of the runs on disk into ``result``."""
+    result["algos"] = summarize(out, algos, seeds)
+    result["comparisons"] = comparisons(result["algos"])
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     plot(result["algos"], out / "bench.png")
     sys.stdout.write(table(result["algos"], len(seeds)) + "\n")
-    return 0
+    sys.stdout.write(comparison_lines(result["comparisons"]) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from sdpg_mcore.bench.tuning import BENCH_ALGOS
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_algos"))
-    parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated algorithm names")
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--algos", default=",".join(BENCH_ALGOS), help="comma-separated method names")
+    parser.add_argument(
+        "--seeds", default="1,2,3,4,5", help="comma-separated seeds (split, warm start, data, RL)"
+    )
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--retries", type=int, default=2, help="reruns of a failed run before giving up")
     parser.add_argument("--config", type=Path, default=RECIPE, help="the trainer recipe every run uses")
-    parser.add_argument("--sft-steps", type=int, default=150, help="warm-start steps (made once)")
+    parser.add_argument("--tuned", type=Path, default=TUNED, help="chosen settings (written by --grid)")
+    parser.add_argument("--grid", action="store_true", help="tune: run each method's grid, write --tuned")
+    parser.add_argument("--grid-seed", type=int, default=0, help="the grid's one seed (not a benchmark seed)")
+    parser.add_argument("--grid-steps", type=int, default=20, help="training steps per grid run")
     parser.add_argument(
-        "--teacher-fraction",
-        type=float,
-        default=1.0,
-        help="share of warm-start rows under the teacher prompt",
+        "--grid-window", type=int, default=10, help="last steps whose training reward decides"
     )
-    parser.add_argument("--max-operand", type=int, default=4, help="operands lie in [0, max-operand]")
-    parser.add_argument("--num-heldout", type=int, default=64, help="held-out prompts")
+    parser.add_argument("--sft-steps", type=int, default=150, help="warm-start steps (once per seed)")
+    parser.add_argument("--max-operand", type=int, default=9, help="operands lie in [0, max-operand]")
+    parser.add_argument("--heldout-fraction", type=float, default=0.25, help="share of problems held out")
+    parser.add_argument("--num-seen", type=int, default=50, help="training problems evaluated beside them")
     parser.add_argument("--json", type=Path, default=None, help="default OUT/bench.json")
     parser.add_argument(
         "--report-only",
@@ -312,25 +374,94 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warm_start(out: Path, args: argparse.Namespace) -> dict:
-    """The shared warm-started model under ``OUT/model`` (made once); its measurements."""
-    if not (out / "model" / "model.safetensors").exists():
-        print("[bench] warm start (once, shared by every run)", flush=True)
+def prepare_seed(out: Path, seed: int, args: argparse.Namespace) -> dict:
+    """The seed's problem split, task files and warm-started model (made once, reused); its measurements."""
+    from sdpg_mcore.data.arithmetic import split_problems, write_split_task
+
+    root = seed_dir(out, seed)
+    split = split_problems(max_operand=args.max_operand, heldout_fraction=args.heldout_fraction, seed=seed)
+    write_split_task(root / "data", split, num_train=2048, num_seen=args.num_seen, seed=seed)
+    if not (root / "model" / "model.safetensors").exists():
+        print(f"[bench] warm start of seed {seed} (once, shared by every method)", flush=True)
         import torch
 
         from sdpg_mcore.train.warm_start import warm_start_tiny_model
 
         torch.set_num_threads(1)  # the warm start is bit-exact single-threaded
         warm_start_tiny_model(
-            out / "model",
+            root / "model",
+            seed=seed,
             sft_steps=args.sft_steps,
-            teacher_fraction=args.teacher_fraction,
+            teacher_fraction=1.0,
             max_operand=args.max_operand,
+            problems=split.train,
+            eval_problems=split.heldout,
         )
-    return json.loads((out / "model" / "warmstart.json").read_text())
+    return json.loads((root / "model" / "warmstart.json").read_text())
+
+
+def tuned_overrides(path: Path, algos: list[str]) -> dict[str, list[str]]:
+    """Each method's chosen settings from the ``--grid`` file; exits 2 naming what to tune if absent."""
+    chosen = json.loads(path.read_text())["algos"] if path.exists() else {}
+    missing = [a for a in algos if a not in chosen]
+    if missing:
+        sys.stderr.write(
+            f"bench_algos: no tuned settings for {missing} in {path}; run "
+            f"'tools/bench_algos.py --grid --algos {','.join(missing)}' first (or pass --tuned FILE)\n"
+        )
+        raise SystemExit(2)
+    return {a: chosen[a]["chosen"] for a in algos}
+
+
+def grid(out: Path, algos: list[str], args: argparse.Namespace) -> int:
+    """Run each method's grid on ``--grid-seed`` (no evaluation), choose on training reward, write ``--tuned``."""
+    from sdpg_mcore.bench.tuning import BENCH_ALGOS, INHERITED, choose, grid_points
+
+    tuned = json.loads(args.tuned.read_text()) if args.tuned.exists() else {"algos": {}}
+    prepare_seed(out, args.grid_seed, args)
+    for phase in ([a for a in algos if a not in INHERITED], [a for a in algos if a in INHERITED]):
+        chosen = {name: entry["chosen"] for name, entry in tuned["algos"].items()}
+        jobs = {
+            algo: [
+                Job(algo, args.grid_seed, out / "grid" / f"{algo}_g{i}", args.grid_steps,
+                    (*BENCH_ALGOS[algo][1], *point, *args.overrides), evaluate=False)
+                for i, point in enumerate(grid_points(algo, chosen))
+            ]
+            for algo in phase
+        }  # fmt: skip
+        run_all(out, [j for js in jobs.values() for j in js], args)
+        for algo, runs in jobs.items():
+            pick = choose(
+                {str(i): load_metrics(j.rdir / "metrics.jsonl") for i, j in enumerate(runs)}, args.grid_window
+            )
+            points = [
+                {"overrides": list(j.overrides), "train_reward": pick.scores[str(i)]}
+                for i, j in enumerate(runs)
+            ]
+            tuned["algos"][algo] = {
+                "chosen": list(runs[int(pick.key)].overrides),
+                "train_reward": pick.train_reward,
+                "points": points,
+            }
+            print(
+                f"[grid] {algo}: {tuned['algos'][algo]['chosen']} (train reward {pick.train_reward:.3f})",
+                flush=True,
+            )
+    command = " ".join(["bench_algos.py", *sys.argv[1:]])
+    for algo in algos:
+        tuned["algos"][algo]["command"] = command
+    tuned["rule"] = (
+        f"highest mean training reward (reward_mean) over the last {args.grid_window} of {args.grid_steps} "
+        f"steps, seed {args.grid_seed}, evaluation off"
+    )
+    args.tuned.parent.mkdir(parents=True, exist_ok=True)
+    args.tuned.write_text(json.dumps(tuned, indent=1) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sdpg_mcore.bench.tuning import BENCH_ALGOS
+
     parser = _parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # -> run_all stops its runs first
@@ -338,47 +469,40 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    unknown = sorted(set(algos) - set(ALGOS) - {"dapo"})
+    unknown = sorted(set(algos) - set(BENCH_ALGOS))
     if unknown:
-        parser.error(f"--algos: unknown {unknown}; choose from {ALGOS + ('dapo',)}")
+        parser.error(f"--algos: unknown {unknown}; choose from {', '.join(BENCH_ALGOS)}")
     json_path = args.json or out / "bench.json"
     if args.report_only:
-        return report(out, json_path, algos, seeds)
-    warm = _warm_start(out, args)
-    from sdpg_mcore.data.arithmetic import write_arithmetic_task
-
-    write_arithmetic_task(out / "data", {"train": 2048, HELDOUT: args.num_heldout}, args.max_operand)
-    jobs = [(a, s) for s in seeds for a in algos]
-    walls = run_all(out, jobs, args, args.overrides)
-    k = 8
-    summary = summarize(out, algos, seeds, k)
-    wall = round(time.perf_counter() - began, 1)
+        write_result(out, json_path, json.loads(json_path.read_text()), algos, seeds)
+        return 0
+    if args.grid:
+        return grid(out, algos, args)
+    chosen = tuned_overrides(args.tuned, algos)
+    warm = {str(seed): prepare_seed(out, seed, args) for seed in seeds}
+    jobs = [
+        Job(a, s, run_dir(out, a, s), args.steps, (*BENCH_ALGOS[a][1], *chosen[a], *args.overrides), True)
+        for s in seeds
+        for a in algos
+    ]
+    walls = run_all(out, jobs, args)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished run, its server included
-    cpu = round(usage.ru_utime + usage.ru_stime, 1)
     result = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["bench_algos.py", *(argv if argv is not None else sys.argv[1:])]),
         "steps": args.steps,
         "seeds": seeds,
         "jobs": args.jobs,
         "overrides": args.overrides,
+        "tuned": {a: chosen[a] for a in algos},
         "warm_start": warm,
-        "wall_s": wall,
-        "cpu_s": cpu,
+        "wall_s": round(time.perf_counter() - began, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "load_average_end": os.getloadavg(),
         "run_wall_s": walls,
-        "algos": summary,
-        "goal": goal(summary),
     }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(summary, out / "bench.png")
-    sys.stdout.write(table(summary, len(seeds)) + "\n")
+    write_result(out, json_path, result, algos, seeds)
     sys.stdout.write(
-        f"warm start: student acc {warm['student_acc_t1']:.3f}, teacher acc {warm['teacher_acc_t1']:.3f}\n"
-    )
-    sys.stdout.write(
-        f"wall {wall:.0f} s, CPU {cpu:.0f} s (runs and their servers); json {json_path}; "
-        f"figure {out / 'bench.png'}\n"
+        f"wall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s; json {json_path}; figure {out / 'bench.png'}\n"
     )
     return 0
 

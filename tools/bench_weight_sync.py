@@ -97,7 +97,9 @@ def bench_servers(
     with RolloutServers(config) as servers:
         urls = servers.worker_urls
         for label, kwargs in DISTRIBUTED_METHODS.items():
-            sync = DistributedWeightSync(urls, **{"bucket_bytes": args.bucket_mb << 20, **kwargs})
+            sync = DistributedWeightSync(
+                urls, api_key=servers.api_key, **{"bucket_bytes": args.bucket_mb << 20, **kwargs}
+            )
             sync.connect()
             rows.append(
                 {
@@ -108,7 +110,9 @@ def bench_servers(
                 }
             )
             sync.close()
-        disk = DiskWeightSync(urls, Path(args.shared_dir) / work.name, hf_config_dir=model_dir)
+        disk = DiskWeightSync(
+            urls, Path(args.shared_dir) / work.name, hf_config_dir=model_dir, api_key=servers.api_key
+        )
         rows.append({"method": "disk", **_timed(lambda rep: disk.push(tensors, f"disk-{rep}"), args.repeats)})
     for row in rows:
         row["num_servers"] = num_servers

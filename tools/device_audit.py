@@ -12,6 +12,7 @@ such host sync.
     python tools/device_audit.py                 # ~30 s on 2 cores
     python tools/device_audit.py --json audit.json
     python tools/device_audit.py --teacher-states host   # trainer.teacher_states=host: via pinned host memory
+    python tools/device_audit.py --teacher ema --ema-weights host   # algorithm.teacher (policy | ema | initial)
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ def print_report(result: dict) -> None:
     from sdpg_mcore.audit.device_audit import is_allowed_sync
 
     out = sys.stdout
+    ema = f", EMA on the {result['ema_weights']}" if result.get("ema_weights") else ""
     out.write(
         f"device audit of one {result['algorithm']} step on a fake GPU "
-        f"(teacher states on the {result['teacher_states']})\n"
+        f"(teacher {result['teacher']}{ema}; teacher states on the {result['teacher_states']})\n"
     )
     if "stopped_at" in result:
         out.write(f"STOPPED: {result['stopped_at']}\n")
@@ -70,11 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="trainer.logprob_backend of the audited step (default auto: triton when it imports)",
     )
+    parser.add_argument(
+        "--teacher",
+        choices=("policy", "ema", "initial"),
+        default="policy",
+        help="sdpg's algorithm.teacher: the weights of the teacher pass (default policy)",
+    )
+    parser.add_argument(
+        "--ema-weights",
+        choices=("device", "host"),
+        default="host",
+        help="trainer.ema_weights of the audited step, with --teacher ema (default host)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     from sdpg_mcore.audit.device_audit import run_audit
 
-    result = run_audit(args.algorithm, args.teacher_states, args.head_backend)
+    result = run_audit(args.algorithm, args.teacher_states, args.head_backend, args.teacher, args.ema_weights)
     print_report(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -48,13 +48,20 @@ NOTES = {
     "optimizer_states": "fp32 master + Adam m, v, /(DP*CP)",
     "activations": "student fwd saved for bwd, 1F1B in flight",
     "kl_head": "hidden states + logits work (fused: per chunk)",
-    "teacher": "forward-only teacher pass: one layer's working set",
+    "teacher": "forward-only teacher pass: one layer's working set (+ live weights parked, ema on device)",
     "teacher_states": "teacher response states kept for the train pass (last stage; host: one micro-batch's)",
     "reference_model": "resident reference copy (separate_model)",
+    "teacher_weights": "teacher=ema/initial: fp32 EMA (ema_weights=device) + teacher output-layer copy",
     "rollout_weights": "colocated SGLang weights (generation and weight-push phases)",
     "rollout_kv_cache": "colocated SGLang KV cache (generation phase)",
     "overhead": "CUDA context, NCCL, fragmentation",
 }
+
+#: Pinned host memory lines of the table: (per-GPU bytes key, what, whose node).
+HOST_LINES = (
+    ("teacher_states_host", "teacher states (teacher_states=host)", "last-stage node"),
+    ("teacher_weights_host", "EMA teacher (ema_weights=host) + parked weights", "node"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +125,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "else device)",
     )
     p.add_argument(
+        "--teacher",
+        choices=("policy", "ema", "initial"),
+        help="weights of the sdpg teacher pass (default: the recipe's algorithm.teacher, else policy)",
+    )
+    p.add_argument(
+        "--ema-weights",
+        choices=("device", "host"),
+        help="teacher=ema: where the fp32 average lives (default: the recipe's trainer.ema_weights, else host)",
+    )
+    p.add_argument(
         "--rollout-kv-seqs",
         type=int,
         default=16,
@@ -154,7 +171,15 @@ def _time_args(g) -> None:
     )
     g.add_argument("--truncated", type=float, default=0.02, help="assumed share of responses hitting the cap")
     g.add_argument(
-        "--head-bytes", type=float, help="train head's elementwise bytes per (token, vocab) pair (today 144)"
+        "--logprob-backend",
+        choices=("auto", "torch", "triton"),
+        help="the fused head's kernels (default: the recipe's trainer.logprob_backend, else auto: triton on a GPU)",
+    )
+    g.add_argument(
+        "--head-bytes",
+        type=float,
+        help="train head's elementwise bytes per (token, vocab) pair, student + teacher (default: the "
+        "recipe's trainer.logprob_backend on a GPU: auto/triton 38, torch 130)",
     )
     g.add_argument(
         "--validate", action="store_true", help="predict the published runs and compare; then exit"
@@ -185,6 +210,8 @@ def apply_recipe(args: argparse.Namespace) -> Path:
         "kl_chunk_tokens": trainer.get("logprob_chunk_size"),
         "reference_weights": trainer.get("reference_weights"),
         "teacher_states": trainer.get("teacher_states"),
+        "teacher": section("algorithm").get("teacher"),
+        "ema_weights": trainer.get("ema_weights"),
         "mini_batch_responses": _product(data.get("mini_batch_prompts"), section("rollout").get("n")),
         "kernels": "local" if model.get("transformer_impl") == "local" else None,
         "rollout": "colocated" if section("rollout").get("colocated") else None,
@@ -233,6 +260,8 @@ def build_training_shape(args: argparse.Namespace) -> TrainingShape:
         mini_batch_responses=args.mini_batch_responses,
         response_len=args.max_response_len,
         teacher_states=args.teacher_states or "device",
+        teacher=args.teacher or "policy",
+        ema_weights=args.ema_weights or "host",
         rollout_kv_seqs=args.rollout_kv_seqs,
         overhead_bytes=int(args.overhead_gb * GIB),
     )
@@ -254,8 +283,21 @@ def _plan(args: argparse.Namespace, shape: ModelShape, train: TrainingShape):
 
 
 def advice(args: argparse.Namespace, shape: ModelShape, train: TrainingShape, plan) -> list[str]:
-    """What would make a plan that does not fit fit: the teacher states in pinned host memory."""
-    if plan.fits or plan.problems or train.teacher_states != "device":
+    """What would make a plan that does not fit fit: the EMA teacher's average, else the teacher
+    states, in pinned host memory."""
+    if plan.fits or plan.problems:
+        return []
+    if train.teacher == "ema" and train.ema_weights == "device":
+        host, _ = _plan(args, shape, replace(train, ema_weights="host"))
+        if host.fits:
+            lay, per_gpu = host.layout, host.estimate.teacher_weights_host / GIB
+            return [
+                f"trainer.ema_weights=host fits: TP{lay.tp} PP{lay.pp} CP{lay.cp} DP{lay.dp} at "
+                f"{host.estimate.total / GIB:.2f} GiB per GPU (the EMA teacher's fp32 average and the parked "
+                f"weights in pinned host memory: {per_gpu:.2f} GiB per GPU, "
+                f"{per_gpu * args.gpus_per_node:.1f} GiB per node of {args.gpus_per_node} GPUs)"
+            ]
+    if train.teacher_states != "device":
         return []
     host, _ = _plan(args, shape, replace(train, teacher_states="host"))
     if not host.fits:
@@ -298,12 +340,15 @@ def _given_model_parallel(args: argparse.Namespace) -> tuple[int, int, int] | No
 
 
 def _recipe(args: argparse.Namespace) -> dict:
-    path = Path(args.config)
-    if path.suffix not in (".yaml", ".yml"):
-        return {}
-    import yaml
+    """The recipe (empty for an HF config) with ``--logprob-backend`` over its ``trainer.logprob_backend``."""
+    recipe = {}
+    if Path(args.config).suffix in (".yaml", ".yml"):
+        import yaml
 
-    return yaml.safe_load(path.read_text()) or {}
+        recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+    if args.logprob_backend:
+        recipe["trainer"] = {**(recipe.get("trainer") or {}), "logprob_backend": args.logprob_backend}
+    return recipe
 
 
 def make_plan(args: argparse.Namespace) -> dict:
@@ -341,6 +386,8 @@ def make_plan(args: argparse.Namespace) -> dict:
             "kernels": train.kernels,
             "reference_weights": train.reference_weights,
             "teacher_states": train.teacher_states,
+            "teacher": train.teacher,
+            "ema_weights": train.ema_weights,
             "rollout": train.rollout,
         },
     }
@@ -371,16 +418,14 @@ def print_table(result: dict) -> None:
             f"[bold]{per_gpu['total'] / GIB:.2f}[/bold]",
             f"of {result['gpu_mem_bytes'] / GIB:.0f} GiB: {'[green]fits' if result['fits'] else '[red]does not fit'}",
         )
+    gpus_per_node = result["cluster"]["gpus_per_node"]
     for phase, peak in (per_gpu.get("phase_peaks") or {}).items():
         table.add_row(f"  {phase} phase", f"{peak / GIB:.2f}", "colocated: trainer and engines take turns")
-    host = per_gpu.get("teacher_states_host", 0)
-    if host:
-        nodes = result["cluster"]["gpus_per_node"]
-        table.add_row(
-            "host RAM, pinned",
-            f"{host / GIB:.2f}",
-            f"teacher states (teacher_states=host), not GPU: {host * nodes / GIB:.1f} GiB per last-stage node",
-        )
+    for key, what, node in HOST_LINES:
+        host = per_gpu.get(key, 0)
+        if host:
+            per_node = f"{host * gpus_per_node / GIB:.1f} GiB per {node}"
+            table.add_row("host RAM, pinned", f"{host / GIB:.2f}", f"{what}, not GPU: {per_node}")
     console.print(table)
     for problem in result["problems"]:
         console.print(f"[red]invalid layout:[/red] {problem}")

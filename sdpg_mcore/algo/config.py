@@ -1,4 +1,4 @@
-"""Typed settings of each algorithm (SDPG.md §3, §5) and what each one asks of the trainer.
+"""Typed settings of each algorithm (``algo/README.md``) and what each one asks of the trainer.
 
 Every algorithm has a frozen config dataclass whose defaults are the paper / reference settings,
 and ``needs()`` that returns :class:`AlgorithmNeeds`: which extra forward passes the trainer must
@@ -43,7 +43,19 @@ class TeacherWeights(str, enum.Enum):
     STEP_START_POLICY = "step_start_policy"
     """The policy at the start of the step — the weights of the old-log-prob pass (rlsd)."""
     FROZEN_REFERENCE = "frozen_reference"
-    """The frozen initial policy — the weights of the reference-log-prob pass (opsd)."""
+    """The frozen initial policy — the weights of the reference-log-prob pass (opsd; sdpg with
+    ``teacher=initial``)."""
+    EMA_POLICY = "ema_policy"
+    """An exponential moving average of the policy's weights, updated after every optimizer step
+    (sdpg with ``teacher=ema``; ``train/ema_weights.py``)."""
+
+
+TEACHERS: dict[str, TeacherWeights] = {
+    "policy": TeacherWeights.CURRENT_POLICY,
+    "ema": TeacherWeights.EMA_POLICY,
+    "initial": TeacherWeights.FROZEN_REFERENCE,
+}
+"""sdpg's ``teacher`` choices and the weights each runs the teacher pass with."""
 
 
 class TeacherSignal(str, enum.Enum):
@@ -67,11 +79,13 @@ class AlgorithmNeeds:
     teacher_temperature: float | None
     """Temperature of the teacher logits; ``None`` means the rollout temperature (resolved once, by the step)."""
     teacher_prompt: bool
-    """The teacher sees the privileged-context prompt (data must carry it, SDPG.md §4)."""
+    """The teacher sees the privileged-context prompt (data must carry it, ``data/README.md``)."""
     ref_logprobs: bool
     """``ref_logprob_N`` from the frozen initial policy, at rollout temperature."""
     kl_in_reward_coef: float
     """> 0: penalise rewards with ``coef * sum k1`` (``advantages.kl_in_reward``) before advantages."""
+    ema_decay: float = 0.0
+    """``TeacherWeights.EMA_POLICY``: the average's decay per optimizer step (0 otherwise)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +132,7 @@ class PolicyLossConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SDPGConfig(PolicyLossConfig):
-    """SDPG (SDPG.md §3): dual-clip PPO + beta * reverse KL to the self-teacher + alpha * R(logw)."""
+    """SDPG (``algo/README.md``): dual-clip PPO + beta * reverse KL to the self-teacher + alpha * R(logw)."""
 
     beta: float = 1e-3
     """Weight of the per-token reverse KL to the teacher (paper script; the reference yaml says 1e-4)."""
@@ -138,6 +152,21 @@ class SDPGConfig(PolicyLossConfig):
     """Skip the KL term on each response's stop token (the reference's open PR #3,
     ``beta_distill_exclude_eos``: on Qwen3-1.7B the EOS token carries 2.5x the mean per-token KL and
     pulls the student away from stopping). Off: the paper's recipe."""
+    teacher: str = "policy"
+    """Weights of the teacher pass, a guard against the self-teacher eroding as the student's updates
+    move it: ``policy`` (the paper: the current weights, those after the earlier mini-batches of the
+    step), ``ema`` (an exponential moving average of the policy's weights, ``teacher_ema_decay``;
+    where it lives: ``trainer.ema_weights``), ``initial`` (the frozen starting weights, kept as the
+    reference policy is: ``trainer.reference_weights``). The teacher's output layer is the same
+    weights' (the fused head multiplies the teacher states by it, not by the student's)."""
+    teacher_ema_decay: float = 0.99
+    """``teacher=ema``: ``ema <- decay * ema + (1 - decay) * weights`` after every optimizer step
+    (``data.batch_prompts / data.mini_batch_prompts`` per training step), starting from the initial
+    weights; the teacher then lags the policy by about ``1 / (1 - decay)`` updates."""
+    distill_is_ratio: bool = False
+    """Weight each token's KL term by the stop-gradient importance ratio ``SG[pi_theta / pi_old]`` of
+    its sampled token, as the paper's Appendix A.3 writes the loss; the reference code has no such
+    weight (off: as the code). ``losses.sdpg_loss`` says what it changes."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,23 +182,34 @@ class SDPGConfig(PolicyLossConfig):
         )
         _check(self.beta_decay_steps >= 0, "beta_decay_steps", f"must be >= 0, got {self.beta_decay_steps}")
         _check(self.kl_clamp > 0, "kl_clamp", f"must be > 0, got {self.kl_clamp}")
+        _check(
+            self.teacher in TEACHERS, "teacher", f"got {self.teacher!r}; choose one of: {', '.join(TEACHERS)}"
+        )
+        _check(
+            0.0 < self.teacher_ema_decay < 1.0,
+            "teacher_ema_decay",
+            f"must be in (0, 1) (0 would copy the policy, 1 freeze the start: teacher=policy or initial), "
+            f"got {self.teacher_ema_decay}",
+        )
 
     def needs(self) -> AlgorithmNeeds:
-        """Teacher = current weights on the teacher prompt, untempered (T_teacher = 1), full KL."""
+        """Teacher = ``TEACHERS[teacher]`` on the teacher prompt, untempered (T_teacher = 1), full KL."""
         teacher = self.beta != 0.0
+        weights = TEACHERS[self.teacher]
         return AlgorithmNeeds(
-            teacher_weights=TeacherWeights.CURRENT_POLICY if teacher else TeacherWeights.NONE,
+            teacher_weights=weights if teacher else TeacherWeights.NONE,
             teacher_signal=TeacherSignal.FULL_KL if teacher else TeacherSignal.NONE,
             teacher_temperature=1.0 if teacher else None,
             teacher_prompt=teacher,
             ref_logprobs=self.alpha != 0.0,
             kl_in_reward_coef=0.0,
+            ema_decay=self.teacher_ema_decay if teacher and weights is TeacherWeights.EMA_POLICY else 0.0,
         )
 
 
 @dataclass(frozen=True, kw_only=True)
 class DAPOConfig(PolicyLossConfig):
-    """DAPO (SDPG.md §5): the §3 dual-clip PPO loss without the beta and alpha terms."""
+    """DAPO (``algo/README.md``, the baselines): the §3 dual-clip PPO loss without the beta and alpha terms."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +235,7 @@ class GRPOConfig(PolicyLossConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class OPSDConfig(PolicyLossConfig):
-    """OPSD (SDPG.md §5): teacher-weighted clipped ratio on responses with A > 0, frozen-reference teacher."""
+    """OPSD (``algo/README.md``, the baselines): teacher-weighted clipped ratio on responses with A > 0, frozen-reference teacher."""
 
     clip_eps_high: float = 0.2
     """Upper clip of ``min(r, clamp(r, 1 - eps_low, 1 + eps_high))``."""
@@ -231,7 +271,7 @@ class OPSDConfig(PolicyLossConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class RLSDConfig(PolicyLossConfig):
-    """RLSD (SDPG.md §5): GRPO advantages re-weighted per token by the step-start self-teacher."""
+    """RLSD (``algo/README.md``, the baselines): GRPO advantages re-weighted per token by the step-start self-teacher."""
 
     clip_eps_high: float = 0.2
     """Symmetric clip."""

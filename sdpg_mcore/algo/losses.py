@@ -1,4 +1,4 @@
-"""Per-token losses of the five algorithms: sdpg (SDPG.md §3), grpo, dapo, opsd, rlsd (§5).
+"""Per-token losses of the five algorithms: sdpg, grpo, dapo, opsd, rlsd (``algo/README.md``).
 
 Each loss function maps one micro-batch's per-token inputs (:class:`TokenInputs`, flat ``[N]``
 over its response tokens) to a per-token loss, the mask of tokens that the loss averages over,
@@ -153,10 +153,22 @@ def _pg(inputs: TokenInputs, cfg: PolicyLossConfig, advantages_N: Tensor, metric
 
 
 def sdpg_loss(inputs: TokenInputs, cfg: SDPGConfig, *, step: int, total_steps: int) -> TokenLoss:
-    """``pg + beta(step) * g_t * min(kl, 20) + alpha * R(lp - lp_ref)`` per token (SDPG.md §3)."""
+    """``pg + beta(step) * g_t * [SG(rho_t)] * min(kl, 20) + alpha * R(lp - lp_ref)`` per token (``algo/README.md``).
+
+    ``SG(rho_t)`` only with ``cfg.distill_is_ratio`` — where the paper and the reference code differ.
+    The paper (Appendix A.3) writes the distillation term as an expectation over the current
+    student's own samples, estimated on the rollout's samples with the stop-gradient importance
+    ratio ``rho_t = pi_theta(y_t) / pi_old(y_t)`` of each sampled token (the PPO ratio, detached,
+    ``exp(clamp(lp - lp_old, ±20))``; not clipped: the formula has ``SG[rho]`` alone). The reference
+    code leaves the ratio out, and so does the default. The two agree on a step's first mini-batch
+    (``pi_theta = pi_old``: ``rho = 1`` up to the two passes' rounding); on later mini-batches the
+    ratio up-weights the KL of tokens the step's updates made more likely. Its gradient is the
+    KL's, scaled (no term through ``rho``).
+    """
     mask_N = inputs.mask_N
     metrics = MetricSums()
-    loss_N = _pg(inputs, cfg, inputs.advantages_N, metrics).loss_N
+    terms = _pg(inputs, cfg, inputs.advantages_N, metrics)
+    loss_N = terms.loss_N
     beta = beta_schedule(
         cfg.beta,
         step,
@@ -170,7 +182,11 @@ def sdpg_loss(inputs: TokenInputs, cfg: SDPGConfig, *, step: int, total_steps: i
         gate_N = mask_N & (inputs.advantages_N.detach() > 0) if cfg.positive_advantage_only else mask_N
         if cfg.kl_exclude_eos and inputs.stop_token_N is not None:
             gate_N = gate_N & ~inputs.stop_token_N.bool()
-        loss_N = loss_N + beta * torch.where(gate_N, kl_c_N, torch.zeros_like(kl_c_N))
+        distill_N = torch.where(gate_N, kl_c_N, torch.zeros_like(kl_c_N))
+        if cfg.distill_is_ratio:
+            distill_N = distill_N * terms.ratio_N  # detached by dual_clip_pg: SG(rho)
+            metrics.add_mean("distill_is_ratio", terms.ratio_N, gate_N)
+        loss_N = loss_N + beta * distill_N
         metrics.add_mean("kl_mean", kl_c_N.detach(), mask_N)
         metrics.add_max("kl_max", kl_N.detach(), mask_N)
         metrics.add_mean("kl_clamp_frac", kl_N.detach() > cfg.kl_clamp, mask_N)
@@ -197,7 +213,7 @@ def grpo_loss(inputs: TokenInputs, cfg: GRPOConfig, *, step: int, total_steps: i
 
 
 def opsd_loss(inputs: TokenInputs, cfg: OPSDConfig, *, step: int, total_steps: int) -> TokenLoss:
-    """``-w * min(r, clamp(r, 1 - eps_low, 1 + eps_high))`` on responses with A > 0 (SDPG.md §5).
+    """``-w * min(r, clamp(r, 1 - eps_low, 1 + eps_high))`` on responses with A > 0 (``algo/README.md``, the baselines).
 
     ``w = clamp(nan_to_num(lp_teacher - lp_old), 0, 20)`` (no grad) and
     ``r = nan_to_num(exp(clamp(lp - lp_old, ±20)), 1)``. Tokens outside the gate contribute exactly 0
@@ -225,7 +241,7 @@ def opsd_loss(inputs: TokenInputs, cfg: OPSDConfig, *, step: int, total_steps: i
 
 
 def rlsd_loss(inputs: TokenInputs, cfg: RLSDConfig, *, step: int, total_steps: int) -> TokenLoss:
-    """Dual-clip PPO (0.2/0.2, c = 3) on RLSD's per-token advantage ``A_t`` (SDPG.md §5).
+    """Dual-clip PPO (0.2/0.2, c = 3) on RLSD's per-token advantage ``A_t`` (``algo/README.md``, the baselines).
 
     ``δ = clamp(nan_to_num(lp_teacher - lp_old), ±20)``, ``w = exp(clamp(sign(A) δ, ±20))``,
     ``A_t = (1 - λ) A + λ A clamp(w, 1 - eps_w, 1 + eps_w)``; the dual clip applies where ``A_t < 0``.

@@ -21,6 +21,7 @@ Clean means no violation and no other host sync. The audit owns the process grou
 Megatron while it runs: one audit per process.
 
     result = run_audit("sdpg", teacher_states="host")     # tools/device_audit.py prints it
+    result = run_audit("sdpg", teacher="ema", ema_weights="host")   # the guarded teacher's swaps
     result["clean"], result["violations"], result["host_syncs"]
 """
 
@@ -91,12 +92,21 @@ def _audited_policy(layout, head_backend: str) -> tuple[object, dict]:
     return policy, construction
 
 
-def _fake_gpu_step(audit: FakeCuda, policy, layout, algorithm_name: str, teacher_states: str, result: dict):
-    """One step of ``algorithm_name`` with the policy on the fake GPU (several micro-batches: 96
-    tokens each); fills ``result`` and returns the host syncs of the set-up (None if it stopped there)."""
+def _loss_config(algorithm_name: str, teacher: str):
+    """The algorithm's default loss config; sdpg's with ``teacher`` (the others have no such key)."""
     from sdpg_mcore import algo
+
+    config_cls = algo.get_algorithm(algorithm_name).config_cls
+    return config_cls(teacher=teacher) if algorithm_name == "sdpg" else config_cls()
+
+
+def _fake_gpu_step(audit: FakeCuda, policy, layout, options: dict, result: dict):
+    """One step with the policy on the fake GPU (several micro-batches: 96 tokens each), as ``options``
+    (``run_audit``'s arguments) say; fills ``result`` and returns the host syncs of the set-up (None if
+    it stopped there)."""
     from sdpg_mcore.audit.colocated import colocated_check
     from sdpg_mcore.audit.synthetic import synthetic_responses, synthetic_step_context
+    from sdpg_mcore.train.ema_weights import ema_teacher
     from sdpg_mcore.train.step import run_step
 
     setup = None
@@ -107,9 +117,11 @@ def _fake_gpu_step(audit: FakeCuda, policy, layout, algorithm_name: str, teacher
         stack.enter_context(torch.no_grad())
         try:
             fake_policy = policy_on_fake_gpu(policy, audit)
+            loss_cfg = _loss_config(options["algorithm"], options["teacher"])
+            ema = ema_teacher(fake_policy, loss_cfg.needs(), options["ema_weights"])
             ctx = synthetic_step_context(
-                fake_policy, layout, algo.get_algorithm(algorithm_name).config_cls(), reference_dir=None,
-                token_budget=96, mini_batch_groups=2, total_steps=2, teacher_states=teacher_states,
+                fake_policy, layout, loss_cfg, reference_dir=None, token_budget=96, mini_batch_groups=2,
+                total_steps=2, teacher_states=options["teacher_states"], ema=ema,
             )  # fmt: skip
             setup = audit.report()["host_syncs"]
             audit.log.findings.clear()
@@ -135,7 +147,11 @@ def _fake_gpu_step(audit: FakeCuda, policy, layout, algorithm_name: str, teacher
 
 
 def run_audit(
-    algorithm_name: str = "sdpg", teacher_states: str = "device", head_backend: str = "auto"
+    algorithm_name: str = "sdpg",
+    teacher_states: str = "device",
+    head_backend: str = "auto",
+    teacher: str = "policy",
+    ema_weights: str = "host",
 ) -> dict:
     """One step under the fake GPU; returns ``{"violations": [...], "host_syncs": {...}, "clean": ...}``.
 
@@ -143,6 +159,9 @@ def run_audit(
     host memory and come back per micro-batch; the audit checks both copies are pinned and non-blocking).
     ``head_backend``: the step's ``trainer.logprob_backend`` (auto: the Triton kernels when Triton
     imports; their launches are checked for host tensors).
+    ``teacher`` (sdpg's ``algorithm.teacher``): ``ema`` swaps the EMA average in for every teacher
+    pass and updates it after every optimizer step (``ema_weights``: its place,
+    ``trainer.ema_weights``), ``initial`` swaps the frozen reference weights in for every teacher pass.
     """
     from sdpg_mcore.parallel import state
     from sdpg_mcore.parallel.spawn import find_free_port
@@ -156,8 +175,13 @@ def run_audit(
         "algorithm": algorithm_name,
         "teacher_states": teacher_states,
         "head_backend": head_backend,
+        "teacher": teacher,
+        "ema_weights": ema_weights if teacher == "ema" else None,
     }
-    setup = _fake_gpu_step(audit, policy, layout, algorithm_name, teacher_states, result)
+    options = dict(
+        algorithm=algorithm_name, teacher_states=teacher_states, teacher=teacher, ema_weights=ema_weights
+    )
+    setup = _fake_gpu_step(audit, policy, layout, options, result)
     state.destroy(process_group=True)
     report = audit.report()
     result["setup_host_syncs"] = setup or []

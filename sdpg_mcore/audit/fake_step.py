@@ -77,10 +77,12 @@ def head_with_backward():
     fused_head = head_module._FusedKLHead
     real = head_module.fused_kl_head
 
-    def apply(student, teacher, weight, targets, plan, tp_group, path):
+    def apply(student, teacher, weight, targets, plan, tp_group, path, teacher_weight=None):
         ctx = SimpleNamespace(set_materialize_grads=lambda _: None, needs_input_grad=(True, False, True))
         ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
-        outs = fused_head.forward(ctx, student, teacher, weight, targets, plan, tp_group, path)
+        outs = fused_head.forward(
+            ctx, student, teacher, weight, targets, plan, tp_group, path, teacher_weight
+        )
         fused_head.backward(ctx, *(torch.ones_like(o) for o in outs))
         return outs
 

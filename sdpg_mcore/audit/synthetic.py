@@ -97,10 +97,12 @@ def synthetic_step_context(
     temperature: float = 1.0,
     pad_id: int = 0,
     teacher_states: str = "device",
+    ema=None,
 ) -> StepContext:
     """The ``StepContext`` the trainer would build for ``policy`` and ``loss_cfg``: its registered
     algorithm, the frozen reference (``cpu_swap``, the weights of ``reference_dir``) when the algorithm
-    reads it, and the policy's micro-batch padding."""
+    reads it (sdpg's ``teacher=initial`` included), and the policy's micro-batch padding. ``ema``: the
+    ``train.ema_weights.EMAWeights`` of sdpg's ``teacher=ema`` (the step refuses that teacher without it)."""
     needs = loss_cfg.needs()
     return StepContext(
         policy=policy,
@@ -114,4 +116,5 @@ def synthetic_step_context(
         total_steps=total_steps,
         pad_id=pad_id,
         teacher_states=teacher_states,
+        ema=ema,
     )

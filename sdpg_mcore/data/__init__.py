@@ -19,10 +19,14 @@ from typing import Any
 
 _EXPORTS = {
     "sdpg_mcore.data.arithmetic": [
+        "ProblemSplit",
         "arithmetic_problem",
         "arithmetic_record",
+        "problem_of",
+        "split_problems",
         "worked_response",
         "write_arithmetic_task",
+        "write_split_task",
     ],
     "sdpg_mcore.data.loading": ["load_record_file", "load_records"],
     "sdpg_mcore.data.prompts": [

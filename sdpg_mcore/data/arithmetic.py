@@ -8,12 +8,21 @@ tiny model's warm start (``sdpg_mcore.train.warm_start``) and the algorithm benc
     question, answer = arithmetic_problem(rng)                          # one-digit a + b or a - b
     arithmetic_problem(rng, num_operands=3, max_operand=99, operators="+-*")
     write_arithmetic_task(out, {"train": 2048, "heldout": 64}, max_operand=4)
+
+The benchmark splits by *problem*, not by prompt: :func:`split_problems` holds out a seeded share of
+the ``(a, op, b)`` triples, and :func:`write_split_task` writes training data from the others only,
+the held-out problems (never trained on, nor in the warm start) and a sample of the training problems:
+
+    split = split_problems(max_operand=9, heldout_fraction=0.25, seed=0)   # 150 train, 50 held out
+    write_split_task(out, split, num_train=2048, num_seen=50, seed=0)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdpg_mcore.data.records import (
@@ -104,4 +113,67 @@ def write_arithmetic_task(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         paths[split] = path
+    return paths
+
+
+Triple = tuple[int, str, int]
+"""One two-operand problem ``(a, op, b)``: ``What is a op b?``."""
+
+
+def problem_of(triple: Triple) -> tuple[str, str]:
+    """``(question, answer)`` of one triple, worded as :func:`arithmetic_problem` words it."""
+    a, op, b = triple
+    return f"What is {a} {op} {b}?", str(evaluate([a, b], [op]))
+
+
+@dataclass(frozen=True)
+class ProblemSplit:
+    """Disjoint training and held-out problems of one problem space."""
+
+    train: tuple[Triple, ...]
+    """Problems the training data and the warm start draw from."""
+    heldout: tuple[Triple, ...]
+    """Problems no training row or warm-start row holds: accuracy on them is generalisation."""
+
+
+def split_problems(
+    *, max_operand: int, heldout_fraction: float, seed: int, operators: str = "+-"
+) -> ProblemSplit:
+    """Hold out ``round(heldout_fraction * |space|)`` of the triples ``(a, op, b)``, operands in
+    ``[0, max_operand]``, chosen by ``random.Random(seed)`` (a seeded rule: the same seed, the same
+    split). Both parts come back sorted."""
+    space = [(a, op, b) for op in operators for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    num_heldout = round(heldout_fraction * len(space))
+    if not 0 < num_heldout < len(space):
+        raise ValueError(
+            f"heldout_fraction={heldout_fraction} holds out {num_heldout} of {len(space)} problems; "
+            "choose a share that leaves both parts non-empty"
+        )
+    heldout = set(random.Random(seed).sample(space, num_heldout))
+    return ProblemSplit(
+        train=tuple(sorted(t for t in space if t not in heldout)), heldout=tuple(sorted(heldout))
+    )
+
+
+def write_split_task(
+    out: Path, split: ProblemSplit, *, num_train: int, num_seen: int, seed: int
+) -> dict[str, Path]:
+    """``OUT/train.jsonl`` (``num_train`` rows drawn from ``split.train``), ``OUT/heldout.jsonl`` (every
+    held-out problem once) and ``OUT/seen.jsonl`` (``num_seen`` distinct training problems), all from
+    ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    rows = {
+        "train": [rng.choice(split.train) for _ in range(num_train)],
+        "heldout": list(split.heldout),
+        "seen": rng.sample(split.train, min(num_seen, len(split.train))),
+    }
+    paths = {}
+    for name, triples in rows.items():
+        records = [arithmetic_record(*problem_of(t), i, name) for i, t in enumerate(triples)]
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].parent.mkdir(parents=True, exist_ok=True)
+        # Atomic: a benchmark rewrites the files while runs of another invocation may be reading them.
+        tmp = paths[name].with_name(f".{name}.jsonl.{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, paths[name])
     return paths

@@ -1,8 +1,9 @@
 """Fused vocab-parallel LM head: reverse KL to a teacher, sampled-token log-prob and entropy.
 
 SDPG needs, at every response token, the full-vocabulary reverse KL between the
-student ``softmax(h_s W^T / T)`` and the teacher ``softmax(h_t W^T / T_t)`` (same weight, no grad),
-plus the sampled-token log-prob and the student entropy. Materialising ``[N, V]`` logits for both
+student ``softmax(h_s W^T / T)`` and the teacher ``softmax(h_t W^T / T_t)`` (same weight, no grad;
+or the teacher's own ``W_t`` when the teacher is other weights, ``teacher_weight``), plus the
+sampled-token log-prob and the student entropy. Materialising ``[N, V]`` logits for both
 costs ~2.5 GB per bf16 copy at 8,192 tokens x 151,936 words, and several fp32 temporaries more.
 This module never builds ``[N, V]``:
 
@@ -72,9 +73,11 @@ def _all_reduce(tensor: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tenso
     return tensor
 
 
-def _group_forward(hidden_KH, weight_VH, targets_G, plan, path, workspace, tp_group) -> ChunkStats:
+def _group_forward(
+    hidden_KH, weight_VH, teacher_weight_VH, targets_G, plan, path, workspace, tp_group
+) -> ChunkStats:
     """Statistics of one token group: loop over vocabulary blocks, then merge over the TP shards."""
-    state = path.group_state(hidden_KH, weight_VH, targets_G, plan, workspace)
+    state = path.group_state(hidden_KH, weight_VH, targets_G, plan, workspace, teacher_weight_VH)
     if plan.tp_size > 1:
         state = all_reduce_state(state, lambda t, op: _all_reduce(t, op, tp_group, plan.tp_size))
     return finalize(state)
@@ -84,7 +87,9 @@ class _FusedKLHead(torch.autograd.Function):
     """Autograd node for the fused head; see the module docstring for the algorithm."""
 
     @staticmethod
-    def forward(ctx, student_NH, teacher_NH, weight_VH, targets_N, plan: ChunkPlan, tp_group, path):
+    def forward(
+        ctx, student_NH, teacher_NH, weight_VH, targets_N, plan: ChunkPlan, tp_group, path, teacher_weight_VH
+    ):
         ctx.set_materialize_grads(False)
         num_tokens, device = student_NH.shape[0], student_NH.device
         kl_N = torch.zeros(num_tokens, dtype=plan.acc_dtype, device=device)
@@ -95,20 +100,30 @@ class _FusedKLHead(torch.autograd.Function):
             g1 = min(g0 + plan.group_tokens, num_tokens)
             teacher_GH = None if teacher_NH is None else plan.as_matmul_operand(teacher_NH[g0:g1])
             hidden_KH = stack_hidden(plan.as_matmul_operand(student_NH[g0:g1]), teacher_GH)
-            stats = _group_forward(hidden_KH, weight_VH, targets_N[g0:g1], plan, path, workspace, tp_group)
+            stats = _group_forward(
+                hidden_KH, weight_VH, teacher_weight_VH, targets_N[g0:g1], plan, path, workspace, tp_group
+            )
             logprob_N[g0:g1], entropy_N[g0:g1], log_z_s_N[g0:g1] = stats.logprob, stats.entropy, stats.log_z_s
             if teacher_GH is not None:
                 kl_N[g0:g1], log_z_t_N[g0:g1] = stats.kl, stats.log_z_t
         del workspace
         ctx.plan, ctx.tp_group, ctx.path, ctx.has_teacher = plan, tp_group, path, teacher_NH is not None
         ctx.save_for_backward(
-            student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N
+            student_NH,
+            teacher_NH,
+            weight_VH,
+            targets_N,
+            log_z_s_N,
+            log_z_t_N,
+            kl_N,
+            entropy_N,
+            teacher_weight_VH,
         )
         return kl_N.to(plan.out_dtype), logprob_N.to(plan.out_dtype), entropy_N.to(plan.out_dtype)
 
     @staticmethod
     def backward(ctx, grad_kl_N, grad_logprob_N, grad_entropy_N):
-        student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N = (
+        student_NH, teacher_NH, weight_VH, targets_N, log_z_s_N, log_z_t_N, kl_N, entropy_N, teacher_w_VH = (
             ctx.saved_tensors
         )
         plan: ChunkPlan = ctx.plan
@@ -118,7 +133,7 @@ class _FusedKLHead(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         no_upstream = grad_kl_N is None and grad_logprob_N is None and grad_entropy_N is None
         if no_upstream or not (need_h or need_w):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         num_tokens, device = student_NH.shape[0], student_NH.device
         grad_h_NH = torch.zeros(student_NH.shape, dtype=plan.acc_dtype, device=device)
         grad_w_VH = torch.zeros_like(weight_VH) if need_w else None
@@ -133,9 +148,10 @@ class _FusedKLHead(torch.autograd.Function):
             student_GH = student_c[g0:g1]
             hidden_KH = stack_hidden(student_GH, None if teacher_c is None else teacher_c[g0:g1])
             coeffs_G = path.coefficients(coeffs.rows(g0, g1))
+            teacher_w = None if teacher_c is None else teacher_w_VH
             for v0 in plan.blocks():
                 dz_GB, weight_BH = path.grad_logits(
-                    hidden_KH, weight_VH, targets_N[g0:g1], v0, coeffs_G, plan, workspace
+                    hidden_KH, weight_VH, targets_N[g0:g1], v0, coeffs_G, plan, workspace, teacher_w
                 )
                 dz_op = plan.as_matmul_operand(dz_GB)
                 if need_h:  # in place: no [N, H] temporary per block where the GEMM can accumulate
@@ -147,7 +163,7 @@ class _FusedKLHead(torch.autograd.Function):
         if need_h:
             _all_reduce(grad_h_NH, dist.ReduceOp.SUM, ctx.tp_group, plan.tp_size)
         grad_h = grad_h_NH.to(student_NH.dtype) if need_h else None
-        return grad_h, None, grad_w_VH, None, None, None, None
+        return grad_h, None, grad_w_VH, None, None, None, None, None
 
 
 def fused_kl_head(
@@ -162,6 +178,7 @@ def fused_kl_head(
     chunk_size: int | None = None,
     tp_group=None,
     backend: str = "auto",
+    teacher_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reverse KL(student || teacher), sampled-token log-prob and student entropy per token.
 
@@ -184,6 +201,11 @@ def fused_kl_head(
             and two fused Triton kernels per block; CUDA, or CPU under Triton's interpreter), or
             ``auto``: triton on CUDA when Triton is importable, torch elsewhere
             (``kl_head_backends``). A ValueError when triton is asked for where it cannot run.
+        teacher_weight: ``[V_local, H]`` the teacher's own shard of the output layer, when the
+            teacher is other weights than the student's (an EMA or the frozen initial policy);
+            ``None``: the teacher's logits use ``weight`` (the self-teacher). Never receives a
+            gradient; the stacked ``[student; teacher]`` GEMM of each block becomes two GEMMs into
+            the same fp32 block (both backends).
 
     Returns:
         ``kl_N, logprob_N, entropy_N``: float32 (float64 for float64 inputs). Gradients flow to
@@ -211,7 +233,23 @@ def fused_kl_head(
     teacher = None
     if teacher_hidden is not None:
         teacher = teacher_hidden.detach().to(student_hidden.dtype)
-    return _FusedKLHead.apply(student_hidden, teacher, weight, targets.long(), plan, tp_group, path)
+    teacher_weight = _teacher_weight(teacher_weight, weight, teacher)
+    return _FusedKLHead.apply(
+        student_hidden, teacher, weight, targets.long(), plan, tp_group, path, teacher_weight
+    )
+
+
+def _teacher_weight(teacher_weight, weight, teacher_hidden) -> torch.Tensor | None:
+    """The teacher's own output-layer shard as a detached operand in the weight's dtype; None
+    without teacher hidden states (no teacher logits are formed)."""
+    if teacher_weight is None or teacher_hidden is None:
+        return None
+    if teacher_weight.shape != weight.shape:
+        raise ValueError(
+            f"teacher_weight must have the weight's shape {tuple(weight.shape)}; "
+            f"got {tuple(teacher_weight.shape)}"
+        )
+    return teacher_weight.detach().to(weight.dtype)
 
 
 def vocab_parallel_logprob_entropy(

@@ -7,6 +7,9 @@
   Triton kernel each way (``kl_head_kernels``): the forward kernel folds the block into the running
   fp32 state in place, the backward kernel writes ``dz`` in the GEMM operand's dtype.
 
+Both take an optional ``teacher_VH``: the teacher's own output layer (a teacher other than
+the current policy), whose rows multiply the teacher half of the stacked hidden states in a second
+GEMM into the same block (``kl_head_math.two_weight_logits``); the kernels see the same logits.
 Both take the same plan, produce the same ``HeadState`` for the TP all-reduce and ``finalize``,
 and hand ``dz`` with its weight rows to the same ``dh`` / ``dW`` GEMMs (``fused_kl_head``).
 ``auto`` is triton on CUDA when Triton is importable (and the inputs are not fp64), torch
@@ -57,6 +60,12 @@ def make_path(backend: str) -> TorchPath | TritonPath:
     return TritonPath() if backend == "triton" else TorchPath()
 
 
+def _rows(weight_VH: torch.Tensor | None, start: int, stop: int, plan: ChunkPlan) -> torch.Tensor | None:
+    """Rows ``[start, stop)`` of a weight shard as a matmul operand; None for an absent weight (no
+    teacher weight of its own)."""
+    return None if weight_VH is None else plan.as_matmul_operand(weight_VH[start:stop])
+
+
 class TorchPath:
     """Aten ops per block (``kl_head_math.block_state`` / ``block_grad_logits``)."""
 
@@ -67,22 +76,29 @@ class TorchPath:
     ) -> Workspace:
         return Workspace(plan.group_tokens, plan.block_rows, plan, device, with_teacher, plan.acc_dtype)
 
-    def group_state(self, hidden_KH, weight_VH, targets_G, plan: ChunkPlan, workspace) -> HeadState:
+    def group_state(
+        self, hidden_KH, weight_VH, targets_G, plan: ChunkPlan, workspace, teacher_VH=None
+    ) -> HeadState:
         """Statistics of one token group over this shard's vocabulary, block by block."""
         state = None
         for v0 in plan.blocks():
-            weight_BH = plan.as_matmul_operand(weight_VH[v0 : plan.block_end(v0)])
-            block = block_state(hidden_KH, weight_BH, targets_G, v0, plan, workspace)
+            weight_BH = _rows(weight_VH, v0, plan.block_end(v0), plan)
+            teacher_BH = _rows(teacher_VH, v0, plan.block_end(v0), plan)
+            block = block_state(hidden_KH, weight_BH, targets_G, v0, plan, workspace, teacher_BH)
             state = block if state is None else merge_states(state, block)
         return empty_state(targets_G.shape[0], plan, hidden_KH.device) if state is None else state
 
     def coefficients(self, coeffs_G: GradCoefficients) -> GradCoefficients:
         return coeffs_G
 
-    def grad_logits(self, hidden_KH, weight_VH, targets_G, v0: int, coeffs, plan: ChunkPlan, workspace):
+    def grad_logits(
+        self, hidden_KH, weight_VH, targets_G, v0: int, coeffs, plan: ChunkPlan, workspace, teacher_VH=None
+    ):
         """``(dz_GB, weight_BH)`` of the block at ``v0``: its real rows only."""
-        weight_BH = plan.as_matmul_operand(weight_VH[v0 : plan.block_end(v0)])
-        return block_grad_logits(hidden_KH, weight_BH, targets_G, v0, coeffs, plan, workspace), weight_BH
+        weight_BH = _rows(weight_VH, v0, plan.block_end(v0), plan)
+        teacher_BH = _rows(teacher_VH, v0, plan.block_end(v0), plan)
+        dz_GB = block_grad_logits(hidden_KH, weight_BH, targets_G, v0, coeffs, plan, workspace, teacher_BH)
+        return dz_GB, weight_BH
 
 
 class TritonPath:
@@ -106,7 +122,9 @@ class TritonPath:
         aux_dtype = self.dz_dtype(plan) if backward else None
         return Workspace(plan.group_tokens, plan.block_rows, plan, device, with_teacher, aux_dtype)
 
-    def group_state(self, hidden_KH, weight_VH, targets_G, plan: ChunkPlan, workspace) -> HeadState:
+    def group_state(
+        self, hidden_KH, weight_VH, targets_G, plan: ChunkPlan, workspace, teacher_VH=None
+    ) -> HeadState:
         """Statistics of one token group: each block's kernel merges into one ``[7, G]`` state."""
         num_rows = targets_G.shape[0]
         with_teacher = hidden_KH.shape[0] > num_rows
@@ -116,8 +134,8 @@ class TritonPath:
         temps = (plan.inv_temperature, plan.inv_teacher_temperature)
         for v0 in plan.blocks():
             width = plan.gemm_rows(v0)
-            weight_WH = plan.as_matmul_operand(weight_VH[v0 : v0 + width])
-            logits_KW = raw_logits(hidden_KH, weight_WH, workspace.views(num_rows, width)[0])
+            weight_WH, teacher_WH = (_rows(w, v0, v0 + width, plan) for w in (weight_VH, teacher_VH))
+            logits_KW = raw_logits(hidden_KH, weight_WH, workspace.views(num_rows, width)[0], teacher_WH)
             first_id, num_cols = plan.vocab_offset + v0, plan.block_end(v0) - v0
             self.kernels.launch_block_state(
                 logits_KW, num_rows, state_7G, targets_G, first_id, num_cols, temps
@@ -134,14 +152,16 @@ class TritonPath:
         rows = torch.stack([coeffs_G.a, b, coeffs_G.c, d, coeffs_G.log_z_s]).float()
         return rows, coeffs_G.d is not None
 
-    def grad_logits(self, hidden_KH, weight_VH, targets_G, v0: int, coeffs, plan: ChunkPlan, workspace):
+    def grad_logits(
+        self, hidden_KH, weight_VH, targets_G, v0: int, coeffs, plan: ChunkPlan, workspace, teacher_VH=None
+    ):
         """``(dz_GW, weight_WH)`` of the block at ``v0`` over its aligned GEMM width (zeros past the
         real rows, so the gradient GEMMs keep the aligned shape too)."""
         coeffs_5G, has_onehot = coeffs
         num_rows, width = targets_G.shape[0], plan.gemm_rows(v0)
-        weight_WH = plan.as_matmul_operand(weight_VH[v0 : v0 + width])
+        weight_WH, teacher_WH = (_rows(w, v0, v0 + width, plan) for w in (weight_VH, teacher_VH))
         logits, dz_GW = workspace.views(num_rows, width)
-        logits_KW = raw_logits(hidden_KH, weight_WH, logits)
+        logits_KW = raw_logits(hidden_KH, weight_WH, logits, teacher_WH)
         temps = (plan.inv_temperature, plan.inv_teacher_temperature)
         first_id, num_cols = plan.vocab_offset + v0, plan.block_end(v0) - v0
         self.kernels.launch_block_grad(

@@ -357,12 +357,44 @@ def stack_hidden(student_GH: torch.Tensor, teacher_GH: torch.Tensor | None) -> t
     return student_GH if teacher_GH is None else torch.cat([student_GH, teacher_GH])
 
 
-def raw_logits(hidden_KH: torch.Tensor, weight_BH: torch.Tensor, out_KB: torch.Tensor | None) -> torch.Tensor:
+def raw_logits(
+    hidden_KH: torch.Tensor,
+    weight_BH: torch.Tensor,
+    out_KB: torch.Tensor | None,
+    teacher_weight_BH: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``hidden_KH @ weight_BH^T`` into ``out_KB``, or, when None, the fp32-output GEMM's own fresh
-    tensor (``Workspace``); no temperature (the Triton kernels fold it)."""
+    tensor (``Workspace``); no temperature (the Triton kernels fold it). With ``teacher_weight_BH``
+    the lower (teacher) half of the stacked hidden states takes the teacher's rows instead
+    (``two_weight_logits``)."""
+    if teacher_weight_BH is not None:
+        return two_weight_logits(hidden_KH, weight_BH, teacher_weight_BH, out_KB, (1.0, 1.0))
     if out_KB is None:
         return torch.mm(hidden_KH, weight_BH.t(), out_dtype=torch.float32)
     return matmul_into(out_KB, hidden_KH, weight_BH.t())
+
+
+def two_weight_logits(
+    hidden_KH: torch.Tensor,
+    weight_BH: torch.Tensor,
+    teacher_weight_BH: torch.Tensor,
+    out_KB: torch.Tensor | None,
+    scales: tuple[float, float],
+) -> torch.Tensor:
+    """``[h_s W_s^T * scales[0]; h_t W_t^T * scales[1]]`` for stacked ``[student; teacher]`` hidden
+    states: a teacher other than the current policy has its own output layer, so the one stacked
+    GEMM becomes one GEMM per half, both into the same fp32 block (``out_KB``; a fresh one when None,
+    as ``Workspace`` expects on CUDA)."""
+    num_rows = hidden_KH.shape[0] // 2
+    if out_KB is None:
+        out_KB = torch.empty(
+            (hidden_KH.shape[0], weight_BH.shape[0]), dtype=torch.float32, device=hidden_KH.device
+        )
+    out_KB = out_KB[: hidden_KH.shape[0]]
+    halves = ((hidden_KH[:num_rows], weight_BH), (hidden_KH[num_rows:], teacher_weight_BH))
+    for rows_GB, (h_GH, w_BH), scale in zip((out_KB[:num_rows], out_KB[num_rows:]), halves, scales):
+        matmul_into(rows_GB, h_GH, w_BH.t(), alpha=scale)
+    return out_KB
 
 
 def _stacked_logits(
@@ -371,11 +403,17 @@ def _stacked_logits(
     num_rows: int,
     plan: ChunkPlan,
     out_KB: torch.Tensor | None,
+    teacher_weight_BH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tempered ``[student; teacher]`` logits of one block (``num_rows`` tokens each) in one GEMM
-    (into ``out_KB``, or the GEMM's fresh fp32 output when None: ``Workspace``)."""
+    (into ``out_KB``, or the GEMM's fresh fp32 output when None: ``Workspace``).
+
+    ``teacher_weight_BH``: the teacher's own rows of the output layer (a teacher other than the
+    current policy); its logits then take a second GEMM into the lower half (``two_weight_logits``)."""
     teacher_rows = hidden_KH.shape[0] > num_rows
     inv_s, inv_t = plan.inv_temperature, plan.inv_teacher_temperature
+    if teacher_weight_BH is not None and teacher_rows:
+        return two_weight_logits(hidden_KH, weight_BH, teacher_weight_BH, out_KB, (inv_s, inv_t))
     one_scale = not teacher_rows or inv_s == inv_t
     if out_KB is None:
         out_KB = raw_logits(hidden_KH, weight_BH, None)
@@ -473,15 +511,17 @@ def block_state(
     block_start: int,
     plan: ChunkPlan,
     workspace: Workspace,
+    teacher_weight_BH: torch.Tensor | None = None,
 ) -> HeadState:
     """Statistics of one block of vocabulary rows for a group of tokens, all in place.
 
     ``hidden_KH`` is ``stack_hidden(student, teacher)``. Shift by the block maxima, exponentiate,
     and form ``sum e_s (z_s - m_s)``, ``sum e_s (z_t - m_t)`` by multiplying in place, then summing.
+    ``teacher_weight_BH``: the teacher's rows when they are not the student's (``_stacked_logits``).
     """
     num_rows, block_cols = targets_G.shape[0], weight_BH.shape[0]
     z_KB, e_s = workspace.views(num_rows, block_cols)
-    z_KB = _stacked_logits(hidden_KH, weight_BH, num_rows, plan, z_KB)
+    z_KB = _stacked_logits(hidden_KH, weight_BH, num_rows, plan, z_KB, teacher_weight_BH)
     z_s = z_KB[:num_rows]
     local, inside = _local_target(targets_G, plan.vocab_offset + block_start, block_cols)
     target = z_s.gather(1, _col(local)).squeeze(1) * inside
@@ -506,6 +546,7 @@ def block_grad_logits(
     coeffs: GradCoefficients,
     plan: ChunkPlan,
     workspace: Workspace,
+    teacher_weight_BH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``d loss / d raw logits`` for a group of tokens and one block of vocabulary rows: ``[G, B]``.
 
@@ -514,7 +555,7 @@ def block_grad_logits(
     """
     num_rows, block_cols = targets_G.shape[0], weight_BH.shape[0]
     z_KB, dz = workspace.views(num_rows, block_cols)
-    z_KB = _stacked_logits(hidden_KH, weight_BH, num_rows, plan, z_KB)
+    z_KB = _stacked_logits(hidden_KH, weight_BH, num_rows, plan, z_KB, teacher_weight_BH)
     log_p_s = z_KB[:num_rows].sub_(_col(coeffs.log_z_s))
     torch.exp(log_p_s, out=dz)
     torch.addcmul(_col(coeffs.c), log_p_s, _col(coeffs.a), out=log_p_s)

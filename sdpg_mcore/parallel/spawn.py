@@ -55,8 +55,8 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
         # Plain pickle copies tensor storage into the bytes; the queue's own pickler would pass a
         # shared-memory handle that dies with this process before the parent reads it.
         out.put((rank, True, pickle.dumps(result)))
-    except BaseException:  # report every failure to the parent, which re-raises it
-        out.put((rank, False, traceback.format_exc()))
+    except BaseException as err:  # report every failure to the parent, which re-raises it
+        out.put((rank, False, (f"{type(err).__name__}: {err}", traceback.format_exc())))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -104,6 +104,19 @@ def check_gpus_for_ranks(world_size: int, gpu_count: int) -> None:
         )
 
 
+def _more_errors(out, errors: dict, grace_s: float = 2.0) -> None:
+    """After a first error: those other ranks report within ``grace_s`` (ranks often fail together,
+    and each failure deserves its line); the ranks still running are then killed."""
+    deadline = time.monotonic() + grace_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            rank, ok, payload = out.get(timeout=left)
+        except queue.Empty:
+            return
+        if not ok:
+            errors[rank] = payload
+
+
 def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -115,10 +128,11 @@ def spawn_ranks(
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return the results by rank.
 
     ``torch.distributed`` is already initialised (env://; gloo on CPU, NCCL with ``cuda:rank`` set
-    on GPUs) when ``fn`` starts. A rank that raises makes this raise ``RuntimeError`` with that
-    rank's traceback; ranks still running after ``timeout_s`` are killed, so a deadlocked collective
-    fails the caller instead of hanging. On a GPU machine with fewer GPUs than ranks it raises
-    ``ValueError`` before starting any (NCCL cannot run two ranks of a group on one GPU).
+    on GPUs) when ``fn`` starts. A rank that raises makes this raise :class:`RanksFailed` (a
+    ``RuntimeError``) with the error of every rank that failed with it; ranks still running after
+    ``timeout_s`` are killed, so a deadlocked collective fails the caller instead of hanging. On a
+    GPU machine with fewer GPUs than ranks it raises ``ValueError`` before starting any (NCCL cannot
+    run two ranks of a group on one GPU).
     """
     check_gpus_for_ranks(world_size, _gpu_count())
     ctx = mp.get_context("spawn")
@@ -140,7 +154,7 @@ def spawn_ranks(
                 results[rank] = pickle.loads(payload)
             else:
                 errors[rank] = payload
-            if errors:
+                _more_errors(out, errors)
                 break
     finally:
         for proc in procs:
@@ -149,6 +163,15 @@ def spawn_ranks(
                 proc.kill()
                 proc.join()
     if errors:
-        rank = min(errors)
-        raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{errors[rank]}")
+        raise RanksFailed(fn.__name__, errors)
     return [results[rank] for rank in range(world_size)]
+
+
+class RanksFailed(RuntimeError):
+    """Ranks of :func:`spawn_ranks` raised; ``errors`` maps each to ``(Type: message, traceback)``.
+    The message shows the lowest failing rank's traceback."""
+
+    def __init__(self, name: str, errors: dict[int, tuple[str, str]]):
+        rank = min(errors)
+        super().__init__(f"rank {rank} of {name} failed:\n{errors[rank][1]}")
+        self.errors = dict(errors)

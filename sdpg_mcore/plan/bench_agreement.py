@@ -19,9 +19,11 @@ from sdpg_mcore.plan.lengths import ResponseLengths
 from sdpg_mcore.plan.memory import Layout
 from sdpg_mcore.plan.shape import ModelShape
 from sdpg_mcore.plan.step_time import StepTime, predict_step
-from sdpg_mcore.plan.workload import SDPG_MCORE, Rollout, TrainSettings, Workload
+from sdpg_mcore.plan.workload import SDPG_MCORE, Rollout, TrainSettings, Workload, with_head_backend
 
 LAYOUT = Layout(tp=1, pp=1, cp=1, dp=1)
+ON_CPU = with_head_backend(SDPG_MCORE, "torch")
+"""The trainer as ``bench_step.py`` runs it: on a CPU ``trainer.logprob_backend=auto`` is the torch head."""
 
 
 def _predict(report: dict, hw: Hardware, sdpg: bool) -> StepTime:
@@ -50,7 +52,7 @@ def _predict(report: dict, hw: Hardware, sdpg: bool) -> StepTime:
         work,
         settings,
         Rollout(gpus=1, tp=1),
-        SDPG_MCORE,
+        ON_CPU,
         machine,
     )
     trainer = {k: v for k, v in step.phases.items() if k not in ("generation", "weight_sync")}

@@ -32,11 +32,18 @@ Why each term has the form it has:
   scores scale with the row length (at most ``rollout_seq_len``), not the micro-batch's tokens.
 - reference model: ``trainer.reference_weights=separate_model`` keeps a second bf16 copy of the
   weights resident for the reference log-probs; ``cpu_swap`` (the default) keeps it in host memory.
+- teacher weights (``algorithm.teacher``, ``train/ema_weights.py``): ``ema`` keeps an fp32 average of
+  the rank's weights (4 bytes per parameter) on the GPU (``trainer.ema_weights=device``; the live bf16
+  weights then wait in a GPU copy during the teacher pass, counted with the teacher pass) or in pinned
+  host memory (``host``: average plus the parked live weights, 6 bytes per parameter of host RAM, not in
+  ``total``); ``ema``, and ``initial`` swapped in from the host, keep a copy of the teacher's output-layer
+  shard ``[V/TP, H]`` from the teacher pass to the end of the train pass. ``initial`` as a resident
+  model is the reference model above.
 - rollout (colocated only): the engines and the trainer take turns (``train/colocate.py``), so the
   peak is the largest of three phases, each with the engines' own CUDA context and activations
   (``engine_overhead_bytes``): training (the whole training state; the released engines keep only
-  that residue), the weight push (the trainer's weights, its gradients and optimizer states
-  offloaded, beside the engines' weights; no KV cache yet) and generation (the trainer fully
+  that residue), the weight push (the trainer's weights; its gradients, optimizer states and a device
+  EMA teacher offloaded; the engines' weights, no KV cache yet) and generation (the trainer fully
   offloaded to its CUDA context and NCCL buffers, the engines' weights and KV cache).
 
 Checked (``tests/tools/test_plan.py``) against real Megatron objects on CPU: parameters, fp32 grad
@@ -52,7 +59,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from sdpg_mcore.plan.shape import ModelShape
+from sdpg_mcore.plan.shape import ModelShape, padded_vocab_size
 
 GIB = 1024**3
 #: The fused KL head's workspace budget when no chunk size is given; equal to
@@ -66,6 +73,10 @@ ROLLOUT_MODES = ("dedicated", "colocated")
 REFERENCE_MODES = ("cpu_swap", "separate_model")
 #: ``trainer.teacher_states``; equal to ``sdpg_mcore.train.teacher_states.PLACES`` (a test keeps them in step).
 TEACHER_STATE_PLACES = ("device", "host")
+#: ``algorithm.teacher`` (sdpg) and ``trainer.ema_weights``; equal to ``sdpg_mcore.algo.config.TEACHERS``
+#: and ``sdpg_mcore.train.ema_weights.PLACES`` (a test keeps them in step).
+TEACHERS = ("policy", "ema", "initial")
+EMA_PLACES = ("device", "host")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,10 @@ class TrainingShape:
     teacher_states: str = "device"
     """device (the mini-batch's teacher states on the GPU) | host (one micro-batch's on the GPU, the
     mini-batch's in pinned host memory): ``trainer.teacher_states``."""
+    teacher: str = "policy"
+    """Weights of the teacher pass: policy (the current weights) | ema | initial (``algorithm.teacher``)."""
+    ema_weights: str = "host"
+    """teacher=ema: where the fp32 average lives, device | host (``trainer.ema_weights``)."""
     rollout_kv_seqs: int = 16
     """Concurrent sequences a colocated SGLang engine must hold in its KV cache (SGLang sizes the
     cache from ``--mem-fraction-static``; this is the share to reserve for it)."""
@@ -141,6 +156,8 @@ class TrainingShape:
             ("kernels", self.kernels, KERNEL_PROFILES),
             ("reference_weights", self.reference_weights, REFERENCE_MODES),
             ("teacher_states", self.teacher_states, TEACHER_STATE_PLACES),
+            ("teacher", self.teacher, TEACHERS),
+            ("ema_weights", self.ema_weights, EMA_PLACES),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -170,6 +187,12 @@ class MemoryEstimate:
     phase_peaks: dict[str, int] | None = None
     """Colocated: the peak of each phase (``training``, ``weight_push``, ``generation``); ``total`` is
     the largest. None for dedicated servers (one phase: training)."""
+    teacher_weights: int = 0
+    """Resident GPU bytes of a teacher other than the policy: the EMA average (``ema_weights=device``)
+    and the copy of the teacher's output-layer shard."""
+    teacher_weights_host: int = 0
+    """Pinned host bytes per GPU of the EMA average and the live weights parked for the teacher pass
+    (``ema_weights=host``); not in ``total``."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -259,6 +282,23 @@ def _teacher_state_bytes(shape: ModelShape, layout: Layout, train: TrainingShape
     ) * shape.hidden_size * train.activation_bytes, buffer * train.activation_bytes
 
 
+def _teacher_weight_bytes(shape: ModelShape, layout: Layout, train: TrainingShape) -> tuple[int, int, int]:
+    """A teacher other than the policy, per rank: (resident GPU bytes, GPU bytes during the teacher
+    pass only, pinned host bytes); module docstring, "teacher weights"."""
+    if train.teacher == "policy":
+        return 0, 0, 0
+    rank_params = shape.rank_parameters(layout.tp, layout.pp)
+    swapped = train.teacher == "ema" or train.reference_weights == "cpu_swap"
+    shard_rows = padded_vocab_size(shape.vocab_size, layout.tp) // layout.tp
+    head_copy = shard_rows * shape.hidden_size * train.activation_bytes if swapped else 0
+    if train.teacher == "initial":
+        return head_copy, 0, 0
+    live = rank_params * train.activation_bytes  # the live weights, parked for the teacher pass
+    if train.ema_weights == "device":
+        return 4 * rank_params + head_copy, live, 0
+    return head_copy, 0, 4 * rank_params + live
+
+
 def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> MemoryEstimate:
     """Per-GPU bytes of the busiest rank (the first pipeline stage for activations)."""
     tp, pp, cp = layout.tp, layout.pp, layout.cp
@@ -301,7 +341,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     # micro-batch of the mini-batch stay (full H: the head gathers sequence-parallel shards), on the
     # GPU or (host) one micro-batch's at a time.
     teacher_kept, teacher_host = _teacher_state_bytes(shape, layout, train)
-    teacher_transient = teacher_tokens * per_layer
+    teacher_resident, teacher_parked, teacher_weights_host = _teacher_weight_bytes(shape, layout, train)
+    teacher_transient = teacher_tokens * per_layer + teacher_parked
 
     rollout_weights = rollout_kv_cache = 0
     if train.rollout == "colocated":
@@ -312,7 +353,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         rollout_kv_cache = -(-kv_total // engine_gpus)
 
     reference_model = parameters if train.reference_weights == "separate_model" else 0
-    static = parameters + gradients + optimizer_states + reference_model + train.overhead_bytes
+    static = (
+        parameters + gradients + optimizer_states + reference_model + teacher_resident + train.overhead_bytes
+    )
     training_peak = static + teacher_kept + max(activations + kl_head, teacher_transient)
     phases = None
     if train.rollout == "colocated":
@@ -334,6 +377,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         total=int(max(phases.values()) if phases else training_peak),
         teacher_states_host=teacher_host,
         phase_peaks=phases,
+        teacher_weights=teacher_resident,
+        teacher_weights_host=teacher_weights_host,
     )
 
 

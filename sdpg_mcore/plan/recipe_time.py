@@ -2,7 +2,8 @@
 
 A recipe fixes the batch (``data.batch_prompts`` x ``rollout.n``, ``mini_batch_prompts``), the caps
 (``max_prompt_length``, ``max_response_length``), the micro-batch budget, recompute, overlap flags, the
-algorithm's passes and the weight-sync transport. It cannot know how long the responses will be; those
+algorithm's passes, the weight-sync transport and the fused head's kernels (``trainer.logprob_backend``
+as it resolves on a GPU: auto is triton). It cannot know how long the responses will be; those
 are :class:`Assumptions` with stated defaults, printed with every prediction:
 
 - mean prompt: 1/8 of ``max_prompt_length`` (DAPO-Math prompts with their instruction and chat template
@@ -18,11 +19,13 @@ from dataclasses import asdict, dataclass, replace
 
 from sdpg_mcore.plan.lengths import DEFAULT_TRUNCATED, ResponseLengths
 from sdpg_mcore.plan.workload import (
+    HEAD_BACKENDS_ON_GPU,
     SDPG_MCORE,
     Implementation,
     Rollout,
     TrainSettings,
     Workload,
+    with_head_backend,
     with_head_bytes,
     with_sync,
 )
@@ -39,7 +42,8 @@ class Assumptions:
     teacher_extra_len: float = DEFAULT_TEACHER_EXTRA
     truncated: float = DEFAULT_TRUNCATED
     head_bytes: float | None = None
-    """The train head's elementwise bytes per (token, vocabulary) pair, student + teacher (None: today's)."""
+    """The train head's elementwise bytes per (token, vocabulary) pair, student + teacher (None: those
+    of the recipe's ``trainer.logprob_backend`` on a GPU, ``workload.FUSED_HEAD_BYTES``)."""
 
 
 @dataclass(frozen=True)
@@ -101,11 +105,16 @@ def recipe_timing(
         overlap_grad_reduce=bool(par.get("overlap_grad_reduce", True)),
         overlap_param_gather=bool(par.get("overlap_param_gather", True)),
         teacher_states_host=trainer.get("teacher_states") == "host",
+        teacher_weights=str((recipe.get("algorithm") or {}).get("teacher", "policy"))
+        if teacher
+        else "policy",
+        ema_weights_host=trainer.get("ema_weights", "host") == "host",
     )
     rollout = replace(
         rollout, async_steps=int(ro.get("async_steps", 0)), bucket_bytes=int(ro.get("bucket_mb", 512)) << 20
     )
-    impl = with_sync(SDPG_MCORE, rollout, ro.get("weight_sync", "disk"))
+    backend = trainer.get("logprob_backend", "auto")
+    impl = with_sync(with_head_backend(SDPG_MCORE, backend), rollout, ro.get("weight_sync", "disk"))
     if trainer.get("reference_weights") == "separate_model":
         impl = replace(impl, reference_swap="resident")
     if assume.head_bytes is not None:
@@ -115,6 +124,7 @@ def recipe_timing(
         "mean_response_len": response_len,
         "teacher_extra_len": work.teacher_extra_len,
         "truncated_share": assume.truncated,
+        "head_backend": HEAD_BACKENDS_ON_GPU[backend],
         "head_bytes_per_pair": impl.head_bytes_train + (impl.head_bytes_teacher if teacher else 0.0),
         "rollout": asdict(rollout),
         "weight_sync": impl.weight_sync,

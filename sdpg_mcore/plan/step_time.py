@@ -3,9 +3,11 @@
     generation     the rollout engines generate ``prompts x n`` responses (``generation_time``)
     old_logprob    forward-only pass over the step's responses with the log-prob head
     ref_logprob    the same with the reference weights swapped in (when the algorithm needs them)
-    teacher        SDPG, per mini-batch: forward-only pass over ``[teacher prompt, response]``
+    teacher        SDPG, per mini-batch: forward-only pass over ``[teacher prompt, response]`` (with a
+                   guarded teacher, ``algorithm.teacher=ema | initial``, its weights swapped in and out)
     train          per mini-batch: forward + backward with the fused head (student and teacher logits)
-    optimizer      per mini-batch: exposed DP reduce-scatter / all-gather and Adam
+    optimizer      per mini-batch: exposed DP reduce-scatter / all-gather and Adam (and the EMA
+                   teacher's update of its average)
     weight_sync    the new weights to every engine (``transfer_time``)
 
 Colocated frameworks that move the training state off the GPU for generation add ``state_offload`` and
@@ -13,7 +15,7 @@ Colocated frameworks that move the training state off the GPU for generation add
 trains, so ``generation`` is only what sticks out beyond the trainer's work. Every phase is on the
 critical path of the slowest rank; the total is their sum. ``details`` (seconds) says where the
 trainer's phases go: pipeline bubble, tensor-parallel and data-parallel communication, LM head,
-reference swap; ``generation_total`` is the whole generation even where an async rollout hides it.
+reference swap, the guarded teacher's swaps and EMA updates (``teacher_swap``); ``generation_total`` is the whole generation even where an async rollout hides it.
 
     step = predict_step(shape, layout, work, settings, rollout, SDPG_MCORE, Machine(hw, EFFICIENCY, 8))
     step.total, step.phases, step.tokens_per_s_per_gpu
@@ -27,7 +29,12 @@ from sdpg_mcore.plan.compute_time import Machine, PassSpec, PassTime, optimizer_
 from sdpg_mcore.plan.generation_time import GenerationTime, generation_time
 from sdpg_mcore.plan.memory import Layout
 from sdpg_mcore.plan.shape import ModelShape
-from sdpg_mcore.plan.transfer_time import offload_time, reference_swap_time, weight_sync_time
+from sdpg_mcore.plan.transfer_time import (
+    offload_time,
+    reference_swap_time,
+    teacher_swap_time,
+    weight_sync_time,
+)
 from sdpg_mcore.plan.workload import Implementation, Rollout, TrainSettings, Workload
 
 PHASES = (
@@ -85,6 +92,10 @@ class TrainerPasses:
     optimizer: float
     dp_comm: float
     teacher_states_copy: float
+    teacher_swap: float = 0.0
+    """The guarded teacher's weight swaps, one per teacher pass (``transfer_time.teacher_swap_time``)."""
+    ema_update: float = 0.0
+    """The EMA teacher's updates, one per optimizer step."""
 
 
 def logprob_spec(work: Workload, layout: Layout, settings: TrainSettings, impl: Implementation) -> PassSpec:
@@ -165,13 +176,16 @@ def trainer_passes(
         states = train_spec.head_tokens / layout.cp * shape.hidden_size * 2
         copy = 2 * states / (m.hw.host_link_bytes_per_s * m.eff.link)
     k = work.mini_batches
+    swap, update = teacher_swap_time(shape, layout, settings, impl, m) if teacher_spec else (0.0, 0.0)
     return TrainerPasses(
         old=old,
         teacher=_scaled(teacher, k) if teacher else None,
         train=_scaled(train, k),
-        optimizer=k * opt.total,
+        optimizer=k * (opt.total + update),
         dp_comm=k * (opt.grad_reduce + opt.param_gather),
         teacher_states_copy=k * copy,
+        teacher_swap=k * swap,
+        ema_update=k * update,
     )
 
 
@@ -204,7 +218,11 @@ def predict_step(
     phases = {
         "old_logprob": passes.old.total,
         "ref_logprob": passes.old.total + swap if work.reference_pass else 0.0,
-        "teacher": passes.teacher.total + passes.teacher_states_copy / 2 if passes.teacher else 0.0,
+        "teacher": (
+            passes.teacher.total + passes.teacher_states_copy / 2 + passes.teacher_swap
+            if passes.teacher
+            else 0.0
+        ),
         "train": passes.train.total + passes.teacher_states_copy / 2,
         "optimizer": passes.optimizer,
         "weight_sync": sync.total,
@@ -227,6 +245,7 @@ def predict_step(
         "dp_comm": passes.dp_comm,
         "lm_head": heads,
         "reference_swap": swap,
+        "teacher_swap": passes.teacher_swap + passes.ema_update,
     }
     gpus = layout.world_size + (0 if rollout.colocated else rollout.gpus)
     ordered = {name: phases[name] for name in PHASES if phases.get(name)}

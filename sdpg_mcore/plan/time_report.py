@@ -7,7 +7,7 @@ fitting layouts, and the scaling what-if, from a recipe and the command line's c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sdpg_mcore.plan.compute_time import Machine
 from sdpg_mcore.plan.hardware import EFFICIENCY, Hardware
@@ -54,7 +54,7 @@ def timing_inputs(recipe: dict, train: TrainingShape, plan: Plan, req: TimeReque
         fraction = max(0.0, min(fraction, (plan.gpu_mem_bytes - resident) / req.hardware.memory_bytes))
     rollout = Rollout(gpus=gpus, tp=req.rollout_tp, colocated=req.colocated, kv_memory_fraction=fraction)
     prompt_len = train.rollout_seq_len - (train.response_len or 0)
-    return recipe_timing(
+    timing = recipe_timing(
         recipe,
         max_prompt_len=prompt_len,
         max_response_len=train.response_len or train.rollout_seq_len,
@@ -63,6 +63,11 @@ def timing_inputs(recipe: dict, train: TrainingShape, plan: Plan, req: TimeReque
         rollout=rollout,
         assume=req.assume,
     )
+    if not timing.work.teacher_pass:
+        return timing
+    # the guarded teacher as the memory plan has it (the command line wins over the recipe)
+    guard = dict(teacher_weights=train.teacher, ema_weights_host=train.ema_weights == "host")
+    return replace(timing, settings=replace(timing.settings, **guard))
 
 
 def step_dict(step: StepTime) -> dict:

@@ -21,6 +21,9 @@ reference pass: this project keeps them in one pinned buffer and copies both way
 (``pinned_exchange``: two exchanges of the rank's shard); NeMo-RL copies the live weights out, the
 reference in and the live ones back, one way at a time (``pinned_copy``: its ``non_blocking``
 device-to-host copies land in pinned blocks that torch's host allocator recycles step after step).
+A guarded sdpg teacher (``algorithm.teacher=ema | initial``) swaps its weights in for every teacher
+pass the same way, and an EMA teacher updates its average after every optimizer step
+(:func:`teacher_swap_time`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from sdpg_mcore.plan.compute_time import BF16, Machine
 from sdpg_mcore.plan.memory import Layout
 from sdpg_mcore.plan.shape import ModelShape
-from sdpg_mcore.plan.workload import Implementation, Rollout
+from sdpg_mcore.plan.workload import Implementation, Rollout, TrainSettings
 
 #: fp32 master weights and Adam's m and v per parameter (the distributed optimizer's state).
 OPTIMIZER_STATE_BYTES = 12
@@ -93,6 +96,27 @@ def reference_swap_time(shape: ModelShape, layout: Layout, impl: Implementation,
     if impl.reference_swap == "pinned_copy":
         return 3 * shard / (m.hw.host_link_bytes_per_s * m.eff.link)
     return 0.0
+
+
+def teacher_swap_time(
+    shape: ModelShape, layout: Layout, settings: TrainSettings, impl: Implementation, m: Machine
+) -> tuple[float, float]:
+    """(per teacher pass, per optimizer step) seconds of a guarded teacher's weights (sdpg's
+    ``algorithm.teacher``; ``train/ema_weights.py`` has the byte counts): ``initial`` swaps the
+    reference weights in and out as the reference pass does; ``ema`` on the host moves 8 bytes per
+    parameter over the host link for each swap and each update (fp32 average in, bf16 live weights
+    out and back; fp32 average in and out), on the GPU its swap reads and writes ~14 bytes per
+    parameter of device memory (live weights to a copy and back, the average cast in) and its
+    ``lerp`` update ~10 (fp32 average read and written, bf16 weight read). ``policy``: none."""
+    params = shape.rank_parameters(layout.tp, layout.pp)
+    if settings.teacher_weights == "initial":
+        return reference_swap_time(shape, layout, impl, m), 0.0
+    if settings.teacher_weights != "ema":
+        return 0.0, 0.0
+    if settings.ema_weights_host:
+        seconds = 8 * params / (m.hw.host_link_bytes_per_s * m.eff.link)
+        return seconds, seconds
+    return 14 * params / m.memory, 10 * params / m.memory
 
 
 def training_state_bytes(shape: ModelShape, layout: Layout) -> tuple[float, float]:

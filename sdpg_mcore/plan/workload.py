@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from sdpg_mcore.plan.lengths import ResponseLengths
 
 RECOMPUTE = ("none", "selective", "full")
+TEACHER_WEIGHTS = ("policy", "ema", "initial")
 REFERENCE_SWAPS = ("pinned_exchange", "pinned_copy", "resident")
 WEIGHT_SYNCS = ("broadcast", "colocated_tensor", "colocated_gather", "disk")
 
@@ -92,12 +93,21 @@ class TrainSettings:
     """The distributed optimizer's weight all-gather runs during the next forward."""
     teacher_states_host: bool = False
     """``trainer.teacher_states=host``: teacher states go to pinned host memory and back."""
+    teacher_weights: str = "policy"
+    """sdpg's ``algorithm.teacher``: policy | ema | initial. ema and initial swap other weights in
+    for every teacher pass, ema also updates its average after every optimizer step."""
+    ema_weights_host: bool = True
+    """``trainer.ema_weights=host``: the EMA's fp32 average in pinned host memory (else on the GPU)."""
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
         if self.micro_batch_tokens < 1:
             raise ValueError("micro_batch_tokens must be >= 1")
+        if self.teacher_weights not in TEACHER_WEIGHTS:
+            raise ValueError(
+                f"teacher_weights={self.teacher_weights!r} is not one of {', '.join(TEACHER_WEIGHTS)}"
+            )
 
     @property
     def logprob_tokens(self) -> int:
@@ -179,24 +189,58 @@ class Implementation:
             raise ValueError(f"weight_sync={self.weight_sync!r} is not one of {', '.join(WEIGHT_SYNCS)}")
 
 
-#: The fused head's elementwise bytes per (student token, vocabulary) pair, counted from its in-place
-#: fp32 passes (``sdpg_mcore/ops/kl_head_math.py``): a block's forward without a teacher writes the GEMM
-#: output, reads it for the max, shifts, exponentiates, sums, multiplies and sums again (44 B); the
-#: backward recomputes the logits, shifts, exponentiates and forms ``dz`` (40 B). A teacher adds its own
-#: rows to both (44 + 16 B). 84 + 60 = 144 B per pair today; the Triton kernels being written bring it
-#: to 34-40 B: plan with them by ``--head-bytes 40``.
-FUSED_HEAD_BYTES_TRAIN = 84.0
-FUSED_HEAD_BYTES_TEACHER = 60.0
-#: A forward-only log-prob block without a teacher (``kl_head_math.block_state``): 44 B per pair.
-FUSED_HEAD_BYTES_LOGPROB = 44.0
+@dataclass(frozen=True)
+class HeadBytes:
+    """The fused head's elementwise bytes per (student token, vocabulary) pair on one backend: what
+    its kernels and aten ops read and write of ``[tokens, vocab]`` tensors (GEMM outputs and operands
+    included), bf16 inputs, vocabulary blocks that fill their GEMM width."""
+
+    train: float
+    """Train pass, forward + backward, no teacher."""
+    teacher: float
+    """What a teacher adds to the train pass (its logits in the forward and the backward's recompute)."""
+    logprob: float
+    """A forward-only log-prob pass (no teacher, no backward)."""
+
+
+#: Per backend of ``trainer.logprob_backend``, as ``ops/kl_head_traffic.py`` counts them on CPU (the
+#: GPU op sequence; Triton under its interpreter); ``tests/plan/test_head_bytes.py`` recounts all six
+#: at a small aligned shape. ``python tools/bench_kl.py --count`` reports the train pass with a
+#: teacher: triton 38.9 = (22 + 16) x 2,048 / 2,000 (its shape's ragged last block keeps its aligned
+#: GEMM width), torch 130.0. Triton per pair: the forward GEMM writes fp32 logits and its kernel reads
+#: them (4 + 4 B per stacked row), the backward recomputes them (4 + 4) and writes bf16 ``dz`` (2),
+#: which the ``dh`` and ``dW`` GEMMs read (2 + 2): 8 + 8 + 6 = 22 B for the student, 8 + 8 = 16 B
+#: more for the teacher's row, 8 B forward-only. The torch path's ~80 aten ops per block pass over
+#: the block's fp32 logits several times each way: 82 + 48 B, 40 B forward-only.
+FUSED_HEAD_BYTES = {
+    "triton": HeadBytes(train=22.0, teacher=16.0, logprob=8.0),
+    "torch": HeadBytes(train=82.0, teacher=48.0, logprob=40.0),
+}
+HEAD_BACKENDS_ON_GPU = {"auto": "triton", "triton": "triton", "torch": "torch"}
+"""What ``trainer.logprob_backend`` resolves to on a GPU (``ops/kl_head_backends.resolve_backend``:
+auto is triton on CUDA, where the CUDA torch wheels bring Triton)."""
+
+
+def with_head_backend(impl: Implementation, logprob_backend: str) -> Implementation:
+    """``impl`` with the fused head's bytes of ``logprob_backend`` (auto | triton | torch) as it
+    resolves on a GPU; on a CPU, where auto is torch, pass ``"torch"``."""
+    if logprob_backend not in HEAD_BACKENDS_ON_GPU:
+        raise ValueError(
+            f"trainer.logprob_backend={logprob_backend!r} is not one of {', '.join(HEAD_BACKENDS_ON_GPU)}"
+        )
+    head = FUSED_HEAD_BYTES[HEAD_BACKENDS_ON_GPU[logprob_backend]]
+    return replace(
+        impl, head_bytes_train=head.train, head_bytes_teacher=head.teacher, head_bytes_logprob=head.logprob
+    )
+
 
 SDPG_MCORE = Implementation(
     name="sdpg_mcore",
     head_matmuls_train=4,  # forward 1, backward: recompute 1, dh 1, dW 1
     head_matmuls_teacher=2,  # the teacher's logits in the forward and in the backward's recompute
-    head_bytes_train=FUSED_HEAD_BYTES_TRAIN,
-    head_bytes_teacher=FUSED_HEAD_BYTES_TEACHER,
-    head_bytes_logprob=FUSED_HEAD_BYTES_LOGPROB,
+    head_bytes_train=FUSED_HEAD_BYTES["triton"].train,  # trainer.logprob_backend=auto on a GPU
+    head_bytes_teacher=FUSED_HEAD_BYTES["triton"].teacher,
+    head_bytes_logprob=FUSED_HEAD_BYTES["triton"].logprob,
     head_all_positions=False,
     reference_swap="pinned_exchange",
     weight_sync="broadcast",
@@ -207,7 +251,7 @@ SDPG_MCORE = Implementation(
 
 def with_head_bytes(impl: Implementation, train_with_teacher: float) -> Implementation:
     """``impl`` with the train head's bytes per pair (student + teacher) set to ``train_with_teacher``,
-    split between student and teacher rows as today's head splits them."""
+    split between student and teacher rows as ``impl``'s head splits them (``--head-bytes``)."""
     share = impl.head_bytes_train / (impl.head_bytes_train + impl.head_bytes_teacher)
     return replace(
         impl, head_bytes_train=share * train_with_teacher, head_bytes_teacher=(1 - share) * train_with_teacher

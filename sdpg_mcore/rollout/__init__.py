@@ -7,9 +7,12 @@
   tensor handles) — push HF-named tensors to the servers, set and check ``weight_version``.
 - ``sglang_launch``: real SGLang's command line (``--device cpu`` from ``.venv-sglang`` where there
   is no CUDA), minimum version and ``--dp-size`` checks; ``sglang_cpu_shim/``: its CPU start-up fixes.
+- ``auth``: the run's API key (a 0600 file; ``Authorization: Bearer``); ``sglang_entry/``: starts
+  SGLang and the router with it, off their command line.
+- ``supervisor``: restarts a dead or stuck server, gives it the current weights, re-sends what it lost.
 - ``http``: the one blocking HTTP helper (admin calls, launcher, weight sync).
 - ``dev_server`` (+ ``engine``, ``scheduler``): ``python -m sdpg_mcore.rollout.dev_server``.
-- ``protocol``: the JSON shapes of SDPG.md §7; ``dist_group``: the side process group for broadcasts.
+- ``protocol``: the JSON shapes of SGLang's HTTP API; ``dist_group``: the side process group for broadcasts.
 """
 
 from sdpg_mcore.rollout.client import (

@@ -1,11 +1,14 @@
-"""Async rollout client for the SGLang HTTP contract (SDPG.md §7), pointed at a router or one server.
+"""Async rollout client for the SGLang HTTP contract (``protocol.py``), pointed at a router or one server.
 
 Token ids in, token ids and rollout log-probs out. Each sample is one ``/generate`` request, so the
 router spreads a group over workers and a failed request is re-sent alone (with backoff; the
-router then picks a live worker). Requests carry a ``rid`` so that cancelling a rollout aborts them
-on the workers, and a per-sample ``sampling_seed`` derived from ``seed`` so reruns are reproducible.
+router then picks a live worker). After a failed attempt the client asks ``on_failure`` (the
+supervisor of launched servers: ``rollout/supervisor.py``) to bring back a server that died, and
+re-sends the request once it has; completed requests are kept. Requests carry a ``rid`` so that
+cancelling a rollout aborts them on the workers, a per-sample ``sampling_seed`` derived from
+``seed`` so reruns are reproducible, and the run's API key (``ClientConfig.api_key``).
 
-    client = RolloutClient(ClientConfig(url=router_url, worker_urls=worker_urls))
+    client = RolloutClient(ClientConfig(url=router_url, worker_urls=worker_urls, api_key=key))
     groups = client.run(client.generate(prompts_ids, SamplingParams(max_new_tokens=64), n=8, seed=step))
 """
 
@@ -15,12 +18,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 
+from sdpg_mcore.rollout.auth import bearer
 from sdpg_mcore.rollout.protocol import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ class ClientConfig:
     max_backoff_s: float = 8.0
     deadline_s: float | None = None
     """Budget of one whole :meth:`RolloutClient.generate` call; ``None`` for none."""
+    api_key: str | None = field(default=None, repr=False)
+    """The run's API key, sent as ``Authorization: Bearer`` (``rollout/auth.py``); never printed."""
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -108,8 +114,11 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int, batch_index: in
 class RolloutClient:
     """Batched ``/generate`` with retries, aborts, over-sampling and metrics; plus the admin calls."""
 
-    def __init__(self, config: ClientConfig):
+    def __init__(self, config: ClientConfig, *, on_failure: Callable[[], Awaitable[bool]] | None = None):
         self.config = config
+        self.on_failure = on_failure
+        """Awaited after a failed attempt: brings back what died and says whether it did (the request is
+        then re-sent at once, without spending a retry); what it raises ends the request."""
         self.metrics = RolloutMetrics()
         self._session: aiohttp.ClientSession | None = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -145,7 +154,7 @@ class RolloutClient:
             connector = aiohttp.TCPConnector(
                 limit=self.config.max_concurrency + 8, force_close=False, keepalive_timeout=KEEPALIVE_S
             )
-            self._session = aiohttp.ClientSession(connector=connector)
+            self._session = aiohttp.ClientSession(connector=connector, headers=bearer(self.config.api_key))
             self._semaphore = asyncio.Semaphore(self.config.max_concurrency)
         return self._session
 
@@ -186,41 +195,46 @@ class RolloutClient:
 
         Every attempt carries a fresh ``rid``: SGLang refuses a rid it still tracks ("Duplicate
         request ID"), and a timed-out attempt may still be running there. Each abandoned attempt
-        is aborted on the workers.
+        is aborted on the workers. After a failed attempt :attr:`on_failure` may restart a dead
+        server; the request is then re-sent without spending one of ``max_retries``.
         """
         self._get_session()
         assert self._semaphore is not None
-        last_error = ""
+        last_error, attempts, failures = "", 0, 0
         async with self._semaphore:
-            for attempt in range(self.config.max_retries + 1):
-                if attempt:
-                    self.metrics.num_retries += 1
-                    delay = min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s)
+            while failures <= self.config.max_retries:
+                if failures:
+                    delay = min(self.config.backoff_s * 2 ** (failures - 1), self.config.max_backoff_s)
                     await asyncio.sleep(delay)
-                rid = uuid.uuid4().hex
-                try:
-                    status, body = await self.post(
-                        "/generate", {**payload, "rid": rid}, timeout_s=self.config.request_timeout_s
-                    )
-                except asyncio.CancelledError:
-                    self._to_abort.append(rid)
-                    raise
-                except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                    self._to_abort.append(rid)
-                    last_error = f"{type(err).__name__}: {err}"
-                    logger.warning("generate %s attempt %d failed: %s", rid, attempt + 1, last_error)
-                    continue
+                self.metrics.num_retries += attempts > 0  # every re-send, whatever made it necessary
+                attempts += 1
+                status, body = await self._attempt(payload)
                 if status == 200 and isinstance(body, dict):
                     self.metrics.num_requests += 1
                     return body
-                last_error = f"HTTP {status}: {str(body)[:500]}"
-                if status not in RETRY_STATUSES:
+                last_error = body if status is None else f"HTTP {status}: {str(body)[:500]}"
+                if status is not None and status not in RETRY_STATUSES:
                     break
-                logger.warning("generate %s attempt %d got %s", rid, attempt + 1, last_error)
+                logger.debug("generate attempt %d failed: %s", attempts, last_error)
+                if self.on_failure is not None and await self.on_failure():
+                    continue  # a dead server was brought back: this failure was its, not the request's
+                failures += 1
         self.metrics.num_failed += 1
-        raise RolloutError(
-            f"/generate at {self.config.url} failed after {attempt + 1} attempt(s): {last_error}"
-        )
+        raise RolloutError(f"/generate at {self.config.url} failed after {attempts} attempt(s): {last_error}")
+
+    async def _attempt(self, payload: dict[str, Any]) -> tuple[int | None, Any]:
+        """One ``/generate`` with a fresh rid: ``(status, body)``, or ``(None, error)`` when no answer came."""
+        rid = uuid.uuid4().hex
+        try:
+            return await self.post(
+                "/generate", {**payload, "rid": rid}, timeout_s=self.config.request_timeout_s
+            )
+        except asyncio.CancelledError:
+            self._to_abort.append(rid)
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            self._to_abort.append(rid)
+            return None, f"{type(err).__name__}: {err}"
 
     async def generate(
         self,
@@ -286,7 +300,7 @@ class RolloutClient:
             try:
                 await self.post("/abort_request", payload, url=url, timeout_s=5.0)
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                logger.warning("abort %s on %s failed: %s", rid, url, err)
+                logger.debug("abort %s on %s failed: %s", rid, url, err)  # a dead server aborted it
 
 
 async def _read_body(resp: aiohttp.ClientResponse) -> Any:

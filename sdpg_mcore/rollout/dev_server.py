@@ -1,10 +1,14 @@
-"""Built-in SGLang-compatible server for CPU: the endpoints of SDPG.md §7 over a ``transformers`` model.
+"""Built-in SGLang-compatible server for CPU: the endpoints of ``protocol.py`` over a ``transformers`` model.
 
 Where SGLang cannot run (CPU, CI) this server stands in for it, so the rollout client, the real
 ``sglang-router`` and weight sync are exercised over real HTTP. Responses have SGLang's shapes;
-malformed requests get HTTP 400 ``{"error": {"message": ...}}`` and the server stays up.
+malformed requests get HTTP 400 ``{"error": {"message": ...}}`` and the server stays up. With a key
+(``--api-key-file``, or SGLang's ``--api-key``, which every user can read in ``/proc``) every route
+but ``/health*`` answers 401 ``{"error": "Unauthorized"}`` without ``Authorization: Bearer KEY``, as
+SGLang does.
 
-    python -m sdpg_mcore.rollout.dev_server --model-path DIR --host 127.0.0.1 --port 30000
+    python -m sdpg_mcore.rollout.dev_server --model-path DIR --host 127.0.0.1 --port 30000 \
+        --api-key-file RUN_DIR/secrets/rollout_api_key
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
+from sdpg_mcore.rollout import auth
 from sdpg_mcore.rollout.dist_group import WeightUpdateGroup
 from sdpg_mcore.rollout.engine import GenRequest, HFEngine
 from sdpg_mcore.rollout.flat_weights import FlatBucketReceiver
@@ -80,8 +85,10 @@ class DevServer:
         port: int,
         max_batch_size: int = 64,
         max_request_bytes: int = 32 << 20,
+        api_key: str | None = None,
     ):
         self.engine = engine
+        self.api_key = api_key
         self.host, self.port = host, port
         self.max_batch_size = max_batch_size
         self.max_request_bytes = max_request_bytes
@@ -97,7 +104,7 @@ class DevServer:
 
     # ---------------------------------------------------------------- app
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[self._auth, self._errors])
         routes = [
             ("POST", "/generate", self.generate),
             ("GET", "/health", self.health),
@@ -137,6 +144,16 @@ class DevServer:
     async def _on_cleanup(self, app: web.Application) -> None:
         if self.scheduler is not None:
             await self.scheduler.stop()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        """SGLang's check (``sglang/srt/utils/auth.py``): with a key, 401 before any route, unknown ones
+        included, unless the path is a probe's (``/health*``)."""
+        if self.api_key is None or auth.open_path(request.path):
+            return await handler(request)
+        if not auth.authorized(request.headers.get("Authorization"), self.api_key):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -627,6 +644,10 @@ def main(argv: list[str] | None = None) -> None:
         "--max-request-mb", type=int, default=32, help="largest request body accepted (HTTP 413 above)"
     )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--api-key-file", help="file (mode 0600) holding the key every request but /health* must carry"
+    )
+    parser.add_argument("--api-key", help="the key itself (SGLang's option; /proc shows it to every user)")
     args, unknown = parser.parse_known_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -635,6 +656,10 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("ignoring SGLang options the dev server does not implement: %s", unknown)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
+    try:
+        api_key = auth.read_key_file(args.api_key_file) if args.api_key_file else args.api_key
+    except auth.ApiKeyError as err:
+        parser.exit(2, f"dev_server: {err}\n")
     engine = HFEngine(args.model_path, dtype=WEIGHT_DTYPES[args.dtype], seed=args.random_seed)
     server = DevServer(
         engine,
@@ -642,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         max_batch_size=args.max_running_requests,
         max_request_bytes=args.max_request_mb << 20,
+        api_key=api_key,
     )
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(

@@ -19,6 +19,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,10 +146,39 @@ class WeightUpdateGroup:
         device = "cuda" if self.backend == "nccl" else "cpu"
         self.broadcast(torch.zeros(1, device=device), 0)
 
-    def destroy(self) -> None:
-        """Drop the backend and the store connection."""
-        shutdown = getattr(self.pg, "shutdown", None)
-        if callable(shutdown) and self.backend == "nccl":
-            shutdown()
+    def destroy(self, *, after: Future | None = None) -> None:
+        """Drop the backend and the store connection, without waiting for a collective in flight.
+
+        NCCL aborts its communicators now (the collective in flight fails). Gloo cannot abort one:
+        neither ``abort`` nor ``shutdown`` ends it, and the backend's destructor waits for it (up to
+        the group's timeout). So a gloo group whose collective ``after`` is still running is dropped
+        when that ends, in the thread that ran it, and the caller goes on at once."""
+        if self.backend == "nccl" and callable(getattr(self.pg, "shutdown", None)):
+            self.pg.shutdown()
+        if after is not None and not after.done():
+            after.add_done_callback(lambda _: self._drop())
+        else:
+            self._drop()
+
+    def _drop(self) -> None:
         self.pg = None
         self.store = None
+
+
+def start_collective(fn: Callable[[], Any], name: str = "weight-sync-collective") -> Future:
+    """Run ``fn`` (a collective, or forming a group) in a daemon thread of its own; its future.
+
+    Not in a thread pool: a collective that a refusing server never joins ends only at the group's
+    timeout, and meanwhile it must neither hold a pool worker the next group needs nor keep the
+    interpreter from exiting."""
+    future: Future = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn())
+        except BaseException as err:  # noqa: BLE001 (the waiter re-raises it)
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

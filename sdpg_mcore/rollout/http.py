@@ -4,8 +4,11 @@ Standard library only, JSON in and out. ``/generate`` traffic goes through the a
 (aiohttp, many requests in flight); everything else — health checks, weight updates, version
 reads, memory release — is a handful of calls and uses this.
 
-    status, body = http_json(f"{url}/model_info")
-    post_all(urls, "/update_weight_version", {"new_version": "7"})   # raises HTTPCallError on any failure
+    status, body = http_json(f"{url}/model_info", api_key=key)
+    post_all(urls, "/update_weight_version", {"new_version": "7"}, api_key=key)   # HTTPCallError on a failure
+
+``api_key`` (the run's key, ``auth.py``) goes out as ``Authorization: Bearer``; without it a server
+started with a key answers 401 to everything but ``/health*``.
 """
 
 from __future__ import annotations
@@ -16,18 +19,32 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from sdpg_mcore.rollout.auth import bearer
+
 
 class HTTPCallError(RuntimeError):
-    """A server answered a non-200 status or ``success: false``; the message names each URL."""
+    """A server answered a non-200 status or ``success: false``, or did not answer; the message names
+    each URL, ``urls`` lists them."""
+
+    def __init__(self, message: str, urls: list[str] | None = None):
+        super().__init__(message)
+        self.urls = list(urls or [])
 
 
 def http_json(
-    url: str, payload: dict[str, Any] | None = None, *, timeout_s: float = 5.0, method: str | None = None
+    url: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    timeout_s: float = 5.0,
+    method: str | None = None,
+    api_key: str | None = None,
 ) -> tuple[int, Any]:
     """One request; returns ``(status, parsed JSON or text)``. Connection errors raise ``OSError``."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
     req.add_header("Content-Type", "application/json")
+    for name, value in bearer(api_key).items():
+        req.add_header(name, value)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             body, status = resp.read().decode(errors="replace"), resp.status
@@ -51,23 +68,42 @@ def post_all(
     *,
     timeout_s: float = 60.0,
     pool: ThreadPoolExecutor | None = None,
+    api_key: str | None = None,
 ) -> list[Any]:
-    """POST ``payload`` to every URL at once; return the bodies, or raise :class:`HTTPCallError`."""
+    """POST ``payload`` to every URL at once; return the bodies, or raise :class:`HTTPCallError`
+    (a server that cannot be reached counts as a failure: ``HTTP 0`` and the connection error)."""
     if not urls:
         return []
     own = pool is None
     pool = pool or ThreadPoolExecutor(max_workers=len(urls))
     try:
-        futures = [pool.submit(http_json, f"{u}{path}", payload or {}, timeout_s=timeout_s) for u in urls]
+        futures = [
+            pool.submit(answer, f"{u}{path}", payload or {}, timeout_s=timeout_s, api_key=api_key)
+            for u in urls
+        ]
         return check_all(urls, path, [f.result() for f in futures])
     finally:
         if own:
             pool.shutdown(wait=False)
 
 
+UNREACHABLE = 0
+"""The status :func:`answer` gives a request that got no HTTP answer (refused, reset, timed out)."""
+
+
+def answer(url: str, payload: dict[str, Any] | None = None, **kwargs) -> tuple[int, Any]:
+    """:func:`http_json`, with a connection error as ``(UNREACHABLE, "ConnectionRefusedError: ...")``:
+    for calls to many servers, where one server's death must not hide the others' answers."""
+    try:
+        return http_json(url, payload, **kwargs)
+    except OSError as err:
+        return UNREACHABLE, f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+
+
 def check_all(urls: list[str], path: str, results: list[tuple[int, Any]]) -> list[Any]:
     """The bodies of ``results`` (one ``(status, body)`` per URL), or :class:`HTTPCallError` naming the failures."""
-    errors = [f"{u}: HTTP {s} {str(b)[:300]}" for u, (s, b) in zip(urls, results) if failed(s, b)]
-    if errors:
-        raise HTTPCallError(f"{path} failed on {len(errors)} server(s): " + "; ".join(errors))
+    bad = [(u, s, b) for u, (s, b) in zip(urls, results) if failed(s, b)]
+    if bad:
+        errors = "; ".join(f"{u}: HTTP {s} {str(b)[:300]}" for u, s, b in bad)
+        raise HTTPCallError(f"{path} failed on {len(bad)} server(s): {errors}", [u for u, _, _ in bad])
     return [b for _, b in results]

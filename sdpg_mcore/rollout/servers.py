@@ -2,12 +2,22 @@
 
 Every process runs in its own process group with its output in a log file under ``log_dir``;
 ``stop()`` (also run at exit and on SIGTERM/SIGINT once :meth:`RolloutServers.install_signal_handlers`
-was called) terminates each group, then kills what is left. A server that dies is restarted on
-the same port by :meth:`RolloutServers.check` (called by ``rollout.supervisor`` after a failed rollout) and
-re-registered with the router. A server that never becomes healthy raises :class:`ServerStartError` naming its log.
+was called) terminates each group, then kills what is left. Processes are started from one launcher
+thread that lives as long as the servers: their parent-death signal (``parallel/lifetime.py``)
+follows the thread that started them, so a server restarted from the asynchronous-rollout thread
+must not die with that thread.
+
+Every server and the router start with the run's API key (``auth.py``: a fresh 0600 file under
+``api_key_file``, never on a command line); :attr:`RolloutServers.api_key` is what clients send.
+
+A server that dies is restarted on the same port by :meth:`RolloutServers.restart_dead` (driven by
+``rollout.supervisor``): taken out of the router first, so no request reaches it before it has the
+current weights, and put back by :meth:`RolloutServers.register_with_router` once it has them. A
+server that never becomes healthy raises :class:`ServerStartError` naming its log.
 
     with RolloutServers(ServerConfig(model_path=path, num_servers=2, log_dir=run_dir / "logs")) as servers:
-        client = RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls))
+        client = RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls,
+                                            api_key=servers.api_key))
 """
 
 from __future__ import annotations
@@ -21,13 +31,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdpg_mcore.parallel.lifetime import preexec_die_with_parent
 from sdpg_mcore.parallel.spawn import find_free_port
-from sdpg_mcore.rollout import sglang_launch
+from sdpg_mcore.rollout import auth, sglang_launch
 from sdpg_mcore.rollout.http import http_json, post_all
 from sdpg_mcore.rollout.protocol import MEMORY_TAGS
 
@@ -35,6 +47,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("dev", "sglang")
 
 
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _BIND_ATTEMPTS = 3
 """Starts of one server or router on freshly picked ports when a port was taken before the bind."""
 
@@ -83,6 +96,9 @@ class ServerConfig:
     router_port: int = 0
     router_policy: str = "round_robin"
     router_extra_args: list[str] = field(default_factory=list)
+    api_key_file: str = ""
+    """Where the run's API key is written (fresh at every start, mode 0600 in a 0700 directory);
+    empty: ``<log_dir>/secrets/rollout_api_key``."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -106,6 +122,10 @@ class ManagedProcess:
     restarts: int = 0
 
     def start(self) -> None:
+        """Start the command; what is left of an earlier start (an SGLang scheduler whose server was
+        killed alone: SGLang's children do not die with it) is killed first."""
+        if self.proc is not None:
+            self._kill_group()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== {time.strftime('%H:%M:%S')} start: {' '.join(self.cmd)}\n".encode())
@@ -136,7 +156,10 @@ class ManagedProcess:
                 self.proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 continue
-        try:  # children left in the group after the leader exited
+        self._kill_group()  # children left in the group after the leader exited
+
+    def _kill_group(self) -> None:
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
@@ -162,12 +185,18 @@ class RolloutServers:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.log_dir = Path(config.log_dir)
+        self.api_key_file = Path(config.api_key_file or self.log_dir / "secrets" / auth.KEY_FILE_NAME)
+        self.api_key: str | None = None
+        """The key every request but ``/health*`` must carry; set by :meth:`start`."""
         ports = config.ports or [find_free_port() for _ in range(config.num_servers)]
         self._python = sglang_launch.sglang_python() if config.backend == "sglang" else sys.executable
         self.servers = [self._server_process(i, port) for i, port in enumerate(ports)]
         self.router: ManagedProcess | None = None
-        self._lock = threading.Lock()
-        self._stopped = False
+        self._restart_lock = threading.Lock()  # one restart at a time, from any thread
+        self.starting: set[str] = set()
+        """Servers being restarted: not healthy yet, and no watchdog's to kill for not answering."""
+        self._stopped = threading.Event()  # set by stop(), which must never wait for a restart
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-launcher")
 
     # ---------------------------------------------------------------- commands
     def _server_process(self, index: int, port: int) -> ManagedProcess:
@@ -175,10 +204,9 @@ class RolloutServers:
         env = {**os.environ, **cfg.env}
         if cfg.backend == "dev":
             cmd = [sys.executable, "-m", "sdpg_mcore.rollout.dev_server", "--model-path", cfg.model_path]
-            cmd += ["--host", cfg.host, "--port", str(port)]
+            cmd += ["--host", cfg.host, "--port", str(port), "--api-key-file", str(self.api_key_file)]
             # importable even when the package runs from a checkout, not installed
-            package_root = str(Path(__file__).resolve().parents[2])
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         else:
             import torch
 
@@ -196,6 +224,7 @@ class RolloutServers:
                 deterministic=cfg.deterministic,
                 mem_fraction_static=cfg.mem_fraction_static,
                 enable_memory_saver=cfg.enable_memory_saver,
+                api_key_file=str(self.api_key_file),
             )
             env.update(extra_env)
         cmd += list(cfg.extra_args)
@@ -203,17 +232,21 @@ class RolloutServers:
         return ManagedProcess(f"server {index}", cmd, env, log_path, f"http://{cfg.host}:{port}")
 
     def _router_process(self) -> ManagedProcess:
+        """sglang-router with the worker key (it sends it to the workers and asks it of its clients)."""
         cfg = self.config
         port = cfg.router_port or find_free_port()
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", cfg.host, "--port", str(port)]
+        cmd = [
+            sys.executable,
+            *sglang_launch.keyed_module("sglang_router.launch_router", str(self.api_key_file)),
+        ]
+        cmd += ["--host", cfg.host, "--port", str(port)]
         cmd += ["--worker-urls", *self.worker_urls, "--policy", cfg.router_policy]
         cmd += ["--worker-startup-check-interval", "1", "--health-check-interval-secs", "2"]
         # Its Prometheus exporter binds 29000 by default: a second router on the host would panic.
         cmd += ["--prometheus-host", cfg.host, "--prometheus-port", str(find_free_port())]
         cmd += ["--log-level", "warn", *cfg.router_extra_args]
-        return ManagedProcess(
-            "router", cmd, {**os.environ, **cfg.env}, self.log_dir / "router.log", f"http://{cfg.host}:{port}"
-        )
+        env = {**os.environ, **cfg.env}
+        return ManagedProcess("router", cmd, env, self.log_dir / "router.log", f"http://{cfg.host}:{port}")
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -225,19 +258,27 @@ class RolloutServers:
         """Where clients send ``/generate``: the router if there is one, else the first server."""
         return self.router.url if self.router is not None else self.servers[0].url
 
+    def _spawn(self, proc: ManagedProcess) -> None:
+        """Start ``proc`` from the launcher thread (its parent-death signal must not follow a
+        short-lived thread)."""
+        self._launcher.submit(proc.start).result()
+
     def start(self) -> RolloutServers:
         atexit.register(self.stop)
+        self.api_key = auth.read_key_file(auth.new_key_file(self.api_key_file.parent, self.api_key_file.name))
         for server in self.servers:
-            server.start()
+            self._spawn(server)
         try:
             deadline = time.monotonic() + self.config.health_timeout_s
             for index, server in enumerate(list(self.servers)):
                 repick = None if self.config.ports else functools.partial(self._repick_server, index)
                 self._healthy(server, deadline, repick)
-            self.facts = sglang_launch.check_servers(self.worker_urls, weight_sync=self.config.weight_sync)
+            self.facts = sglang_launch.check_servers(
+                self.worker_urls, weight_sync=self.config.weight_sync, api_key=self.api_key
+            )
             if self.config.router:
                 self.router = self._router_process()
-                self.router.start()
+                self._spawn(self.router)
                 repick = None if self.config.router_port else self._repick_router
                 self._healthy(self.router, time.monotonic() + self.config.health_timeout_s, repick)
                 self._wait_router_workers(time.monotonic() + self.config.health_timeout_s)
@@ -267,7 +308,7 @@ class RolloutServers:
                 "%s: %s was taken before it could bind; starting it on another port", proc.name, proc.url
             )
             proc = repick()
-            proc.start()
+            self._spawn(proc)
 
     def _repick_server(self, index: int) -> ManagedProcess:
         self.servers[index] = self._server_process(index, find_free_port())
@@ -287,7 +328,7 @@ class RolloutServers:
                     f"see its log {proc.log_path}:\n{proc.log_tail()}"
                 )
             try:
-                status, _ = http_json(f"{proc.url}/health", timeout_s=2.0)
+                status, _ = http_json(f"{proc.url}/health", timeout_s=2.0, api_key=self.api_key)
                 if status == 200:
                     return
             except OSError:
@@ -299,66 +340,118 @@ class RolloutServers:
                 )
             time.sleep(0.25)
 
+    # ---------------------------------------------------------------- router membership
     def _router_workers(self) -> dict[str, bool]:
+        """Worker URL -> healthy, as the router lists them."""
+        return {url: healthy for url, (_, healthy) in self._router_entries().items()}
+
+    def _router_entries(self) -> dict[str, tuple[str, bool]]:
+        """Worker URL -> (the router's id for it, healthy)."""
         assert self.router is not None
-        status, body = http_json(f"{self.router.url}/workers")
+        status, body = http_json(f"{self.router.url}/workers", api_key=self.api_key)
         if status != 200 or not isinstance(body, dict):
             return {}
-        return {w["url"]: bool(w.get("is_healthy", True)) for w in body.get("workers", [])}
+        return {
+            w["url"]: (str(w.get("id", "")), bool(w.get("is_healthy", True))) for w in body.get("workers", [])
+        }
 
-    def _wait_router_workers(self, deadline: float) -> None:
+    def _wait_router_workers(self, deadline: float, urls: list[str] | None = None) -> None:
+        urls = self.worker_urls if urls is None else urls
         while True:
             workers = self._router_workers()
-            if all(workers.get(url) for url in self.worker_urls):
+            if all(workers.get(url) for url in urls):
                 return
             if time.monotonic() > deadline:
                 raise ServerStartError(
-                    f"router lists {workers} but not all of {self.worker_urls} as healthy; see {self.router.log_path}"
+                    f"router lists {workers} but not all of {urls} as healthy; see {self.router.log_path}"
                 )
             time.sleep(0.25)
 
     def register_with_router(self, url: str) -> None:
-        """Add a worker to the running router (``POST /workers``, queued by the router: 202)."""
+        """Put a worker (back) behind the router (``POST /workers``, queued by the router: 202) and wait
+        until the router lists it as healthy; nothing without a router."""
         if self.router is None:
-            raise ValueError("register_with_router needs a router (ServerConfig.router=True)")
-        status, body = http_json(f"{self.router.url}/workers", {"url": url})
-        if status not in (200, 201, 202):
-            raise RuntimeError(f"router {self.router.url} refused worker {url}: HTTP {status} {body}")
+            return
+        if url not in self._router_workers():
+            status, body = http_json(f"{self.router.url}/workers", {"url": url}, api_key=self.api_key)
+            if status not in (200, 201, 202):
+                raise ServerStartError(f"router {self.router.url} refused worker {url}: HTTP {status} {body}")
+        self._wait_router_workers(time.monotonic() + self.config.health_timeout_s, [url])
 
-    def check(self) -> list[str]:
-        """Restart servers that died (same port) and re-register them; return the restarted URLs."""
+    def deregister_from_router(self, url: str) -> None:
+        """Take a worker out of the router (``DELETE /workers/{id}``), so that no request reaches it; the
+        router would otherwise route to a server restarted on the same port as soon as it answers
+        ``/health``, before it has the current weights. Nothing without a router or when not listed."""
+        entry = self._router_entries().get(url) if self.router is not None else None
+        if entry is None:
+            return
+        worker_id = urllib.parse.quote(entry[0], safe="")
+        status, body = http_json(
+            f"{self.router.url}/workers/{worker_id}", method="DELETE", api_key=self.api_key
+        )
+        if status not in (200, 202, 204):
+            raise ServerStartError(
+                f"router {self.router.url} did not drop worker {url}: HTTP {status} {body}"
+            )
+        deadline = time.monotonic() + 30.0
+        while url in self._router_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def restart_dead(self) -> list[str]:
+        """Restart the servers that died (same port) and return their URLs. Each is out of the router
+        until :meth:`register_with_router`: it serves the start-up weights, not the current ones. A
+        server that dies again while it starts is started again, ``max_restarts`` times in all."""
         restarted = []
-        with self._lock:
-            if self._stopped:
+        with self._restart_lock:
+            if self._stopped.is_set():
                 return []
             for server in self.servers:
-                if server.alive():
-                    continue
-                if server.restarts >= self.config.max_restarts:
-                    raise ServerStartError(
-                        f"{server.name} died {server.restarts + 1} times; see {server.log_path}"
-                    )
-                logger.warning(
-                    "%s died (code %s); restarting",
-                    server.name,
-                    server.proc.returncode if server.proc else None,
+                if not server.alive():
+                    if self.router is not None and self.router.alive():
+                        self.deregister_from_router(server.url)
+                    self._restart(server)
+                    restarted.append(server.url)
+        return restarted
+
+    def _restart(self, server: ManagedProcess) -> None:
+        while True:
+            if server.restarts >= self.config.max_restarts:
+                raise ServerStartError(
+                    f"{server.name} ({server.url}) died {server.restarts + 1} times; see {server.log_path}"
                 )
-                server.restarts += 1
-                server.start()
+            logger.warning(
+                "%s (%s) died (exit code %s); restarting it",
+                server.name, server.url, server.proc.returncode if server.proc else None,
+            )  # fmt: skip
+            server.restarts += 1
+            self.starting.add(server.url)
+            try:
+                self._spawn(server)
                 self.wait_healthy(server, time.monotonic() + self.config.health_timeout_s)
-                if self.router is not None and server.url not in self._router_workers():
-                    self.register_with_router(server.url)
-                restarted.append(server.url)
+                return
+            except ServerStartError:
+                if server.alive() or self._stopped.is_set():  # not healthy in time, or being stopped
+                    raise
+            finally:
+                self.starting.discard(server.url)
+
+    def check(self) -> list[str]:
+        """Restart dead servers and put them straight back behind the router (the start-up weights
+        are the current ones, or the caller loads the current ones itself); the restarted URLs."""
+        restarted = self.restart_dead()
+        for url in restarted:
+            self.register_with_router(url)
         return restarted
 
     def stop(self) -> None:
-        """Terminate the router and every server (process groups); safe to call twice."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
+        """Terminate the router and every server (process groups); safe to call twice, and from a
+        signal handler while a restart is under way (the restart then fails: its server is gone)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
         for proc in ([self.router] if self.router else []) + self.servers:
             proc.stop()
+        self._launcher.shutdown(wait=False)
 
     def install_signal_handlers(self) -> None:
         """On SIGTERM/SIGINT stop the servers, then let the previous handler act (exit / KeyboardInterrupt)."""
@@ -391,10 +484,18 @@ class MemoryOccupation:
     for the release to free anything; the call itself works on CPU too.
     """
 
-    def __init__(self, server_urls: list[str], tags: list[str] | None = None, timeout_s: float = 120.0):
+    def __init__(
+        self,
+        server_urls: list[str],
+        tags: list[str] | None = None,
+        timeout_s: float = 120.0,
+        *,
+        api_key: str | None = None,
+    ):
         self.server_urls = list(server_urls)
         self.tags = list(tags) if tags else list(MEMORY_TAGS)
         self.timeout_s = timeout_s
+        self.api_key = api_key
         self.released_tags: set[str] = set()
 
     @property
@@ -402,7 +503,7 @@ class MemoryOccupation:
         return bool(self.released_tags)
 
     def _call(self, path: str, tags: list[str]) -> None:
-        post_all(self.server_urls, path, {"tags": tags}, timeout_s=self.timeout_s)
+        post_all(self.server_urls, path, {"tags": tags}, timeout_s=self.timeout_s, api_key=self.api_key)
 
     def release(self, tags: list[str] | None = None) -> None:
         todo = [t for t in (tags or self.tags) if t not in self.released_tags]

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 MIN_SGLANG_VERSION = (0, 5, 21)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIM_DIR = Path(__file__).resolve().parent / "sglang_cpu_shim"
+#: Runs a program with the run's API key read from its file (``sglang_entry/sdpg_keyed_main.py``).
+KEYED_MAIN = Path(__file__).resolve().parent / "sglang_entry" / "sdpg_keyed_main.py"
 SETUP_HINT = "run tools/setup_sglang_cpu.sh (CPU) or pip install 'sglang>=0.5.21' (GPU)"
 
 
@@ -54,11 +56,16 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in match.group(1).split("."))
 
 
-def server_facts(url: str, timeout_s: float = 30.0) -> ServerFacts:
+def server_facts(url: str, timeout_s: float = 30.0, *, api_key: str | None = None) -> ServerFacts:
     """Version and parallel sizes of the server at ``url`` (``/server_info``; ``/get_server_info`` before 0.5.22)."""
-    status, body = http_json(f"{url}/server_info", timeout_s=timeout_s)
+    status, body = http_json(f"{url}/server_info", timeout_s=timeout_s, api_key=api_key)
     if status == 404:
-        status, body = http_json(f"{url}/get_server_info", timeout_s=timeout_s)
+        status, body = http_json(f"{url}/get_server_info", timeout_s=timeout_s, api_key=api_key)
+    if status == 401:
+        raise SGLangServerError(
+            f"{url}/server_info: HTTP 401: the server wants an API key and refused the one sent (if any); "
+            "give its key file in rollout.api_key_file"
+        )
     if status != 200 or not isinstance(body, dict):
         raise SGLangServerError(f"{url}/server_info: HTTP {status} {str(body)[:200]}")
     return ServerFacts(
@@ -66,9 +73,9 @@ def server_facts(url: str, timeout_s: float = 30.0) -> ServerFacts:
     )
 
 
-def check_servers(urls: list[str], *, weight_sync: str) -> list[ServerFacts]:
+def check_servers(urls: list[str], *, weight_sync: str, api_key: str | None = None) -> list[ServerFacts]:
     """Read every server's facts and :func:`check_facts` them."""
-    facts = [server_facts(u) for u in urls]
+    facts = [server_facts(u, api_key=api_key) for u in urls]
     check_facts(facts, weight_sync=weight_sync)
     return facts
 
@@ -88,6 +95,14 @@ def check_facts(facts: list[ServerFacts], *, weight_sync: str) -> None:
                 "there; use rollout.weight_sync=disk, or one server per data-parallel replica "
                 "(rollout.num_servers) with --dp-size 1"
             )
+
+
+def keyed_module(module: str, api_key_file: str | None) -> list[str]:
+    """The interpreter arguments that run ``module`` (``-m module``), under :data:`KEYED_MAIN` when
+    there is a key file: the key then reaches it without appearing on any command line."""
+    if api_key_file is None:
+        return ["-m", module]
+    return [str(KEYED_MAIN), "--api-key-file", str(api_key_file), "-m", module]
 
 
 def sglang_python() -> str:
@@ -153,14 +168,17 @@ def sglang_command(
     deterministic: bool,
     mem_fraction_static: float | None = None,
     enable_memory_saver: bool = False,
+    api_key_file: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Command line and extra environment of server ``index``.
 
     ``deterministic``: the client sends ``sampling_seed``, which SGLang ignores unless it runs with
     ``--enable-deterministic-inference``. That flag needs fa3/flashinfer/triton attention, so on CPU
     (torch-native attention) it cannot be set and seeds are ignored there (logged).
+    ``api_key_file``: SGLang runs under :data:`KEYED_MAIN`, which gives it ``--api-key`` from the file.
     """
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host]
+    cmd = [python, *keyed_module("sglang.launch_server", api_key_file)]
+    cmd += ["--model-path", model_path, "--host", host]
     cmd += ["--port", str(port), "--tp-size", str(tp_size)]
     env: dict[str, str] = {}
     if cuda:

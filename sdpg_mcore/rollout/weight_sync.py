@@ -24,6 +24,13 @@ Every backend has the interface of :class:`WeightSync`, driven the same way by t
 SGLang (0.5.21+) only accepts distributed and tensor updates inside ``/begin_weight_update`` …
 ``/end_weight_update``; ``commit`` then flushes the radix cache (its KV came from the old weights),
 sets the version with ``/update_weight_version`` and checks it in every server's ``/model_info``.
+
+Failures. Every call carries the run's key (``api_key``). A server that refuses, or dies (its request
+gets no answer), fails the send at once, not at the group's timeout: :class:`WeightSyncError` names
+it in ``urls``. The broadcast group is then dropped here (NCCL aborts it; a gloo broadcast cannot be
+aborted, so its daemon thread ends at the group's timeout and drops it then, while the caller goes
+on); ``reset`` frees its name on the servers, and the next send forms a new group, under a new name, with every server. Restarting a dead
+server and pushing again is the caller's (``train/rollout_io.py``: ``WeightPusher``).
 """
 
 from __future__ import annotations
@@ -35,15 +42,15 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdpg_mcore.rollout.dist_group import WeightUpdateGroup, host_store, routable_address
-from sdpg_mcore.rollout.http import HTTPCallError, check_all, http_json, post_all
+from sdpg_mcore.rollout.dist_group import WeightUpdateGroup, host_store, routable_address, start_collective
+from sdpg_mcore.rollout.http import HTTPCallError, answer, check_all, post_all
 from sdpg_mcore.rollout.protocol import FLATTENED_BUCKET
 
 logger = logging.getLogger(__name__)
@@ -59,7 +66,12 @@ _HF_SIDE_FILES = (
 
 
 class WeightSyncError(RuntimeError):
-    """A server refused or failed a weight update, or reports the wrong ``weight_version``."""
+    """A server refused or failed a weight update, or reports the wrong ``weight_version``; ``urls``
+    names the servers at fault (those that refused, answered wrong or did not answer)."""
+
+    def __init__(self, message: str, urls: list[str] | None = None):
+        super().__init__(message)
+        self.urls = list(urls or [])
 
 
 @dataclass
@@ -102,31 +114,41 @@ def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[lis
 
 
 # ---------------------------------------------------------------------------- versions
-def weight_versions(server_urls: list[str], *, timeout_s: float = 30.0) -> dict[str, str]:
-    """``weight_version`` of every server, from ``GET /model_info`` (SGLang has no ``/get_weight_version``)."""
+def weight_versions(
+    server_urls: list[str], *, timeout_s: float = 30.0, api_key: str | None = None
+) -> dict[str, str]:
+    """``weight_version`` of every server, from ``GET /model_info`` (SGLang has no ``/get_weight_version``);
+    ``"HTTP <status>"`` for a server that does not say (``HTTP 0``: no answer)."""
     out = {}
     for url in server_urls:
-        status, body = http_json(f"{url}/model_info", timeout_s=timeout_s)
+        status, body = answer(f"{url}/model_info", timeout_s=timeout_s, api_key=api_key)
         ok = status == 200 and isinstance(body, dict)
         out[url] = str(body.get("weight_version")) if ok else f"HTTP {status}"
     return out
 
 
-def check_weight_versions(server_urls: list[str], expected: str, *, timeout_s: float = 30.0) -> None:
+def check_weight_versions(
+    server_urls: list[str], expected: str, *, timeout_s: float = 30.0, api_key: str | None = None
+) -> None:
     """Raise :class:`WeightSyncError` unless every server reports ``weight_version == expected``."""
-    wrong = {u: v for u, v in weight_versions(server_urls, timeout_s=timeout_s).items() if v != str(expected)}
+    versions = weight_versions(server_urls, timeout_s=timeout_s, api_key=api_key)
+    wrong = {u: v for u, v in versions.items() if v != str(expected)}
     if wrong:
-        raise WeightSyncError(f"servers report weight_version {wrong}, expected {expected!r}")
+        raise WeightSyncError(f"servers report weight_version {wrong}, expected {expected!r}", list(wrong))
 
 
-def _post(urls: list[str], path: str, payload: dict[str, Any] | None, timeout_s: float, pool=None) -> None:
+def _post(
+    urls: list[str], path: str, payload: dict[str, Any] | None, timeout_s: float, *, api_key: str | None
+) -> None:
     try:
-        post_all(urls, path, payload, timeout_s=timeout_s, pool=pool)
+        post_all(urls, path, payload, timeout_s=timeout_s, api_key=api_key)
     except HTTPCallError as err:
-        raise WeightSyncError(str(err)) from None
+        raise WeightSyncError(str(err), err.urls) from None
 
 
-def flush_caches(server_urls: list[str], *, timeout_s: float = 60.0, poll_s: float = 0.2) -> int:
+def flush_caches(
+    server_urls: list[str], *, timeout_s: float = 60.0, poll_s: float = 0.2, api_key: str | None = None
+) -> int:
     """``/flush_cache`` on every server, re-sent while one answers 400 (requests still finishing).
 
     Returns how many re-sends it took. The client's admin calls and the weight sync share this.
@@ -134,12 +156,12 @@ def flush_caches(server_urls: list[str], *, timeout_s: float = 60.0, poll_s: flo
     deadline = time.monotonic() + timeout_s
     pending, resends = list(server_urls), 0
     while True:
-        results = {u: http_json(f"{u}/flush_cache", {}, timeout_s=timeout_s) for u in pending}
+        results = {u: answer(f"{u}/flush_cache", {}, timeout_s=timeout_s, api_key=api_key) for u in pending}
         pending = [u for u, (status, _) in results.items() if status != 200]
         if not pending:
             return resends
         if any(results[u][0] != 400 for u in pending) or time.monotonic() > deadline:
-            raise WeightSyncError(f"/flush_cache failed: { {u: results[u] for u in pending} }")
+            raise WeightSyncError(f"/flush_cache failed: { {u: results[u] for u in pending} }", pending)
         resends += 1
         time.sleep(poll_s)
 
@@ -150,15 +172,24 @@ class WeightSync:
     #: Whether SGLang wants this kind of update inside a begin/end weight-update session.
     uses_session = True
 
-    def __init__(self, server_urls: list[str], *, timeout_s: float = 600.0):
+    def __init__(self, server_urls: list[str], *, timeout_s: float = 600.0, api_key: str | None = None):
         self.server_urls = list(server_urls)
         self.timeout_s = timeout_s
+        self.api_key = api_key
         self.stats = WeightSyncStats()
+
+    def _post(self, path: str, payload: dict[str, Any] | None) -> None:
+        """POST to every server; :class:`WeightSyncError` naming those that failed or did not answer."""
+        _post(self.server_urls, path, payload, self.timeout_s, api_key=self.api_key)
+
+    def _submit(self, pool: ThreadPoolExecutor, url: str, path: str, payload: dict[str, Any]):
+        """One POST on ``pool``; its future gives ``(status, body)`` (``(0, error)``: no answer)."""
+        return pool.submit(answer, f"{url}{path}", payload, timeout_s=self.timeout_s, api_key=self.api_key)
 
     def begin(self) -> None:
         """Open the update on every server (before any stage sends)."""
         if self.uses_session:
-            _post(self.server_urls, "/begin_weight_update", {}, self.timeout_s)
+            self._post("/begin_weight_update", {})
 
     def send(
         self, named_tensors: NamedTensors, version: str, *, stage: int = 0, is_source: bool = True
@@ -172,13 +203,12 @@ class WeightSync:
         ``flush_cache=False`` while requests sit paused in place (asynchronous rollouts): a flush
         would wait for them, and SGLang cannot flush with requests in flight."""
         if self.uses_session:
-            _post(self.server_urls, "/end_weight_update", {}, self.timeout_s)
+            self._post("/end_weight_update", {})
         if flush_cache:
-            flush_caches(self.server_urls)
+            flush_caches(self.server_urls, api_key=self.api_key)
         # SGLang aborts every running request on a version change unless told not to.
-        version_body = {"new_version": str(version), "abort_all_requests": False}
-        _post(self.server_urls, "/update_weight_version", version_body, self.timeout_s)
-        check_weight_versions(self.server_urls, str(version))
+        self._post("/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
+        check_weight_versions(self.server_urls, str(version), api_key=self.api_key)
 
     def push(self, named_tensors: NamedTensors, version: str, *, flush_cache: bool = True) -> WeightSyncStats:
         """Single stage, single process: begin, send, commit."""
@@ -196,10 +226,12 @@ class WeightSync:
         if not self.uses_session:
             return
         for url in self.server_urls:
-            try:
-                http_json(f"{url}/end_weight_update", {}, timeout_s=30.0)
-            except OSError as err:
-                logger.warning("end_weight_update on %s after a failed send: %s", url, err)
+            status, body = answer(f"{url}/end_weight_update", {}, timeout_s=30.0, api_key=self.api_key)
+            if status not in (200, 400):  # 400: no session open there (it never began, or restarted)
+                logger.warning("end_weight_update on %s after a failed send: HTTP %s %s", url, status, body)
+
+    def reset(self) -> None:
+        """The servers changed (one was restarted): forget what was set up with the old ones."""
 
     def close(self) -> None:
         """Release what the backend holds (groups, buffers)."""
@@ -225,8 +257,9 @@ class DiskWeightSync(WeightSync):
         *,
         keep_last: int = 2,
         timeout_s: float = 600.0,
+        api_key: str | None = None,
     ):
-        super().__init__(server_urls, timeout_s=timeout_s)
+        super().__init__(server_urls, timeout_s=timeout_s, api_key=api_key)
         self.shared_dir = Path(shared_dir)
         self.hf_config_dir = Path(hf_config_dir) if hf_config_dir is not None else None
         self.keep_last = keep_last
@@ -274,9 +307,9 @@ class DiskWeightSync(WeightSync):
             "weight_version": str(version),
             "flush_cache": flush_cache,
         }
-        _post(self.server_urls, "/update_weights_from_disk", payload, self.timeout_s)
+        self._post("/update_weights_from_disk", payload)
         self.stats.num_requests = len(self.server_urls)
-        check_weight_versions(self.server_urls, str(version))
+        check_weight_versions(self.server_urls, str(version), api_key=self.api_key)
         self._prune(keep=final)
 
     def _prune(self, keep: Path) -> None:
@@ -290,12 +323,11 @@ class DiskWeightSync(WeightSync):
 class _BucketSender(WeightSync):
     """Bucketing, double buffering and one request per bucket; subclasses move the bytes."""
 
-    def __init__(self, server_urls: list[str], *, bucket_bytes: int, timeout_s: float):
-        super().__init__(server_urls, timeout_s=timeout_s)
+    def __init__(self, server_urls: list[str], *, bucket_bytes: int, timeout_s: float, api_key: str | None):
+        super().__init__(server_urls, timeout_s=timeout_s, api_key=api_key)
         self.bucket_bytes = bucket_bytes
-        self._pool = ThreadPoolExecutor(
-            max_workers=len(self.server_urls) + 2, thread_name_prefix="weight-sync"
-        )
+        # One HTTP call per server in flight (collectives run in threads of their own).
+        self._pool = ThreadPoolExecutor(max_workers=len(self.server_urls), thread_name_prefix="weight-sync")
 
     def send(
         self, named_tensors: NamedTensors, version: str, *, stage: int = 0, is_source: bool = True
@@ -360,8 +392,9 @@ class DistributedWeightSync(_BucketSender):
         flatten: bool = True,
         group_prefix: str = "sdpg_weights",
         timeout_s: float = 600.0,
+        api_key: str | None = None,
     ):
-        super().__init__(server_urls, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        super().__init__(server_urls, bucket_bytes=bucket_bytes, timeout_s=timeout_s, api_key=api_key)
         self.server_tp_sizes = list(server_tp_sizes or [1] * len(self.server_urls))
         if len(self.server_tp_sizes) != len(self.server_urls):
             raise ValueError(f"server_tp_sizes {self.server_tp_sizes} for {len(self.server_urls)} servers")
@@ -372,14 +405,26 @@ class DistributedWeightSync(_BucketSender):
         # One big broadcast beats many small ones on both backends: it saves NCCL launches on GPU, and
         # on gloo it outruns back-to-back broadcasts despite the copy into it (tools/bench_weight_sync.py).
         self.flatten = flatten
-        self.group_name = f"{group_prefix}_pp{stage}"
+        self.group_prefix = group_prefix
+        self.generation = 0
+        """How many groups this sender dropped (each gets a new name: see :attr:`group_name`)."""
         self.group: WeightUpdateGroup | None = None
+        self._stale_names: list[str] = []
         self._device = "cuda" if backend == "nccl" else "cpu"
         self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._collective: Future | None = None
+        """The last broadcast (or group forming) started: a dropped group outlives it (see ``destroy``)."""
 
     @property
     def world_size(self) -> int:
         return 1 + sum(self.server_tp_sizes)
+
+    @property
+    def group_name(self) -> str:
+        """``sdpg_weights_pp<stage>``, then ``..._g<n>`` for the n-th re-formed group: a server keeps a
+        name taken until the group is destroyed there, which a server that was stuck may not have seen."""
+        base = f"{self.group_prefix}_pp{self.stage}"
+        return base if not self.generation else f"{base}_g{self.generation}"
 
     def rank_offsets(self) -> list[int]:
         """Group rank of each server's TP rank 0: the trainer is 0, server ``i`` follows the ranks before it."""
@@ -390,38 +435,38 @@ class DistributedWeightSync(_BucketSender):
         return offsets
 
     def connect(self) -> None:
-        """Host the group as rank 0 while every server joins it (their HTTP calls run concurrently)."""
-        store = host_store(self.master_address, self.master_port, self.timeout_s)
+        """Host the group as rank 0 while every server joins it (their HTTP calls run concurrently).
+
+        A server that refuses or does not answer fails the call at once, not at the group's timeout."""
+        store = host_store(self.master_address, 0, self.timeout_s)  # a fresh port per group
         self.master_port = store.port
+        init = {"master_address": self.master_address, "master_port": self.master_port}
+        init |= {"world_size": self.world_size, "group_name": self.group_name, "backend": self.backend}
         futures = [
-            self._pool.submit(
-                http_json,
-                f"{url}/init_weights_update_group",
-                {
-                    "master_address": self.master_address,
-                    "master_port": self.master_port,
-                    "rank_offset": offset,
-                    "world_size": self.world_size,
-                    "group_name": self.group_name,
-                    "backend": self.backend,
-                },
-                timeout_s=self.timeout_s,
-            )
+            self._submit(self._pool, url, "/init_weights_update_group", {**init, "rank_offset": offset})
             for url, offset in zip(self.server_urls, self.rank_offsets())
         ]
-        try:
-            self.group = WeightUpdateGroup.create(
-                self.backend,
-                self.master_address,
-                self.master_port,
-                rank=0,
-                world_size=self.world_size,
-                group_name=self.group_name,
-                timeout_s=self.timeout_s,
-                store=store,
+        created = self._collective = start_collective(
+            lambda: WeightUpdateGroup.create(
+                self.backend, init["master_address"], init["master_port"], rank=0,
+                world_size=init["world_size"], group_name=init["group_name"], timeout_s=self.timeout_s, store=store,
             )
-        finally:
-            _raise_failed(self.server_urls, "/init_weights_update_group", [f.result() for f in futures])
+        )  # fmt: skip
+        try:
+            _InFlight(self, "/init_weights_update_group", futures, created).wait()
+        except WeightSyncError:
+            self._stale_names.append(self.group_name)  # taken on the servers that joined
+            self.generation += 1
+            raise
+        self.group = created.result()
+
+    def reset(self) -> None:
+        """Drop the group here and on the servers that answer (a server that died took its side with
+        it); the next send forms a new one, under a new name, with every server."""
+        self._mark_broken()
+        for name in self._stale_names:
+            self._destroy_on_servers(name)
+        self._stale_names.clear()
 
     def _prepare_send(self) -> None:
         if self.group is None:
@@ -454,10 +499,7 @@ class DistributedWeightSync(_BucketSender):
         group, device = self.group, self._device
         assert group is not None
         futures = [
-            self._pool.submit(
-                http_json, f"{u}/update_weights_from_distributed", payload, timeout_s=self.timeout_s
-            )
-            for u in self.server_urls
+            self._submit(self._pool, u, "/update_weights_from_distributed", payload) for u in self.server_urls
         ]
 
         def broadcast() -> None:
@@ -466,22 +508,37 @@ class DistributedWeightSync(_BucketSender):
             else:
                 group.broadcast_many([t.detach().to(device).contiguous() for _, t in bucket], 0)
 
-        return _InFlight(self, "/update_weights_from_distributed", futures, self._pool.submit(broadcast))
+        self._collective = start_collective(broadcast)
+        return _InFlight(self, "/update_weights_from_distributed", futures, self._collective)
 
     def _mark_broken(self) -> None:
-        self.group = None  # out of step with the servers now; the next send reconnects
+        """Out of step with the servers: drop the group here, without waiting for a broadcast the
+        servers never joined (:meth:`WeightUpdateGroup.destroy`); the next send forms a new one under
+        a new name (:meth:`reset` also frees the old name on the servers)."""
+        if self.group is not None:
+            self._stale_names.append(self.group_name)
+            self.group.destroy(after=self._collective)
+            self.group = None
+            self.generation += 1
+
+    def _destroy_on_servers(self, name: str) -> None:
+        """Free the group ``name`` on every server that still holds it (best effort: a restarted
+        server never had it)."""
+        for url in self.server_urls:
+            payload = {"group_name": name}
+            status, body = answer(
+                f"{url}/destroy_weights_update_group", payload, timeout_s=30, api_key=self.api_key
+            )
+            if status not in (200, 400):
+                logger.warning(
+                    "destroy_weights_update_group %s on %s: HTTP %s %s", name, url, status, str(body)[:200]
+                )
 
     def close(self) -> None:
         """Leave the group on the servers (frees its name there) and here."""
         if self.group is not None:
-            for url in self.server_urls:
-                try:
-                    http_json(
-                        f"{url}/destroy_weights_update_group", {"group_name": self.group_name}, timeout_s=30
-                    )
-                except OSError as err:
-                    logger.warning("destroy_weights_update_group on %s: %s", url, err)
-            self.group.destroy()
+            self._destroy_on_servers(self.group_name)
+            self.group.destroy(after=self._collective)
             self.group = None
         super().close()
 
@@ -518,8 +575,9 @@ class TensorWeightSync(_BucketSender):
         server_tp_sizes: list[int] | None = None,
         bucket_bytes: int = 512 << 20,
         timeout_s: float = 600.0,
+        api_key: str | None = None,
     ):
-        super().__init__(server_urls, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        super().__init__(server_urls, bucket_bytes=bucket_bytes, timeout_s=timeout_s, api_key=api_key)
         self.server_tp_sizes = list(server_tp_sizes or [1] * len(self.server_urls))
         if not torch.cuda.is_available():
             torch.multiprocessing.set_sharing_strategy("file_system")
@@ -532,11 +590,11 @@ class TensorWeightSync(_BucketSender):
     def _start(self, staged, bucket) -> _InFlight:
         tensors, serialized = staged
         futures = [
-            self._pool.submit(
-                http_json,
-                f"{u}/update_weights_from_tensor",
+            self._submit(
+                self._pool,
+                u,
+                "/update_weights_from_tensor",
                 {"serialized_named_tensors": [serialized] * tp, "flush_cache": False},
-                timeout_s=self.timeout_s,
             )
             for u, tp in zip(self.server_urls, self.server_tp_sizes)
         ]
@@ -547,11 +605,11 @@ class TensorWeightSync(_BucketSender):
 WEIGHT_SYNC_MODES = ("disk", "distributed", "tensor")
 
 
-def server_tp_sizes(server_urls: list[str]) -> list[int]:
+def server_tp_sizes(server_urls: list[str], *, api_key: str | None = None) -> list[int]:
     """Each server's ``--tp-size`` (its ranks in a weight-update group), from ``/server_info``."""
     from sdpg_mcore.rollout.sglang_launch import server_facts
 
-    return [server_facts(u).tp_size for u in server_urls]
+    return [server_facts(u, api_key=api_key).tp_size for u in server_urls]
 
 
 def make_weight_sync(
@@ -564,10 +622,11 @@ def make_weight_sync(
     hf_dir: str | Path | None = None,
     bucket_bytes: int = 512 << 20,
     backend: str = "gloo",
+    api_key: str | None = None,
 ) -> WeightSync:
     """The backend for ``rollout.weight_sync``: ``disk``, ``distributed`` (broadcast) or ``tensor`` (colocated)."""
     if mode == "disk":
-        return DiskWeightSync(server_urls, shared_dir, hf_dir, keep_last=1)
+        return DiskWeightSync(server_urls, shared_dir, hf_dir, keep_last=1, api_key=api_key)
     if mode == "distributed":
         return DistributedWeightSync(
             server_urls,
@@ -575,9 +634,12 @@ def make_weight_sync(
             stage=stage,
             bucket_bytes=bucket_bytes,
             backend=backend,
+            api_key=api_key,
         )
     if mode == "tensor":
-        return TensorWeightSync(server_urls, server_tp_sizes=server_tp_sizes, bucket_bytes=bucket_bytes)
+        return TensorWeightSync(
+            server_urls, server_tp_sizes=server_tp_sizes, bucket_bytes=bucket_bytes, api_key=api_key
+        )
     raise ValueError(f"rollout.weight_sync={mode!r}: choose one of {list(WEIGHT_SYNC_MODES)}")
 
 
@@ -586,11 +648,13 @@ def _raise_failed(urls: list[str], path: str, results: list[tuple[int, Any]]) ->
     try:
         check_all(urls, path, results)
     except HTTPCallError as err:
-        raise WeightSyncError(str(err)) from None
+        raise WeightSyncError(str(err), err.urls) from None
 
 
 class _InFlight:
-    """A bucket on the wire: the servers' HTTP answers and, for broadcasts, the local send."""
+    """A bucket on the wire (or a group forming): the servers' HTTP answers and, for broadcasts, the
+    local side (``sent``, a future). A server that refuses, or dies (no answer), fails the wait at
+    once, not at the group's timeout: it never joins the collective the local side waits in."""
 
     def __init__(self, sync: _BucketSender, path: str, futures: list, sent, keep_alive=None):
         self.sync, self.path, self.futures, self.sent = sync, path, futures, sent
@@ -598,14 +662,17 @@ class _InFlight:
 
     def wait(self) -> None:
         urls = self.sync.server_urls
-        # A server that rejects the request never joins the broadcast: fail now, not at the gloo timeout.
         while self.sent is not None and not self.sent.done():
             wait([self.sent, *self.futures], return_when=FIRST_COMPLETED)
             refused = [(u, f) for u, f in zip(urls, self.futures) if f.done() and f.result()[0] != 200]
             if refused and not self.sent.done():
                 self.sync._mark_broken()
                 _raise_failed([u for u, _ in refused], self.path, [f.result() for _, f in refused])
-        if self.sent is not None:
-            self.sent.result()
+        if self.sent is not None and self.sent.exception() is not None:
+            self.sync._mark_broken()
+            bad = [u for u, f in zip(urls, self.futures) if f.result()[0] != 200]
+            raise WeightSyncError(
+                f"{self.path}: the collective with the servers failed: {self.sent.exception()}", bad
+            )
         _raise_failed(urls, self.path, [f.result() for f in self.futures])
         self.keep_alive = None

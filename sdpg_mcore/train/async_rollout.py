@@ -41,6 +41,13 @@ support it. These pushes do not flush the servers' caches (SGLang cannot with re
 so with SGLang's radix cache on, a prompt seen again may reuse KV entries of older weights; the
 rollout log-probs still record what was sampled.
 
+A server that dies. The thread's client asks the supervisor to restart it (``rollout/supervisor.py``)
+and re-sends the requests it lost; pauses and continues skip a server that does not answer, and the
+push restarts it and re-forms the update group (``WeightPusher``). When a rollout stops because the
+restarted servers wait for weights that only every rank can push (distributed or tensor sync),
+:meth:`AsyncRollouts.take` stops the rollouts in flight, every rank pushes the current weights, and
+the dropped rollouts are started again from the prompts they had drawn.
+
 Data cursor. The thread draws prompts from its own copy of the sampler; when the trainer takes a
 step's rollout, ``run.sampler`` becomes that copy's state after the step's draws (dynamic sampling
 included). A checkpoint therefore records exactly the prompts trained on: a resumed run regenerates
@@ -64,6 +71,7 @@ import torch.distributed as dist
 
 from sdpg_mcore.train.batch import Response
 from sdpg_mcore.train.metrics_log import PhaseTimer
+from sdpg_mcore.train.rollout_io import served
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +119,12 @@ class AsyncRollouts:
             # Its own client and sampler: the main thread's client evaluates meanwhile, and the
             # trainer's sampler must only count the prompts of rollouts already trained on.
             self.session = copy.copy(run.session)
-            self.session.client = RolloutClient(run.session.client.config)
+            on_failure = run.session.client.on_failure
+            self.session.client = RolloutClient(run.session.client.config, on_failure=on_failure)
             self.control = RolloutClient(run.session.client.config)
             self.sampler = copy.deepcopy(run.sampler)
+            self._sampler_before: dict[int, dict] = {}  # the thread's sampler when each rollout began
+            self._dropped: list[int] = []  # rollouts stopped for want of weights, to start again
             cpus = set(run.cfg.rollout.async_cpus)
             if cpus - set(range(os.cpu_count() or 1)):
                 raise ValueError(
@@ -131,11 +142,7 @@ class AsyncRollouts:
         """Step ``step``'s scored responses on every rank; ``run.sampler`` moves past its prompts."""
         timer = PhaseTimer()
         with timer.phase("rollout"):
-            box = [None]
-            if run.rank0:
-                job = self.pending.pop(step)
-                responses, metrics, sampler_state = job.future.result()
-                box = [(responses, metrics, sampler_state, job.start_version)]
+            box = [served(run.weights, run.rank0, lambda: self._result(step))]
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.broadcast_object_list(box, src=0)
             responses, metrics, sampler_state, start_version = box[0]
@@ -163,6 +170,13 @@ class AsyncRollouts:
         if not self.run.rank0:
             return
         self._closing.set()
+        self._stop_pending()
+        self.pool.submit(self.session.client.shutdown)  # on its thread, once the rollout there ends
+        self.pool.shutdown(wait=False)
+        self.control.shutdown()
+
+    def _stop_pending(self) -> None:
+        """Cancel the rollouts not started, abort the one in flight and wait for it; forget them all."""
         for job in self.pending.values():
             job.future.cancel()
         running = [job.future for job in self.pending.values() if not job.future.done()]
@@ -172,10 +186,28 @@ class AsyncRollouts:
                 # Repeated: a request the thread sends after one abort is caught by the next.
                 self.control.run(self.control.abort(abort_all=True))
                 wait([future], timeout=0.5)
-        self.pool.submit(self.session.client.shutdown)  # on its thread, once the rollout there ends
-        self.pool.shutdown(wait=False)
-        self.control.shutdown()
         self.pending.clear()
+
+    def _result(self, step: int):
+        """Rank 0: step ``step``'s rollout, once it is done. One that stopped because the servers wait
+        for weights (``ServersNeedWeights``) stops the later ones too; after the push that ``served``
+        makes, they all start again, the thread's sampler back where the first of them began."""
+        from sdpg_mcore.rollout.supervisor import ServersNeedWeights
+
+        if self._dropped:
+            for dropped in self._dropped:
+                self._start(dropped)
+            self._dropped = []
+        job = self.pending[step]
+        try:
+            responses, metrics, sampler_state = job.future.result()
+        except ServersNeedWeights:
+            self._dropped = sorted(self.pending)
+            self._stop_pending()
+            self.sampler.load_state_dict(self._sampler_before[step])
+            raise
+        del self.pending[step]
+        return responses, metrics, sampler_state, job.start_version
 
     # ---------------------------------------------------------------- rank 0
     def _start(self, step: int) -> None:
@@ -185,6 +217,8 @@ class AsyncRollouts:
     def _rollout(self, step: int):
         """On the thread: draw step ``step``'s prompts, generate and score them."""
         cpu_began = time.thread_time()
+        self._sampler_before[step] = copy.deepcopy(self.sampler.state_dict())
+        self._sampler_before.pop(step - 2 - self.k, None)  # taken long ago: never needed again
         draws = _StoppableDraws(self.sampler, self._closing)
         first = draws.next_batch()
         responses, metrics = self._generate(self.run, self.session, draws, first, step)
@@ -193,18 +227,20 @@ class AsyncRollouts:
         return responses, metrics, self.sampler.state_dict()
 
     def _control(self, path: str, payload: dict) -> None:
-        """POST ``path`` to every worker (rank 0); raise naming the workers that refused."""
+        """POST ``path`` to every worker (rank 0); raise naming the workers that refused. A worker that
+        does not answer has died: it has nothing to pause, and the push restarts it."""
         if not self.run.rank0:
             return
         from sdpg_mcore.rollout.client import RolloutError
 
         urls = self.run.session.worker_urls
         results = self.control.run(_post_all(self.control, urls, path, payload))
-        bad = [
-            f"{u}: HTTP {status} {str(body)[:200]}"
-            for u, (status, body) in zip(urls, results)
-            if status != 200
-        ]
+        bad = []
+        for url, result in zip(urls, results):
+            if isinstance(result, BaseException):
+                logger.warning("%s: %s did not answer (%s); the weight push restarts it", path, url, result)
+            elif result[0] != 200:
+                bad.append(f"{url}: HTTP {result[0]} {str(result[1])[:200]}")
         if bad:
             raise RolloutError(f"{path} failed on {len(bad)} worker(s): " + "; ".join(bad))
 
@@ -228,7 +264,18 @@ class _StoppableDraws:
 
 
 async def _post_all(client, urls: list[str], path: str, payload: dict) -> list:
-    return await asyncio.gather(*(client.post(path, payload, url=url) for url in urls))
+    """``(status, body)`` of every worker, or the connection error of one that did not answer."""
+    import aiohttp
+
+    results = await asyncio.gather(
+        *(client.post(path, payload, url=url) for url in urls), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(
+            result, (aiohttp.ClientError, asyncio.TimeoutError)
+        ):
+            raise result
+    return results
 
 
 def staleness(responses: list[Response], step: int) -> dict[str, float]:

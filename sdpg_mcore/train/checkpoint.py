@@ -13,6 +13,9 @@ A checkpoint of step ``k`` is the directory ``CKPT_ROOT/step_{k:08d}``:
   and lambda schedules are functions of the step and need nothing more;
 - ``rng/rank_{r:05d}.pt``: each rank's python / numpy / torch (CPU, CUDA) RNG states and Megatron's
   tensor-parallel RNG tracker states, read back with ``torch.load(weights_only=True)``;
+- ``teacher_ema/pp{p:03d}_tp{t:03d}.pt`` (``algorithm.teacher=ema`` only): the EMA teacher's fp32
+  average of each TP/PP shard of the weights (``train/ema_weights.py``), written once per shard by
+  the first data-parallel replica and read back by every replica, bit for bit;
 - ``checksums.json``: size and SHA-256 of every other file, verified before anything is loaded
   (``checkpoint_manifest``), so a damaged or truncated file is refused instead of loaded.
 
@@ -74,6 +77,7 @@ from sdpg_mcore.train.checkpoint_state import (
     set_rng_state,
     sharded_state_dict,
 )
+from sdpg_mcore.train.ema_weights import shard_file
 
 __all__ = [
     "LATEST_FILE",
@@ -132,6 +136,7 @@ def save_checkpoint(
     hf_dir: str | Path,
     extra_state: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    teacher_ema=None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and point ``latest`` at it; collective over all ranks.
 
@@ -141,7 +146,8 @@ def save_checkpoint(
     exportable with ``tools/convert_hf.py to-hf``. ``extra_state`` must be JSON-serialisable (rank
     0's copy is stored). ``keep_last=K`` then deletes all but the K newest checkpoints up to
     ``step`` (checkpoints of later steps, left by a run resumed from an earlier one, are kept until
-    this run overwrites them). Saving a step that already exists replaces it. Returns the directory.
+    this run overwrites them). ``teacher_ema`` (``ema_weights.EMAWeights``) adds the EMA teacher's
+    shard files. Saving a step that already exists replaces it. Returns the directory.
     """
     from megatron.core import dist_checkpointing
 
@@ -175,6 +181,11 @@ def save_checkpoint(
     rng_buf = _torch_bytes(rng_state())
     (tmp / RNG_DIR).mkdir(exist_ok=True)
     write_file(tmp / RNG_DIR / f"rank_{rank:05d}.pt", rng_buf)
+    if teacher_ema is not None:
+        name, writer = shard_file()
+        if writer:
+            (tmp / name).parent.mkdir(exist_ok=True)
+            write_file(tmp / name, _torch_bytes(teacher_ema.state_dict()))
     if rank == 0:
         _write_rank0_files(tmp, step, model_chunks, optimizer, scheduler, hf_dir, extra_json)
     _barrier()
@@ -330,6 +341,7 @@ def load_checkpoint(
     *,
     step: int | None = None,
     hf_dir: str | Path | None = None,
+    teacher_ema=None,
 ) -> LoadedCheckpoint | None:
     """Restore model, optimizer, LR schedule and this rank's RNG states from a checkpoint; collective.
 
@@ -338,6 +350,8 @@ def load_checkpoint(
     that saved it (same layout, model and LR schedule; ``CheckpointError`` names what differs, on
     every rank, before any collective read). With ``hf_dir`` its ``config.json`` must also be the
     one the checkpoint was saved with (catches changes that keep every shape, e.g. ``rope_theta``).
+    ``teacher_ema`` (``ema_weights.EMAWeights``): restore the EMA teacher's average too; the
+    checkpoint must hold one (a run saved with another ``algorithm.teacher`` does not).
     """
     root = Path(ckpt_root)
     if step is None:
@@ -363,6 +377,12 @@ def load_checkpoint(
             raise CheckpointError(
                 f"checkpoint {path} is missing {rng_path.relative_to(path)}; it is incomplete or damaged"
             )
+        if teacher_ema is not None and not (path / shard_file()[0]).is_file():
+            raise CheckpointError(
+                f"checkpoint {path} holds no EMA teacher ({shard_file()[0]}): it was saved by a run with "
+                "another algorithm.teacher. Resume with that run's algorithm.teacher, or start a new run "
+                "(trainer.resume=none) to train with teacher=ema"
+            )
     except CheckpointError as err:
         error = err
     _agree_on_error(error)
@@ -378,6 +398,8 @@ def load_checkpoint(
             unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
         optimizer.load_state_dict(loaded["optimizer"])
         restore_adam_steps(optimizer)
+    if teacher_ema is not None:
+        teacher_ema.load_state_dict(torch.load(path / shard_file()[0], weights_only=True))
     live_schedule = scheduler.state_dict()
     scheduler.load_state_dict({**state["scheduler"], "lr_decay_steps": live_schedule["lr_decay_steps"]})
     set_rng_state(torch.load(rng_path, weights_only=True))

@@ -128,11 +128,12 @@ def _inner_optimizers(optimizer) -> list:
 
 
 def trainer_tensors(
-    chunks: list, optimizer, extra_models: list | None = None
+    chunks: list, optimizer, extra_models: list | None = None, extra_states: list | None = None
 ) -> dict[str, list[torch.Tensor]]:
     """The trainer's device state by group: ``params`` (every model weight, also of ``extra_models``,
     e.g. a resident reference model), ``grads`` (Megatron DDP's gradient buffers, ``main_grad`` and
-    the main weights' ``.grad``), ``optimizer`` (the main weights and every optimizer state tensor)."""
+    the main weights' ``.grad``), ``optimizer`` (the main weights, every optimizer state tensor and
+    ``extra_states``, e.g. an EMA teacher's average: needed only by the next step)."""
     models = [unwrap_model(c) for c in chunks] + list(extra_models or [])
     params = [p for model in models for p in model.parameters()]
     grads = [b.grad_data for c in chunks for b in _ddp_buffers(c)]
@@ -144,7 +145,7 @@ def trainer_tensors(
                 grads.append(main.grad)
                 states.append(main)
                 states += [v for v in inner.state.get(main, {}).values() if isinstance(v, torch.Tensor)]
-    return {"params": params, "grads": grads, "optimizer": states}
+    return {"params": params, "grads": grads, "optimizer": states + list(extra_states or [])}
 
 
 class TrainerOffload:
@@ -155,8 +156,16 @@ class TrainerOffload:
     collected at each offload: optimizer states appear at the first step.
     """
 
-    def __init__(self, chunks: list, optimizer, device: torch.device, extra_models: list | None = None):
-        self.chunks, self.optimizer, self.extra_models = chunks, optimizer, extra_models
+    def __init__(
+        self,
+        chunks: list,
+        optimizer,
+        device: torch.device,
+        extra_models: list | None = None,
+        extra_states: list | None = None,
+    ):
+        self.chunks, self.optimizer = chunks, optimizer
+        self.extra_models, self.extra_states = extra_models, extra_states
         self.device = device
         self.pin = device.type == "cuda"
         self.offloaded: dict[str, _Storages] = {}
@@ -182,7 +191,7 @@ class TrainerOffload:
         fp32 main weights of the optimizer that are the model's own (fp32 models, fp32 norm weights
         under the distributed optimizer) stay with the weights; fp32 gradients viewed by the main
         weights stay with the gradient buffers."""
-        tensors = trainer_tensors(self.chunks, self.optimizer, self.extra_models)
+        tensors = trainer_tensors(self.chunks, self.optimizer, self.extra_models, self.extra_states)
         claimed: set[int] = set()
         return {g: _distinct_storages(tensors[g], self.device, claimed) for g in GROUPS}
 

@@ -281,11 +281,14 @@ def train_pass(
     *,
     temperature: float,
     teacher_temperature: float,
+    teacher_weight: torch.Tensor | None = None,
 ) -> list:
     """Forward + backward of ``loss_fn(mb, kl_N, logprob_N, entropy_N) -> (loss, metric_sums)``.
 
-    ``mb.teacher_hidden_NH`` (from :func:`hidden_pass`) feeds the reverse KL; when it is None the
-    KL is None and no teacher matmul runs; states kept on the host come to the device just before
+    ``mb.teacher_hidden_NH`` (from :func:`hidden_pass`) feeds the reverse KL, its logits taken with
+    ``teacher_weight`` (the teacher's output-layer shard, when the teacher is other weights than
+    the policy's) or else the student's; when it is None the KL is None and no teacher matmul
+    runs; states kept on the host come to the device just before
     the micro-batch's student forward (:func:`teacher_states_to_device`). Under CP ``loss_fn`` gets
     :func:`local_view` of the micro-batch (this rank's tokens). Returns the per-micro-batch metric
     sums on the last stage (empty elsewhere).
@@ -310,6 +313,7 @@ def train_pass(
                 chunk_size=head.chunk_size,
                 tp_group=head.tp_group,
                 backend=head.backend,
+                teacher_weight=teacher_weight,
             )
             kl_N = kl_N if local.teacher_hidden_NH is not None else None
             loss, metrics = loss_fn(local, kl_N, logprob_N, entropy_N)

@@ -27,15 +27,18 @@ from sdpg_mcore.models.builder import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-#: Metrics whose non-finite value marks a bad step (what the loss and the update are made of).
-WATCHED = ("loss", "pg_loss", "kl_mean", "grad_norm")
+#: Metrics whose non-finite value marks a bad step: the loss (a total, so a NaN in any token's policy or
+#: KL term reaches it) and the update's norm. Per-token means such as ``pg_loss`` and ``kl_mean`` are not
+#: watched: they are NaN when they have no token, e.g. OPSD's positive-advantage gate in a step where
+#: no group holds a right answer, and the loss is then a finite 0.
+WATCHED = ("loss", "grad_norm")
 
 
 class NonFiniteError(FloatingPointError):
     """Training produced NaN or inf; the message names the step, what was non-finite and the fix."""
 
 
-def _all_ranks_true(flag: bool) -> bool:
+def all_ranks_true(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (a MIN all-reduce; local value without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
@@ -56,12 +59,12 @@ def grads_finite(chunks) -> bool:
     for chunk in chunks:
         for param in unwrap_model(chunk).parameters():
             grads.append(getattr(param, "main_grad", param.grad))
-    return _all_ranks_true(_finite(grads))
+    return all_ranks_true(_finite(grads))
 
 
 def params_finite(chunks) -> bool:
     """Whether every weight is finite on every rank; collective."""
-    return _all_ranks_true(_finite(p.detach() for c in chunks for p in unwrap_model(c).parameters()))
+    return all_ranks_true(_finite(p.detach() for c in chunks for p in unwrap_model(c).parameters()))
 
 
 def check_weights(chunks, step: int, lr: float) -> None:
@@ -90,7 +93,7 @@ class NonFiniteGuard:
         skipped = skipped_updates - self._skipped_before
         self._skipped_before = skipped_updates
         bad = [k for k in WATCHED if k in metrics and not _finite_number(metrics[k])]
-        if not _all_ranks_true(not bad and skipped == 0):
+        if not all_ranks_true(not bad and skipped == 0):
             self.bad_in_a_row += 1
             what = ", ".join(bad) or "a gradient on some rank"
             logger.warning(

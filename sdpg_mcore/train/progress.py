@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 #: Metrics shown on the per-step line, with their short labels.
@@ -84,13 +85,22 @@ class StepProgress:
             self._progress = None
 
 
-def setup_logging(level: str = "INFO", *, rank: int = 0) -> None:
-    """Root logging for a trainer process: rich on rank 0, plain warnings-only on the others."""
+def setup_logging(level: str = "INFO", *, rank: int = 0, log_file: str | Path | None = None) -> None:
+    """Root logging for a trainer process: rich on rank 0, plain warnings-only on the others; the same
+    records also go to ``log_file`` (the rank's log, where a failure's traceback is written too)."""
     if rank == 0:
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
-        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-        logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO dumps whole configs
+        handlers = [handler]
     else:
-        logging.basicConfig(level="WARNING", format=f"[rank {rank}] %(levelname)s %(message)s", force=True)
+        level = "WARNING"
+        handlers = [logging.StreamHandler()]
+        handlers[0].setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_file)
+    logging.basicConfig(level=level, format="%(message)s", handlers=handlers, force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO dumps whole configs

@@ -16,15 +16,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from sdpg_mcore.config import RewardConfig, RolloutConfig
 from sdpg_mcore.train.batch import Response
+from sdpg_mcore.train.health import all_ranks_true
 from sdpg_mcore.train.metrics_log import PhaseTimer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RolloutUnreachableError(RuntimeError):
@@ -50,7 +53,9 @@ def check_reachable(urls: Sequence[str], timeout_s: float = 10.0) -> None:
         )
 
 
-def discover_workers(urls: Sequence[str], timeout_s: float = 10.0) -> list[str]:
+def discover_workers(
+    urls: Sequence[str], timeout_s: float = 10.0, *, api_key: str | None = None
+) -> list[str]:
     """The worker URLs behind ``urls``: a router's ``GET /workers`` entries, or the URL itself.
 
     Weight updates, version checks and aborts must reach the SGLang workers: the sglang-router
@@ -63,9 +68,13 @@ def discover_workers(urls: Sequence[str], timeout_s: float = 10.0) -> list[str]:
     workers: list[str] = []
     for url in urls:
         try:
-            status, body = http_json(f"{url}/workers", timeout_s=timeout_s)
+            status, body = http_json(f"{url}/workers", timeout_s=timeout_s, api_key=api_key)
         except OSError as err:
             raise RolloutUnreachableError(f"rollout server {url}: GET /workers failed ({err})") from err
+        if status == 401:
+            raise RolloutUnreachableError(
+                f"rollout server {url} refused the API key (HTTP 401): give its key file in rollout.api_key_file"
+            )
         if status == 200 and isinstance(body, dict) and isinstance(body.get("workers"), list):
             found = [
                 str(w["url"]).rstrip("/") for w in body["workers"] if isinstance(w, dict) and w.get("url")
@@ -93,6 +102,9 @@ class RolloutSession:
         urls: list[str],
         worker_urls: list[str],
         deadline_s: float | None = None,
+        *,
+        api_key: str | None = None,
+        supervisor=None,
     ):
         from sdpg_mcore.rewards import OverlongConfig, resolve_reward_fn
         from sdpg_mcore.rollout.client import ClientConfig, RolloutClient
@@ -101,6 +113,9 @@ class RolloutSession:
         self.max_response_length = max_response_length
         self.servers = servers
         self.worker_urls = worker_urls
+        self.api_key = api_key
+        self.supervisor = supervisor
+        """``rollout.supervisor.ServerSupervisor`` of the servers launched here (None: external ones)."""
         self.client = RolloutClient(
             ClientConfig(
                 url=urls[0],
@@ -108,9 +123,10 @@ class RolloutSession:
                 max_concurrency=rollout.max_concurrency,
                 request_timeout_s=rollout.request_timeout_s,
                 deadline_s=deadline_s,
-            )
+                api_key=api_key,
+            ),
+            on_failure=supervisor.on_failure if supervisor is not None else None,
         )
-        self.supervisor = None  # set by start() for the servers it launches
         self.reward_fn = resolve_reward_fn(reward.scorer, reward.strict, reward.answer_format)
         self.overlong = OverlongConfig(
             enable=reward.overlong_penalty,
@@ -119,7 +135,7 @@ class RolloutSession:
         )
         from sdpg_mcore.rollout.servers import MemoryOccupation
 
-        self.memory = MemoryOccupation(worker_urls)
+        self.memory = MemoryOccupation(worker_urls, api_key=api_key)
 
     @classmethod
     def start(
@@ -136,24 +152,22 @@ class RolloutSession:
 
         ``local_world_size``: the trainer's ranks on this node, whose GPUs launched SGLang servers
         stay off unless colocated (:func:`server_placement`). ``deadline_s`` bounds each rollout
-        batch, retries included. Launched servers are supervised
-        (``rollout.supervisor``: a dead or stuck one is restarted with the current weights and the
-        batch generated again) when the weights go through disk, which a restarted server can load.
+        batch, retries included. Launched servers get a fresh key (RUN_DIR/secrets/) and are
+        supervised (``rollout.supervisor``: a dead or stuck one is restarted, gets the current
+        weights, and the requests it lost are sent again).
         """
         from sdpg_mcore.rollout.servers import RolloutServers
-        from sdpg_mcore.rollout.sglang_launch import check_servers
+        from sdpg_mcore.rollout.supervisor import ServerSupervisor
 
         if rollout.backend == "external":
-            check_reachable(rollout.urls)
-            workers = discover_workers(rollout.urls)
-            check_servers(workers, weight_sync=rollout.weight_sync)
-            logger.info("external rollout: generation via %s, weight updates to %s", rollout.urls[0], workers)
-            return cls(rollout, reward, max_response_length, None, list(rollout.urls), workers, deadline_s)
+            return cls._external(rollout, reward, max_response_length, deadline_s)
         servers = RolloutServers(
-            launched_server_config(rollout, model_path, run_dir / "rollout_logs", local_world_size)
+            launched_server_config(rollout, model_path, run_dir, local_world_size)
         ).start()
         servers.install_signal_handlers()
-        session = cls(
+        # Disk sync: a restarted server loads the newest published weights itself; else a push brings them.
+        weights_dir = run_dir / "weights" if rollout.weight_sync == "disk" else None
+        return cls(
             rollout,
             reward,
             max_response_length,
@@ -161,15 +175,41 @@ class RolloutSession:
             [servers.url],
             list(servers.worker_urls),
             deadline_s,
+            api_key=servers.api_key,
+            supervisor=ServerSupervisor(servers, weights_dir),
         )
-        if rollout.weight_sync == "disk":
-            from sdpg_mcore.rollout.supervisor import ServerSupervisor
 
-            session.supervisor = ServerSupervisor(servers, run_dir / "weights")
-        return session
+    @classmethod
+    def _external(cls, rollout: RolloutConfig, reward: RewardConfig, max_response_length: int, deadline_s):
+        """Servers someone else runs: reachable, what they are, and the key they want."""
+        from sdpg_mcore.rollout.auth import read_key_file
+        from sdpg_mcore.rollout.sglang_launch import check_servers
+
+        api_key = (
+            read_key_file(rollout.api_key_file, what="rollout.api_key_file") if rollout.api_key_file else None
+        )
+        if api_key is None:
+            logger.warning(
+                "rollout.api_key_file is empty: if the external servers run without a key, anyone who "
+                "reaches them can replace the weights or read rollouts"
+            )
+        check_reachable(rollout.urls)
+        workers = discover_workers(rollout.urls, api_key=api_key)
+        check_servers(workers, weight_sync=rollout.weight_sync, api_key=api_key)
+        logger.info("external rollout: generation via %s, weight updates to %s", rollout.urls[0], workers)
+        return cls(
+            rollout,
+            reward,
+            max_response_length,
+            None,
+            list(rollout.urls),
+            workers,
+            deadline_s,
+            api_key=api_key,
+        )
 
     def _rollout(self, rollout: Callable):
-        """``rollout()``, generated again by the supervisor after a dead or stuck server (when supervised)."""
+        """``rollout()`` under the supervisor's watchdog (launched servers)."""
         return self.supervisor.run(rollout) if self.supervisor is not None else rollout()
 
     def close(self) -> None:
@@ -279,9 +319,11 @@ class RolloutSession:
         return {f"eval/{name}/avg@{k}": avg, f"eval/{name}/pass@{k}": passed}
 
 
-def launched_server_config(rollout: RolloutConfig, model_path: str, log_dir: Path, local_world_size: int):
+def launched_server_config(rollout: RolloutConfig, model_path: str, run_dir: Path, local_world_size: int):
     """The ``ServerConfig`` of the servers the trainer launches: the built-in server or SGLang, on
-    GPUs of their own (:func:`server_placement`) unless colocated, with their own environment."""
+    GPUs of their own (:func:`server_placement`) unless colocated, with their own environment, logs
+    in ``run_dir/rollout_logs`` and the run's key in ``run_dir/secrets``."""
+    from sdpg_mcore.rollout.auth import KEY_FILE_NAME
     from sdpg_mcore.rollout.servers import ServerConfig
 
     placement = server_placement(rollout, local_world_size)
@@ -289,7 +331,7 @@ def launched_server_config(rollout: RolloutConfig, model_path: str, log_dir: Pat
         model_path=model_path,
         backend="dev" if rollout.backend == "builtin" else "sglang",
         num_servers=rollout.num_servers,
-        log_dir=str(log_dir),
+        log_dir=str(run_dir / "rollout_logs"),
         health_timeout_s=rollout.startup_timeout_s,
         router=rollout.router,
         env=builtin_server_env(rollout),
@@ -298,6 +340,7 @@ def launched_server_config(rollout: RolloutConfig, model_path: str, log_dir: Pat
         mem_fraction_static=placement.mem_fraction_static if placement else rollout.mem_fraction_static,
         weight_sync=rollout.weight_sync,
         enable_memory_saver=rollout.colocated,
+        api_key_file=str(run_dir / "secrets" / KEY_FILE_NAME),
     )
 
 
@@ -405,10 +448,28 @@ class WeightPusher:
     tensor, ``rollout.weight_sync``); rank 0 opens the update, every stage's source sends its part,
     rank 0 commits the version. Other TP ranks only drive the TP all-gathers. Colocated engines get
     their weights' memory back before a push (``train/colocate.py`` runs it between the turns).
+
+    A server that dies during a push does not end the run. Each attempt starts with rank 0 restarting
+    the servers that died (``ServerSupervisor.recover``); every rank learns whether the servers changed
+    and each stage source then re-forms its update group with all of them (distributed). A failure
+    anywhere (a server refused, died mid-broadcast, or failed the commit) is agreed on by all ranks,
+    and the whole push is made again, up to ``ATTEMPTS`` times. With disk sync a server that dies
+    during the commit is restarted and loads the just-published weights: the push completes without
+    being made again. :meth:`restore` pushes the current weights once more, for servers that were
+    restarted between pushes (``ServersNeedWeights``).
     """
 
+    ATTEMPTS = 3
+
     def __init__(
-        self, mode: str, layout, hf_dir: str, run_dir: Path, server_urls: list[str] | None, bucket_mb: int
+        self,
+        mode: str,
+        layout,
+        hf_dir: str,
+        run_dir: Path,
+        server_urls: list[str] | None,
+        bucket_mb: int,
+        api_key: str | None = None,
     ):
         from sdpg_mcore.rollout.weight_sync import make_weight_sync, server_tp_sizes
 
@@ -417,13 +478,16 @@ class WeightPusher:
         self.is_source = layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
         self.commit_rank = dist.get_rank() == 0 if dist.is_initialized() else True
         urls = list(server_urls or [])
-        box = [(urls, server_tp_sizes(urls) if self.commit_rank and mode != "disk" else [])]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
-        urls, tp_sizes = box[0]
+        tp_sizes = server_tp_sizes(urls, api_key=api_key) if self.commit_rank and mode != "disk" else []
+        urls, tp_sizes, api_key = _from_rank0((urls, tp_sizes, api_key))  # every stage source talks HTTP
+        self.supervisor = None
+        """Rank 0's ``ServerSupervisor`` of launched servers (:meth:`supervise`); None elsewhere."""
+        self.version: int | None = None
+        """The step whose weights the last push carried (None: none yet: the servers' start-up ones)."""
         self.flush_cache = True
         """Servers drop their KV/prefix cache after each push; off while requests sit paused in place
         during the push (asynchronous rollouts): SGLang cannot flush with requests in flight."""
+        self._restarts_seen = 0
         self.sync = None
         if self.is_source or mode == "disk":
             self.sync = make_weight_sync(
@@ -435,37 +499,112 @@ class WeightPusher:
                 hf_dir=hf_dir,
                 bucket_bytes=bucket_mb << 20,
                 backend="nccl" if torch.cuda.is_available() else "gloo",
+                api_key=api_key,
             )
 
+    def supervise(self, session) -> WeightPusher:
+        """Rank 0 of a run with launched servers: restart dead ones before each attempt."""
+        if session is not None:
+            self.supervisor = session.supervisor
+        return self
+
     def __call__(self, step: int) -> None:
-        """Rank 0 opens the update, every stage's source sends its part, rank 0 publishes ``step``.
+        """Push the weights after ``step`` as version ``step`` (collective); see the class docstring."""
+        self._push(str(step))
+        self.version = step
 
-        The version means "all weights are new", so no stage may set it before the others finished.
-        """
-        from checkpoints_convert.model_io import iter_hf_tensors
+    def restore(self) -> None:
+        """Push the current weights again, as the last pushed version (collective): for servers
+        restarted since, which wait for them. Call it only where the weights are those of the last
+        push (before a step trains, or after its push)."""
+        if self.version is None:
+            raise RuntimeError("restore before any push: restarted servers already hold the start-up weights")
+        self._push(str(self.version))
 
-        version = str(step)
-        tensors = iter_hf_tensors(self._chunks, self.hf_dir)
+    def _push(self, version: str) -> None:
+        error = ""
+        for attempt in range(1, self.ATTEMPTS + 1):
+            if self._servers_changed(attempt) and self.sync is not None:
+                self.sync.reset()  # a new group with every server (distributed); nothing to do otherwise
+            error = self._attempt(version)
+            if not error:
+                if self.supervisor is not None:
+                    self.supervisor.weights_pushed(version)
+                return
+            if self.commit_rank:
+                logger.warning(
+                    "weight push %s, attempt %d/%d failed: %s", version, attempt, self.ATTEMPTS, error
+                )
+        from sdpg_mcore.rollout.weight_sync import WeightSyncError
+
+        raise WeightSyncError(
+            f"weights version {version} did not reach every server in {self.ATTEMPTS} attempts: {error}"
+        )
+
+    def _servers_changed(self, attempt: int) -> bool:
+        """Rank 0 restarts dead servers; every rank learns whether the servers changed since the last
+        successful push (a restart here or by the client, or a failed attempt)."""
+        changed = attempt > 1
+        if self.supervisor is not None:
+            self.supervisor.recover()
+            changed = changed or self.supervisor.num_restarts != self._restarts_seen
+            self._restarts_seen = self.supervisor.num_restarts
+        return bool(_from_rank0(changed))
+
+    def _attempt(self, version: str) -> str:
+        """One push; ``""`` when every rank and server did its part, else (on every rank) what failed."""
+        error = ""
         if self.commit_rank:
-            self.sync.begin()
-        _barrier()
-        try:
-            if self.sync is not None:
-                self.sync.send(tensors, version, stage=self.layout.pp_rank, is_source=self.is_source)
-            else:
-                for _ in tensors:  # keep the TP all-gathers in step with the source
-                    pass
-        except BaseException:
+            error = _failure(self.sync.begin)
+            if error:
+                self.sync.abandon()  # the servers where it began, else their next begin is refused
+        error = _from_rank0(error)
+        if error:
+            return error
+        tensors = iter(self._named_tensors())
+        if self.sync is not None:
+            error = _failure(
+                self.sync.send, tensors, version, stage=self.layout.pp_rank, is_source=self.is_source
+            )
+        for _ in tensors:  # the rest after a failed send, all of it on a rank without a sync: the
+            pass  # TP all-gathers of the iterator must stay in step on every rank
+        if not all_ranks_true(not error):
             if self.commit_rank:
                 self.sync.abandon()
-            raise
-        _barrier()
+            return error or "a weight send failed on another rank"
         if self.commit_rank:
-            self.sync.commit(version, flush_cache=self.flush_cache)
-        _barrier()
+            if self.supervisor is not None:
+                self.supervisor.weights_published(version)
+            error = _failure(self.sync.commit, version, flush_cache=self.flush_cache)
+            if error and self._completed_by_restart(version):
+                error = ""
+        return _from_rank0(error)
+
+    def _completed_by_restart(self, version: str) -> bool:
+        """Disk sync, rank 0: servers that died during the commit are restarted and load the weights
+        just published, which completes the push; False when something else failed."""
+        from sdpg_mcore.rollout.weight_sync import DiskWeightSync, WeightSyncError, check_weight_versions
+
+        if self.supervisor is None or not isinstance(self.sync, DiskWeightSync):
+            return False
+        if not self.supervisor.recover():
+            return False
+        try:
+            check_weight_versions(self.sync.server_urls, version, api_key=self.sync.api_key)
+        except WeightSyncError:
+            return False
+        self._restarts_seen = self.supervisor.num_restarts
+        return True
 
     def bind(self, chunks) -> WeightPusher:
-        self._chunks = chunks
+        """Push the HF-named tensors of the model ``chunks`` (all-gathered over TP by every TP rank)."""
+        from checkpoints_convert.model_io import iter_hf_tensors
+
+        return self.bind_named_tensors(lambda: iter_hf_tensors(chunks, self.hf_dir))
+
+    def bind_named_tensors(self, named_tensors: Callable[[], Iterator]) -> WeightPusher:
+        """Push what ``named_tensors()`` yields, ``(hf_name, full tensor)`` pairs, anew on each attempt."""
+        self._named_tensors = named_tensors
         return self
 
     def close(self) -> None:
@@ -473,6 +612,49 @@ class WeightPusher:
             self.sync.close()
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+#: Weight restores one rollout or evaluation may need before it is given up on.
+RESTORES = 3
+
+
+def served(weights: WeightPusher, rank0: bool, produce: Callable[[], T]) -> T | None:
+    """Collective: ``produce()`` on rank 0 (it talks to the servers), its result there, None elsewhere.
+
+    When it stops because every server that could serve was restarted and waits for weights only a
+    push from every rank can give (``ServersNeedWeights``: distributed or tensor sync), every rank
+    pushes them (``weights.restore``) and rank 0 produces again, up to ``RESTORES`` times."""
+    from sdpg_mcore.rollout.supervisor import ServersNeedWeights
+
+    for _ in range(RESTORES + 1):
+        result, waiting = None, ""
+        if rank0:
+            try:
+                result = produce()
+            except ServersNeedWeights as err:
+                waiting = str(err)
+        waiting = _from_rank0(waiting)
+        if not waiting:
+            return result
+        if rank0:
+            logger.warning("%s: pushing the current weights again, then generating again", waiting)
+        weights.restore()
+    raise ServersNeedWeights(f"servers still wait for weights after {RESTORES} pushes: {waiting}")
+
+
+def _failure(fn, *args, **kwargs) -> str:
+    """``fn(*args, **kwargs)``; what went wrong, or ``""``. A server's failure is the caller's to act on."""
+    from sdpg_mcore.rollout.weight_sync import WeightSyncError
+
+    try:
+        fn(*args, **kwargs)
+    except WeightSyncError as err:
+        return str(err)
+    return ""
+
+
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank (the value itself without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

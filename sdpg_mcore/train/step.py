@@ -1,5 +1,6 @@
-"""One training step on a scored batch, as SDPG.md §2 steps 4-6: old/ref/teacher log-probs ->
-advantages -> one optimizer step per mini-batch (teacher pass, fused KL head, algorithm loss).
+"""One training step on a scored batch, steps 5-6 of the algorithm (``algo/README.md``):
+old/ref/teacher log-probs -> advantages -> one optimizer step per mini-batch (teacher pass, fused KL
+head, algorithm loss).
 
 The trainer calls :func:`run_step` between its rollout and weight-sync phases, on every rank, with
 the same responses everywhere. What it receives (:class:`StepContext`) is explicit values, not the
@@ -15,12 +16,21 @@ numbers); the optimizer's grad-norm / found-inf check per mini-batch (Megatron);
 once per step. None per micro-batch. (The trainer's broadcast of the scored batch is another.)
 With ``teacher_states="host"`` the teacher states go to pinned host memory and back by non-blocking
 copies on the current stream (``train/teacher_states.py``): no sync either.
+
+The teacher pass (sdpg) runs with the current weights, or with other weights swapped into the
+policy's chunks for the pass (``algorithm.teacher``: the EMA of ``train/ema_weights.py``, or the frozen
+initial weights of ``model_setup.ReferenceWeights``), whose own output-layer shard then feeds the
+fused head. Both read the weights outside a forward, so after each optimizer step the step completes
+the distributed optimizer's overlapped weight all-gather (``Policy.finish_param_sync``) and only then
+updates the EMA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,8 +38,9 @@ import torch.distributed as dist
 
 from sdpg_mcore import algo
 from sdpg_mcore.algo.config import TeacherSignal, TeacherWeights
+from sdpg_mcore.models.builder import unwrap_model
 from sdpg_mcore.train import batch as batching
-from sdpg_mcore.train.forward import hidden_pass, logprob_pass, train_pass
+from sdpg_mcore.train.forward import hidden_pass, logprob_pass, output_weight, train_pass
 from sdpg_mcore.train.metrics_log import PhaseTimer
 from sdpg_mcore.train.teacher_states import HostTeacherStates, host_store, state_rows
 
@@ -54,6 +65,8 @@ class StepContext:
     ``cp * pad_multiple``) on top."""
     teacher_states: str = "device"
     """Where the sdpg teacher states wait for the train pass: device | host (``trainer.teacher_states``)."""
+    ema: object | None = None
+    """``ema_weights.EMAWeights``, when the teacher is the EMA of the policy (``algorithm.teacher=ema``)."""
     needs: algo.AlgorithmNeeds = field(init=False)
     """``loss_cfg.needs()``: which passes the step runs."""
     teacher_temperature: float = field(init=False)
@@ -68,6 +81,11 @@ class StepContext:
         t = self.needs.teacher_temperature
         self.teacher_temperature = self.temperature if t is None else t
         self.host_states = host_store(self.teacher_states)
+        store = {TeacherWeights.EMA_POLICY: self.ema, TeacherWeights.FROZEN_REFERENCE: self.reference}
+        if self.needs.teacher_weights in store and store[self.needs.teacher_weights] is None:
+            raise ValueError(
+                f"the {self.needs.teacher_weights.value} teacher needs its weights in the StepContext"
+            )
 
 
 def _collective_groups():
@@ -189,7 +207,10 @@ def _logprob_passes(ctx: StepContext, responses, mbs, timer: PhaseTimer) -> dict
         if needs.teacher_weights is TeacherWeights.STEP_START_POLICY:
             lp = logprob_pass(chunks, mbs, head, temperature=ctx.teacher_temperature, teacher=True)
             per_row["teacher"] = _scatter(lp, mbs, responses)
-    frozen_teacher = needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
+    frozen_teacher = (
+        needs.teacher_weights is TeacherWeights.FROZEN_REFERENCE
+        and needs.teacher_signal is TeacherSignal.SAMPLED_LOGPROB
+    )  # a full-KL frozen teacher (sdpg's teacher=initial) runs per mini-batch, in _update
     if needs.ref_logprobs or frozen_teacher:
         with timer.phase("ref_logprob"), ctx.reference.chunks() as ref_chunks:
             if needs.ref_logprobs:
@@ -233,28 +254,70 @@ def _normalisers(ctx: StepContext, mbs: list[batching.MicroBatch]) -> algo.LossN
 
 
 def _update(ctx: StepContext, step: int, mbs, per_row: dict | None, scalars: dict, timer: PhaseTimer):
-    """One mini-batch: teacher pass (sdpg), forward + backward of the loss, optimizer step.
+    """One mini-batch: teacher pass (sdpg), forward + backward of the loss, optimizer step, EMA update.
 
     ``per_row`` is None off the last pipeline stage (no loss there). Returns (the metric sums of each
     micro-batch, grad norm, lr).
     """
     head, chunks = ctx.policy.head, ctx.policy.chunks
-    norms = None
+    norms, teacher_weight = None, None
     if per_row is not None:
         mbs = _with_inputs(ctx, mbs, per_row)
         norms = _normalisers(ctx, mbs)
     if ctx.needs.teacher_signal is TeacherSignal.FULL_KL:
-        with timer.phase("teacher"):
-            hidden = hidden_pass(chunks, mbs, head, keep=_teacher_keeper(ctx, mbs))
+        with timer.phase("teacher"), _teacher_model(ctx) as (teacher_chunks, teacher_weight):
+            hidden = hidden_pass(teacher_chunks, mbs, head, keep=_teacher_keeper(ctx, mbs))
         if hidden is not None:
             mbs = [replace(mb, teacher_hidden_NH=h) for mb, h in zip(mbs, hidden)]
     loss_fn = functools.partial(micro_batch_loss, ctx, norms, step, scalars)
     with timer.phase("update"):
         ctx.policy.zero_grad()
         T, teacher_T = ctx.temperature, ctx.teacher_temperature
-        sums = train_pass(chunks, mbs, head, loss_fn, temperature=T, teacher_temperature=teacher_T)
+        sums = train_pass(
+            chunks,
+            mbs,
+            head,
+            loss_fn,
+            temperature=T,
+            teacher_temperature=teacher_T,
+            teacher_weight=teacher_weight,
+        )
+        skipped = ctx.policy.skipped_updates
         grad_norm, lr = ctx.policy.optimizer_step()
+        _after_optimizer_step(ctx, updated=ctx.policy.skipped_updates == skipped)
     return sums, grad_norm, lr
+
+
+@contextlib.contextmanager
+def _teacher_model(ctx: StepContext) -> Iterator[tuple[list, torch.Tensor | None]]:
+    """The model chunks holding the teacher's weights for the teacher pass, and the teacher's own
+    output-layer shard for the fused head (None: the student's, the self-teacher's; also None off
+    the last pipeline stage). Swapped-in weights leave the chunks when the block ends, so the shard
+    is a copy then (``[V/TP, H]``, kept through the train pass)."""
+    kind = ctx.needs.teacher_weights
+    if kind is TeacherWeights.CURRENT_POLICY:
+        yield ctx.policy.chunks, None
+        return
+    store = ctx.ema if kind is TeacherWeights.EMA_POLICY else ctx.reference
+    with store.chunks() as teacher_chunks:
+        weight = None
+        if unwrap_model(teacher_chunks[-1]).post_process:  # the last pipeline stage holds the head
+            weight = output_weight(teacher_chunks[-1]).detach()
+            weight = weight.clone() if teacher_chunks is ctx.policy.chunks else weight
+        yield teacher_chunks, weight
+
+
+def _after_optimizer_step(ctx: StepContext, *, updated: bool) -> None:
+    """Make the new weights readable outside a forward when the next teacher pass swaps other weights
+    in, and advance the EMA teacher by the update (none when the update was skipped)."""
+    kind = ctx.needs.teacher_weights if ctx.needs.teacher_signal is TeacherSignal.FULL_KL else None
+    swapped = kind is TeacherWeights.EMA_POLICY or (
+        kind is TeacherWeights.FROZEN_REFERENCE and ctx.reference.mode == "cpu_swap"
+    )
+    if swapped:
+        ctx.policy.finish_param_sync()
+    if ctx.ema is not None and updated:
+        ctx.ema.update()
 
 
 def _teacher_keeper(ctx: StepContext, mbs: list[batching.MicroBatch]):

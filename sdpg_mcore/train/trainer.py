@@ -19,6 +19,7 @@ rollout session and the policy builder, and explicit values to the step.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -34,15 +35,17 @@ import torch.distributed as dist
 from sdpg_mcore import algo
 from sdpg_mcore.config import Config, config_to_dict, dump_config, resolve_world
 from sdpg_mcore.models.spec import resolve_transformer_impl
-from sdpg_mcore.parallel.lifetime import kill_forks_with_parent
+from sdpg_mcore.parallel.lifetime import kill_children_with_parent
 from sdpg_mcore.train import async_rollout, health, mechanism
 from sdpg_mcore.train import checkpoint as ckpt
 from sdpg_mcore.train.batch import Response
 from sdpg_mcore.train.colocate import Colocation, TrainerOffload, release_before_start
+from sdpg_mcore.train.ema_weights import EMAWeights, ema_teacher
+from sdpg_mcore.train.failure import rank_log_path
 from sdpg_mcore.train.metrics_log import MetricsLogger, PhaseTimer
 from sdpg_mcore.train.model_setup import Policy, build_policy, reference_weights
 from sdpg_mcore.train.progress import StepProgress, setup_logging
-from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses
+from sdpg_mcore.train.rollout_io import RolloutSession, WeightPusher, broadcast_responses, served
 from sdpg_mcore.train.step import StepContext, run_step
 
 logger = logging.getLogger(__name__)
@@ -127,7 +130,7 @@ def train(cfg: Config) -> dict[str, float]:
     or the save file appeared (:class:`SaveRequest`); the handler is installed first, so a signal
     during model building is not fatal either.
     """
-    kill_forks_with_parent()  # Megatron's checkpoint writers must not outlive a killed trainer
+    kill_children_with_parent()  # Megatron's checkpoint writers must not outlive a killed trainer
     save_file = os.environ.get(SAVE_FILE_ENV) or Path(cfg.trainer.run_dir) / "SAVE_AND_EXIT"
     save_request = SaveRequest(Path(save_file))
     try:
@@ -165,15 +168,22 @@ def loop(run: Run) -> dict[str, float]:
 
 
 def rollout(run: Run, step: int) -> tuple[list[Response], dict[str, float]]:
-    """This step's prompts; rank 0 generates and scores them; every rank returns the scored responses."""
+    """This step's prompts; rank 0 generates and scores them; every rank returns the scored responses.
+
+    When restarted servers wait for weights that only every rank can push, they get them and rank 0
+    generates again, drawing the same prompts (``served``)."""
     timer = PhaseTimer()
     with timer.phase("rollout"):
         # Colocated engines released for a checkpoint need the memory and step - 1's weights again.
         run.colocation.before_generation(lambda: run.weights(step - 1))
         first = run.sampler.next_batch()  # on every rank: the sampler state is checkpointed
-        responses, metrics = None, {}
-        if run.rank0:
-            responses, metrics = generate(run, run.session, run.sampler, first, step)
+        after_first = copy.deepcopy(run.sampler.state_dict())
+
+        def produce():
+            run.sampler.load_state_dict(after_first)  # dynamic sampling draws again from here
+            return generate(run, run.session, run.sampler, first, step)
+
+        responses, metrics = served(run.weights, run.rank0, produce) or (None, {})
         responses = broadcast_responses(responses)
         run.colocation.to_training()  # colocated: the engines hand the memory back for the step
     return responses, {**metrics, **async_rollout.staleness(responses, step), **timer.pop()}
@@ -208,10 +218,16 @@ def sync_weights(run: Run, step: int) -> dict[str, float]:
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
-    """avg@k and pass@k per held-out file, every ``eval.interval`` steps and after the last (rank 0)."""
+    """avg@k and pass@k per held-out file, every ``eval.interval`` steps and after the last (rank 0
+    evaluates; every rank takes part when restarted servers need the weights pushed: ``served``)."""
     ev, total = run.cfg.eval, run.cfg.trainer.total_steps
-    if not (run.rank0 and ev.interval and (step % ev.interval == 0 or step == total)):
+    if not (ev.interval and ev.files and (step % ev.interval == 0 or step == total)):
         return {}
+    return served(run.weights, run.rank0, lambda: _evaluate_files(run, step)) or {}
+
+
+def _evaluate_files(run: Run, step: int) -> dict[str, float]:
+    ev = run.cfg.eval
     out: dict[str, float] = {}
     for name, dataset in run.evals.items():
         count = len(dataset) if not ev.max_prompts else min(ev.max_prompts, len(dataset))
@@ -246,6 +262,7 @@ def save(run: Run, step: int) -> bool:
             hf_dir=run.cfg.model.path,
             extra_state={"sampler": run.sampler.state_dict()},
             keep_last=tr.keep_checkpoints or None,
+            teacher_ema=run.step_ctx.ema,
         )
     if stop:
         logger.info("save requested (SIGUSR1 or %s): saved %s; exiting", run.save_request.save_file, path)
@@ -268,7 +285,9 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, seed=cfg.trainer.seed
     )
     rank0 = dist.get_rank() == 0
-    setup_logging(cfg.logging.level, rank=dist.get_rank())
+    setup_logging(
+        cfg.logging.level, rank=dist.get_rank(), log_file=rank_log_path(cfg.trainer.run_dir, dist.get_rank())
+    )
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.trainer.run_dir)
     # External servers are checked (and, colocated, told to release their memory) before minutes of
@@ -282,16 +301,22 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
     reference = reference_weights(
         policy, needs, cfg.trainer.reference_weights, cfg.model.path, layout, _dtype(cfg)
     )
-    start = _resume(cfg, policy, sampler)
-    session, colocation = _start_rollout(cfg, env, rank0, session, policy, reference)
-    weights = WeightPusher(
-        cfg.rollout.weight_sync,
-        layout,
-        cfg.model.path,
-        run_dir,
-        session.worker_urls if rank0 else None,
-        cfg.rollout.bucket_mb,
-    ).bind(policy.chunks)
+    ema = ema_teacher(policy, needs, cfg.trainer.ema_weights)  # _resume loads a checkpoint's average
+    start = _resume(cfg, policy, sampler, ema)
+    session, colocation = _start_rollout(cfg, env, rank0, session, policy, reference, ema)
+    weights = (
+        WeightPusher(
+            cfg.rollout.weight_sync,
+            layout,
+            cfg.model.path,
+            run_dir,
+            session.worker_urls if rank0 else None,
+            cfg.rollout.bucket_mb,
+            api_key=session.api_key if rank0 else None,
+        )
+        .bind(policy.chunks)
+        .supervise(session)
+    )
     if start:  # the servers started from the initial weights
         colocation.sync(lambda: weights(start))
     if rank0:
@@ -309,6 +334,7 @@ def setup(cfg: Config, save_request: SaveRequest) -> Run:
         total_steps=cfg.trainer.total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         teacher_states=cfg.trainer.teacher_states,
+        ema=ema,
     )
     evals = {Path(f).stem: load_prompts(cfg, [f], tokenizer, False) for f in cfg.eval.files} if rank0 else {}
     sink, progress = _sinks(cfg, rank0, start)
@@ -348,7 +374,7 @@ def _external_first(cfg: Config, rank0: bool) -> bool:
     return rank0 and cfg.rollout.backend == "external"
 
 
-def _start_rollout(cfg: Config, env, rank0: bool, session, policy: Policy, reference) -> tuple:
+def _start_rollout(cfg: Config, env, rank0: bool, session, policy: Policy, reference, ema) -> tuple:
     """Rank 0's rollout session (``session``: the external one, already reached) and the
     turn-taking with colocated engines (``train/colocate.py``; a pass-through when the servers have
     GPUs of their own). Launched colocated engines start while the trainer is offloaded and then
@@ -360,7 +386,14 @@ def _start_rollout(cfg: Config, env, rank0: bool, session, policy: Policy, refer
             session = _rollout_session(cfg, run_dir, env.local_world_size)
         return session, Colocation(None)
     resident = [reference.model] if reference is not None and reference.model is not None else []
-    colocation = Colocation(TrainerOffload(policy.chunks, policy.optimizer, policy.device, resident))
+    offload = TrainerOffload(
+        policy.chunks,
+        policy.optimizer,
+        policy.device,
+        resident,
+        ema.device_buffers() if ema is not None else [],
+    )
+    colocation = Colocation(offload)
     if cfg.rollout.backend == "external":  # released at set-up: the first rollout pushes the weights
         colocation.engines = session.memory if rank0 else None
         return session, colocation
@@ -422,14 +455,21 @@ def _policy(cfg: Config, layout, use_te: bool) -> Policy:
     )
 
 
-def _resume(cfg: Config, policy: Policy, sampler) -> int:
-    """Load the checkpoint ``trainer.resume`` names (auto: the latest, if any); returns its step (0: fresh)."""
+def _resume(cfg: Config, policy: Policy, sampler, ema: EMAWeights | None) -> int:
+    """Load the checkpoint ``trainer.resume`` names (auto: the latest, if any), with the EMA teacher's
+    average when there is one; returns its step (0: fresh)."""
     if cfg.trainer.resume == "none":
         return 0
     ckpt_root = Path(cfg.trainer.run_dir) / "checkpoints"
     root, step = (ckpt_root, None) if cfg.trainer.resume == "auto" else _explicit(cfg.trainer.resume)
     loaded = ckpt.load_checkpoint(
-        root, policy.chunks, policy.optimizer, policy.scheduler, step=step, hf_dir=cfg.model.path
+        root,
+        policy.chunks,
+        policy.optimizer,
+        policy.scheduler,
+        step=step,
+        hf_dir=cfg.model.path,
+        teacher_ema=ema,
     )
     if loaded is None:
         return 0

@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from sdpg_mcore.data.arithmetic import arithmetic_problem, worked_response
+from sdpg_mcore.data.arithmetic import Triple, arithmetic_problem, problem_of, worked_response
 from sdpg_mcore.data.records import DEFAULT_INSTRUCTION_TEMPLATE, REFERENCE_CONTEXT_TEMPLATE
 from sdpg_mcore.rewards.math_scorer import last_boxed
 
@@ -43,11 +44,24 @@ def render(tokenizer, question: str, answer: str | None) -> str:
     )
 
 
-def sft_batch(tokenizer, rng: random.Random, batch_size: int, teacher_fraction: float, max_operand: int = 9):
-    """Right-padded ``input_ids``, ``attention_mask`` and response-only ``labels`` (-100 elsewhere)."""
+def sft_batch(
+    tokenizer,
+    rng: random.Random,
+    batch_size: int,
+    teacher_fraction: float,
+    max_operand: int = 9,
+    problems: Sequence[Triple] | None = None,
+):
+    """Right-padded ``input_ids``, ``attention_mask`` and response-only ``labels`` (-100 elsewhere).
+
+    Rows are drawn from ``problems`` (a benchmark's training problems, so held-out ones never reach the
+    warm start) or, without it, from every problem with operands in ``[0, max_operand]``."""
     rows = []
     for _ in range(batch_size):
-        question, answer = arithmetic_problem(rng, max_operand=max_operand)
+        if problems is None:
+            question, answer = arithmetic_problem(rng, max_operand=max_operand)
+        else:
+            question, answer = problem_of(rng.choice(problems))
         prompt = render(tokenizer, question, answer if rng.random() < teacher_fraction else None)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(worked_response(question, answer), add_special_tokens=False)["input_ids"]
@@ -79,10 +93,15 @@ def sample_accuracy(
     teacher: bool,
     max_new_tokens: int = 24,
     max_operand: int = 9,
+    problems: Sequence[Triple] | None = None,
 ) -> float:
-    """Fraction of correct boxed answers at temperature 1 on held-out problems (student or teacher prompt)."""
+    """Fraction of correct boxed answers at temperature 1 (student or teacher prompt) on ``num_prompts``
+    problems drawn from ``problems`` or, without it, from operands in ``[0, max_operand]``."""
     rng = random.Random(10_000 + seed)
-    problems = [arithmetic_problem(rng, max_operand=max_operand) for _ in range(num_prompts)]
+    if problems is None:
+        problems = [arithmetic_problem(rng, max_operand=max_operand) for _ in range(num_prompts)]
+    else:
+        problems = [problem_of(rng.choice(problems)) for _ in range(num_prompts)]
     prompts = [render(tokenizer, q, a if teacher else None) for q, a in problems]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -101,7 +120,9 @@ def sample_accuracy(
     return sum(_boxed(t) == a for t, (_, a) in zip(texts, problems)) / num_prompts
 
 
-def _supervised_steps(model, tokenizer, *, seed, sft_steps, batch_size, lr, teacher_fraction, max_operand):
+def _supervised_steps(
+    model, tokenizer, *, seed, sft_steps, batch_size, lr, teacher_fraction, max_operand, problems
+):
     """AdamW with a 20-step linear warm-up and grad-norm clipping at 1; returns the last loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
@@ -109,7 +130,9 @@ def _supervised_steps(model, tokenizer, *, seed, sft_steps, batch_size, lr, teac
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(sft_steps):
-        input_ids, mask, labels = sft_batch(tokenizer, rng, batch_size, teacher_fraction, max_operand)
+        input_ids, mask, labels = sft_batch(
+            tokenizer, rng, batch_size, teacher_fraction, max_operand, problems
+        )
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,9 +153,14 @@ def warm_start_tiny_model(
     teacher_fraction: float = 0.5,
     eval_prompts: int = 128,
     max_operand: int = 9,
+    problems: Sequence[Triple] | None = None,
+    eval_problems: Sequence[Triple] | None = None,
 ) -> dict:
     """Build, warm-start and save the tiny model + tokenizer to ``out``; returns the measurements, also
-    written to ``OUT/warmstart.json``."""
+    written to ``OUT/warmstart.json``.
+
+    ``problems``: train on these triples only (a benchmark's training split); ``eval_problems``: measure
+    the accuracies on these (its held-out split). Without them both draw operands in ``[0, max_operand]``."""
     from transformers import AutoModelForCausalLM
 
     from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
@@ -147,15 +175,17 @@ def warm_start_tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     loss = _supervised_steps(
         model, tokenizer, seed=seed, sft_steps=sft_steps, batch_size=batch_size, lr=lr,
-        teacher_fraction=teacher_fraction, max_operand=max_operand,
+        teacher_fraction=teacher_fraction, max_operand=max_operand, problems=problems,
     )  # fmt: skip
     sft_seconds = time.perf_counter() - start
-    accuracy = dict(num_prompts=eval_prompts, seed=seed, max_operand=max_operand)
+    accuracy = dict(num_prompts=eval_prompts, seed=seed, max_operand=max_operand, problems=eval_problems)
     stats = {
         "seed": seed,
         "sft_steps": sft_steps,
         "teacher_fraction": teacher_fraction,
         "max_operand": max_operand,
+        "train_problems": None if problems is None else len(problems),
+        "eval_problems": None if eval_problems is None else len(eval_problems),
         "final_sft_loss": round(float(loss.detach()), 4),
         "sft_seconds": round(sft_seconds, 1),
         "student_acc_t1": sample_accuracy(model, tokenizer, teacher=False, **accuracy),

@@ -1,5 +1,6 @@
-"""The five algorithms' losses vs per-token fp64 references written from SDPG.md §3/§5, incl. gradients."""
+"""The five algorithms' losses vs per-token fp64 references written from ``sdpg_mcore/algo/README.md``, incl. gradients."""
 
+import dataclasses
 import math
 
 import pytest
@@ -123,6 +124,39 @@ def test_sdpg_matches_spec(alpha_mode, gating):
     assert m["kl_mean"] == pytest.approx(kl_c.mean().item(), rel=1e-12)
     assert m["entropy"] == pytest.approx(inp.entropy_N.detach().mean().item(), rel=1e-12)
     assert m["loss"] == pytest.approx(out.loss.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("gating", [False, True])
+def test_sdpg_distill_is_ratio_matches_the_papers_sg_rho(gating):
+    """``distill_is_ratio``: each token's (gated, clamped) KL term times the constant
+    ``exp(clamp(lp - lp_old, ±20))`` of its sampled token — the paper's SG[rho] — and nothing else changes."""
+    cfg = SDPGConfig(beta=0.3, alpha=0.05, positive_advantage_only=gating, distill_is_ratio=True)
+    inp = _inputs()
+    with torch.no_grad():
+        inp.logprob_N[3] = inp.old_logprob_N[3] + 24.0  # beyond the ±20 log-ratio guard (A > 0)
+    out = _run("sdpg", cfg, inp, step=4)
+    terms, rhos = [], []
+    for t in range(len(inp.logprob_N)):
+        a, lp, old = inp.advantages_N[t].item(), inp.logprob_N[t], inp.old_logprob_N[t]
+        rho = math.exp(max(-20.0, min(20.0, (lp - old).item())))  # a Python float: no gradient
+        kl = inp.kl_N[t] if inp.kl_N[t].item() <= 20 else torch.tensor(20.0, dtype=torch.float64)
+        g = 1.0 if (not gating or a > 0) else 0.0
+        logw = lp - inp.ref_logprob_N[t]
+        terms.append(_pg_case(a, lp, old, 0.2, 0.28, 10.0) + 0.3 * g * rho * kl + 0.05 * 0.5 * logw**2)
+        rhos += [rho] if g else []
+    _assert_same(inp, out.loss, torch.stack(terms).mean())
+    m = out.metrics.reduce()
+    assert m["distill_is_ratio"] == pytest.approx(sum(rhos) / len(rhos), rel=1e-12)
+    assert max(rhos) == pytest.approx(math.exp(20.0)) and min(rhos) < 0.5  # the guard and a down-weight ran
+
+
+def test_distill_is_ratio_is_one_where_the_policy_is_the_old_one():
+    """On a step's first mini-batch (lp = lp_old) the ratio is exactly 1: loss and gradients as without it."""
+    base = _inputs()
+    on_policy = TokenInputs(**{**base.__dict__, "logprob_N": base.old_logprob_N.clone().requires_grad_(True)})
+    cfg = SDPGConfig(beta=0.3, alpha=0.05)
+    with_ratio = _run("sdpg", dataclasses.replace(cfg, distill_is_ratio=True), on_policy).loss
+    _assert_same(on_policy, with_ratio, _run("sdpg", cfg, on_policy).loss)
 
 
 def test_kl_gradient_is_zero_where_clamped():

@@ -4,8 +4,18 @@ SDPG prompts."""
 import json
 import random
 
+import pytest
+
 from sdpg_mcore.data import PromptConfig, load_prompt_dataset
-from sdpg_mcore.data.arithmetic import arithmetic_problem, evaluate, worked_response, write_arithmetic_task
+from sdpg_mcore.data.arithmetic import (
+    arithmetic_problem,
+    evaluate,
+    problem_of,
+    split_problems,
+    worked_response,
+    write_arithmetic_task,
+    write_split_task,
+)
 from sdpg_mcore.rewards import last_boxed
 
 
@@ -57,3 +67,31 @@ def test_task_records_split_into_student_and_teacher_prompts(tmp_path, qwen_toke
     assert len(train) == 20 and [r["extra_info"]["question"] for r in train[:6]] != [
         r["extra_info"]["question"] for r in held
     ]
+
+
+def test_problem_split_is_disjoint_seeded_and_covers_the_space():
+    split = split_problems(max_operand=9, heldout_fraction=0.25, seed=3)
+    assert len(split.heldout) == 50 and len(split.train) == 150
+    assert not set(split.heldout) & set(split.train)
+    space = {(a, op, b) for op in "+-" for a in range(10) for b in range(10)}
+    assert set(split.heldout) | set(split.train) == space
+    assert split == split_problems(max_operand=9, heldout_fraction=0.25, seed=3)
+    assert split.heldout != split_problems(max_operand=9, heldout_fraction=0.25, seed=4).heldout
+    assert problem_of((3, "-", 7)) == ("What is 3 - 7?", "-4")
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        split_problems(max_operand=1, heldout_fraction=0.0, seed=0)
+
+
+def test_split_task_trains_on_no_held_out_problem(tmp_path):
+    split = split_problems(max_operand=9, heldout_fraction=0.25, seed=1)
+    paths = write_split_task(tmp_path, split, num_train=3000, num_seen=50, seed=1)
+    questions = {
+        name: [json.loads(x)["extra_info"]["question"] for x in path.read_text().splitlines()]
+        for name, path in paths.items()
+    }
+    heldout = {problem_of(t)[0] for t in split.heldout}
+    train = {problem_of(t)[0] for t in split.train}
+    assert not heldout & set(questions["train"])
+    assert set(questions["train"]) == train  # 3000 draws reach all 150 training problems
+    assert sorted(questions["heldout"]) == sorted(heldout)
+    assert len(set(questions["seen"])) == 50 and set(questions["seen"]) <= train

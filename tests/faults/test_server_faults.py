@@ -1,5 +1,6 @@
 """A rollout server killed or stopped (SIGSTOP) mid-rollout: the supervisor restarts it with the current
-weights and the rollout completes within the watchdog's minute plus a restart, not 600 s x 6 tries."""
+weights, the requests it lost are sent again, and the rollout completes within the watchdog's minute
+plus a restart, not 600 s x 6 tries."""
 
 from __future__ import annotations
 
@@ -35,15 +36,22 @@ def served(tmp_path):
             health_timeout_s=120, env={"OMP_NUM_THREADS": "1"}, extra_args=["--num-threads", "1"],
         )
     ).start()  # fmt: skip
-    yield servers, ServerSupervisor(servers, weights, watchdog_s=WATCHDOG_S, probe_timeout_s=5.0)
+    supervisor = ServerSupervisor(servers, weights, watchdog_s=WATCHDOG_S, probe_timeout_s=5.0)
+    supervisor.weights_pushed("7")
+    yield servers, supervisor
     servers.stop()
 
 
 def _rollout_with_fault(servers, supervisor, fault: signal.Signals):
     victim = servers.servers[0]
-    client = RolloutClient(
-        ClientConfig(url=servers.url, deadline_s=DEADLINE_S, request_timeout_s=DEADLINE_S, backoff_s=0.2)
+    config = ClientConfig(
+        url=servers.url,
+        deadline_s=DEADLINE_S,
+        request_timeout_s=DEADLINE_S,
+        backoff_s=0.2,
+        api_key=servers.api_key,
     )
+    client = RolloutClient(config, on_failure=supervisor.on_failure)
     params = SamplingParams(max_new_tokens=120, ignore_eos=True)
     faulted = []
 
@@ -76,7 +84,7 @@ def test_supervisor_restarts_a_dead_or_stuck_server_with_current_weights(served,
     assert supervisor.num_restarts == 1 and servers.servers[0].proc.pid != old_pid
     assert elapsed < WATCHDOG_S + 120, elapsed  # watchdog + retries + restart, not 600 s x 6 tries
     url = servers.servers[0].url
-    assert weight_versions([url]) == {url: "7"}  # the restarted server got the weights back
+    assert weight_versions([url], api_key=servers.api_key) == {url: "7"}  # it got the weights back
     try:
         os.kill(old_pid, 0)
         raise AssertionError("the stuck server was not killed")

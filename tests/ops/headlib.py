@@ -7,9 +7,13 @@ import torch
 F64 = torch.float64
 
 
-def naive_reference(h_s, h_t, weight, targets, vocab_size, temperature=1.0, teacher_temperature=1.0):
-    """Full [N, V] logits, full log_softmax, autograd; the teacher path is detached (no grad)."""
+def naive_reference(
+    h_s, h_t, weight, targets, vocab_size, temperature=1.0, teacher_temperature=1.0, teacher_weight=None
+):
+    """Full [N, V] logits, full log_softmax, autograd; the teacher path is detached (no grad) and
+    uses ``teacher_weight`` when given (a teacher with its own output layer), else ``weight``."""
     w_real = weight[:vocab_size]
+    w_teacher = w_real if teacher_weight is None else teacher_weight[:vocab_size]
     log_p_s = torch.log_softmax((h_s @ w_real.t()) / temperature, dim=-1)
     p_s = log_p_s.exp()
     logprob = log_p_s.gather(1, targets.unsqueeze(1)).squeeze(1)
@@ -18,7 +22,7 @@ def naive_reference(h_s, h_t, weight, targets, vocab_size, temperature=1.0, teac
         kl = torch.zeros_like(entropy)
     else:
         with torch.no_grad():
-            log_p_t = torch.log_softmax((h_t @ w_real.t()) / teacher_temperature, dim=-1)
+            log_p_t = torch.log_softmax((h_t @ w_teacher.t()) / teacher_temperature, dim=-1)
         kl = (p_s * (log_p_s - log_p_t)).sum(-1)
     return kl, logprob, entropy
 
@@ -40,3 +44,11 @@ def values_and_grads(fn, h_s, weight, upstream):
     loss = sum((o.to(F64) * g).sum() for o, g in zip(outs, upstream))
     grads = torch.autograd.grad(loss, (h_s, weight), allow_unused=True)
     return [o.detach() for o in outs], grads
+
+
+def teacher_weight_like(weight, seed=7, spread=0.5):
+    """A teacher's own output layer near ``weight`` (as an EMA or the initial policy is): ``weight``
+    plus ``spread`` standard-normal noise, same shape and dtype, no grad."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(weight.shape, generator=gen, dtype=F64)
+    return (weight.detach().double() + spread * noise).to(weight.dtype).to(weight.device)

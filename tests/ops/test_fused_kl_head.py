@@ -44,6 +44,40 @@ def test_matches_naive_reference(num_tokens, chunk_size, vocab, padded, temps, w
         assert torch.all(got[0] > 0)  # two different distributions: KL strictly positive
 
 
+@pytest.mark.parametrize(
+    "num_tokens,chunk_size,vocab,padded",
+    [(7, None, 11, 16), (7, 1, 11, 16), (23, 2, 700, 768), (23, 5, 700, 768)],
+)
+@pytest.mark.parametrize("temps", [(1.0, 1.0), (0.7, 1.3)])
+def test_teacher_weight_matches_naive_reference(num_tokens, chunk_size, vocab, padded, temps):
+    """A teacher with its own output layer (an EMA or the initial policy): its logits take
+    ``teacher_weight``, the student's and every gradient only ``weight``; ``teacher_weight`` gets none."""
+    h_s, h_t, weight, targets, upstream = make_case(num_tokens, 5, vocab, padded)
+    gen = torch.Generator().manual_seed(7)
+    teacher_weight = (
+        weight.detach() + 0.5 * torch.randn(padded, 5, generator=gen, dtype=F64)
+    ).requires_grad_()
+    t_s, t_t = temps
+    got, got_grads = values_and_grads(
+        lambda: fused_kl_head(
+            h_s, h_t, weight, targets, vocab_size=vocab, temperature=t_s, teacher_temperature=t_t,
+            chunk_size=chunk_size, teacher_weight=teacher_weight,
+        ),
+        h_s, weight, upstream,
+    )  # fmt: skip
+    want, want_grads = values_and_grads(
+        lambda: naive_reference(h_s, h_t, weight, targets, vocab, t_s, t_t, teacher_weight),
+        h_s, weight, upstream,
+    )  # fmt: skip
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
+    same_weight = naive_reference(h_s, h_t, weight, targets, vocab, t_s, t_t)[0]
+    assert (got[0] - same_weight.detach()).abs().max() > 1e-2  # the teacher's own weight was used
+    assert teacher_weight.grad is None
+
+
 def test_kl_of_identical_distributions_is_zero():
     h_s, _, weight, targets, _ = make_case(6, 4, 9, 12)
     kl, _, _ = fused_kl_head(
@@ -143,7 +177,7 @@ def test_bf16_accumulates_in_fp32():
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
-def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: int):
+def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: int, own_teacher_weight=False):
     """Forward and backward of the bf16 head on fake CUDA tensors (shapes and dtypes only, so this
     CPU build runs the CUDA branch); every GEMM as ``(op, operand dtypes, output dtype, shape)``.
 
@@ -179,7 +213,8 @@ def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: in
         assert plan.fp32_output_gemm
         ctx = SimpleNamespace(set_materialize_grads=lambda _: None, needs_input_grad=(True, False, True))
         ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
-        outs = _FusedKLHead.forward(ctx, h_s, h_t, weight, targets, plan, None, TorchPath())
+        teacher_weight = torch.empty(vocab, hidden, **bf16) if own_teacher_weight else None
+        outs = _FusedKLHead.forward(ctx, h_s, h_t, weight, targets, plan, None, TorchPath(), teacher_weight)
         grads = _FusedKLHead.backward(ctx, *(torch.empty_like(o) for o in outs))
         assert [o.dtype for o in outs] == [torch.float32] * 3
         assert grads[0].dtype == grads[2].dtype == torch.bfloat16
@@ -187,23 +222,28 @@ def _gemms_on_fake_cuda(num_tokens: int, hidden: int, vocab: int, chunk_size: in
     return plan, gemms
 
 
-def test_cuda_path_multiplies_bf16_logits_into_fp32():
+@pytest.mark.parametrize("own_teacher_weight", [False, True])
+def test_cuda_path_multiplies_bf16_logits_into_fp32(own_teacher_weight):
     """The path CUDA takes, checked on this CPU build with fake CUDA tensors: every GEMM whose output
-    is logits (``[tokens or 2 x tokens, block rows]``) takes bf16 operands and writes fp32 through
-    ``mm.dtype`` — no logit is ever rounded to bf16; only the weight gradient is written in bf16."""
+    is logits (``[tokens or 2 x tokens, block rows]``; ``[tokens, block rows]`` twice per block with
+    the teacher's own output layer) takes bf16 operands and writes fp32 through ``mm.dtype`` — no
+    logit is ever rounded to bf16; only the weight gradient is written in bf16."""
     num_tokens, hidden, vocab = 24, 64, 3000
     from sdpg_mcore.ops.kl_head_math import fp32_accumulating_gemm_on
 
-    plan, gemms = _gemms_on_fake_cuda(num_tokens, hidden, vocab, chunk_size=10)
+    plan, gemms = _gemms_on_fake_cuda(
+        num_tokens, hidden, vocab, chunk_size=10, own_teacher_weight=own_teacher_weight
+    )
+    per_block = 2 if own_teacher_weight else 1  # logits GEMMs per block and pass (the teacher's own one)
     logits = [g for g in gemms if g[3][1] != hidden and g[3][0] in (num_tokens, 2 * num_tokens)]
-    assert len(logits) == 2 * -(-vocab // plan.block_rows)  # forward and backward recompute, every block
+    assert len(logits) == 2 * per_block * -(-vocab // plan.block_rows)  # forward and backward, every block
     for op, operands, out_dtype, _ in logits:
         assert operands == [torch.bfloat16, torch.bfloat16] and out_dtype == torch.float32, (op, operands)
         assert op == "aten.mm.dtype"
     bf16_out = [g for g in gemms if g[2] == torch.bfloat16]
     assert bf16_out and all(g[3][1] == hidden for g in bf16_out)  # dW blocks [B, H] only
     grad_h = [g for g in gemms if g[3] == (num_tokens, hidden)]
-    assert len(grad_h) == len(logits) // 2  # dh accumulates in place, one GEMM per block
+    assert len(grad_h) == len(logits) // (2 * per_block)  # dh accumulates in place, one GEMM per block
     in_place = fp32_accumulating_gemm_on(torch.device("cuda"))  # torch >= 2.11
     op = "aten.addmm.dtype_out" if in_place else "aten.mm.dtype"
     assert all(g[:3] == (op, [torch.bfloat16] * 2, torch.float32) for g in grad_h)

@@ -17,7 +17,7 @@ import random
 
 import pytest
 import torch
-from headlib import F64, make_case, naive_reference, values_and_grads
+from headlib import F64, make_case, naive_reference, teacher_weight_like, values_and_grads
 
 from sdpg_mcore.ops import fused_kl_head
 from sdpg_mcore.ops.kl_head_backends import resolve_backend
@@ -35,8 +35,11 @@ def _kernels_can_run():
     assert resolve_backend("triton", DEVICE, torch.float32) == "triton"
 
 
-def _errors(case, vocab, padded, dtype, *, teacher=True, temps=(1.0, 1.0), chunk=None, scale=None):
-    """Max errors of the triton head against fp64 and the torch head, on the same rounded inputs."""
+def _errors(
+    case, vocab, padded, dtype, *, teacher=True, temps=(1.0, 1.0), chunk=None, scale=None, own_weight=False
+):
+    """Max errors of the triton head against fp64 and the torch head, on the same rounded inputs;
+    ``own_weight``: the teacher's logits from its own output layer (``teacher_weight``)."""
     num_tokens, hidden, seed = case
     scale = 3.0 / hidden**0.5 if scale is None else scale  # logits ~ N(0, 9)
     h_s, h_t, weight, targets, upstream = make_case(num_tokens, hidden, vocab, padded, dtype, seed, scale)
@@ -46,7 +49,9 @@ def _errors(case, vocab, padded, dtype, *, teacher=True, temps=(1.0, 1.0), chunk
         targets.to(DEVICE),
         [u.to(DEVICE) for u in upstream],
     )
+    teacher_w = teacher_weight_like(weight, spread=scale) if own_weight else None
     kwargs = dict(vocab_size=vocab, temperature=temps[0], teacher_temperature=temps[1], chunk_size=chunk)
+    kwargs["teacher_weight"] = teacher_w
     got, got_grads = values_and_grads(
         lambda: fused_kl_head(h_s, h_t, weight, targets, backend="triton", **kwargs), h_s, weight, upstream
     )
@@ -55,8 +60,9 @@ def _errors(case, vocab, padded, dtype, *, teacher=True, temps=(1.0, 1.0), chunk
     )
     h64, w64 = (x.detach().double().requires_grad_() for x in (h_s, weight))
     t64 = None if h_t is None else h_t.double()
+    tw64 = None if teacher_w is None else teacher_w.double()
     want, want_grads = values_and_grads(
-        lambda: naive_reference(h64, t64, w64, targets, vocab, *temps), h64, w64, upstream
+        lambda: naive_reference(h64, t64, w64, targets, vocab, *temps, tw64), h64, w64, upstream
     )
     names = ("kl", "logprob", "entropy")
     return {
@@ -86,12 +92,22 @@ def _check(errors, dtype):
 # last block of 44 real rows in a 128-row GEMM; chunk 2 splits the tokens into groups of 6 as well.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "teacher,temps,chunk",
-    [(True, (0.7, 1.3), 8), (False, (1.0, 1.0), 8), (True, (1.3, 0.6), 2)],
-    ids=["teacher-temps", "no-teacher", "token-groups"],
+    "teacher,temps,chunk,own_weight",
+    [
+        (True, (0.7, 1.3), 8, False),
+        (False, (1.0, 1.0), 8, False),
+        (True, (1.3, 0.6), 2, False),
+        (True, (0.7, 1.3), 8, True),
+        (True, (1.3, 0.6), 2, True),
+    ],
+    ids=["teacher-temps", "no-teacher", "token-groups", "teacher-weight", "teacher-weight-groups"],
 )
-def test_matches_fp64_and_torch_path(dtype, teacher, temps, chunk):
-    errors = _errors((16, 24, 0), 300, 384, dtype, teacher=teacher, temps=temps, chunk=chunk)
+def test_matches_fp64_and_torch_path(dtype, teacher, temps, chunk, own_weight):
+    """``teacher-weight``: a teacher with its own output layer (an EMA or the initial policy): two
+    GEMMs per block into the one logits block, the kernels unchanged, no gradient to that layer."""
+    errors = _errors(
+        (16, 24, 0), 300, 384, dtype, teacher=teacher, temps=temps, chunk=chunk, own_weight=own_weight
+    )
     _check(errors, dtype)
     if not teacher:
         assert errors["values"]["kl"] == 0.0
@@ -118,23 +134,26 @@ def test_shapes_drawn_at_random(case, dtype):
     _check(_errors(shape, vocab, padded, dtype, teacher=teacher, temps=temps, chunk=chunk), dtype)
 
 
-TP_VOCABS = (300, 200)
-"""Of 512 padded rows: with TP 2, rank 1 holds 44 real rows behind 212 of padding, then only
-padding. Targets lie anywhere in ``[0, vocab)``, so most are in the other rank's shard."""
+TP_CASES = ((300, False), (200, False), (300, True))
+"""(vocab, the teacher's own output layer?) of 512 padded rows: with TP 2, rank 1 holds 44 real rows
+behind 212 of padding, then only padding. Targets lie anywhere in ``[0, vocab)``, so most are in the
+other rank's shard."""
 
 
 def _tp_rank(rank: int, world_size: int, backend: str):
-    """One rank's outputs and gradients with its weight shard (fp32 inputs), for each of TP_VOCABS."""
+    """One rank's outputs and gradients with its weight shard (fp32 inputs), for each of TP_CASES."""
     import torch.distributed as dist
 
     results = []
-    for vocab in TP_VOCABS:
+    for vocab, own_weight in TP_CASES:
         h_s, h_t, weight, targets, upstream = make_case(11, 12, vocab, 512, torch.float32, seed=3, scale=0.8)
-        rows = 512 // world_size
-        w = weight.detach()[rank * rows : (rank + 1) * rows].clone().requires_grad_()
+        rows = slice(rank * 512 // world_size, (rank + 1) * 512 // world_size)
+        w = weight.detach()[rows].clone().requires_grad_()
+        w_t = teacher_weight_like(weight, spread=0.3)[rows] if own_weight else None
         outs = fused_kl_head(
             h_s, h_t, w, targets, vocab_size=vocab, temperature=0.8, teacher_temperature=1.2,
             chunk_size=4, tp_group=dist.group.WORLD if world_size > 1 else None, backend=backend,
+            teacher_weight=w_t,
         )  # fmt: skip
         sum((o.double() * g).sum() for o, g in zip(outs, upstream)).backward()
         results.append([t.detach().double().numpy() for t in (torch.stack(outs), h_s.grad, w.grad)])
@@ -144,7 +163,7 @@ def _tp_rank(rank: int, world_size: int, backend: str):
 def test_tp2_over_gloo_matches_single_rank():
     want_all = _tp_rank(0, 1, "torch")
     by_rank = spawn_ranks(_tp_rank, 2, args=("triton",), timeout_s=300)
-    for case, vocab in enumerate(TP_VOCABS):
+    for case, (vocab, _) in enumerate(TP_CASES):
         want = [torch.from_numpy(a) for a in want_all[case]]
         ranks = [[torch.from_numpy(a) for a in results[case]] for results in by_rank]
         for outs, grad_h, _ in ranks:

@@ -56,7 +56,7 @@ def test_the_recipe_reads_into_the_step():
         assume=Assumptions(mean_response_len=1000, head_bytes=40),
     )
     assert not assumed.work.teacher_pass and assumed.work.lengths.mean == 1000
-    assert assumed.assumed["head_bytes_per_pair"] == pytest.approx(40 * 84 / 144)  # student rows only
+    assert assumed.assumed["head_bytes_per_pair"] == pytest.approx(40 * 22 / 38)  # student rows only
 
 
 def test_fitting_layouts_fastest_first():

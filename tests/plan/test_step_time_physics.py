@@ -132,16 +132,18 @@ def test_decode_never_reads_faster_than_hbm():
 
 
 def test_head_bytes_are_a_named_input():
-    """Fewer elementwise bytes per (token, vocabulary) pair: the train pass shrinks by exactly their
-    memory time on the last stage."""
+    """More elementwise bytes per (token, vocabulary) pair (``--head-bytes``, e.g. the torch path's
+    130 against the Triton kernels' 38): the train pass grows by exactly their memory time on the
+    last stage."""
     layout, work = Layout(tp=8, pp=2, dp=4), sdpg_work()
-    today = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), SDPG_MCORE, H100)
-    triton = with_head_bytes(SDPG_MCORE, 40.0)
-    fast = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), triton, H100)
-    assert triton.head_bytes_train + triton.head_bytes_teacher == pytest.approx(40.0)
+    triton = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), SDPG_MCORE, H100)
+    torch_bytes = with_head_bytes(SDPG_MCORE, 130.0)
+    slow = predict_step(SHAPE_70B, layout, work, SETTINGS, Rollout(16, 8), torch_bytes, H100)
+    assert SDPG_MCORE.head_bytes_train + SDPG_MCORE.head_bytes_teacher == 38.0
+    assert torch_bytes.head_bytes_train + torch_bytes.head_bytes_teacher == pytest.approx(130.0)
     pairs = work.rows_per_rank(4, True) * work.mini_batches * work.lengths.mean * 129024 / 8
-    saved = pairs * (144 - 40) / (HARDWARE["h100"].memory_bytes_per_s * EFFICIENCY.memory)
-    assert today.phases["train"] - fast.phases["train"] == pytest.approx(saved, rel=1e-6)
+    added = pairs * (130 - 38) / (HARDWARE["h100"].memory_bytes_per_s * EFFICIENCY.memory)
+    assert slow.phases["train"] - triton.phases["train"] == pytest.approx(added, rel=1e-6)
 
 
 def test_sdpg_costs_a_teacher_pass_and_two_head_matmuls_more_than_grpo():
@@ -152,6 +154,42 @@ def test_sdpg_costs_a_teacher_pass_and_two_head_matmuls_more_than_grpo():
     assert sdpg.phases["train"] > grpo.phases["train"]
     assert sdpg.phases["generation"] == grpo.phases["generation"]
     assert 1 < sdpg.total / grpo.total < 1.4
+
+
+def test_guarded_teacher_pays_its_swaps_per_teacher_pass_and_its_ema_update_per_optimizer_step():
+    """``algorithm.teacher=ema | initial`` on the 70B layout TP8 x PP2 (4.4 B parameters per GPU, 8
+    mini-batches): at link and memory speed (IDEAL) the EMA on the host moves 8 bytes per parameter
+    over the host link per teacher pass and per update, on the GPU ~14 and ~10 bytes of device memory;
+    the initial teacher swaps as the reference pass (two exchanges of the bf16 shard)."""
+    layout, work = Layout(tp=8, pp=2, dp=4), sdpg_work()
+    params = SHAPE_70B.rank_parameters(8, 2)
+    link, memory = IDEAL.hw.host_link_bytes_per_s, IDEAL.hw.memory_bytes_per_s
+
+    def guarded(teacher: str, host: bool = True):
+        settings = replace(SETTINGS, teacher_weights=teacher, ema_weights_host=host)
+        rollout = Rollout(gpus=16, tp=8)
+        return predict_step(SHAPE_70B, layout, work, settings, rollout, SDPG_MCORE, IDEAL)
+
+    policy = guarded("policy")
+    for teacher, host, swap_bytes, update_bytes, rate in (
+        ("ema", True, 8, 8, link),
+        ("ema", False, 14, 10, memory),
+        ("initial", True, 2 * 2, 0, link),
+    ):
+        got = guarded(teacher, host)
+        want_swap, want_update = 8 * swap_bytes * params / rate, 8 * update_bytes * params / rate
+        assert got.phases["teacher"] - policy.phases["teacher"] == pytest.approx(want_swap, rel=1e-9)
+        assert got.phases["optimizer"] - policy.phases["optimizer"] == pytest.approx(want_update, rel=1e-9)
+        assert got.details["teacher_swap"] == pytest.approx(want_swap + want_update, rel=1e-9)
+        assert got.phases["train"] == policy.phases["train"]
+    assert policy.details["teacher_swap"] == 0.0
+    grpo = replace(work, teacher_pass=False, teacher_extra_len=0)
+    no_teacher = predict_step(  # no teacher pass: nothing to swap, whatever the setting says
+        SHAPE_70B, layout, grpo, replace(SETTINGS, teacher_weights="ema"), Rollout(16, 8), SDPG_MCORE, IDEAL
+    )
+    assert no_teacher.details["teacher_swap"] == 0.0
+    with pytest.raises(ValueError, match="teacher_weights"):
+        replace(SETTINGS, teacher_weights="frozen")
 
 
 def test_response_lengths_keep_their_mean():

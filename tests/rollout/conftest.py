@@ -8,9 +8,8 @@ sets it up). Without it the ``sglang`` parameter fails with that hint, unless
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from launch_testlib import require_real_sglang
 
 from sdpg_mcore.data.tiny_tokenizer import save_tiny_tokenizer
 from sdpg_mcore.models.tiny import save_tiny_hf_model
@@ -37,18 +36,6 @@ def start_servers(model_dir, log_dir, num_servers=2, backend="dev", **overrides)
         **overrides,
     )
     return RolloutServers(config).start()
-
-
-def require_real_sglang() -> None:
-    """Fail (or skip, when asked to) unless real SGLang can be launched here."""
-    from sdpg_mcore.rollout.sglang_launch import SGLangServerError, sglang_python
-
-    try:
-        sglang_python()
-    except SGLangServerError as err:
-        if os.environ.get("SDPG_SKIP_REAL_SGLANG") == "1":
-            pytest.skip("SDPG_SKIP_REAL_SGLANG=1: real SGLang tests skipped on purpose")
-        pytest.fail(f"{err} (or set SDPG_SKIP_REAL_SGLANG=1 to skip real-SGLang tests)")
 
 
 @pytest.fixture(scope="module", params=["dev", "sglang"])

@@ -16,6 +16,7 @@ from sdpg_mcore.rollout.client import ClientConfig, RolloutClient, RolloutError
 from sdpg_mcore.rollout.http import http_json
 from sdpg_mcore.rollout.protocol import SamplingParams
 from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig, ServerStartError
+from sdpg_mcore.rollout.sglang_launch import sglang_python
 
 
 def _pid_alive(pid: int) -> bool:
@@ -32,7 +33,11 @@ def test_server_killed_mid_rollout_is_retried_then_restarted(tiny_model_dir, tmp
         deadline_s = 90.0
         client = RolloutClient(
             ClientConfig(
-                url=servers.url, worker_urls=servers.worker_urls, deadline_s=deadline_s, backoff_s=0.2
+                url=servers.url,
+                worker_urls=servers.worker_urls,
+                deadline_s=deadline_s,
+                backoff_s=0.2,
+                api_key=servers.api_key,
             )
         )
         victim = servers.servers[0]
@@ -47,6 +52,7 @@ def test_server_killed_mid_rollout_is_retried_then_restarted(tiny_model_dir, tmp
             while time.monotonic() < give_up:  # kill the victim while it decodes requests of this rollout
                 await asyncio.sleep(0.05)
                 _, info = await client.get("/get_server_info", url=victim.url)
+                assert isinstance(info, dict), info
                 if info["internal_states"][0]["num_in_flight"] > 0:
                     killed_with_in_flight.append(info["internal_states"][0]["num_in_flight"])
                     break
@@ -66,9 +72,11 @@ def test_server_killed_mid_rollout_is_retried_then_restarted(tiny_model_dir, tmp
         assert servers.check() == [victim.url]
         assert victim.alive() and victim.restarts == 1
         assert http_json(f"{victim.url}/health")[0] == 200
-        workers = http_json(f"{servers.url}/workers")[1]["workers"]
+        workers = http_json(f"{servers.url}/workers", api_key=servers.api_key)[1]["workers"]
         assert victim.url in [w["url"] for w in workers]
-        client2 = RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls))
+        client2 = RolloutClient(
+            ClientConfig(url=servers.url, worker_urls=servers.worker_urls, api_key=servers.api_key)
+        )
         groups = client2.run(client2.generate([[4, 5]], SamplingParams(max_new_tokens=3), n=4))
         assert all(len(s.output_ids) == 3 for s in groups[0])
     finally:
@@ -164,3 +172,46 @@ def test_a_port_taken_before_the_server_binds_is_picked_again(
         assert "address already in use" in (tmp_path / "logs" / "server_0.log").read_text().lower()
     finally:
         group.stop()
+
+
+@pytest.mark.timeout(1200)  # real SGLang: its start-up deadline below
+@pytest.mark.parametrize("backend", ["dev", pytest.param("sglang", marks=pytest.mark.slow)])
+def test_kill9_of_the_launcher_takes_every_server_process_with_it(tiny_model_dir, tmp_path, backend):
+    """``kill -9`` of the process that launched the servers and the router: 5 s later none of their
+    processes is alive, SGLang's scheduler and detokenizer included (SGLang does not make them die
+    with its own main process; ``sglang_entry`` does)."""
+    import psutil
+
+    if backend == "sglang":
+        sglang_python()  # raises naming the setup command when real SGLang is missing
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from sdpg_mcore.rollout.servers import RolloutServers, ServerConfig
+        servers = RolloutServers(ServerConfig(model_path={str(tiny_model_dir)!r}, log_dir={str(tmp_path / "logs")!r},
+                                              backend={backend!r}, router=True, health_timeout_s=900,
+                                              env={{"OMP_NUM_THREADS": "1"}}))
+        servers.start()
+        open({str(ready)!r}, "w").write("up")
+        time.sleep(3600)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 900
+        while not ready.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, "launcher died or timed out"
+            time.sleep(0.2)
+        started = psutil.Process(parent.pid).children(recursive=True)
+        assert len(started) >= (4 if backend == "sglang" else 2)  # server (+ scheduler, detokenizer), router
+        parent.kill()
+        parent.wait()
+        time.sleep(5.0)
+        survivors = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for process in survivors:
+            process.kill()
+        assert not survivors, [" ".join(p.cmdline())[:100] for p in survivors]
+    finally:
+        if parent.poll() is None:
+            parent.kill()

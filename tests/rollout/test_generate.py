@@ -39,7 +39,9 @@ PROMPTS = [[5, 17, 42, 8], [3, 9], [100, 101, 102, 103, 104, 105], [7]]
 
 
 def make_client(servers, **kw) -> RolloutClient:
-    return RolloutClient(ClientConfig(url=servers.url, worker_urls=servers.worker_urls, **kw))
+    return RolloutClient(
+        ClientConfig(url=servers.url, worker_urls=servers.worker_urls, api_key=servers.api_key, **kw)
+    )
 
 
 def reference_logprobs(model_dir, prompt, output, temperature: float) -> torch.Tensor:
@@ -70,7 +72,9 @@ def test_batched_generation_with_logprobs(servers):
     assert client.metrics.output_tokens_per_s > 0
     # The router spread the requests over both workers.
     counts = [
-        http_json(f"{u}/get_server_info")[1]["internal_states"][0]["num_generate_requests"]
+        http_json(f"{u}/get_server_info", api_key=servers.api_key)[1]["internal_states"][0][
+            "num_generate_requests"
+        ]
         for u in servers.worker_urls
     ]
     assert all(c > 0 for c in counts), counts
@@ -134,23 +138,23 @@ def test_stop_token_and_stop_string(servers):
         "input_ids": PROMPTS[0],
         "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
     }
-    status, free = http_json(f"{worker}/generate", body)
+    status, free = http_json(f"{worker}/generate", body, api_key=servers.api_key)
     assert status == 200 and isinstance(free["text"], str)
     ids = free["output_ids"]
     stop_id = ids[3]
     first = ids.index(stop_id)
     body["sampling_params"]["stop_token_ids"] = [stop_id]
-    _, out = http_json(f"{worker}/generate", body)
+    _, out = http_json(f"{worker}/generate", body, api_key=servers.api_key)
     assert out["output_ids"] == ids[: first + 1]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
     text = free["text"]
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     body["sampling_params"] = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop]}
-    _, out = http_json(f"{worker}/generate", body)
+    _, out = http_json(f"{worker}/generate", body, api_key=servers.api_key)
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     assert out["text"] == text[: text.index(stop)] and stop not in out["text"]
     body["sampling_params"]["no_stop_trim"] = True
-    _, out = http_json(f"{worker}/generate", body)
+    _, out = http_json(f"{worker}/generate", body, api_key=servers.api_key)
     assert out["text"].endswith(stop)
 
 
@@ -163,6 +167,7 @@ def test_text_input_and_prompt_logprobs(servers):
             "return_logprob": True,
             "logprob_start_len": 0,
         },
+        api_key=servers.api_key,
     )
     assert status == 200, out
     entries = out["meta_info"]["input_token_logprobs"]
@@ -190,17 +195,23 @@ def test_text_input_and_prompt_logprobs(servers):
 )
 def test_malformed_requests_get_400_and_server_stays_up(servers, body):
     worker = servers.worker_urls[1]
-    status, out = http_json(f"{worker}/generate", body)
+    status, out = http_json(f"{worker}/generate", body, api_key=servers.api_key)
     assert status == 400 and "message" in out["error"], out
     assert (
-        http_json(f"{worker}/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}})[0]
+        http_json(
+            f"{worker}/generate",
+            {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}},
+            api_key=servers.api_key,
+        )[0]
         == 200
     )
 
 
 def test_flush_cache_400_while_busy_is_retried(servers):
     worker = servers.worker_urls[0]
-    client = RolloutClient(ClientConfig(url=worker, request_timeout_s=60, max_retries=0))
+    client = RolloutClient(
+        ClientConfig(url=worker, request_timeout_s=60, max_retries=0, api_key=servers.api_key)
+    )
 
     async def scenario():
         long = asyncio.ensure_future(
@@ -211,7 +222,7 @@ def test_flush_cache_400_while_busy_is_retried(servers):
         while not (await client.get("/get_server_info"))[1]["internal_states"][0]["num_in_flight"]:
             await asyncio.sleep(0.05)
         status, _ = await client.post("/flush_cache")
-        resends = await asyncio.to_thread(flush_caches, [worker], timeout_s=60)
+        resends = await asyncio.to_thread(flush_caches, [worker], timeout_s=60, api_key=servers.api_key)
         return status, resends, await long
 
     status, resends, out = client.run(scenario())
@@ -222,17 +233,21 @@ def test_flush_cache_400_while_busy_is_retried(servers):
 
 def test_abort_on_cancel_and_pause(servers):
     worker = servers.worker_urls[1]
-    client = RolloutClient(ClientConfig(url=worker, deadline_s=0.2))
+    client = RolloutClient(ClientConfig(url=worker, deadline_s=0.2, api_key=servers.api_key))
     params = SamplingParams(max_new_tokens=250, ignore_eos=True)  # ~0.5 s of decoding at the very least
     with pytest.raises(Exception, match="deadline"):
         client.run(client.generate([[1, 2, 3]], params))
     # The aborted request leaves the server within a step or two (250 steps otherwise).
     deadline = time.monotonic() + 5
-    while http_json(f"{worker}/get_server_info")[1]["internal_states"][0]["num_in_flight"]:
+    while http_json(f"{worker}/get_server_info", api_key=servers.api_key)[1]["internal_states"][0][
+        "num_in_flight"
+    ]:
         assert time.monotonic() < deadline, "aborted request still running"
         time.sleep(0.05)
     # /pause_generation (default mode "abort") answers in-flight requests with finish_reason abort.
-    client2 = RolloutClient(ClientConfig(url=worker, request_timeout_s=60, max_retries=0))
+    client2 = RolloutClient(
+        ClientConfig(url=worker, request_timeout_s=60, max_retries=0, api_key=servers.api_key)
+    )
 
     async def pause_mid_request():
         body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}
@@ -251,24 +266,30 @@ def test_abort_on_cancel_and_pause(servers):
     status, out = client2.run(pause_mid_request())
     assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "abort"
     assert 0 < out["meta_info"]["completion_tokens"] < 250
-    assert http_json(f"{worker}/pause_generation", {"mode": "in_place"})[0] == 200
-    assert http_json(f"{worker}/continue_generation", {})[0] == 200
+    assert http_json(f"{worker}/pause_generation", {"mode": "in_place"}, api_key=servers.api_key)[0] == 200
+    assert http_json(f"{worker}/continue_generation", {}, api_key=servers.api_key)[0] == 200
     status, out = http_json(
-        f"{worker}/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 2}}
+        f"{worker}/generate",
+        {"input_ids": [1], "sampling_params": {"max_new_tokens": 2}},
+        api_key=servers.api_key,
     )
     assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
 
 
 def test_release_and_resume_memory(servers):
-    memory = MemoryOccupation(servers.worker_urls, ["kv_cache", "weights"])
+    memory = MemoryOccupation(servers.worker_urls, ["kv_cache", "weights"], api_key=servers.api_key)
     with memory.released_during():
         memory.release()  # idempotent: no second call reaches the servers
-        status, out = http_json(f"{servers.worker_urls[0]}/generate", {"input_ids": [1]})
+        status, out = http_json(
+            f"{servers.worker_urls[0]}/generate", {"input_ids": [1]}, api_key=servers.api_key
+        )
         assert status == 400 and "released" in out["error"]["message"]
     assert not memory.released
     assert (
         http_json(
-            f"{servers.worker_urls[0]}/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}}
+            f"{servers.worker_urls[0]}/generate",
+            {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}},
+            api_key=servers.api_key,
         )[0]
         == 200
     )
@@ -281,11 +302,12 @@ def test_huge_text_is_refused_before_tokenising_and_health_stays_fast(servers):
         f"{worker}/generate",
         {"text": "1+1=" * 2_000_000, "sampling_params": {"max_new_tokens": 1}},
         timeout_s=60,
+        api_key=servers.api_key,
     )
     assert status == 400 and "cannot fit the context" in out["error"]["message"]
     assert time.monotonic() - start < 20
     status, out = http_json(
-        f"{worker}/generate", {"text": "x" * (40 << 20)}, timeout_s=60
+        f"{worker}/generate", {"text": "x" * (40 << 20)}, timeout_s=60, api_key=servers.api_key
     )  # over the body limit
     assert status == 413
-    assert http_json(f"{worker}/health")[0] == 200
+    assert http_json(f"{worker}/health", api_key=servers.api_key)[0] == 200

@@ -183,7 +183,7 @@ def test_launched_sglang_gets_its_own_gpus_and_no_trainer_settings(tmp_path, mon
     monkeypatch.setenv("SDPG_SGLANG_PYTHON", "py")
     rollout = RolloutConfig(backend="sglang", num_servers=2, tp_size=2, mem_fraction_static=0.6)
     with simulated_gpus(8):
-        config = launched_server_config(rollout, str(tmp_path), tmp_path / "logs", local_world_size=4)
+        config = launched_server_config(rollout, str(tmp_path), tmp_path, local_world_size=4)
         servers = RolloutServers(config).servers
     commands = [" ".join(s.cmd) for s in servers]
     assert "--base-gpu-id 4" in commands[0] and "--base-gpu-id 6" in commands[1]
@@ -194,9 +194,10 @@ def test_launched_sglang_gets_its_own_gpus_and_no_trainer_settings(tmp_path, mon
                                                  "CUDA_DEVICE_MAX_CONNECTIONS"} or k.startswith("TORCHELASTIC_")}  # fmt: skip
         assert leaked == set()
         assert server.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"  # --base-gpu-id counts in it
-    builtin = launched_server_config(RolloutConfig(server_threads=2), str(tmp_path), tmp_path / "logs", 1)
+    builtin = launched_server_config(RolloutConfig(server_threads=2), str(tmp_path), tmp_path, 1)
     assert builtin.env == {"OMP_NUM_THREADS": "2"} and builtin.backend == "dev"
     colocated = RolloutConfig(backend="sglang", colocated=True, weight_sync="tensor")
     with simulated_gpus(8):
-        shared = launched_server_config(colocated, str(tmp_path), tmp_path / "logs", local_world_size=8)
+        shared = launched_server_config(colocated, str(tmp_path), tmp_path, local_world_size=8)
     assert shared.base_gpu_id == 0 and shared.mem_fraction_static == 0.5 and shared.enable_memory_saver
+    assert shared.api_key_file == str(tmp_path / "secrets" / "rollout_api_key")

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import require_real_sglang, start_servers
-from launch_testlib import launch_overrides, make_assets, train_rank
+from conftest import start_servers
+from launch_testlib import launch_overrides, make_assets, require_real_sglang, train_rank
 from test_contract import assert_serves, hf_tensors
 
 from sdpg_mcore.rollout.http import http_json
@@ -32,19 +32,21 @@ def test_tp2_servers_behind_router_take_a_broadcast(tiny_model_dir, tmp_path):
         tiny_model_dir, tmp_path / "logs", num_servers=2, backend="sglang", tp_size=2, router=True
     )
     try:
-        urls = servers.worker_urls
-        assert [f.tp_size for f in check_servers(urls, weight_sync="distributed")] == [2, 2]
-        sync = DistributedWeightSync(urls, server_tp_sizes=[2, 2], bucket_bytes=64 << 10)
+        urls, key = servers.worker_urls, servers.api_key
+        assert [f.tp_size for f in check_servers(urls, weight_sync="distributed", api_key=key)] == [2, 2]
+        sync = DistributedWeightSync(urls, server_tp_sizes=[2, 2], bucket_bytes=64 << 10, api_key=key)
         try:
             assert sync.world_size == 5 and sync.rank_offsets() == [1, 3]
             sync.push(hf_tensors(other), "tp2-1")
         finally:
             sync.close()
-        assert weight_versions(urls) == {u: "tp2-1" for u in urls}
+        assert weight_versions(urls, api_key=key) == {u: "tp2-1" for u in urls}
         for url in urls:
-            assert_serves(url, other)
+            assert_serves(url, other, key)
         status, out = http_json(
-            f"{servers.url}/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
+            f"{servers.url}/generate",
+            {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}},
+            api_key=key,
         )
         assert status == 200 and out["meta_info"]["weight_version"] == "tp2-1"
     finally:
@@ -101,6 +103,8 @@ def test_trainer_on_real_sglang(tmp_path, weight_sync, colocated, async_steps, n
             assert record["logprob_mismatch"] <= 1e-4, record["logprob_mismatch"]
         return
     assert [r["async/start_lag"] for r in records] == [0.0, 1.0, 1.0]
-    assert [r["rollout/version_lag_max"] for r in records][1:] == [1.0, 1.0]
+    # A request still running at the next push reports the version it finished with (lag 0), so the
+    # lag of a request is at most async_steps, not exactly it (start_lag above is exact).
+    assert all(0.0 <= r["rollout/version_lag_max"] <= 1.0 for r in records[1:])
     assert records[0]["logprob_mismatch"] <= 1e-4  # the initial weights on both sides
     assert all(0 < r["rollout_is_weight"] <= 2.0 for r in records)  # rollout_is_cap's async default

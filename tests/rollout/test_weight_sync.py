@@ -44,7 +44,7 @@ def hf_greedy(model_dir) -> list[list[int]]:
     return outs
 
 
-def server_greedy(urls) -> list[list[list[int]]]:
+def server_greedy(urls, key) -> list[list[list[int]]]:
     """Greedy outputs of every server for ``PROMPTS`` (one batched request per server)."""
     body = {
         "input_ids": PROMPTS,
@@ -52,7 +52,7 @@ def server_greedy(urls) -> list[list[list[int]]]:
     }
     outs = []
     for url in urls:
-        status, out = http_json(f"{url}/generate", body, timeout_s=60)
+        status, out = http_json(f"{url}/generate", body, timeout_s=60, api_key=key)
         assert status == 200, out
         outs.append([o["output_ids"] for o in out])
     return outs
@@ -82,12 +82,13 @@ def test_iter_buckets_respects_size_and_dtype():
 
 
 def test_disk_sync(sync_servers, other_models, tmp_path):
-    sync = DiskWeightSync(sync_servers.worker_urls, tmp_path / "shared", hf_config_dir=other_models[1])
+    urls, key = sync_servers.worker_urls, sync_servers.api_key
+    sync = DiskWeightSync(urls, tmp_path / "shared", hf_config_dir=other_models[1], api_key=key)
     stats = sync.push(hf_tensors(other_models[1]), "disk-1")
     assert stats.num_bytes > 0
-    check_weight_versions(sync_servers.worker_urls, "disk-1")
+    check_weight_versions(urls, "disk-1", api_key=key)
     expected = hf_greedy(other_models[1])
-    assert server_greedy(sync_servers.worker_urls) == [expected, expected]
+    assert server_greedy(urls, key) == [expected, expected]
     assert (tmp_path / "shared" / "weights-disk-1" / "config.json").is_file()
     assert not list((tmp_path / "shared").glob(".staging-*"))
 
@@ -99,7 +100,8 @@ def test_disk_sync(sync_servers, other_models, tmp_path):
 )
 def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten, seed):
     tensors = hf_tensors(other_models[seed])
-    sync = DistributedWeightSync(sync_servers.worker_urls, bucket_bytes=bucket_bytes, flatten=flatten)
+    urls, key = sync_servers.worker_urls, sync_servers.api_key
+    sync = DistributedWeightSync(urls, bucket_bytes=bucket_bytes, flatten=flatten, api_key=key)
     try:
         stats = sync.push(tensors, f"dist-{seed}")
     finally:
@@ -109,13 +111,14 @@ def test_distributed_sync(sync_servers, other_models, bucket_bytes, flatten, see
         assert 1 < stats.num_requests < len(tensors)  # one request per bucket, not per tensor
     else:
         assert stats.num_requests == len(tensors)
-    check_weight_versions(sync_servers.worker_urls, f"dist-{seed}")
+    check_weight_versions(urls, f"dist-{seed}", api_key=key)
     expected = hf_greedy(other_models[seed])
-    assert server_greedy(sync_servers.worker_urls) == [expected, expected]
+    assert server_greedy(urls, key) == [expected, expected]
 
 
 def test_rejected_bucket_fails_fast_not_at_the_timeout(sync_servers):
-    sync = DistributedWeightSync(sync_servers.worker_urls, timeout_s=120)
+    key = sync_servers.api_key
+    sync = DistributedWeightSync(sync_servers.worker_urls, timeout_s=120, api_key=key)
     sync.connect()
     start = time.monotonic()
     with pytest.raises(WeightSyncError, match="unknown weight name"):
@@ -123,7 +126,7 @@ def test_rejected_bucket_fails_fast_not_at_the_timeout(sync_servers):
     assert time.monotonic() - start < 30
     sync._pool.shutdown(wait=False)
     status, out = http_json(
-        f"{sync_servers.worker_urls[0]}/update_weights_from_disk", {"model_path": "/nonexistent"}
+        f"{sync_servers.worker_urls[0]}/update_weights_from_disk", {"model_path": "/nonexistent"}, api_key=key
     )
     assert status == 400 and out["success"] is False
 
@@ -134,11 +137,11 @@ def test_failed_disk_update_keeps_the_weights(sync_servers, other_models, tmp_pa
     (Real SGLang 0.5.23 does not: a truncated safetensors file kills its scheduler process, so this
     is a property of the built-in server only; DiskWeightSync never publishes a partial file.)
     """
-    url = sync_servers.worker_urls[0]
-    DiskWeightSync([url], tmp_path / "shared", hf_config_dir=other_models[1]).push(
+    url, key = sync_servers.worker_urls[0], sync_servers.api_key
+    DiskWeightSync([url], tmp_path / "shared", hf_config_dir=other_models[1], api_key=key).push(
         hf_tensors(other_models[1]), "ok"
     )
-    before = server_greedy([url])
+    before = server_greedy([url], key)
     good = (other_models[2] / "model.safetensors").read_bytes()
     truncated, partial = tmp_path / "truncated", tmp_path / "partial"
     truncated.mkdir()
@@ -148,13 +151,15 @@ def test_failed_disk_update_keeps_the_weights(sync_servers, other_models, tmp_pa
     partial.mkdir()
     save_file(dict(hf_tensors(other_models[2])[:3]), str(partial / "model.safetensors"))
     for path in (truncated, partial, tmp_path / "missing"):
-        status, out = http_json(f"{url}/update_weights_from_disk", {"model_path": str(path)}, timeout_s=60)
+        status, out = http_json(
+            f"{url}/update_weights_from_disk", {"model_path": str(path)}, timeout_s=60, api_key=key
+        )
         assert status == 400 and out["success"] is False, out
-        assert server_greedy([url]) == before
-    check_weight_versions([url], "ok")
+        assert server_greedy([url], key) == before
+    check_weight_versions([url], "ok", api_key=key)
 
 
-def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir):
+def _megatron_sync(rank, world_size, dir_a, dir_b, urls, key, shared_dir):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -168,16 +173,16 @@ def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir):
     results = {}
 
     load_hf_into_model([model], dir_a)
-    disk = DiskWeightSync(urls, shared_dir, hf_config_dir=dir_a)
+    disk = DiskWeightSync(urls, shared_dir, hf_config_dir=dir_a, api_key=key)
     disk.send(iter_hf_tensors([model], dir_a), "mcore-disk", stage=stage, is_source=is_source)
     dist.barrier()
     if rank == 0:
         disk.commit("mcore-disk")
-        results["disk"] = server_greedy(urls)
+        results["disk"] = server_greedy(urls, key)
     dist.barrier()
 
     load_hf_into_model([model], dir_b)
-    sync = DistributedWeightSync(urls, stage=stage, bucket_bytes=32 << 10)  # each stage: its own host's port
+    sync = DistributedWeightSync(urls, stage=stage, bucket_bytes=32 << 10, api_key=key)  # a port per stage
     if rank == 0:
         sync.begin()  # one session on every server for all stages
     dist.barrier()
@@ -185,7 +190,7 @@ def _megatron_sync(rank, world_size, dir_a, dir_b, urls, shared_dir):
     dist.barrier()
     if rank == 0:
         sync.commit("mcore-dist")  # closes the session, sets the version on every server and checks it
-        results["dist"] = server_greedy(urls)
+        results["dist"] = server_greedy(urls, key)
     dist.barrier()
     if is_source:
         sync.close()
@@ -200,7 +205,13 @@ def test_sync_from_tp2_pp2_megatron_model(sync_servers, other_models, tmp_path):
     results = spawn_ranks(
         _megatron_sync,
         4,
-        args=(str(other_models[1]), str(other_models[2]), urls, str(tmp_path / "shared")),
+        args=(
+            str(other_models[1]),
+            str(other_models[2]),
+            urls,
+            sync_servers.api_key,
+            str(tmp_path / "shared"),
+        ),
         timeout_s=300,
     )
     expected_a, expected_b = hf_greedy(other_models[1]), hf_greedy(other_models[2])

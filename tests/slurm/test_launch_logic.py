@@ -23,18 +23,24 @@ def test_dedicated_70b_layout():
     lines = proc.stdout.splitlines()
     assert "trainer: 4 node(s) (n1 n2 n3 n4) x 8 tasks = 32 ranks; master n1:?" in lines
     assert [line for line in lines if line.startswith("server")] == [
-        "server 0: http://n5:30000 gpus=0,1,2,3,4,5,6,7",
-        "server 1: http://n6:30000 gpus=0,1,2,3,4,5,6,7",
+        "server 0: http://n5:30000 on n5 gpus=0,1,2,3,4,5,6,7",
+        "server 1: http://n6:30000 on n6 gpus=0,1,2,3,4,5,6,7",
+        "servers listen on: 0.0.0.0",  # the job spans hosts: reachable from the trainer's nodes
     ]
     assert "trainer rollout.urls: http://n5:30100" in lines
 
 
 def test_colocated_one_node_without_router():
+    """One host: the servers listen on loopback only, and the trainer reaches them there."""
     proc = _roles(["gpu1"], ROLLOUT_MODE="colocated", GPUS_PER_NODE="8", ROLLOUT_TP="2", USE_ROUTER="0")
     assert proc.returncode == 0, proc.stderr
     servers = [line for line in proc.stdout.splitlines() if line.startswith("server")]
-    assert servers == [f"server {i}: http://gpu1:{30000 + i} gpus={2 * i},{2 * i + 1}" for i in range(4)]
-    assert "trainer rollout.urls: " + ",".join(f"http://gpu1:{30000 + i}" for i in range(4)) in proc.stdout
+    assert servers == [
+        f"server {i}: http://127.0.0.1:{30000 + i} on gpu1 gpus={2 * i},{2 * i + 1}" for i in range(4)
+    ] + ["servers listen on: 127.0.0.1"]
+    assert (
+        "trainer rollout.urls: " + ",".join(f"http://127.0.0.1:{30000 + i}" for i in range(4)) in proc.stdout
+    )
     assert "x 8 tasks = 8 ranks" in proc.stdout
 
 
@@ -43,9 +49,9 @@ def test_repeated_host_gets_distinct_ports():
     proc = _roles(["vm", "vm", "vm"], GPUS_PER_NODE="2", ROLLOUT_TP="1", ROLLOUT_NODES="2")
     assert proc.returncode == 0, proc.stderr
     ports = [
-        line.split("http://vm:")[1].split()[0]
+        line.split("http://127.0.0.1:")[1].split()[0]
         for line in proc.stdout.splitlines()
-        if line.startswith("server")
+        if line.startswith("server ")
     ]
     assert ports == ["30000", "30001", "30002", "30003"]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import random
 import socket
+import stat
+import subprocess
 import sys
 import textwrap
 import time
@@ -184,6 +186,20 @@ def test_dry_run_end_to_end(local_slurm, tmp_path, assets):
     assert [m["step"] for m in metrics] == [1, 2], metrics
     assert all(m["num_responses"] == 4 for m in metrics)  # 2 prompts x n=2 through the dev server
     assert {"step_00000001", "step_00000002"} <= {p.name for p in (run / "checkpoints").iterdir()}
+    assert_key_only_in_its_file(run)
+
+
+def assert_key_only_in_its_file(run_dir: Path) -> None:
+    """The job's key (0600, in a 0700 directory) is in no log, config or output of the run."""
+    (key_file,) = (run_dir / "secrets").glob("rollout_api_key_job_*")
+    assert (
+        stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        and stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    )
+    key = key_file.read_text().strip()
+    assert len(key) == 64
+    found = subprocess.run(["grep", "-rl", key, str(run_dir)], capture_output=True, text=True).stdout.split()
+    assert found == [str(key_file)], found
 
 
 @pytest.mark.slow
@@ -217,12 +233,16 @@ def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets, script)
         textwrap.dedent(
             f"""\
             #!/bin/bash
-            # Stand-in trainer: one /generate through the router URL the script passes as rollout.urls.
+            # Stand-in trainer: one /generate through the router URL the script passes as rollout.urls,
+            # with the key from rollout.api_key_file, and one without it (refused).
             url=$(printf '%s\\n' "$@" | sed -n 's/^rollout.urls=\\[\\(.*\\)\\]$/\\1/p')
+            key_file=$(printf '%s\\n' "$@" | sed -n 's/^rollout.api_key_file=//p')
             [ "$SLURM_PROCID" = 0 ] || exit 0
+            body='{{"input_ids": [1, 2, 3], "sampling_params": {{"max_new_tokens": 4, "temperature": 1.0}}, "return_logprob": true}}'
+            curl -s -o /dev/null -w '%{{http_code}}' -m 60 "$url/generate" -H 'Content-Type: application/json' \\
+              -d "$body" > {tmp_path}/without_key.status
             curl -sf -m 120 "$url/generate" -H 'Content-Type: application/json' \\
-              -d '{{"input_ids": [1, 2, 3], "sampling_params": {{"max_new_tokens": 4, "temperature": 1.0}}, "return_logprob": true}}' \\
-              > {tmp_path}/generate.json
+              -H "Authorization: Bearer $(cat "$key_file")" -d "$body" > {tmp_path}/generate.json
             """
         )
     )
@@ -237,6 +257,9 @@ def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets, script)
     assert f"rollout: {mode}" in out.read_text()
     reply = json.loads((tmp_path / "generate.json").read_text())
     assert reply["meta_info"]["completion_tokens"] == len(reply["output_ids"]) <= 4, reply
+    assert (tmp_path / "without_key.status").read_text() == "401"
+    assert "servers listen on: 127.0.0.1" in out.read_text()  # one host: loopback only
+    assert_key_only_in_its_file(tmp_path / "run")
     assert len(reply["meta_info"]["output_token_logprobs"]) == len(reply["output_ids"])
 
 

@@ -17,12 +17,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _audit(tmp_path: Path, prelude: str = "", teacher_states: str = "device") -> dict:
+def _audit(
+    tmp_path: Path, prelude: str = "", teacher_states: str = "device", teacher: str = "policy"
+) -> dict:
     out = tmp_path / "audit.json"
     code = (
         "import json\nfrom sdpg_mcore.audit.device_audit import run_audit\n"
         f"{prelude}\n"
-        f"r = run_audit('sdpg', {teacher_states!r}); open({str(out)!r}, 'w').write(json.dumps(r))\n"
+        f"r = run_audit('sdpg', {teacher_states!r}, teacher={teacher!r})\n"
+        f"open({str(out)!r}, 'w').write(json.dumps(r))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-3000:]
@@ -56,6 +59,24 @@ def test_sdpg_step_is_device_clean_with_only_the_needed_host_syncs(tmp_path, tea
     # The colocated turn (train/colocate.py) freed and restored every weight on the fake GPU through
     # pinned non-blocking copies (no host sync above): the bf16 weights of the 2-layer stage.
     assert result["colocated"]["offloaded_bytes"] == result["colocated"]["restored_bytes"] > 200_000
+
+
+@pytest.mark.parametrize("teacher, ema_weights", [("ema", "host"), ("ema", "device"), ("initial", "host")])
+def test_guarded_teacher_steps_are_device_clean(tmp_path, teacher, ema_weights):
+    """``algorithm.teacher=ema | initial``: the weights swapped in for every teacher pass (the average
+    from pinned host memory or from the device; the frozen initial weights from pinned host memory),
+    the teacher's own output layer in the fused head, and the average's update after every optimizer
+    step add no host sync and no device mix: the syncs are those of ``teacher=policy``."""
+    out = tmp_path / "a.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/device_audit.py", "--teacher", teacher, "--ema-weights", ema_weights, "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert result["clean"] and "stopped_at" not in result and result["teacher"] == teacher
+    by_site = {sync.rsplit(" ", 1)[-1]: n for sync, n in result["host_syncs"].items()}
+    assert by_site == {"normalisers_from_counts": 2, "reduce": 2}
 
 
 def test_audit_catches_a_builder_that_leaves_the_norms_on_the_host(tmp_path):
@@ -136,3 +157,17 @@ def test_audit_catches_a_colocated_reload_that_leaves_storages_empty(tmp_path):
     result = _audit(tmp_path, prelude)
     assert not result["clean"]
     assert any("colocated reload restored" in v for v in result["violations"]), result["violations"]
+
+
+@pytest.mark.slow
+def test_audit_reports_an_ema_teacher_in_pageable_memory(tmp_path):
+    """``ema_weights=host`` with buffers that are not pinned: the average's trips to the device and
+    back and the parked live weights' become host syncs, each reported at the EMA's own line."""
+    prelude = (
+        "import torch\nfrom sdpg_mcore.train import ema_weights\n"
+        "ema_weights._buffer = lambda numel, dtype, device, place: torch.empty(numel, dtype=dtype)\n"
+    )
+    result = _audit(tmp_path, prelude, teacher="ema")
+    assert not result["clean"] and not result["violations"]
+    unexpected = list(result["unexpected_host_syncs"])
+    assert unexpected and all("ema_weights.py" in s for s in unexpected)

@@ -341,6 +341,67 @@ def test_teacher_states_on_the_host_leave_one_micro_batch_on_the_gpu():
         TrainingShape(**base, teacher_states="disk")
 
 
+def _ema_bytes(rank, world_size, hf_dir) -> dict:
+    """The real EMA teacher's bytes on a bf16 policy (TP1): device and host places."""
+    from sdpg_mcore.config import OptimizerConfig
+    from sdpg_mcore.parallel import state
+    from sdpg_mcore.train.ema_weights import EMAWeights
+    from sdpg_mcore.train.model_setup import build_policy
+
+    layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=1)
+    optim = OptimizerConfig(lr=1e-6, lr_warmup_steps=0, use_distributed_optimizer=False)
+    policy = build_policy(hf_dir, layout, dtype=torch.bfloat16, optim=optim, total_updates=1, chunk_size=8)
+    out = {}
+    for place in ("device", "host"):
+        ema = EMAWeights(policy, 0.99, place)
+        out[place] = (ema.nbytes if place == "device" else 0, ema.host_nbytes)
+    state.destroy()
+    return out
+
+
+def test_guarded_teacher_weights_are_counted(tmp_path):
+    """``algorithm.teacher=ema``: ``device`` holds the fp32 average on the GPU (4 bytes per parameter
+    of the rank) and parks the live bf16 weights there during the teacher pass (2 bytes, counted with
+    the teacher pass); ``host`` holds both in pinned host RAM — the bytes of the real ``EMAWeights``
+    on a built bf16 policy. ``ema`` and a swapped-in ``initial`` keep the teacher's output-layer
+    shard; a resident ``initial`` is the reference model."""
+    from sdpg_mcore.algo.config import TEACHERS as ALGO_TEACHERS
+    from sdpg_mcore.models.tiny import save_tiny_hf_model
+    from sdpg_mcore.plan.memory import EMA_PLACES, TEACHERS
+    from sdpg_mcore.train.ema_weights import PLACES
+
+    assert TEACHERS == tuple(ALGO_TEACHERS) and EMA_PLACES == PLACES
+    hf_dir = save_tiny_hf_model(tmp_path / "m", "qwen3", num_hidden_layers=2, seed=1)
+    shape = ModelShape.from_path(hf_dir / "config.json")
+    base = dict(micro_batch_tokens=64, teacher_tokens=64, rollout_seq_len=64, kernels="local")
+    layout = Layout(tp=1, pp=1, cp=1, dp=1)
+    plans = {
+        name: estimate_memory(shape, layout, TrainingShape(**base, **kw))
+        for name, kw in {
+            "policy": {},
+            "ema_device": dict(teacher="ema", ema_weights="device"),
+            "ema_host": dict(teacher="ema", ema_weights="host"),
+            "initial": dict(teacher="initial"),
+            "initial_resident": dict(teacher="initial", reference_weights="separate_model"),
+        }.items()
+    }
+    real = spawn_ranks(_ema_bytes, 1, args=(str(hf_dir),))[0]
+    params = shape.rank_parameters(1, 1)
+    head = padded_vocab_size(shape.vocab_size, 1) * shape.hidden_size * 2  # the [V/TP, H] bf16 copy
+    policy, dev, host = plans["policy"], plans["ema_device"], plans["ema_host"]
+    assert policy.teacher_weights == policy.teacher_weights_host == 0
+    assert dev.teacher_weights == real["device"][0] + head == 4 * params + head
+    assert dev.teacher == policy.teacher + 2 * params and dev.teacher_weights_host == 0
+    # The real parked weights: the local spec keeps the norm weights in fp32 (4 bytes, not 2; < 1 %).
+    assert host.teacher_weights == head and host.teacher_weights_host == 6 * params
+    assert 0 <= real["host"][1] - host.teacher_weights_host <= 0.01 * real["host"][1]
+    assert host.total == policy.total + head
+    assert plans["initial"].teacher_weights == head and plans["initial"].teacher_weights_host == 0
+    assert plans["initial_resident"].teacher_weights == 0
+    with pytest.raises(ValueError, match="teacher='frozen' is not one of policy, ema, initial"):
+        TrainingShape(**base, teacher="frozen")
+
+
 def test_cli_json_and_exit_codes(tmp_path, capsys):
     out = tmp_path / "plan.json"
     config = str(REPO / "examples/llama3_70b/config.json")
@@ -404,19 +465,26 @@ def test_cli_reads_a_recipe(tmp_path):
     assert per_gpu["total"] == pytest.approx(68.80 * GIB, abs=0.005 * GIB)
 
 
-def test_recipe_teacher_states_reach_the_plan(tmp_path):
-    """``trainer.teacher_states`` in a recipe is planned as such (the command line still wins)."""
+def _recipe_70b(tmp_path, **sections) -> tuple[list[str], Path]:
+    """The 70B recipe with ``sections``' keys changed, next to its config.json in ``tmp_path``: the
+    plan command line for 4 nodes and its JSON output."""
     import shutil
 
     import yaml
 
     recipe = yaml.safe_load((REPO / "examples/llama3_70b/recipe.yaml").read_text())
     recipe["model"].pop("path")  # use the config.json next to the recipe
-    recipe["trainer"]["teacher_states"] = "host"
+    for section, values in sections.items():
+        recipe[section].update(values)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     shutil.copy(REPO / "examples/llama3_70b/config.json", tmp_path / "config.json")
     out = tmp_path / "plan.json"
-    common = ["--config", str(tmp_path / "recipe.yaml"), "--nodes", "4", "--json", str(out)]
+    return ["--config", str(tmp_path / "recipe.yaml"), "--nodes", "4", "--json", str(out)], out
+
+
+def test_recipe_teacher_states_reach_the_plan(tmp_path):
+    """``trainer.teacher_states`` in a recipe is planned as such (the command line still wins)."""
+    common, out = _recipe_70b(tmp_path, trainer={"teacher_states": "host"})
     assert run_plan(common) == 0
     per_gpu = json.loads(out.read_text())["per_gpu_bytes"]
     assert per_gpu["teacher_states"] == 10240 * 8192 * 2 and per_gpu["teacher_states_host"] == 8 * GIB
@@ -470,3 +538,21 @@ def test_plan_reads_colocation_and_the_layer_spec_from_the_recipe(tmp_path):
     result = json.loads(out.read_text())
     assert result["training"]["rollout"] == "colocated" and result["training"]["kernels"] == "local"
     assert set(result["per_gpu_bytes"]["phase_peaks"]) == {"training", "weight_push", "generation"}
+
+
+def test_recipe_ema_teacher_reaches_the_plan_and_the_advice(tmp_path):
+    """``algorithm.teacher=ema`` with ``trainer.ema_weights`` in a recipe: on the 70B recipe (TP8 x PP2,
+    4.4 B parameters per GPU) the fp32 average on the GPU does not fit, and the planner says the host
+    place does (the command line still wins)."""
+    common, out = _recipe_70b(tmp_path, algorithm={"teacher": "ema"}, trainer={"ema_weights": "device"})
+    assert run_plan(common) == 1
+    result = json.loads(out.read_text())
+    params = ModelShape.from_path(tmp_path / "config.json").rank_parameters(8, 2)
+    head = padded_vocab_size(128256, 8) // 8 * 8192 * 2
+    assert result["training"]["teacher"] == "ema" and result["training"]["ema_weights"] == "device"
+    assert result["per_gpu_bytes"]["teacher_weights"] == 4 * params + head
+    (advice,) = result["advice"]
+    assert advice.startswith("trainer.ema_weights=host fits: TP8 PP2 CP1 DP2")
+    assert run_plan([*common, "--ema-weights", "host"]) == 0
+    per_gpu = json.loads(out.read_text())["per_gpu_bytes"]
+    assert per_gpu["teacher_weights"] == head and per_gpu["teacher_weights_host"] == 6 * params

@@ -60,8 +60,9 @@ def test_head_bytes_and_hardware_change_the_prediction(tmp_path):
         assert out.returncode == 0, out.stderr
         return json.loads(path.read_text())["time"]["total_s"]
 
-    today, triton, h200 = total(), total("--head-bytes", "40"), total("--hardware", "h200")
-    assert triton < today and h200 < today
+    triton, h200 = total(), total("--hardware", "h200")
+    torch_head, torch_bytes = total("--logprob-backend", "torch"), total("--head-bytes", "130")
+    assert triton < torch_bytes < torch_head and h200 < triton  # torch's log-prob passes move 40 B, not 8
 
 
 def test_validate_prints_every_published_run(tmp_path):

@@ -20,6 +20,17 @@ def test_guard_counts_bad_steps_in_a_row_and_stops_past_patience():
         guard.check(5, {"loss": math.inf}, skipped_updates=1)
 
 
+def test_an_empty_per_token_mean_is_not_a_bad_step():
+    """OPSD in a step without a right answer: no token passes its gate, pg_loss has no token (NaN),
+    the loss is 0."""
+    guard = NonFiniteGuard(patience=0)
+    guard.check(
+        1, {"loss": 0.0, "pg_loss": math.nan, "kl_mean": math.nan, "grad_norm": 0.0}, skipped_updates=0
+    )
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        guard.check(2, {"loss": math.nan, "pg_loss": math.nan}, skipped_updates=0)
+
+
 def test_guard_with_zero_patience_stops_at_the_first_bad_step():
     with pytest.raises(NonFiniteError, match="step 7: non-finite a gradient on some rank"):
         NonFiniteGuard(0).check(7, {"loss": 0.1, "grad_norm": 0.2}, skipped_updates=2)

@@ -7,7 +7,9 @@ import pytest
 from launch_testlib import RECIPE, clean_env, launch_overrides, logged_steps, make_assets, wait_for
 
 from sdpg_mcore.parallel.spawn import find_free_port
-from sdpg_mcore.rollout.servers import http_json
+from sdpg_mcore.rollout.auth import new_key_file, read_key_file
+from sdpg_mcore.rollout.http import http_json
+from sdpg_mcore.rollout.sglang_launch import keyed_module
 from sdpg_mcore.train.rollout_io import RolloutUnreachableError, check_reachable
 
 
@@ -24,25 +26,28 @@ def test_unreachable_rollout_server_names_url_and_fix():
         check_reachable([url], timeout_s=2)
 
 
-def _router_healthy(url: str, worker: str) -> bool:
+def _router_healthy(url: str, worker: str, key: str) -> bool:
     try:
-        status, body = http_json(f"{url}/workers", timeout_s=2.0)
+        status, body = http_json(f"{url}/workers", timeout_s=2.0, api_key=key)
     except OSError:
         return False
     return status == 200 and any(w["url"] == worker and w.get("is_healthy") for w in body["workers"])
 
 
 def test_external_router_weight_sync_reaches_the_worker(assets, tmp_path):
-    """With rollout.urls=[router], generation goes through the router and the weights reach its worker."""
+    """With rollout.urls=[router], generation goes through the router and the weights reach its worker;
+    worker and router want the key, which the trainer reads from rollout.api_key_file."""
     worker_port, router_port, metrics_port = find_free_port(), find_free_port(), find_free_port()
     worker = f"http://127.0.0.1:{worker_port}"
     router = f"http://127.0.0.1:{router_port}"
+    key_file = new_key_file(tmp_path / "secrets")
+    key = read_key_file(key_file)
     procs = []
     with open(tmp_path / "worker.log", "wb") as wlog, open(tmp_path / "router.log", "wb") as rlog:
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "sdpg_mcore.rollout.dev_server", "--model-path", str(assets / "model")]
-                + ["--port", str(worker_port), "--num-threads", "1"],
+                + ["--port", str(worker_port), "--num-threads", "1", "--api-key-file", str(key_file)],
                 stdout=wlog,
                 stderr=subprocess.STDOUT,
                 env=clean_env(),
@@ -50,7 +55,12 @@ def test_external_router_weight_sync_reaches_the_worker(assets, tmp_path):
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
+                [
+                    sys.executable,
+                    *keyed_module("sglang_router.launch_router", str(key_file)),
+                    "--host",
+                    "127.0.0.1",
+                ]
                 + [
                     "--port",
                     str(router_port),
@@ -65,27 +75,29 @@ def test_external_router_weight_sync_reaches_the_worker(assets, tmp_path):
             )
         )
         try:
-            wait_for(lambda: _router_healthy(router, worker), 120, "the router to list a healthy worker")
+            wait_for(lambda: _router_healthy(router, worker, key), 120, "the router to list a healthy worker")
             # The bug: the router does not serve weight updates, so pushing to rollout.urls 404s.
-            assert http_json(f"{router}/update_weights_from_disk", {"model_path": "x"})[0] == 404
+            assert http_json(f"{router}/update_weights_from_disk", {"model_path": "x"}, api_key=key)[0] == 404
             from sdpg_mcore.train.rollout_io import discover_workers
 
-            assert discover_workers([router]) == [worker]
-            assert discover_workers([worker]) == [worker]
+            assert discover_workers([router], api_key=key) == [worker]
+            assert discover_workers([worker], api_key=key) == [worker]
             run_dir = tmp_path / "run"
             overrides = launch_overrides(
                 assets,
                 run_dir,
                 "rollout.backend=external",
                 f"rollout.urls=[{router}]",
+                f"rollout.api_key_file={key_file}",
                 "trainer.total_steps=2",
             )
             cmd = [sys.executable, "-m", "sdpg_mcore.cli", "--config", str(RECIPE), *overrides]
             done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr[-3000:]
             assert logged_steps(run_dir) == [1, 2]
-            status, body = http_json(f"{worker}/model_info")
+            status, body = http_json(f"{worker}/model_info", api_key=key)
             assert status == 200 and body["weight_version"] == "2", body
+            assert key not in (tmp_path / "router.log").read_text()
         finally:
             for proc in procs:
                 proc.terminate()

@@ -6,6 +6,7 @@ import random
 import torch
 from safetensors.torch import load_file
 
+from sdpg_mcore.data.arithmetic import problem_of, split_problems
 from sdpg_mcore.data.tiny_tokenizer import build_tiny_tokenizer
 from sdpg_mcore.train.warm_start import render, sft_batch, warm_start_tiny_model
 
@@ -39,3 +40,19 @@ def test_batch_labels_cover_only_the_response():
         target = tok.decode(labels[row][labels[row] >= 0])
         assert target.startswith(tuple("0123456789")) and target.endswith("}.<|im_end|>")
         assert mask[row].sum() == (ids[row] != tok.pad_token_id).sum()
+
+
+def test_warm_start_draws_only_the_training_problems():
+    """The benchmark's warm start sees no held-out problem, under either prompt."""
+    tok = build_tiny_tokenizer("qwen")
+    split = split_problems(max_operand=9, heldout_fraction=0.25, seed=2)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(20):
+        ids, _, _ = sft_batch(tok, rng, 32, teacher_fraction=0.5, problems=split.train)
+        for row in tok.batch_decode(ids, skip_special_tokens=True):
+            seen.add(row.split("What is ")[1].split("?")[0])
+    train = {problem_of(t)[0].removeprefix("What is ").removesuffix("?") for t in split.train}
+    heldout = {problem_of(t)[0].removeprefix("What is ").removesuffix("?") for t in split.heldout}
+    assert seen <= train and not seen & heldout
+    assert len(seen) > 100  # 640 draws from 150 problems: the check covers most of them
