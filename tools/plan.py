@@ -107,45 +107,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="default: the recipe's logprob_chunk_size, else the head's 256 MiB budget",
     )
-    p.add_argument(
-        "--rollout",
-        choices=("dedicated", "colocated"),
-        help="servers on their own GPUs or sharing the trainer's (default: the recipe's rollout.colocated, "
-        "else dedicated)",
-    )
-    p.add_argument(
-        "--reference-weights",
-        choices=("cpu_swap", "separate_model"),
-        help="where the reference policy lives (default: the recipe's trainer.reference_weights, else cpu_swap)",
-    )
-    p.add_argument(
-        "--teacher-states",
-        choices=("device", "host"),
-        help="where the teacher states wait for the train pass (default: the recipe's trainer.teacher_states, "
-        "else device)",
-    )
-    p.add_argument(
-        "--teacher",
-        choices=("policy", "ema", "initial"),
-        help="weights of the sdpg teacher pass (default: the recipe's algorithm.teacher, else policy)",
-    )
-    p.add_argument(
-        "--ema-weights",
-        choices=("device", "host"),
-        help="teacher=ema: where the fp32 average lives (default: the recipe's trainer.ema_weights, else host)",
-    )
-    p.add_argument(
-        "--rollout-kv-seqs",
-        type=int,
-        default=16,
-        help="concurrent sequences a colocated SGLang engine caches",
-    )
+    _placement_args(p.add_argument_group("where the state and the engines live"))
     p.add_argument("--overhead-gb", type=float, default=3.0, help="CUDA context + NCCL + fragmentation, GiB")
     p.add_argument("--json", dest="json_out", help="write the plan as JSON here")
     _time_args(p.add_argument_group("step time (sdpg_mcore/plan/step_time.py)"))
     args = p.parse_args(argv)
     args.cli_layout = {a for a in ("tp", "pp", "cp") if getattr(args, a) is not None}  # before the recipe's
     return args
+
+
+def _placement_args(g) -> None:
+    g.add_argument(
+        "--rollout",
+        choices=("dedicated", "colocated"),
+        help="servers on their own GPUs or sharing the trainer's (default: the recipe's rollout.colocated, "
+        "else dedicated)",
+    )
+    g.add_argument(
+        "--reference-weights",
+        choices=("cpu_swap", "separate_model"),
+        help="where the reference policy lives (default: the recipe's trainer.reference_weights, else cpu_swap)",
+    )
+    g.add_argument(
+        "--teacher-states",
+        choices=("device", "host"),
+        help="where the teacher states wait for the train pass (default: the recipe's trainer.teacher_states, "
+        "else device)",
+    )
+    g.add_argument(
+        "--teacher",
+        choices=("policy", "ema", "initial"),
+        help="weights of the sdpg teacher pass (default: the recipe's algorithm.teacher, else policy)",
+    )
+    g.add_argument(
+        "--ema-weights",
+        choices=("device", "host"),
+        help="teacher=ema: where the fp32 average lives (default: the recipe's trainer.ema_weights, else host)",
+    )
+    g.add_argument(
+        "--rollout-kv-seqs",
+        type=int,
+        default=16,
+        help="concurrent sequences a colocated SGLang engine caches",
+    )
 
 
 def _time_args(g) -> None:

@@ -344,13 +344,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
     teacher_resident, teacher_parked, teacher_weights_host = _teacher_weight_bytes(shape, layout, train)
     teacher_transient = teacher_tokens * per_layer + teacher_parked
 
-    rollout_weights = rollout_kv_cache = 0
-    if train.rollout == "colocated":
-        # SGLang shards one engine over the TP*PP GPUs of a model replica.
-        engine_gpus = tp * pp
-        rollout_weights = -(-2 * shape.num_hf_parameters() // engine_gpus)
-        kv_total = shape.kv_bytes_per_token() * train.rollout_seq_len * train.rollout_kv_seqs
-        rollout_kv_cache = -(-kv_total // engine_gpus)
+    rollout_weights, rollout_kv_cache = _colocated_engine_bytes(shape, layout, train)
 
     reference_model = parameters if train.reference_weights == "separate_model" else 0
     static = (
@@ -380,6 +374,16 @@ def estimate_memory(shape: ModelShape, layout: Layout, train: TrainingShape) -> 
         teacher_weights=teacher_resident,
         teacher_weights_host=teacher_weights_host,
     )
+
+
+def _colocated_engine_bytes(shape: ModelShape, layout: Layout, train: TrainingShape) -> tuple[int, int]:
+    """Per GPU, colocated SGLang's (weights, KV cache): one engine sharded over the TP*PP GPUs of a
+    model replica; (0, 0) for dedicated servers."""
+    if train.rollout != "colocated":
+        return 0, 0
+    engine_gpus = layout.tp * layout.pp
+    kv_total = shape.kv_bytes_per_token() * train.rollout_seq_len * train.rollout_kv_seqs
+    return -(-2 * shape.num_hf_parameters() // engine_gpus), -(-kv_total // engine_gpus)
 
 
 def _colocated_phases(

@@ -26,6 +26,20 @@ REQUIRED = (
     "time/update",
 )
 NOISY = ("time/", "step_seconds", "tokens_per_s", "rollout/generate_wall_s", "rollout/output_tokens_per_s")
+#: The built-in server batches requests by arrival time (5 ms), so its fp32 log-probs of the same
+#: tokens may come from other batch shapes and differ by a few ulps between runs; the mismatch with
+#: the trainer's (itself ~1e-7) may then move by as much (seen: 2.6e-9 between two identical runs).
+#: 1e-6: 8 fp32 ulps at |log p| = 1; stale weights give 1e-3 and more.
+SERVER_ROUNDING = {"logprob_mismatch": 1e-6}
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    """Every metric of record ``a`` equals ``b``'s: timings aside, bit for bit but for the server's
+    rounding (``SERVER_ROUNDING``)."""
+    same = {k: v for k, v in a.items() if not k.startswith(NOISY) and k not in SERVER_ROUNDING}
+    assert same == {k: b[k] for k in same}, a["step"]
+    for key, tol in SERVER_ROUNDING.items():
+        assert abs(a[key] - b[key]) <= tol, (a["step"], key, a[key], b[key])
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +92,7 @@ def test_stop_and_resume_matches_uninterrupted(assets, tmp_path):
     resumed = _run(assets, tmp_path / "split", "trainer.total_steps=3")
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(full, resumed):
-        same = {k: v for k, v in a.items() if not k.startswith(NOISY)}
-        assert same == {k: b[k] for k in same}, a["step"]
+        assert_same_metrics(a, b)
 
 
 @pytest.mark.slow
@@ -94,11 +107,7 @@ def test_guarded_teacher_stop_and_resume_matches_uninterrupted(assets, tmp_path,
     resumed = _run(assets, tmp_path / "split", *extra)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(full, resumed):
-        same = {k: v for k, v in a.items() if not k.startswith(NOISY) and k != "logprob_mismatch"}
-        assert same == {k: b[k] for k in same}, a["step"]
-        # The built-in server batches requests as they arrive: its log-probs differ in the last bits
-        # between runs (seen: 2.6e-9 at step 2, before any resume), the sampled tokens do not.
-        assert a["logprob_mismatch"] == pytest.approx(b["logprob_mismatch"], abs=1e-8), a["step"]
+        assert_same_metrics(a, b)
     if teacher == "ema":
         assert (
             tmp_path / "split" / "checkpoints" / "step_00000003" / "teacher_ema" / "pp000_tp000.pt"
@@ -134,13 +143,12 @@ def test_colocated_run_trains_exactly_as_a_dedicated_one(assets, tmp_path):
     """rollout.colocated=true on the built-in server: the trainer offloads its state while the engine
     generates and takes it back to train (train/colocate.py), a checkpoint every step sends the engine
     back and pushes the weights again before the next rollout. Every metric equals a run whose server
-    keeps its memory: the offload and the extra pushes change no bit."""
+    keeps its memory: the offload and the extra pushes change no bit (the server's own rounding aside)."""
     steps = ("trainer.total_steps=2", "trainer.save_interval=1")
     dedicated = _run(assets, tmp_path / "dedicated", *steps)
     colocated = _run(assets, tmp_path / "colocated", *steps, "rollout.colocated=true")
     assert [r["step"] for r in colocated] == [1, 2]
     assert colocated[1]["logprob_mismatch"] < 1e-4  # step 2 sampled the weights pushed after step 1
     for a, b in zip(dedicated, colocated):
-        same = {k: v for k, v in a.items() if not k.startswith(NOISY)}
-        assert same == {k: b[k] for k in same}, a["step"]
+        assert_same_metrics(a, b)
     assert (tmp_path / "colocated" / "checkpoints" / "latest").read_text().strip().endswith("2")
