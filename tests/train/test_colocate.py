@@ -50,16 +50,21 @@ def _offload_rank(rank, world_size, hf_dir, dtype_name, distributed_optimizer):
     from sdpg_mcore.models import unwrap_model
     from sdpg_mcore.parallel import state
     from sdpg_mcore.train.colocate import TrainerOffload, trainer_tensors
+    from sdpg_mcore.train.ema_weights import EMAWeights
 
     dtype = getattr(torch, dtype_name)
     layout = state.initialize_model_parallel(tp=1, pp=1, cp=1, seed=3)
     moved, kept = (_policy(hf_dir, layout, dtype, distributed_optimizer) for _ in range(2))
     for policy in (moved, kept):
         _step(policy, hf_dir, layout, 1)
-    offload = TrainerOffload(moved.chunks, moved.optimizer, moved.device)
+    ema = EMAWeights(moved, 0.9, "device")  # an EMA teacher's average goes with the optimizer states
+    (average,) = ema.device_buffers()
+    ema_before = average.clone()
+    offload = TrainerOffload(moved.chunks, moved.optimizer, moved.device, extra_states=ema.device_buffers())
     before = _state(offload)
     out = {"grads_nonzero_before": any(bool(g.abs().sum() > 0) for g in before["grads"])}
     out["partial_freed"] = offload.offload(["grads", "optimizer"])
+    out["ema_freed"] = average.untyped_storage().nbytes() == 0
     params = [p for c in moved.chunks for p in unwrap_model(c).parameters()]
     out["params_resident"] = all(p.untyped_storage().nbytes() > 0 for p in params)
     out["freed"] = out["partial_freed"] + offload.offload(["params"])
@@ -72,6 +77,7 @@ def _offload_rank(rank, world_size, hf_dir, dtype_name, distributed_optimizer):
     out["params_exact"] = all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
     out["optimizer_exact"] = all(torch.equal(a, b) for a, b in zip(before["optimizer"], after["optimizer"]))
     out["optimizer_tensors"] = len(before["optimizer"])
+    out["ema_exact"] = torch.equal(average, ema_before)
     out["grads_zero"] = all(bool((g == 0).all()) for g in after["grads"])
     second = [_step(policy, hf_dir, layout, 2) for policy in (moved, kept)]
     out["same_metrics"] = {k: (second[0][k], second[1][k]) for k in ("loss", "grad_norm", "kl_mean")}
@@ -101,12 +107,13 @@ def test_offload_frees_every_storage_and_restores_it_bit_for_bit(hf_dir, dtype, 
         assert out["empty"] == {"params": True, "grads": True, "optimizer": True}
         assert out["optimizer_tensors"] > 0  # Adam's moments existed after step 1
         assert out["params_exact"] and out["optimizer_exact"] and out["grads_zero"]
+        assert out["ema_freed"] and out["ema_exact"]
         for name, (moved, kept) in out["same_metrics"].items():
             assert moved == kept, name
         assert out["same_weights"]
 
 
-def _order_rank(rank, world_size, hf_dir, url):
+def _order_rank(rank, world_size, hf_dir, url, key):
     from sdpg_mcore.parallel import state
     from sdpg_mcore.rollout.http import http_json
     from sdpg_mcore.rollout.servers import MemoryOccupation
@@ -116,11 +123,11 @@ def _order_rank(rank, world_size, hf_dir, url):
     policy = _policy(hf_dir, layout, torch.bfloat16, True)  # fp32 main weights of their own
     _step(policy, hf_dir, layout, 1)
     offload = TrainerOffload(policy.chunks, policy.optimizer, policy.device)
-    engines = MemoryOccupation([url]) if rank == 0 else None
+    engines = MemoryOccupation([url], api_key=key) if rank == 0 else None
     colocation = Colocation(offload, engines)
 
     def server_released():
-        return http_json(f"{url}/server_info")[1]["released_tags"]
+        return http_json(f"{url}/server_info", api_key=key)[1]["released_tags"]
 
     def resident():
         return {group: nbytes > 0 for group, nbytes in offload.resident_bytes().items()}
@@ -154,7 +161,7 @@ def test_turns_with_a_real_dev_server_never_overlap(hf_dir, tmp_path):
         extra_args=["--num-threads", "1"],
     )
     with RolloutServers(config) as servers:
-        results = spawn_ranks(_order_rank, 2, args=(hf_dir, servers.worker_urls[0]))
+        results = spawn_ranks(_order_rank, 2, args=(hf_dir, servers.worker_urls[0], servers.api_key))
     everything = ["cuda_graph", "kv_cache", "weights"]
     for seen in results:
         assert seen["after_release_before_start"] == (
