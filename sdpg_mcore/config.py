@@ -175,6 +175,11 @@ class RolloutConfig:
     """Timeout of one generate request."""
     startup_timeout_s: float = 300.0
     """How long to wait for launched servers to answer /health."""
+    watchdog_s: float = 60.0
+    """Launched servers: one that has not answered ``/health`` for this long during a rollout is
+    killed and restarted (``rollout/supervisor.py``); 0 turns the watchdog off. SGLang answers
+    ``/health`` once its scheduler sends anything, so only a stuck server stays silent; raise it
+    where servers are slow to answer under load (a CPU machine shared with other work)."""
     max_concurrency: int = 256
     """Most in-flight generate requests per server."""
     server_threads: int = 1
@@ -535,6 +540,7 @@ def _check_rollout(ro: RolloutConfig) -> None:
         "needs rollout.n >= 2 (a group of one always has equal rewards); set rollout.n or turn it off",
     )
     _check(ro.num_servers >= 1, "rollout.num_servers", f"must be >= 1, got {ro.num_servers}")
+    _check(ro.watchdog_s >= 0, "rollout.watchdog_s", f"must be >= 0 seconds (0: off), got {ro.watchdog_s}")
     _check(ro.tp_size >= 1, "rollout.tp_size", f"must be >= 1, got {ro.tp_size}")
     _check(
         ro.tp_size == 1 or ro.backend == "sglang",

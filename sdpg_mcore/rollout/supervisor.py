@@ -10,9 +10,9 @@ each request for ``request_timeout_s`` x (``max_retries`` + 1), an hour by defau
   port, out of the router meanwhile) and brings each back (:meth:`recover`); the client then re-sends
   the request, and only it (completed requests are kept);
 - :meth:`ServerSupervisor.run` runs each rollout under a watchdog thread that probes every server's
-  ``/health``: a live server that has not answered for ``watchdog_s`` is killed (SIGKILL to its
-  process group), so its requests fail fast and take the path above; the rollout's deadline
-  (``ClientConfig.deadline_s``) is the backstop.
+  ``/health``: a live server that has not answered for ``watchdog_s`` (``rollout.watchdog_s``) is
+  killed (SIGKILL to its process group), so its requests fail fast and take the path above; the
+  rollout's deadline (``ClientConfig.deadline_s``) is the backstop.
 
 Bringing a restarted server back means giving it the current weights before it serves (it starts
 from the model directory, ``weight_version`` "default"). With disk sync the newest published
@@ -186,7 +186,11 @@ class ServerSupervisor:
 
     @contextlib.contextmanager
     def _watchdog(self) -> Iterator[None]:
-        """Probe the servers every few seconds while the block runs; kill one unanswering for ``watchdog_s``."""
+        """Probe the servers every few seconds while the block runs; kill one unanswering for
+        ``watchdog_s`` (0: no watchdog)."""
+        if not self.watchdog_s:
+            yield
+            return
         stop = threading.Event()
         thread = threading.Thread(target=self._watch, args=(stop,), name="rollout-watchdog", daemon=True)
         thread.start()

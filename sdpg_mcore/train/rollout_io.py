@@ -176,7 +176,7 @@ class RolloutSession:
             list(servers.worker_urls),
             deadline_s,
             api_key=servers.api_key,
-            supervisor=ServerSupervisor(servers, weights_dir),
+            supervisor=ServerSupervisor(servers, weights_dir, watchdog_s=rollout.watchdog_s),
         )
 
     @classmethod

@@ -90,3 +90,17 @@ def test_supervisor_restarts_a_dead_or_stuck_server_with_current_weights(served,
         raise AssertionError("the stuck server was not killed")
     except ProcessLookupError:
         pass
+
+
+def test_watchdog_off_probes_nothing(tmp_path):
+    """``rollout.watchdog_s=0``: a rollout runs without the watchdog thread (which the default has)."""
+    import threading
+
+    servers = RolloutServers(ServerConfig(model_path=str(tmp_path), router=False, log_dir=str(tmp_path)))
+
+    def threads_during(watchdog_s: float) -> list[str]:
+        with ServerSupervisor(servers, None, watchdog_s=watchdog_s)._watchdog():
+            return [t.name for t in threading.enumerate()]
+
+    assert "rollout-watchdog" in threads_during(60.0)
+    assert "rollout-watchdog" not in threads_during(0.0)

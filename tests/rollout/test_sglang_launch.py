@@ -151,6 +151,7 @@ def test_cpu_shim_rotary_matches_reference(is_neox):
         (["rollout.tp_size=0", "rollout.backend=sglang"], "rollout.tp_size"),
         (["rollout.base_gpu_id=-1"], "rollout.base_gpu_id"),
         (["rollout.mem_fraction_static=1.5"], "rollout.mem_fraction_static"),
+        (["rollout.watchdog_s=-1"], "rollout.watchdog_s"),
     ],
 )
 def test_rollout_config_errors_name_the_key(overrides, key):

@@ -231,6 +231,9 @@ def test_sglang_server_killed_at_a_random_moment(assets, tmp_path, async_steps):
     extra = ["trainer.total_steps=16", "trainer.save_interval=0", f"rollout.async_steps={async_steps}"]
     extra += ["rollout.backend=sglang", "rollout.num_servers=2", "rollout.router=true"]
     extra += ["rollout.weight_sync=distributed", "rollout.startup_timeout_s=900", "rollout.n=4"]
+    # A dead server, not a stuck one (tests/faults/test_server_faults.py has those): on 2 busy cores
+    # real SGLang's /health can stay unanswered past the default 60 s, and the watchdog would kill more.
+    extra += ["rollout.watchdog_s=600"]
     trainer = launch(assets, run_dir, *extra)
     wait_for_steps(trainer, run_dir, 1, timeout_s=1200)
     assert_keyed(trainer.pid, run_dir)
