@@ -7,6 +7,7 @@ activation recompute (RNG state save/restore) and dist_checkpointing save/load (
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -134,6 +135,7 @@ def _train_and_checkpoint(rank, world_size, ckpt_dir):
     return out
 
 
+@pytest.mark.slow  # TP2 x PP2 steps are in the default suite (test_step_parity's tp2pp2, test_checkpoint)
 def test_tp2_pp2_train_step_recompute_and_checkpoint(tmp_path):
     results = spawn_ranks(_train_and_checkpoint, 4, args=(str(tmp_path / "ckpt"),))
     last_stage = results[2]

@@ -311,7 +311,9 @@ def test_disk_sync(url, key, tiny_model_dir, other_model, tmp_path):
         _restore(url, key, tiny_model_dir, tmp_path)
 
 
-@pytest.mark.parametrize("flatten", [True, False], ids=["flattened-bucket", "per-tensor"])
+@pytest.mark.parametrize(
+    "flatten", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["flattened-bucket", "per-tensor"]
+)
 def test_distributed_sync(url, key, tiny_model_dir, other_model, tmp_path, flatten):
     sync = DistributedWeightSync(
         [url],

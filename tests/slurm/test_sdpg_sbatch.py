@@ -186,11 +186,12 @@ def test_dry_run_end_to_end(local_slurm, tmp_path, assets):
     assert [m["step"] for m in metrics] == [1, 2], metrics
     assert all(m["num_responses"] == 4 for m in metrics)  # 2 prompts x n=2 through the dev server
     assert {"step_00000001", "step_00000002"} <= {p.name for p in (run / "checkpoints").iterdir()}
-    assert_key_only_in_its_file(run)
+    assert_key_only_in_its_file(run, out)
 
 
-def assert_key_only_in_its_file(run_dir: Path) -> None:
-    """The job's key (0600, in a 0700 directory) is in no log, config or output of the run."""
+def assert_key_only_in_its_file(run_dir: Path, job_output: Path) -> None:
+    """The job's key (0600, in a 0700 directory) is in no log, config or output of the run, nor in
+    the job's Slurm output file."""
     (key_file,) = (run_dir / "secrets").glob("rollout_api_key_job_*")
     assert (
         stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -198,8 +199,9 @@ def assert_key_only_in_its_file(run_dir: Path) -> None:
     )
     key = key_file.read_text().strip()
     assert len(key) == 64
-    found = subprocess.run(["grep", "-rl", key, str(run_dir)], capture_output=True, text=True).stdout.split()
-    assert found == [str(key_file)], found
+    searched = [str(run_dir), str(job_output)]
+    found = subprocess.run(["grep", "-rl", key, *searched], capture_output=True, text=True).stdout.split()
+    assert job_output.is_file() and found == [str(key_file)], found
 
 
 @pytest.mark.slow
@@ -220,6 +222,7 @@ def test_dry_run_colocated_end_to_end(local_slurm, tmp_path, assets):
     assert metrics[1]["logprob_mismatch"] < 1e-4 and metrics[1]["rollout/weight_version"] == 1.0
     config = (run / "config.yaml").read_text()
     assert "colocated: true" in config and "weight_sync: disk" in config
+    assert_key_only_in_its_file(run, out)
 
 
 @pytest.mark.parametrize("script", ["sdpg_70b.sh", pytest.param("sdpg_qwen3_4b.sh", marks=pytest.mark.slow)])
@@ -259,7 +262,7 @@ def test_dry_run_dev_server_behind_router(local_slurm, tmp_path, assets, script)
     assert reply["meta_info"]["completion_tokens"] == len(reply["output_ids"]) <= 4, reply
     assert (tmp_path / "without_key.status").read_text() == "401"
     assert "servers listen on: 127.0.0.1" in out.read_text()  # one host: loopback only
-    assert_key_only_in_its_file(tmp_path / "run")
+    assert_key_only_in_its_file(tmp_path / "run", out)
     assert len(reply["meta_info"]["output_token_logprobs"]) == len(reply["output_ids"])
 
 

@@ -32,6 +32,7 @@ def test_help():
     assert "--bucket-mb" in out.stdout and "--json" in out.stdout
 
 
+@pytest.mark.slow  # a benchmark's plumbing; the syncs it times are tested in tests/rollout
 def test_table_and_json_on_tiny_model(tmp_path):
     """One and two bf16 servers in one run: every method per server count, the table and the JSON agree."""
     shared, json_path = tmp_path / "shared", tmp_path / "result.json"

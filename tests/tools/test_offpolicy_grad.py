@@ -53,7 +53,7 @@ def _run(assets, tmp_path, behaviour: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("advantages", ["group", "fresh-baseline"])
+@pytest.mark.parametrize("advantages", ["group", pytest.param("fresh-baseline", marks=pytest.mark.slow)])
 def test_when_the_behaviour_is_the_policy_every_correction_is_the_same_gradient(assets, tmp_path, advantages):
     """Nothing is stale: every importance weight is exactly 1, so the corrections cannot differ."""
     summary = _run(assets, tmp_path, assets / "model", "--advantages", advantages)["summary"]

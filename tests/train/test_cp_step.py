@@ -75,7 +75,9 @@ def hf_dir(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize(
+    "agg_mode", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow)]
+)
 def test_cp2_step_matches_cp1(hf_dir, agg_mode):
     ref_metrics, ref_weights = spawn_ranks(_one_step, 1, args=(hf_dir, 1, agg_mode))[0]
     results = spawn_ranks(_one_step, 2, args=(hf_dir, 2, agg_mode))

@@ -95,8 +95,15 @@ def guarded_references() -> dict:
     return {}
 
 
-@pytest.mark.parametrize("teacher", ["ema", "initial"])
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "teacher, tp, pp",
+    [
+        pytest.param("initial", 2, 1, id="tp2-initial"),
+        pytest.param("ema", 1, 2, id="pp2-ema"),
+        pytest.param("ema", 2, 1, id="tp2-ema", marks=pytest.mark.slow),
+        pytest.param("initial", 1, 2, id="pp2-initial", marks=pytest.mark.slow),
+    ],
+)
 def test_guarded_teacher_step_matches_tp1(hf_dir, guarded_references, teacher, tp, pp):
     """The teacher pass on swapped-in weights, the teacher's own output layer in the fused head and
     (ema) the average's update shard by shard: TP2 and PP2 give TP1's step and TP1's average."""
@@ -146,7 +153,7 @@ def test_reference_weights_cpu_swap_and_separate_model_agree(hf_dir):
     torch.testing.assert_close(by_model, initial, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("teacher", ["ema", "initial"])
+@pytest.mark.parametrize("teacher", ["ema", pytest.param("initial", marks=pytest.mark.slow)])
 def test_guarded_teacher_waits_for_the_overlapped_weight_gather(hf_dir, teacher):
     """DP2 with the distributed optimizer's weight all-gather overlapped with the next forward: after
     an optimizer step each rank holds only its own shard of the new weights until that gather ends.

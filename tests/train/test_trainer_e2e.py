@@ -139,6 +139,7 @@ def test_distributed_weight_sync(assets, tmp_path):
     assert records[1]["logprob_mismatch"] < 1e-4 and records[1]["time/weight_sync"] > 0
 
 
+@pytest.mark.slow  # the turns and the bit-exact offload are in the default suite: tests/train/test_colocate.py
 def test_colocated_run_trains_exactly_as_a_dedicated_one(assets, tmp_path):
     """rollout.colocated=true on the built-in server: the trainer offloads its state while the engine
     generates and takes it back to train (train/colocate.py), a checkpoint every step sends the engine
