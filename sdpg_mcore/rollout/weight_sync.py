@@ -326,8 +326,19 @@ class _BucketSender(WeightSync):
     def __init__(self, server_urls: list[str], *, bucket_bytes: int, timeout_s: float, api_key: str | None):
         super().__init__(server_urls, timeout_s=timeout_s, api_key=api_key)
         self.bucket_bytes = bucket_bytes
-        # One HTTP call per server in flight (collectives run in threads of their own).
-        self._pool = ThreadPoolExecutor(max_workers=len(self.server_urls), thread_name_prefix="weight-sync")
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        """One HTTP call per server in flight (collectives run in threads of their own)."""
+        return ThreadPoolExecutor(max_workers=len(self.server_urls), thread_name_prefix="weight-sync")
+
+    def reset(self) -> None:
+        """A fresh pool for the next attempt: a call of the failed one may still wait on a stuck server
+        (up to its timeout), and no call may queue behind it — a server answers
+        ``/init_weights_update_group`` only once every rank joined, so a queued one deadlocks the group
+        (seen with real SGLang: a push after a server's restart hung both servers for 10 minutes)."""
+        old, self._pool = self._pool, self._new_pool()
+        old.shutdown(wait=False)
 
     def send(
         self, named_tensors: NamedTensors, version: str, *, stage: int = 0, is_source: bool = True
@@ -462,7 +473,8 @@ class DistributedWeightSync(_BucketSender):
 
     def reset(self) -> None:
         """Drop the group here and on the servers that answer (a server that died took its side with
-        it); the next send forms a new one, under a new name, with every server."""
+        it); the next send forms a new one, under a new name, with every server, from a fresh pool."""
+        super().reset()
         self._mark_broken()
         for name in self._stale_names:
             self._destroy_on_servers(name)

@@ -131,6 +131,27 @@ def test_rejected_bucket_fails_fast_not_at_the_timeout(sync_servers):
     assert status == 400 and out["success"] is False
 
 
+def test_a_push_after_a_failed_one_never_queues_behind_its_stuck_calls(sync_servers, other_models):
+    """A failed attempt can leave an HTTP call waiting on a stuck server (up to its timeout). After
+    ``reset`` (the pusher's step before every retry) the next push must not queue behind it: each
+    server answers /init_weights_update_group only once every rank joined."""
+    import threading
+
+    urls, key = sync_servers.worker_urls, sync_servers.api_key
+    sync = DistributedWeightSync(urls, timeout_s=20, api_key=key)
+    stuck = threading.Event()
+    sync._pool.submit(stuck.wait)  # the failed attempt's call, still waiting
+    sync.reset()
+    start = time.monotonic()
+    try:
+        sync.push(hf_tensors(other_models[1]), "after-a-stuck-call")
+    finally:
+        stuck.set()
+        sync.close()
+    assert time.monotonic() - start < 15
+    check_weight_versions(urls, "after-a-stuck-call", api_key=key)
+
+
 def test_failed_disk_update_keeps_the_weights(sync_servers, other_models, tmp_path):
     """All or nothing: a truncated file or a missing weight leaves the served weights as they were.
 
