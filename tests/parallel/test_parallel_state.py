@@ -61,6 +61,7 @@ def _layouts(rank, world_size):
     return out
 
 
+@pytest.mark.slow  # four-rank layouts also run in the default suite's TP2 x PP2 step parity
 def test_model_parallel_layouts_on_four_ranks():
     results = spawn_ranks(_layouts, 4)
     for rank, out in enumerate(results):
