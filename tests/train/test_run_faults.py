@@ -168,12 +168,20 @@ def finish(trainer: subprocess.Popen, run_dir: Path, timeout_s: float = 900) -> 
     return console
 
 
+#: SGLang 0.5.23's own benign start-up race: its warm-up thread posts ``/freeze_gc`` (a GC tuning) as
+#: its HTTP server starts listening, and logs the refused connection's traceback under this line; the
+#: server then serves normally. Seen on both a first start and a restart (12:36 and 12:38 runs).
+SGLANG_BENIGN = re.compile(r"post-warmup freeze_gc failed\n(?:(?!\[20\d\d-).*\n)*")
+
+
 def assert_no_traceback(run_dir: Path) -> None:
     """``grep -rl Traceback RUN_DIR CONSOLE`` finds nothing: not in the console, the rank logs, the
-    servers' and the router's logs."""
+    servers' and the router's logs (but for SGLang's ``SGLANG_BENIGN`` entries)."""
     searched = [str(run_dir), str(run_dir.parent / f"{run_dir.name}.console")]
     found = subprocess.run(["grep", "-rl", "Traceback", *searched], capture_output=True, text=True).stdout
-    assert not found, {path: Path(path).read_text()[-3000:] for path in found.split()}
+    texts = {path: SGLANG_BENIGN.sub("", Path(path).read_text(errors="replace")) for path in found.split()}
+    left = {path: text[-3000:] for path, text in texts.items() if "Traceback" in text}
+    assert not left, left
 
 
 def assert_key_only_in_its_file(run_dir: Path) -> None:
