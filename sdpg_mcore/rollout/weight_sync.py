@@ -29,8 +29,9 @@ Failures. Every call carries the run's key (``api_key``). A server that refuses,
 gets no answer), fails the send at once, not at the group's timeout: :class:`WeightSyncError` names
 it in ``urls``. The broadcast group is then dropped here (NCCL aborts it; a gloo broadcast cannot be
 aborted, so its daemon thread ends at the group's timeout and drops it then, while the caller goes
-on); ``reset`` frees its name on the servers, and the next send forms a new group, under a new name, with every server. Restarting a dead
-server and pushing again is the caller's (``train/rollout_io.py``: ``WeightPusher``).
+on); ``reset`` frees its name on the servers and starts a fresh HTTP pool, and the next send forms a
+new group, under a new name, with every server. Restarting a dead server and pushing again is the
+caller's (``train/rollout_io.py``: ``WeightPusher``).
 """
 
 from __future__ import annotations
