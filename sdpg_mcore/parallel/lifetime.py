@@ -7,6 +7,9 @@ memory, GPUs and ports. Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``
 signal a child when its parent dies:
 
 - :func:`die_with_parent` as a ``subprocess.Popen(preexec_fn=...)`` for servers and the router;
+- :func:`die_with` in a process whose parent is not the one it must die with: a rank forked by
+  ``multiprocessing``'s fork server (``parallel/spawn.py``), whose parent, the server, leaves only
+  once every child it forked has closed the pipe it watches — ranks included;
 - :func:`kill_children_with_parent` once in the trainer: every child it *forks* (Megatron's
   checkpoint writers, ``fork`` multiprocessing) gets the signal through ``os.register_at_fork``,
   and every child it *spawns* (``spawn`` multiprocessing: Megatron's async-checkpoint ``Manager``,
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
+import threading
 
 _PR_SET_PDEATHSIG = 1
 _LINUX = sys.platform.startswith("linux")
@@ -48,6 +53,26 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     parent = _parent
     if _prctl_pdeathsig(sig) and parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)  # the parent died between fork and prctl
+
+
+def die_with(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Be sent ``sig`` when process ``pid`` exits (at once if it already has): a daemon thread waits
+    on its pidfd (Linux 5.3+), which turns readable when the process ends, reaped or not."""
+    if not _LINUX:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(os.getpid(), sig)
+        return
+    threading.Thread(
+        target=_kill_self_when_readable, args=(fd, sig), name=f"die-with-{pid}", daemon=True
+    ).start()
+
+
+def _kill_self_when_readable(fd: int, sig: int) -> None:
+    select.select([fd], [], [])
+    os.kill(os.getpid(), sig)
 
 
 def preexec_die_with_parent():

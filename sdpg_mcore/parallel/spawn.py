@@ -1,10 +1,20 @@
 """Run a function on N local ranks joined in a real process group: gloo on CPU, NCCL on GPUs.
 
-Tests and tools (``tools/check_parity.py`` run without torchrun) use this to get real
-``torch.distributed`` groups on one machine. Each rank is a fresh ``spawn`` process, so the
-function and its arguments must be picklable (a module-level function). The ranks are bound as
-the trainer binds them (``state.device_binding``): with CUDA, rank r sets ``cuda:r`` before its
-NCCL group exists, so ``--tp 2 --pp 2`` puts four ranks on four GPUs, not all on ``cuda:0``.
+Tests, ``sdpg-train --nproc N`` and tools (``tools/check_parity.py`` run without torchrun) use this
+to get real ``torch.distributed`` groups on one machine. The function and its arguments must be
+picklable (a module-level function). The ranks are bound as the trainer binds them
+(``state.device_binding``): with CUDA, rank r sets ``cuda:r`` before its NCCL group exists, so
+``--tp 2 --pp 2`` puts four ranks on four GPUs, not all on ``cuda:0``.
+
+How a rank starts (:func:`start_method`). With GPUs visible, as a fresh ``spawn`` process: a child
+forked after the CUDA driver was touched cannot use it. Without, it forks from ``multiprocessing``'s
+fork server, a clean single-threaded process that imported torch, Megatron-Core and the trainer once
+(:data:`PRELOAD`), where each fresh process would import them again: measured with ``python
+tools/bench_spawn.py`` on 2 cores, two ranks start in 7.3 s by ``spawn`` and 0.09 s from the fork
+server after its first start (four: 16.3 s and 0.19 s). Either way a rank sees this process's
+environment and working directory as they are when it starts (the fork server kept the ones it was
+started with: :func:`_rank_main` installs the current ones), and dies with it, even by ``kill -9``
+(``lifetime.die_with``: a fork server's child outlives its launcher otherwise).
 
     results = spawn_ranks(my_fn, world_size=4, args=(x,))   # results[rank] = my_fn(rank, 4, x)
 """
@@ -30,12 +40,38 @@ def find_free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, out) -> None:
+#: Imported once by the fork server (CPU ranks): what a trainer rank needs, the costly part of its start.
+PRELOAD = ["torch", "megatron.core", "sdpg_mcore.parallel.state", "sdpg_mcore.train.trainer"]
+
+
+def start_method(gpu_count: int) -> str:
+    """``spawn`` where ranks use GPUs, ``forkserver`` (preloaded: :data:`PRELOAD`) where they do not."""
+    return "spawn" if gpu_count > 0 else "forkserver"
+
+
+def _context(method: str):
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts, once per process
+    return ctx
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, out, launcher: int
+) -> None:
     from datetime import timedelta
 
+    from sdpg_mcore.parallel.lifetime import die_with
     from sdpg_mcore.parallel.state import device_binding, init_process_group, visible_gpu_count
 
+    die_with(launcher)
+    os.environ.clear()  # the launcher's environment now, not the one the fork server started with
     os.environ.update(env)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))  # read by OpenMP when torch loaded, in the fork server
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -124,6 +160,7 @@ def spawn_ranks(
     *,
     env: dict[str, str] | None = None,
     timeout_s: float = 600.0,
+    method: str | None = None,
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return the results by rank.
 
@@ -132,15 +169,21 @@ def spawn_ranks(
     ``RuntimeError``) with the error of every rank that failed with it; ranks still running after
     ``timeout_s`` are killed, so a deadlocked collective fails the caller instead of hanging. On a
     GPU machine with fewer GPUs than ranks it raises ``ValueError`` before starting any (NCCL cannot
-    run two ranks of a group on one GPU).
+    run two ranks of a group on one GPU). ``method`` overrides :func:`start_method` (``"spawn"`` or
+    ``"forkserver"``).
     """
-    check_gpus_for_ranks(world_size, _gpu_count())
-    ctx = mp.get_context("spawn")
+    if method not in (None, "spawn", "forkserver"):
+        raise ValueError(f"spawn_ranks: method={method!r}; use 'spawn', 'forkserver' or None (by GPUs)")
+    gpu_count = _gpu_count()
+    check_gpus_for_ranks(world_size, gpu_count)
+    ctx = _context(method or start_method(gpu_count))
     out = ctx.Queue()
     port = find_free_port()
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
-        ctx.Process(target=_rank_main, args=(rank, world_size, port, fn, args, env, out), daemon=False)
+        ctx.Process(
+            target=_rank_main, args=(rank, world_size, port, fn, args, env, out, os.getpid()), daemon=False
+        )
         for rank in range(world_size)
     ]
     for proc in procs:

@@ -1,8 +1,12 @@
+import os
+from pathlib import Path
+
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
 
-from sdpg_mcore.parallel.spawn import spawn_ranks
+from sdpg_mcore.parallel.spawn import spawn_ranks, start_method
 
 
 def _allreduce_rank(rank, world_size, scale):
@@ -55,3 +59,73 @@ def test_spawn_ranks_fails_at_once_when_a_rank_dies_without_a_result():
     ):
         spawn_ranks(_die_silently_on_rank_one, 2, timeout_s=300)
     assert time.monotonic() - began < 60  # not the 300 s timeout
+
+
+def _environment_and_threads(rank, world_size):
+    return os.environ.get("SDPG_SPAWN_PROBE"), os.getcwd(), torch.get_num_threads(), os.getppid()
+
+
+def test_cpu_ranks_fork_from_the_preloaded_server_yet_see_the_launcher_as_it_is_now(tmp_path, monkeypatch):
+    """The fork server keeps the environment and directory it started with; each rank gets the
+    launcher's current ones (and one OpenMP thread, set after torch was loaded in the server)."""
+    assert start_method(0) == "forkserver" and start_method(1) == "spawn"
+    spawn_ranks(_environment_and_threads, 1)  # the server runs from here on (if no test started it)
+    monkeypatch.setenv("SDPG_SPAWN_PROBE", "set after the server started")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.chdir(tmp_path)
+    results = spawn_ranks(_environment_and_threads, 2, env={"OMP_NUM_THREADS": "1"})
+    assert [r[:3] for r in results] == [("set after the server started", str(tmp_path), 1)] * 2
+    assert {r[3] for r in results} != {os.getpid()}  # forked by the server, not by this process
+    threads = spawn_ranks(_environment_and_threads, 1, env={"OMP_NUM_THREADS": "3"})[0][2]
+    assert threads == 3
+
+
+LAUNCHER = r"""
+import sys, time
+from sdpg_mcore.parallel.spawn import spawn_ranks
+
+def sleep_and_report(rank, world_size, path):
+    import os, time
+    with open(f"{path}.{rank}", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(300)
+
+if __name__ == "__main__":
+    spawn_ranks(sleep_and_report, 2, args=(sys.argv[1],))
+"""
+
+
+def test_ranks_die_within_5_s_of_a_kill_9_of_the_launcher(tmp_path):
+    """``sdpg-train --nproc 2`` killed by SIGKILL: its fork server leaves, and the ranks with it."""
+    import subprocess
+    import sys
+    import time
+
+    from sdpg_mcore.parallel.lifetime import preexec_die_with_parent
+
+    script, pids = tmp_path / "launcher.py", tmp_path / "pid"
+    script.write_text(LAUNCHER)
+    launcher = subprocess.Popen(
+        [sys.executable, str(script), str(pids)], preexec_fn=preexec_die_with_parent()
+    )
+    files = [Path(f"{pids}.{rank}") for rank in range(2)]
+    deadline = time.monotonic() + 120
+    while not all(f.exists() and f.read_text() for f in files) and time.monotonic() < deadline:
+        assert launcher.poll() is None, "the launcher ended before its ranks reported"
+        time.sleep(0.1)
+    ranks = [int(f.read_text()) for f in files]
+    server = psutil.Process(ranks[0]).ppid()
+    assert server != launcher.pid and psutil.Process(server).ppid() == launcher.pid
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in (*ranks, server)):
+        time.sleep(0.05)
+    survivors = [p for p in (*ranks, server) if _alive(p)]
+    for pid in survivors:
+        os.kill(pid, 9)
+    assert not survivors
+
+
+def _alive(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
