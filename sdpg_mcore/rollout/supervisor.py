@@ -24,6 +24,16 @@ While other servers still serve, generation goes on without it; when none is lef
 :class:`ServersNeedWeights` stops the rollout so that the trainer can push (``restore``) and
 generate again. Every server is restarted at most ``ServerConfig.max_restarts`` times.
 
+Pauses. A weight push during asynchronous rollouts pauses generation in place (``train/async_rollout.py``),
+and SGLang's ``/health`` generates a token: a paused server does not answer it (it fails after 20 s),
+and the router, which probes it too, stops routing to it. Inside :meth:`paused` neither means a
+stuck server: the watchdog counts no silence, and a request that failed meanwhile waits for the pause
+to end before it is sent again. A recovery asks a server whether it still listens with a TCP
+connect, not ``/health``, and never holds its lock across that probe, so a push that ends
+(:meth:`weights_pushed`) does not wait behind recoveries (seen with real SGLang: each recovery
+probed two paused servers' ``/health`` for 10 s under the lock, the failed requests' recoveries
+queued on it, and the push that would have ended the pause waited behind them, for good).
+
     supervisor = ServerSupervisor(servers, weights_dir=run_dir / "weights")   # None: pushed weights
     client = RolloutClient(config, on_failure=supervisor.on_failure)
     groups = supervisor.run(lambda: client.run(client.generate(...)))
@@ -36,11 +46,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from sdpg_mcore.rollout.client import RolloutError
 from sdpg_mcore.rollout.http import failed, http_json
@@ -79,24 +91,26 @@ class ServerSupervisor:
         self.num_restarts = 0
         self.killed_stuck: list[str] = []
         self._lock = threading.RLock()  # one recovery at a time, from any thread (client, rollout thread)
+        self._unpaused = threading.Event()
+        self._unpaused.set()
 
     # ---------------------------------------------------------------- recovery
     def recover(self) -> list[str]:
         """Restart dead servers and bring each back; the restarted URLs. A server whose port refuses
         connections is dying (a killed process closes its sockets before it exits): it is finished
-        off first. A live server that is slow to answer is left alone: under load SGLang's /health
-        (a one-token generation) can take long; the watchdog kills one silent for ``watchdog_s``."""
+        off first. A live server that is slow to answer is left alone: under load, or paused, SGLang's
+        /health (a one-token generation) can take long; the watchdog kills one silent for ``watchdog_s``."""
+        refusing = [
+            server
+            for server in self.servers.servers
+            if server.alive() and server.url not in self.servers.starting and self._refuses(server.url)
+        ]  # probed before taking the lock
         with self._lock:
-            for server in self.servers.servers:
-                if (
-                    server.alive()
-                    and server.url not in self.servers.starting
-                    and self._health(server.url) == "refused"
-                ):
-                    logger.warning(
-                        "%s (%s) refuses connections: killing what is left of it", server.name, server.url
-                    )
-                    server.stop(timeout_s=5.0)
+            for server in refusing:
+                logger.warning(
+                    "%s (%s) refuses connections: killing what is left of it", server.name, server.url
+                )
+                server.stop(timeout_s=5.0)
             self.killed_stuck.clear()
             restarted = self.servers.restart_dead()
             for url in restarted:
@@ -154,6 +168,16 @@ class ServerSupervisor:
                 logger.warning("%s has weights version %s again and is back behind the router", url, version)
             self.waiting.clear()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Generation is paused on purpose while the block runs (a weight push during asynchronous
+        rollouts): silence is not a fault until it ends (module docstring)."""
+        self._unpaused.clear()
+        try:
+            yield
+        finally:
+            self._unpaused.set()
+
     @property
     def serving(self) -> list[str]:
         """The servers that are alive and hold the current weights."""
@@ -162,7 +186,8 @@ class ServerSupervisor:
     def after_failed_request(self) -> bool:
         """A ``/generate`` attempt failed: restart what died; True when something was restarted (the
         request is worth sending again at once). Raises :class:`ServersNeedWeights` when no server
-        with the current weights is left."""
+        with the current weights is left. During a pause (:meth:`paused`) it first waits for the end."""
+        self._unpaused.wait()
         restarted = self.recover()
         if not self.serving:
             raise ServersNeedWeights(
@@ -206,7 +231,9 @@ class ServerSupervisor:
         while not stop.wait(interval):
             for server in self.servers.servers:
                 now = time.monotonic()
-                if not server.alive() or server.url in self.servers.starting or self._answers(server.url):
+                if not self._unpaused.is_set():  # paused on purpose: silence counts from the end
+                    last_answer[server.url] = now
+                elif not server.alive() or server.url in self.servers.starting or self._answers(server.url):
                     last_answer[server.url] = now
                 elif now - last_answer[server.url] > self.watchdog_s:
                     logger.warning(
@@ -220,15 +247,22 @@ class ServerSupervisor:
                     self.killed_stuck.append(server.url)
                     last_answer[server.url] = now
 
-    def _answers(self, url: str) -> bool:
-        return self._health(url) == "ok"
+    def _refuses(self, url: str) -> bool:
+        """Whether nothing listens at ``url``: a TCP connect, not ``/health``, which a paused or busy
+        server accepts at once but may not answer for many seconds."""
+        address = urlsplit(url)
+        try:
+            socket.create_connection((address.hostname, address.port), timeout=self.probe_timeout_s).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # a timeout: something holds the port, too busy to accept now
+            return False
+        return False
 
-    def _health(self, url: str) -> str:
-        """``ok``, ``refused`` (nothing listens: the process is gone or going) or ``silent`` (no
-        answer in ``probe_timeout_s``, or not 200)."""
+    def _answers(self, url: str) -> bool:
+        """Whether ``/health`` answers 200 within ``probe_timeout_s``."""
         try:
             status, _ = http_json(f"{url}/health", timeout_s=self.probe_timeout_s)
-        except OSError as err:
-            refused = isinstance(getattr(err, "reason", err), ConnectionRefusedError)
-            return "refused" if refused else "silent"
-        return "ok" if status == 200 else "silent"
+        except OSError:
+            return False
+        return status == 200

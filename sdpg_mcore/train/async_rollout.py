@@ -41,12 +41,15 @@ support it. These pushes do not flush the servers' caches (SGLang cannot with re
 so with SGLang's radix cache on, a prompt seen again may reuse KV entries of older weights; the
 rollout log-probs still record what was sampled.
 
-A server that dies. The thread's client asks the supervisor to restart it (``rollout/supervisor.py``)
-and re-sends the requests it lost; pauses and continues skip a server that does not answer, and the
-push restarts it and re-forms the update group (``WeightPusher``). When a rollout stops because the
-restarted servers wait for weights that only every rank can push (distributed or tensor sync),
-:meth:`AsyncRollouts.take` stops the rollouts in flight, every rank pushes the current weights, and
-the dropped rollouts are started again from the prompts they had drawn.
+A server that dies. The thread's client asks the supervisor to restart it
+(``rollout/supervisor.py``) and re-sends the requests it lost; pauses and continues skip a server
+that does not answer, and the push restarts it and re-forms the update group (``WeightPusher``).
+While paused for a push, servers do not answer SGLang's generating ``/health`` nor serve the router:
+the supervisor is told (``ServerSupervisor.paused``), so neither its watchdog nor a failed request
+takes that for a fault. When a rollout stops because the restarted servers wait for weights that
+only every rank can push (distributed or tensor sync), :meth:`AsyncRollouts.take` stops the rollouts
+in flight, every rank pushes the current weights, and the dropped rollouts are started again from
+the prompts they had drawn.
 
 Data cursor. The thread draws prompts from its own copy of the sampler; when the trainer takes a
 step's rollout, ``run.sampler`` becomes that copy's state after the step's draws (dynamic sampling
@@ -57,6 +60,7 @@ the rollouts that were in flight (from the resumed weights), so no prompt is los
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import os
@@ -156,11 +160,12 @@ class AsyncRollouts:
         """The weights after ``step`` to the servers, generation paused in place meanwhile; then start
         the rollout that may now use them (step ``step + 1 + k``)."""
         began = time.perf_counter()
-        self._control("/pause_generation", {"mode": "in_place"})
-        try:
-            metrics = self._sync_weights(run, step)
-        finally:
-            self._control("/continue_generation", {})
+        with self._paused():
+            self._control("/pause_generation", {"mode": "in_place"})
+            try:
+                metrics = self._sync_weights(run, step)
+            finally:
+                self._control("/continue_generation", {})
         self.version = step
         self._start(step + 1 + self.k)
         return {**metrics, "async/paused_s": time.perf_counter() - began}
@@ -225,6 +230,12 @@ class AsyncRollouts:
         # CPU the thread spent in the trainer's process (client, scoring): with the GIL, time training lost.
         metrics = {**metrics, "async/thread_cpu_s": time.thread_time() - cpu_began}
         return responses, metrics, self.sampler.state_dict()
+
+    def _paused(self):
+        """Rank 0's supervisor told that the servers are paused on purpose (``ServerSupervisor.paused``):
+        unanswered health probes are no fault meanwhile, and failed requests wait for the end."""
+        supervisor = getattr(self.run.session, "supervisor", None) if self.run.rank0 else None
+        return supervisor.paused() if supervisor is not None else contextlib.nullcontext()
 
     def _control(self, path: str, payload: dict) -> None:
         """POST ``path`` to every worker (rank 0); raise naming the workers that refused. A worker that

@@ -104,3 +104,38 @@ def test_watchdog_off_probes_nothing(tmp_path):
 
     assert "rollout-watchdog" in threads_during(60.0)
     assert "rollout-watchdog" not in threads_during(0.0)
+
+
+def test_a_pause_on_purpose_is_no_fault_and_recovery_never_waits_on_a_silent_server(served):
+    """A weight push during asynchronous rollouts pauses the servers, and SGLang's ``/health`` does not
+    answer a paused one. Inside ``supervisor.paused()`` the watchdog kills no silent server and a
+    failed request waits for the pause to end; a recovery asks a silent server only whether it still
+    listens (not ``/health``), so it returns at once. A stopped (SIGSTOP) server stands in for a paused
+    one: it accepts connections and answers nothing. Outside the pause the same silence is fatal."""
+    import threading
+
+    servers, supervisor = served
+    supervisor.watchdog_s, supervisor.probe_timeout_s = 3.0, 30.0
+    victim = servers.servers[0]
+    os.killpg(victim.proc.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        assert supervisor.recover() == []  # it listens: not dying, left alone
+        assert time.monotonic() - began < supervisor.probe_timeout_s / 3  # no /health probe waited out
+        supervisor.probe_timeout_s = 1.0
+        retried = []
+        with supervisor.paused():
+            waiter = threading.Thread(target=lambda: retried.append(supervisor.after_failed_request()))
+            waiter.start()
+            supervisor.run(lambda: time.sleep(4 * supervisor.watchdog_s))  # silent all along
+            assert waiter.is_alive() and not retried  # the failed request waits for the pause to end
+            assert victim.alive() and not supervisor.killed_stuck
+        waiter.join(timeout=60)
+        assert retried == [False]  # then recovery finds nothing to restart: the request is sent again
+    finally:
+        os.killpg(victim.proc.pid, signal.SIGCONT)
+    stopped = victim.proc.pid
+    os.killpg(stopped, signal.SIGSTOP)  # the control: the same silence, no pause
+    supervisor.run(lambda: time.sleep(4 * supervisor.watchdog_s))
+    assert supervisor.killed_stuck == [] and supervisor.num_restarts == 1  # killed, then restarted
+    assert victim.proc.pid != stopped
