@@ -93,6 +93,8 @@ class ServerSupervisor:
         self._lock = threading.RLock()  # one recovery at a time, from any thread (client, rollout thread)
         self._unpaused = threading.Event()
         self._unpaused.set()
+        self._readmit: set[str] = set()
+        """Waiting servers the last push reached, to put back behind the router (after a pause)."""
 
     # ---------------------------------------------------------------- recovery
     def recover(self) -> list[str]:
@@ -124,6 +126,7 @@ class ServerSupervisor:
         if self.version is not None and self.weights_dir is None:
             logger.warning("%s restarted; it waits out of the router for the next weight push", url)
             self.waiting.add(url)
+            self._readmit.discard(url)  # a push it may have had died with the process before
             return
         if self.version is not None:
             self._load_published(url)
@@ -160,23 +163,36 @@ class ServerSupervisor:
                 self.version = version
 
     def weights_pushed(self, version: str) -> None:
-        """After a push reached every server (rank 0): servers that waited for it serve again."""
+        """After a push reached every server (rank 0): servers that waited for it serve again — at once,
+        or, during a pause (:meth:`paused`), once it ends: the router admits a server only once it
+        answers ``/health``, which a paused SGLang server does not."""
         with self._lock:
             self.version = version
-            for url in sorted(self.waiting):
+            self._readmit |= self.waiting  # these got this push
+        if self._unpaused.is_set():
+            self._readmit_waiting()
+
+    def _readmit_waiting(self) -> None:
+        with self._lock:
+            for url in sorted(self._readmit & self.waiting):
                 self.servers.register_with_router(url)
-                logger.warning("%s has weights version %s again and is back behind the router", url, version)
-            self.waiting.clear()
+                logger.warning(
+                    "%s has weights version %s again and is back behind the router", url, self.version
+                )
+                self.waiting.discard(url)
+            self._readmit.clear()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Generation is paused on purpose while the block runs (a weight push during asynchronous
-        rollouts): silence is not a fault until it ends (module docstring)."""
+        rollouts): silence is not a fault until it ends (module docstring), and servers that waited
+        for a push made meanwhile go back behind the router after it."""
         self._unpaused.clear()
         try:
             yield
         finally:
             self._unpaused.set()
+        self._readmit_waiting()
 
     @property
     def serving(self) -> list[str]:

@@ -139,3 +139,33 @@ def test_a_pause_on_purpose_is_no_fault_and_recovery_never_waits_on_a_silent_ser
     supervisor.run(lambda: time.sleep(4 * supervisor.watchdog_s))
     assert supervisor.killed_stuck == [] and supervisor.num_restarts == 1  # killed, then restarted
     assert victim.proc.pid != stopped
+
+
+def test_a_server_restarted_for_pushed_weights_rejoins_the_router_after_the_pause(tmp_path):
+    """Distributed sync: a restarted server waits out of the router for the next push. When that push
+    is made during a pause (asynchronous rollouts), the server goes back behind the router only once
+    the pause ends: the router admits a server once it answers ``/health``, which a paused SGLang
+    server does not (putting it back inside the pause held the push, and the pause, for good)."""
+    model = save_tiny_hf_model(tmp_path / "model", arch="qwen3", seed=0)
+    save_tiny_tokenizer(model, style="qwen")
+    servers = RolloutServers(
+        ServerConfig(
+            model_path=str(model), num_servers=2, log_dir=str(tmp_path / "logs"), health_timeout_s=120,
+            env={"OMP_NUM_THREADS": "1"}, extra_args=["--num-threads", "1"],
+        )
+    ).start()  # fmt: skip
+    try:
+        supervisor = ServerSupervisor(servers, None, watchdog_s=0)
+        supervisor.weights_pushed("1")
+        victim = servers.servers[1]
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait()
+        assert supervisor.recover() == [victim.url] and supervisor.waiting == {victim.url}
+        assert victim.url not in servers._router_workers()  # out of the router until it has weights
+        with supervisor.paused():
+            supervisor.weights_pushed("2")
+            assert victim.url not in servers._router_workers() and supervisor.waiting == {victim.url}
+        assert servers._router_workers().get(victim.url) is True and supervisor.waiting == set()
+        assert supervisor.serving == servers.worker_urls
+    finally:
+        servers.stop()
