@@ -24,15 +24,17 @@ While other servers still serve, generation goes on without it; when none is lef
 :class:`ServersNeedWeights` stops the rollout so that the trainer can push (``restore``) and
 generate again. Every server is restarted at most ``ServerConfig.max_restarts`` times.
 
-Pauses. A weight push during asynchronous rollouts pauses generation in place (``train/async_rollout.py``),
-and SGLang's ``/health`` generates a token: a paused server does not answer it (it fails after 20 s),
-and the router, which probes it too, stops routing to it. Inside :meth:`paused` neither means a
-stuck server: the watchdog counts no silence, and a request that failed meanwhile waits for the pause
-to end before it is sent again. A recovery asks a server whether it still listens with a TCP
-connect, not ``/health``, and never holds its lock across that probe, so a push that ends
-(:meth:`weights_pushed`) does not wait behind recoveries (seen with real SGLang: each recovery
-probed two paused servers' ``/health`` for 10 s under the lock, the failed requests' recoveries
-queued on it, and the push that would have ended the pause waited behind them, for good).
+Pauses. A weight push during asynchronous rollouts pauses generation in place
+(``train/async_rollout.py``), and SGLang's ``/health`` generates a token: a paused server does not
+answer it (it fails after 20 s), and the router, which probes it too, stops routing to it. Inside
+:meth:`paused` neither means a stuck server: the watchdog counts no silence, and a request that
+failed meanwhile waits for the pause to end before it is sent again. A recovery asks a server
+whether it still listens with a TCP connect, not ``/health``, and never holds its lock across that
+probe, so a push that ends (:meth:`weights_pushed`) does not wait behind recoveries (seen with real
+SGLang: each recovery probed two paused servers' ``/health`` for 10 s under the lock, the failed
+requests' recoveries queued on it, and the push that would have ended the pause waited behind them,
+for good). A restarted server that a push reaches during a pause goes back behind the router after
+the pause, since the router admits a server only once it answers ``/health``.
 
     supervisor = ServerSupervisor(servers, weights_dir=run_dir / "weights")   # None: pushed weights
     client = RolloutClient(config, on_failure=supervisor.on_failure)
