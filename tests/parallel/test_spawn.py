@@ -69,14 +69,15 @@ def test_cpu_ranks_fork_from_the_preloaded_server_yet_see_the_launcher_as_it_is_
     """The fork server keeps the environment and directory it started with; each rank gets the
     launcher's current ones (and one OpenMP thread, set after torch was loaded in the server)."""
     assert start_method(0) == "forkserver" and start_method(1) == "spawn"
-    spawn_ranks(_environment_and_threads, 1)  # the server runs from here on (if no test started it)
+    fork = {"method": "forkserver"}  # what CPU machines use (GPU ones spawn: a fork would lose CUDA)
+    spawn_ranks(_environment_and_threads, 1, **fork)  # the server runs from here on (if not before)
     monkeypatch.setenv("SDPG_SPAWN_PROBE", "set after the server started")
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     monkeypatch.chdir(tmp_path)
-    results = spawn_ranks(_environment_and_threads, 2, env={"OMP_NUM_THREADS": "1"})
+    results = spawn_ranks(_environment_and_threads, 2, env={"OMP_NUM_THREADS": "1"}, **fork)
     assert [r[:3] for r in results] == [("set after the server started", str(tmp_path), 1)] * 2
     assert {r[3] for r in results} != {os.getpid()}  # forked by the server, not by this process
-    threads = spawn_ranks(_environment_and_threads, 1, env={"OMP_NUM_THREADS": "3"})[0][2]
+    threads = spawn_ranks(_environment_and_threads, 1, env={"OMP_NUM_THREADS": "3"}, **fork)[0][2]
     assert threads == 3
 
 
@@ -91,7 +92,7 @@ def sleep_and_report(rank, world_size, path):
     time.sleep(300)
 
 if __name__ == "__main__":
-    spawn_ranks(sleep_and_report, 2, args=(sys.argv[1],))
+    spawn_ranks(sleep_and_report, 2, args=(sys.argv[1],), method="forkserver")
 """
 
 
