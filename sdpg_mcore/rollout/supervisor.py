@@ -29,12 +29,13 @@ Pauses. A weight push during asynchronous rollouts pauses generation in place
 answer it (it fails after 20 s), and the router, which probes it too, stops routing to it. Inside
 :meth:`paused` neither means a stuck server: the watchdog counts no silence, and a request that
 failed meanwhile waits for the pause to end before it is sent again. A recovery asks a server
-whether it still listens with a TCP connect, not ``/health``, and never holds its lock across that
-probe, so a push that ends (:meth:`weights_pushed`) does not wait behind recoveries (seen with real
-SGLang: each recovery probed two paused servers' ``/health`` for 10 s under the lock, the failed
-requests' recoveries queued on it, and the push that would have ended the pause waited behind them,
-for good). A restarted server that a push reaches during a pause goes back behind the router after
-the pause, since the router admits a server only once it answers ``/health``.
+whether it still listens with a TCP connect, not ``/health``: a paused or busy server accepts at
+once, so a recovery holds its lock for moments and a push that ends (:meth:`weights_pushed`) does
+not wait behind recoveries (seen with real SGLang: each recovery probed two paused servers'
+``/health`` for 10 s under the lock, the failed requests' recoveries queued on it, and the push that
+would have ended the pause waited behind them, for good). A restarted server that a push reaches
+during a pause goes back behind the router after the pause, since the router admits a server only
+once it answers ``/health``.
 
     supervisor = ServerSupervisor(servers, weights_dir=run_dir / "weights")   # None: pushed weights
     client = RolloutClient(config, on_failure=supervisor.on_failure)
@@ -104,17 +105,15 @@ class ServerSupervisor:
         connections is dying (a killed process closes its sockets before it exits): it is finished
         off first. A live server that is slow to answer is left alone: under load, or paused, SGLang's
         /health (a one-token generation) can take long; the watchdog kills one silent for ``watchdog_s``."""
-        refusing = [
-            server
-            for server in self.servers.servers
-            if server.alive() and server.url not in self.servers.starting and self._refuses(server.url)
-        ]  # probed before taking the lock
         with self._lock:
-            for server in refusing:
-                logger.warning(
-                    "%s (%s) refuses connections: killing what is left of it", server.name, server.url
-                )
-                server.stop(timeout_s=5.0)
+            for server in self.servers.servers:
+                # Probed under the lock: a probe made before it could see a server another thread
+                # was restarting meanwhile (not yet listening) and kill it again.
+                if server.alive() and server.url not in self.servers.starting and self._refuses(server.url):
+                    logger.warning(
+                        "%s (%s) refuses connections: killing what is left of it", server.name, server.url
+                    )
+                    server.stop(timeout_s=5.0)
             self.killed_stuck.clear()
             restarted = self.servers.restart_dead()
             for url in restarted:
