@@ -400,6 +400,18 @@ def prepare_seed(out: Path, seed: int, args: argparse.Namespace) -> dict:
     return json.loads((root / "model" / "warmstart.json").read_text())
 
 
+def warm_start_all(out: Path, seeds: list[int], args: argparse.Namespace) -> dict[str, dict]:
+    """Every seed's :func:`prepare_seed`, ``--jobs`` at a time, each in a process of its own (one
+    thread: the warm start is bit-exact single-threaded); one after the other left a core idle."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, min(args.jobs, len(seeds)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = pool.map(prepare_seed, [out] * len(seeds), seeds, [args] * len(seeds))
+        return {str(seed): result for seed, result in zip(seeds, results)}
+
+
 def tuned_overrides(path: Path, algos: list[str]) -> dict[str, list[str]]:
     """Each method's chosen settings from the ``--grid`` file; exits 2 naming what to tune if absent."""
     chosen = json.loads(path.read_text())["algos"] if path.exists() else {}
@@ -479,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         return grid(out, algos, args)
     chosen = tuned_overrides(args.tuned, algos)
-    warm = {str(seed): prepare_seed(out, seed, args) for seed in seeds}
+    warm = warm_start_all(out, seeds, args)
     jobs = [
         Job(a, s, run_dir(out, a, s), args.steps, (*BENCH_ALGOS[a][1], *chosen[a], *args.overrides), True)
         for s in seeds
