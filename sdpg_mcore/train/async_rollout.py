@@ -234,7 +234,7 @@ class AsyncRollouts:
     def _paused(self):
         """Rank 0's supervisor told that the servers are paused on purpose (``ServerSupervisor.paused``):
         unanswered health probes are no fault meanwhile, and failed requests wait for the end."""
-        supervisor = getattr(self.run.session, "supervisor", None) if self.run.rank0 else None
+        supervisor = self.run.session.supervisor if self.run.rank0 else None
         return supervisor.paused() if supervisor is not None else contextlib.nullcontext()
 
     def _control(self, path: str, payload: dict) -> None:
