@@ -120,6 +120,10 @@ class EvalConfig:
     """Also probe the self-distillation mechanism on the eval prompts (``train/mechanism.py``: teacher
     vs student accuracy and log-prob of the reference response, all-wrong share, KL on correct vs
     incorrect samples); needs TP = PP = CP = 1."""
+    mechanism_sets: list[str] = field(default_factory=list)
+    """With ``mechanism``: the eval sets (file names without the suffix, as the metrics name them) the
+    probe runs on; empty: every set. The others get avg@k / pass@k only: the probe samples the teacher
+    prompt too and runs the model on every sample, several times a plain evaluation's cost."""
 
 
 @dataclass
@@ -579,6 +583,31 @@ def _check_rollout(ro: RolloutConfig) -> None:
     _check_api_key_file(ro)
 
 
+def _check_eval(ev: EvalConfig, par: ParallelConfig, ro: RolloutConfig) -> None:
+    _check(ev.interval >= 0, "eval.interval", "must be >= 0")
+    _check(ev.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(
+        not ev.mechanism or (par.tp, par.pp, par.cp) == (1, 1, 1),
+        "eval.mechanism",
+        f"needs parallel.tp = pp = cp = 1 (the probe runs the model on rank 0 alone), got "
+        f"tp={par.tp} pp={par.pp} cp={par.cp}; set eval.mechanism=false",
+    )
+    _check(
+        not (ev.mechanism and ro.colocated),
+        "eval.mechanism",
+        "runs the policy during evaluation, when colocated engines hold the GPU memory; set "
+        "eval.mechanism=false or rollout.colocated=false",
+    )
+    names = [Path(f).stem for f in ev.files]
+    unknown = [s for s in ev.mechanism_sets if s not in names]
+    _check(
+        not (unknown and names),  # no files: nothing is evaluated (the benchmark's grid runs)
+        "eval.mechanism_sets",
+        f"names {unknown}, which are not eval sets; the sets of eval.files are {names} (a file's name "
+        "without its suffix)",
+    )
+
+
 def _check_api_key_file(ro: RolloutConfig) -> None:
     """``rollout.api_key_file``: only for external servers, and a file only its owner can read."""
     if not ro.api_key_file:
@@ -627,20 +656,7 @@ def validate(cfg: Config) -> Config:
     _check(opt.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {opt.clip_grad}")
     _check(tr.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {tr.total_steps}")
     _check(tr.save_interval >= 0, "trainer.save_interval", "must be >= 0")
-    _check(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
-    _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
-    _check(
-        not cfg.eval.mechanism or (par.tp, par.pp, par.cp) == (1, 1, 1),
-        "eval.mechanism",
-        f"needs parallel.tp = pp = cp = 1 (the probe runs the model on rank 0 alone), got "
-        f"tp={par.tp} pp={par.pp} cp={par.cp}; set eval.mechanism=false",
-    )
-    _check(
-        not (cfg.eval.mechanism and ro.colocated),
-        "eval.mechanism",
-        "runs the policy during evaluation, when colocated engines hold the GPU memory; set "
-        "eval.mechanism=false or rollout.colocated=false",
-    )
+    _check_eval(cfg.eval, par, ro)
     _check(tr.stop_at_step >= 0, "trainer.stop_at_step", "must be >= 0")
     _check(tr.logprob_chunk_size >= 1, "trainer.logprob_chunk_size", "must be >= 1")
     _check(

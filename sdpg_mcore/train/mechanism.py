@@ -147,13 +147,9 @@ def probe_mechanism(
     session, model, tokenizer, name: str, prompts, k: int, temperature: float, seed: int, vocab_size: int
 ) -> dict[str, float]:
     """The eval metrics (``eval/NAME/avg@k``, ``pass@k``) plus the mechanism metrics (``mech/NAME/...``)."""
-    sampling = session._sampling(temperature)
-    client = session.client
 
     def sample(side: str, offset: int):
-        groups = client.run(
-            client.generate([getattr(p, side) for p in prompts], sampling, n=k, seed=seed + offset)
-        )
+        groups = session.sample_groups([getattr(p, side) for p in prompts], k, temperature, seed + offset)
         return groups, [[session.score(p, s)[1] > 0 for s in g] for p, g in zip(prompts, groups)]
 
     groups, correct = sample("student_ids", 0)

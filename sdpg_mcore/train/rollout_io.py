@@ -212,6 +212,13 @@ class RolloutSession:
         """``rollout()`` under the supervisor's watchdog (launched servers)."""
         return self.supervisor.run(rollout) if self.supervisor is not None else rollout()
 
+    def sample_groups(self, ids: Sequence[Sequence[int]], k: int, temperature: float, seed: int) -> list:
+        """``k`` samples per prompt of token ids at ``temperature``, under the watchdog (evaluations)."""
+        sampling = self._sampling(temperature)
+        return self._rollout(
+            lambda: self.client.run(self.client.generate(list(ids), sampling, n=k, seed=seed))
+        )
+
     def close(self) -> None:
         self.client.shutdown()
         if self.servers is not None:
@@ -306,13 +313,7 @@ class RolloutSession:
         self, name: str, prompts: Sequence, k: int, temperature: float, seed: int
     ) -> dict[str, float]:
         """avg@k (mean accuracy over all samples) and pass@k (a problem counts if any sample is right)."""
-        groups = self._rollout(
-            lambda: self.client.run(
-                self.client.generate(
-                    [p.student_ids for p in prompts], self._sampling(temperature), n=k, seed=seed
-                )
-            )
-        )
+        groups = self.sample_groups([p.student_ids for p in prompts], k, temperature, seed)
         accs = [[self.score(p, s)[1] for s in group] for p, group in zip(prompts, groups)]
         avg = sum(sum(a) for a in accs) / max(1, sum(len(a) for a in accs))
         passed = sum(max(a) > 0 for a in accs) / max(1, len(accs))

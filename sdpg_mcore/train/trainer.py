@@ -232,7 +232,8 @@ def _evaluate_files(run: Run, step: int) -> dict[str, float]:
     for name, dataset in run.evals.items():
         count = len(dataset) if not ev.max_prompts else min(ev.max_prompts, len(dataset))
         prompts = dataset.batch(list(range(count)))
-        if ev.mechanism:  # the same avg@k / pass@k plus the self-distillation probe (train/mechanism.py)
+        if ev.mechanism and (not ev.mechanism_sets or name in ev.mechanism_sets):
+            # the same avg@k / pass@k plus the self-distillation probe (train/mechanism.py)
             out.update(mechanism.probe(run.session, run.policy, run.cfg.model.path, name, prompts, ev, step))
         else:
             out.update(run.session.evaluate(name, prompts, ev.n_samples, ev.temperature, seed=step))

@@ -103,7 +103,7 @@ def test_probe_logprobs_match_transformers_and_grads_stay_clean(hf_dir):
     assert untouched, "gradient_alignment wrote into .grad or Megatron's main_grad"
 
 
-def test_mechanism_needs_a_single_model_parallel_rank():
+def test_mechanism_needs_a_single_model_parallel_rank_and_known_sets():
     from pathlib import Path
 
     from sdpg_mcore.config import ConfigError, load_config
@@ -112,3 +112,7 @@ def test_mechanism_needs_a_single_model_parallel_rank():
     assert load_config(recipe, []).eval.mechanism
     with pytest.raises(ConfigError, match=r"eval\.mechanism.*tp=2"):
         load_config(recipe, ["parallel.tp=2"])
+    two_sets = load_config(recipe, ["eval.files=[a/heldout.jsonl,b/seen.jsonl]"])
+    assert two_sets.eval.mechanism_sets == ["heldout"]
+    with pytest.raises(ConfigError, match=r"eval\.mechanism_sets.*\['heldout'\].*\['seen'\]"):
+        load_config(recipe, ["eval.files=[b/seen.jsonl]"])

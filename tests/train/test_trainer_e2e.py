@@ -65,13 +65,17 @@ def _run(assets, run_dir, *extra):
 
 
 def test_two_steps_with_eval_and_checkpoint(assets, tmp_path):
+    probed = tmp_path / "probed.jsonl"  # a second eval set, the only one the mechanism probe runs on
+    probed.write_text((assets / "data" / "test.jsonl").read_text())
     records = _run(
         assets,
         tmp_path / "run",
         "trainer.total_steps=2",
         "eval.interval=2",
         "eval.n_samples=2",
-        f"eval.files=[{assets / 'data' / 'test.jsonl'}]",
+        f"eval.files=[{assets / 'data' / 'test.jsonl'},{probed}]",
+        "eval.mechanism=true",
+        "eval.mechanism_sets=[probed]",
     )
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
@@ -79,6 +83,9 @@ def test_two_steps_with_eval_and_checkpoint(assets, tmp_path):
         assert not missing, missing
         assert record["kl_mean"] > 0 and record["num_responses"] == 16
     assert "eval/test/avg@2" in records[1] and "eval/test/pass@2" in records[1]
+    assert records[1]["eval/probed/avg@2"] == records[1]["mech/probed/student_acc"]
+    assert 0.0 <= records[1]["mech/probed/teacher_acc"] <= 1.0
+    assert not [k for k in records[1] if k.startswith("mech/test/")]  # not in eval.mechanism_sets
     # Step 2 sampled with the weights pushed after step 1: engine and trainer log-probs agree (fp32).
     assert records[1]["logprob_mismatch"] < 1e-4
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip().endswith("2")
