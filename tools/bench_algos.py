@@ -37,7 +37,6 @@ import math
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ RECIPE = ROOT / "examples" / "tiny" / "bench_algos.yaml"
 TUNED = ROOT / "examples" / "tiny" / "bench_algos_tuned.json"
 HELDOUT, SEEN = "heldout", "seen"
 K = 8  # eval.n_samples of the recipe: the avg@k read from the metrics
+CPU_FILE = "cpu.json"  # a run's CPU seconds, its servers' and scorers' included (spawn.start_cli_run)
 #: Mechanism metrics on the held-out problems, drawn and tabulated (key under ``mech/heldout/``, title).
 MECH = (
     ("student_acc", "unseen problems: accuracy (student)"),
@@ -106,18 +106,16 @@ class Job:
     """Give the run the held-out and seen problem files (off for grid runs: they never see held-out)."""
 
 
-def launch(out: Path, job: Job, config: Path) -> subprocess.Popen:
-    """One trainer process (one thread, a free rendezvous port); output in RUN_DIR/train.log."""
+def launch(out: Path, job: Job, config: Path):
+    """One trainer run (one thread, a free rendezvous port), forked from the preloaded fork server in
+    a session of its own (``spawn.start_cli_run``); output in RUN_DIR/train.log."""
     from sdpg_mcore.bench.tuning import BENCH_ALGOS
-    from sdpg_mcore.parallel.spawn import find_free_port
+    from sdpg_mcore.parallel.spawn import find_free_port, start_cli_run
 
     job.rdir.mkdir(parents=True, exist_ok=True)
     data = seed_dir(out, job.seed) / "data"
     evals = [f"eval.files=[{data / (HELDOUT + '.jsonl')},{data / (SEEN + '.jsonl')}]"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "sdpg_mcore.cli",
+    argv = [
         "--config",
         str(config),
         f"model.path={seed_dir(out, job.seed) / 'model'}",
@@ -133,12 +131,9 @@ def launch(out: Path, job: Job, config: Path) -> subprocess.Popen:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(find_free_port())}
     (job.rdir / "metrics.jsonl").unlink(missing_ok=True)
-    (job.rdir / "command.json").write_text(json.dumps(cmd[3:], indent=1) + "\n")
-    log = open(job.rdir / "train.log", "w")  # noqa: SIM115 - closed by the child's exit
-    # Own session: stopping the bench stops the run's whole process group, rollout server included.
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    (job.rdir / "command.json").write_text(json.dumps(argv, indent=1) + "\n")
+    (job.rdir / CPU_FILE).unlink(missing_ok=True)
+    return start_cli_run(argv, env, job.rdir / "train.log", job.rdir / CPU_FILE)
 
 
 def stop_all(running: dict) -> None:
@@ -147,17 +142,17 @@ def stop_all(running: dict) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
     for proc, _ in running.values():
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        proc.join(timeout=30)
+        if proc.exitcode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            proc.join()
 
 
 def run_all(out: Path, jobs: list[Job], args) -> dict[str, float]:
     """Run the jobs ``args.jobs`` at a time (finished ones are reused); returns wall seconds per job."""
     pending = [j for j in jobs if not finished(j.rdir, j.steps)]
-    running: dict[Job, tuple[subprocess.Popen, float]] = {}
+    running: dict = {}  # Job -> (its process, when it started)
     walls: dict[str, float] = {}
     retries: dict[Job, int] = {}
     try:
@@ -176,14 +171,14 @@ def _drive(out, pending, running, walls, retries, args) -> None:
             print(f"[bench] started {job.rdir.name}", flush=True)
         time.sleep(1.0)
         for job, (proc, began) in list(running.items()):
-            if proc.poll() is None:
+            if proc.exitcode is None:
                 continue
             del running[job]
             walls[job.rdir.name] = round(time.perf_counter() - began, 1)
-            status = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}"
+            status = "done" if proc.exitcode == 0 else f"FAILED rc={proc.exitcode}"
             log = job.rdir / "train.log"
             print(f"[bench] {status}: {job.rdir.name} in {walls[job.rdir.name]} s (log {log})", flush=True)
-            if proc.returncode != 0:
+            if proc.exitcode != 0:
                 # A run can lose a race for a port to another process on the machine: retry it.
                 retries[job] = retries.get(job, 0) + 1
                 if retries[job] <= args.retries:
@@ -195,12 +190,11 @@ def _drive(out, pending, running, walls, retries, args) -> None:
 
 def curves(rows: list[dict]) -> dict[str, list]:
     """Per-evaluation series: steps, accuracy on unseen and on seen problems, the held-out probe's
-    metrics, the seen problems' teacher accuracy; per training step the reward and the KL."""
+    metrics; per training step the reward and the KL."""
     evals = [r for r in rows if f"eval/{HELDOUT}/avg@{K}" in r]
     out: dict[str, list] = {"step": [r["step"] for r in evals]}
     out["acc"] = [r[f"eval/{HELDOUT}/avg@{K}"] for r in evals]
     out["acc_seen"] = [r.get(f"eval/{SEEN}/avg@{K}", math.nan) for r in evals]
-    out["teacher_acc_seen"] = [r.get(f"mech/{SEEN}/teacher_acc", math.nan) for r in evals]
     for key, _ in MECH:
         out[key] = [r.get(f"mech/{HELDOUT}/{key}", math.nan) for r in evals]
     out["train_reward"] = [r.get("reward_mean") for r in rows if "reward_mean" in r]
@@ -208,7 +202,7 @@ def curves(rows: list[dict]) -> dict[str, list]:
     return out
 
 
-FINAL_KEYS = ("acc", "acc_seen", "teacher_acc_seen", *(m for m, _ in MECH))
+FINAL_KEYS = ("acc", "acc_seen", *(m for m, _ in MECH))
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -498,7 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         for a in algos
     ]
     walls = run_all(out, jobs, args)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished run, its server included
+    # The warm starts (this process's children) and the runs made now (each counts its own: spawn.start_cli_run).
+    cpus = {
+        j.rdir.name: json.loads((j.rdir / CPU_FILE).read_text())["cpu_s"]
+        for j in jobs
+        if j.rdir.name in walls
+    }
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = {
         "command": " ".join(["bench_algos.py", *(argv if argv is not None else sys.argv[1:])]),
         "steps": args.steps,
@@ -508,9 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         "tuned": {a: chosen[a] for a in algos},
         "warm_start": warm,
         "wall_s": round(time.perf_counter() - began, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime + sum(cpus.values()), 1),
         "load_average_end": os.getloadavg(),
         "run_wall_s": walls,
+        "run_cpu_s": cpus,
     }
     write_result(out, json_path, result, algos, seeds)
     sys.stdout.write(

@@ -28,6 +28,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -56,6 +57,56 @@ def _context(method: str):
     return ctx
 
 
+def adopt_environment(env: dict[str, str]) -> None:
+    """Install the launcher's environment now, not the one the fork server started with, and the
+    thread count it asks for (OpenMP read ``OMP_NUM_THREADS`` when torch loaded, in the fork server)."""
+    os.environ.clear()
+    os.environ.update(env)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def start_cli_run(argv: list[str], env: dict[str, str], log_path: Path, cpu_path: Path):
+    """Start ``sdpg-train ARGV`` (``sdpg_mcore.cli.main``) in a process of its own session, output to
+    ``log_path``; returns the ``multiprocessing`` process (its ``pid`` is its process group's id).
+    At its end the run writes the CPU seconds it and its children (servers, scorers) used to
+    ``cpu_path``: its launcher's ``RUSAGE_CHILDREN`` cannot count them, the fork server reaps them.
+
+    For many short CPU runs side by side (``tools/bench_algos.py``): forked from the fork server
+    (:data:`PRELOAD`), a run skips the ~10 CPU-seconds of imports a fresh ``python -m sdpg_mcore.cli``
+    spends. Its own session: stopping it with ``os.killpg`` stops its rollout servers too.
+    """
+    args = (argv, env, str(log_path), str(cpu_path))
+    proc = _context("forkserver").Process(target=_cli_main, args=args, daemon=False)
+    proc.start()
+    return proc
+
+
+def _cli_main(argv: list[str], env: dict[str, str], log_path: str, cpu_path: str) -> None:
+    import json
+    import resource
+    import sys
+
+    os.setsid()
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    adopt_environment(env)
+    from sdpg_mcore.cli import main
+
+    try:
+        code = main(argv)
+    finally:
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        cpu_s = sum(u.ru_utime + u.ru_stime for u in usage)
+        Path(cpu_path).write_text(json.dumps({"cpu_s": round(cpu_s, 1)}) + "\n")
+    sys.exit(code)
+
+
 def _rank_main(
     rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, out, launcher: int
 ) -> None:
@@ -65,13 +116,7 @@ def _rank_main(
     from sdpg_mcore.parallel.state import device_binding, init_process_group, visible_gpu_count
 
     die_with(launcher)
-    os.environ.clear()  # the launcher's environment now, not the one the fork server started with
-    os.environ.update(env)
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        import torch
-
-        torch.set_num_threads(int(threads))  # read by OpenMP when torch loaded, in the fork server
+    adopt_environment(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
