@@ -21,9 +21,10 @@ evaluation off, chooses each method's point on training reward alone and writes 
 (default ``examples/tiny/bench_algos_tuned.json``); a benchmark run reads the chosen settings there.
 
 Each (algorithm, seed) is one ``sdpg_mcore.cli`` run in its own process (``--jobs`` at a time, one
-thread each, its own rendezvous port), evaluated every ``eval.interval`` steps on both problem sets
-with the mechanism probe (``sdpg_mcore/train/mechanism.py``). Finished runs are reused when the
-command is repeated with the same ``--out``. Writes ``OUT/bench.json`` (or ``--json``), the figure
+thread each, its own rendezvous port, forked from a fork server that imported the trainer once),
+evaluated every ``eval.interval`` steps (20) on both problem sets, the held-out one with the mechanism
+probe (``sdpg_mcore/train/mechanism.py``). Finished runs are reused when the command is repeated with
+the same ``--out``. Writes ``OUT/bench.json`` (or ``--json``), the figure
 ``OUT/bench.png`` (curves, mean ± s.e. over seeds) and prints a table (mean ± s.e. over seeds) and the
 paired differences of SDPG and guarded SDPG over DAPO.
 """

@@ -130,3 +130,72 @@ def test_ranks_die_within_5_s_of_a_kill_9_of_the_launcher(tmp_path):
 
 def _alive(pid: int) -> bool:
     return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+RECIPE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "bench_algos.yaml"
+
+
+@pytest.fixture(scope="module")
+def external_run(tmp_path_factory):
+    """The argv of a tiny run against external servers (``URL`` to fill in): it starts quickly and
+    waits on them."""
+    from sdpg_mcore.data.arithmetic import split_problems, write_split_task
+    from sdpg_mcore.data.tiny_tokenizer import save_tiny_tokenizer
+    from sdpg_mcore.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("cli_run")
+    model = save_tiny_hf_model(root / "model", arch="qwen3", seed=0)
+    save_tiny_tokenizer(model, style="qwen")
+    split = split_problems(max_operand=2, heldout_fraction=0.25, seed=0)
+    files = write_split_task(root / "data", split, num_train=8, num_seen=2, seed=0)
+    return lambda run_dir, url: [
+        "--config",
+        str(RECIPE),
+        f"model.path={model}",
+        f"data.train_files=[{files['train']}]",
+        "eval.files=[]",
+        f"trainer.run_dir={run_dir}",
+        "rollout.backend=external",
+        f"rollout.urls=[{url}]",
+    ]
+
+
+def test_a_cli_run_from_the_fork_server_writes_its_log_exit_code_and_cpu(external_run, tmp_path):
+    """``start_cli_run`` (the algorithm benchmark's runs): the trainer's own error reaches the log file
+    and the exit code, and the run counts its CPU seconds where its launcher can read them."""
+    import json
+
+    from sdpg_mcore.parallel.spawn import find_free_port, start_cli_run
+
+    log, cpu = tmp_path / "train.log", tmp_path / "cpu.json"
+    argv = external_run(tmp_path / "run", f"http://127.0.0.1:{find_free_port()}")  # nothing listens
+    proc = start_cli_run(argv, dict(os.environ), log, cpu)
+    proc.join(timeout=120)
+    assert proc.exitcode not in (0, None)
+    assert "is unreachable" in log.read_text()
+    assert json.loads(cpu.read_text())["cpu_s"] > 0  # it loaded the data and the tokenizer first
+
+
+def test_a_cli_run_is_a_session_of_its_own_that_killpg_stops(external_run, tmp_path):
+    """The benchmark stops a run (and the servers it started) with ``os.killpg(run.pid)``: the run leads
+    its own process group. Here it waits on an external server that accepts and never answers."""
+    import signal
+    import socket
+    import time
+
+    from sdpg_mcore.parallel.spawn import start_cli_run
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        argv = external_run(tmp_path / "run", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        proc = start_cli_run(argv, dict(os.environ), tmp_path / "train.log", tmp_path / "cpu.json")
+        deadline = time.monotonic() + 30
+        while proc.is_alive() and os.getsid(proc.pid) != proc.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.is_alive() and os.getpgid(proc.pid) == proc.pid
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.join(timeout=30)
+    assert proc.exitcode is not None and proc.exitcode != 0
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # nothing of the group is left
