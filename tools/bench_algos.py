@@ -345,7 +345,13 @@ def _parser() -> argparse.ArgumentParser:
         "--seeds", default="1,2,3,4,5", help="comma-separated seeds (split, warm start, data, RL)"
     )
     parser.add_argument("--steps", type=int, default=60, help="training steps per run")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=(os.cpu_count() or 1) + 1,
+        help="runs at a time, one thread each (default: cores + 1, as a run's trainer and server take "
+        "turns and keep a core busy ~90 %% of the time)",
+    )
     parser.add_argument("--retries", type=int, default=2, help="reruns of a failed run before giving up")
     parser.add_argument("--config", type=Path, default=RECIPE, help="the trainer recipe every run uses")
     parser.add_argument("--tuned", type=Path, default=TUNED, help="chosen settings (written by --grid)")

@@ -125,3 +125,5 @@ def test_bench_end_to_end_grid_then_run(tmp_path):
     assert (
         result["tuned"]["dapo"] == chosen["chosen"] and result["cpu_s"] > 0 and (out / "bench.png").exists()
     )
+    # Each run counts its own CPU (the fork server, not this process, reaps it), servers included.
+    assert list(result["run_cpu_s"]) == ["dapo_s1"] and 0 < result["run_cpu_s"]["dapo_s1"] <= result["cpu_s"]
