@@ -191,19 +191,28 @@ def _drive(out, pending, running, walls, retries, args) -> None:
 
 def curves(rows: list[dict]) -> dict[str, list]:
     """Per-evaluation series: steps, accuracy on unseen and on seen problems, the held-out probe's
-    metrics; per training step the reward and the KL."""
+    metrics; per training step (``train_step``) the reward, the KL and the response length."""
     evals = [r for r in rows if f"eval/{HELDOUT}/avg@{K}" in r]
     out: dict[str, list] = {"step": [r["step"] for r in evals]}
     out["acc"] = [r[f"eval/{HELDOUT}/avg@{K}"] for r in evals]
     out["acc_seen"] = [r.get(f"eval/{SEEN}/avg@{K}", math.nan) for r in evals]
     for key, _ in MECH:
         out[key] = [r.get(f"mech/{HELDOUT}/{key}", math.nan) for r in evals]
-    out["train_reward"] = [r.get("reward_mean") for r in rows if "reward_mean" in r]
-    out["train_kl_mean"] = [r.get("kl_mean") for r in rows if "reward_mean" in r]
+    steps = [r for r in rows if "reward_mean" in r]
+    out["train_step"] = [r["step"] for r in steps]
+    out["train_reward"] = [r.get("reward_mean") for r in steps]
+    out["train_kl_mean"] = [r.get("kl_mean") for r in steps]
+    out["train_response_len"] = [r.get("response_len_mean") for r in steps]
     return out
 
 
 FINAL_KEYS = ("acc", "acc_seen", *(m for m, _ in MECH))
+#: Per-step training metrics drawn beside the evaluations (curve key, title).
+TRAIN_PANELS = (
+    ("train_reward", "training reward"),
+    ("train_kl_mean", "KL(student||teacher) per token"),
+    ("train_response_len", "response length (tokens)"),
+)
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -244,15 +253,17 @@ def plot(summary: dict, out_png: Path) -> None:
 
     panels = [("acc", "unseen problems: accuracy"), ("acc_seen", "training problems: accuracy")]
     panels += [m for m in MECH if m[0] != "student_acc"]
+    panels += [(k, f"{t} (every training step)") for k, t in TRAIN_PANELS]
     ncols = 3
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         for algo, entry in summary.items():
-            runs = [s["curve"] for s in entry["seeds"].values() if s["curve"]["step"]]
+            x = "train_step" if key.startswith("train_") else "step"
+            runs = [s["curve"] for s in entry["seeds"].values() if s["curve"].get(x)]
             if not runs:
                 continue
-            steps = runs[0]["step"]
+            steps = runs[0][x]
             stats = [mean_se([r[key][i] for r in runs if i < len(r[key])]) for i in range(len(steps))]
             mean = [m for m, _ in stats]
             se = [0.0 if math.isnan(s) else s for _, s in stats]

@@ -59,6 +59,7 @@ def test_summary_keys_and_paired_differences_over_seeds(tmp_path):
         assert e["seeds"]["2"]["curve"]["step"] == [10, 20, 30]
         assert e["seeds"]["2"]["curve"]["acc"] == [0.1, 0.1, accs[2]]
         assert e["seeds"]["2"]["curve"]["train_reward"] == [-0.8, -0.6] * 3
+        assert e["seeds"]["2"]["curve"]["train_step"] == [9, 10, 19, 20, 29, 30]  # the x of those panels
     comp = result["comparisons"]
     kl = comp["sdpg_minus_dapo"]["unseen"]
     assert kl["per_seed"] == pytest.approx([0.3, 0.6, 0.3]) and kl["mean"] == pytest.approx(0.4)
