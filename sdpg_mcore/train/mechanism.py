@@ -33,6 +33,7 @@ import torch
 
 from sdpg_mcore.models.builder import unwrap_model
 from sdpg_mcore.train.forward import causal_mask
+from sdpg_mcore.train.rollout_io import accuracy_at_k
 
 #: Rows per probe forward: bounds the ``[rows, T, V]`` logits.
 PROBE_ROWS = 64
@@ -163,10 +164,7 @@ def probe_mechanism(
         **sampled_kl(model, prompts, groups, correct, vocab_size, temperature),
         **gradient_alignment(model, prompts, groups, tokenizer, vocab_size, temperature),
     }
-    out = {f"mech/{name}/{key}": value for key, value in mech.items()}
-    out[f"eval/{name}/avg@{k}"] = mech["student_acc"]
-    out[f"eval/{name}/pass@{k}"] = sum(any(g) for g in correct) / len(correct)
-    return out
+    return {**{f"mech/{name}/{key}": value for key, value in mech.items()}, **accuracy_at_k(name, k, correct)}
 
 
 @functools.cache

@@ -312,12 +312,18 @@ class RolloutSession:
     def evaluate(
         self, name: str, prompts: Sequence, k: int, temperature: float, seed: int
     ) -> dict[str, float]:
-        """avg@k (mean accuracy over all samples) and pass@k (a problem counts if any sample is right)."""
+        """avg@k and pass@k of ``k`` student samples per prompt (:func:`accuracy_at_k`)."""
         groups = self.sample_groups([p.student_ids for p in prompts], k, temperature, seed)
         accs = [[self.score(p, s)[1] for s in group] for p, group in zip(prompts, groups)]
-        avg = sum(sum(a) for a in accs) / max(1, sum(len(a) for a in accs))
-        passed = sum(max(a) > 0 for a in accs) / max(1, len(accs))
-        return {f"eval/{name}/avg@{k}": avg, f"eval/{name}/pass@{k}": passed}
+        return accuracy_at_k(name, k, accs)
+
+
+def accuracy_at_k(name: str, k: int, accs: Sequence[Sequence[float]]) -> dict[str, float]:
+    """``eval/NAME/avg@k`` (mean accuracy over all samples) and ``pass@k`` (a problem counts if any of
+    its samples is right) from each problem's ``k`` accuracies; the evaluation and the probe share it."""
+    avg = sum(sum(a) for a in accs) / max(1, sum(len(a) for a in accs))
+    passed = sum(max(a) > 0 for a in accs) / max(1, len(accs))
+    return {f"eval/{name}/avg@{k}": avg, f"eval/{name}/pass@{k}": passed}
 
 
 def launched_server_config(rollout: RolloutConfig, model_path: str, run_dir: Path, local_world_size: int):
